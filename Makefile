@@ -1,0 +1,39 @@
+# sealfs developer entry points. `make run` and `make test` each do all set-up on a fresh
+# Debian machine as root: system packages, a virtualenv, then the job itself.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+APT_PACKAGES := fuse3 libfuse3-dev pkg-config cryptsetup-bin gcc python3-dev python3-venv
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: setup run test lint bench clean
+
+setup: .stamp-apt $(VENV)/.stamp
+
+.stamp-apt:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing </dev/null; \
+	fi
+	@touch $@
+
+$(VENV)/.stamp: pyproject.toml tools/install-pyfuse3.sh
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	bash tools/install-pyfuse3.sh $(PY)
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+run: setup
+	$(VENV)/bin/sealfs demo
+
+test: setup
+	$(PY) -m ruff check sealfs tests tools
+	$(PY) -m pytest -q -ra tests
+
+bench: setup
+	tools/bench
+
+clean:
+	rm -rf $(VENV) .stamp-apt

@@ -1,0 +1,52 @@
+"""Error-to-exit-code mapping and result printing shared by every command."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import Any
+
+import click
+
+from sealfs.errors import SealfsError
+
+log = logging.getLogger("sealfs")
+
+
+class SealfsGroup(click.Group):
+    """A click group that turns SealfsError into a one-line message and its exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except SealfsError as e:
+            if _wants_json(ctx):
+                click.echo(json.dumps({"ok": False, "error": e.kind, "message": e.message}))
+            else:
+                click.echo(f"sealfs: error: {e.message}", err=True)
+            ctx.exit(e.exit_code)
+        except KeyboardInterrupt:
+            click.echo("sealfs: interrupted", err=True)
+            ctx.exit(130)
+
+
+def _wants_json(ctx: click.Context) -> bool:
+    while ctx is not None:
+        if ctx.params.get("as_json"):
+            return True
+        ctx = ctx.parent  # type: ignore[assignment]
+    return "--json" in sys.argv[1:]
+
+
+def emit(data: dict[str, Any], as_json: bool, human: str) -> None:
+    """Print ``data`` as one JSON object, or ``human`` text for people."""
+    if as_json:
+        click.echo(json.dumps(data, indent=2, sort_keys=True))
+    else:
+        click.echo(human)
+
+
+json_option = click.option(
+    "--json", "as_json", is_flag=True, help="Print machine-readable JSON on stdout."
+)
