@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from typing import Any
 
@@ -29,6 +30,14 @@ class SealfsGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("sealfs: interrupted", err=True)
             ctx.exit(130)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except Exception as e:  # a bug: say so in one line unless asked for the traceback
+            if os.environ.get("SEALFS_DEBUG"):
+                raise
+            click.echo(f"sealfs: internal error: {type(e).__name__}: {e} "
+                       "(run with SEALFS_DEBUG=1 for a traceback)", err=True)
+            ctx.exit(1)
 
 
 def _wants_json(ctx: click.Context) -> bool:

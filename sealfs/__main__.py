@@ -1,0 +1,3 @@
+from sealfs.cli import main
+
+main()

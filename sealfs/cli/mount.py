@@ -1,0 +1,153 @@
+"""``sealfs mount`` and ``sealfs umount``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+
+from sealfs.cli.credentials import credential_options
+from sealfs.errors import BusyError, SealfsError, UsageError
+from sealfs.fs.core import Limits
+from sealfs.fuse.mount import check_mountpoint, serve, unmount
+from sealfs.volume.header import Credential, KeyFileCredential, load_header
+
+ERROR_CLASSES = {cls.kind: cls for cls in SealfsError.__subclasses__()}
+
+
+@click.command()
+@click.argument("backing_dir", type=click.Path(file_okay=False))
+@click.argument("mountpoint", type=click.Path(file_okay=False))
+@credential_options
+@click.option("-f", "--foreground", is_flag=True,
+              help="Stay in the foreground and log to standard error.")
+@click.option("--log-file", type=click.Path(dir_okay=False),
+              help="Daemon log (default /run/sealfs/<volume-id>.log). Integrity failures are "
+                   "logged here with the plaintext path.")
+@click.option("--allow-other/--no-allow-other", default=None,
+              help="Let other users (e.g. container processes) use the mount; permissions "
+                   "are still enforced. Default: on when running as root.")
+@click.option("--commit-interval", default=5.0, show_default=True,
+              help="Seconds between automatic commits; a crash loses at most this much "
+                   "unsynced work. fsync(2) always commits at once.")
+@click.option("--debug", is_flag=True, help="Log every commit and recovery step.")
+@click.option("--ready-fd", type=int, hidden=True)
+def mount(backing_dir: str, mountpoint: str, cred: Credential, foreground: bool,
+          log_file: str | None, allow_other: bool | None, commit_interval: float, debug: bool,
+          ready_fd: int | None) -> None:
+    """Mount the volume in BACKING_DIR on MOUNTPOINT.
+
+    Unlocks the volume, verifies and replays its metadata (repairing a torn last commit left
+    by a crash), takes the volume lock (a second mount of the same volume is refused) and
+    serves it. Without --foreground the command returns once the mount is ready and a
+    daemon keeps serving it; `sealfs umount MOUNTPOINT` flushes, commits and unmounts.
+
+    Reads of data that fail verification return EIO and are logged with their path.
+    """
+    if allow_other is None:
+        allow_other = os.geteuid() == 0
+    if foreground or ready_fd is not None:
+        _setup_logging(log_file, debug)
+        ready = _ready_writer(ready_fd)
+        try:
+            serve(Path(backing_dir), Path(mountpoint), cred, allow_other=allow_other,
+                  limits=Limits(commit_interval=commit_interval), ready=ready)
+        except SealfsError as e:
+            if ready_fd is not None:
+                _report(ready_fd, {"ok": False, "kind": e.kind, "message": e.message})
+            raise
+        return
+    _daemonize(backing_dir, mountpoint, cred, log_file, allow_other, commit_interval, debug)
+
+
+def _setup_logging(log_file: str | None, debug: bool) -> None:
+    handler: logging.Handler
+    if log_file:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(log_file)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    logging.getLogger("pyfuse3").setLevel(logging.WARNING)
+
+
+def _report(fd: int, message: dict[str, object]) -> None:
+    try:
+        os.write(fd, json.dumps(message).encode() + b"\n")
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def _ready_writer(fd: int | None):  # type: ignore[no-untyped-def]
+    def ready() -> None:
+        if fd is not None:
+            _report(fd, {"ok": True, "pid": os.getpid()})
+    return ready
+
+
+def _daemonize(backing_dir: str, mountpoint: str, cred: Credential, log_file: str | None,
+               allow_other: bool, commit_interval: float, debug: bool) -> None:
+    """Start ``mount --ready-fd`` detached and wait until it reports the mount ready.
+
+    The credential travels to the child on its standard input (a passphrase) or as the key
+    file's path, never in argv or the environment.
+    """
+    check_mountpoint(Path(mountpoint))  # fail fast, before unlocking
+    if log_file is None:
+        vid = load_header(Path(backing_dir)).volume_id.hex()
+        log_file = f"/run/sealfs/{vid}.log"
+    read_fd, write_fd = os.pipe()
+    args = [sys.executable, "-m", "sealfs", "mount", backing_dir, mountpoint,
+            "--ready-fd", str(write_fd), "--log-file", log_file,
+            "--commit-interval", str(commit_interval),
+            "--allow-other" if allow_other else "--no-allow-other"]
+    if debug:
+        args.append("--debug")
+    stdin_data = b""
+    if isinstance(cred, KeyFileCredential):
+        args += ["--key-file", "-"]
+        stdin_data = cred.secret.reveal()
+    else:
+        args.append("--passphrase")
+        stdin_data = cred.secret.reveal() + b"\n"
+    proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, pass_fds=(write_fd,),
+                            start_new_session=True)
+    os.close(write_fd)
+    assert proc.stdin is not None
+    proc.stdin.write(stdin_data)
+    proc.stdin.close()
+    with os.fdopen(read_fd, "rb") as f:
+        line = f.readline()
+    try:
+        message = json.loads(line)
+    except ValueError:
+        code = proc.wait()
+        raise BusyError(f"the sealfs daemon exited (status {code}) before the mount was ready;"
+                        f" see {log_file}") from None
+    if not message.get("ok"):
+        cls = ERROR_CLASSES.get(message.get("kind"), SealfsError)
+        raise cls(message.get("message", "mount failed"))
+    click.echo(f"mounted {backing_dir} on {mountpoint} (daemon pid {message['pid']}, "
+               f"log {log_file})")
+
+
+@click.command()
+@click.argument("mountpoint", type=click.Path(file_okay=False))
+@click.option("--timeout", default=120.0, show_default=True,
+              help="Seconds to wait for the daemon's final commit.")
+def umount(mountpoint: str, timeout: float) -> None:
+    """Unmount MOUNTPOINT and wait until the daemon has committed everything and exited."""
+    if not Path(mountpoint).exists():
+        raise UsageError(f"{mountpoint} does not exist")
+    unmount(Path(mountpoint), timeout)
+    click.echo(f"unmounted {mountpoint}")

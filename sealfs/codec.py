@@ -1,0 +1,195 @@
+"""Codec: compress-then-seal, and verify-then-decompress, of everything the store holds.
+
+Each object is sealed with associated data (AD) naming exactly what it is: the volume, the
+inode, the block index and the object's own id. An object moved to another name, another file,
+another position or another volume therefore fails authentication, and the metadata's record
+of which object id is current makes an older copy of the same block or record fail too.
+
+Pure functions of their inputs; safe to call from worker threads.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+
+import lz4.block
+
+from sealfs.crypto import Sealer, label, random_bytes
+
+CODEC_RAW = 0
+CODEC_LZ4 = 1
+CHECKPOINT_MAGIC = b"SFCK"
+CHECKPOINT_VERSION = 1
+RECORD_VERSION = 1
+
+_FRAME_LEN = struct.Struct(">I")
+_REC_HEAD = struct.Struct(">BQQQI")  # version, seq, next_ino, reserved, n_updates
+_U32 = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
+_PAIR = struct.Struct(">QQ")
+
+
+def new_object_id() -> int:
+    """A fresh random 64-bit object id (never 0). Random ids are never reused, not even after
+    a crash, so an orphan left by an interrupted write can never pose as a live object."""
+    return int.from_bytes(random_bytes(8), "big") or 1
+
+
+class CodecError(ValueError):
+    """Authenticated data that does not decode (unknown codec, bad framing)."""
+
+
+# --- data blocks -----------------------------------------------------------------------------
+
+def block_ad(volume_id: bytes, ino: int, index: int, oid: int) -> bytes:
+    return label("block", volume_id, ino, index, oid)
+
+
+def seal_block(sealer: Sealer, ad: bytes, data: bytes, compress: bool) -> bytes:
+    """Compress (when it helps) and seal one block's plaintext."""
+    if compress and data:
+        packed = lz4.block.compress(data, store_size=True)
+        if len(packed) < len(data):
+            return sealer.seal(bytes([CODEC_LZ4]) + packed, ad)
+    return sealer.seal(bytes([CODEC_RAW]) + data, ad)
+
+
+def open_block(sealer: Sealer, ad: bytes, blob: bytes, block_size: int) -> bytes:
+    plain = sealer.open(blob, ad)
+    codec, body = plain[0], plain[1:]
+    if codec == CODEC_RAW:
+        data = body
+    elif codec == CODEC_LZ4:
+        try:
+            data = lz4.block.decompress(body)
+        except Exception as e:  # lz4 raises its own LZ4BlockError
+            raise CodecError(f"lz4 block does not decompress: {e}") from None
+    else:
+        raise CodecError(f"unknown block codec {codec}")
+    if len(data) > block_size:
+        raise CodecError("block larger than the volume block size")
+    return data
+
+
+# --- inode records ---------------------------------------------------------------------------
+
+def inode_ad(volume_id: bytes, ino: int, oid: int) -> bytes:
+    return label("inode", volume_id, ino, oid)
+
+
+# --- journal commit records ------------------------------------------------------------------
+
+@dataclass
+class Commit:
+    """One atomic metadata commit: new record object ids for some inodes, removal of others.
+
+    ``seq`` is volume-global and strictly increasing (it doubles as the volume epoch);
+    ``next_ino`` is the inode counter after the commit.
+    """
+
+    seq: int
+    next_ino: int
+    updates: dict[int, int] = field(default_factory=dict)
+    deletes: list[int] = field(default_factory=list)
+
+    def encode(self) -> bytes:
+        out = [_REC_HEAD.pack(RECORD_VERSION, self.seq, self.next_ino, 0, len(self.updates))]
+        out += [_PAIR.pack(ino, oid) for ino, oid in self.updates.items()]
+        out.append(_U32.pack(len(self.deletes)))
+        out += [_U64.pack(ino) for ino in self.deletes]
+        return b"".join(out)
+
+    @classmethod
+    def decode(cls, data: bytes) -> Commit:
+        try:
+            version, seq, next_ino, _, n = _REC_HEAD.unpack_from(data, 0)
+            if version != RECORD_VERSION:
+                raise CodecError(f"commit record version {version} is not supported")
+            pos = _REC_HEAD.size
+            updates = {}
+            for _ in range(n):
+                ino, oid = _PAIR.unpack_from(data, pos)
+                updates[ino] = oid
+                pos += _PAIR.size
+            (nd,) = _U32.unpack_from(data, pos)
+            pos += 4
+            deletes = [_U64.unpack_from(data, pos + 8 * i)[0] for i in range(nd)]
+            if pos + 8 * nd != len(data):
+                raise CodecError("trailing bytes in commit record")
+        except struct.error as e:
+            raise CodecError(f"malformed commit record: {e}") from None
+        return cls(seq, next_ino, updates, deletes)
+
+
+def journal_ad(volume_id: bytes, gen: int, seq: int) -> bytes:
+    return label("journal", volume_id, gen, seq)
+
+
+def frame(sealed: bytes) -> bytes:
+    return _FRAME_LEN.pack(len(sealed)) + sealed
+
+
+def split_frames(data: bytes) -> tuple[list[tuple[int, bytes]], int]:
+    """Split a journal file into complete frames ``(offset, sealed)`` and return them with the
+    length of the complete prefix. A trailing incomplete frame is a torn append, and so is a
+    zero length (never written; what a crash leaves when the file grew before its data
+    reached the disk)."""
+    frames = []
+    pos = 0
+    while pos + 4 <= len(data):
+        (n,) = _FRAME_LEN.unpack_from(data, pos)
+        if n == 0 or pos + 4 + n > len(data):
+            break
+        frames.append((pos, data[pos + 4:pos + 4 + n]))
+        pos += 4 + n
+    return frames, pos
+
+
+# --- checkpoints -----------------------------------------------------------------------------
+
+@dataclass
+class Checkpoint:
+    """The whole inode table at one commit, plus where the journal continues."""
+
+    gen: int  # journal file generation that follows this checkpoint
+    seq: int  # last commit sequence number included
+    next_ino: int
+    head: bytes  # running digest of all commits (the volume root, see docs/format.md)
+    table: dict[int, int]
+
+    def encode(self) -> bytes:
+        out = [struct.pack(">QQQ", self.gen, self.seq, self.next_ino), self.head,
+               _U64.pack(len(self.table))]
+        out += [_PAIR.pack(ino, oid) for ino, oid in self.table.items()]
+        return b"".join(out)
+
+    @classmethod
+    def decode(cls, data: bytes) -> Checkpoint:
+        try:
+            gen, seq, next_ino = struct.unpack_from(">QQQ", data, 0)
+            head = data[24:56]
+            (n,) = _U64.unpack_from(data, 56)
+            if 64 + 16 * n != len(data):
+                raise CodecError("checkpoint table length mismatch")
+            table = dict(_PAIR.iter_unpack(data[64:]))
+        except struct.error as e:
+            raise CodecError(f"malformed checkpoint: {e}") from None
+        return cls(gen, seq, next_ino, head, table)
+
+
+def checkpoint_ad(volume_id: bytes) -> bytes:
+    return label("checkpoint", volume_id, CHECKPOINT_VERSION)
+
+
+def seal_checkpoint(sealer: Sealer, volume_id: bytes, cp: Checkpoint) -> bytes:
+    return CHECKPOINT_MAGIC + bytes([CHECKPOINT_VERSION]) + sealer.seal(
+        cp.encode(), checkpoint_ad(volume_id))
+
+
+def open_checkpoint(sealer: Sealer, volume_id: bytes, blob: bytes) -> Checkpoint:
+    if blob[:4] != CHECKPOINT_MAGIC:
+        raise CodecError("not a sealfs checkpoint")
+    if blob[4:5] != bytes([CHECKPOINT_VERSION]):
+        raise CodecError(f"checkpoint version {blob[4:5].hex()} is not supported")
+    return Checkpoint.decode(sealer.open(blob[5:], checkpoint_ad(volume_id)))

@@ -1,0 +1,346 @@
+"""All cryptography of sealfs, and the only module that handles raw key bytes.
+
+Everything else holds opaque objects (:class:`Secret`, :class:`Sealer`, :class:`VolumeKeys`)
+whose ``repr`` never shows key material. Primitives:
+
+* AES-256-GCM with random 96-bit nonces (``nonce || ciphertext || tag``). Per-inode keys keep
+  the number of messages under any one key far below the 2**32 random-nonce bound.
+* HKDF-SHA256 with unambiguous, versioned labels: every label part is length-prefixed, so
+  ``("ab", "c")`` and ``("a", "bc")`` can never derive the same key.
+* Passphrase KDFs: argon2id (preferred) and scrypt, parameters stored by the caller.
+* An HPKE-style "seal to a public key" (X25519 + HKDF + AES-GCM) for key release by the KMS.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import struct
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+
+from sealfs.errors import IntegrityError, UsageError
+
+KEY_SIZE = 32
+NONCE_SIZE = 12
+TAG_SIZE = 16
+#: Bytes a sealed blob adds to its plaintext.
+SEAL_OVERHEAD = NONCE_SIZE + TAG_SIZE
+LABEL_PREFIX = b"sealfs/v1"
+
+
+class AuthError(IntegrityError):
+    """A sealed blob failed authentication: modified, truncated, swapped or from elsewhere."""
+
+
+class Secret:
+    """Secret bytes (a key, a passphrase) that never show up in a repr, str or traceback."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: bytes) -> None:
+        self._value = bytes(value)
+
+    def __repr__(self) -> str:
+        return f"<Secret {len(self._value)} bytes>"
+
+    __str__ = __repr__
+
+    def __len__(self) -> int:
+        return len(self._value)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and hmac.compare_digest(self._value, other._value)
+
+    def __hash__(self) -> int:  # pragma: no cover - secrets are not dict keys
+        raise TypeError("Secret is unhashable")
+
+    def reveal(self) -> bytes:
+        """The raw bytes. Call only to hand them to a consumer that needs them (cryptsetup's
+        stdin, a KDF); never to log or store them."""
+        return self._value
+
+    @classmethod
+    def generate(cls, size: int = KEY_SIZE) -> Secret:
+        return cls(os.urandom(size))
+
+
+def random_bytes(size: int) -> bytes:
+    return os.urandom(size)
+
+
+def ct_equal(a: bytes, b: bytes) -> bool:
+    """Constant-time equality for MACs, tags and digests."""
+    return hmac.compare_digest(a, b)
+
+
+def label(*parts: bytes | str | int) -> bytes:
+    """An unambiguous HKDF info string: a version prefix, then each part length-prefixed.
+
+    Integers are encoded as 8-byte big-endian, strings as UTF-8.
+    """
+    out = [struct.pack(">H", len(LABEL_PREFIX)), LABEL_PREFIX]
+    for part in parts:
+        if isinstance(part, int):
+            raw = struct.pack(">Q", part)
+        elif isinstance(part, str):
+            raw = part.encode()
+        else:
+            raw = bytes(part)
+        out.append(struct.pack(">H", len(raw)))
+        out.append(raw)
+    return b"".join(out)
+
+
+def hkdf(key: Secret, *parts: bytes | str | int, salt: bytes | None = None,
+         length: int = KEY_SIZE) -> Secret:
+    """Derive a subkey of ``key`` for the purpose named by ``parts``."""
+    kdf = HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=label(*parts))
+    return Secret(kdf.derive(key.reveal()))
+
+
+def mac(key: Secret, *parts: bytes | str | int) -> bytes:
+    """HMAC-SHA256 over an unambiguous encoding of ``parts``."""
+    return hmac.new(key.reveal(), label(*parts), "sha256").digest()
+
+
+class Sealer:
+    """AES-256-GCM under one key: ``seal`` gives ``nonce || ciphertext || tag``."""
+
+    __slots__ = ("_aead",)
+
+    def __init__(self, key: Secret) -> None:
+        if len(key) != KEY_SIZE:
+            raise ValueError("AES-256-GCM needs a 32-byte key")
+        self._aead = AESGCM(key.reveal())
+
+    def __repr__(self) -> str:
+        return "<Sealer AES-256-GCM>"
+
+    def seal(self, plaintext: bytes, ad: bytes) -> bytes:
+        nonce = os.urandom(NONCE_SIZE)
+        return nonce + self._aead.encrypt(nonce, plaintext, ad)
+
+    def open(self, blob: bytes, ad: bytes) -> bytes:
+        if len(blob) < SEAL_OVERHEAD:
+            raise AuthError("sealed object too short")
+        try:
+            return self._aead.decrypt(blob[:NONCE_SIZE], blob[NONCE_SIZE:], ad)
+        except InvalidTag:
+            raise AuthError("authentication failed") from None
+
+
+# --- passphrase KDFs -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class KdfParams:
+    """Parameters of a passphrase KDF, stored in the clear next to the slot they protect."""
+
+    name: str  # "argon2id" or "scrypt"
+    salt: bytes
+    memory_kib: int  # argon2id memory cost; for scrypt, n = memory_kib * 1024 // (128 * r)
+    iterations: int  # argon2id passes; unused by scrypt
+    lanes: int  # argon2id parallelism; scrypt p
+
+    def to_dict(self) -> dict[str, object]:
+        return {"name": self.name, "salt": self.salt.hex(), "memory_kib": self.memory_kib,
+                "iterations": self.iterations, "lanes": self.lanes}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, object]) -> KdfParams:
+        try:
+            params = cls(name=str(d["name"]), salt=bytes.fromhex(str(d["salt"])),
+                         memory_kib=int(d["memory_kib"]),  # type: ignore[call-overload]
+                         iterations=int(d["iterations"]),  # type: ignore[call-overload]
+                         lanes=int(d["lanes"]))  # type: ignore[call-overload]
+        except (KeyError, TypeError, ValueError) as e:
+            raise UsageError(f"malformed KDF parameters: {e}") from None
+        params.validate()
+        return params
+
+    def validate(self) -> None:
+        """Refuse parameters that are unknown, or so large that a hostile header could use
+        them to exhaust memory, or so small they offer no protection."""
+        if self.name not in ("argon2id", "scrypt"):
+            raise UsageError(f"unknown passphrase KDF {self.name!r}")
+        if not (8 <= self.memory_kib <= 4 * 1024 * 1024):
+            raise UsageError("KDF memory cost out of range")
+        if not (1 <= self.iterations <= 64 and 1 <= self.lanes <= 16):
+            raise UsageError("KDF time or parallelism cost out of range")
+        if len(self.salt) < 16:
+            raise UsageError("KDF salt too short")
+
+    @classmethod
+    def default(cls, name: str = "argon2id", memory_kib: int = 65536,
+                iterations: int = 3, lanes: int = 4) -> KdfParams:
+        params = cls(name, os.urandom(16), memory_kib, iterations, lanes)
+        params.validate()
+        return params
+
+
+def derive_from_passphrase(passphrase: Secret, params: KdfParams) -> Secret:
+    """Stretch a passphrase into a 32-byte key-encryption key."""
+    params.validate()
+    if params.name == "argon2id":
+        from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
+
+        kdf = Argon2id(salt=params.salt, length=KEY_SIZE, iterations=params.iterations,
+                       lanes=params.lanes, memory_cost=params.memory_kib)
+    else:
+        r = 8
+        n = max(2, params.memory_kib * 1024 // (128 * r))
+        n = 1 << (n.bit_length() - 1)  # scrypt needs a power of two
+        kdf = Scrypt(salt=params.salt, length=KEY_SIZE, n=n, r=r, p=params.lanes)
+    return Secret(kdf.derive(passphrase.reveal()))
+
+
+# --- key wrapping ----------------------------------------------------------------------------
+
+def wrap_key(kek: Secret, key: Secret, ad: bytes) -> bytes:
+    """Encrypt ``key`` under ``kek``; ``ad`` binds the wrap to its slot and volume."""
+    return Sealer(kek).seal(key.reveal(), ad)
+
+
+def unwrap_key(kek: Secret, wrapped: bytes, ad: bytes) -> Secret:
+    return Secret(Sealer(kek).open(wrapped, ad))
+
+
+# --- sealing to a public key (KMS key release) -----------------------------------------------
+
+class EphemeralKeyPair:
+    """An X25519 key pair that lives only in memory for one key-release exchange."""
+
+    __slots__ = ("_private",)
+
+    def __init__(self) -> None:
+        self._private = X25519PrivateKey.generate()
+
+    def __repr__(self) -> str:
+        return "<EphemeralKeyPair X25519>"
+
+    @property
+    def public_bytes(self) -> bytes:
+        return self._private.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+    def open_sealed(self, enc: bytes, ciphertext: bytes, info: bytes) -> Secret:
+        """Open what :func:`seal_to_public` sealed to this key pair's public key."""
+        try:
+            shared = self._private.exchange(X25519PublicKey.from_public_bytes(enc))
+        except ValueError:
+            raise AuthError("invalid ephemeral public key") from None
+        key = _hpke_key(shared, enc, self.public_bytes, info)
+        return Secret(Sealer(key).open(ciphertext, info))
+
+
+def seal_to_public(recipient_public: bytes, secret: Secret, info: bytes) -> tuple[bytes, bytes]:
+    """Encrypt ``secret`` so only the holder of ``recipient_public``'s private key can read it.
+
+    Returns ``(enc, ciphertext)`` where ``enc`` is the sender's ephemeral public key. ``info``
+    binds the context (protocol version, app id, purpose, nonce) into both key and AD.
+    """
+    try:
+        peer = X25519PublicKey.from_public_bytes(recipient_public)
+    except ValueError:
+        raise UsageError("recipient public key is not a valid X25519 key") from None
+    eph = X25519PrivateKey.generate()
+    enc = eph.public_key().public_bytes(serialization.Encoding.Raw,
+                                        serialization.PublicFormat.Raw)
+    shared = eph.exchange(peer)
+    key = _hpke_key(shared, enc, recipient_public, info)
+    return enc, Sealer(key).seal(secret.reveal(), info)
+
+
+def _hpke_key(shared: bytes, enc: bytes, recipient_public: bytes, info: bytes) -> Secret:
+    if shared == bytes(len(shared)):
+        raise AuthError("degenerate X25519 shared secret")
+    return hkdf(Secret(shared), "hpke", enc, recipient_public, info)
+
+
+# --- the volume key hierarchy ----------------------------------------------------------------
+
+class VolumeKeys:
+    """Subkeys of one volume's master key, derived once per mount.
+
+    ``master -> HKDF("header")``   authenticates the volume header;
+    ``master -> HKDF("journal")``  seals commit records and checkpoints;
+    ``master -> HKDF("object") -> HKDF(ino)`` seals an inode's metadata and data blocks, so
+    every file has its own key and random nonces stay far inside their bound.
+    """
+
+    def __init__(self, master: Secret, volume_id: bytes, cache_size: int = 4096) -> None:
+        self.volume_id = volume_id
+        self._header_key = hkdf(master, "header", volume_id)
+        self.journal = Sealer(hkdf(master, "journal", volume_id))
+        self._object_key = hkdf(master, "object", volume_id)
+        self._inode_sealers: OrderedDict[int, Sealer] = OrderedDict()
+        self._cache_size = cache_size
+
+    def __repr__(self) -> str:
+        return f"<VolumeKeys volume={self.volume_id.hex()}>"
+
+    def header_mac(self, body: bytes) -> bytes:
+        return mac(self._header_key, "header-mac", body)
+
+    def inode(self, ino: int) -> Sealer:
+        """The sealer for everything stored about inode ``ino`` (thread-safe enough: a race
+        only derives the same key twice)."""
+        sealer = self._inode_sealers.get(ino)
+        if sealer is None:
+            sealer = Sealer(hkdf(self._object_key, "inode", ino))
+            self._inode_sealers[ino] = sealer
+            if len(self._inode_sealers) > self._cache_size:
+                self._inode_sealers.popitem(last=False)
+        return sealer
+
+
+# --- signatures (KMS response signing, simulated quotes) -------------------------------------
+# Added for the KMS: Ed25519 only. The KMS identity key is derived from the KMS root key, so
+# every replica sharing the root signs with the same key and clients can pin one public key.
+
+class SigningKey:
+    """An Ed25519 private key held in memory; its repr never shows key material."""
+
+    __slots__ = ("_private",)
+
+    def __init__(self, seed: Secret) -> None:
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        if len(seed) != KEY_SIZE:
+            raise ValueError("an Ed25519 seed is 32 bytes")
+        self._private = Ed25519PrivateKey.from_private_bytes(seed.reveal())
+
+    def __repr__(self) -> str:
+        return "<SigningKey Ed25519>"
+
+    @property
+    def public_bytes(self) -> bytes:
+        """The 32-byte raw public key."""
+        return self._private.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+    def sign(self, message: bytes) -> bytes:
+        """A 64-byte Ed25519 signature over ``message``."""
+        return self._private.sign(message)
+
+
+def verify_signature(public_key: bytes, signature: bytes, message: bytes) -> bool:
+    """True only if ``signature`` is a valid Ed25519 signature of ``message`` by
+    ``public_key``; malformed keys or signatures are simply invalid, never an exception."""
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    if len(public_key) != 32 or len(signature) != 64:
+        return False
+    try:
+        Ed25519PublicKey.from_public_bytes(public_key).verify(signature, message)
+    except (InvalidSignature, ValueError):
+        return False
+    return True

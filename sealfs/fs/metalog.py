@@ -1,0 +1,177 @@
+"""The metadata log: which sealed inode record is current, made atomic and fresh.
+
+The volume's whole metadata state is one table ``inode number -> object id of its current
+record``. It is persisted as a sealed checkpoint plus an append-only journal of sealed commit
+records (docs/format.md, "Checkpoint" and "Journal"). Every commit record carries a
+volume-global sequence number in its associated data, so records cannot be reordered, dropped
+from the middle, or moved between volumes or journal generations. A running SHA-256 over the
+sealed records (the *head*) commits to the whole history; ``(seq, head)`` is the volume root
+that the KMS can anchor against whole-volume rollback.
+
+Crash rules: a commit is durable once its frame is fdatasync'ed; everything it references was
+made durable before (syncfs). A torn last frame is a crash artefact and is cut off on mount.
+All methods block; the core calls them from a worker thread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+
+from sealfs.codec import (
+    Checkpoint,
+    CodecError,
+    Commit,
+    frame,
+    journal_ad,
+    open_checkpoint,
+    seal_checkpoint,
+    split_frames,
+)
+from sealfs.crypto import AuthError, VolumeKeys
+from sealfs.errors import IntegrityError
+from sealfs.store import CHECKPOINT_NAME, JournalFile, MissingObject, ObjectStore
+
+log = logging.getLogger(__name__)
+
+ZERO_HEAD = bytes(32)
+
+
+@dataclass
+class MetaState:
+    """The table and counters after replaying checkpoint + journal."""
+
+    table: dict[int, int]
+    next_ino: int
+    seq: int
+    head: bytes
+    gen: int
+    journal_length: int
+    torn_bytes: int = 0
+    replayed: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def _advance(head: bytes, sealed: bytes) -> bytes:
+    return hashlib.sha256(head + sealed).digest()
+
+
+class MetaLog:
+    """Reads and extends one volume's checkpoint and journal."""
+
+    def __init__(self, store: ObjectStore, keys: VolumeKeys) -> None:
+        self.store = store
+        self.keys = keys
+        self.journal: JournalFile | None = None
+        self.gen = 0
+        self.seq = 0
+        self.head = ZERO_HEAD
+        self.checkpoint_size = 0
+
+    # --- reading -------------------------------------------------------------------------
+
+    def load(self) -> MetaState:
+        """Verify and replay the checkpoint and its journal.
+
+        Raises IntegrityError if either fails authentication anywhere but in a torn tail.
+        """
+        vid = self.keys.volume_id
+        try:
+            blob = self.store.read_file(CHECKPOINT_NAME)
+        except MissingObject:
+            raise IntegrityError("the metadata checkpoint is missing from the backing "
+                                 "directory") from None
+        try:
+            cp = open_checkpoint(self.keys.journal, vid, blob)
+        except (AuthError, CodecError) as e:
+            raise IntegrityError(f"the metadata checkpoint failed verification ({e})") from None
+        self.checkpoint_size = len(blob)
+        state = MetaState(dict(cp.table), cp.next_ino, cp.seq, cp.head, cp.gen, 0)
+        try:
+            data = JournalFile(self.store, cp.gen).read_all()
+        except MissingObject:
+            raise IntegrityError(f"the metadata journal of generation {cp.gen} is "
+                                 "missing") from None
+        frames, _ = split_frames(data)
+        valid = 0
+        for i, (offset, sealed) in enumerate(frames):
+            expected = state.seq + 1
+            try:
+                commit = Commit.decode(self.keys.journal.open(
+                    sealed, journal_ad(vid, cp.gen, expected)))
+                if commit.seq != expected:
+                    raise CodecError("sequence number mismatch")
+            except (AuthError, CodecError) as e:
+                if i == len(frames) - 1:
+                    # The last frame: an append cut short by a crash (the length was written,
+                    # the bytes were not). Anything after a bad frame would be tampering.
+                    state.notes.append(f"discarded a torn journal record at offset {offset}")
+                    break
+                raise IntegrityError(f"metadata journal record {expected} failed "
+                                     f"verification ({e})") from None
+            state.table.update(commit.updates)
+            for ino in commit.deletes:
+                state.table.pop(ino, None)
+            state.next_ino = commit.next_ino
+            state.seq = commit.seq
+            state.head = _advance(state.head, sealed)
+            state.replayed += 1
+            valid = offset + 4 + len(sealed)
+        state.journal_length = valid
+        state.torn_bytes = len(data) - valid
+        if state.torn_bytes and not state.notes:
+            state.notes.append(f"discarded {state.torn_bytes} bytes of a torn journal append")
+        self.gen, self.seq, self.head = cp.gen, state.seq, state.head
+        return state
+
+    # --- writing -------------------------------------------------------------------------
+
+    def open_for_append(self, state: MetaState) -> None:
+        self.journal = JournalFile(self.store, state.gen)
+        self.journal.open_for_append(state.journal_length)
+
+    def append(self, commit: Commit) -> None:
+        """Seal and durably append one commit (its ``seq`` must be ``self.seq + 1``)."""
+        assert self.journal is not None and commit.seq == self.seq + 1
+        sealed = self.keys.journal.seal(commit.encode(),
+                                        journal_ad(self.keys.volume_id, self.gen, commit.seq))
+        self.journal.append(frame(sealed))
+        self.seq = commit.seq
+        self.head = _advance(self.head, sealed)
+
+    @property
+    def journal_length(self) -> int:
+        return self.journal.length if self.journal else 0
+
+    def write_checkpoint(self, table: dict[int, int], next_ino: int) -> None:
+        """Seal the whole table into a new checkpoint and start a new journal generation.
+
+        Order: new empty journal (durable) -> checkpoint replaced by rename (durable) -> old
+        journal removed. A crash anywhere leaves a checkpoint whose journal exists.
+        """
+        new_gen = self.gen + 1
+        new_journal = JournalFile(self.store, new_gen)
+        new_journal.create()
+        cp = Checkpoint(new_gen, self.seq, next_ino, self.head, table)
+        blob = seal_checkpoint(self.keys.journal, self.keys.volume_id, cp)
+        self.store.replace_file(CHECKPOINT_NAME, blob)
+        old = self.journal
+        self.gen = new_gen
+        self.journal = new_journal
+        new_journal.open_for_append(0)
+        self.checkpoint_size = len(blob)
+        if old is not None:
+            old.remove()
+
+    def close(self) -> None:
+        if self.journal is not None:
+            self.journal.close()
+
+    @classmethod
+    def initialize(cls, store: ObjectStore, keys: VolumeKeys, table: dict[int, int],
+                   next_ino: int) -> None:
+        """Write generation 1 of a brand new volume."""
+        JournalFile(store, 1).create()
+        cp = Checkpoint(1, 0, next_ino, ZERO_HEAD, table)
+        store.replace_file(CHECKPOINT_NAME, seal_checkpoint(keys.journal, keys.volume_id, cp))

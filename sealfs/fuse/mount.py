@@ -1,0 +1,129 @@
+"""Running a mounted volume: unlock, lock, replay, serve FUSE requests, commit, unmount."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import logging
+import os
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from sealfs.errors import BusyError, UsageError
+from sealfs.fs.core import Filesystem, Limits
+from sealfs.fuse.ops import SealfsOperations
+from sealfs.volume.header import Credential
+from sealfs.volume.lifecycle import unlock_volume
+
+log = logging.getLogger("sealfs.mount")
+RUN_DIR = Path("/run/sealfs")
+
+
+def runtime_file(mountpoint: Path) -> Path:
+    """Where a daemon records its pid for ``sealfs umount`` (outside the untrusted store)."""
+    digest = hashlib.sha256(str(mountpoint).encode()).hexdigest()[:16]
+    return RUN_DIR / f"mount-{digest}.json"
+
+
+def check_mountpoint(mountpoint: Path) -> Path:
+    mp = Path(mountpoint).absolute()
+    if not mp.exists():
+        raise UsageError(f"mountpoint {mp} does not exist")
+    if not mp.is_dir():
+        raise UsageError(f"mountpoint {mp} is not a directory")
+    if os.path.ismount(mp):
+        raise BusyError(f"mountpoint {mp} is busy: something is already mounted there")
+    return mp
+
+
+def serve(backing: Path, mountpoint: Path, cred: Credential, *, allow_other: bool = False,
+          limits: Limits | None = None, ready: Callable[[], None] = lambda: None) -> None:
+    """Mount and serve until unmounted or signalled; commit everything before returning."""
+    mp = check_mountpoint(mountpoint)
+    store, header, master = unlock_volume(backing, cred)
+    store.lock()
+    try:
+        fs = Filesystem(store, header, master, limits)
+        trio.run(_serve, fs, mp, backing, allow_other, ready)
+    finally:
+        store.unlock()
+
+
+async def _serve(fs: Filesystem, mp: Path, backing: Path, allow_other: bool,
+                 ready: Callable[[], None]) -> None:
+    await fs.load()
+    options = set(pyfuse3.default_options) | {"fsname=sealfs", "subtype=sealfs"}
+    if allow_other:
+        options.add("allow_other")
+    try:
+        pyfuse3.init(SealfsOperations(fs), str(mp), options)
+    except RuntimeError as e:
+        raise BusyError(f"cannot mount on {mp}: {e}") from None
+    record = runtime_file(mp)
+    try:
+        RUN_DIR.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps({"pid": os.getpid(), "mountpoint": str(mp),
+                                      "backing": str(Path(backing).absolute())}))
+    except OSError as e:
+        log.warning("cannot write %s: %s", record, e)
+    log.info("mounted volume %s on %s", fs.vid.hex(), mp)
+    ready()
+    terminated = False
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(fs.commit_loop)
+
+            async def on_signal() -> None:
+                nonlocal terminated
+                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT,
+                                               signal.SIGHUP) as signals:
+                    async for signum in signals:
+                        log.info("signal %d: unmounting", signum)
+                        terminated = True
+                        pyfuse3.terminate()
+                        return
+
+            nursery.start_soon(on_signal)
+            await pyfuse3.main()
+            nursery.cancel_scope.cancel()
+    finally:
+        await fs.close()
+        pyfuse3.close(unmount=terminated)
+        with contextlib.suppress(OSError):
+            record.unlink()
+        log.info("unmounted %s; all data committed", mp)
+
+
+def unmount(mountpoint: Path, timeout: float = 120.0) -> None:
+    """Unmount and wait for the daemon to finish its final commit."""
+    import subprocess
+    import time
+
+    mp = Path(mountpoint).absolute()
+    if not os.path.ismount(mp):
+        raise UsageError(f"{mp} is not mounted")
+    pid = None
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        pid = json.loads(runtime_file(mp).read_text())["pid"]
+    res = subprocess.run(["fusermount3", "-u", str(mp)], capture_output=True, text=True)
+    if res.returncode != 0:
+        msg = res.stderr.strip().splitlines()[-1] if res.stderr.strip() else "failed"
+        if "busy" in msg.lower():
+            raise BusyError(f"cannot unmount {mp}: it is in use by some process")
+        raise UsageError(f"cannot unmount {mp}: {msg}")
+    deadline = time.monotonic() + timeout
+    while pid is not None and time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except OSError as e:
+            if e.errno == errno.ESRCH:
+                return
+        time.sleep(0.05)
+    if pid is not None:
+        raise BusyError(f"the sealfs daemon (pid {pid}) did not finish within {timeout:.0f}s")

@@ -1,0 +1,305 @@
+"""The volume header: a self-describing, versioned JSON document with key slots.
+
+The header holds the volume's public parameters (format version, volume id, cipher, block
+size, compression) and one or more key slots, each wrapping the random volume master key under
+a key-encryption key (KEK) from one credential: a key file, a recovery passphrase (argon2id or
+scrypt, parameters in the slot) or, later, the KMS. A MAC under a key derived from the master
+key covers the whole header, so a host that edits any field (block size, compression, slots)
+is caught right after unlock. Exact layout: docs/format.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sealfs.crypto import (
+    AuthError,
+    KdfParams,
+    Secret,
+    VolumeKeys,
+    ct_equal,
+    derive_from_passphrase,
+    hkdf,
+    label,
+    random_bytes,
+    unwrap_key,
+    wrap_key,
+)
+from sealfs.errors import FormatError, IntegrityError, UnlockError, UsageError
+from sealfs.store import HEADER_NAME
+
+MAGIC = "sealfs-volume"
+FORMAT_VERSION = 1
+CIPHER = "AES-256-GCM"
+MIN_BLOCK, MAX_BLOCK = 4096, 4 * 1024 * 1024
+MAX_HEADER_BYTES = 1 << 20
+KEYFILE_MIN_BYTES = 32
+
+
+# --- credentials -----------------------------------------------------------------------------
+
+@dataclass(frozen=True, repr=False)
+class KeyFileCredential:
+    """The contents of a key file; unlocks slots of type ``keyfile``."""
+
+    secret: Secret
+    slot_type = "keyfile"
+
+    def __repr__(self) -> str:
+        return "<KeyFileCredential>"
+
+
+@dataclass(frozen=True, repr=False)
+class PassphraseCredential:
+    """A recovery passphrase; unlocks slots of type ``passphrase``."""
+
+    secret: Secret
+    slot_type = "passphrase"
+
+    def __repr__(self) -> str:
+        return "<PassphraseCredential>"
+
+
+Credential = KeyFileCredential | PassphraseCredential
+
+
+def read_key_file(path: str | os.PathLike[str]) -> KeyFileCredential:
+    """Read a key file, refusing one that group or others can read, or that is too short.
+
+    ``-`` reads the key from standard input (how the mount daemon receives it).
+    """
+    if str(path) == "-":
+        return _checked_key(sys.stdin.buffer.read(), "standard input")
+    p = Path(path)
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        raise UsageError(f"key file {p} does not exist") from None
+    except OSError as e:
+        raise UsageError(f"cannot read key file {p}: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise UsageError(f"key file {p} is not a regular file")
+    if st.st_mode & 0o077:
+        raise UsageError(f"key file {p} is accessible by group or others "
+                         f"(mode {stat.S_IMODE(st.st_mode):04o}); run: chmod 600 {p}")
+    return _checked_key(p.read_bytes(), f"key file {p}")
+
+
+def _checked_key(data: bytes, source: str) -> KeyFileCredential:
+    if len(data) < KEYFILE_MIN_BYTES:
+        raise UsageError(f"{source} holds {len(data)} bytes; at least "
+                         f"{KEYFILE_MIN_BYTES} random bytes are required")
+    return KeyFileCredential(Secret(data))
+
+
+def new_key_file(path: str | os.PathLike[str]) -> KeyFileCredential:
+    """Create a fresh random 64-byte key file with mode 0600 (never overwriting one)."""
+    p = Path(path)
+    try:
+        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise UsageError(f"key file {p} already exists; refusing to overwrite it") from None
+    except OSError as e:
+        raise UsageError(f"cannot create key file {p}: {e.strerror}") from None
+    secret = Secret(random_bytes(64))
+    with os.fdopen(fd, "wb") as f:
+        f.write(secret.reveal())
+        f.flush()
+        os.fsync(f.fileno())
+    return KeyFileCredential(secret)
+
+
+# --- slots -----------------------------------------------------------------------------------
+
+@dataclass
+class Slot:
+    id: int
+    type: str
+    wrapped: bytes
+    salt: bytes = b""
+    kdf: KdfParams | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"id": self.id, "type": self.type, "wrapped": self.wrapped.hex()}
+        if self.salt:
+            d["salt"] = self.salt.hex()
+        if self.kdf is not None:
+            d["kdf"] = self.kdf.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Slot:
+        kdf = KdfParams.from_dict(d["kdf"]) if "kdf" in d else None
+        return cls(int(d["id"]), str(d["type"]), bytes.fromhex(d["wrapped"]),
+                   bytes.fromhex(d.get("salt", "")), kdf)
+
+    def public_info(self) -> dict[str, Any]:
+        info: dict[str, Any] = {"id": self.id, "type": self.type}
+        if self.kdf is not None:
+            info["kdf"] = {k: v for k, v in self.kdf.to_dict().items() if k != "salt"}
+        return info
+
+
+def _slot_ad(volume_id: bytes, slot: Slot) -> bytes:
+    return label("slot", volume_id, slot.id, slot.type)
+
+
+def _kek(cred: Credential, slot: Slot) -> Secret:
+    if isinstance(cred, KeyFileCredential):
+        return hkdf(cred.secret, "slot-keyfile", salt=slot.salt)
+    assert slot.kdf is not None
+    return hkdf(derive_from_passphrase(cred.secret, slot.kdf), "slot-passphrase")
+
+
+# --- header ----------------------------------------------------------------------------------
+
+@dataclass
+class Header:
+    volume_id: bytes
+    block_size: int
+    compression: str
+    created: int
+    slots: list[Slot] = field(default_factory=list)
+    mac: bytes = b""
+    format_version: int = FORMAT_VERSION
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "magic": MAGIC,
+            "format_version": self.format_version,
+            "volume_id": self.volume_id.hex(),
+            "cipher": CIPHER,
+            "kdf": "HKDF-SHA256",
+            "block_size": self.block_size,
+            "compression": self.compression,
+            "created": self.created,
+            "slots": [s.to_dict() for s in self.slots],
+        }
+
+    def canonical_body(self) -> bytes:
+        return json.dumps(self.body(), sort_keys=True, separators=(",", ":")).encode()
+
+    def to_bytes(self) -> bytes:
+        doc = self.body()
+        doc["mac"] = self.mac.hex()
+        return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Header:
+        if len(data) > MAX_HEADER_BYTES:
+            raise FormatError("volume header is implausibly large")
+        try:
+            doc = json.loads(data)
+        except (ValueError, UnicodeDecodeError):
+            raise FormatError("volume header is not valid JSON (corrupt or not a sealfs "
+                              "volume)") from None
+        if not isinstance(doc, dict) or doc.get("magic") != MAGIC:
+            raise FormatError("not a sealfs volume header")
+        version = doc.get("format_version")
+        if not isinstance(version, int):
+            raise FormatError("volume header has no format version")
+        if version > FORMAT_VERSION:
+            raise FormatError(f"volume format version {version} is newer than this sealfs "
+                              f"supports ({FORMAT_VERSION}); upgrade sealfs")
+        if version < 1:
+            raise FormatError(f"volume format version {version} is not valid")
+        try:
+            if doc["cipher"] != CIPHER or doc["kdf"] != "HKDF-SHA256":
+                raise FormatError(f"unsupported cipher {doc['cipher']!r}")
+            header = cls(volume_id=bytes.fromhex(doc["volume_id"]),
+                         block_size=int(doc["block_size"]),
+                         compression=str(doc["compression"]), created=int(doc["created"]),
+                         slots=[Slot.from_dict(s) for s in doc["slots"]],
+                         mac=bytes.fromhex(doc["mac"]), format_version=version)
+        except FormatError:
+            raise
+        except (KeyError, TypeError, ValueError, UsageError) as e:
+            raise FormatError(f"volume header is malformed ({e})") from None
+        header.validate()
+        return header
+
+    def validate(self) -> None:
+        if len(self.volume_id) != 16:
+            raise FormatError("volume id must be 16 bytes")
+        bs = self.block_size
+        if not (MIN_BLOCK <= bs <= MAX_BLOCK) or bs & (bs - 1):
+            raise FormatError(f"block size {bs} is not a power of two in "
+                              f"[{MIN_BLOCK}, {MAX_BLOCK}]")
+        if self.compression not in ("none", "lz4"):
+            raise FormatError(f"unknown compression {self.compression!r}")
+
+    # --- keys ----------------------------------------------------------------------------
+
+    def unlock(self, cred: Credential) -> Secret:
+        """Return the master key, after checking the header MAC under it."""
+        candidates = [s for s in self.slots if s.type == cred.slot_type]
+        if not candidates:
+            raise UnlockError(f"volume has no {cred.slot_type} key slot")
+        for slot in candidates:
+            try:
+                master = unwrap_key(_kek(cred, slot), slot.wrapped,
+                                    _slot_ad(self.volume_id, slot))
+            except AuthError:
+                continue
+            if not ct_equal(VolumeKeys(master, self.volume_id).header_mac(
+                    self.canonical_body()), self.mac):
+                raise IntegrityError("volume header failed authentication: it was modified "
+                                     "outside sealfs")
+            return master
+        raise UnlockError(f"wrong {cred.slot_type.replace('keyfile', 'key file')}: no "
+                          f"{cred.slot_type} slot opens with it")
+
+    def add_slot(self, master: Secret, cred: Credential,
+                 kdf: KdfParams | None = None) -> Slot:
+        slot_id = max((s.id for s in self.slots), default=-1) + 1
+        if isinstance(cred, PassphraseCredential):
+            slot = Slot(slot_id, "passphrase", b"", kdf=kdf or KdfParams.default())
+        else:
+            slot = Slot(slot_id, "keyfile", b"", salt=random_bytes(16))
+        slot.wrapped = wrap_key(_kek(cred, slot), master, _slot_ad(self.volume_id, slot))
+        self.slots.append(slot)
+        self.seal(master)
+        return slot
+
+    def seal(self, master: Secret) -> None:
+        self.mac = VolumeKeys(master, self.volume_id).header_mac(self.canonical_body())
+
+    def public_info(self) -> dict[str, Any]:
+        return {
+            "format_version": self.format_version,
+            "volume_id": self.volume_id.hex(),
+            "uuid": str(uuid.UUID(bytes=self.volume_id)),
+            "cipher": CIPHER,
+            "block_size": self.block_size,
+            "compression": self.compression,
+            "created": self.created,
+            "slots": [s.public_info() for s in self.slots],
+        }
+
+
+def new_header(block_size: int, compression: str) -> tuple[Header, Secret]:
+    header = Header(volume_id=random_bytes(16), block_size=block_size,
+                    compression=compression, created=int(time.time()))
+    header.validate()
+    return header, Secret.generate()
+
+
+def load_header(backing: Path) -> Header:
+    path = Path(backing) / HEADER_NAME
+    if not Path(backing).is_dir():
+        raise UsageError(f"{backing} is not a directory")
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise FormatError(f"{backing} is not a sealfs volume (no {HEADER_NAME})") from None
+    except OSError as e:
+        raise FormatError(f"cannot read {path}: {e.strerror}") from None
+    return Header.from_bytes(data)

@@ -1,0 +1,71 @@
+"""Creating and opening volumes: the steps around the header, the store and the metadata."""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+from pathlib import Path
+
+from sealfs.codec import inode_ad, new_object_id
+from sealfs.crypto import KdfParams, Secret, VolumeKeys
+from sealfs.errors import UsageError
+from sealfs.fs.inode import ROOT_INO, Inode
+from sealfs.fs.metalog import MetaLog
+from sealfs.store import HEADER_NAME, OBJECTS_DIR, ObjectStore
+from sealfs.volume.header import Credential, Header, load_header, new_header
+
+DEFAULT_BLOCK_SIZE = 128 * 1024
+
+
+def create_volume(backing: Path, creds: list[tuple[Credential, KdfParams | None]],
+                  block_size: int = DEFAULT_BLOCK_SIZE, compression: str = "none",
+                  uid: int | None = None, gid: int | None = None) -> Header:
+    """Initialise an empty backing directory as a new volume.
+
+    The header is written last: until it exists the directory is not a volume, so a crash
+    during creation leaves something ``create`` can simply be run on again.
+    """
+    backing = Path(backing)
+    if not creds:
+        raise UsageError("a volume needs at least one key slot (--key-file or --passphrase)")
+    if backing.exists() and not backing.is_dir():
+        raise UsageError(f"{backing} exists and is not a directory")
+    backing.mkdir(parents=True, exist_ok=True)
+    if (backing / HEADER_NAME).exists():
+        raise UsageError(f"{backing} already holds a sealfs volume")
+    leftovers = [p.name for p in backing.iterdir()
+                 if p.name not in (OBJECTS_DIR, "lock", "checkpoint", ".checkpoint.tmp")
+                 and not p.name.startswith("journal.")]
+    if leftovers:
+        raise UsageError(f"{backing} is not empty (found {leftovers[0]!r}); "
+                         "use an empty directory")
+    header, master = new_header(block_size, compression)
+    for cred, kdf in creds:
+        header.add_slot(master, cred, kdf)
+    store = ObjectStore(backing)
+    store.lock()
+    try:
+        for name in list(backing.iterdir()):  # an interrupted earlier create
+            if name.name.startswith("journal."):
+                name.unlink()
+        store.objects.mkdir(exist_ok=True)
+        keys = VolumeKeys(master, header.volume_id)
+        now = time.time_ns()
+        root = Inode(ROOT_INO, stat.S_IFDIR | 0o755, os.getuid() if uid is None else uid,
+                     os.getgid() if gid is None else gid, 2, 0, now, now, now, 0, ROOT_INO)
+        oid = new_object_id()
+        store.put(oid, keys.inode(ROOT_INO).seal(root.to_record(),
+                                                 inode_ad(header.volume_id, ROOT_INO, oid)))
+        store.sync()
+        MetaLog.initialize(store, keys, {ROOT_INO: oid}, ROOT_INO + 1)
+        store.replace_file(HEADER_NAME, header.to_bytes())
+    finally:
+        store.unlock()
+    return header
+
+
+def unlock_volume(backing: Path, cred: Credential) -> tuple[ObjectStore, Header, Secret]:
+    header = load_header(backing)
+    master = header.unlock(cred)
+    return ObjectStore(Path(backing)), header, master
