@@ -1,0 +1,88 @@
+"""Shared fixtures: volumes in temporary backing directories, mounted for real with FUSE."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from sealfs.fuse.mount import runtime_file
+
+REPO = Path(__file__).resolve().parents[1]
+SEALFS = [sys.executable, "-m", "sealfs"]
+
+
+def sealfs(*args: str, check: bool = True, input: bytes | None = None,
+           timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run the real command line; returns the completed process (text output)."""
+    res = subprocess.run([*SEALFS, *args], input=input.decode() if input else None,
+                         capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    if check and res.returncode != 0:
+        raise AssertionError(f"sealfs {' '.join(args)} failed ({res.returncode}): "
+                             f"{res.stderr.strip()}")
+    return res
+
+
+@dataclass
+class Volume:
+    backing: Path
+    key: Path
+    mnt: Path
+    log: Path
+
+    def mount(self, *extra: str) -> Path:
+        sealfs("mount", str(self.backing), str(self.mnt), "--key-file", str(self.key),
+               "--log-file", str(self.log), *extra)
+        return self.mnt
+
+    def umount(self) -> None:
+        sealfs("umount", str(self.mnt))
+
+    def force_unmount(self) -> None:
+        """Detach a mount whose daemon died (after SIGKILL) or clean up after a failure."""
+        if os.path.ismount(self.mnt):
+            subprocess.run(["fusermount3", "-u", "-z", str(self.mnt)], capture_output=True)
+            for _ in range(100):
+                if not os.path.ismount(self.mnt):
+                    break
+                time.sleep(0.05)
+
+    def daemon_pid(self) -> int:
+        return int(json.loads(runtime_file(self.mnt.absolute()).read_text())["pid"])
+
+    def log_text(self) -> str:
+        return self.log.read_text() if self.log.exists() else ""
+
+
+def new_volume(tmp_path: Path, *create_args: str, name: str = "vol") -> Volume:
+    base = tmp_path / name
+    base.mkdir()
+    vol = Volume(base / "backing", base / "key", base / "mnt", base / "sealfs.log")
+    vol.mnt.mkdir()
+    vol.key.write_bytes(os.urandom(64))
+    vol.key.chmod(0o600)
+    sealfs("create", str(vol.backing), "--key-file", str(vol.key), *create_args)
+    return vol
+
+
+@pytest.fixture
+def volume(tmp_path: Path) -> Iterator[Volume]:
+    vol = new_volume(tmp_path)
+    yield vol
+    if os.path.ismount(vol.mnt):
+        res = sealfs("umount", str(vol.mnt), check=False)
+        if res.returncode != 0:
+            vol.force_unmount()
+
+
+@pytest.fixture
+def mounted(volume: Volume) -> Iterator[Volume]:
+    volume.mount()
+    yield volume
