@@ -19,6 +19,8 @@ from sealfs.crypto import Sealer, label, random_bytes
 
 CODEC_RAW = 0
 CODEC_LZ4 = 1
+_RAW = bytes([CODEC_RAW])
+_LZ4 = bytes([CODEC_LZ4])
 CHECKPOINT_MAGIC = b"SFCK"
 CHECKPOINT_VERSION = 1
 RECORD_VERSION = 1
@@ -47,26 +49,28 @@ def block_ad(volume_id: bytes, ino: int, index: int, oid: int) -> bytes:
 
 
 def seal_block(sealer: Sealer, ad: bytes, data: bytes, compress: bool) -> bytes:
-    """Compress (when it helps) and seal one block's plaintext."""
+    """Compress (when it helps) and seal one block: ``codec byte || nonce || ct || tag``.
+
+    The codec byte is in the clear (the size already shows compressibility) and bound into
+    the associated data, so the plaintext is never copied just to prefix it.
+    """
     if compress and data:
         packed = lz4.block.compress(data, store_size=True)
         if len(packed) < len(data):
-            return sealer.seal(bytes([CODEC_LZ4]) + packed, ad)
-    return sealer.seal(bytes([CODEC_RAW]) + data, ad)
+            return _LZ4 + sealer.seal(packed, ad + _LZ4)
+    return _RAW + sealer.seal(data, ad + _RAW)
 
 
 def open_block(sealer: Sealer, ad: bytes, blob: bytes, block_size: int) -> bytes:
-    plain = sealer.open(blob, ad)
-    codec, body = plain[0], plain[1:]
-    if codec == CODEC_RAW:
-        data = body
-    elif codec == CODEC_LZ4:
+    codec = blob[:1]
+    body = sealer.open(memoryview(blob)[1:], ad + codec)  # AuthError for unknown codecs too
+    if codec == _LZ4:
         try:
             data = lz4.block.decompress(body)
         except Exception as e:  # lz4 raises its own LZ4BlockError
             raise CodecError(f"lz4 block does not decompress: {e}") from None
     else:
-        raise CodecError(f"unknown block codec {codec}")
+        data = body
     if len(data) > block_size:
         raise CodecError("block larger than the volume block size")
     return data

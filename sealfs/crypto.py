@@ -128,11 +128,12 @@ class Sealer:
         nonce = os.urandom(NONCE_SIZE)
         return nonce + self._aead.encrypt(nonce, plaintext, ad)
 
-    def open(self, blob: bytes, ad: bytes) -> bytes:
+    def open(self, blob: bytes | memoryview, ad: bytes) -> bytes:
         if len(blob) < SEAL_OVERHEAD:
             raise AuthError("sealed object too short")
+        view = memoryview(blob)
         try:
-            return self._aead.decrypt(blob[:NONCE_SIZE], blob[NONCE_SIZE:], ad)
+            return self._aead.decrypt(bytes(view[:NONCE_SIZE]), view[NONCE_SIZE:], ad)
         except InvalidTag:
             raise AuthError("authentication failed") from None
 

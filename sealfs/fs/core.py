@@ -19,7 +19,6 @@ import logging
 import os
 import stat
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
@@ -27,16 +26,13 @@ from typing import TypeVar
 import trio
 
 from sealfs.codec import (
-    CodecError,
     Commit,
-    block_ad,
     inode_ad,
     new_object_id,
-    open_block,
-    seal_block,
 )
 from sealfs.crypto import AuthError, Secret, VolumeKeys
-from sealfs.errors import IntegrityError, StorageError
+from sealfs.errors import StorageError
+from sealfs.fs.data import Damaged, DataPath, FsError
 from sealfs.fs.inode import ROOT_INO, Inode, RecordError
 from sealfs.fs.metalog import MetaLog, MetaState
 from sealfs.store import MissingObject, ObjectStore
@@ -51,30 +47,12 @@ XATTR_LIST_MAX = 65536
 FALLOC_FL_KEEP_SIZE = 0x01
 
 
-class FsError(Exception):
-    """A POSIX error for one request."""
-
-    def __init__(self, err: int) -> None:
-        super().__init__(os.strerror(err))
-        self.errno = err
-
-
-class Damaged(IntegrityError):
-    """An object failed verification or is missing; ``path`` is the plaintext path."""
-
-    def __init__(self, path: str, what: str, oid: int | None, reason: str) -> None:
-        where = f" (object {oid:016x})" if oid is not None else ""
-        super().__init__(f"{what} of {path} failed verification{where}: {reason}")
-        self.path = path
-        self.oid = oid
-        self.reason = reason
-
-
 @dataclass
 class Limits:
     """Memory and timing knobs (defaults keep the daemon well under 200 MiB)."""
 
-    dirty_blocks: int = 256  # blocks buffered before writers wait for a flush
+    dirty_blocks: int = 256  # partly written blocks buffered before a forced flush
+    inflight_batches: int = 4  # write-back jobs (up to one FUSE write each) in flight
     clean_cache_bytes: int = 32 << 20
     node_cache: int = 20000  # clean, unreferenced inodes kept in memory
     commit_interval: float = 5.0
@@ -104,14 +82,15 @@ class Filesystem:
         self.next_ino = ROOT_INO + 1
         self.nodes: dict[int, Inode] = {}
         self._dirty_nodes: set[int] = set()
-        self._dirty_block_count = 0
-        self._superseded: list[int] = []  # object ids no longer referenced in memory
         self._doomed: list[int] = []  # object ids of destroyed inodes
-        self._clean: OrderedDict[tuple[int, int], bytes] = OrderedDict()
-        self._clean_bytes = 0
         self._commit_lock = trio.Lock()
         self.state: MetaState | None = None
         self.on_damage: Callable[[Damaged], None] = lambda d: log.error("%s", d)
+        self.data = DataPath(store, self.keys, self.block_size, self.compress,
+                             dirty_limit=self.limits.dirty_blocks,
+                             clean_bytes=self.limits.clean_cache_bytes,
+                             inflight_batches=self.limits.inflight_batches, io=self._io, mark=self._mark,
+                             path_of=self.path_of, on_damage=lambda d: self.on_damage(d))
 
     # --- life cycle ----------------------------------------------------------------------
 
@@ -255,10 +234,7 @@ class Filesystem:
 
     def _destroy(self, node: Inode) -> None:
         self._doomed.extend(node.blocks.values())
-        self._dirty_block_count -= len(node.dirty_blocks)
-        node.dirty_blocks.clear()
-        for idx in node.blocks:
-            self._drop_clean(node.ino, idx)
+        self.data.drop(node)
         node.blocks.clear()
         self.nodes.pop(node.ino, None)
         self._mark(node)  # so the commit drops it from the table
@@ -460,204 +436,24 @@ class Filesystem:
 
     # --- file data -----------------------------------------------------------------------
 
-    def data_lock(self, node: Inode) -> trio.Lock:
-        if node.lock is None:
-            node.lock = trio.Lock()
-        return node.lock  # type: ignore[return-value]
-
-    def _drop_clean(self, ino: int, idx: int) -> None:
-        data = self._clean.pop((ino, idx), None)
-        if data is not None:
-            self._clean_bytes -= len(data)
-
-    def _keep_clean(self, ino: int, idx: int, data: bytes) -> None:
-        self._drop_clean(ino, idx)
-        self._clean[(ino, idx)] = data
-        self._clean_bytes += len(data)
-        while self._clean_bytes > self.limits.clean_cache_bytes and self._clean:
-            _, old = self._clean.popitem(last=False)
-            self._clean_bytes -= len(old)
-
-    async def _blocks(self, node: Inode, indexes: list[int]) -> dict[int, bytes]:
-        """Current plaintext of the given blocks (dirty, cached or loaded; b"" for holes)."""
-        out: dict[int, bytes] = {}
-        missing: list[tuple[int, int]] = []
-        for idx in indexes:
-            buf = node.dirty_blocks.get(idx)
-            if buf is not None:
-                out[idx] = bytes(buf)
-                continue
-            cached = self._clean.get((node.ino, idx))
-            if cached is not None:
-                self._clean.move_to_end((node.ino, idx))
-                out[idx] = cached
-                continue
-            oid = node.blocks.get(idx)
-            if oid is None:
-                out[idx] = b""
-            else:
-                missing.append((idx, oid))
-        if missing:
-            sealer, vid, ino, bs = self.keys.inode(node.ino), self.vid, node.ino, self.block_size
-
-            def load() -> list[tuple[int, bytes | Exception]]:
-                res: list[tuple[int, bytes | Exception]] = []
-                for idx, oid in missing:
-                    try:
-                        res.append((idx, open_block(sealer, block_ad(vid, ino, idx, oid),
-                                                    self.store.get(oid), bs)))
-                    except (AuthError, CodecError, MissingObject) as e:
-                        res.append((idx, e))
-                return res
-
-            for idx, result in await self._io(load):
-                if isinstance(result, Exception):
-                    reason = "missing" if isinstance(result, MissingObject) else str(result)
-                    node.damaged.add(idx)
-                    damage = Damaged(self.path_of(node.ino), f"block {idx}",
-                                     node.blocks.get(idx), reason)
-                    self.on_damage(damage)
-                    raise damage
-                node.damaged.discard(idx)
-                out[idx] = result
-                self._keep_clean(node.ino, idx, result)
-        return out
-
     async def read(self, node: Inode, off: int, size: int) -> bytes:
-        async with self.data_lock(node):
-            end = min(off + size, node.size)
-            if off >= end:
-                return b""
-            bs = self.block_size
-            first, last = off // bs, (end - 1) // bs
-            blocks = await self._blocks(node, list(range(first, last + 1)))
-            parts = []
-            for idx in range(first, last + 1):
-                base = idx * bs
-                lo, hi = max(off, base) - base, min(end, base + bs) - base
-                chunk = blocks[idx][lo:hi]
-                parts.append(chunk)
-                if len(chunk) < hi - lo:
-                    parts.append(bytes(hi - lo - len(chunk)))
-            return b"".join(parts)
+        return await self.data.read(node, off, size)
 
     async def write(self, node: Inode, off: int, buf: bytes) -> int:
-        if not buf:
-            return 0
-        async with self.data_lock(node):
-            bs = self.block_size
-            end = off + len(buf)
-            first, last = off // bs, (end - 1) // bs
-            # Blocks only partly overwritten need their current content first.
-            partial = [idx for idx in {first, last}
-                       if idx not in node.dirty_blocks and idx in node.blocks
-                       and not (off <= idx * bs and end >= min((idx + 1) * bs, node.size))]
-            current = await self._blocks(node, partial) if partial else {}
-            view = memoryview(buf)
-            for idx in range(first, last + 1):
-                block = node.dirty_blocks.get(idx)
-                if block is None:
-                    block = bytearray(current.get(idx, b""))
-                    node.dirty_blocks[idx] = block
-                    self._dirty_block_count += 1
-                base = idx * bs
-                lo, hi = max(off, base) - base, min(end, base + bs) - base
-                if len(block) < lo:
-                    block.extend(bytes(lo - len(block)))
-                block[lo:hi] = view[base + lo - off:base + hi - off]
-            node.size = max(node.size, end)
-            node.mtime_ns = node.ctime_ns = _now()
-            self._mark(node)
-            full = [idx for idx in range(first, last + 1)
-                    if len(node.dirty_blocks.get(idx, b"")) == bs]
-            if self._dirty_block_count > self.limits.dirty_blocks:
-                await self._flush_locked(node, list(node.dirty_blocks))
-            elif full:
-                await self._flush_locked(node, full)
-        return len(buf)
+        n = await self.data.write(node, off, buf)
+        node.mtime_ns = node.ctime_ns = _now()
+        return n
 
     async def truncate(self, node: Inode, size: int) -> None:
-        async with self.data_lock(node):
-            bs = self.block_size
-            if size < node.size:
-                keep = -(-size // bs)  # blocks [0, keep) survive
-                for idx in [i for i in node.blocks if i >= keep]:
-                    self._superseded.append(node.blocks.pop(idx))
-                    self._drop_clean(node.ino, idx)
-                for idx in [i for i in node.dirty_blocks if i >= keep]:
-                    del node.dirty_blocks[idx]
-                    self._dirty_block_count -= 1
-                cut = size % bs
-                if cut:
-                    idx = size // bs
-                    block = (await self._blocks(node, [idx]))[idx]
-                    if len(block) > cut:
-                        if idx not in node.dirty_blocks:
-                            self._dirty_block_count += 1
-                        node.dirty_blocks[idx] = bytearray(block[:cut])
-                        self._drop_clean(node.ino, idx)
-            node.size = size
-            node.mtime_ns = node.ctime_ns = _now()
-            self._mark(node)
+        await self.data.truncate(node, size)
+        node.mtime_ns = node.ctime_ns = _now()
 
     async def fallocate(self, node: Inode, mode: int, off: int, length: int) -> None:
-        """Mode 0 extends the size (holes read as zeros); KEEP_SIZE changes nothing visible.
-        Space is not reserved on the backing store (see docs/format.md)."""
-        if mode & ~FALLOC_FL_KEEP_SIZE:
-            raise FsError(errno.EOPNOTSUPP)
-        if off < 0 or length <= 0:
-            raise FsError(errno.EINVAL)
-        if not node.is_file:
-            raise FsError(errno.ENODEV)
-        if not mode & FALLOC_FL_KEEP_SIZE and off + length > node.size:
-            async with self.data_lock(node):
-                node.size = off + length
-                node.ctime_ns = _now()
-                self._mark(node)
+        await self.data.fallocate(node, mode, off, length)
+        node.ctime_ns = _now()
 
-    async def flush_file(self, node: Inode) -> None:
-        if node.dirty_blocks:
-            async with self.data_lock(node):
-                await self._flush_locked(node, list(node.dirty_blocks))
-
-    async def _flush_locked(self, node: Inode, indexes: list[int]) -> None:
-        """Seal and write the given dirty blocks (caller holds the node's data lock)."""
-        jobs = [(idx, new_object_id(), bytes(node.dirty_blocks[idx])) for idx in indexes
-                if idx in node.dirty_blocks]
-        if not jobs:
-            return
-        sealer, vid, ino, compress = self.keys.inode(node.ino), self.vid, node.ino, self.compress
-
-        def put(batch: list[tuple[int, int, bytes]]) -> None:
-            for idx, oid, data in batch:
-                self.store.put(oid, seal_block(sealer, block_ad(vid, ino, idx, oid), data,
-                                               compress))
-
-        try:
-            if len(jobs) >= 4:  # two threads: AES-GCM and write(2) release the GIL
-                half = len(jobs) // 2
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._io, put, jobs[:half])
-                    nursery.start_soon(self._io, put, jobs[half:])
-            else:
-                await self._io(put, jobs)
-        except BaseException as e:
-            for _, oid, _ in jobs:  # leave no orphan behind; the blocks stay dirty
-                await trio.to_thread.run_sync(self.store.delete, oid)
-            if isinstance(e, BaseExceptionGroup):
-                storage = e.subgroup(StorageError)
-                if storage is not None:
-                    raise storage.exceptions[0] from None
-            raise
-        for idx, oid, data in jobs:
-            old = node.blocks.get(idx)
-            if old is not None:
-                self._superseded.append(old)
-            node.blocks[idx] = oid
-            del node.dirty_blocks[idx]
-            self._dirty_block_count -= 1
-            self._keep_clean(node.ino, idx, data)
-        self._mark(node)
+    async def flush_file(self, node: Inode, wait: bool = True) -> None:
+        await self.data.flush(node, wait)
 
     # --- commits -------------------------------------------------------------------------
 
@@ -666,7 +462,7 @@ class Filesystem:
         if node is not None:
             await self.flush_file(node)
         else:
-            for n in [n for n in self.nodes.values() if n.dirty_blocks]:
+            for n in [n for n in self.nodes.values() if n.dirty_blocks or n.flushing]:
                 await self.flush_file(n)
         await self.commit()
 
@@ -674,12 +470,12 @@ class Filesystem:
 
     @property
     def dirty(self) -> bool:
-        return bool(self._dirty_nodes or self._superseded or self._doomed
-                    or self._dirty_block_count)
+        return bool(self._dirty_nodes or self.data.superseded or self._doomed
+                    or self.data.dirty_count)
 
     async def commit(self) -> None:
         async with self._commit_lock:
-            if not (self._dirty_nodes or self._superseded or self._doomed):
+            if not (self._dirty_nodes or self.data.superseded or self._doomed):
                 return
             updates: dict[int, tuple[int, bytes]] = {}
             deletes: list[int] = []
@@ -692,8 +488,8 @@ class Filesystem:
                     continue
                 node.meta_dirty = False
                 updates[ino] = (new_object_id(), node.to_record())
-            garbage = self._superseded + self._doomed
-            self._superseded, self._doomed = [], []
+            garbage = self.data.superseded + self._doomed
+            self.data.superseded, self._doomed = [], []
             commit = Commit(self.metalog.seq + 1, self.next_ino,
                             {ino: oid for ino, (oid, _) in updates.items()}, deletes)
             sealed = [(oid, self.keys.inode(ino), inode_ad(self.vid, ino, oid), rec)
@@ -713,7 +509,7 @@ class Filesystem:
                     if node is not None:
                         node.meta_dirty = True
                 self._dirty_nodes |= dirty
-                self._superseded[:0] = garbage
+                self.data.superseded[:0] = garbage
                 await trio.to_thread.run_sync(self._delete_all,
                                               [oid for oid, *_ in sealed])
                 raise

@@ -12,6 +12,7 @@ import stat
 import struct
 from bisect import bisect_right
 from collections.abc import Iterator
+from typing import Any
 
 RECORD_VERSION = 1
 ROOT_INO = 1
@@ -92,8 +93,8 @@ class Inode:
 
     __slots__ = ("ino", "mode", "uid", "gid", "nlink", "size", "atime_ns", "mtime_ns",
                  "ctime_ns", "rdev", "parent", "xattrs", "blocks", "entries", "target",
-                 "meta_dirty", "dirty_blocks", "lookups", "opens", "name_hint", "lock",
-                 "damaged")
+                 "meta_dirty", "dirty_blocks", "flushing", "write_error", "dead", "lookups",
+                 "opens", "name_hint", "lock", "damaged")
 
     def __init__(self, ino: int, mode: int, uid: int = 0, gid: int = 0, nlink: int = 1,
                  size: int = 0, atime_ns: int = 0, mtime_ns: int = 0, ctime_ns: int = 0,
@@ -116,10 +117,13 @@ class Inode:
         # runtime state, never stored
         self.meta_dirty = False
         self.dirty_blocks: dict[int, bytearray] = {}
+        self.flushing: dict[int, tuple[bytes, Any]] = {}  # idx -> (data, trio.Event)
+        self.write_error = 0  # errno of a failed background write, reported by fsync
+        self.dead = False  # destroyed: nothing may be written for it any more
         self.lookups = 0
         self.opens = 0
         self.name_hint: tuple[int, bytes] | None = None  # (parent ino, name) for messages
-        self.lock = None  # trio.Lock, created by the core on first data access
+        self.lock: Any = None  # trio.Lock, created on first data access
         self.damaged: set[int] = set()  # block indexes known to fail verification
 
     @property

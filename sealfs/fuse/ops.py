@@ -18,7 +18,8 @@ from typing import Any, ParamSpec, TypeVar
 import pyfuse3
 
 from sealfs.errors import IntegrityError, StorageError
-from sealfs.fs.core import Filesystem, FsError
+from sealfs.fs.core import Filesystem
+from sealfs.fs.data import FsError
 from sealfs.fs.inode import Inode
 
 log = logging.getLogger("sealfs.fuse")
@@ -225,7 +226,7 @@ class SealfsOperations(pyfuse3.Operations):
         node.opens = max(0, node.opens - 1)
         try:
             if not node.opens and node.nlink:
-                await self.fs.flush_file(node)
+                await self.fs.flush_file(node, wait=False)
         finally:
             self.fs.forget(fh, 0)
 

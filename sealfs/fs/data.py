@@ -1,0 +1,358 @@
+"""File contents: the block cache and the streaming read/write path.
+
+A file is a sequence of ``block_size`` blocks; block ``i`` of a node is, from newest to oldest,
+in ``node.dirty_blocks[i]`` (being modified), ``node.flushing[i]`` (sealed and written in the
+background), the clean cache, or the store under object ``node.blocks[i]``. A missing block
+is a hole and reads as zeros.
+
+Writes only copy into memory; a block that becomes full is handed to a background task that
+seals and stores it, so the next FUSE write is accepted while the previous block is still being
+encrypted (at most ``Limits.inflight_blocks`` at a time: that is the back-pressure). A write
+error in the background is remembered on the node and reported by the next fsync, like the
+kernel's own writeback errors. Only when a block's new object is written does the block map
+point at it; the object it replaces is deleted after the next commit (docs/format.md).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+
+from sealfs.codec import CodecError, block_ad, new_object_id, open_block, seal_block
+from sealfs.crypto import AuthError, VolumeKeys
+from sealfs.errors import IntegrityError, StorageError
+from sealfs.fs.inode import Inode
+from sealfs.store import MissingObject, ObjectStore
+
+log = logging.getLogger("sealfs.fs")
+
+FALLOC_FL_KEEP_SIZE = 0x01
+
+
+class Damaged(IntegrityError):
+    """An object failed verification or is missing; ``path`` is the plaintext path."""
+
+    def __init__(self, path: str, what: str, oid: int | None, reason: str) -> None:
+        where = f" (object {oid:016x})" if oid is not None else ""
+        super().__init__(f"{what} of {path} failed verification{where}: {reason}")
+        self.path = path
+        self.what = what
+        self.oid = oid
+        self.reason = reason
+
+
+class FsError(Exception):
+    """A POSIX error for one request."""
+
+    def __init__(self, err: int) -> None:
+        super().__init__(errno.errorcode.get(err, str(err)))
+        self.errno = err
+
+
+class DataPath:
+    """Reads, writes, truncates and flushes file blocks for the filesystem core."""
+
+    def __init__(self, store: ObjectStore, keys: VolumeKeys, block_size: int, compress: bool,
+                 *, dirty_limit: int, clean_bytes: int, inflight_batches: int,
+                 io: Callable[..., Awaitable[Any]], mark: Callable[[Inode], None],
+                 path_of: Callable[[int], str], on_damage: Callable[[Damaged], None]) -> None:
+        self.store = store
+        self.keys = keys
+        self.vid = keys.volume_id
+        self.block_size = block_size
+        self.compress = compress
+        self.dirty_limit = dirty_limit
+        self.clean_limit = clean_bytes
+        self._io = io
+        self._mark = mark
+        self._path_of = path_of
+        self._on_damage = on_damage
+        self._inflight = trio.Semaphore(inflight_batches)
+        self.nursery: trio.Nursery | None = None  # set while mounted; else flush inline
+        self.superseded: list[int] = []  # objects no longer referenced by any block map
+        self.dirty_count = 0
+        self._clean: OrderedDict[tuple[int, int], bytes] = OrderedDict()
+        self._clean_bytes = 0
+
+    # --- the clean cache -----------------------------------------------------------------
+
+    def _drop_clean(self, ino: int, idx: int) -> None:
+        data = self._clean.pop((ino, idx), None)
+        if data is not None:
+            self._clean_bytes -= len(data)
+
+    def _keep_clean(self, ino: int, idx: int, data: bytes) -> None:
+        self._drop_clean(ino, idx)
+        self._clean[(ino, idx)] = data
+        self._clean_bytes += len(data)
+        while self._clean_bytes > self.clean_limit and self._clean:
+            _, old = self._clean.popitem(last=False)
+            self._clean_bytes -= len(old)
+
+    # --- reading -------------------------------------------------------------------------
+
+    def _in_memory(self, node: Inode, idx: int) -> bytes | None:
+        buf = node.dirty_blocks.get(idx)
+        if buf is not None:
+            return bytes(buf)
+        flushing = node.flushing.get(idx)
+        if flushing is not None:
+            return flushing[0]
+        cached = self._clean.get((node.ino, idx))
+        if cached is not None:
+            self._clean.move_to_end((node.ino, idx))
+            return cached
+        return None if idx in node.blocks else b""
+
+    async def blocks(self, node: Inode, indexes: list[int]) -> dict[int, bytes]:
+        """Current plaintext of the given blocks (b"" for holes)."""
+        out: dict[int, bytes] = {}
+        for _attempt in range(8):
+            missing = []
+            for idx in indexes:
+                if idx in out:
+                    continue
+                data = self._in_memory(node, idx)
+                if data is None:
+                    missing.append((idx, node.blocks[idx]))
+                else:
+                    out[idx] = data
+            if not missing:
+                return out
+            for idx, oid, result in await self._io(self._load, node.ino, missing):
+                if isinstance(result, Exception):
+                    if node.blocks.get(idx) != oid:
+                        continue  # rewritten while we read the old object: read again
+                    node.damaged.add(idx)
+                    reason = "missing" if isinstance(result, MissingObject) else str(result)
+                    damage = Damaged(self._path_of(node.ino), f"block {idx}", oid, reason)
+                    self._on_damage(damage)
+                    raise damage
+                node.damaged.discard(idx)
+                if node.blocks.get(idx) == oid:
+                    self._keep_clean(node.ino, idx, result)
+                    out[idx] = result
+        raise FsError(errno.EAGAIN)  # pragma: no cover - a block rewritten 8 times mid-read
+
+    def _load(self, ino: int, wanted: list[tuple[int, int]]
+              ) -> list[tuple[int, int, bytes | Exception]]:
+        """(Worker thread.) Read and open the given block objects."""
+        sealer = self.keys.inode(ino)
+        res: list[tuple[int, int, bytes | Exception]] = []
+        for idx, oid in wanted:
+            try:
+                res.append((idx, oid, open_block(sealer, block_ad(self.vid, ino, idx, oid),
+                                                 self.store.get(oid), self.block_size)))
+            except (AuthError, CodecError, MissingObject) as e:
+                res.append((idx, oid, e))
+        return res
+
+    async def read(self, node: Inode, off: int, size: int) -> bytes:
+        end = min(off + size, node.size)
+        if off >= end:
+            return b""
+        bs = self.block_size
+        first, last = off // bs, (end - 1) // bs
+        blocks = await self.blocks(node, list(range(first, last + 1)))
+        parts = []
+        for idx in range(first, last + 1):
+            base = idx * bs
+            lo, hi = max(off, base) - base, min(end, base + bs) - base
+            chunk = blocks[idx][lo:hi]
+            parts.append(chunk)
+            if len(chunk) < hi - lo:
+                parts.append(bytes(hi - lo - len(chunk)))
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    # --- writing -------------------------------------------------------------------------
+
+    def lock(self, node: Inode) -> trio.Lock:
+        if node.lock is None:
+            node.lock = trio.Lock()
+        return node.lock
+
+    async def write(self, node: Inode, off: int, buf: bytes) -> int:
+        if not buf:
+            return 0
+        self._raise_pending(node)
+        bs = self.block_size
+        end = off + len(buf)
+        first, last = off // bs, (end - 1) // bs
+        async with self.lock(node):
+            # Blocks only partly overwritten need their current content first.
+            partial = [idx for idx in {first, last}
+                       if idx not in node.dirty_blocks
+                       and not (off <= idx * bs and end >= min((idx + 1) * bs, node.size))]
+            current = await self.blocks(node, partial) if partial else {}
+            view = memoryview(buf)
+            for idx in range(first, last + 1):
+                base = idx * bs
+                lo, hi = max(off, base) - base, min(end, base + bs) - base
+                block = node.dirty_blocks.get(idx)
+                if block is None:
+                    if lo == 0 and hi == bs:
+                        block = bytearray(view[base - off:base - off + bs])
+                    else:
+                        block = bytearray(current.get(idx, b""))
+                    node.dirty_blocks[idx] = block
+                    self.dirty_count += 1
+                    if lo == 0 and hi == bs:
+                        continue
+                if len(block) < lo:
+                    block.extend(bytes(lo - len(block)))
+                block[lo:hi] = view[base + lo - off:base + hi - off]
+            if end > node.size:
+                node.size = end
+            self._mark(node)
+            full = [idx for idx in range(first, last + 1)
+                    if len(node.dirty_blocks.get(idx, b"")) == bs]
+            if self.dirty_count > self.dirty_limit:
+                full = list(node.dirty_blocks)
+            if full:
+                await self._start_flush(node, full)
+        return len(buf)
+
+    async def truncate(self, node: Inode, size: int) -> None:
+        async with self.lock(node):
+            await self._wait_flushing(node)  # no old content may land after the cut
+            bs = self.block_size
+            if size < node.size:
+                keep = -(-size // bs)  # blocks [0, keep) survive
+                for idx in [i for i in node.blocks if i >= keep]:
+                    self.superseded.append(node.blocks.pop(idx))
+                    self._drop_clean(node.ino, idx)
+                for idx in [i for i in node.dirty_blocks if i >= keep]:
+                    del node.dirty_blocks[idx]
+                    self.dirty_count -= 1
+                cut = size % bs
+                if cut:
+                    idx = size // bs
+                    block = (await self.blocks(node, [idx]))[idx]
+                    if len(block) > cut:
+                        if idx not in node.dirty_blocks:
+                            self.dirty_count += 1
+                        node.dirty_blocks[idx] = bytearray(block[:cut])
+                        self._drop_clean(node.ino, idx)
+            node.size = size
+            self._mark(node)
+
+    async def fallocate(self, node: Inode, mode: int, off: int, length: int) -> None:
+        """Mode 0 extends the size (holes read as zeros); KEEP_SIZE changes nothing visible.
+        Space is not reserved on the backing store (docs/format.md)."""
+        if mode & ~FALLOC_FL_KEEP_SIZE:
+            raise FsError(errno.EOPNOTSUPP)
+        if off < 0 or length <= 0:
+            raise FsError(errno.EINVAL)
+        if not node.is_file:
+            raise FsError(errno.ENODEV)
+        if not mode & FALLOC_FL_KEEP_SIZE and off + length > node.size:
+            async with self.lock(node):
+                node.size = max(node.size, off + length)
+                self._mark(node)
+
+    # --- flushing ------------------------------------------------------------------------
+
+    async def _start_flush(self, node: Inode, indexes: list[int]) -> None:
+        """Hand dirty blocks to one background job (one thread hop for the whole batch)."""
+        batch = [(idx, bytes(node.dirty_blocks.pop(idx))) for idx in indexes
+                 if idx in node.dirty_blocks and idx not in node.flushing]
+        if not batch:
+            return  # one flush per block at a time; the rest stays dirty for the next round
+        self.dirty_count -= len(batch)
+        done = trio.Event()
+        for idx, data in batch:
+            node.flushing[idx] = (data, done)
+        await self._inflight.acquire()
+        if self.nursery is None:
+            await self._flush_batch(node, batch, done)
+        else:
+            self.nursery.start_soon(self._flush_batch, node, batch, done)
+
+    async def _flush_batch(self, node: Inode, batch: list[tuple[int, bytes]],
+                           done: trio.Event) -> None:
+        sealer, vid, ino = self.keys.inode(node.ino), self.vid, node.ino
+        jobs = [(idx, new_object_id(), data) for idx, data in batch]
+
+        def put() -> None:
+            for idx, oid, data in jobs:
+                self.store.put(oid, seal_block(sealer, block_ad(vid, ino, idx, oid), data,
+                                               self.compress))
+
+        try:
+            await self._io(put)
+        except Exception as e:
+            for idx, oid, data in jobs:
+                self._flush_failed(node, idx, data, e)
+                self.superseded.append(oid)  # in case a partial object was left
+            return
+        finally:
+            self._inflight.release()
+            done.set()
+        for idx, oid, data in jobs:
+            current = node.flushing.get(idx)
+            if current is None or current[0] is not data or node.dead:
+                self.superseded.append(oid)  # truncated or deleted meanwhile
+                continue
+            del node.flushing[idx]
+            old = node.blocks.get(idx)
+            if old is not None:
+                self.superseded.append(old)
+            node.blocks[idx] = oid
+            self._keep_clean(node.ino, idx, data)
+        self._mark(node)
+
+    def _flush_failed(self, node: Inode, idx: int, data: bytes, e: BaseException) -> None:
+        current = node.flushing.get(idx)
+        if current is not None and current[0] is data:
+            del node.flushing[idx]
+            if idx not in node.dirty_blocks and not node.dead:
+                node.dirty_blocks[idx] = bytearray(data)  # keep it; retried later
+                self.dirty_count += 1
+        if isinstance(e, StorageError):
+            node.write_error = getattr(e, "errno", errno.EIO)
+            log.error("writing %s failed: %s", self._path_of(node.ino), e)
+        else:
+            node.write_error = errno.EIO
+            log.error("writing %s failed", self._path_of(node.ino), exc_info=e)
+
+    async def _wait_flushing(self, node: Inode) -> None:
+        while node.flushing:
+            _, done = next(iter(node.flushing.values()))
+            await done.wait()
+
+    async def flush(self, node: Inode, wait: bool = True) -> None:
+        """Write back all of ``node``'s dirty blocks; with ``wait``, until they are stored
+        and then report any background write error (as fsync must)."""
+        while True:
+            await self._start_flush(node, list(node.dirty_blocks))
+            if not wait:
+                return
+            await self._wait_flushing(node)
+            self._raise_pending(node, clear=True)  # a failed block stays dirty: stop here
+            if not node.dirty_blocks and not node.flushing:
+                return
+
+    @staticmethod
+    def _raise_pending(node: Inode, clear: bool = False) -> None:
+        """Raise a background write error: writes see it (so a full disk stops them), and
+        fsync reports and clears it."""
+        if node.write_error:
+            err = node.write_error
+            if clear:
+                node.write_error = 0
+            e = StorageError(f"an earlier write-back failed: {errno.errorcode.get(err, err)}")
+            e.errno = err  # type: ignore[attr-defined]
+            raise e
+
+    def drop(self, node: Inode) -> None:
+        """Forget a destroyed node's cached and dirty data."""
+        node.dead = True
+        self.dirty_count -= len(node.dirty_blocks)
+        node.dirty_blocks.clear()
+        for idx in node.blocks:
+            self._drop_clean(node.ino, idx)
