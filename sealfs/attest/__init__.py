@@ -1,0 +1,1 @@
+"""Attestation: quote sources (configfs-tsm, simulated), event logs and DCAP verification."""

@@ -1,0 +1,211 @@
+"""A simulated TEE for development and CI.  NOT SECURE: anyone can forge these quotes.
+
+A simulated quote carries the same fields a TDX quote proves (MRTD, RTMR0-3, report_data,
+TD attributes) and is signed with Ed25519 by a *development key*. The default development key
+is derived from a published constant, so it protects nothing: it exists so the whole key-release
+path (report_data binding, RTMR3 replay, policy, key sealing) runs for real without TDX
+hardware. The KMS accepts simulated quotes only when started with ``--allow-simulated``, and
+logs a warning for every one it accepts.
+
+"Collateral" for a simulated quote is a small signed statement of a TCB status and a validity
+window, so that TCB-status policy and collateral expiry are exercised the same way as with
+DCAP collateral.
+
+Quote layout (big-endian integers)::
+
+    magic "SEALFS-SIMQUOTE1" (16) | version u16 = 1 | reserved u16 = 0 | td_attributes (8)
+    | mrtd (48) | rtmr0 (48) | rtmr1 (48) | rtmr2 (48) | rtmr3 (48) | report_data (64)
+    | signature (64) = Ed25519(label("simulated-quote", everything before the signature))
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sealfs.attest.eventlog import (
+    EVENT_APP_ID,
+    EVENT_BOOT_DONE,
+    EVENT_COMPOSE_HASH,
+    EVENT_INSTANCE_ID,
+    EVENT_KEY_PROVIDER,
+    RuntimeEvent,
+    replay,
+)
+from sealfs.crypto import Secret, SigningKey, label, verify_signature
+from sealfs.errors import AttestationError
+
+MAGIC = b"SEALFS-SIMQUOTE1"
+VERSION = 1
+MR_SIZE = 48
+REPORT_DATA_SIZE = 64
+SIG_SIZE = 64
+_BODY = struct.Struct(f">16sHH8s{MR_SIZE * 5}s{REPORT_DATA_SIZE}s")
+QUOTE_SIZE = _BODY.size + SIG_SIZE
+TD_ATTR_DEBUG = 0x01
+COLLATERAL_KIND = "sealfs-simulated-collateral"
+
+#: The published development seed. Quotes signed with it prove nothing.
+_DEV_SEED = hashlib.sha256(b"sealfs simulated TEE development key v1 (public, not secret)").digest()
+
+
+def dev_signing_key() -> SigningKey:
+    """The well-known development signing key (public knowledge, not a secret)."""
+    return SigningKey(Secret(_DEV_SEED))
+
+
+DEV_PUBLIC_KEY = dev_signing_key().public_bytes
+
+
+def _mr(tag: str) -> bytes:
+    return hashlib.sha384(b"sealfs simulated measurement " + tag.encode()).digest()
+
+
+#: Default simulated boot measurements (stand-ins for firmware, kernel, initrd, cmdline).
+DEFAULT_MRTD = _mr("mrtd")
+DEFAULT_RTMR0 = _mr("rtmr0")
+DEFAULT_RTMR1 = _mr("rtmr1")
+DEFAULT_RTMR2 = _mr("rtmr2")
+
+
+@dataclass(frozen=True)
+class SimulatedReport:
+    """What a verified simulated quote proves; same field names as the DCAP report."""
+
+    mrtd: bytes
+    rtmr0: bytes
+    rtmr1: bytes
+    rtmr2: bytes
+    rtmr3: bytes
+    report_data: bytes
+    td_attributes: bytes
+    tcb_status: str
+    signer: bytes
+
+
+def _collateral_message(tcb_status: str, not_before: int, not_after: int) -> bytes:
+    return label("simulated-collateral", tcb_status, not_before, not_after)
+
+
+def verify_quote(quote: bytes, collateral: Any, now: float,
+                 trusted_keys: Sequence[bytes] = (DEV_PUBLIC_KEY,)) -> SimulatedReport:
+    """Verify a simulated quote and its collateral at time ``now`` (Unix seconds).
+
+    Raises AttestationError with a one-line reason on any failure.
+    """
+    if len(quote) != QUOTE_SIZE:
+        raise AttestationError("simulated quote has the wrong length")
+    body, sig = quote[:_BODY.size], quote[_BODY.size:]
+    magic, version, reserved, td_attr, mrs, report_data = _BODY.unpack(body)
+    if magic != MAGIC or version != VERSION or reserved != 0:
+        raise AttestationError("not a simulated quote of a known version")
+    msg = label("simulated-quote", body)
+    signer = next((k for k in trusted_keys if verify_signature(k, sig, msg)), None)
+    if signer is None:
+        raise AttestationError("simulated quote signature is invalid or from an untrusted key")
+    tcb_status = _verify_collateral(collateral, now, signer)
+    m = [mrs[i * MR_SIZE:(i + 1) * MR_SIZE] for i in range(5)]
+    return SimulatedReport(mrtd=m[0], rtmr0=m[1], rtmr1=m[2], rtmr2=m[3], rtmr3=m[4],
+                           report_data=report_data, td_attributes=td_attr,
+                           tcb_status=tcb_status, signer=signer)
+
+
+def _verify_collateral(collateral: Any, now: float, signer: bytes) -> str:
+    if not isinstance(collateral, dict):
+        raise AttestationError("simulated quote needs its collateral")
+    try:
+        if collateral["kind"] != COLLATERAL_KIND:
+            raise TypeError
+        status, nb, na = collateral["tcb_status"], collateral["not_before"], collateral["not_after"]
+        if not isinstance(status, str) or not isinstance(nb, int) or not isinstance(na, int):
+            raise TypeError
+        if isinstance(nb, bool) or isinstance(na, bool) or not 0 <= nb <= na < 2**62:
+            raise TypeError
+        sig = bytes.fromhex(collateral["signature"])
+    except (KeyError, TypeError, ValueError):
+        raise AttestationError("simulated collateral is malformed") from None
+    if not verify_signature(signer, sig, _collateral_message(status, nb, na)):
+        raise AttestationError("simulated collateral signature is invalid")
+    if not nb <= now <= na:
+        raise AttestationError("collateral expired or not yet valid")
+    return status
+
+
+class SimulatedAttester:
+    """A software CVM: an app identity, boot measurements and a development signing key.
+
+    Tests create several with different app ids or compose hashes to check that one app cannot
+    obtain another's keys. The event log is built like a dstack boot: app-id, compose-hash,
+    [instance-id], [key-provider], boot-mr-done, then whatever :meth:`emit_event` adds.
+    """
+
+    kind = "simulated"
+
+    def __init__(self, app_id: bytes, compose_hash: bytes, *,
+                 instance_id: bytes | None = None, key_provider: bytes | None = None,
+                 mrtd: bytes = DEFAULT_MRTD, rtmr0: bytes = DEFAULT_RTMR0,
+                 rtmr1: bytes = DEFAULT_RTMR1, rtmr2: bytes = DEFAULT_RTMR2,
+                 debug: bool = False, tcb_status: str = "UpToDate",
+                 validity: tuple[int, int] | None = None,
+                 signing_key: SigningKey | None = None,
+                 boot_events: Iterable[RuntimeEvent] | None = None) -> None:
+        for mr in (mrtd, rtmr0, rtmr1, rtmr2):
+            if len(mr) != MR_SIZE:
+                raise ValueError("measurements are 48 bytes")
+        self.app_id = app_id
+        self.compose_hash = compose_hash
+        self.mrtd, self.rtmr0, self.rtmr1, self.rtmr2 = mrtd, rtmr0, rtmr1, rtmr2
+        self.td_attributes = struct.pack("<Q", TD_ATTR_DEBUG if debug else 0)
+        self.tcb_status = tcb_status
+        self._validity = validity
+        self._key = signing_key or dev_signing_key()
+        if boot_events is not None:
+            self._events = list(boot_events)
+        else:
+            self._events = [RuntimeEvent(EVENT_APP_ID, app_id),
+                            RuntimeEvent(EVENT_COMPOSE_HASH, compose_hash)]
+            if instance_id is not None:
+                self._events.append(RuntimeEvent(EVENT_INSTANCE_ID, instance_id))
+            if key_provider is not None:
+                self._events.append(RuntimeEvent(EVENT_KEY_PROVIDER, key_provider))
+            self._events.append(RuntimeEvent(EVENT_BOOT_DONE, b""))
+
+    def __repr__(self) -> str:
+        return f"<SimulatedAttester app_id={self.app_id.hex()}>"
+
+    def event_log(self) -> list[RuntimeEvent]:
+        """The runtime events measured into RTMR3 so far."""
+        return list(self._events)
+
+    def emit_event(self, name: str, payload: bytes) -> None:
+        """Measure one more runtime event (as an app may after boot)."""
+        self._events.append(RuntimeEvent(name, payload))
+
+    @property
+    def rtmr3(self) -> bytes:
+        return replay(self._events)
+
+    def quote(self, report_data: bytes) -> bytes:
+        """A simulated quote over the current measurements and ``report_data``."""
+        if len(report_data) != REPORT_DATA_SIZE:
+            raise ValueError("report_data is 64 bytes")
+        mrs = self.mrtd + self.rtmr0 + self.rtmr1 + self.rtmr2 + self.rtmr3
+        body = _BODY.pack(MAGIC, VERSION, 0, self.td_attributes, mrs, report_data)
+        return body + self._key.sign(label("simulated-quote", body))
+
+    def collateral(self) -> dict[str, Any]:
+        """Signed TCB status with a validity window (default: from a minute ago, one hour)."""
+        now = int(time.time())
+        nb, na = self._validity or (now - 60, now + 3600)
+        sig = self._key.sign(_collateral_message(self.tcb_status, nb, na))
+        return {"kind": COLLATERAL_KIND, "tcb_status": self.tcb_status, "not_before": nb,
+                "not_after": na, "signature": sig.hex()}
+
+    def measurements(self) -> dict[str, str]:
+        """MRTD and RTMR0-2 as hex, the form a KMS policy lists them in."""
+        return {"mrtd": self.mrtd.hex(), "rtmr0": self.rtmr0.hex(),
+                "rtmr1": self.rtmr1.hex(), "rtmr2": self.rtmr2.hex()}
