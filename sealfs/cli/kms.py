@@ -1,0 +1,340 @@
+"""``sealfs kms``: create, run and administer a sealfs key management service."""
+
+from __future__ import annotations
+
+import getpass
+import json
+import logging
+import stat
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from sealfs.cli.output import emit, json_option
+from sealfs.crypto import KdfParams, Secret
+from sealfs.errors import UsageError
+
+MIN_SECRET_BYTES = 16
+MAX_SECRET_BYTES = 4096
+
+state_option = click.option(
+    "--state", "state", required=True, envvar="SEALFS_KMS_STATE", show_envvar=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="KMS state file (SQLite): sealed root key, policies, volume epochs.")
+secret_option = click.option(
+    "--secret-file", "secret_file", type=click.Path(dir_okay=False, path_type=Path),
+    help="File holding the operator secret (must not be accessible by group or others). "
+         "Without this option the secret is read from standard input. It is never taken "
+         "from the command line or the environment.")
+
+
+def read_operator_secret(path: Path | None, confirm: bool = False) -> Secret:
+    """The operator secret from a private file, or stdin (prompted without echo on a TTY)."""
+    if path is not None:
+        try:
+            st = path.stat()
+        except OSError as e:
+            raise UsageError(f"cannot read secret file {path}: {e.strerror}") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise UsageError(f"secret file {path} is not a regular file")
+        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise UsageError(f"secret file {path} is accessible by group or others; "
+                             "chmod 600 it")
+        raw = path.read_bytes()[:MAX_SECRET_BYTES + 1]
+    elif sys.stdin.isatty():
+        raw = getpass.getpass("KMS operator secret: ").encode()
+        if confirm and getpass.getpass("Repeat operator secret: ").encode() != raw:
+            raise UsageError("the two secrets differ")
+    else:
+        raw = sys.stdin.buffer.read(MAX_SECRET_BYTES + 1)
+    if len(raw) > MAX_SECRET_BYTES:
+        raise UsageError("operator secret too long")
+    if raw.endswith(b"\r\n"):
+        raw = raw[:-2]
+    elif raw.endswith(b"\n"):
+        raw = raw[:-1]
+    if len(raw) < MIN_SECRET_BYTES:
+        raise UsageError(f"operator secret must be at least {MIN_SECRET_BYTES} bytes")
+    return Secret(raw)
+
+
+def _open(state: Path, secret_file: Path | None) -> tuple[Any, Any, Secret]:
+    from sealfs.kms.derivation import StoreMac
+    from sealfs.kms.store import KmsStore
+
+    store = KmsStore(state)
+    root = store.unlock(read_operator_secret(secret_file))
+    return store, StoreMac(root), root
+
+
+def _app_id(value: str) -> bytes:
+    try:
+        raw = bytes.fromhex(value)
+    except ValueError:
+        raise UsageError("APP_ID must be hex") from None
+    if not 1 <= len(raw) <= 64:
+        raise UsageError("APP_ID must be 1-64 bytes")
+    return raw
+
+
+@click.group("kms")
+def kms() -> None:
+    """Key management service: releases app keys to attested CVMs and anchors volume epochs.
+
+    The KMS keeps one state file: a random root key sealed under an operator secret
+    (argon2id + AES-256-GCM), the release policy of each app, and the latest epoch of every
+    volume. App keys are derived from the root key (HKDF, labelled by purpose, app id, key
+    version and volume id), so replicas sharing the state file's root give the same keys.
+    Protocol and checks: docs/kms-protocol.md.
+    """
+
+
+@kms.command("init")
+@state_option
+@secret_option
+@click.option("--kdf-memory-kib", type=click.IntRange(8192, 4 * 1024 * 1024), default=65536,
+              show_default=True, help="argon2id memory cost for sealing the root key.")
+@json_option
+def init(state: Path, secret_file: Path | None, kdf_memory_kib: int, as_json: bool) -> None:
+    """Create a new KMS state file with a fresh random root key.
+
+    Refuses to overwrite an existing file: replacing the root key would make every key it
+    ever released underivable. Prints the KMS identity public key, which CVMs pin.
+    """
+    from sealfs.kms.derivation import identity_key
+    from sealfs.kms.store import KmsStore
+
+    secret = read_operator_secret(secret_file, confirm=True)
+    _, root = KmsStore.initialize(state, secret, KdfParams.default(memory_kib=kdf_memory_kib))
+    pub = identity_key(root).public_bytes.hex()
+    emit({"ok": True, "state": str(state), "kms_public_key": pub}, as_json,
+         f"created KMS state {state}\nKMS public key: {pub}")
+
+
+@kms.command("info")
+@state_option
+@secret_option
+@json_option
+def info(state: Path, secret_file: Path | None, as_json: bool) -> None:
+    """Show the KMS identity public key and the apps that have a policy."""
+    from sealfs.kms.derivation import identity_key
+
+    store, macs, root = _open(state, secret_file)
+    apps = [p.app_id.hex() for p in store.list_policies(macs)]
+    pub = identity_key(root).public_bytes.hex()
+    emit({"ok": True, "kms_public_key": pub, "apps": apps}, as_json,
+         f"KMS public key: {pub}\napps with a policy: {len(apps)}"
+         + "".join(f"\n  {a}" for a in apps))
+
+
+@kms.command("serve")
+@state_option
+@secret_option
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on. Anything but loopback exposes the KMS to the network.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8750, show_default=True,
+              help="TCP port; 0 picks a free one (printed on startup).")
+@click.option("--allow-simulated", is_flag=True,
+              help="DANGEROUS: accept simulated (software-signed) quotes for apps whose policy "
+                   "opts in (policy set --simulated). Only for development and CI; anyone can "
+                   "forge them.")
+@click.option("--collateral", "collateral_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="DCAP collateral (JSON) used for TDX quotes whose request carries none.")
+@click.option("--nonce-ttl", type=click.IntRange(5, 600), default=60, show_default=True,
+              help="Seconds a key-release nonce stays valid.")
+@click.option("--request-timeout", type=click.FloatRange(0.5, 300), default=10.0,
+              show_default=True,
+              help="Seconds a client has to send one whole request (slow senders get 408).")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
+              default="info", show_default=True, help="Log verbosity (logs go to stderr).")
+def serve(state: Path, secret_file: Path | None, host: str, port: int, allow_simulated: bool,
+          collateral_file: Path | None, nonce_ttl: int, request_timeout: float,
+          log_level: str) -> None:
+    """Run the KMS HTTP service until interrupted.
+
+    Unlocks the root key with the operator secret, then serves GET /v1/info, POST /v1/nonce,
+    POST /v1/key, POST /v1/epoch/get and POST /v1/epoch/advance. Prints one line
+    "listening on http://HOST:PORT (KMS public key HEX)" to stdout when ready. Every request
+    and every refusal is logged to stderr; keys never are.
+    """
+    import trio
+
+    from sealfs.kms.server import HttpLimits, KmsHttpServer
+    from sealfs.kms.service import KmsService, ServiceConfig
+    from sealfs.kms.store import KmsStore
+
+    logging.basicConfig(stream=sys.stderr, level=log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log = logging.getLogger("sealfs.kms")
+    collateral = None
+    if collateral_file is not None:
+        try:
+            collateral = json.loads(collateral_file.read_bytes())
+        except (OSError, ValueError) as e:
+            raise UsageError(f"cannot read collateral {collateral_file}: {e}") from None
+        if not isinstance(collateral, dict):
+            raise UsageError("collateral file must hold a JSON object")
+    store = KmsStore(state)
+    root = store.unlock(read_operator_secret(secret_file))
+    service = KmsService(store, root, ServiceConfig(allow_simulated=allow_simulated,
+                                                    nonce_ttl_s=float(nonce_ttl),
+                                                    default_collateral=collateral))
+    if allow_simulated:
+        banner = ("*** --allow-simulated: this KMS releases keys to SIMULATED TEEs whose quotes "
+                  "anyone can forge. NEVER use it for real data. ***")
+        click.echo(banner, err=True)
+        log.warning(banner)
+    if host not in ("127.0.0.1", "::1", "localhost"):
+        log.warning("listening on %s: the KMS is reachable from the network", host)
+    server = KmsHttpServer(service, HttpLimits(read_timeout_s=request_timeout))
+
+    async def main() -> None:
+        try:
+            listeners = await server.listen(host, port)
+        except OSError as e:
+            raise UsageError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+        bound = listeners[0].socket.getsockname()[1]
+        shown = f"[{host}]" if ":" in host else host
+        click.echo(f"listening on http://{shown}:{bound} "
+                   f"(KMS public key {service.public_key.hex()})")
+        sys.stdout.flush()
+        await server.serve_listeners(listeners)
+
+    trio.run(main)
+
+
+@kms.group("policy")
+def policy() -> None:
+    """Manage per-app release policies (stored MACed in the state file).
+
+    A policy lists the allowed (MRTD, RTMR0, RTMR1, RTMR2) image measurements, allowed compose
+    hashes and TCB statuses, whether debug TDs are allowed, and the app's current key version.
+    The KMS reads policies per request, so changes apply to a running server at once.
+    """
+
+
+@policy.command("set")
+@click.argument("app_id")
+@state_option
+@secret_option
+@click.option("--file", "policy_file", type=click.File("rb"),
+              help="A policy as JSON ('-' for stdin): app_id, measurements "
+                   "[{mrtd, rtmr0, rtmr1, rtmr2}], compose_hashes, tcb_statuses, allow_debug, "
+                   "allow_simulated. Flags below add to it.")
+@click.option("--mrtd", help="MRTD (48-byte hex) of one allowed image; needs --rtmr0..2.")
+@click.option("--rtmr0", help="RTMR0 (48-byte hex) of that image.")
+@click.option("--rtmr1", help="RTMR1 (48-byte hex) of that image.")
+@click.option("--rtmr2", help="RTMR2 (48-byte hex) of that image.")
+@click.option("--simulated", is_flag=True,
+              help="Development only: accept simulated TEEs for this app (the KMS must also "
+                   "run with --allow-simulated) and allow their default measurements.")
+@click.option("--compose-hash", "compose_hashes", multiple=True,
+              help="Allowed compose hash (32-byte hex); repeatable.")
+@click.option("--tcb-status", "tcb_statuses", multiple=True,
+              help="Allowed TCB status; repeatable (default: UpToDate).")
+@click.option("--allow-debug", is_flag=True, help="Allow debug TDs (the host can read them).")
+@json_option
+def policy_set(app_id: str, state: Path, secret_file: Path | None, policy_file: Any,
+               mrtd: str | None, rtmr0: str | None, rtmr1: str | None, rtmr2: str | None,
+               simulated: bool, compose_hashes: tuple[str, ...],
+               tcb_statuses: tuple[str, ...], allow_debug: bool, as_json: bool) -> None:
+    """Create or replace the policy of APP_ID (hex). The key version is kept."""
+    from sealfs.attest import simulated as sim
+    from sealfs.kms.policy import AppPolicy
+
+    app = _app_id(app_id)
+    doc: dict[str, Any] = {"app_id": app.hex(), "measurements": [], "compose_hashes": []}
+    if policy_file is not None:
+        if getattr(policy_file, "name", "") == "<stdin>" and secret_file is None:
+            raise UsageError("with --file - the operator secret must come from --secret-file")
+        try:
+            loaded = json.loads(policy_file.read(1 << 20))
+        except ValueError:
+            raise UsageError("policy file is not valid JSON") from None
+        if not isinstance(loaded, dict):
+            raise UsageError("policy file must hold a JSON object")
+        if "key_version" in loaded:
+            raise UsageError("key_version cannot be set; use 'sealfs kms policy rotate'")
+        if loaded.setdefault("app_id", app.hex()) != app.hex():
+            raise UsageError("the policy file's app_id differs from APP_ID")
+        doc.update(loaded)
+    regs = (mrtd, rtmr0, rtmr1, rtmr2)
+    if any(regs):
+        if not all(regs):
+            raise UsageError("--mrtd, --rtmr0, --rtmr1 and --rtmr2 go together")
+        doc["measurements"] = [*doc["measurements"],
+                               dict(zip(("mrtd", "rtmr0", "rtmr1", "rtmr2"), regs, strict=True))]
+    if simulated:
+        doc["allow_simulated"] = True
+        doc["measurements"] = [*doc["measurements"], {
+            "mrtd": sim.DEFAULT_MRTD.hex(), "rtmr0": sim.DEFAULT_RTMR0.hex(),
+            "rtmr1": sim.DEFAULT_RTMR1.hex(), "rtmr2": sim.DEFAULT_RTMR2.hex()}]
+    doc["compose_hashes"] = [*doc["compose_hashes"], *compose_hashes]
+    if tcb_statuses:
+        doc["tcb_statuses"] = list(tcb_statuses)
+    if allow_debug:
+        doc["allow_debug"] = True
+    new = AppPolicy.from_dict(doc)
+    if not new.measurements or not new.compose_hashes:
+        raise UsageError("a policy needs at least one measurement and one compose hash")
+    store, macs, _ = _open(state, secret_file)
+    old = store.get_policy(macs, app)
+    if old is not None:
+        new = new.with_version(old.key_version)
+    store.put_policy(macs, new)
+    emit({"ok": True, "policy": new.to_dict()}, as_json,
+         f"policy for app {app.hex()} saved (key version {new.key_version})")
+
+
+@policy.command("show")
+@click.argument("app_id", required=False)
+@state_option
+@secret_option
+@json_option
+def policy_show(app_id: str | None, state: Path, secret_file: Path | None,
+                as_json: bool) -> None:
+    """Show the policy of APP_ID, or of every app (MACs are verified)."""
+    store, macs, _ = _open(state, secret_file)
+    if app_id is not None:
+        found = store.get_policy(macs, _app_id(app_id))
+        if found is None:
+            raise UsageError(f"no policy for app id {app_id}")
+        policies = [found]
+    else:
+        policies = store.list_policies(macs)
+    docs = [p.to_dict() for p in policies]
+    emit({"ok": True, "policies": docs}, as_json,
+         "\n".join(json.dumps(d, indent=2) for d in docs) or "no policies")
+
+
+@policy.command("remove")
+@click.argument("app_id")
+@state_option
+@secret_option
+@json_option
+def policy_remove(app_id: str, state: Path, secret_file: Path | None, as_json: bool) -> None:
+    """Delete APP_ID's policy: the KMS stops releasing its keys (its epochs are kept)."""
+    store, _, _ = _open(state, secret_file)
+    if not store.delete_policy(_app_id(app_id)):
+        raise UsageError(f"no policy for app id {app_id}")
+    emit({"ok": True, "removed": app_id}, as_json, f"policy for app {app_id} removed")
+
+
+@policy.command("rotate")
+@click.argument("app_id")
+@state_option
+@secret_option
+@json_option
+def policy_rotate(app_id: str, state: Path, secret_file: Path | None, as_json: bool) -> None:
+    """Make a new key version current for APP_ID.
+
+    New key requests get the new version; older versions stay derivable (ask for them
+    explicitly) so volumes can be re-wrapped from the old key to the new one.
+    """
+    store, macs, _ = _open(state, secret_file)
+    new = store.rotate_policy(macs, _app_id(app_id))
+    emit({"ok": True, "app_id": app_id, "key_version": new.key_version}, as_json,
+         f"app {app_id} now at key version {new.key_version}")
+

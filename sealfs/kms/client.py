@@ -1,0 +1,325 @@
+"""Synchronous KMS client, used by the volume code inside the CVM.
+
+API::
+
+    client = KmsClient(url, app_id, attester, deadline_s=60.0, kms_public_key=None)
+    key, version = client.get_key(purpose, volume_id, key_version=None)  # -> (Secret, int)
+    epoch, root_digest = client.get_epoch(volume_id)                   # -> (int, bytes)
+    client.advance_epoch(volume_id, epoch, root_digest)                # -> (int, bytes)
+
+* ``purpose``: one of ``sealfs.kms.protocol.PURPOSES`` - ``"volume-wrap"`` (wraps the
+  volume master key in the KMS slot), ``"luks-passphrase"``, ``"epoch-signing"`` (a MAC key
+  for the volume's own epoch record). ``key_version=None`` asks for the app's current version;
+  the version used is returned, store it next to whatever the key protects.
+* ``get_epoch`` of a volume the KMS has never anchored returns ``(0, b"")``.
+* ``advance_epoch`` succeeds if ``epoch`` is newer than the KMS's, or equal with the same
+  digest (idempotent); it raises :class:`EpochRefused` (``reason`` ``"rollback"`` or
+  ``"fork"``) otherwise. It returns the anchored ``(epoch, root_digest)``.
+* ``attester``: ``sealfs.attest.simulated.SimulatedAttester`` or
+  ``sealfs.attest.configfs_tsm.ConfigfsTsmAttester`` - anything with ``kind``,
+  ``quote(report_data) -> bytes``, ``event_log() -> list[RuntimeEvent]`` and
+  ``collateral() -> dict | None``.
+
+Errors are :class:`sealfs.errors.KmsError` (unreachable past the deadline, malformed or
+unsigned answers, refusals) or :class:`sealfs.errors.AttestationError` (the KMS refused this
+CVM's attestation or policy), each with a one-line message.
+
+Trust in the KMS: every answer is signed by the KMS identity key and bound to the request's
+nonce and ephemeral key. The client pins that key from, in order: the ``kms_public_key``
+argument; the ``key-provider`` event measured in this CVM's own event log; otherwise the key
+the KMS announces on first contact (trust on first use, logged as a warning; read it back from
+``client.kms_public_key`` and store it, e.g. in the volume header, to pin it next time).
+
+Retries: connection failures, timeouts, 5xx/503 and spent nonces are retried with exponential
+backoff (0.2 s doubling to 5 s, with jitter) until ``deadline_s`` has passed; refusals (4xx)
+are final at once.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import logging
+import random
+import time
+import urllib.parse
+from typing import Any, Protocol
+
+from sealfs.attest.eventlog import (
+    EVENT_KEY_PROVIDER,
+    RuntimeEvent,
+    events_to_wire,
+    identity_from_log,
+)
+from sealfs.crypto import AuthError, EphemeralKeyPair, Secret, ct_equal, verify_signature
+from sealfs.errors import AttestationError, KmsError
+from sealfs.kms import protocol as P
+
+log = logging.getLogger("sealfs.kms.client")
+
+MAX_RESPONSE_BYTES = 1 << 20
+_ATTESTATION_CODES = {"attestation_failed", "policy_denied", "unknown_app", "app_id_mismatch",
+                      "simulated_disabled"}
+
+
+class Attester(Protocol):
+    kind: str
+
+    def quote(self, report_data: bytes) -> bytes: ...
+
+    def event_log(self) -> list[RuntimeEvent]: ...
+
+    def collateral(self) -> dict[str, Any] | None: ...
+
+
+class EpochRefused(KmsError):
+    """The KMS refused an epoch advance: ``reason`` is ``"rollback"`` or ``"fork"``."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class _Retry(Exception):
+    """A transient failure: try again with a new nonce if the deadline allows."""
+
+
+class KmsClient:
+    def __init__(self, url: str, app_id: bytes | str, attester: Attester, *,
+                 deadline_s: float = 60.0, kms_public_key: bytes | None = None,
+                 request_timeout_s: float = 15.0) -> None:
+        parsed = urllib.parse.urlsplit(url)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise KmsError(f"KMS URL must be http(s)://host[:port], not {url!r}")
+        if parsed.path not in ("", "/") or parsed.query or parsed.fragment:
+            raise KmsError("KMS URL must not have a path, query or fragment")
+        try:
+            self._port = parsed.port
+        except ValueError:
+            raise KmsError(f"bad port in KMS URL {url!r}") from None
+        self.url = f"{parsed.scheme}://{parsed.netloc}"
+        self._scheme, self._host = parsed.scheme, parsed.hostname
+        if isinstance(app_id, str):
+            try:
+                app_id = bytes.fromhex(app_id)
+            except ValueError:
+                raise KmsError("app id must be hex") from None
+        if not 1 <= len(app_id) <= P.MAX_ID_BYTES:
+            raise KmsError("app id must be 1-64 bytes")
+        self.app_id = app_id
+        self.attester = attester
+        self.deadline_s = deadline_s
+        self.request_timeout_s = request_timeout_s
+        if kms_public_key is not None and len(kms_public_key) != 32:
+            raise KmsError("KMS public key must be 32 bytes (Ed25519)")
+        self.kms_public_key = kms_public_key
+
+    def __repr__(self) -> str:
+        return f"<KmsClient {self.url} app={self.app_id.hex()}>"
+
+    # --- public operations -------------------------------------------------------------------
+
+    def get_key(self, purpose: str, volume_id: bytes,
+                key_version: int | None = None) -> tuple[Secret, int]:
+        """The app key for ``purpose`` on ``volume_id``, and its version."""
+        if purpose not in P.PURPOSES:
+            raise KmsError(f"unknown key purpose {purpose!r}")
+        params = _checked(P.GetKey(purpose, bytes(volume_id), key_version))
+        result, eph, nonce = self._call(params)
+        version = _int(result, "key_version")
+        if key_version is not None and version != key_version:
+            raise KmsError("KMS returned a different key version than requested")
+        info = P.key_release_info(self.app_id, purpose, params.volume_id, version, nonce)
+        try:
+            key = eph.open_sealed(_hex(result, "enc"), _hex(result, "ciphertext"), info)
+        except AuthError:
+            raise KmsError("released key does not open with this request's ephemeral key") from None
+        return key, version
+
+    def get_epoch(self, volume_id: bytes) -> tuple[int, bytes]:
+        """The KMS's freshness anchor for ``volume_id``: ``(epoch, root_digest)``."""
+        result, _, _ = self._call(_checked(P.GetEpoch(bytes(volume_id))))
+        if not result.get("known"):
+            return 0, b""
+        return _int(result, "epoch"), _hex(result, "root_digest")
+
+    def advance_epoch(self, volume_id: bytes, epoch: int, root_digest: bytes) -> tuple[int, bytes]:
+        """Anchor ``volume_id`` at ``epoch`` with metadata root ``root_digest``."""
+        params = _checked(P.AdvanceEpoch(bytes(volume_id), epoch, bytes(root_digest)))
+        result, _, _ = self._call(params)
+        got = (_int(result, "epoch"), _hex(result, "root_digest"))
+        if got[0] != epoch or not ct_equal(got[1], root_digest):
+            raise KmsError("KMS anchored a different epoch than requested")
+        return got
+
+    def info(self) -> dict[str, Any]:
+        """The KMS's public information (unauthenticated; for diagnostics)."""
+        return self._with_retries(lambda deadline: self._http("GET", "/v1/info", None, deadline))
+
+    # --- one attested exchange ---------------------------------------------------------------
+
+    def _call(self, params: P.Params) -> tuple[dict[str, Any], EphemeralKeyPair, bytes]:
+        return self._with_retries(lambda deadline: self._attempt(params, deadline))
+
+    def _with_retries(self, fn: Any) -> Any:
+        deadline = time.monotonic() + self.deadline_s
+        delay = 0.2
+        while True:
+            try:
+                return fn(deadline)
+            except _Retry as e:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise KmsError(f"KMS at {self.url} not available after "
+                                   f"{self.deadline_s:g} s: {e}") from None
+                log.info("KMS at %s: %s; retrying", self.url, e)
+                time.sleep(min(remaining, delay * random.uniform(0.75, 1.25)))
+                delay = min(delay * 2, 5.0)
+
+    def _attempt(self, params: P.Params,
+                 deadline: float) -> tuple[dict[str, Any], EphemeralKeyPair, bytes]:
+        events = _attesting(self.attester.event_log)
+        identity = identity_from_log(events)
+        if not ct_equal(identity.app_id, self.app_id):
+            raise AttestationError(f"this CVM's measured app id is {identity.app_id.hex()}, "
+                                   f"not {self.app_id.hex()}")
+        pinned = self._pinned_key(events, deadline)
+        nonce = _hex(self._http("POST", "/v1/nonce", {}, deadline), "nonce")
+        if len(nonce) != P.NONCE_SIZE:
+            raise KmsError("KMS sent a malformed nonce")
+        eph = EphemeralKeyPair()
+        report_data = P.report_data_for(nonce, eph.public_bytes, params)
+        quote = _attesting(self.attester.quote, report_data)
+        collateral = _attesting(self.attester.collateral)
+        body = {"version": P.PROTOCOL_VERSION, "tee": self.attester.kind,
+                "nonce": nonce.hex(), "public_key": eph.public_bytes.hex(),
+                "quote": base64.b64encode(quote).decode("ascii"),
+                "event_log": events_to_wire(events), "app_id": self.app_id.hex(),
+                "collateral": collateral, "params": params.to_wire()}
+        resp = self._http("POST", P.OP_PATHS[params.op], body, deadline)
+        result = resp.get("result")
+        if resp.get("op") != params.op or not isinstance(result, dict):
+            raise KmsError("KMS answer is malformed")
+        if not ct_equal(_hex(resp, "kms_public_key"), pinned):
+            raise KmsError("KMS answer is signed by a different key than the pinned KMS key")
+        if not ct_equal(_hex(result, "app_id"), self.app_id):
+            raise KmsError("KMS answered for another app id")
+        if not isinstance(params, P.GetKey) and _hex(result, "volume_id") != params.volume_id:
+            raise KmsError("KMS answered for another volume")
+        if not verify_signature(pinned, _hex(resp, "signature"),
+                                P.response_message(params.op, report_data,
+                                                   _result_parts(params, result))):
+            raise KmsError("KMS answer signature is invalid (tampered in transit?)")
+        return result, eph, nonce
+
+    def _pinned_key(self, events: list[RuntimeEvent], deadline: float) -> bytes:
+        if self.kms_public_key is None:
+            measured = [P.parse_key_provider(e.payload) for e in events
+                        if e.name == EVENT_KEY_PROVIDER]
+            if measured and measured[0] is not None:
+                self.kms_public_key = measured[0]
+            else:
+                announced = _hex(self._http("GET", "/v1/info", None, deadline),
+                                 "kms_public_key")
+                if len(announced) != 32:
+                    raise KmsError("KMS announced a malformed public key")
+                log.warning("KMS identity not pinned; trusting %s from %s on first use",
+                            announced.hex(), self.url)
+                self.kms_public_key = announced
+        return self.kms_public_key
+
+    # --- HTTP --------------------------------------------------------------------------------
+
+    def _http(self, method: str, path: str, body: dict[str, Any] | None,
+              deadline: float) -> dict[str, Any]:
+        cls = (http.client.HTTPSConnection if self._scheme == "https"
+               else http.client.HTTPConnection)
+        # One exchange may not outlive the caller's overall deadline.
+        timeout = max(0.2, min(self.request_timeout_s, deadline - time.monotonic()))
+        conn = cls(self._host, self._port, timeout=timeout)
+        data = None if body is None else json.dumps(body, separators=(",", ":")).encode()
+        headers = {"Content-Type": "application/json"} if data is not None else {}
+        try:
+            conn.request(method, path, body=data, headers=headers)
+            resp = conn.getresponse()
+            raw = resp.read(MAX_RESPONSE_BYTES + 1)
+            status = resp.status
+        except (TimeoutError, OSError, http.client.HTTPException) as e:
+            raise _Retry(_describe(e)) from None
+        finally:
+            conn.close()
+        if len(raw) > MAX_RESPONSE_BYTES:
+            raise KmsError("KMS answer too large")
+        try:
+            payload = json.loads(raw)
+            if not isinstance(payload, dict):
+                raise ValueError
+        except ValueError:
+            if status >= 500 or status in (408, 429):
+                raise _Retry(f"HTTP {status}") from None
+            raise KmsError(f"KMS answered HTTP {status} without a valid JSON body") from None
+        if status == 200 and payload.get("ok") is True:
+            return payload
+        code, message = str(payload.get("error", "?")), str(payload.get("message", ""))[:300]
+        if status >= 500 or status in (408, 429) or code == "bad_nonce":
+            raise _Retry(f"HTTP {status} {code}: {message}")
+        if code in _ATTESTATION_CODES:
+            raise AttestationError(f"KMS refused ({code}): {message}")
+        if status == 409 and code in ("rollback", "fork"):
+            raise EpochRefused(code, f"KMS refused ({code}): {message}")
+        raise KmsError(f"KMS refused (HTTP {status} {code}): {message}")
+
+
+def _attesting(fn: Any, *args: Any) -> Any:
+    """Call the attester; its I/O failures become one-line AttestationErrors."""
+    try:
+        return fn(*args)
+    except (OSError, ValueError) as e:
+        raise AttestationError(f"attester failed: {getattr(e, 'strerror', None) or e}") from None
+
+
+def _checked(params: P.Params) -> P.Params:
+    """Apply the server's own parameter checks locally, for a clear error before any I/O."""
+    try:
+        type(params).from_wire(params.to_wire())
+    except P.ProtocolError as e:
+        raise KmsError(e.message) from None
+    return params
+
+
+def _result_parts(params: P.Params, result: dict[str, Any]) -> tuple[Any, ...]:
+    app_id = _hex(result, "app_id")
+    if isinstance(params, P.GetKey):
+        return P.get_key_result_parts(app_id, _int(result, "key_version"),
+                                      _hex(result, "enc"), _hex(result, "ciphertext"))
+    known = result.get("known")
+    if not isinstance(known, bool):
+        raise KmsError("KMS answer is malformed (known)")
+    return P.epoch_result_parts(app_id, _hex(result, "volume_id"), _int(result, "epoch"),
+                                _hex(result, "root_digest"), known)
+
+
+def _hex(obj: dict[str, Any], name: str) -> bytes:
+    value = obj.get(name)
+    try:
+        if not isinstance(value, str):
+            raise ValueError
+        return bytes.fromhex(value)
+    except ValueError:
+        raise KmsError(f"KMS answer is malformed ({name})") from None
+
+
+def _int(obj: dict[str, Any], name: str) -> int:
+    value = obj.get(name)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise KmsError(f"KMS answer is malformed ({name})")
+    return value
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(e, TimeoutError):
+        return "timed out"
+    return getattr(e, "strerror", None) or type(e).__name__

@@ -1,0 +1,177 @@
+"""Per-app release policy: which measured CVMs may receive an app's keys.
+
+A policy is keyed by app id and lists what must hold for a verified quote:
+
+* ``measurements``: allowed (MRTD, RTMR0, RTMR1, RTMR2) tuples - the firmware, kernel,
+  initrd and command line of an approved image. Whole tuples, not one list per register, so
+  the kernel of one image cannot be combined with the command line of another.
+* ``compose_hashes``: allowed app configurations (SHA-256 of the app compose file), as
+  measured into RTMR3 and read from the replayed event log.
+* ``tcb_statuses``: acceptable platform TCB statuses (default: only ``UpToDate``).
+  ``Revoked`` can never be allowed.
+* ``allow_debug``: whether a debug TD (whose memory the host can read) is acceptable;
+  default no.
+* ``allow_simulated``: whether this app accepts simulated TEEs at all (development apps
+  only). Both this and the KMS-wide ``--allow-simulated`` are needed, so a production KMS
+  started with the flag by mistake still refuses forged quotes for every production app.
+* ``key_version``: the app's current key version; older versions stay derivable.
+
+Policies are stored as canonical JSON with a MAC under the root key (see ``store.py``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
+
+from sealfs.attest.eventlog import AppIdentity
+from sealfs.crypto import ct_equal
+from sealfs.errors import UsageError
+from sealfs.kms.protocol import MAX_ID_BYTES, MAX_KEY_VERSION
+
+MR_SIZE = 48
+TCB_STATUSES = ("UpToDate", "SWHardeningNeeded", "ConfigurationNeeded",
+                "ConfigurationAndSWHardeningNeeded", "OutOfDate", "OutOfDateConfigurationNeeded")
+MAX_ENTRIES = 256
+TD_ATTR_DEBUG = 0x01
+
+
+class PolicyDenied(Exception):
+    """A verified CVM does not meet its app's policy. The message names the failed check
+    (safe to return) but never the allowed values."""
+
+
+class Report(Protocol):
+    """The verified quote fields policy needs (see ``sealfs.kms.verify.QuoteReport``)."""
+
+    mrtd: bytes
+    rtmr0: bytes
+    rtmr1: bytes
+    rtmr2: bytes
+    tee: str
+    tcb_status: str
+    td_attributes: bytes | None
+
+
+@dataclass(frozen=True)
+class Measurement:
+    mrtd: bytes
+    rtmr0: bytes
+    rtmr1: bytes
+    rtmr2: bytes
+
+    def matches(self, report: Report) -> bool:
+        # Evaluate every comparison (no short-circuit) so timing says nothing about which one.
+        results = [ct_equal(self.mrtd, report.mrtd), ct_equal(self.rtmr0, report.rtmr0),
+                   ct_equal(self.rtmr1, report.rtmr1), ct_equal(self.rtmr2, report.rtmr2)]
+        return all(results)
+
+    def to_dict(self) -> dict[str, str]:
+        return {"mrtd": self.mrtd.hex(), "rtmr0": self.rtmr0.hex(),
+                "rtmr1": self.rtmr1.hex(), "rtmr2": self.rtmr2.hex()}
+
+    @classmethod
+    def from_dict(cls, d: Any) -> Measurement:
+        if not isinstance(d, dict) or set(d) != {"mrtd", "rtmr0", "rtmr1", "rtmr2"}:
+            raise UsageError("a measurement needs exactly mrtd, rtmr0, rtmr1, rtmr2")
+        return cls(*(_hex(d[k], k, MR_SIZE, MR_SIZE) for k in ("mrtd", "rtmr0", "rtmr1", "rtmr2")))
+
+
+def _hex(value: Any, name: str, lo: int, hi: int) -> bytes:
+    try:
+        raw = bytes.fromhex(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"{name} must be hex") from None
+    if not lo <= len(raw) <= hi:
+        raise UsageError(f"{name} must be {lo}-{hi} bytes" if lo != hi else
+                         f"{name} must be {lo} bytes")
+    return raw
+
+
+@dataclass(frozen=True)
+class AppPolicy:
+    app_id: bytes
+    measurements: tuple[Measurement, ...] = ()
+    compose_hashes: tuple[bytes, ...] = ()
+    tcb_statuses: tuple[str, ...] = ("UpToDate",)
+    allow_debug: bool = False
+    allow_simulated: bool = False
+    key_version: int = 1
+
+    def __post_init__(self) -> None:
+        if not 1 <= len(self.app_id) <= MAX_ID_BYTES:
+            raise UsageError("app id must be 1-64 bytes")
+        if not 1 <= self.key_version <= MAX_KEY_VERSION:
+            raise UsageError("key version out of range")
+        for status in self.tcb_statuses:
+            if status not in TCB_STATUSES:
+                raise UsageError(f"unknown or never-allowed TCB status {status!r} "
+                                 f"(known: {', '.join(TCB_STATUSES)})")
+        for h in self.compose_hashes:
+            if len(h) != 32:
+                raise UsageError("compose hashes are 32 bytes (SHA-256)")
+        if max(len(self.measurements), len(self.compose_hashes)) > MAX_ENTRIES:
+            raise UsageError(f"at most {MAX_ENTRIES} measurements and compose hashes")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"app_id": self.app_id.hex(),
+                "measurements": [m.to_dict() for m in self.measurements],
+                "compose_hashes": [h.hex() for h in self.compose_hashes],
+                "tcb_statuses": list(self.tcb_statuses),
+                "allow_debug": self.allow_debug, "allow_simulated": self.allow_simulated,
+                "key_version": self.key_version}
+
+    def canonical(self) -> bytes:
+        """The exact bytes stored and MACed."""
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_dict(cls, d: Any) -> AppPolicy:
+        """Parse a policy document strictly (unknown fields are errors, not ignored)."""
+        if not isinstance(d, dict):
+            raise UsageError("a policy must be a JSON object")
+        allowed = {"app_id", "measurements", "compose_hashes", "tcb_statuses", "allow_debug",
+                   "allow_simulated", "key_version"}
+        unknown = set(d) - allowed
+        if unknown:
+            raise UsageError(f"unknown policy field {sorted(unknown)[0]!r}")
+        if "app_id" not in d:
+            raise UsageError("policy needs an app_id")
+        lists = {k: d.get(k, []) for k in ("measurements", "compose_hashes")}
+        statuses = d.get("tcb_statuses", ["UpToDate"])
+        if not all(isinstance(v, list) for v in (*lists.values(), statuses)):
+            raise UsageError("measurements, compose_hashes and tcb_statuses must be lists")
+        debug, version = d.get("allow_debug", False), d.get("key_version", 1)
+        sim = d.get("allow_simulated", False)
+        if not isinstance(debug, bool) or not isinstance(sim, bool):
+            raise UsageError("allow_debug and allow_simulated must be true or false")
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise UsageError("key_version must be an integer")
+        if not all(isinstance(s, str) for s in statuses):
+            raise UsageError("tcb_statuses must be strings")
+        return cls(app_id=_hex(d["app_id"], "app_id", 1, MAX_ID_BYTES),
+                   measurements=tuple(Measurement.from_dict(m) for m in lists["measurements"]),
+                   compose_hashes=tuple(_hex(h, "compose hash", 32, 32)
+                                        for h in lists["compose_hashes"]),
+                   tcb_statuses=tuple(statuses), allow_debug=debug, allow_simulated=sim,
+                   key_version=version)
+
+    def with_version(self, key_version: int) -> AppPolicy:
+        return replace(self, key_version=key_version)
+
+    def check(self, report: Report, identity: AppIdentity) -> None:
+        """Raise PolicyDenied unless the verified ``report`` and replayed ``identity`` fit."""
+        if not ct_equal(identity.app_id, self.app_id):  # the store lookup already matched
+            raise PolicyDenied("app id does not match the policy")
+        if report.tee != "tdx" and not self.allow_simulated:
+            raise PolicyDenied("simulated TEEs are not allowed for this app")
+        if not any([m.matches(report) for m in self.measurements]):
+            raise PolicyDenied("MRTD/RTMR0-2 are not an allowed image for this app")
+        if not any([ct_equal(h, identity.compose_hash) for h in self.compose_hashes]):
+            raise PolicyDenied("compose hash is not allowed for this app")
+        if report.tcb_status not in self.tcb_statuses:
+            raise PolicyDenied(f"TCB status {report.tcb_status} is not allowed for this app")
+        attrs = report.td_attributes
+        if attrs and attrs[0] & TD_ATTR_DEBUG and not self.allow_debug:
+            raise PolicyDenied("debug TDs are not allowed for this app")

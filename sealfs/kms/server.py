@@ -1,0 +1,262 @@
+"""A small, strict HTTP/1.1 server for the KMS, on trio streams.
+
+Deliberately minimal, because every byte of it faces the network:
+
+* one request per connection (``Connection: close``): no keep-alive, no pipelining, no
+  request-smuggling surface;
+* bodies only with a single, all-digit ``Content-Length`` no larger than the limit;
+  ``Transfer-Encoding`` is refused; header block size and count are bounded; obsolete line
+  folding and whitespace before the colon are refused;
+* the whole request must arrive within ``read_timeout_s`` (slow-loris bound), and at most
+  ``max_connections`` are served at once (beyond that: immediate 503);
+* every failure is a JSON body ``{"ok": false, "error": code, "message": text}`` with a
+  fitting status; unexpected exceptions become a generic 500 (details only in the log), and
+  never stop the server;
+* CPU-heavy verification runs in worker threads under a CapacityLimiter, so the event loop
+  keeps accepting and timing out connections.
+
+Routes: ``GET /v1/info``, ``POST /v1/nonce``, ``POST /v1/key``, ``POST /v1/epoch/get``,
+``POST /v1/epoch/advance``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from sealfs.kms import protocol as P
+from sealfs.kms.service import KmsService
+
+log = logging.getLogger("sealfs.kms")
+
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_PATH_OPS = {path: op for op, path in P.OP_PATHS.items()}
+
+
+@dataclass(frozen=True)
+class HttpLimits:
+    max_header_bytes: int = 16 * 1024
+    max_headers: int = 64
+    max_body_bytes: int = P.MAX_BODY_BYTES
+    read_timeout_s: float = 10.0
+    write_timeout_s: float = 10.0
+    max_connections: int = 128
+    worker_threads: int = max(2, os.cpu_count() or 2)
+
+
+class HttpError(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+@dataclass(frozen=True)
+class Request:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+
+async def read_request(stream: trio.abc.Stream, limits: HttpLimits) -> Request | None:
+    """Read one request; None if the peer closed before sending anything."""
+    buf = bytearray()
+    while True:
+        end = buf.find(b"\r\n\r\n")
+        if end >= 0:
+            break
+        if len(buf) > limits.max_header_bytes:
+            raise HttpError(431, "headers_too_large", "request header block too large")
+        chunk = await stream.receive_some(8192)
+        if not chunk:
+            if not buf:
+                return None
+            raise HttpError(400, "bad_request", "connection closed mid-request")
+        buf += chunk
+    if end > limits.max_header_bytes:
+        raise HttpError(431, "headers_too_large", "request header block too large")
+    head, rest = bytes(buf[:end]), bytes(buf[end + 4:])
+    lines = head.split(b"\r\n")
+    parts = lines[0].split(b" ")
+    if (len(parts) != 3 or not _TOKEN.fullmatch(parts[0]) or not parts[1].startswith(b"/")
+            or len(parts[1]) > 256 or parts[2] not in (b"HTTP/1.1", b"HTTP/1.0")):
+        raise HttpError(400, "bad_request", "malformed request line")
+    if len(lines) - 1 > limits.max_headers:
+        raise HttpError(431, "headers_too_large", "too many request headers")
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(b":")
+        if not sep or not _TOKEN.fullmatch(name):
+            raise HttpError(400, "bad_request", "malformed header line")
+        key = name.decode("ascii").lower()
+        if key in headers and key in ("content-length", "host", "transfer-encoding"):
+            raise HttpError(400, "bad_request", f"duplicate {key} header")
+        headers[key] = value.strip(b" \t").decode("latin-1")
+    if "transfer-encoding" in headers:
+        raise HttpError(411, "length_required", "Transfer-Encoding is not supported; "
+                        "send a Content-Length")
+    method = parts[0].decode("ascii")
+    length = 0
+    if "content-length" in headers:
+        raw = headers["content-length"]
+        if not raw.isascii() or not raw.isdigit() or len(raw) > 12:
+            raise HttpError(400, "bad_request", "malformed Content-Length")
+        length = int(raw)
+    elif method == "POST":
+        raise HttpError(411, "length_required", "POST needs a Content-Length")
+    if length > limits.max_body_bytes:
+        raise HttpError(413, "too_large", f"request body larger than {limits.max_body_bytes} "
+                        "bytes")
+    if headers.get("expect", "").lower() == "100-continue" and len(rest) < length:
+        await stream.send_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+    body = bytearray(rest[:length])
+    while len(body) < length:
+        chunk = await stream.receive_some(min(65536, length - len(body)))
+        if not chunk:
+            raise HttpError(400, "bad_request", "connection closed mid-body")
+        body += chunk
+    return Request(method, parts[1].decode("ascii", "replace"), headers, bytes(body))
+
+
+def render_response(status: int, payload: dict[str, Any]) -> bytes:
+    body = json.dumps(payload, separators=(",", ":"), sort_keys=True).encode()
+    reason = http.HTTPStatus(status).phrase
+    head = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\n"
+            "Connection: close\r\n\r\n")
+    return head.encode("ascii") + body
+
+
+def error_payload(code: str, message: str) -> dict[str, Any]:
+    return {"ok": False, "error": code, "message": message}
+
+
+class KmsHttpServer:
+    """Serves one :class:`KmsService` over HTTP."""
+
+    def __init__(self, service: KmsService, limits: HttpLimits | None = None) -> None:
+        self.service = service
+        self.limits = limits or HttpLimits()
+        self._active = 0
+        self._workers = trio.CapacityLimiter(self.limits.worker_threads)
+
+    async def serve(self, host: str = "127.0.0.1", port: int = 0, *,
+                    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen on ``host:port`` (port 0 = ephemeral) and serve until cancelled.
+        ``task_status.started`` receives the bound port."""
+        listeners = await self.listen(host, port)
+        task_status.started(listeners[0].socket.getsockname()[1])
+        await self.serve_listeners(listeners)
+
+    @staticmethod
+    async def listen(host: str, port: int) -> list[trio.SocketListener]:
+        """Bind the listening sockets (OSError if the address is unavailable)."""
+        return await trio.open_tcp_listeners(port, host=host)
+
+    async def serve_listeners(self, listeners: list[trio.SocketListener]) -> None:
+        await trio.serve_listeners(self._connection, listeners)
+
+    async def _connection(self, stream: trio.SocketStream) -> None:
+        peer = _peer(stream)
+        try:
+            if self._active >= self.limits.max_connections:
+                await self._send(stream, 503, error_payload("busy", "too many connections; "
+                                                            "retry"), peer, "-")
+                return
+            self._active += 1
+            try:
+                await self._serve_one(stream, peer)
+            finally:
+                self._active -= 1
+        except Exception:  # never let one connection take the server down
+            log.exception("internal error serving %s", peer)
+        finally:
+            await _lingering_close(stream)
+
+    async def _serve_one(self, stream: trio.SocketStream, peer: str) -> None:
+        target = "-"
+        try:
+            with trio.fail_after(self.limits.read_timeout_s):
+                req = await read_request(stream, self.limits)
+            if req is None:
+                return
+            target = f"{req.method} {req.path}"
+            status, payload = await self._dispatch(req)
+        except trio.TooSlowError:
+            status, payload = 408, error_payload("timeout", "request not received in time")
+        except HttpError as e:
+            status, payload = e.status, error_payload(e.code, e.message)
+        except P.ProtocolError as e:
+            status, payload = e.status, error_payload(e.code, e.message)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+        except Exception:
+            log.exception("internal error handling %s from %s", target, peer)
+            status, payload = 500, error_payload("internal", "KMS internal error")
+        await self._send(stream, status, payload, peer, target)
+
+    async def _send(self, stream: trio.SocketStream, status: int, payload: dict[str, Any],
+                    peer: str, target: str) -> None:
+        level = logging.INFO if status < 400 else logging.WARNING
+        log.log(level, "%s %s -> %d %s%s", peer, target, status,
+                payload.get("error", "ok") if not payload.get("ok") else "ok",
+                f": {payload['message']}" if not payload.get("ok") else "")
+        with trio.move_on_after(self.limits.write_timeout_s):
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await stream.send_all(render_response(status, payload))
+
+    async def _dispatch(self, req: Request) -> tuple[int, dict[str, Any]]:
+        if req.path == "/v1/info":
+            if req.method != "GET":
+                raise HttpError(405, "method_not_allowed", "use GET")
+            return 200, self.service.info()
+        if req.path == "/v1/nonce":
+            if req.method != "POST":
+                raise HttpError(405, "method_not_allowed", "use POST")
+            return 200, self.service.new_nonce()
+        op = _PATH_OPS.get(req.path)
+        if op is None:
+            raise HttpError(404, "not_found", "no such endpoint")
+        if req.method != "POST":
+            raise HttpError(405, "method_not_allowed", "use POST")
+        obj = P.parse_json_object(req.body)
+        result = await trio.to_thread.run_sync(self.service.handle, op, obj,
+                                               limiter=self._workers)
+        return 200, result
+
+
+async def _lingering_close(stream: trio.SocketStream) -> None:
+    """Half-close, then discard what the peer still sends (bounded), then close.
+
+    Closing with unread input makes the kernel send RST, which can destroy the error
+    response (e.g. 413) before a client that is still uploading has read it.
+    """
+    with trio.move_on_after(1):
+        try:
+            await stream.send_eof()
+            drained = 0
+            while drained < 4 * P.MAX_BODY_BYTES:
+                chunk = await stream.receive_some(65536)
+                if not chunk:
+                    break
+                drained += len(chunk)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+    with trio.move_on_after(1):
+        await stream.aclose()
+
+
+def _peer(stream: trio.SocketStream) -> str:
+    try:
+        host, port = stream.socket.getpeername()[:2]
+        return f"{host}:{port}"
+    except (OSError, ValueError):
+        return "?"

@@ -1,0 +1,93 @@
+"""Client behaviour: retry with backoff while the KMS is down, clear failure at the deadline."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+
+from sealfs.errors import AttestationError, KmsError
+from sealfs.kms.client import KmsClient
+
+from .conftest import APP_A, KmsProcess, KmsState, attester, start_kms
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_fails_clearly_after_the_deadline() -> None:
+    port = free_port()
+    c = KmsClient(f"http://127.0.0.1:{port}", APP_A, attester(), deadline_s=1.0)
+    start = time.monotonic()
+    with pytest.raises(KmsError) as e:
+        c.get_key("volume-wrap", b"v")
+    elapsed = time.monotonic() - start
+    assert 0.9 <= elapsed < 3
+    assert str(e.value) == (f"KMS at http://127.0.0.1:{port} not available after 1 s: "
+                            "connection refused")
+
+
+def test_retries_until_the_kms_comes_up(state: KmsState) -> None:
+    port = free_port()
+    started: list[KmsProcess] = []
+
+    def later() -> None:
+        time.sleep(1.0)
+        started.append(start_kms(state, "--allow-simulated", log_name="late.log", port=port))
+
+    t = threading.Thread(target=later)
+    t.start()
+    try:
+        c = KmsClient(f"http://127.0.0.1:{port}", APP_A, attester(), deadline_s=20)
+        key, version = c.get_key("volume-wrap", b"v")
+        assert version == 1 and len(key) == 32
+    finally:
+        t.join()
+        for s in started:
+            s.stop()
+
+
+def test_refusals_are_not_retried(kms: KmsProcess) -> None:
+    c = KmsClient(kms.url, APP_A, attester(tcb_status="OutOfDate"),
+                  kms_public_key=kms.public_key, deadline_s=30)
+    start = time.monotonic()
+    with pytest.raises(AttestationError, match="policy_denied"):
+        c.get_key("volume-wrap", b"v")
+    assert time.monotonic() - start < 2
+
+
+@pytest.mark.parametrize("url", ["ftp://x", "http://", "http://h:99999", "http://h/path",
+                                 "http://h?q=1"])
+def test_bad_urls(url: str) -> None:
+    with pytest.raises(KmsError):
+        KmsClient(url, APP_A, attester())
+
+
+def test_bad_app_ids() -> None:
+    for app in ("zz", "", b"x" * 65):
+        with pytest.raises(KmsError):
+            KmsClient("http://127.0.0.1:1", app, attester())
+
+
+def test_reprs_are_safe(kms: KmsProcess) -> None:
+    c = KmsClient(kms.url, APP_A, attester(), kms_public_key=kms.public_key)
+    key, _ = c.get_key("volume-wrap", b"v")
+    assert key.reveal().hex() not in repr(c) + repr(key) + str(key)
+
+
+def test_a_hanging_kms_cannot_outlast_the_deadline() -> None:
+    with socket.socket() as silent:  # accepts TCP connections, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        port = silent.getsockname()[1]
+        c = KmsClient(f"http://127.0.0.1:{port}", APP_A, attester(), deadline_s=1.0,
+                      request_timeout_s=30)
+        start = time.monotonic()
+        with pytest.raises(KmsError, match="not available after 1 s: timed out"):
+            c.get_key("volume-wrap", b"v")
+        assert time.monotonic() - start < 3
