@@ -15,7 +15,7 @@ from sealfs.cli.credentials import credential_options
 from sealfs.errors import BusyError, SealfsError, UsageError
 from sealfs.fs.core import Limits
 from sealfs.fuse.mount import check_mountpoint, serve, unmount
-from sealfs.volume.header import Credential, KeyFileCredential, load_header
+from sealfs.volume.header import Credential, KeyFileCredential, KmsCredential, load_header
 
 ERROR_CLASSES = {cls.kind: cls for cls in SealfsError.__subclasses__()}
 
@@ -35,11 +35,15 @@ ERROR_CLASSES = {cls.kind: cls for cls in SealfsError.__subclasses__()}
 @click.option("--commit-interval", default=5.0, show_default=True,
               help="Seconds between automatic commits; a crash loses at most this much "
                    "unsynced work. fsync(2) always commits at once.")
+@click.option("--allow-rollback", is_flag=True,
+              help="Mount even if the volume is older than (or forked from) the state "
+                   "anchored at the KMS. Dangerous: this accepts a host's replay of old data. "
+                   "The override is logged.")
 @click.option("--debug", is_flag=True, help="Log every commit and recovery step.")
 @click.option("--ready-fd", type=int, hidden=True)
 def mount(backing_dir: str, mountpoint: str, cred: Credential, foreground: bool,
-          log_file: str | None, allow_other: bool | None, commit_interval: float, debug: bool,
-          ready_fd: int | None) -> None:
+          log_file: str | None, allow_other: bool | None, commit_interval: float,
+          allow_rollback: bool, debug: bool, ready_fd: int | None) -> None:
     """Mount the volume in BACKING_DIR on MOUNTPOINT.
 
     Unlocks the volume, verifies and replays its metadata (repairing a torn last commit left
@@ -56,13 +60,17 @@ def mount(backing_dir: str, mountpoint: str, cred: Credential, foreground: bool,
         ready = _ready_writer(ready_fd)
         try:
             serve(Path(backing_dir), Path(mountpoint), cred, allow_other=allow_other,
+                  allow_rollback=allow_rollback,
                   limits=Limits(commit_interval=commit_interval), ready=ready)
         except SealfsError as e:
             if ready_fd is not None:
                 _report(ready_fd, {"ok": False, "kind": e.kind, "message": e.message})
             raise
         return
-    _daemonize(backing_dir, mountpoint, cred, log_file, allow_other, commit_interval, debug)
+    extra = ["--allow-rollback"] if allow_rollback else []
+    if debug:
+        extra.append("--debug")
+    _daemonize(backing_dir, mountpoint, cred, log_file, allow_other, commit_interval, extra)
 
 
 def _setup_logging(log_file: str | None, debug: bool) -> None:
@@ -95,7 +103,7 @@ def _ready_writer(fd: int | None):  # type: ignore[no-untyped-def]
 
 
 def _daemonize(backing_dir: str, mountpoint: str, cred: Credential, log_file: str | None,
-               allow_other: bool, commit_interval: float, debug: bool) -> None:
+               allow_other: bool, commit_interval: float, extra: list[str]) -> None:
     """Start ``mount --ready-fd`` detached and wait until it reports the mount ready.
 
     The credential travels to the child on its standard input (a passphrase) or as the key
@@ -109,13 +117,18 @@ def _daemonize(backing_dir: str, mountpoint: str, cred: Credential, log_file: st
     args = [sys.executable, "-m", "sealfs", "mount", backing_dir, mountpoint,
             "--ready-fd", str(write_fd), "--log-file", log_file,
             "--commit-interval", str(commit_interval),
-            "--allow-other" if allow_other else "--no-allow-other"]
-    if debug:
-        args.append("--debug")
+            "--allow-other" if allow_other else "--no-allow-other", *extra]
     stdin_data = b""
     if isinstance(cred, KeyFileCredential):
         args += ["--key-file", "-"]
         stdin_data = cred.secret.reveal()
+    elif isinstance(cred, KmsCredential):
+        client = cred.client
+        args += ["--kms", client.url, "--app-id", client.app_id.hex(),
+                 "--attester", client.attester.kind,
+                 "--kms-deadline", str(client.deadline_s)]
+        if client.attester.kind == "simulated":
+            args += ["--compose-hash", client.attester.compose_hash.hex()]
     else:
         args.append("--passphrase")
         stdin_data = cred.secret.reveal() + b"\n"

@@ -6,12 +6,18 @@ from pathlib import Path
 
 import click
 
-from sealfs.cli.credentials import prompt_passphrase, read_passphrase_file
+from sealfs.cli.credentials import (
+    kms_client,
+    kms_options,
+    prompt_passphrase,
+    read_passphrase_file,
+)
 from sealfs.cli.output import emit, json_option
 from sealfs.crypto import KdfParams
 from sealfs.errors import UsageError
 from sealfs.volume.header import (
     Credential,
+    KmsCredential,
     PassphraseCredential,
     load_header,
     read_key_file,
@@ -46,6 +52,7 @@ def parse_size(text: str) -> int:
 @click.option("--passphrase", "ask_passphrase", is_flag=True,
               help="Add a recovery-passphrase slot; asks twice on a terminal, else reads one "
                    "line from standard input.")
+@kms_options
 @click.option("--kdf", type=click.Choice(["argon2id", "scrypt"]), default="argon2id",
               show_default=True, help="Passphrase KDF for the recovery slot.")
 @click.option("--kdf-memory", default="64M", show_default=True,
@@ -61,19 +68,26 @@ def parse_size(text: str) -> int:
 @json_option
 def create(backing_dir: str, key_file: str | None, new_key_file: str | None,
            passphrase_file: str | None, ask_passphrase: bool, kdf: str, kdf_memory: str,
-           kdf_iterations: int, compression: str, block_size: str, as_json: bool) -> None:
+           kdf_iterations: int, compression: str, block_size: str, kms_url: str | None,
+           app_id: str | None, attester: str, compose_hash: str | None, kms_deadline: float,
+           as_json: bool) -> None:
     """Create a new sealed volume in BACKING_DIR (an empty or absent directory).
 
     A random volume id and master key are generated; the master key is wrapped in one key
     slot per credential given (at least one): key files for machines, a passphrase for
-    recovery by people. The KMS slot arrives with `sealfs create --kms`.
+    recovery by people, and a KMS slot (--kms URL --app-id HEX) whose key the KMS releases
+    only to an attested CVM running that app.
 
     \b
     Examples:
       sealfs create /data/vol --new-key-file /root/vol.key
       sealfs create /data/vol --key-file /root/vol.key --passphrase --compression lz4
+      sealfs create /data/vol --kms http://127.0.0.1:8750 --app-id 0a1b... --passphrase
     """
     creds: list[tuple[Credential, KdfParams | None]] = []
+    if kms_url:
+        creds.append((KmsCredential(kms_client(kms_url, app_id, attester, compose_hash,
+                                               kms_deadline)), None))
     if key_file:
         creds.append((read_key_file(key_file), None))
     if new_key_file:

@@ -31,11 +31,12 @@ from sealfs.codec import (
     new_object_id,
 )
 from sealfs.crypto import AuthError, Secret, VolumeKeys
-from sealfs.errors import StorageError
+from sealfs.errors import KmsError, StorageError
 from sealfs.fs.data import Damaged, DataPath, FsError
 from sealfs.fs.inode import ROOT_INO, Inode, RecordError
 from sealfs.fs.metalog import MetaLog, MetaState
 from sealfs.store import MissingObject, ObjectStore
+from sealfs.volume.anchor import KmsAnchor, RollbackError, verify_fresh
 from sealfs.volume.header import Header
 
 log = logging.getLogger("sealfs.fs")
@@ -56,6 +57,7 @@ class Limits:
     clean_cache_bytes: int = 32 << 20
     node_cache: int = 20000  # clean, unreferenced inodes kept in memory
     commit_interval: float = 5.0
+    anchor_interval: float = 30.0  # seconds between freshness-anchor advances at the KMS
     io_threads: int = 4
     checkpoint_min_journal: int = 4 << 20
 
@@ -86,6 +88,7 @@ class Filesystem:
         self._commit_lock = trio.Lock()
         self.state: MetaState | None = None
         self.on_damage: Callable[[Damaged], None] = lambda d: log.error("%s", d)
+        self.anchor: KmsAnchor | None = None
         self.data = DataPath(store, self.keys, self.block_size, self.compress,
                              dirty_limit=self.limits.dirty_blocks,
                              clean_bytes=self.limits.clean_cache_bytes,
@@ -94,21 +97,50 @@ class Filesystem:
 
     # --- life cycle ----------------------------------------------------------------------
 
-    async def load(self, writable: bool = True) -> MetaState:
+    async def load(self, writable: bool = True, allow_rollback: bool = False) -> MetaState:
+        """Verify and replay the metadata; with an anchor, refuse a stale or forked disk
+        (unless ``allow_rollback``, which is logged) and advance the anchor to this disk."""
         state = await self._io(self.metalog.load)
         for note in state.notes:
             log.warning("recovery: %s", note)
+        overridden = None
+        if self.anchor is not None:
+            anchored = await self._io(self.anchor.fetch)
+            try:
+                verify_fresh(state, anchored)
+            except RollbackError as e:
+                if not allow_rollback or not writable:
+                    raise
+                log.warning("OVERRIDE: mounting despite a failed freshness check (%s)", e)
+                overridden = anchored[0]
         if writable:
             await self._io(self.metalog.open_for_append, state)
+            if overridden is not None:
+                await self._io(self.metalog.skip_to, state.table, state.next_ino,
+                               max(overridden, state.seq) + 1)
+            if self.anchor is not None:
+                await self._io(self.anchor.advance, self.metalog.seq, self.metalog.head)
         self.table = state.table
         self.next_ino = state.next_ino
         self.state = state
         return state
 
     async def close(self) -> None:
-        """Write everything back and commit (clean unmount)."""
+        """Write everything back, commit, and anchor the final state (clean unmount)."""
         await self.sync()
+        await self._advance_anchor()
         self.metalog.close()
+
+    async def _advance_anchor(self) -> bool:
+        """Anchor the last durable commit at the KMS; False (logged) if the KMS failed."""
+        if self.anchor is None:
+            return True
+        try:
+            await self._io(self.anchor.advance, self.metalog.seq, self.metalog.head)
+        except KmsError as e:
+            log.error("could not advance the freshness anchor: %s", e)
+            return False
+        return True
 
     async def _io(self, fn: Callable[..., T], *args: object) -> T:
         return await trio.to_thread.run_sync(fn, *args, limiter=self.io_limiter)
@@ -526,7 +558,8 @@ class Filesystem:
                 if node is not None:
                     self._maybe_release(node)
             if self.metalog.journal_length > max(self.limits.checkpoint_min_journal,
-                                                 4 * self.metalog.checkpoint_size):
+                                                 4 * self.metalog.checkpoint_size) \
+                    and await self._advance_anchor():  # the anchor must stay replayable
                 await self._io(self.metalog.write_checkpoint, dict(self.table),
                                self.next_ino)
 
@@ -541,6 +574,7 @@ class Filesystem:
                           ) -> None:
         """Write back and commit periodically, so a crash loses at most a few seconds."""
         task_status.started()
+        last_anchor = trio.current_time()
         while True:
             await trio.sleep(self.limits.commit_interval)
             if self.dirty:
@@ -548,6 +582,9 @@ class Filesystem:
                     await self.sync()
                 except StorageError as e:
                     log.error("periodic commit failed, will retry: %s", e)
+            if trio.current_time() - last_anchor >= self.limits.anchor_interval:
+                last_anchor = trio.current_time()
+                await self._advance_anchor()
 
     # --- statistics ----------------------------------------------------------------------
 

@@ -51,6 +51,9 @@ class MetaState:
     torn_bytes: int = 0
     replayed: int = 0
     notes: list[str] = field(default_factory=list)
+    #: the volume root after each commit from the checkpoint on: what an anchor is checked
+    #: against (a fork shares a sequence number but not the head)
+    heads: dict[int, bytes] = field(default_factory=dict)
 
 
 def _advance(head: bytes, sealed: bytes) -> bytes:
@@ -88,6 +91,7 @@ class MetaLog:
             raise IntegrityError(f"the metadata checkpoint failed verification ({e})") from None
         self.checkpoint_size = len(blob)
         state = MetaState(dict(cp.table), cp.next_ino, cp.seq, cp.head, cp.gen, 0)
+        state.heads[cp.seq] = cp.head
         try:
             data = JournalFile(self.store, cp.gen).read_all()
         except MissingObject:
@@ -116,6 +120,7 @@ class MetaLog:
             state.next_ino = commit.next_ino
             state.seq = commit.seq
             state.head = _advance(state.head, sealed)
+            state.heads[state.seq] = state.head
             state.replayed += 1
             valid = offset + 4 + len(sealed)
         state.journal_length = valid
@@ -163,6 +168,15 @@ class MetaLog:
         self.checkpoint_size = len(blob)
         if old is not None:
             old.remove()
+
+    def skip_to(self, table: dict[int, int], next_ino: int, epoch: int) -> None:
+        """Continue this volume's history at ``epoch`` (after an operator's rollback override:
+        the anchor cannot go back, so the accepted old state is re-issued as a new commit
+        number). Done as a checkpoint, so the journal stays gap-free."""
+        self.head = hashlib.sha256(self.head + b"sealfs rollback override" +
+                                   epoch.to_bytes(8, "big")).digest()
+        self.seq = epoch
+        self.write_checkpoint(table, next_ino)
 
     def close(self) -> None:
         if self.journal is not None:

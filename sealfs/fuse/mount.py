@@ -18,7 +18,8 @@ import trio
 from sealfs.errors import BusyError, UsageError
 from sealfs.fs.core import Filesystem, Limits
 from sealfs.fuse.ops import SealfsOperations
-from sealfs.volume.header import Credential
+from sealfs.volume.anchor import KmsAnchor
+from sealfs.volume.header import Credential, KmsCredential
 from sealfs.volume.lifecycle import unlock_volume
 
 log = logging.getLogger("sealfs.mount")
@@ -43,21 +44,31 @@ def check_mountpoint(mountpoint: Path) -> Path:
 
 
 def serve(backing: Path, mountpoint: Path, cred: Credential, *, allow_other: bool = False,
-          limits: Limits | None = None, ready: Callable[[], None] = lambda: None) -> None:
-    """Mount and serve until unmounted or signalled; commit everything before returning."""
+          allow_rollback: bool = False, limits: Limits | None = None,
+          ready: Callable[[], None] = lambda: None) -> None:
+    """Mount and serve until unmounted or signalled; commit everything before returning.
+
+    With a KMS credential the volume's freshness anchor is checked before mounting and
+    advanced while mounted; with another credential freshness rests on the disk alone.
+    """
     mp = check_mountpoint(mountpoint)
     store, header, master = unlock_volume(backing, cred)
     store.lock()
     try:
         fs = Filesystem(store, header, master, limits)
-        trio.run(_serve, fs, mp, backing, allow_other, ready)
+        if isinstance(cred, KmsCredential):
+            fs.anchor = KmsAnchor(cred.client, header.volume_id)
+        elif header.kms_slot() is not None:
+            log.warning("volume has a KMS slot but was unlocked without the KMS: whole-volume "
+                        "rollback is not checked on this mount")
+        trio.run(_serve, fs, mp, backing, allow_other, allow_rollback, ready)
     finally:
         store.unlock()
 
 
 async def _serve(fs: Filesystem, mp: Path, backing: Path, allow_other: bool,
-                 ready: Callable[[], None]) -> None:
-    await fs.load()
+                 allow_rollback: bool, ready: Callable[[], None]) -> None:
+    await fs.load(allow_rollback=allow_rollback)
     options = set(pyfuse3.default_options) | {"fsname=sealfs", "subtype=sealfs"}
     if allow_other:
         options.add("allow_other")

@@ -68,7 +68,23 @@ class PassphraseCredential:
         return "<PassphraseCredential>"
 
 
-Credential = KeyFileCredential | PassphraseCredential
+class KmsCredential:
+    """Key release by the KMS; unlocks slots of type ``kms`` (see sealfs.kms.client).
+
+    ``client`` is a :class:`sealfs.kms.client.KmsClient` for this CVM's attested app.
+    """
+
+    slot_type = "kms"
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+
+    def __repr__(self) -> str:
+        return f"<KmsCredential {self.client!r}>"
+
+
+Credential = KeyFileCredential | PassphraseCredential | KmsCredential
+KMS_PURPOSE = "volume-wrap"
 
 
 def read_key_file(path: str | os.PathLike[str]) -> KeyFileCredential:
@@ -126,6 +142,7 @@ class Slot:
     wrapped: bytes
     salt: bytes = b""
     kdf: KdfParams | None = None
+    kms: dict[str, Any] | None = None  # url, app_id, key_version, kms_public_key (hex)
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"id": self.id, "type": self.type, "wrapped": self.wrapped.hex()}
@@ -133,18 +150,28 @@ class Slot:
             d["salt"] = self.salt.hex()
         if self.kdf is not None:
             d["kdf"] = self.kdf.to_dict()
+        if self.kms is not None:
+            d["kms"] = dict(self.kms)
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Slot:
         kdf = KdfParams.from_dict(d["kdf"]) if "kdf" in d else None
+        kms = d.get("kms")
+        if kms is not None and not (
+                isinstance(kms, dict) and isinstance(kms.get("url"), str)
+                and isinstance(kms.get("app_id"), str) and isinstance(kms.get("key_version"), int)
+                and isinstance(kms.get("kms_public_key"), str)):
+            raise ValueError("malformed kms slot")
         return cls(int(d["id"]), str(d["type"]), bytes.fromhex(d["wrapped"]),
-                   bytes.fromhex(d.get("salt", "")), kdf)
+                   bytes.fromhex(d.get("salt", "")), kdf, kms)
 
     def public_info(self) -> dict[str, Any]:
         info: dict[str, Any] = {"id": self.id, "type": self.type}
         if self.kdf is not None:
             info["kdf"] = {k: v for k, v in self.kdf.to_dict().items() if k != "salt"}
+        if self.kms is not None:
+            info["kms"] = dict(self.kms)
         return info
 
 
@@ -152,9 +179,16 @@ def _slot_ad(volume_id: bytes, slot: Slot) -> bytes:
     return label("slot", volume_id, slot.id, slot.type)
 
 
-def _kek(cred: Credential, slot: Slot) -> Secret:
+def _kek(cred: Credential, slot: Slot, volume_id: bytes) -> Secret:
     if isinstance(cred, KeyFileCredential):
         return hkdf(cred.secret, "slot-keyfile", salt=slot.salt)
+    if isinstance(cred, KmsCredential):
+        assert slot.kms is not None
+        client = cred.client
+        if client.kms_public_key is None and slot.kms.get("kms_public_key"):
+            client.kms_public_key = bytes.fromhex(slot.kms["kms_public_key"])  # pinned
+        key, _ = client.get_key(KMS_PURPOSE, volume_id, slot.kms["key_version"])
+        return hkdf(key, "slot-kms")
     assert slot.kdf is not None
     return hkdf(derive_from_passphrase(cred.secret, slot.kdf), "slot-passphrase")
 
@@ -245,7 +279,7 @@ class Header:
             raise UnlockError(f"volume has no {cred.slot_type} key slot")
         for slot in candidates:
             try:
-                master = unwrap_key(_kek(cred, slot), slot.wrapped,
+                master = unwrap_key(_kek(cred, slot, self.volume_id), slot.wrapped,
                                     _slot_ad(self.volume_id, slot))
             except AuthError:
                 continue
@@ -254,17 +288,30 @@ class Header:
                 raise IntegrityError("volume header failed authentication: it was modified "
                                      "outside sealfs")
             return master
+        if isinstance(cred, KmsCredential):
+            raise UnlockError("the key released by the KMS does not open the kms slot (wrong "
+                              "app id, or the slot belongs to another KMS root)")
         raise UnlockError(f"wrong {cred.slot_type.replace('keyfile', 'key file')}: no "
                           f"{cred.slot_type} slot opens with it")
+
+    def kms_slot(self) -> Slot | None:
+        return next((s for s in self.slots if s.type == "kms"), None)
 
     def add_slot(self, master: Secret, cred: Credential,
                  kdf: KdfParams | None = None) -> Slot:
         slot_id = max((s.id for s in self.slots), default=-1) + 1
         if isinstance(cred, PassphraseCredential):
             slot = Slot(slot_id, "passphrase", b"", kdf=kdf or KdfParams.default())
+        elif isinstance(cred, KmsCredential):
+            client = cred.client
+            _, version = client.get_key(KMS_PURPOSE, self.volume_id)
+            slot = Slot(slot_id, "kms", b"", kms={
+                "url": client.url, "app_id": client.app_id.hex(), "key_version": version,
+                "kms_public_key": (client.kms_public_key or b"").hex()})
         else:
             slot = Slot(slot_id, "keyfile", b"", salt=random_bytes(16))
-        slot.wrapped = wrap_key(_kek(cred, slot), master, _slot_ad(self.volume_id, slot))
+        slot.wrapped = wrap_key(_kek(cred, slot, self.volume_id), master,
+                                _slot_ad(self.volume_id, slot))
         self.slots.append(slot)
         self.seal(master)
         return slot

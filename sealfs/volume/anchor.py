@@ -1,0 +1,73 @@
+"""The freshness anchor: the volume root held outside the disk, at the KMS.
+
+The host can hand back an older copy of the whole backing directory, or a clone that has
+lived on separately; everything in it is authentic, so only a record kept elsewhere can tell.
+The KMS keeps, per attested app and volume, the last anchored ``(epoch, head)``: ``epoch`` is
+the metadata commit sequence number and ``head`` the running digest of all commit records
+(docs/format.md, "Volume root").
+
+Rules (docs/threat-model.md): on mount the disk's history must contain the anchored commit —
+same sequence number *and* same head — or the mount is refused as a rollback (disk behind) or a
+fork (same number, other history). After mount, and periodically, the anchor advances to the
+last durable commit. A checkpoint (which forgets older heads) is only written right after a
+successful advance, so the anchored commit is always within the replayable range.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from sealfs.crypto import ct_equal
+from sealfs.errors import IntegrityError
+from sealfs.fs.metalog import MetaState
+
+log = logging.getLogger("sealfs.anchor")
+
+
+class RollbackError(IntegrityError):
+    """The disk is older than (or diverged from) the volume root anchored at the KMS."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason  # "rolled back" or "forked"
+
+
+class KmsAnchor:
+    """Reads and advances one volume's anchor through a KMS client."""
+
+    def __init__(self, client: Any, volume_id: bytes) -> None:
+        self.client = client
+        self.volume_id = volume_id
+        self.anchored: tuple[int, bytes] = (0, b"")
+
+    def __repr__(self) -> str:
+        return f"<KmsAnchor {self.client!r}>"
+
+    def fetch(self) -> tuple[int, bytes]:
+        self.anchored = self.client.get_epoch(self.volume_id)
+        return self.anchored
+
+    def advance(self, epoch: int, head: bytes) -> None:
+        if epoch <= self.anchored[0]:
+            return
+        self.anchored = self.client.advance_epoch(self.volume_id, epoch, head)
+        log.debug("anchored epoch %d", epoch)
+
+
+def verify_fresh(state: MetaState, anchored: tuple[int, bytes]) -> None:
+    """Raise RollbackError unless the replayed history contains the anchored commit."""
+    epoch, head = anchored
+    if epoch == 0 and not head:
+        return  # never anchored (a new volume, or its first mount with a KMS)
+    if epoch > state.seq:
+        raise RollbackError("rolled back", f"volume rolled back: the disk ends at commit "
+                            f"{state.seq} but the KMS anchored commit {epoch}")
+    ours = state.heads.get(epoch)
+    if ours is None:
+        raise RollbackError("rolled back", f"cannot verify freshness: anchored commit {epoch} "
+                            f"predates the checkpoint at commit {min(state.heads)}")
+    if not ct_equal(ours, head):
+        raise RollbackError("forked", f"volume forked: commit {epoch} on disk differs from "
+                            "the one anchored at the KMS (a copy of this volume has been "
+                            "used elsewhere)")
