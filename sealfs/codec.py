@@ -11,6 +11,8 @@ Pure functions of their inputs; safe to call from worker threads.
 from __future__ import annotations
 
 import struct
+import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import lz4.block
@@ -25,7 +27,8 @@ CHECKPOINT_MAGIC = b"SFCK"
 CHECKPOINT_VERSION = 1
 RECORD_VERSION = 1
 
-_FRAME_LEN = struct.Struct(">I")
+_FRAME_HEAD = struct.Struct(">II")  # length, crc32 of the length
+FRAME_HEADER = _FRAME_HEAD.size
 _REC_HEAD = struct.Struct(">BQQQI")  # version, seq, next_ino, reserved, n_updates
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
@@ -130,24 +133,49 @@ def journal_ad(volume_id: bytes, gen: int, seq: int) -> bytes:
     return label("journal", volume_id, gen, seq)
 
 
+def _length_check(n: int) -> int:
+    return zlib.crc32(b"sealfs-frame" + n.to_bytes(4, "big"))
+
+
 def frame(sealed: bytes) -> bytes:
-    return _FRAME_LEN.pack(len(sealed)) + sealed
+    """``u32 length ‖ u32 crc32("sealfs-frame" ‖ length) ‖ sealed``. The checksum lets a reader
+    tell a torn append (a length that runs past the end of the file) from a corrupted length
+    in the middle of the journal."""
+    return _FRAME_HEAD.pack(len(sealed), _length_check(len(sealed))) + sealed
 
 
-def split_frames(data: bytes) -> tuple[list[tuple[int, bytes]], int]:
-    """Split a journal file into complete frames ``(offset, sealed)`` and return them with the
-    length of the complete prefix. A trailing incomplete frame is a torn append, and so is a
-    zero length (never written; what a crash leaves when the file grew before its data
-    reached the disk)."""
+def split_frames(data: bytes) -> tuple[list[tuple[int, bytes]], int, bool]:
+    """Split a journal file into complete frames ``(offset, sealed)``; also return where they
+    end, and whether what follows starts with a header whose checksum is wrong.
+
+    What a crash can leave after the last complete frame: a partial header, a correct header
+    whose data runs past the end of the file, zeros (the file grew before its data reached the
+    disk), or, on file systems that do not order data before size, stale bytes. Only the last
+    case has a bad checksum, and so does a damaged length in the middle of the journal; the
+    caller tells them apart with :func:`frames_after`.
+    """
     frames = []
     pos = 0
-    while pos + 4 <= len(data):
-        (n,) = _FRAME_LEN.unpack_from(data, pos)
-        if n == 0 or pos + 4 + n > len(data):
+    while pos + FRAME_HEADER <= len(data):
+        n, check = _FRAME_HEAD.unpack_from(data, pos)
+        if n == 0 and check == 0:
             break
-        frames.append((pos, data[pos + 4:pos + 4 + n]))
-        pos += 4 + n
-    return frames, pos
+        if check != _length_check(n):
+            return frames, pos, True
+        if pos + FRAME_HEADER + n > len(data):
+            break
+        frames.append((pos, data[pos + FRAME_HEADER:pos + FRAME_HEADER + n]))
+        pos += FRAME_HEADER + n
+    return frames, pos, False
+
+
+def frames_after(data: bytes, start: int) -> Iterator[tuple[int, bytes]]:
+    """Every position after ``start`` holding a well-formed frame (checked header, data within
+    the file): candidates for "is there a real commit behind this damage?"."""
+    for pos in range(start + 1, len(data) - FRAME_HEADER + 1):
+        n, check = _FRAME_HEAD.unpack_from(data, pos)
+        if n and check == _length_check(n) and pos + FRAME_HEADER + n <= len(data):
+            yield pos, data[pos + FRAME_HEADER:pos + FRAME_HEADER + n]
 
 
 # --- checkpoints -----------------------------------------------------------------------------

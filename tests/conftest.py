@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from sealfs.fuse.mount import runtime_file
+from sealfs.fuse.mount import is_mounted, runtime_file
 
 REPO = Path(__file__).resolve().parents[1]
 SEALFS = [sys.executable, "-m", "sealfs"]
@@ -47,10 +47,10 @@ class Volume:
 
     def force_unmount(self) -> None:
         """Detach a mount whose daemon died (after SIGKILL) or clean up after a failure."""
-        if os.path.ismount(self.mnt):
+        if is_mounted(self.mnt):
             subprocess.run(["fusermount3", "-u", "-z", str(self.mnt)], capture_output=True)
             for _ in range(100):
-                if not os.path.ismount(self.mnt):
+                if not is_mounted(self.mnt):
                     break
                 time.sleep(0.05)
 
@@ -76,7 +76,7 @@ def new_volume(tmp_path: Path, *create_args: str, name: str = "vol") -> Volume:
 def volume(tmp_path: Path) -> Iterator[Volume]:
     vol = new_volume(tmp_path)
     yield vol
-    if os.path.ismount(vol.mnt):
+    if is_mounted(vol.mnt):
         res = sealfs("umount", str(vol.mnt), check=False)
         if res.returncode != 0:
             vol.force_unmount()

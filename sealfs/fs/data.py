@@ -313,12 +313,15 @@ class DataPath:
             if idx not in node.dirty_blocks and not node.dead:
                 node.dirty_blocks[idx] = bytearray(data)  # keep it; retried later
                 self.dirty_count += 1
+        first = not node.write_error  # log once per failure, not once per waiting write
         if isinstance(e, StorageError):
             node.write_error = getattr(e, "errno", errno.EIO)
-            log.error("writing %s failed: %s", self._path_of(node.ino), e)
+            if first:
+                log.error("writing %s failed: %s", self._path_of(node.ino), e)
         else:
             node.write_error = errno.EIO
-            log.error("writing %s failed", self._path_of(node.ino), exc_info=e)
+            if first:
+                log.error("writing %s failed", self._path_of(node.ino), exc_info=e)
 
     async def _wait_flushing(self, node: Inode) -> None:
         while node.flushing:

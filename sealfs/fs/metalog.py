@@ -20,10 +20,12 @@ import logging
 from dataclasses import dataclass, field
 
 from sealfs.codec import (
+    FRAME_HEADER,
     Checkpoint,
     CodecError,
     Commit,
     frame,
+    frames_after,
     journal_ad,
     open_checkpoint,
     seal_checkpoint,
@@ -97,7 +99,7 @@ class MetaLog:
         except MissingObject:
             raise IntegrityError(f"the metadata journal of generation {cp.gen} is "
                                  "missing") from None
-        frames, _ = split_frames(data)
+        frames, end, bad_header = split_frames(data)
         valid = 0
         for i, (offset, sealed) in enumerate(frames):
             expected = state.seq + 1
@@ -122,13 +124,30 @@ class MetaLog:
             state.head = _advance(state.head, sealed)
             state.heads[state.seq] = state.head
             state.replayed += 1
-            valid = offset + 4 + len(sealed)
+            valid = offset + FRAME_HEADER + len(sealed)
+        if bad_header:
+            self._check_torn(data, end, state)
         state.journal_length = valid
         state.torn_bytes = len(data) - valid
         if state.torn_bytes and not state.notes:
             state.notes.append(f"discarded {state.torn_bytes} bytes of a torn journal append")
         self.gen, self.seq, self.head = cp.gen, state.seq, state.head
         return state
+
+    def _check_torn(self, data: bytes, offset: int, state: MetaState) -> None:
+        """A frame header with a wrong checksum at ``offset``: stale bytes after a crash are
+        harmless, but if a genuine later commit follows, the journal was damaged."""
+        vid, later = self.keys.volume_id, state.seq + 2
+        for pos, sealed in frames_after(data, offset):
+            try:
+                self.keys.journal.open(sealed, journal_ad(vid, state.gen, later))
+            except AuthError:
+                continue
+            raise IntegrityError(f"metadata journal record {state.seq + 1} is damaged (bad "
+                                 f"frame header at offset {offset}; commit {later} follows "
+                                 f"at {pos})")
+        state.notes.append(f"discarded unreadable bytes after the last journal record at "
+                           f"offset {offset}")
 
     # --- writing -------------------------------------------------------------------------
 

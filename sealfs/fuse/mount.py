@@ -3,21 +3,24 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
 import logging
 import os
+import re
 import signal
+import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pyfuse3
 import trio
 
-from sealfs.errors import BusyError, UsageError
+from sealfs.errors import BusyError, SealfsError, UsageError
 from sealfs.fs.core import Filesystem, Limits
 from sealfs.fuse.ops import SealfsOperations
+from sealfs.store import ObjectStore
 from sealfs.volume.anchor import KmsAnchor
 from sealfs.volume.header import Credential, KmsCredential
 from sealfs.volume.lifecycle import unlock_volume
@@ -38,7 +41,7 @@ def check_mountpoint(mountpoint: Path) -> Path:
         raise UsageError(f"mountpoint {mp} does not exist")
     if not mp.is_dir():
         raise UsageError(f"mountpoint {mp} is not a directory")
-    if os.path.ismount(mp):
+    if is_mounted(mp):
         raise BusyError(f"mountpoint {mp} is busy: something is already mounted there")
     return mp
 
@@ -108,11 +111,17 @@ async def _serve(fs: Filesystem, mp: Path, backing: Path, allow_other: bool,
             nursery.cancel_scope.cancel()
     finally:
         fs.data.nursery = None
-        await fs.close()
-        pyfuse3.close(unmount=terminated)
-        with contextlib.suppress(OSError):
-            record.unlink()
-        log.info("unmounted %s; all data committed", mp)
+        try:
+            await fs.close()
+            log.info("unmounted %s; all data committed", mp)
+        except SealfsError as e:
+            log.error("unmounted %s, but the final commit FAILED (%s): changes made since the "
+                      "last successful commit or fsync are lost", mp, e)
+            raise
+        finally:
+            pyfuse3.close(unmount=terminated)
+            with contextlib.suppress(OSError):
+                record.unlink()
 
 
 def tune_readahead(mp: Path, kib: int = 1024) -> None:
@@ -129,29 +138,38 @@ def tune_readahead(mp: Path, kib: int = 1024) -> None:
 
 
 def unmount(mountpoint: Path, timeout: float = 120.0) -> None:
-    """Unmount and wait for the daemon to finish its final commit."""
-    import subprocess
-    import time
-
+    """Unmount and wait for the daemon to finish its final commit (it releases the volume
+    lock when it exits)."""
     mp = Path(mountpoint).absolute()
-    if not os.path.ismount(mp):
+    if not is_mounted(mp):
         raise UsageError(f"{mp} is not mounted")
-    pid = None
+    backing = None
     with contextlib.suppress(OSError, ValueError, KeyError):
-        pid = json.loads(runtime_file(mp).read_text())["pid"]
+        backing = Path(json.loads(runtime_file(mp).read_text())["backing"])
     res = subprocess.run(["fusermount3", "-u", str(mp)], capture_output=True, text=True)
     if res.returncode != 0:
         msg = res.stderr.strip().splitlines()[-1] if res.stderr.strip() else "failed"
         if "busy" in msg.lower():
             raise BusyError(f"cannot unmount {mp}: it is in use by some process")
         raise UsageError(f"cannot unmount {mp}: {msg}")
+    if backing is None:
+        return
+    store = ObjectStore(backing)
     deadline = time.monotonic() + timeout
-    while pid is not None and time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except OSError as e:
-            if e.errno == errno.ESRCH:
-                return
-        time.sleep(0.05)
-    if pid is not None:
-        raise BusyError(f"the sealfs daemon (pid {pid}) did not finish within {timeout:.0f}s")
+    while store.is_locked():
+        if time.monotonic() > deadline:
+            raise BusyError(f"the sealfs daemon for {mp} did not finish within {timeout:.0f}s")
+        time.sleep(0.02)
+
+
+def is_mounted(mp: Path) -> bool:
+    """From /proc/self/mountinfo: os.path.ismount() says False when the mount root cannot be
+    stat'ed (a dead daemon: ENOTCONN; a damaged root: EIO)."""
+    target = str(Path(mp).absolute())
+    with open("/proc/self/mountinfo") as f:
+        return any(_unescape(line.split()[4]) == target for line in f)
+
+
+def _unescape(field: str) -> str:
+    """mountinfo writes space, tab, newline and backslash as octal escapes."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)

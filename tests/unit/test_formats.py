@@ -13,6 +13,7 @@ from sealfs.codec import (
     Commit,
     block_ad,
     frame,
+    frames_after,
     open_block,
     seal_block,
     split_frames,
@@ -85,10 +86,16 @@ def test_commit_and_checkpoint_roundtrip() -> None:
 
 def test_split_frames_stops_at_torn_tail() -> None:
     data = frame(b"a" * 40) + frame(b"b" * 40)
-    frames, complete = split_frames(data + frame(b"c" * 40)[:20])
+    frames, complete, bad = split_frames(data + frame(b"c" * 40)[:20])
     assert [f for _, f in frames] == [b"a" * 40, b"b" * 40] and complete == len(data)
-    frames, complete = split_frames(data + bytes(64))  # zeros: a crash artefact
-    assert len(frames) == 2 and complete == len(data)
+    assert not bad
+    frames, complete, bad = split_frames(data + bytes(64))  # zeros: a crash artefact
+    assert len(frames) == 2 and complete == len(data) and not bad
+    damaged = bytearray(data)
+    damaged[2] ^= 0x01  # a corrupted length is flagged, and the frame behind it is found
+    frames, complete, bad = split_frames(bytes(damaged))
+    assert frames == [] and complete == 0 and bad
+    assert [f for _, f in frames_after(bytes(damaged), 0)] == [b"b" * 40]
 
 
 @pytest.mark.parametrize("compress", [False, True])

@@ -1,0 +1,197 @@
+"""Test helper: map plaintext paths of a volume to the backing files that hold them.
+
+Opens a volume offline (read-only, no lock, no journal repair) with the library itself and
+walks the whole tree once, so attack tests can say "flip a bit in block 1 of /dir/file" and get
+the exact object file to tamper with. Safe to use on an idle mounted volume as well, since it
+only reads the checkpoint, the journal and the records (it does not see uncommitted changes).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from sealfs.codec import FRAME_HEADER, split_frames
+from sealfs.fs.core import Filesystem
+from sealfs.fs.inode import ROOT_INO
+from sealfs.store import CHECKPOINT_NAME, HEADER_NAME, ObjectStore, journal_name
+from sealfs.volume.header import read_key_file
+from sealfs.volume.lifecycle import unlock_volume
+from tests.conftest import Volume
+
+
+@dataclass
+class Entry:
+    """One inode reachable under ``path``: its record object and, for files, its blocks."""
+
+    path: str
+    ino: int
+    kind: str  # "file", "dir", "symlink", "other"
+    record: Path  # backing file of the sealed inode record
+    record_oid: int
+    blocks: dict[int, Path] = field(default_factory=dict)  # block index -> backing file
+    block_oids: dict[int, int] = field(default_factory=dict)
+
+    def block(self, idx: int = 0) -> Path:
+        return self.blocks[idx]
+
+
+@dataclass
+class Layout:
+    """A snapshot of where everything of one volume lives in its backing directory."""
+
+    backing: Path
+    entries: dict[str, Entry]
+    gen: int  # journal generation the checkpoint names
+    seq: int  # last commit sequence number replayed
+    journal_frames: list[tuple[int, int]]  # (offset, total frame length) of each record
+
+    def __getitem__(self, path: str) -> Entry:
+        return self.entries[path]
+
+    @property
+    def header(self) -> Path:
+        return self.backing / HEADER_NAME
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.backing / CHECKPOINT_NAME
+
+    @property
+    def journal(self) -> Path:
+        return self.backing / journal_name(self.gen)
+
+    def all_objects(self) -> list[Path]:
+        return sorted(p for p in (self.backing / "objects").rglob("*") if p.is_file())
+
+
+def _kind(node) -> str:  # type: ignore[no-untyped-def]
+    if node.is_dir:
+        return "dir"
+    if node.is_file:
+        return "file"
+    if node.is_symlink:
+        return "symlink"
+    return "other"
+
+
+def layout(backing: Path, key: Path) -> Layout:
+    """Walk the committed state of the volume in ``backing`` (unlocked with key file ``key``)."""
+    store, header, master = unlock_volume(Path(backing), read_key_file(key))
+    fs = Filesystem(store, header, master)
+
+    def entry(path: str, node) -> Entry:  # type: ignore[no-untyped-def]
+        oid = fs.table[node.ino]
+        return Entry(path, node.ino, _kind(node), store.object_path(oid), oid,
+                     {i: store.object_path(o) for i, o in node.blocks.items()},
+                     dict(node.blocks))
+
+    async def walk() -> tuple[dict[str, Entry], int, int]:
+        state = await fs.load(writable=False)
+        out: dict[str, Entry] = {}
+        root = await fs.node(ROOT_INO)
+        out["/"] = entry("/", root)
+        todo = [("", ROOT_INO)]
+        while todo:
+            base, ino = todo.pop()
+            node = await fs.node(ino)
+            assert node.entries is not None
+            for name in list(node.entries.names):
+                child = await fs.lookup(ino, name)
+                path = f"{base}/{name.decode('utf-8', 'surrogateescape')}"
+                out[path] = entry(path, child)
+                if child.is_dir:
+                    todo.append((path, child.ino))
+        return out, state.gen, state.seq
+
+    entries, gen, seq = trio.run(walk)
+    frames = _frames((Path(backing) / journal_name(gen)).read_bytes())
+    return Layout(Path(backing), entries, gen, seq, frames)
+
+
+def _frames(data: bytes) -> list[tuple[int, int]]:
+    """(offset, total length) of each complete journal frame, header included."""
+    frames, _, _ = split_frames(data)
+    return [(off, FRAME_HEADER + len(sealed)) for off, sealed in frames]
+
+
+# --- tampering primitives ----------------------------------------------------------------------
+
+def flip_bit(path: Path, offset: int | None = None, bit: int = 0) -> None:
+    """Flip one bit of ``path`` (default: a byte in the middle), keeping its size and mtime
+    behaviour of an ordinary write."""
+    data = bytearray(path.read_bytes())
+    assert data, f"{path} is empty"
+    pos = len(data) // 2 if offset is None else offset
+    data[pos] ^= 1 << bit
+    path.write_bytes(bytes(data))
+
+
+def swap_files(a: Path, b: Path) -> None:
+    """Exchange the contents of two backing files (names stay where they are)."""
+    da, db = a.read_bytes(), b.read_bytes()
+    a.write_bytes(db)
+    b.write_bytes(da)
+
+
+def truncate(path: Path, length: int) -> None:
+    os.truncate(path, length)
+
+
+def extend(path: Path, extra: bytes = b"\0" * 16) -> None:
+    with open(path, "ab") as f:
+        f.write(extra)
+
+
+def copy_tree(src: Path, dst: Path) -> None:
+    """A byte-exact copy of a backing directory (what a host snapshot would hold)."""
+    shutil.copytree(src, dst, symlinks=True, ignore=shutil.ignore_patterns("lock"))
+
+
+def object_store(backing: Path) -> ObjectStore:
+    return ObjectStore(Path(backing))
+
+
+# --- mounts ----------------------------------------------------------------------------------
+
+def is_mounted(mnt: Path) -> bool:
+    """From /proc/self/mountinfo. os.path.ismount() says False when stat of the mount root
+    fails (EIO from a volume whose root record is damaged, ENOTCONN after the daemon was
+    killed), which would leave such mounts behind."""
+    target = str(Path(mnt).absolute())
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == target for line in f)
+
+
+def process_gone(pid: int) -> bool:
+    """True once ``pid`` has exited (a zombie counts)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def unmount(vol: Volume, timeout: float = 60.0) -> None:
+    """Unmount and wait until the daemon has finished its final commit and exited.
+
+    Like ``sealfs umount``, but a zombie counts as exited: here the daemon's parent is
+    PID 1, which reaps only every second or two, and ``sealfs umount`` waits for that.
+    """
+    pid = vol.daemon_pid()
+    subprocess.run(["fusermount3", "-u", str(vol.mnt)], check=True, capture_output=True)
+    deadline = time.monotonic() + timeout
+    while not process_gone(pid):
+        assert time.monotonic() < deadline, f"daemon {pid} did not exit"
+        time.sleep(0.02)
+
+
+def force_unmount(vol: Volume) -> None:
+    if is_mounted(vol.mnt):
+        subprocess.run(["fusermount3", "-u", "-z", str(vol.mnt)], capture_output=True)
