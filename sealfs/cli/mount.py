@@ -159,7 +159,13 @@ def _daemonize(backing_dir: str, mountpoint: str, cred: Credential, log_file: st
 @click.option("--timeout", default=120.0, show_default=True,
               help="Seconds to wait for the daemon's final commit.")
 def umount(mountpoint: str, timeout: float) -> None:
-    """Unmount MOUNTPOINT and wait until the daemon has committed everything and exited."""
+    """Unmount MOUNTPOINT and wait until the daemon has committed everything and exited.
+
+    The kernel first writes back its cached pages, then the daemon writes its remaining
+    dirty blocks, commits the metadata, advances the KMS freshness anchor (when mounted with
+    --kms) and releases the volume. Fails with exit code 6 while a process still uses the
+    mount (see fuser -m MOUNTPOINT). After a daemon crash use `fusermount3 -u -z MOUNTPOINT`.
+    """
     if not Path(mountpoint).exists():
         raise UsageError(f"{mountpoint} does not exist")
     unmount(Path(mountpoint), timeout)

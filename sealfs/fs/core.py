@@ -14,6 +14,7 @@ Errors: POSIX failures raise :class:`FsError` (an errno); authentication failure
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -62,6 +63,12 @@ class Limits:
     checkpoint_min_journal: int = 4 << 20
 
 
+def _clamp_time(ns: int) -> int:
+    """Times are stored as signed 64-bit nanoseconds (years 1677-2262); like ext4 with its own
+    range, clamp what lies outside instead of failing later at commit."""
+    return max(-(1 << 63), min(ns, (1 << 63) - 1))
+
+
 def _now() -> int:
     return time.time_ns()
 
@@ -92,7 +99,7 @@ class Filesystem:
         self.data = DataPath(store, self.keys, self.block_size, self.compress,
                              dirty_limit=self.limits.dirty_blocks,
                              clean_bytes=self.limits.clean_cache_bytes,
-                             inflight_batches=self.limits.inflight_batches, io=self._io, mark=self._mark,
+                             inflight_batches=self.limits.inflight_batches, io=self._io, mark=self.mark,
                              path_of=self.path_of, on_damage=lambda d: self.on_damage(d))
 
     # --- life cycle ----------------------------------------------------------------------
@@ -196,9 +203,45 @@ class Filesystem:
             node.name_hint = hint
         return node
 
-    def _mark(self, node: Inode) -> None:
+    async def preload(self, inos: list[int]) -> None:
+        """Load the records of many inodes (a directory listing's children) with one
+        worker-thread hop per half, instead of one per inode. Failures are left for
+        :meth:`node` to report."""
+        wanted = [(ino, self.table[ino]) for ino in inos
+                  if ino not in self.nodes and ino in self.table]
+        if not wanted:
+            return
+        sealers = {ino: self.keys.inode(ino) for ino, _ in wanted}
+
+        def load(batch: list[tuple[int, int]]) -> list[Inode]:
+            out = []
+            for ino, oid in batch:
+                with contextlib.suppress(AuthError, RecordError, MissingObject):
+                    out.append(Inode.from_record(ino, sealers[ino].open(
+                        self.store.get(oid), inode_ad(self.vid, ino, oid))))
+            return out
+
+        async def run(batch: list[tuple[int, int]]) -> None:
+            for node in await self._io(load, batch):
+                if node.ino not in self.nodes and self.table.get(node.ino) is not None:
+                    self.nodes[node.ino] = node
+
+        half = (len(wanted) + 1) // 2
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run, wanted[:half])
+            if wanted[half:]:
+                nursery.start_soon(run, wanted[half:])
+
+    def mark(self, node: Inode) -> None:
+        """Include ``node`` in the next commit."""
         node.meta_dirty = True
         self._dirty_nodes.add(node.ino)
+
+    def drop_inode(self, ino: int) -> None:
+        """Remove ``ino`` from the table at the next commit without reading its record (for
+        repair of an unreadable record; its blocks become orphans)."""
+        self.nodes.pop(ino, None)
+        self._dirty_nodes.add(ino)
 
     def _new_node(self, mode: int, uid: int, gid: int, parent: Inode, name: bytes,
                   rdev: int = 0) -> Inode:
@@ -213,7 +256,7 @@ class Filesystem:
                      rdev, parent.ino if stat.S_ISDIR(mode) else 0)
         node.name_hint = (parent.ino, name)
         self.nodes[ino] = node
-        self._mark(node)
+        self.mark(node)
         return node
 
     async def _dir(self, ino: int) -> Inode:
@@ -232,6 +275,8 @@ class Filesystem:
     # --- lookups and the kernel's reference counts ----------------------------------------
 
     async def lookup(self, parent: int, name: bytes) -> Inode:
+        if len(name) > NAME_MAX:
+            raise FsError(errno.ENAMETOOLONG)
         pnode = await self._dir(parent)
         if name == b".":
             return pnode
@@ -269,7 +314,7 @@ class Filesystem:
         self.data.drop(node)
         node.blocks.clear()
         self.nodes.pop(node.ino, None)
-        self._mark(node)  # so the commit drops it from the table
+        self.mark(node)  # so the commit drops it from the table
 
     # --- attributes ----------------------------------------------------------------------
 
@@ -289,11 +334,11 @@ class Filesystem:
         if gid is not None:
             node.gid = gid
         if atime_ns is not None:
-            node.atime_ns = atime_ns
+            node.atime_ns = _clamp_time(atime_ns)
         if mtime_ns is not None:
-            node.mtime_ns = mtime_ns
-        node.ctime_ns = ctime_ns if ctime_ns is not None else _now()
-        self._mark(node)
+            node.mtime_ns = _clamp_time(mtime_ns)
+        node.ctime_ns = _clamp_time(ctime_ns) if ctime_ns is not None else _now()
+        self.mark(node)
         return node
 
     # --- namespace -----------------------------------------------------------------------
@@ -315,7 +360,7 @@ class Filesystem:
         if node.is_dir:
             pnode.nlink += 1
         pnode.mtime_ns = pnode.ctime_ns = node.ctime_ns
-        self._mark(pnode)
+        self.mark(pnode)
         return node
 
     async def link(self, ino: int, new_parent: int, new_name: bytes) -> Inode:
@@ -332,8 +377,8 @@ class Filesystem:
         pnode.entries.add(new_name, ino)
         node.nlink += 1
         node.ctime_ns = pnode.mtime_ns = pnode.ctime_ns = _now()
-        self._mark(node)
-        self._mark(pnode)
+        self.mark(node)
+        self.mark(pnode)
         return node
 
     async def unlink(self, parent: int, name: bytes, want_dir: bool) -> None:
@@ -361,8 +406,8 @@ class Filesystem:
         else:
             node.nlink -= 1
         node.ctime_ns = pnode.mtime_ns = pnode.ctime_ns = now
-        self._mark(node)
-        self._mark(pnode)
+        self.mark(node)
+        self.mark(pnode)
         self._maybe_release(node)
 
     async def rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes,
@@ -417,9 +462,9 @@ class Filesystem:
             dst.nlink += 1
         node.name_hint = (dst.ino, name)
         node.ctime_ns = src.mtime_ns = src.ctime_ns = dst.mtime_ns = dst.ctime_ns = now
-        self._mark(node)
-        self._mark(src)
-        self._mark(dst)
+        self.mark(node)
+        self.mark(src)
+        self.mark(dst)
 
     async def _check_not_ancestor(self, node: Inode, dst: Inode) -> None:
         """Refuse to move a directory into its own subtree."""
@@ -450,7 +495,7 @@ class Filesystem:
             raise FsError(errno.ENOSPC)
         node.xattrs[name] = bytes(value)
         node.ctime_ns = _now()
-        self._mark(node)
+        self.mark(node)
 
     async def getxattr(self, ino: int, name: bytes) -> bytes:
         node = await self.node(ino)
@@ -464,7 +509,7 @@ class Filesystem:
         if node.xattrs.pop(name, None) is None:
             raise FsError(errno.ENODATA)
         node.ctime_ns = _now()
-        self._mark(node)
+        self.mark(node)
 
     # --- file data -----------------------------------------------------------------------
 
@@ -511,15 +556,17 @@ class Filesystem:
                 return
             updates: dict[int, tuple[int, bytes]] = {}
             deletes: list[int] = []
-            dirty, self._dirty_nodes = self._dirty_nodes, set()
-            for ino in dirty:
+            # Serialise first: if a record cannot be encoded, nothing has been taken yet.
+            for ino in self._dirty_nodes:
                 node = self.nodes.get(ino)
                 if node is None or node.nlink == 0:
                     if ino in self.table:
                         deletes.append(ino)
                     continue
-                node.meta_dirty = False
                 updates[ino] = (new_object_id(), node.to_record())
+            dirty, self._dirty_nodes = self._dirty_nodes, set()
+            for ino in updates:
+                self.nodes[ino].meta_dirty = False
             garbage = self.data.superseded + self._doomed
             self.data.superseded, self._doomed = [], []
             commit = Commit(self.metalog.seq + 1, self.next_ino,
@@ -582,6 +629,8 @@ class Filesystem:
                     await self.sync()
                 except StorageError as e:
                     log.error("periodic commit failed, will retry: %s", e)
+                except Exception:
+                    log.exception("periodic commit failed, will retry")
             if trio.current_time() - last_anchor >= self.limits.anchor_interval:
                 last_anchor = trio.current_time()
                 await self._advance_anchor()

@@ -332,7 +332,10 @@ class DataPath:
         """Write back all of ``node``'s dirty blocks; with ``wait``, until they are stored
         and then report any background write error (as fsync must)."""
         while True:
-            await self._start_flush(node, list(node.dirty_blocks))
+            # Under the node's lock: a writer between loading a block and copying into it
+            # must not see that block vanish from dirty_blocks.
+            async with self.lock(node):
+                await self._start_flush(node, list(node.dirty_blocks))
             if not wait:
                 return
             await self._wait_flushing(node)

@@ -72,7 +72,8 @@ def serve(backing: Path, mountpoint: Path, cred: Credential, *, allow_other: boo
 async def _serve(fs: Filesystem, mp: Path, backing: Path, allow_other: bool,
                  allow_rollback: bool, ready: Callable[[], None]) -> None:
     await fs.load(allow_rollback=allow_rollback)
-    options = set(pyfuse3.default_options) | {"fsname=sealfs", "subtype=sealfs"}
+    source = str(Path(backing).absolute()).replace("\\", "\\\\").replace(",", "\\,")
+    options = set(pyfuse3.default_options) | {f"fsname=sealfs:{source}", "subtype=sealfs"}
     if allow_other:
         options.add("allow_other")
     try:

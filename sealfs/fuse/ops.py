@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import itertools
 import logging
 import os
 from collections.abc import Awaitable, Callable, Sequence
@@ -29,6 +30,7 @@ R = TypeVar("R")
 ENTRY_TIMEOUT = 60.0  # we are the only writer, so the kernel may cache names and attributes
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
+READDIR_BATCH = 64  # children whose records are loaded together
 
 
 def _guard(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
@@ -246,20 +248,26 @@ class SealfsOperations(pyfuse3.Operations):
     @_guard
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         directory = await self.fs.node(fh)
-        for cookie, name, ino in list(self.fs.entries_after(directory, start_id)):
-            try:
-                child = await self.fs.node(ino, (fh, name))
-                attrs = self._attrs(child)
-            except (IntegrityError, FsError):
-                # A damaged entry stays visible; stat/open on it fail with EIO.
-                child = None
-                attrs = pyfuse3.EntryAttributes()
-                attrs.st_ino = ino
-                attrs.entry_timeout = attrs.attr_timeout = 0
-            if not pyfuse3.readdir_reply(token, name, attrs, cookie):
-                break
-            if child is not None:
-                self.fs.remember(child)
+        entries = self.fs.entries_after(directory, start_id)  # lazy: a reply holds a few
+        while True:  # dozen entries, the directory may hold millions
+            batch = list(itertools.islice(entries, READDIR_BATCH))
+            if not batch:
+                return
+            await self.fs.preload([ino for _, _, ino in batch])
+            for cookie, name, ino in batch:
+                try:
+                    child = await self.fs.node(ino, (fh, name))
+                    attrs = self._attrs(child)
+                except (IntegrityError, FsError):
+                    # A damaged entry stays visible; stat/open on it fail with EIO.
+                    child = None
+                    attrs = pyfuse3.EntryAttributes()
+                    attrs.st_ino = ino
+                    attrs.entry_timeout = attrs.attr_timeout = 0
+                if not pyfuse3.readdir_reply(token, name, attrs, cookie):
+                    return
+                if child is not None:
+                    self.fs.remember(child)
 
     @_guard
     async def releasedir(self, fh: int) -> None:

@@ -1,0 +1,119 @@
+"""The volume commands as a user meets them: clear one-line errors and exit codes, never a
+traceback, and every unlock path (key file, recovery passphrase) on real volumes."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Volume, new_volume, sealfs
+
+
+def no_traceback(res) -> None:  # type: ignore[no-untyped-def]
+    assert "Traceback" not in res.stderr and "Traceback" not in res.stdout
+    assert len(res.stderr.strip().splitlines()) <= 1, res.stderr
+
+
+def test_info_shows_public_header_and_no_secrets(tmp_path: Path) -> None:
+    vol = new_volume(tmp_path, "--compression", "lz4", "--block-size", "64K")
+    info = json.loads(sealfs("info", str(vol.backing), "--json").stdout)
+    assert info["ok"] and info["compression"] == "lz4" and info["block_size"] == 65536
+    assert info["format_version"] == 1 and [s["type"] for s in info["slots"]] == ["keyfile"]
+    assert "wrapped" not in json.dumps(info) and "salt" not in json.dumps(info)
+
+
+def test_passphrase_slot_unlocks_mount(tmp_path: Path) -> None:
+    pw = tmp_path / "pw"
+    pw.write_text("correct horse battery staple\n")
+    pw.chmod(0o600)
+    vol = Volume(tmp_path / "b", tmp_path / "unused", tmp_path / "m", tmp_path / "log")
+    vol.mnt.mkdir()
+    sealfs("create", str(vol.backing), "--passphrase-file", str(pw), "--kdf-memory", "8M",
+           "--kdf-iterations", "1")
+    sealfs("mount", str(vol.backing), str(vol.mnt), "--passphrase-file", str(pw))
+    try:
+        (vol.mnt / "f").write_text("via passphrase")
+    finally:
+        sealfs("umount", str(vol.mnt))
+    # the passphrase can also come on standard input (not a terminal)
+    sealfs("mount", str(vol.backing), str(vol.mnt), "--passphrase",
+           input=b"correct horse battery staple\n")
+    try:
+        assert (vol.mnt / "f").read_text() == "via passphrase"
+    finally:
+        sealfs("umount", str(vol.mnt))
+    res = sealfs("mount", str(vol.backing), str(vol.mnt), "--passphrase",
+                 input=b"wrong horse battery staple\n", check=False)
+    assert res.returncode == 3 and "wrong passphrase" in res.stderr
+    no_traceback(res)
+
+
+@pytest.mark.parametrize("case", ["wrong-key", "group-readable", "short-key", "missing-key",
+                                  "no-volume", "missing-mountpoint", "corrupt-header",
+                                  "newer-version", "no-credential", "not-empty"])
+def test_user_mistakes_get_one_line_and_exit_code(volume: Volume, tmp_path: Path,
+                                                  case: str) -> None:
+    key, backing, mnt = str(volume.key), str(volume.backing), str(volume.mnt)
+    bad = tmp_path / "bad.key"
+    args: list[str]
+    if case == "wrong-key":
+        bad.write_bytes(os.urandom(64))
+        bad.chmod(0o600)
+        args, code, words = ["mount", backing, mnt, "--key-file", str(bad)], 3, "wrong key"
+    elif case == "group-readable":
+        bad.write_bytes(os.urandom(64))
+        bad.chmod(0o640)
+        args, code, words = ["mount", backing, mnt, "--key-file", str(bad)], 2, "chmod 600"
+    elif case == "short-key":
+        bad.write_bytes(b"short")
+        bad.chmod(0o600)
+        args, code, words = ["mount", backing, mnt, "--key-file", str(bad)], 2, "at least 32"
+    elif case == "missing-key":
+        args, code, words = ["mount", backing, mnt, "--key-file", str(bad)], 2, "does not exist"
+    elif case == "no-volume":
+        args, code, words = ["mount", str(tmp_path), mnt, "--key-file", key], 4, "not a sealfs"
+    elif case == "missing-mountpoint":
+        args, code, words = ["mount", backing, str(tmp_path / "nope"), "--key-file", key], 2, \
+            "does not exist"
+    elif case == "corrupt-header":
+        (volume.backing / "sealfs.header").write_text("{not json")
+        args, code, words = ["mount", backing, mnt, "--key-file", key], 4, "not valid JSON"
+    elif case == "newer-version":
+        h = json.loads((volume.backing / "sealfs.header").read_text())
+        h["format_version"] = 99
+        (volume.backing / "sealfs.header").write_text(json.dumps(h))
+        args, code, words = ["info", backing], 4, "newer than this sealfs supports"
+    elif case == "no-credential":
+        args, code, words = ["mount", backing, mnt], 2, "exactly one of"
+    else:
+        args, code, words = ["create", str(volume.backing / "objects"), "--key-file", key], 2, \
+            "not empty"
+    res = sealfs(*args, check=False)
+    assert res.returncode == code, (res.returncode, res.stderr)
+    assert words in res.stderr, res.stderr
+    no_traceback(res)
+
+
+def test_json_errors_are_machine_readable(tmp_path: Path) -> None:
+    res = sealfs("info", str(tmp_path), "--json", check=False)
+    assert res.returncode == 4
+    doc = json.loads(res.stdout)
+    assert doc == {"ok": False, "error": "format", "message": doc["message"]}
+
+
+def test_create_refuses_existing_volume_and_key_overwrite(volume: Volume) -> None:
+    res = sealfs("create", str(volume.backing), "--key-file", str(volume.key), check=False)
+    assert res.returncode == 2 and "already holds a sealfs volume" in res.stderr
+    res = sealfs("create", str(volume.backing.parent / "new"), "--new-key-file",
+                 str(volume.key), check=False)
+    assert res.returncode == 2 and "refusing to overwrite" in res.stderr
+
+
+def test_help_is_complete() -> None:
+    for cmd in ("create", "mount", "umount", "info"):
+        text = sealfs(cmd, "--help").stdout
+        assert "Usage:" in text and len(text) > 300
+    assert "Exit codes" in sealfs("--help").stdout
