@@ -1,0 +1,272 @@
+"""The only module that runs ``cryptsetup``.
+
+Rules it enforces: passphrases go in on stdin (``--key-file=-``) or through an anonymous pipe
+named ``/proc/self/fd/N``, never in argv, the environment or a file; the child gets a minimal
+environment; every header cryptsetup reads is the validated in-memory copy, passed with
+``--header``; failures become one-line :class:`~sealfs.errors.SealfsError`\\ s built from
+cryptsetup's own last message (which never contains key material).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sealfs.crypto import Secret
+from sealfs.errors import BusyError, LuksError, UnlockError, UsageError
+
+from . import profile as P
+from .snapshot import HeaderSnapshot
+
+_SBIN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+DM_CONTROL = "/dev/mapper/control"
+
+NO_DEVICE_MAPPER = (
+    "device-mapper is not available in this kernel (no device-mapper in /proc/misc): a LUKS "
+    "mapping needs a kernel with dm-crypt (modules dm-mod, dm-crypt, and dm-integrity for "
+    "--integrity)"
+)
+
+
+@dataclass(frozen=True)
+class KdfCost:
+    """argon2id cost for a key slot; ``None`` means let cryptsetup benchmark (iter-time)."""
+
+    iterations: int | None = None
+    memory_kib: int | None = None
+    threads: int | None = None
+    iter_time_ms: int = 2000
+
+    def args(self) -> list[str]:
+        out = ["--pbkdf", "argon2id"]
+        if self.iterations is None:
+            out += ["--iter-time", str(self.iter_time_ms)]
+        else:
+            out += ["--pbkdf-force-iterations", str(self.iterations)]
+        if self.memory_kib is not None:
+            out += ["--pbkdf-memory", str(self.memory_kib)]
+        if self.threads is not None:
+            out += ["--pbkdf-parallel", str(self.threads)]
+        return out
+
+
+KMS_SLOT_COST = KdfCost(
+    iterations=P.KMS_SLOT_ARGON2_TIME,
+    memory_kib=P.KMS_SLOT_ARGON2_MEMORY_KIB,
+    threads=P.KMS_SLOT_ARGON2_THREADS,
+)
+RECOVERY_SLOT_COST = KdfCost()
+
+
+def binary() -> str:
+    found = shutil.which("cryptsetup", path=_SBIN_PATH)
+    if not found:
+        raise LuksError("cryptsetup not found (install the cryptsetup-bin package)")
+    return found
+
+
+def device_mapper_available() -> bool:
+    """True if the running kernel has device-mapper (a /dev/mapper/control node alone is not
+    enough: container runtimes create it even when the kernel has no driver behind it)."""
+    try:
+        with open("/proc/misc", encoding="ascii", errors="replace") as f:
+            registered = any(line.split()[1:] == ["device-mapper"] for line in f)
+    except OSError:
+        registered = False
+    return registered and os.path.exists(DM_CONTROL)
+
+
+def require_device_mapper() -> None:
+    if not device_mapper_available():
+        raise LuksError(NO_DEVICE_MAPPER)
+
+
+def run(
+    args: Sequence[str],
+    *,
+    secret: Secret | None = None,
+    pass_fds: Sequence[int] = (),
+    what: str = "cryptsetup",
+) -> subprocess.CompletedProcess[bytes]:
+    """Run cryptsetup with ``secret`` (if any) on stdin; raise a one-line error on failure."""
+    argv = [binary(), *args]
+    env = {"PATH": _SBIN_PATH, "LC_ALL": "C"}
+    stdin = secret.reveal() if secret is not None else b""
+    try:
+        proc = subprocess.run(
+            argv,
+            input=stdin,
+            capture_output=True,
+            env=env,
+            pass_fds=tuple(pass_fds),
+            check=False,
+        )
+    except OSError as e:
+        raise LuksError(f"{what}: cannot run cryptsetup: {e.strerror}") from None
+    finally:
+        del stdin
+    if proc.returncode != 0:
+        raise _error(proc, what)
+    return proc
+
+
+def _error(proc: subprocess.CompletedProcess[bytes], what: str) -> LuksError:
+    lines = [ln.strip() for ln in proc.stderr.decode("utf-8", "replace").splitlines()]
+    lines = [ln for ln in lines if ln]
+    detail = lines[-1] if lines else f"exit status {proc.returncode}"
+    if "device-mapper" in detail.lower() or "dm_mod" in detail:
+        return LuksError(f"{what}: {NO_DEVICE_MAPPER}")
+    if proc.returncode == 2:
+        return UnlockError(f"{what}: no key slot opened with the key given ({detail})")
+    if proc.returncode == 5:
+        return BusyError(f"{what}: {detail}")
+    return LuksError(f"{what}: {detail}")
+
+
+def format_header(
+    snap: HeaderSnapshot,
+    device: str,
+    key: Secret,
+    profile: P.LuksProfile,
+) -> None:
+    """luksFormat into the in-memory header ``snap``, for ``device`` as data device.
+
+    The device itself is only touched with --integrity (cryptsetup formats and wipes the
+    dm-integrity area); the header reaches the disk later, via the crash-safe commit.
+    """
+    args = [
+        "luksFormat",
+        "--type", "luks2",
+        "--batch-mode",
+        "--cipher", P.CIPHER,
+        "--key-size", str(P.CIPHER_KEY_BYTES * 8),
+        "--sector-size", str(P.SECTOR_SIZE),
+        "--offset", str(P.DATA_OFFSET // 512),
+        "--luks2-metadata-size", str(P.HDR_SIZE),
+        "--luks2-keyslots-size", str(P.KEYSLOTS_SIZE),
+        "--key-slot", str(P.KMS_KEYSLOT),
+        "--key-file=-",
+        *KMS_SLOT_COST.args(),
+        "--header", snap.child_path,
+    ]  # fmt: skip
+    if profile.integrity:
+        require_device_mapper()
+        args += ["--integrity", profile.integrity]
+    run([*args, device], secret=key, pass_fds=[snap.fd], what="luksFormat")
+
+
+def add_recovery_slot(
+    snap: HeaderSnapshot,
+    device: str,
+    key: Secret,
+    recovery: Secret,
+    cost: KdfCost = RECOVERY_SLOT_COST,
+) -> None:
+    """Add the recovery passphrase as key slot 1 of the in-memory header.
+
+    The existing key goes in on stdin; the new one through a pipe that cryptsetup opens as
+    ``/proc/self/fd/N``, so neither is ever on disk or in argv.
+    """
+    rfd, wfd = os.pipe()
+    try:
+        data = recovery.reveal()
+        if len(data) > 60000:  # stays far below the pipe buffer, so the write cannot block
+            raise UsageError("recovery passphrase too long")
+        os.write(wfd, data)
+        del data
+        os.close(wfd)
+        wfd = -1
+        args = [
+            "luksAddKey",
+            "--batch-mode",
+            "--key-file=-",
+            "--key-slot", str(P.RECOVERY_KEYSLOT),
+            *cost.args(),
+            "--header", snap.child_path,
+            device,
+            f"/proc/self/fd/{rfd}",
+        ]  # fmt: skip
+        run(args, secret=key, pass_fds=[snap.fd, rfd], what="luksAddKey")
+    finally:
+        os.close(rfd)
+        if wfd >= 0:
+            os.close(wfd)
+
+
+def check_key(snap: HeaderSnapshot, device: str, key: Secret, keyslot: int) -> None:
+    """Check that ``key`` opens ``keyslot`` of the validated header (needs no device-mapper)."""
+    args = [
+        "open", "--test-passphrase", "--type", "luks2", "--disable-external-tokens",
+        "--key-file=-", "--key-slot", str(keyslot), "--header", snap.child_path, device,
+    ]  # fmt: skip
+    run(args, secret=key, pass_fds=[snap.fd], what="key check")
+
+
+def open_mapping(
+    snap: HeaderSnapshot, device: str, name: str, key: Secret, keyslot: int
+) -> None:
+    """Map ``device`` as /dev/mapper/``name`` using the validated in-memory header."""
+    require_device_mapper()
+    if not snap.sealed:
+        raise LuksError("internal: refusing to open with an unsealed header copy")
+    args = [
+        "open", "--type", "luks2", "--disable-external-tokens",
+        "--key-file=-", "--key-slot", str(keyslot),
+        "--header", snap.child_path, device, name,
+    ]  # fmt: skip
+    run(args, secret=key, pass_fds=[snap.fd], what="open")
+
+
+def close_mapping(name: str) -> None:
+    require_device_mapper()
+    run(["close", name], what="close")
+
+
+def mapping_status(name: str) -> dict[str, str] | None:
+    """The *kernel's* view of an active LUKS mapping, or None if there is none.
+
+    Deliberately not ``cryptsetup status``: for a mapping opened with a detached header, that
+    re-reads the (untrusted, possibly swapped) header on the data device to print the cipher.
+    The device-mapper table is what actually encrypts. Key material is never part of the
+    result (the table names a keyring key, and dmsetup masks inline keys).
+    """
+    if not device_mapper_available():
+        return None
+    dmsetup = shutil.which("dmsetup", path=_SBIN_PATH)
+    if dmsetup is None:
+        raise LuksError("dmsetup not found (it comes with libdevmapper)")
+    env = {"PATH": _SBIN_PATH, "LC_ALL": "C"}
+    info = subprocess.run(
+        [dmsetup, "info", "--noheadings", "-c", "-o", "uuid", name],
+        capture_output=True, env=env, check=False,
+    )
+    if info.returncode != 0 or not info.stdout.decode().strip().startswith("CRYPT-LUKS2-"):
+        return None
+    table = subprocess.run([dmsetup, "table", name], capture_output=True, env=env, check=False)
+    lines = table.stdout.decode("utf-8", "replace").splitlines()
+    if table.returncode != 0 or len(lines) != 1:
+        return None
+    fields = lines[0].split()
+    if len(fields) < 8 or fields[2] != "crypt":
+        return None
+    out = {
+        "type": "LUKS2",
+        "cipher": fields[3],
+        "size_sectors": fields[1],
+        "device": fields[6],
+        "offset_sectors": fields[7],
+        "sector_size": "512",
+        "integrity": "none",
+    }
+    for opt in fields[9:]:
+        key, _, value = opt.partition(":")
+        if key == "sector_size":
+            out["sector_size"] = value
+        elif key == "integrity":
+            out["integrity"] = value
+    if fields[3].startswith("capi:authenc(hmac(sha256),"):
+        out["integrity"] = f"hmac(sha256) {out['integrity']}"
+    return out

@@ -1,0 +1,460 @@
+"""Parse and strictly validate a LUKS2 header region before cryptsetup ever sees it.
+
+LUKS2 metadata is checksummed but not authenticated: anyone who can write the disk can edit
+the JSON and recompute both checksums, and cryptsetup will accept the result. A malicious host
+can thereby set the data cipher to ``cipher_null`` (the CVM then writes plaintext), add a
+plaintext ``linear`` segment, add tokens (which make cryptsetup load plugins), or add
+``requirements`` (which trigger reencryption recovery). So sealfs never asks "is this a LUKS
+header?" but "is this *exactly* a header sealfs would have written, for this profile?".
+
+Everything here works on bytes in memory, so the caller can validate the very copy it then
+passes to cryptsetup (see :mod:`sealfs.luks.snapshot`). On-disk layout (LUKS2 spec): two copies
+of a 4096-byte binary header, each followed by its JSON area, the second copy at ``hdr_size``;
+then the keyslot area; then the data segment. All binary integers are big-endian.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import re
+import struct
+import uuid as uuidlib
+from dataclasses import dataclass
+from typing import Any
+
+from sealfs.errors import LuksError
+
+from . import profile as P
+
+MAGIC_PRIMARY = b"LUKS\xba\xbe"
+MAGIC_SECONDARY = b"SKUL\xba\xbe"
+BINARY_HEADER_SIZE = 4096
+#: Where cryptsetup looks for a secondary header when the primary one is damaged.
+SECONDARY_OFFSETS = tuple(0x4000 << i for i in range(9))  # 16 KiB .. 4 MiB
+
+# Field offsets inside the binary header.
+_OFF_CSUM_ALG = 72
+_OFF_SALT = 104
+_OFF_UUID = 168
+_OFF_SUBSYSTEM = 208
+_OFF_HDR_OFFSET = 256
+_OFF_CSUM = 448
+_CSUM_LEN = 64
+
+_DECIMAL = re.compile(r"0|[1-9][0-9]{0,19}")
+
+# Bounds that only stop a crafted header from making the CVM burn memory or time; they are
+# wide enough for any cost cryptsetup benchmarks on real hardware.
+_ARGON2_TIME = (4, 10_000)
+_ARGON2_MEMORY_KIB = (32, 4 * 1024 * 1024)
+_ARGON2_THREADS = (1, 16)
+_DIGEST_ITERATIONS = (1000, 10_000_000)
+
+
+class HeaderRefused(LuksError):
+    """The header is not one sealfs would have written; it is never handed to cryptsetup."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"LUKS header refused: {reason}")
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class BinaryHeader:
+    """One decoded copy of the 4096-byte LUKS2 binary header."""
+
+    magic: bytes
+    version: int
+    hdr_size: int
+    seqid: int
+    label: bytes
+    checksum_alg: bytes
+    uuid: bytes
+    subsystem: bytes
+    hdr_offset: int
+    checksum: bytes
+    padding_zero: bool
+
+
+@dataclass(frozen=True)
+class HeaderInfo:
+    """What validation established about an accepted header (no secrets in here)."""
+
+    uuid: str
+    seqid: int
+    keyslots: tuple[int, ...]
+    cipher: str
+    sector_size: int
+    integrity: str | None
+    data_offset: int
+    data_size: int
+
+
+def parse_binary_header(area: bytes, offset: int) -> BinaryHeader:
+    """Decode the binary header at ``offset`` of ``area`` (no validation beyond length)."""
+    raw = area[offset : offset + BINARY_HEADER_SIZE]
+    if len(raw) < BINARY_HEADER_SIZE:
+        raise HeaderRefused(f"header at offset {offset} is truncated")
+    version, hdr_size, seqid = struct.unpack_from(">HQQ", raw, 6)
+    (hdr_offset,) = struct.unpack_from(">Q", raw, _OFF_HDR_OFFSET)
+    padding = raw[_OFF_HDR_OFFSET + 8 : _OFF_CSUM] + raw[_OFF_CSUM + _CSUM_LEN :]
+    return BinaryHeader(
+        magic=raw[:6],
+        version=version,
+        hdr_size=hdr_size,
+        seqid=seqid,
+        label=raw[24:_OFF_CSUM_ALG],
+        checksum_alg=raw[_OFF_CSUM_ALG:_OFF_SALT],
+        uuid=raw[_OFF_UUID:_OFF_SUBSYSTEM],
+        subsystem=raw[_OFF_SUBSYSTEM:_OFF_HDR_OFFSET],
+        hdr_offset=hdr_offset,
+        checksum=raw[_OFF_CSUM : _OFF_CSUM + _CSUM_LEN],
+        padding_zero=not any(padding),
+    )
+
+
+def header_checksum(copy: bytes) -> bytes:
+    """SHA-256 over one header copy (binary header + JSON area) with the checksum zeroed."""
+    buf = bytearray(copy)
+    buf[_OFF_CSUM : _OFF_CSUM + _CSUM_LEN] = bytes(_CSUM_LEN)
+    return hashlib.sha256(buf).digest()
+
+
+def has_magic(area: bytes) -> bool:
+    """True if any primary or secondary LUKS magic is present where cryptsetup would look."""
+    if area[:6] == MAGIC_PRIMARY:
+        return True
+    return any(area[off : off + 6] == MAGIC_SECONDARY for off in SECONDARY_OFFSETS)
+
+
+def load_json_area(raw: bytes, where: str) -> dict[str, Any]:
+    """Parse a JSON area: ASCII JSON, then only NUL padding; no duplicate keys, no NaN.
+
+    cryptsetup's parser (json-c) and Python's must not disagree about what the header says,
+    so anything either might read differently (duplicates, trailing bytes after the first NUL,
+    non-ASCII) is refused rather than interpreted.
+    """
+    end = raw.find(b"\0")
+    if end < 0:
+        raise HeaderRefused(f"{where}: JSON area is not NUL-terminated")
+    text, padding = raw[:end], raw[end:]
+    if any(padding):
+        raise HeaderRefused(f"{where}: data after the JSON text in the JSON area")
+    try:
+        decoded = text.decode("ascii")
+        obj = json.loads(decoded, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise HeaderRefused(f"{where}: JSON metadata does not parse ({_short(e)})") from None
+    if not isinstance(obj, dict):
+        raise HeaderRefused(f"{where}: JSON metadata is not an object")
+    return obj
+
+
+def validate_header_area(area: bytes, device_size: int, profile: P.LuksProfile) -> HeaderInfo:
+    """Accept ``area`` (the first DATA_OFFSET bytes of a device) only if sealfs made it.
+
+    Raises :class:`HeaderRefused` naming the first deviation found. ``device_size`` is the
+    size of the data device the header will be opened with; the one data segment must cover
+    it from DATA_OFFSET to the end.
+    """
+    if len(area) < P.DATA_OFFSET:
+        raise HeaderRefused(f"header region is {len(area)} bytes, expected {P.DATA_OFFSET}")
+    primary = _check_binary(area, 0, MAGIC_PRIMARY, "primary header")
+    secondary = _check_binary(area, P.HDR_SIZE, MAGIC_SECONDARY, "secondary header")
+    _check_copies_match(primary, secondary)
+    json_primary = area[BINARY_HEADER_SIZE : P.HDR_SIZE]
+    if area[P.HDR_SIZE + BINARY_HEADER_SIZE : 2 * P.HDR_SIZE] != json_primary:
+        raise HeaderRefused("the two header copies carry different JSON metadata")
+    meta = load_json_area(json_primary, "primary header")
+    keyslots = _check_json(meta, profile)
+    data_size = _check_device(device_size)
+    return HeaderInfo(
+        uuid=primary.uuid.rstrip(b"\0").decode("ascii"),
+        seqid=primary.seqid,
+        keyslots=keyslots,
+        cipher=P.CIPHER,
+        sector_size=P.SECTOR_SIZE,
+        integrity=profile.integrity,
+        data_offset=P.DATA_OFFSET,
+        data_size=data_size,
+    )
+
+
+# -- binary header ---------------------------------------------------------------------------
+
+
+def _check_binary(area: bytes, offset: int, magic: bytes, where: str) -> BinaryHeader:
+    hdr = parse_binary_header(area, offset)
+    if hdr.magic != magic:
+        raise HeaderRefused(f"{where}: bad magic")
+    if hdr.version != 2:
+        raise HeaderRefused(f"{where}: version {hdr.version}, only LUKS2 is accepted")
+    if hdr.hdr_size != P.HDR_SIZE:
+        raise HeaderRefused(f"{where}: header size {hdr.hdr_size}, expected {P.HDR_SIZE}")
+    if hdr.hdr_offset != offset:
+        raise HeaderRefused(f"{where}: claims offset {hdr.hdr_offset}, found at {offset}")
+    if hdr.checksum_alg != b"sha256".ljust(32, b"\0"):
+        raise HeaderRefused(f"{where}: checksum algorithm is not sha256")
+    expected = header_checksum(area[offset : offset + P.HDR_SIZE])
+    if hdr.checksum != expected.ljust(_CSUM_LEN, b"\0"):
+        raise HeaderRefused(f"{where}: checksum mismatch")
+    if any(hdr.label) or any(hdr.subsystem):
+        raise HeaderRefused(f"{where}: label or subsystem set (sealfs sets neither)")
+    if not hdr.padding_zero:
+        raise HeaderRefused(f"{where}: reserved bytes are not zero")
+    _check_uuid(hdr.uuid, where)
+    return hdr
+
+
+def _check_uuid(raw: bytes, where: str) -> None:
+    text = raw.rstrip(b"\0")
+    if any(raw[len(text) :]) or len(text) != 36:
+        raise HeaderRefused(f"{where}: malformed UUID")
+    try:
+        if str(uuidlib.UUID(text.decode("ascii"))) != text.decode("ascii"):
+            raise ValueError
+    except (UnicodeDecodeError, ValueError):
+        raise HeaderRefused(f"{where}: malformed UUID") from None
+
+
+def _check_copies_match(a: BinaryHeader, b: BinaryHeader) -> None:
+    # cryptsetup silently prefers the copy with the higher seqid and "repairs" the other; a
+    # host could use that to have one copy validated and the other one used.
+    if a.seqid != b.seqid:
+        raise HeaderRefused(f"header copies disagree: seqid {a.seqid} vs {b.seqid}")
+    if a.uuid != b.uuid:
+        raise HeaderRefused("header copies disagree: UUID")
+
+
+# -- JSON metadata ---------------------------------------------------------------------------
+
+
+def _check_json(meta: dict[str, Any], profile: P.LuksProfile) -> tuple[int, ...]:
+    _exact_keys(meta, {"keyslots", "tokens", "segments", "digests", "config"}, "metadata")
+    _check_config(_obj(meta, "config", "metadata"))
+    tokens = _obj(meta, "tokens", "metadata")
+    if tokens:
+        raise HeaderRefused(f"tokens present ({len(tokens)}); sealfs uses none")
+    _check_segments(_obj(meta, "segments", "metadata"), profile)
+    keyslots = _check_keyslots(_obj(meta, "keyslots", "metadata"), profile)
+    _check_digests(_obj(meta, "digests", "metadata"), keyslots)
+    return keyslots
+
+
+def _check_config(config: dict[str, Any]) -> None:
+    if "requirements" in config:
+        raise HeaderRefused("config.requirements present (e.g. reencryption); refused")
+    if "flags" in config:
+        raise HeaderRefused("config.flags present; sealfs sets no persistent flags")
+    _exact_keys(config, {"json_size", "keyslots_size"}, "config")
+    if _u64(config, "json_size", "config") != P.JSON_SIZE:
+        raise HeaderRefused(f"config.json_size is not {P.JSON_SIZE}")
+    if _u64(config, "keyslots_size", "config") != P.KEYSLOTS_SIZE:
+        raise HeaderRefused(f"config.keyslots_size is not {P.KEYSLOTS_SIZE}")
+
+
+def _check_segments(segments: dict[str, Any], profile: P.LuksProfile) -> None:
+    if list(segments) != ["0"]:
+        raise HeaderRefused(f"expected exactly one segment '0', found {sorted(segments)}")
+    seg = _obj(segments, "0", "segments")
+    where = "segment 0"
+    kind = seg.get("type")
+    if kind != "crypt":
+        raise HeaderRefused(f"{where}: type {kind!r} is not 'crypt'")
+    if "flags" in seg:
+        raise HeaderRefused(f"{where}: segment flags present")
+    cipher = seg.get("encryption")
+    if isinstance(cipher, str) and "cipher_null" in cipher:
+        raise HeaderRefused(f"{where}: cipher_null would store data in plaintext")
+    if cipher != P.CIPHER:
+        raise HeaderRefused(f"{where}: cipher {cipher!r}, expected {P.CIPHER}")
+    keys = {"type", "offset", "size", "iv_tweak", "encryption", "sector_size"}
+    if profile.integrity:
+        keys.add("integrity")
+    elif "integrity" in seg:
+        raise HeaderRefused(f"{where}: has integrity, but this volume is configured without")
+    if profile.integrity and "integrity" not in seg:
+        raise HeaderRefused(f"{where}: no integrity, but this volume is configured with it")
+    _exact_keys(seg, keys, where)
+    if _u64(seg, "offset", where) != P.DATA_OFFSET:
+        raise HeaderRefused(f"{where}: data offset is not {P.DATA_OFFSET}")
+    if seg.get("size") != "dynamic":
+        raise HeaderRefused(f"{where}: size is fixed; it must cover the whole device")
+    if _u64(seg, "iv_tweak", where) != 0:
+        raise HeaderRefused(f"{where}: non-zero iv_tweak")
+    if _int(seg, "sector_size", where) != P.SECTOR_SIZE:
+        raise HeaderRefused(f"{where}: sector size is not {P.SECTOR_SIZE}")
+    if profile.integrity:
+        integ = _obj(seg, "integrity", where)
+        _exact_keys(integ, {"type", "journal_encryption", "journal_integrity"}, f"{where}.integrity")
+        if integ.get("type") != profile.integrity_json_name:
+            raise HeaderRefused(
+                f"{where}: integrity {integ.get('type')!r}, expected {profile.integrity_json_name}"
+            )
+        if integ.get("journal_encryption") != "none" or integ.get("journal_integrity") != "none":
+            raise HeaderRefused(f"{where}: unexpected integrity journal settings")
+
+
+def _check_keyslots(keyslots: dict[str, Any], profile: P.LuksProfile) -> tuple[int, ...]:
+    expected = [str(n) for n in profile.keyslots]
+    if sorted(keyslots) != expected:
+        raise HeaderRefused(f"keyslots {sorted(keyslots)}, expected exactly {expected}")
+    area_size = _round_up(profile.volume_key_bytes * P.AF_STRIPES, 4096)
+    areas: list[tuple[int, int]] = []
+    for name in expected:
+        where = f"keyslot {name}"
+        ks = _obj(keyslots, name, "keyslots")
+        _exact_keys(ks, {"type", "key_size", "af", "area", "kdf"}, where)
+        if ks.get("type") != "luks2":
+            raise HeaderRefused(f"{where}: type {ks.get('type')!r} is not 'luks2'")
+        if _int(ks, "key_size", where) != profile.volume_key_bytes:
+            raise HeaderRefused(f"{where}: key size is not {profile.volume_key_bytes} bytes")
+        af = _obj(ks, "af", where)
+        _exact_keys(af, {"type", "stripes", "hash"}, f"{where}.af")
+        if af.get("type") != "luks1" or af.get("hash") != P.AF_HASH:
+            raise HeaderRefused(f"{where}: unexpected anti-forensic splitter")
+        if _int(af, "stripes", f"{where}.af") != P.AF_STRIPES:
+            raise HeaderRefused(f"{where}: AF stripes is not {P.AF_STRIPES}")
+        areas.append(_check_area(_obj(ks, "area", where), area_size, where))
+        _check_kdf(_obj(ks, "kdf", where), where)
+    _check_areas_disjoint(areas)
+    return tuple(int(n) for n in expected)
+
+
+def _check_area(area: dict[str, Any], size: int, where: str) -> tuple[int, int]:
+    where = f"{where}.area"
+    _exact_keys(area, {"type", "offset", "size", "encryption", "key_size"}, where)
+    if area.get("type") != "raw":
+        raise HeaderRefused(f"{where}: type {area.get('type')!r} is not 'raw'")
+    cipher = area.get("encryption")
+    if isinstance(cipher, str) and "cipher_null" in cipher:
+        raise HeaderRefused(f"{where}: cipher_null keyslot would open with any passphrase")
+    if cipher != P.CIPHER:
+        raise HeaderRefused(f"{where}: cipher {cipher!r}, expected {P.CIPHER}")
+    if _int(area, "key_size", where) != P.CIPHER_KEY_BYTES:
+        raise HeaderRefused(f"{where}: key size is not {P.CIPHER_KEY_BYTES} bytes")
+    offset, length = _u64(area, "offset", where), _u64(area, "size", where)
+    if length != size:
+        raise HeaderRefused(f"{where}: size {length}, expected {size}")
+    lo, hi = 2 * P.HDR_SIZE, 2 * P.HDR_SIZE + P.KEYSLOTS_SIZE
+    if offset % 4096 or offset < lo or offset + length > hi:
+        raise HeaderRefused(f"{where}: [{offset}, {offset + length}) is outside [{lo}, {hi})")
+    return offset, length
+
+
+def _check_areas_disjoint(areas: list[tuple[int, int]]) -> None:
+    spans = sorted(areas)
+    for (a_off, a_len), (b_off, _) in zip(spans, spans[1:], strict=False):
+        if a_off + a_len > b_off:
+            raise HeaderRefused("keyslot areas overlap")
+
+
+def _check_kdf(kdf: dict[str, Any], where: str) -> None:
+    where = f"{where}.kdf"
+    if kdf.get("type") != "argon2id":
+        raise HeaderRefused(f"{where}: type {kdf.get('type')!r} is not argon2id")
+    _exact_keys(kdf, {"type", "time", "memory", "cpus", "salt"}, where)
+    for key, (lo, hi) in (
+        ("time", _ARGON2_TIME),
+        ("memory", _ARGON2_MEMORY_KIB),
+        ("cpus", _ARGON2_THREADS),
+    ):
+        if not lo <= _int(kdf, key, where) <= hi:
+            raise HeaderRefused(f"{where}: {key} outside [{lo}, {hi}]")
+    if len(_b64(kdf, "salt", where)) != 32:
+        raise HeaderRefused(f"{where}: salt is not 32 bytes")
+
+
+def _check_digests(digests: dict[str, Any], keyslots: tuple[int, ...]) -> None:
+    if list(digests) != ["0"]:
+        raise HeaderRefused(f"expected exactly one digest '0', found {sorted(digests)}")
+    where = "digest 0"
+    dg = _obj(digests, "0", "digests")
+    _exact_keys(dg, {"type", "keyslots", "segments", "hash", "iterations", "salt", "digest"}, where)
+    if dg.get("type") != "pbkdf2" or dg.get("hash") != P.DIGEST_HASH:
+        raise HeaderRefused(f"{where}: not a pbkdf2-{P.DIGEST_HASH} digest")
+    if dg.get("keyslots") != [str(k) for k in keyslots]:
+        raise HeaderRefused(f"{where}: does not cover exactly keyslots {list(keyslots)}")
+    if dg.get("segments") != ["0"]:
+        raise HeaderRefused(f"{where}: does not cover exactly segment 0")
+    lo, hi = _DIGEST_ITERATIONS
+    if not lo <= _int(dg, "iterations", where) <= hi:
+        raise HeaderRefused(f"{where}: iterations outside [{lo}, {hi}]")
+    if len(_b64(dg, "salt", where)) != 32 or len(_b64(dg, "digest", where)) != 32:
+        raise HeaderRefused(f"{where}: salt or digest is not 32 bytes")
+
+
+def _check_device(device_size: int) -> int:
+    data = device_size - P.DATA_OFFSET
+    if data <= 0:
+        raise HeaderRefused(f"device of {device_size} bytes has no room after the header")
+    if data % P.SECTOR_SIZE:
+        raise HeaderRefused(f"data area of {data} bytes is not a multiple of {P.SECTOR_SIZE}")
+    return data
+
+
+# -- strict JSON accessors -------------------------------------------------------------------
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"non-standard constant {name}")
+
+
+def _exact_keys(obj: dict[str, Any], keys: set[str], where: str) -> None:
+    extra, missing = set(obj) - keys, keys - set(obj)
+    if extra:
+        raise HeaderRefused(f"{where}: unexpected field(s) {', '.join(sorted(extra))}")
+    if missing:
+        raise HeaderRefused(f"{where}: missing field(s) {', '.join(sorted(missing))}")
+
+
+def _obj(parent: dict[str, Any], key: str, where: str) -> dict[str, Any]:
+    value = parent.get(key)
+    if not isinstance(value, dict):
+        raise HeaderRefused(f"{where}.{key} is not an object")
+    return value
+
+
+def _int(obj: dict[str, Any], key: str, where: str) -> int:
+    value = obj.get(key)
+    if type(value) is not int:  # bool is an int subclass; refuse it too
+        raise HeaderRefused(f"{where}.{key} is not an integer")
+    return value
+
+
+def _u64(obj: dict[str, Any], key: str, where: str) -> int:
+    """LUKS2 stores 64-bit numbers as decimal strings."""
+    value = obj.get(key)
+    if not isinstance(value, str) or not _DECIMAL.fullmatch(value) or int(value) >= 2**64:
+        raise HeaderRefused(f"{where}.{key} is not a decimal u64 string")
+    return int(value)
+
+
+def _b64(obj: dict[str, Any], key: str, where: str) -> bytes:
+    value = obj.get(key)
+    try:
+        if not isinstance(value, str):
+            raise ValueError
+        return base64.b64decode(value, validate=True)
+    except (ValueError, binascii.Error):
+        raise HeaderRefused(f"{where}.{key} is not base64") from None
+
+
+def _round_up(n: int, k: int) -> int:
+    return -(-n // k) * k
+
+
+def _short(e: Exception) -> str:
+    return str(e).splitlines()[0][:120]
