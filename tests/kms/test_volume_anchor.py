@@ -48,6 +48,7 @@ def test_kms_slot_unlocks_and_info_shows_it(kvol: Volume, kms: KmsProcess) -> No
     kmount(kvol, kms)
     assert (kvol.mnt / "f").read_text() == "released by the KMS"
     kvol.umount()
+    sealfs("check", str(kvol.backing), *kms_args(kms))  # fresh and intact: exit 0
 
 
 def test_other_app_cannot_unlock(kvol: Volume, kms: KmsProcess) -> None:
@@ -73,6 +74,9 @@ def test_whole_volume_rollback_is_refused(kvol: Volume, kms: KmsProcess,
     assert res.returncode == 5, res.stderr
     assert "rolled back" in res.stderr
     assert not os.path.ismount(kvol.mnt)
+    # an offline check with the KMS sees it too (and does not move the anchor)
+    res = sealfs("check", str(kvol.backing), *kms_args(kms), "--json", check=False)
+    assert res.returncode == 5 and "rolled" in res.stdout, res.stdout + res.stderr
     # the operator can override, and it is logged
     kmount(kvol, kms, "--allow-rollback")
     assert (kvol.mnt / "balance").read_text() == "100"
