@@ -7,6 +7,8 @@ the header itself is untrusted and cannot be asked what it should look like.
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -16,10 +18,13 @@ import click
 from sealfs.errors import LuksError, UsageError
 from sealfs.luks import profile as P
 
+from .credentials import kms_client, kms_options
 from .output import SealfsGroup, emit, json_option
 
 if TYPE_CHECKING:
-    from sealfs.luks.keys import KeyBinding, KeyFileSource
+    from sealfs.crypto import Secret
+    from sealfs.luks.header import HeaderInfo
+    from sealfs.luks.keys import KeyBinding, KeySource
 
 FC = Callable[..., Any]
 
@@ -36,14 +41,90 @@ def _profile_options(fn: FC) -> FC:
 
 
 def _key_options(fn: FC) -> FC:
-    fn = click.option("--volume-id", default="default", show_default=True,
-                      help="Volume id the key is bound to (KMS purpose luks-passphrase).")(fn)
-    fn = click.option("--app-id", default="local", show_default=True,
-                      help="App id the key is bound to.")(fn)
-    return click.option(
-        "--key-file", required=True, type=str,
-        help="File holding the passphrase (used verbatim; mode 0600). Stands in for the KMS.",
-    )(fn)
+    """--key-file, or --kms with the shared KMS options; --volume-id. The command receives
+    ``keys`` (a key source) and ``binding`` (what the key is bound to) instead."""
+
+    @kms_options
+    @click.option(
+        "--key-file", type=str,
+        help="File holding the passphrase (used verbatim; mode 0600). Alternative to --kms.",
+    )
+    @click.option(
+        "--volume-id", metavar="ID",
+        help="Volume id the key is bound to (KMS purpose luks-passphrase). Required with "
+             "--kms; trusted configuration, never read from the disk. Default with "
+             "--key-file: 'default'.",
+    )
+    @functools.wraps(fn)
+    def wrapper(*args: Any, key_file: str | None, volume_id: str | None,
+                kms_url: str | None, app_id: str | None, attester: str,
+                compose_hash: str | None, kms_deadline: float, **kwargs: Any) -> Any:
+        kwargs["keys"], kwargs["binding"] = _key_source(
+            key_file, volume_id, kms_url, app_id, attester, compose_hash, kms_deadline)
+        return fn(*args, **kwargs)
+
+    # The shared help texts describe sealfs volumes (kms slot, freshness anchor); say what
+    # the options mean for a LUKS volume instead.
+    helps = {
+        "kms_url": "Get the passphrase from the KMS at URL (http://host:port): this CVM proves "
+                   "itself with a quote and receives the key for --app-id and --volume-id. "
+                   "Alternative to --key-file.",
+        "app_id": "App id the key is bound to: hex, required with --kms (the app id this CVM "
+                  "attests as). Default with --key-file: 'local'.",
+    }
+    for param in getattr(wrapper, "__click_params__", []):
+        if param.name in helps:
+            param.help = helps[param.name]  # type: ignore[attr-defined]
+    return wrapper
+
+
+def _key_source(key_file: str | None, volume_id: str | None, kms_url: str | None,
+                app_id: str | None, attester: str, compose_hash: str | None,
+                kms_deadline: float) -> tuple[KeySource, KeyBinding]:
+    """The key source and what the key is bound to; nothing is fetched or read yet."""
+    from sealfs.luks.keys import KeyBinding, KeyFileSource, KmsKeySource
+
+    if bool(kms_url) == bool(key_file):
+        raise UsageError("give exactly one of --kms URL or --key-file PATH")
+    if not kms_url:
+        assert key_file is not None
+        return KeyFileSource(key_file), KeyBinding(app_id=app_id or "local",
+                                                    volume_id=volume_id or "default")
+    if not app_id:
+        raise UsageError("--kms needs --app-id (the app id this CVM attests as)")
+    if not volume_id:
+        raise UsageError("--kms needs --volume-id: every volume gets its own key, and the id "
+                         "is configuration, never read from the disk")
+    _warnings_to_stderr()
+    source = KmsKeySource(kms_client(kms_url, app_id, attester, compose_hash, kms_deadline))
+    return source, source.binding(volume_id)
+
+
+def _warnings_to_stderr() -> None:
+    """Show the KMS client's warnings (e.g. an unpinned KMS identity) as one sealfs line."""
+    logger = logging.getLogger("sealfs")
+    if not logger.handlers:
+        handler = _StderrHandler(logging.WARNING)
+        handler.setFormatter(logging.Formatter("sealfs: warning: %(message)s"))
+        logger.addHandler(handler)
+
+
+class _StderrHandler(logging.Handler):
+    """Writes to whatever stderr is current (click's, under a test runner)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(self.format(record), err=True)
+
+
+def _slot_key(keys: KeySource, binding: KeyBinding,
+              use_recovery: bool) -> Callable[[HeaderInfo], Secret]:
+    """The passphrase for the slot being opened, chosen from the validated header."""
+    from sealfs.luks.keys import KeyFileSource
+
+    if use_recovery and not isinstance(keys, KeyFileSource):
+        raise UsageError("--use-recovery takes the recovery passphrase from --key-file, not "
+                         "from the KMS")
+    return lambda info: keys.existing_key(binding, info.kms_key_version)
 
 
 def _recovery_cost_option(fn: FC) -> FC:
@@ -64,20 +145,14 @@ def _profile(integrity: str | None, recovery_slot: bool) -> P.LuksProfile:
     return P.LuksProfile(integrity=integrity, recovery_slot=recovery_slot)
 
 
-def _key(key_file: str, app_id: str, volume_id: str) -> tuple[KeyFileSource, KeyBinding]:
-    """The key source (a key file until the KMS source is wired in) and what it is bound to."""
-    from sealfs.luks.keys import KeyBinding, KeyFileSource
-
-    return KeyFileSource(key_file), KeyBinding(app_id=app_id, volume_id=volume_id)
-
-
 @click.group("luks", cls=SealfsGroup)
 def luks() -> None:
     """LUKS2 block volumes: a whole encrypted block device for ext4 or a raw database.
 
     aes-xts-plain64 with 512-bit keys, 4096-byte sectors, optional dm-integrity
-    (hmac-sha256), an optional recovery key slot. The passphrase reaches cryptsetup on
-    stdin only. Headers are validated in memory and opened from that copy.
+    (hmac-sha256), an optional recovery key slot. The passphrase comes from the KMS (--kms,
+    bound to --app-id and --volume-id) or a key file, and reaches cryptsetup on stdin only.
+    Headers are validated in memory and opened from that copy.
     """
 
 
@@ -90,22 +165,27 @@ def luks() -> None:
 @click.option("--integrity", type=click.Choice(sorted(P.INTEGRITY_MODES)), default=None,
               help="Authenticate every sector with dm-integrity (wipes the device; slow).")
 @json_option
-def format_cmd(device: str, key_file: str, app_id: str, volume_id: str,
+def format_cmd(device: str, keys: KeySource, binding: KeyBinding,
                recovery_key_file: str | None, recovery_iter_time: int, integrity: str | None,
                as_json: bool) -> None:
     """Format a blank DEVICE (block device or image file) as a sealfs LUKS2 volume.
 
-    Refuses anything that is not blank. A format interrupted by a crash is finished.
+    Refuses anything that is not blank. A format interrupted by a crash is finished. With
+    --kms, key slot 0 gets the KMS key of the app's current key version, and the header
+    records that version.
     """
     from sealfs.luks.keys import read_key_file
     from sealfs.luks.volume import format_volume
 
-    source, binding = _key(key_file, app_id, volume_id)
     recovery = read_key_file(recovery_key_file) if recovery_key_file else None
     profile = _profile(integrity, recovery is not None)
-    info = format_volume(device, source.luks_passphrase(binding), profile, recovery=recovery,
-                         recovery_cost=_recovery_cost(recovery_iter_time))
-    emit({"ok": True, "device": device, "uuid": info.uuid, "profile": profile.describe()},
+    new = keys.new_key(binding)
+    info = format_volume(device, new.passphrase, profile, recovery=recovery,
+                         recovery_cost=_recovery_cost(recovery_iter_time),
+                         key_version=new.key_version)
+    emit({"ok": True, "device": device, "uuid": info.uuid, "profile": profile.describe(),
+          "app_id": binding.app_id, "volume_id": binding.volume_id,
+          "kms_key_version": info.kms_key_version},
          as_json, f"formatted {device} (LUKS2 {info.uuid}; {profile.describe()})")
 
 
@@ -117,7 +197,7 @@ def format_cmd(device: str, key_file: str, app_id: str, volume_id: str,
 @click.option("--use-recovery", is_flag=True,
               help="The key file holds the recovery passphrase: unlock key slot 1.")
 @json_option
-def open_cmd(device: str, name: str, key_file: str, app_id: str, volume_id: str,
+def open_cmd(device: str, name: str, keys: KeySource, binding: KeyBinding,
              integrity: str | None, recovery_slot: bool, use_recovery: bool,
              as_json: bool) -> None:
     """Validate DEVICE's header, then map it as /dev/mapper/NAME (from the validated copy)."""
@@ -125,12 +205,38 @@ def open_cmd(device: str, name: str, key_file: str, app_id: str, volume_id: str,
 
     if use_recovery and not recovery_slot:
         raise UsageError("--use-recovery needs --recovery-slot")
-    source, binding = _key(key_file, app_id, volume_id)
     keyslot = P.RECOVERY_KEYSLOT if use_recovery else P.KMS_KEYSLOT
-    info = open_volume(device, name, source.luks_passphrase(binding),
+    info = open_volume(device, name, _slot_key(keys, binding, use_recovery),
                        _profile(integrity, recovery_slot), keyslot=keyslot)
     emit({"ok": True, "device": device, "mapper": mapper_path(name), "uuid": info.uuid},
          as_json, f"opened {device} as {mapper_path(name)}")
+
+
+@luks.command("check-key")
+@click.argument("device", type=str)
+@_key_options
+@_profile_options
+@click.option("--use-recovery", is_flag=True,
+              help="The key file holds the recovery passphrase: check key slot 1.")
+@json_option
+def check_key_cmd(device: str, keys: KeySource, binding: KeyBinding, integrity: str | None,
+                  recovery_slot: bool, use_recovery: bool, as_json: bool) -> None:
+    """Validate DEVICE's header and check that the key opens it, without mapping anything.
+
+    Works without device-mapper (cryptsetup --test-passphrase): e.g. to check, before a
+    boot or after a KMS policy change, that the KMS still releases this volume's key.
+    Exit 0 if the key opens the slot, 3 if it does not.
+    """
+    from sealfs.luks.volume import check_volume_key
+
+    if use_recovery and not recovery_slot:
+        raise UsageError("--use-recovery needs --recovery-slot")
+    keyslot = P.RECOVERY_KEYSLOT if use_recovery else P.KMS_KEYSLOT
+    info = check_volume_key(device, _slot_key(keys, binding, use_recovery),
+                            _profile(integrity, recovery_slot), keyslot=keyslot)
+    emit({"ok": True, "device": device, "uuid": info.uuid, "keyslot": keyslot,
+          "kms_key_version": info.kms_key_version},
+         as_json, f"{device}: the key opens key slot {keyslot} of {info.uuid}")
 
 
 @luks.command("up")
@@ -148,9 +254,10 @@ def open_cmd(device: str, name: str, key_file: str, app_id: str, volume_id: str,
               help="Where to mount the file system (required unless --fs none).")
 @click.option("--mount-options", default="nodev,nosuid", show_default=True)
 @json_option
-def up_cmd(device: str, name: str, key_file: str, app_id: str, volume_id: str,
+def up_cmd(device: str, name: str, keys: KeySource, binding: KeyBinding,
            integrity: str | None, recovery_slot: bool, recovery_key_file: str | None,
-           recovery_iter_time: int, fs_type: str, mountpoint: str | None, mount_options: str, as_json: bool) -> None:
+           recovery_iter_time: int, fs_type: str, mountpoint: str | None, mount_options: str,
+           as_json: bool) -> None:
     """Boot-time bring-up: format if blank, open, create the file system once, mount.
 
     Safe to rerun after a crash at any point; never formats or runs mkfs on a volume that
@@ -160,12 +267,11 @@ def up_cmd(device: str, name: str, key_file: str, app_id: str, volume_id: str,
     from sealfs.luks.keys import read_key_file
 
     recovery = read_key_file(recovery_key_file) if recovery_key_file else None
-    source, binding = _key(key_file, app_id, volume_id)
     spec = VolumeSpec(device=device, name=name, binding=binding,
                       profile=_profile(integrity, recovery_slot or recovery is not None),
                       fs=fs_type, mountpoint=os.path.abspath(mountpoint) if mountpoint else None,
                       mount_options=mount_options)
-    result = bring_up(spec, source, recovery=recovery,
+    result = bring_up(spec, keys, recovery=recovery,
                       recovery_cost=_recovery_cost(recovery_iter_time))
     where = f" on {result.mountpoint}" if result.mountpoint else ""
     emit({"ok": True, **result.as_dict()}, as_json,

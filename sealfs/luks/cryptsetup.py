@@ -131,11 +131,13 @@ def format_header(
     device: str,
     key: Secret,
     profile: P.LuksProfile,
+    subsystem: str | None = None,
 ) -> None:
     """luksFormat into the in-memory header ``snap``, for ``device`` as data device.
 
     The device itself is only touched with --integrity (cryptsetup formats and wipes the
     dm-integrity area); the header reaches the disk later, via the crash-safe commit.
+    ``subsystem`` (not secret) goes into the LUKS2 subsystem field of both header copies.
     """
     args = [
         "luksFormat",
@@ -152,6 +154,8 @@ def format_header(
         *KMS_SLOT_COST.args(),
         "--header", snap.child_path,
     ]  # fmt: skip
+    if subsystem is not None:
+        args += ["--subsystem", subsystem]
     if profile.integrity:
         require_device_mapper()
         args += ["--integrity", profile.integrity]

@@ -84,7 +84,6 @@ def bring_up(
     cs.require_device_mapper()
     if os.path.exists(result.mapper):
         raise BusyError(f"{result.mapper} already exists; close it first")
-    key = keys.luks_passphrase(spec.binding)
     found = probe(spec.device, spec.profile)
     if found is DeviceState.FOREIGN:
         raise LuksError(
@@ -92,10 +91,14 @@ def bring_up(
             "refusing to format over it"
         )
     if found in (DeviceState.BLANK, DeviceState.PENDING):
-        format_volume(spec.device, key, spec.profile, recovery=recovery,
-                      recovery_cost=recovery_cost)
+        new = keys.new_key(spec.binding)
+        format_volume(spec.device, new.passphrase, spec.profile, recovery=recovery,
+                      recovery_cost=recovery_cost, key_version=new.key_version)
         result.steps.append("formatted" if found is DeviceState.BLANK else "format-completed")
-    info = open_volume(spec.device, spec.name, key, spec.profile)
+    # The key is chosen from the *validated* header (a KMS key by the version it records).
+    info = open_volume(spec.device, spec.name,
+                       lambda hdr: keys.existing_key(spec.binding, hdr.kms_key_version),
+                       spec.profile)
     result.uuid = info.uuid
     result.steps.append("opened")
     failpoints.reached("opened")

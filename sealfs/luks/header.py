@@ -45,6 +45,8 @@ _OFF_CSUM = 448
 _CSUM_LEN = 64
 
 _DECIMAL = re.compile(r"0|[1-9][0-9]{0,19}")
+#: The only non-empty subsystem field sealfs writes: the KMS key version of key slot 0.
+_KMS_SUBSYSTEM = re.compile(rb"sealfs-kms-v([1-9][0-9]{0,9})")
 
 # Bounds that only stop a crafted header from making the CVM burn memory or time; they are
 # wide enough for any cost cryptsetup benchmarks on real hardware.
@@ -91,6 +93,18 @@ class HeaderInfo:
     integrity: str | None
     data_offset: int
     data_size: int
+    #: KMS key version of key slot 0, recorded in the subsystem field at format time (None:
+    #: formatted from a key file). Untrusted input: it only selects which version of *this*
+    #: volume's key (bound to the configured app id and volume id) the KMS derives.
+    kms_key_version: int | None = None
+
+
+def kms_subsystem(key_version: int) -> str:
+    """The subsystem field that records the KMS key version of a volume's key slot 0."""
+    text = f"sealfs-kms-v{key_version}"
+    if not _KMS_SUBSYSTEM.fullmatch(text.encode()) or key_version > 2**31 - 1:
+        raise LuksError(f"KMS key version {key_version} out of range")
+    return text
 
 
 def parse_binary_header(area: bytes, offset: int) -> BinaryHeader:
@@ -173,6 +187,7 @@ def validate_header_area(area: bytes, device_size: int, profile: P.LuksProfile) 
     data_size = _check_device(device_size)
     return HeaderInfo(
         uuid=primary.uuid.rstrip(b"\0").decode("ascii"),
+        kms_key_version=_kms_key_version(primary.subsystem, "primary header"),
         seqid=primary.seqid,
         keyslots=keyslots,
         cipher=P.CIPHER,
@@ -201,8 +216,9 @@ def _check_binary(area: bytes, offset: int, magic: bytes, where: str) -> BinaryH
     expected = header_checksum(area[offset : offset + P.HDR_SIZE])
     if hdr.checksum != expected.ljust(_CSUM_LEN, b"\0"):
         raise HeaderRefused(f"{where}: checksum mismatch")
-    if any(hdr.label) or any(hdr.subsystem):
-        raise HeaderRefused(f"{where}: label or subsystem set (sealfs sets neither)")
+    if any(hdr.label):
+        raise HeaderRefused(f"{where}: label set (sealfs sets none)")
+    _kms_key_version(hdr.subsystem, where)
     if not hdr.padding_zero:
         raise HeaderRefused(f"{where}: reserved bytes are not zero")
     _check_uuid(hdr.uuid, where)
@@ -227,6 +243,19 @@ def _check_copies_match(a: BinaryHeader, b: BinaryHeader) -> None:
         raise HeaderRefused(f"header copies disagree: seqid {a.seqid} vs {b.seqid}")
     if a.uuid != b.uuid:
         raise HeaderRefused("header copies disagree: UUID")
+    if a.subsystem != b.subsystem:
+        raise HeaderRefused("header copies disagree: subsystem (KMS key version)")
+
+
+def _kms_key_version(raw: bytes, where: str) -> int | None:
+    """The subsystem field is empty or exactly ``sealfs-kms-v<N>``, NUL-padded, 1 <= N < 2**31."""
+    text = raw.rstrip(b"\0")
+    if not text:
+        return None
+    m = _KMS_SUBSYSTEM.fullmatch(text)
+    if m is None or int(m.group(1)) > 2**31 - 1:
+        raise HeaderRefused(f"{where}: subsystem set to something sealfs does not write")
+    return int(m.group(1))
 
 
 # -- JSON metadata ---------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -24,6 +25,14 @@ from .device import device_size as get_device_size
 from .snapshot import HeaderSnapshot
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+#: A key, or how to get it once the header is validated (a KMS key depends on the key version
+#: the validated header records).
+KeyFor = Secret | Callable[[H.HeaderInfo], Secret]
+
+
+def _resolve(key: KeyFor, info: H.HeaderInfo) -> Secret:
+    return key if isinstance(key, Secret) else key(info)
 
 
 def check_mapping_name(name: str) -> str:
@@ -43,11 +52,14 @@ def format_volume(
     *,
     recovery: Secret | None = None,
     recovery_cost: cs.KdfCost = cs.RECOVERY_SLOT_COST,
+    key_version: int | None = None,
 ) -> H.HeaderInfo:
     """Format a blank device (or finish a format a crash interrupted); never overwrite data.
 
     The header is built in memory, validated like any header from disk (a self-check that the
     installed cryptsetup produces exactly the sealfs shape), then committed magic-last.
+    ``key_version``: ``key`` is the KMS key of that version; it is recorded in the header's
+    subsystem field, so that later opens ask the KMS for the same version.
     """
     if profile.recovery_slot != (recovery is not None):
         raise UsageError("a recovery key slot needs a recovery passphrase, and vice versa")
@@ -71,7 +83,8 @@ def format_volume(
         failpoints.reached("header-committed")
         return info
     with HeaderSnapshot.empty(size) as snap:
-        cs.format_header(snap, device, key, profile)
+        subsystem = H.kms_subsystem(key_version) if key_version is not None else None
+        cs.format_header(snap, device, key, profile, subsystem)
         if recovery is not None:
             cs.add_recovery_slot(snap, device, key, recovery, recovery_cost)
         snap.seal()
@@ -83,6 +96,8 @@ def format_volume(
             f"this cryptsetup produced a header sealfs does not accept ({e.reason}); "
             "refusing to write it"
         ) from None
+    if info.kms_key_version != key_version:
+        raise LuksError("internal: the new header does not record the KMS key version")
     commit_header(device, region)
     failpoints.reached("header-committed")
     return info
@@ -107,12 +122,16 @@ def validated_snapshot(device: str, profile: P.LuksProfile) -> tuple[HeaderSnaps
 def open_volume(
     device: str,
     name: str,
-    key: Secret,
+    key: KeyFor,
     profile: P.LuksProfile,
     *,
     keyslot: int = P.KMS_KEYSLOT,
 ) -> H.HeaderInfo:
-    """Validate the header, then map the device with that validated in-memory copy."""
+    """Validate the header, then map the device with that validated in-memory copy.
+
+    ``key`` may be a function of the validated header (for a KMS key, which depends on the
+    key version recorded there); it is called after validation, before cryptsetup runs.
+    """
     check_mapping_name(name)
     if keyslot not in profile.keyslots:
         raise UsageError(f"key slot {keyslot} is not part of this volume's profile")
@@ -121,17 +140,19 @@ def open_volume(
         raise LuksError(f"a mapping named {name} already exists")
     snap, info = validated_snapshot(device, profile)
     with snap:
-        cs.open_mapping(snap, device, name, key, keyslot)
+        cs.open_mapping(snap, device, name, _resolve(key, info), keyslot)
     return info
 
 
 def check_volume_key(
-    device: str, key: Secret, profile: P.LuksProfile, *, keyslot: int = P.KMS_KEYSLOT
+    device: str, key: KeyFor, profile: P.LuksProfile, *, keyslot: int = P.KMS_KEYSLOT
 ) -> H.HeaderInfo:
     """Validate the header and check that ``key`` unlocks ``keyslot`` (no device-mapper)."""
+    if keyslot not in profile.keyslots:
+        raise UsageError(f"key slot {keyslot} is not part of this volume's profile")
     snap, info = validated_snapshot(device, profile)
     with snap:
-        cs.check_key(snap, device, key, keyslot)
+        cs.check_key(snap, device, _resolve(key, info), keyslot)
     return info
 
 

@@ -8,10 +8,12 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from sealfs.crypto import Secret
+from sealfs.luks import cryptsetup as cs
 from sealfs.luks import profile as P
 from sealfs.luks.cryptsetup import KdfCost
 from sealfs.luks.volume import format_volume
@@ -85,3 +87,19 @@ def golden_recovery(tmp_path_factory: pytest.TempPathFactory) -> Golden:
 def disk(golden_plain: Golden, tmp_path: Path) -> Path:
     """A fresh copy of a sealfs-formatted image (no recovery slot, no integrity)."""
     return clone(golden_plain, tmp_path / "disk.img")
+
+
+@pytest.fixture
+def cryptsetup_calls(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """Every cryptsetup run from this process, recorded (argv, env, stdin); the real binary
+    still runs."""
+    calls: list[dict[str, Any]] = []
+    real_run = subprocess.run
+
+    def spy(argv: list[str], **kw: Any) -> subprocess.CompletedProcess[bytes]:
+        calls.append({"argv": list(argv), "env": dict(kw.get("env") or {}),
+                      "input": kw.get("input"), "pass_fds": kw.get("pass_fds")})
+        return real_run(argv, **kw)
+
+    monkeypatch.setattr(cs.subprocess, "run", spy)
+    return calls

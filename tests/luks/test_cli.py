@@ -138,19 +138,22 @@ def test_open_without_device_mapper_is_one_clear_line(tmp_path: Path,
     assert res.returncode == 10 and "device-mapper is not available" in res.stderr
 
 
+def assert_secrets_only_on_stdin(calls: list[dict[str, Any]], needles: list[bytes]) -> None:
+    """No needle in any cryptsetup argv or environment; the environment is the fixed two
+    variables; every call that takes a key takes it as --key-file=- (stdin)."""
+    assert calls
+    for call in calls:
+        blob = "\0".join(call["argv"] + [f"{k}={v}" for k, v in call["env"].items()]).encode()
+        assert not any(n in blob for n in needles), call["argv"]
+        assert set(call["env"]) == {"PATH", "LC_ALL"}
+        assert "--key-file=-" in call["argv"]
+
+
 def test_secrets_never_in_argv_or_environment(tmp_path: Path,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+                                              cryptsetup_calls: list[dict[str, Any]]) -> None:
     """Spy on every cryptsetup invocation (the real binary still runs): keys travel only on
-    stdin or through a pipe, never in argv or the environment."""
-    calls: list[dict[str, Any]] = []
-    real_run = subprocess.run
-
-    def spy(argv: list[str], **kw: Any) -> subprocess.CompletedProcess[bytes]:
-        calls.append({"argv": list(argv), "env": dict(kw.get("env") or {}),
-                      "input": kw.get("input")})
-        return real_run(argv, **kw)
-
-    monkeypatch.setattr(cs.subprocess, "run", spy)
+    stdin or through a pipe, never in argv or the environment. (The KMS path: test_kms.py.)"""
+    calls = cryptsetup_calls
     key, recovery = os.urandom(32), b"recovery-passphrase-for-the-spy-test"
     img = new_image(tmp_path / "vol.img")
     profile = P.LuksProfile(recovery_slot=True)
@@ -159,11 +162,7 @@ def test_secrets_never_in_argv_or_environment(tmp_path: Path,
     check_volume_key(str(img), Secret(key), profile)
     assert len(calls) == 3
     needles = [key, key.hex().encode(), recovery]
-    for call in calls:
-        blob = "\0".join(call["argv"] + [f"{k}={v}" for k, v in call["env"].items()]).encode()
-        assert not any(n in blob for n in needles)
-        assert set(call["env"]) == {"PATH", "LC_ALL"}
-        assert "--key-file=-" in call["argv"]
+    assert_secrets_only_on_stdin(calls, needles)
     assert calls[0]["input"] == key and calls[2]["input"] == key
     assert not any(n in (tmp_path / "vol.img").read_bytes()[:4096] for n in needles)
 
@@ -189,7 +188,9 @@ def test_shell_entry_point(tmp_path: Path, golden_plain: Golden, golden_recovery
     res = run_tool("check", str(golden_plain.path), env={"SEALFS_INTEGRITY": "hmac-sha256"})
     assert res.returncode == 10 and "no integrity" in res.stdout
     res = run_tool("up", str(golden_plain.path), "data", str(tmp_path / "m"))
-    assert res.returncode == 2 and res.stderr.strip() == "sealfs: error: SEALFS_KEY_FILE is not set"
+    assert res.returncode == 2 and res.stderr.strip() == (
+        "sealfs: error: set SEALFS_KMS (with SEALFS_APP_ID and SEALFS_VOLUME_ID) or "
+        "SEALFS_KEY_FILE")
     assert run_tool().returncode == 2
     assert run_tool("frobnicate").returncode == 2
     if not cs.device_mapper_available():

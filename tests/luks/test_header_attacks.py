@@ -241,17 +241,37 @@ def test_data_hidden_after_json_refused(disk: Path) -> None:
 @pytest.mark.parametrize(
     ("offset", "data", "reason"),
     [
-        (24, b"evil-label", "label or subsystem"),
-        (208, b"systemd", "label or subsystem"),
+        (24, b"evil-label", "label set"),
+        (208, b"systemd", "subsystem set to something"),
+        (208, b"sealfs-kms-v0", "subsystem set to something"),
+        (208, b"sealfs-kms-v01", "subsystem set to something"),
+        (208, b"sealfs-kms-v2147483648", "subsystem set to something"),
+        (208, b"sealfs-kms-v1\0x", "subsystem set to something"),
         (300, b"\x01", "reserved bytes"),
         (168, b"not-a-uuid".ljust(40, b"\0"), "malformed UUID"),
     ],
-    ids=["label", "subsystem", "reserved", "uuid"],
+    ids=["label", "subsystem", "kms-v0", "kms-leading-zero", "kms-too-big", "kms-hidden-bytes",
+         "reserved", "uuid"],
 )
 def test_binary_header_fields_refused(disk: Path, offset: int, data: bytes, reason: str) -> None:
     A.edit_binary(disk, offset, data)
     with pytest.raises(H.HeaderRefused, match=reason):
         H.validate_header_area(bytes(A.read_region(disk)), disk.stat().st_size, P.LuksProfile())
+
+
+def test_kms_key_version_field(disk: Path) -> None:
+    """The one subsystem value sealfs writes is read back as the KMS key version; copies that
+    disagree on it are refused like any other disagreement."""
+    size = disk.stat().st_size
+    assert H.validate_header_area(bytes(A.read_region(disk)), size, P.LuksProfile()) \
+        .kms_key_version is None
+    A.edit_binary(disk, 208, b"sealfs-kms-v7")
+    info = H.validate_header_area(bytes(A.read_region(disk)), size, P.LuksProfile())
+    assert info.kms_key_version == 7
+    assert A.cryptsetup_accepts(disk)
+    A.edit_binary(disk, 208, b"sealfs-kms-v8", copies=(1,))
+    with pytest.raises(H.HeaderRefused, match="disagree: subsystem"):
+        H.validate_header_area(bytes(A.read_region(disk)), size, P.LuksProfile())
 
 
 def test_integrity_downgrade_refused(golden_plain: Golden) -> None:
