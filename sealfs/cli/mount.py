@@ -35,6 +35,10 @@ ERROR_CLASSES = {cls.kind: cls for cls in SealfsError.__subclasses__()}
 @click.option("--commit-interval", default=5.0, show_default=True,
               help="Seconds between automatic commits; a crash loses at most this much "
                    "unsynced work. fsync(2) always commits at once.")
+@click.option("--writeback-cache", is_flag=True,
+              help="Let the kernel buffer and merge writes (FUSE writeback cache): faster for "
+                   "many tiny writes (e.g. dd bs=512), slower for streaming writes and many "
+                   "small files on the machines measured (docs/benchmarks.md).")
 @click.option("--allow-rollback", is_flag=True,
               help="Mount even if the volume is older than (or forked from) the state "
                    "anchored at the KMS. Dangerous: this accepts a host's replay of old data. "
@@ -43,7 +47,8 @@ ERROR_CLASSES = {cls.kind: cls for cls in SealfsError.__subclasses__()}
 @click.option("--ready-fd", type=int, hidden=True)
 def mount(backing_dir: str, mountpoint: str, cred: Credential, foreground: bool,
           log_file: str | None, allow_other: bool | None, commit_interval: float,
-          allow_rollback: bool, debug: bool, ready_fd: int | None) -> None:
+          writeback_cache: bool, allow_rollback: bool, debug: bool,
+          ready_fd: int | None) -> None:
     """Mount the volume in BACKING_DIR on MOUNTPOINT.
 
     Unlocks the volume, verifies and replays its metadata (repairing a torn last commit left
@@ -60,7 +65,7 @@ def mount(backing_dir: str, mountpoint: str, cred: Credential, foreground: bool,
         ready = _ready_writer(ready_fd)
         try:
             serve(Path(backing_dir), Path(mountpoint), cred, allow_other=allow_other,
-                  allow_rollback=allow_rollback,
+                  allow_rollback=allow_rollback, writeback_cache=writeback_cache,
                   limits=Limits(commit_interval=commit_interval), ready=ready)
         except SealfsError as e:
             if ready_fd is not None:
@@ -68,6 +73,8 @@ def mount(backing_dir: str, mountpoint: str, cred: Credential, foreground: bool,
             raise
         return
     extra = ["--allow-rollback"] if allow_rollback else []
+    if writeback_cache:
+        extra.append("--writeback-cache")
     if debug:
         extra.append("--debug")
     _daemonize(backing_dir, mountpoint, cred, log_file, allow_other, commit_interval, extra)

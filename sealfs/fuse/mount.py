@@ -47,7 +47,8 @@ def check_mountpoint(mountpoint: Path) -> Path:
 
 
 def serve(backing: Path, mountpoint: Path, cred: Credential, *, allow_other: bool = False,
-          allow_rollback: bool = False, limits: Limits | None = None,
+          allow_rollback: bool = False, writeback_cache: bool = False,
+          limits: Limits | None = None,
           ready: Callable[[], None] = lambda: None) -> None:
     """Mount and serve until unmounted or signalled; commit everything before returning.
 
@@ -64,20 +65,21 @@ def serve(backing: Path, mountpoint: Path, cred: Credential, *, allow_other: boo
         elif header.kms_slot() is not None:
             log.warning("volume has a KMS slot but was unlocked without the KMS: whole-volume "
                         "rollback is not checked on this mount")
-        trio.run(_serve, fs, mp, backing, allow_other, allow_rollback, ready)
+        trio.run(_serve, fs, mp, backing, allow_other, allow_rollback, writeback_cache, ready)
     finally:
         store.unlock()
 
 
 async def _serve(fs: Filesystem, mp: Path, backing: Path, allow_other: bool,
-                 allow_rollback: bool, ready: Callable[[], None]) -> None:
+                 allow_rollback: bool, writeback_cache: bool,
+                 ready: Callable[[], None]) -> None:
     await fs.load(allow_rollback=allow_rollback)
     source = str(Path(backing).absolute()).replace("\\", "\\\\").replace(",", "\\,")
     options = set(pyfuse3.default_options) | {f"fsname=sealfs:{source}", "subtype=sealfs"}
     if allow_other:
         options.add("allow_other")
     try:
-        pyfuse3.init(SealfsOperations(fs), str(mp), options)
+        pyfuse3.init(SealfsOperations(fs, writeback_cache), str(mp), options)
     except RuntimeError as e:
         raise BusyError(f"cannot mount on {mp}: {e}") from None
     record = runtime_file(mp)

@@ -57,12 +57,14 @@ def _guard(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
 class SealfsOperations(pyfuse3.Operations):
     """pyfuse3 Operations over a :class:`Filesystem`. File handles are inode numbers."""
 
-    enable_writeback_cache = True
     supports_dot_lookup = True
 
-    def __init__(self, fs: Filesystem) -> None:
+    def __init__(self, fs: Filesystem, writeback_cache: bool = False) -> None:
         super().__init__()
         self.fs = fs
+        # Off by default: measured here, the kernel's writeback cache makes streaming writes
+        # and untar slower (its dirty throttling for FUSE) and only helps tiny writes.
+        self.enable_writeback_cache = writeback_cache
 
     # --- helpers -------------------------------------------------------------------------
 
