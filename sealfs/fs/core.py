@@ -31,7 +31,7 @@ from sealfs.codec import (
     inode_ad,
     new_object_id,
 )
-from sealfs.crypto import AuthError, Secret, VolumeKeys
+from sealfs.crypto import AuthError, Sealer, Secret, VolumeKeys
 from sealfs.errors import KmsError, StorageError
 from sealfs.fs.data import Damaged, DataPath, FsError
 from sealfs.fs.inode import ROOT_INO, Inode, RecordError
@@ -42,6 +42,7 @@ from sealfs.volume.header import Header
 
 log = logging.getLogger("sealfs.fs")
 T = TypeVar("T")
+U = TypeVar("U")
 
 NAME_MAX = 255
 XATTR_SIZE_MAX = 65536
@@ -152,6 +153,28 @@ class Filesystem:
     async def _io(self, fn: Callable[..., T], *args: object) -> T:
         return await trio.to_thread.run_sync(fn, *args, limiter=self.io_limiter)
 
+    async def _io_halves(self, fn: Callable[[list[U]], list[T]], items: list[U]) -> list[T]:
+        """``fn`` over two halves of ``items`` in two worker threads (file system calls and
+        sealing overlap); results in order, and the first error raised as itself."""
+        if len(items) < 8:
+            return await self._io(fn, items) if items else []
+        half = len(items) // 2
+        parts: list[list[T]] = [[], []]
+        errors: list[Exception] = []
+
+        async def run(i: int, part: list[U]) -> None:
+            try:
+                parts[i] = await self._io(fn, part)
+            except Exception as e:
+                errors.append(e)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run, 0, items[:half])
+            nursery.start_soon(run, 1, items[half:])
+        if errors:
+            raise errors[0]
+        return parts[0] + parts[1]
+
     # --- paths (for messages only) -------------------------------------------------------
 
     def path_of(self, ino: int) -> str:
@@ -221,16 +244,9 @@ class Filesystem:
                         self.store.get(oid), inode_ad(self.vid, ino, oid))))
             return out
 
-        async def run(batch: list[tuple[int, int]]) -> None:
-            for node in await self._io(load, batch):
-                if node.ino not in self.nodes and self.table.get(node.ino) is not None:
-                    self.nodes[node.ino] = node
-
-        half = (len(wanted) + 1) // 2
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(run, wanted[:half])
-            if wanted[half:]:
-                nursery.start_soon(run, wanted[half:])
+        for node in await self._io_halves(load, wanted):
+            if node.ino not in self.nodes and self.table.get(node.ino) is not None:
+                self.nodes[node.ino] = node
 
     def mark(self, node: Inode) -> None:
         """Include ``node`` in the next commit."""
@@ -574,14 +590,17 @@ class Filesystem:
             sealed = [(oid, self.keys.inode(ino), inode_ad(self.vid, ino, oid), rec)
                       for ino, (oid, rec) in updates.items()]
 
-            def write() -> None:
-                for oid, sealer, ad, rec in sealed:
-                    self.store.put(oid, sealer.seal(rec, ad))
+            def put(batch: list[tuple[int, Sealer, bytes, bytes]]) -> list[None]:
+                return [self.store.put(oid, sealer.seal(rec, ad))
+                        for oid, sealer, ad, rec in batch]
+
+            def append() -> None:
                 self.store.sync()
                 self.metalog.append(commit)
 
             try:
-                await self._io(write)
+                await self._io_halves(put, sealed)
+                await self._io(append)
             except BaseException:
                 for ino in dirty:  # nothing was committed: retry all of it next time
                     node = self.nodes.get(ino)
@@ -599,7 +618,7 @@ class Filesystem:
                 if old is not None:
                     garbage.append(old)
                 self.table[ino] = oid
-            await self._io(self._delete_all, garbage)
+            await self._io_halves(self._delete_all, garbage)
             for ino in updates:
                 node = self.nodes.get(ino)
                 if node is not None:
@@ -610,12 +629,13 @@ class Filesystem:
                 await self._io(self.metalog.write_checkpoint, dict(self.table),
                                self.next_ino)
 
-    def _delete_all(self, oids: list[int]) -> None:
+    def _delete_all(self, oids: list[int]) -> list[None]:
         for oid in oids:
             try:
                 self.store.delete(oid)
             except StorageError as e:  # an orphan is harmless; check --repair removes it
                 log.warning("could not delete superseded object: %s", e)
+        return []
 
     async def commit_loop(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                           ) -> None:
