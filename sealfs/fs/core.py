@@ -100,7 +100,8 @@ class Filesystem:
         self.data = DataPath(store, self.keys, self.block_size, self.compress,
                              dirty_limit=self.limits.dirty_blocks,
                              clean_bytes=self.limits.clean_cache_bytes,
-                             inflight_batches=self.limits.inflight_batches, io=self._io, mark=self.mark,
+                             inflight_batches=self.limits.inflight_batches, io=self._io,
+                             io_halves=self._io_halves, mark=self.mark,
                              path_of=self.path_of, on_damage=lambda d: self.on_damage(d))
 
     # --- life cycle ----------------------------------------------------------------------

@@ -16,6 +16,7 @@ point at it; the object it replaces is deleted after the next commit (docs/forma
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -59,7 +60,8 @@ class DataPath:
 
     def __init__(self, store: ObjectStore, keys: VolumeKeys, block_size: int, compress: bool,
                  *, dirty_limit: int, clean_bytes: int, inflight_batches: int,
-                 io: Callable[..., Awaitable[Any]], mark: Callable[[Inode], None],
+                 io: Callable[..., Awaitable[Any]], io_halves: Callable[..., Awaitable[Any]],
+                 mark: Callable[[Inode], None],
                  path_of: Callable[[int], str], on_damage: Callable[[Damaged], None]) -> None:
         self.store = store
         self.keys = keys
@@ -69,6 +71,7 @@ class DataPath:
         self.dirty_limit = dirty_limit
         self.clean_limit = clean_bytes
         self._io = io
+        self._io_halves = io_halves
         self._mark = mark
         self._path_of = path_of
         self._on_damage = on_damage
@@ -124,7 +127,8 @@ class DataPath:
                     out[idx] = data
             if not missing:
                 return out
-            for idx, oid, result in await self._io(self._load, node.ino, missing):
+            loaded = await self._io_halves(functools.partial(self._load, node.ino), missing)
+            for idx, oid, result in loaded:
                 if isinstance(result, Exception):
                     if node.blocks.get(idx) != oid:
                         continue  # rewritten while we read the old object: read again
