@@ -36,8 +36,17 @@ def _code_frames(frames: list[str]) -> list[str]:
     return [_short(f) for f in frames if not f.startswith(("process ", "thread ("))]
 
 
-def summary(stacks: list[tuple[list[str], int]], top: int = 30) -> str:
+def summary(stacks: list[tuple[list[str], int]], top: int = 30,
+            expected_per_thread: float | None = None) -> str:
+    """Hottest functions. ``expected_per_thread`` (seconds sampled x rate) lets it say how busy
+    each thread was."""
     total = sum(c for _, c in stacks) or 1
+    threads: Counter[str] = Counter()
+    for frames, count in stacks:
+        name = next((f for f in frames if f.startswith("thread (")), "?")
+        code = _code_frames(frames)
+        if code and not code[-1].startswith(WAITS):
+            threads[name] += count
     own: Counter[str] = Counter()
     incl: Counter[str] = Counter()
     for frames, count in stacks:
@@ -54,6 +63,12 @@ def summary(stacks: list[tuple[list[str], int]], top: int = 30) -> str:
         f"{total} samples; {100 * waiting / total:.1f}% in known waits (trio's epoll wait, idle "
         "worker threads), left out below",
         "",
+    ]
+    if expected_per_thread:
+        lines.append("busy samples per thread (share of the sampled time):")
+        lines += [f"{100 * c / expected_per_thread:6.1f}%  {t}" for t, c in threads.most_common()]
+        lines.append("")
+    lines += [
         f"top {top} by own time (the frame that was running):",
         *(f"{100 * c / total:6.1f}%  {f}" for f, c in busy[:top]),
         "",

@@ -88,10 +88,12 @@ def main(argv: list[str] | None = None) -> int:
         log(f"sampling daemon {fs.pid}: {' '.join(cmd)}")
         spy = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(out / "py-spy.log", "w"))  # noqa: SIM115
         time.sleep(1.0)  # let py-spy attach
+        t_spy = time.monotonic()
         log(f"running {wl.name}")
         figures = wl.run(ctx)
         log("figures: " + ", ".join(f"{k} {v:.3f}" for k, v in figures.items()))
         time.sleep(0.5)
+        sampled = time.monotonic() - t_spy
         spy.send_signal(signal.SIGINT)
         spy.wait(timeout=120)
         spy = None
@@ -99,7 +101,10 @@ def main(argv: list[str] | None = None) -> int:
         samples = flamegraph.read_collapsed(stacks)
         title = f"sealfs daemon, {wl.name}" + (" (lz4)" if args.compression else "")
         (out / "flame.svg").write_text(flamegraph.svg(samples, title))
-        (out / "summary.txt").write_text(flamegraph.summary(samples))
+        (out / "summary.txt").write_text(
+            f"{title}: {sampled:.1f}s sampled at {args.rate}/s; figures (slowed by sampling): "
+            + ", ".join(f"{k} {v:.3f}" for k, v in figures.items()) + "\n\n"
+            + flamegraph.summary(samples, expected_per_thread=sampled * args.rate))
         (out / "figures.json").write_text(json.dumps(
             {"workload": wl.name, "compression": args.compression, "figures": figures,
              "params": params.describe()}, indent=2) + "\n")

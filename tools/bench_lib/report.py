@@ -154,12 +154,32 @@ def errors_text(data: dict) -> str:
     return "\n".join(out)
 
 
+def sizes_text(data: dict) -> str:
+    p, w = data["params"], set(data["workloads"])
+    parts = []
+    if w & {"seqwrite", "seqread"}:
+        parts.append(f"sequential {p['seq_size'] // MiB} MiB")
+    if w & {"randread", "randwrite"}:
+        parts.append(f"random I/O {p['rand_io'] // MiB} MiB of 4 KiB requests on a "
+                     f"{p['rand_file'] // MiB} MiB file")
+    if "smallfiles" in w:
+        parts.append(f"{p['small_count']:,} small files of {p['small_size']} B")
+    if "tree" in w:
+        parts.append(f"source tree {p['tree_name']} ({p['tree_files']:,} files)")
+    if "dd512" in w:
+        parts.append(f"dd {p['dd_bytes'] / MiB:g} MiB in 512 B writes")
+    if "appends" in w:
+        parts.append(f"{p['append_count']:,} appends")
+    if "sqlite" in w:
+        parts.append(f"{p['sqlite_commits']:,} SQLite transactions of {p['sqlite_rows']} rows")
+    return "; ".join(parts)
+
+
 def markdown(data: dict) -> str:
     m = data["machine"]
-    p = data["params"]
     v = data["versions"]
     lines = [
-        f"### Results of {data['started']} ({'quick' if data['quick'] else 'full'} run)",
+        f"### Results of {data['started']} ({data.get('section', 'full')} run)",
         "",
         f"Command: `{data['command']}`",
         "",
@@ -169,11 +189,7 @@ def markdown(data: dict) -> str:
         "",
         "Versions: " + "; ".join(f"{k}: {val}" for k, val in v.items() if val) + ".",
         "",
-        f"Sizes: sequential {p['seq_size'] // MiB} MiB; random I/O {p['rand_io'] // MiB} MiB of "
-        f"4 KiB requests on a {p['rand_file'] // MiB} MiB file; {p['small_count']:,} small files "
-        f"of {p['small_size']} B; source tree {p['tree_name']} ({p['tree_files']:,} files); "
-        f"dd {p['dd_bytes'] // MiB} MiB in 512 B writes; {p['append_count']:,} appends; "
-        f"{p['sqlite_commits']:,} SQLite transactions of {p['sqlite_rows']} rows. "
+        "Sizes: " + sizes_text(data) + ". "
         f"Median of {data['reps']} repetition(s); ratios are to gocryptfs in the same run "
         "(↑ higher is better, ↓ lower is better).",
         "",

@@ -229,9 +229,13 @@ class Runner:
         ctxs: dict[str, Ctx] = {}
         for fs in self._live():
             ctx = self._ctx(fs, wl)
+
+            def prepare(c: Ctx, wl: Workload = wl) -> None:
+                c.dir.mkdir(parents=True, exist_ok=True)
+                wl.prepare(c)
+
             try:
-                ctx.dir.mkdir(parents=True, exist_ok=True)
-                self._guarded(fs, ctx, wl.prepare, self.args.timeout)
+                self._guarded(fs, ctx, prepare, self.args.timeout)
                 ctxs[fs.name] = ctx
             except Exception as e:  # noqa: BLE001
                 self._record_failure(fs, wl, e)
@@ -361,10 +365,10 @@ def main(argv: list[str] | None = None) -> int:
     if os.stat(scratch).st_dev != os.stat(REPO).st_dev:
         log(f"warning: {scratch} is not on the same filesystem as {REPO}")
 
-    # Free space: each group's files exist on every filesystem at once (backing + plain copy).
+    # Free space: each group's files exist on every filesystem at once.
     per_fs = 0
     if any(w.group == "seq" for w in wls):
-        per_fs = max(per_fs, params.seq_size)
+        per_fs = max(per_fs, params.seq_size * reps)  # seqwrite writes one file per repetition
     if any(w.group == "rand" for w in wls):
         per_fs = max(per_fs, params.rand_file)
     per_fs = int(per_fs * 1.25) + 512 * MiB
@@ -423,6 +427,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "tools/bench " + " ".join(shlex.quote(a) for a in
                                              (argv if argv is not None else sys.argv[1:])),
         "quick": args.quick,
+        "section": section,
         "reps": reps,
         "duration_s": round(total, 1),
         "interrupted": interrupted,

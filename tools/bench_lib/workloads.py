@@ -185,19 +185,19 @@ class SeqWrite(Workload):
     group = "seq"
     metrics = ("seq_write", "rss_peak")
     description = (
-        "Write one file of --size bytes (incompressible data, 1 MiB write() calls), fsync, close. "
-        "Caches are dropped first. The FUSE daemon's RSS (with its child processes) is sampled "
+        "Write a new file of --size bytes (incompressible data, 1 MiB write() calls), fsync, "
+        "close. Caches are dropped first. The FUSE daemon's RSS (with its child processes) is sampled "
         "every 50 ms meanwhile."
     )
 
     def run(self, ctx: Ctx) -> dict[str, float]:
-        path = ctx.dir / "big"
+        # A new file per repetition: deleting the previous one would start background work in
+        # some filesystems (deferred deletes) that would then be timed as part of this write.
+        # The files go when the "seq" group is cleaned up, after seqread.
+        path = ctx.dir / f"big-{ctx.rep}"
         if path.exists():
-            # The previous repetition's file: delete it and let the daemon finish any
-            # background work that deleting triggers before the clock starts.
             path.unlink()
             _fsync_dir(ctx.dir)
-            os.sync()
             if ctx.fs.pid:
                 system.wait_quiet([ctx.fs.pid], timeout=120)
         system.drop_caches()
@@ -216,17 +216,25 @@ class SeqRead(Workload):
     group = "seq"
     metrics = ("seq_read",)
     description = (
-        "Drop caches, then read the --size file (left by seqwrite, or written untimed) with "
-        "1 MiB read() calls."
+        "Drop caches, then read the --size file (the last one seqwrite wrote, or one written "
+        "untimed) with 1 MiB read() calls."
     )
 
+    @staticmethod
+    def _file(ctx: Ctx) -> Path:
+        """The file seqwrite wrote last, if it has the right size."""
+        for path in sorted(ctx.dir.glob("big-*"), key=lambda p: p.stat().st_mtime, reverse=True):
+            if path.stat().st_size == ctx.params.seq_size:
+                return path
+        return ctx.dir / "big-read"
+
     def prepare(self, ctx: Ctx) -> None:
-        path = ctx.dir / "big"
-        if not path.exists() or path.stat().st_size != ctx.params.seq_size:
+        path = self._file(ctx)
+        if not path.exists():
             _write_file(path, ctx.params.seq_size, ctx)
 
     def run(self, ctx: Ctx) -> dict[str, float]:
-        path = ctx.dir / "big"
+        path = self._file(ctx)
         system.drop_caches()
         buf = bytearray(MiB)
         total = 0
