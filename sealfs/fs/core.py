@@ -658,6 +658,13 @@ class Filesystem:
 
     # --- statistics ----------------------------------------------------------------------
 
+    def stats(self) -> dict[str, int]:
+        """Sizes of everything the daemon keeps in memory (logged on SIGUSR1)."""
+        return {"nodes": len(self.nodes), "table": len(self.table),
+                "dirty_nodes": len(self._dirty_nodes), "dirty_blocks": self.data.dirty_count,
+                "clean_blocks": len(self.data._clean), "superseded": len(self.data.superseded),
+                "doomed": len(self._doomed), "seq": self.metalog.seq}
+
     def statfs(self) -> os.statvfs_result:
         return self.store.statvfs()
 

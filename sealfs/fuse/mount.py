@@ -100,8 +100,11 @@ async def _serve(fs: Filesystem, mp: Path, backing: Path, allow_other: bool,
             async def on_signal() -> None:
                 nonlocal terminated
                 with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT,
-                                               signal.SIGHUP) as signals:
+                                               signal.SIGHUP, signal.SIGUSR1) as signals:
                     async for signum in signals:
+                        if signum == signal.SIGUSR1:  # operators: what is held in memory
+                            log.info("stats: %s", fs.stats())
+                            continue
                         log.info("signal %d: unmounting", signum)
                         terminated = True
                         pyfuse3.terminate()
