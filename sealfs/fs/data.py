@@ -301,6 +301,8 @@ class DataPath:
             current = node.flushing.get(idx)
             if current is None or current[0] is not data or node.dead:
                 self.superseded.append(oid)  # truncated or deleted meanwhile
+                if current is not None and current[0] is data:
+                    del node.flushing[idx]  # else flush() waits on it forever
                 continue
             del node.flushing[idx]
             old = node.blocks.get(idx)
@@ -308,7 +310,8 @@ class DataPath:
                 self.superseded.append(old)
             node.blocks[idx] = oid
             self._keep_clean(node.ino, idx, data)
-        self._mark(node)
+        if not node.dead:
+            self._mark(node)
 
     def _flush_failed(self, node: Inode, idx: int, data: bytes, e: BaseException) -> None:
         current = node.flushing.get(idx)
@@ -335,7 +338,7 @@ class DataPath:
     async def flush(self, node: Inode, wait: bool = True) -> None:
         """Write back all of ``node``'s dirty blocks; with ``wait``, until they are stored
         and then report any background write error (as fsync must)."""
-        while True:
+        while not node.dead:
             # Under the node's lock: a writer between loading a block and copying into it
             # must not see that block vanish from dirty_blocks.
             async with self.lock(node):
@@ -364,5 +367,6 @@ class DataPath:
         node.dead = True
         self.dirty_count -= len(node.dirty_blocks)
         node.dirty_blocks.clear()
+        node.flushing.clear()  # jobs in flight see this and discard their objects
         for idx in node.blocks:
             self._drop_clean(node.ino, idx)
