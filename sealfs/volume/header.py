@@ -179,6 +179,10 @@ def _slot_ad(volume_id: bytes, slot: Slot) -> bytes:
     return label("slot", volume_id, slot.id, slot.type)
 
 
+def _kms_kek(app_key: Secret) -> Secret:
+    return hkdf(app_key, "slot-kms")
+
+
 def _kek(cred: Credential, slot: Slot, volume_id: bytes) -> Secret:
     if isinstance(cred, KeyFileCredential):
         return hkdf(cred.secret, "slot-keyfile", salt=slot.salt)
@@ -188,7 +192,7 @@ def _kek(cred: Credential, slot: Slot, volume_id: bytes) -> Secret:
         if client.kms_public_key is None and slot.kms.get("kms_public_key"):
             client.kms_public_key = bytes.fromhex(slot.kms["kms_public_key"])  # pinned
         key, _ = client.get_key(KMS_PURPOSE, volume_id, slot.kms["key_version"])
-        return hkdf(key, "slot-kms")
+        return _kms_kek(key)
     assert slot.kdf is not None
     return hkdf(derive_from_passphrase(cred.secret, slot.kdf), "slot-passphrase")
 
@@ -302,16 +306,18 @@ class Header:
         slot_id = max((s.id for s in self.slots), default=-1) + 1
         if isinstance(cred, PassphraseCredential):
             slot = Slot(slot_id, "passphrase", b"", kdf=kdf or KdfParams.default())
+            kek = _kek(cred, slot, self.volume_id)
         elif isinstance(cred, KmsCredential):
             client = cred.client
-            _, version = client.get_key(KMS_PURPOSE, self.volume_id)
+            key, version = client.get_key(KMS_PURPOSE, self.volume_id)  # current version
             slot = Slot(slot_id, "kms", b"", kms={
                 "url": client.url, "app_id": client.app_id.hex(), "key_version": version,
                 "kms_public_key": (client.kms_public_key or b"").hex()})
+            kek = _kms_kek(key)
         else:
             slot = Slot(slot_id, "keyfile", b"", salt=random_bytes(16))
-        slot.wrapped = wrap_key(_kek(cred, slot, self.volume_id), master,
-                                _slot_ad(self.volume_id, slot))
+            kek = _kek(cred, slot, self.volume_id)
+        slot.wrapped = wrap_key(kek, master, _slot_ad(self.volume_id, slot))
         self.slots.append(slot)
         self.seal(master)
         return slot
