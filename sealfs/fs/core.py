@@ -667,8 +667,3 @@ class Filesystem:
 
     def statfs(self) -> os.statvfs_result:
         return self.store.statvfs()
-
-    @property
-    def root_commitment(self) -> tuple[int, bytes]:
-        """(epoch, digest) of the last durable commit: what a freshness anchor stores."""
-        return self.metalog.seq, self.metalog.head
