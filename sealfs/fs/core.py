@@ -57,6 +57,7 @@ class Limits:
     dirty_blocks: int = 256  # partly written blocks buffered before a forced flush
     inflight_batches: int = 4  # write-back jobs (up to one FUSE write each) in flight
     clean_cache_bytes: int = 32 << 20
+    readahead: int = 8 << 20  # sequential reads: bytes loaded ahead of the reader
     node_cache: int = 20000  # clean, unreferenced inodes kept in memory
     commit_interval: float = 5.0
     anchor_interval: float = 30.0  # seconds between freshness-anchor advances at the KMS
@@ -100,7 +101,8 @@ class Filesystem:
         self.data = DataPath(store, self.keys, self.block_size, self.compress,
                              dirty_limit=self.limits.dirty_blocks,
                              clean_bytes=self.limits.clean_cache_bytes,
-                             inflight_batches=self.limits.inflight_batches, io=self._io,
+                             inflight_batches=self.limits.inflight_batches,
+                             readahead=self.limits.readahead, io=self._io,
                              io_halves=self._io_halves, mark=self.mark,
                              path_of=self.path_of, on_damage=lambda d: self.on_damage(d))
 

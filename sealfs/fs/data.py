@@ -5,6 +5,10 @@ in ``node.dirty_blocks[i]`` (being modified), ``node.flushing[i]`` (sealed and w
 background), the clean cache, or the store under object ``node.blocks[i]``. A missing block
 is a hole and reads as zeros.
 
+Sequential reads are prefetched: a read that continues where the previous one on the node
+ended starts loading the next ``readahead`` bytes in the background, so the backing disk and
+the decryption work on the next blocks while the kernel is still copying out this one.
+
 Writes only copy into memory; a block that becomes full is handed to a background task that
 seals and stores it, so the next FUSE write is accepted while the previous block is still being
 encrypted (at most ``Limits.inflight_blocks`` at a time: that is the back-pressure). A write
@@ -60,6 +64,7 @@ class DataPath:
 
     def __init__(self, store: ObjectStore, keys: VolumeKeys, block_size: int, compress: bool,
                  *, dirty_limit: int, clean_bytes: int, inflight_batches: int,
+                 readahead: int,
                  io: Callable[..., Awaitable[Any]], io_halves: Callable[..., Awaitable[Any]],
                  mark: Callable[[Inode], None],
                  path_of: Callable[[int], str], on_damage: Callable[[Damaged], None]) -> None:
@@ -81,6 +86,8 @@ class DataPath:
         self.dirty_count = 0
         self._clean: OrderedDict[tuple[int, int], bytes] = OrderedDict()
         self._clean_bytes = 0
+        self.readahead_blocks = readahead // block_size
+        self._loading: dict[tuple[int, int], trio.Event] = {}  # prefetches in flight
 
     # --- the clean cache -----------------------------------------------------------------
 
@@ -116,17 +123,22 @@ class DataPath:
         """Current plaintext of the given blocks (b"" for holes)."""
         out: dict[int, bytes] = {}
         for _attempt in range(8):
-            missing = []
+            missing, pending = [], None
             for idx in indexes:
                 if idx in out:
                     continue
                 data = self._in_memory(node, idx)
-                if data is None:
-                    missing.append((idx, node.blocks[idx]))
-                else:
+                if data is not None:
                     out[idx] = data
+                elif (node.ino, idx) in self._loading:
+                    pending = self._loading[(node.ino, idx)]
+                else:
+                    missing.append((idx, node.blocks[idx]))
             if not missing:
-                return out
+                if pending is None:
+                    return out
+                await pending.wait()  # a prefetch is loading it: do not read it twice
+                continue
             loaded = await self._io_halves(functools.partial(self._load, node.ino), missing)
             for idx, oid, result in loaded:
                 if isinstance(result, Exception):
@@ -142,6 +154,47 @@ class DataPath:
                     self._keep_clean(node.ino, idx, result)
                     out[idx] = result
         raise FsError(errno.EAGAIN)  # pragma: no cover - a block rewritten 8 times mid-read
+
+    def _prefetch(self, node: Inode, last: int) -> None:
+        """The reader is at block ``last``: keep the next ``readahead`` bytes loading.
+
+        Loads go out in jobs of half the window each (one thread hop per job, not per block:
+        on two cores the hand-offs between threads, not the disk or AES, were the cost).
+        Failures are ignored here: the read that needs the block loads it again and reports.
+        """
+        window = self.readahead_blocks
+        if self.nursery is None or node.dead or node.prefetched - last > window // 2:
+            return
+        start = max(last + 1, node.prefetched)
+        stop = min(last + 1 + window, -(-node.size // self.block_size))
+        node.prefetched = stop
+        wanted = []
+        for idx in range(start, stop):
+            oid = node.blocks.get(idx)
+            if (oid is not None and (node.ino, idx) not in self._loading
+                    and self._in_memory(node, idx) is None):
+                wanted.append((idx, oid))
+        if not wanted:
+            return
+        done = trio.Event()
+        for idx, _ in wanted:
+            self._loading[(node.ino, idx)] = done
+        self.nursery.start_soon(self._run_prefetch, node, wanted, done)
+
+    async def _run_prefetch(self, node: Inode, wanted: list[tuple[int, int]],
+                            done: trio.Event) -> None:
+        try:
+            loaded = await self._io(self._load, node.ino, wanted)
+        finally:
+            for idx, _ in wanted:
+                if self._loading.get((node.ino, idx)) is done:
+                    del self._loading[(node.ino, idx)]
+            done.set()
+        for idx, oid, result in loaded:
+            if (not isinstance(result, Exception) and not node.dead
+                    and node.blocks.get(idx) == oid and idx not in node.dirty_blocks
+                    and idx not in node.flushing):
+                self._keep_clean(node.ino, idx, result)
 
     def _load(self, ino: int, wanted: list[tuple[int, int]]
               ) -> list[tuple[int, int, bytes | Exception]]:
@@ -162,12 +215,18 @@ class DataPath:
             return b""
         bs = self.block_size
         first, last = off // bs, (end - 1) // bs
+        if self.readahead_blocks and off == node.read_next and off:
+            self._prefetch(node, last)
+        elif off != node.read_next:
+            node.prefetched = 0  # not sequential (any more): start over
+        node.read_next = end
         blocks = await self.blocks(node, list(range(first, last + 1)))
         parts = []
         for idx in range(first, last + 1):
             base = idx * bs
             lo, hi = max(off, base) - base, min(end, base + bs) - base
-            chunk = blocks[idx][lo:hi]
+            block = blocks[idx]
+            chunk = block if lo == 0 and hi == len(block) else block[lo:hi]
             parts.append(chunk)
             if len(chunk) < hi - lo:
                 parts.append(bytes(hi - lo - len(chunk)))

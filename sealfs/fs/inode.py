@@ -94,7 +94,8 @@ class Inode:
     __slots__ = ("ino", "mode", "uid", "gid", "nlink", "size", "atime_ns", "mtime_ns",
                  "ctime_ns", "rdev", "parent", "xattrs", "blocks", "entries", "target",
                  "meta_dirty", "dirty_blocks", "flushing", "write_error", "dead", "lookups",
-                 "opens", "name_hint", "lock", "damaged")
+                 "opens", "name_hint", "lock", "damaged", "read_next",
+                 "prefetched")
 
     def __init__(self, ino: int, mode: int, uid: int = 0, gid: int = 0, nlink: int = 1,
                  size: int = 0, atime_ns: int = 0, mtime_ns: int = 0, ctime_ns: int = 0,
@@ -125,6 +126,8 @@ class Inode:
         self.name_hint: tuple[int, bytes] | None = None  # (parent ino, name) for messages
         self.lock: Any = None  # trio.Lock, created on first data access
         self.damaged: set[int] = set()  # block indexes known to fail verification
+        self.read_next = 0  # where a sequential read would continue (for prefetching)
+        self.prefetched = 0  # block index up to which prefetching was started
 
     @property
     def is_dir(self) -> bool:
