@@ -9,6 +9,10 @@ Sequential reads are prefetched: a read that continues where the previous one on
 ended starts loading the next ``readahead`` bytes in the background, so the backing disk and
 the decryption work on the next blocks while the kernel is still copying out this one.
 
+A file of at most ``INLINE_MAX`` bytes keeps its data in its own inode record (``node.inline``)
+rather than in a block object: creating a small file then costs one backing file, not two. It
+moves to a block object as soon as it grows past that size.
+
 Writes only copy into memory; a block that becomes full is handed to a background task that
 seals and stores it, so the next FUSE write is accepted while the previous block is still being
 encrypted (at most ``Limits.inflight_blocks`` at a time: that is the back-pressure). A write
@@ -37,6 +41,7 @@ from sealfs.store import MissingObject, ObjectStore
 log = logging.getLogger("sealfs.fs")
 
 FALLOC_FL_KEEP_SIZE = 0x01
+INLINE_MAX = 4096  # files up to this size keep their data in their inode record
 
 
 class Damaged(IntegrityError):
@@ -113,6 +118,8 @@ class DataPath:
         flushing = node.flushing.get(idx)
         if flushing is not None:
             return flushing[0]
+        if idx == 0 and node.inline is not None:
+            return node.inline
         cached = self._clean.get((node.ino, idx))
         if cached is not None:
             self._clean.move_to_end((node.ino, idx))
@@ -284,6 +291,8 @@ class DataPath:
         async with self.lock(node):
             await self._wait_flushing(node)  # no old content may land after the cut
             bs = self.block_size
+            if node.inline is not None and len(node.inline) > size:
+                node.inline = node.inline[:size] or None
             if size < node.size:
                 keep = -(-size // bs)  # blocks [0, keep) survive
                 for idx in [i for i in node.blocks if i >= keep]:
@@ -320,8 +329,33 @@ class DataPath:
 
     # --- flushing ------------------------------------------------------------------------
 
+    def _inline(self, node: Inode, indexes: list[int]) -> list[int]:
+        """Keep a small file's data in its record; return the blocks that still need objects.
+
+        A file stays inline while it is at most ``INLINE_MAX`` bytes and has no block objects;
+        when it grows past that, its inline data becomes dirty block 0 and is written back
+        with the rest.
+        """
+        if (node.size <= INLINE_MAX and not node.blocks and not node.flushing
+                and node.dirty_blocks.keys() <= {0}):
+            if 0 in node.dirty_blocks:
+                node.inline = bytes(node.dirty_blocks.pop(0)) or None
+                self.dirty_count -= 1
+                self._mark(node)
+            return []
+        if node.inline is not None:
+            if 0 not in node.dirty_blocks:
+                node.dirty_blocks[0] = bytearray(node.inline)
+                self.dirty_count += 1
+            node.inline = None
+            self._mark(node)
+            if 0 not in indexes:
+                indexes = [0, *indexes]
+        return indexes
+
     async def _start_flush(self, node: Inode, indexes: list[int]) -> None:
         """Hand dirty blocks to one background job (one thread hop for the whole batch)."""
+        indexes = self._inline(node, indexes)
         batch = [(idx, bytes(node.dirty_blocks.pop(idx))) for idx in indexes
                  if idx in node.dirty_blocks and idx not in node.flushing]
         if not batch:

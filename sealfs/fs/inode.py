@@ -14,7 +14,7 @@ from bisect import bisect_right
 from collections.abc import Iterator
 from typing import Any
 
-RECORD_VERSION = 1
+RECORD_VERSION = 2  # 2 added inline data; version 1 records are still read
 ROOT_INO = 1
 
 _ATTRS = struct.Struct(">BIIIIQqqqQQ")  # version mode uid gid nlink size a/m/ctime rdev parent
@@ -95,7 +95,7 @@ class Inode:
                  "ctime_ns", "rdev", "parent", "xattrs", "blocks", "entries", "target",
                  "meta_dirty", "dirty_blocks", "flushing", "write_error", "dead", "lookups",
                  "opens", "name_hint", "lock", "damaged", "read_next",
-                 "prefetched")
+                 "prefetched", "inline")
 
     def __init__(self, ino: int, mode: int, uid: int = 0, gid: int = 0, nlink: int = 1,
                  size: int = 0, atime_ns: int = 0, mtime_ns: int = 0, ctime_ns: int = 0,
@@ -113,6 +113,7 @@ class Inode:
         self.parent = parent
         self.xattrs: dict[bytes, bytes] = {}
         self.blocks: dict[int, int] = {}  # file: block index -> object id
+        self.inline: bytes | None = None  # small file: its data, kept in this record
         self.entries: Entries | None = Entries() if stat.S_ISDIR(mode) else None
         self.target = b""  # symlink
         # runtime state, never stored
@@ -162,6 +163,8 @@ class Inode:
         else:
             out.append(_U32.pack(len(self.blocks)))
             out += [_PAIR.pack(idx, oid) for idx, oid in sorted(self.blocks.items())]
+            inline = self.inline or b""
+            out += [_U32.pack(len(inline)), inline]
         return b"".join(out)
 
     @classmethod
@@ -175,7 +178,7 @@ class Inode:
     def _parse(cls, ino: int, buf: memoryview) -> Inode:
         (version, mode, uid, gid, nlink, size, atime, mtime, ctime, rdev,
          parent) = _ATTRS.unpack_from(buf, 0)
-        if version != RECORD_VERSION:
+        if version not in (1, RECORD_VERSION):
             raise RecordError(f"inode record version {version} is not supported")
         node = cls(ino, mode, uid, gid, nlink, size, atime, mtime, ctime, rdev, parent)
         pos = _ATTRS.size
@@ -199,6 +202,12 @@ class Inode:
                 idx, oid = _PAIR.unpack_from(buf, pos)
                 pos += 16
                 node.blocks[idx] = oid
+            if version >= 2:
+                (n,), pos = _U32.unpack_from(buf, pos), pos + 4
+                if n:
+                    if count or n > size or pos + n > len(buf):
+                        raise RecordError("inline data with a block map, or beyond the size")
+                    node.inline, pos = bytes(buf[pos:pos + n]), pos + n
         if pos != len(buf):
             raise RecordError("trailing bytes in inode record")
         return node

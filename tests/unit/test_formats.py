@@ -44,9 +44,33 @@ def test_dir_and_symlink_records() -> None:
     assert Inode.from_record(9, s.to_record()).target == s.target
 
 
+def test_inline_file_record_roundtrip() -> None:
+    node = Inode(7, stat.S_IFREG | 0o640, size=4000)
+    node.inline = os.urandom(3000)  # shorter than the size: the rest reads as zeros
+    back = Inode.from_record(7, node.to_record())
+    assert back.inline == node.inline and back.blocks == {} and back.size == 4000
+
+
+def test_version_1_records_are_still_read() -> None:
+    node = Inode(7, stat.S_IFREG | 0o600, size=5)
+    node.blocks = {0: 99}
+    v2 = node.to_record()
+    assert v2[-4:] == bytes(4)  # no inline data
+    back = Inode.from_record(7, b"\x01" + v2[1:-4])
+    assert back.blocks == {0: 99} and back.inline is None
+
+
 def test_bad_records_raise_record_error() -> None:
     rec = Inode(7, stat.S_IFREG | 0o600).to_record()
-    for bad in (rec[:-1], rec + b"x", b"\x02" + rec[1:], b""):
+    small = Inode(7, stat.S_IFREG | 0o600, size=3)
+    small.inline = b"abc"
+    both = Inode(7, stat.S_IFREG | 0o600, size=3)
+    both.inline, both.blocks = b"abc", {0: 5}
+    rec3 = small.to_record()
+    too_long = rec3[:17] + (2).to_bytes(8, "big") + rec3[25:]  # size 2, 3 inline bytes
+    assert Inode.from_record(7, rec3[:17] + (3).to_bytes(8, "big") + rec3[25:]).inline
+    for bad in (rec[:-1], rec + b"x", b"\x03" + rec[1:], b"\x00" + rec[1:], b"",
+                small.to_record()[:-1], both.to_record(), too_long):
         with pytest.raises(RecordError):
             Inode.from_record(7, bad)
 
