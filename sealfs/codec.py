@@ -25,7 +25,7 @@ _RAW = bytes([CODEC_RAW])
 _LZ4 = bytes([CODEC_LZ4])
 CHECKPOINT_MAGIC = b"SFCK"
 CHECKPOINT_VERSION = 1
-RECORD_VERSION = 1
+RECORD_VERSION = 2  # 2 carries inode record objects in the frame; 1 is still read
 
 _FRAME_HEAD = struct.Struct(">II")  # length, crc32 of the length
 FRAME_HEADER = _FRAME_HEAD.size
@@ -92,29 +92,35 @@ class Commit:
     """One atomic metadata commit: new record object ids for some inodes, removal of others.
 
     ``seq`` is volume-global and strictly increasing (it doubles as the volume epoch);
-    ``next_ino`` is the inode counter after the commit.
+    ``next_ino`` is the inode counter after the commit. ``carried`` holds, by object id, the
+    inode and the sealed bytes of objects (records and blocks) that travel inside this commit
+    instead of as files of their own (docs/format.md, "Objects carried in the journal").
     """
 
     seq: int
     next_ino: int
     updates: dict[int, int] = field(default_factory=dict)
     deletes: list[int] = field(default_factory=list)
+    carried: dict[int, tuple[int, bytes]] = field(default_factory=dict)
 
     def encode(self) -> bytes:
         out = [_REC_HEAD.pack(RECORD_VERSION, self.seq, self.next_ino, 0, len(self.updates))]
         out += [_PAIR.pack(ino, oid) for ino, oid in self.updates.items()]
         out.append(_U32.pack(len(self.deletes)))
         out += [_U64.pack(ino) for ino in self.deletes]
+        out.append(_U32.pack(len(self.carried)))
+        for oid, (ino, blob) in self.carried.items():
+            out += [_PAIR.pack(oid, ino), _U32.pack(len(blob)), blob]
         return b"".join(out)
 
     @classmethod
     def decode(cls, data: bytes) -> Commit:
         try:
             version, seq, next_ino, _, n = _REC_HEAD.unpack_from(data, 0)
-            if version != RECORD_VERSION:
+            if version not in (1, RECORD_VERSION):
                 raise CodecError(f"commit record version {version} is not supported")
             pos = _REC_HEAD.size
-            updates = {}
+            updates, carried = {}, {}
             for _ in range(n):
                 ino, oid = _PAIR.unpack_from(data, pos)
                 updates[ino] = oid
@@ -122,11 +128,23 @@ class Commit:
             (nd,) = _U32.unpack_from(data, pos)
             pos += 4
             deletes = [_U64.unpack_from(data, pos + 8 * i)[0] for i in range(nd)]
-            if pos + 8 * nd != len(data):
+            pos += 8 * nd
+            if version >= 2:
+                (nc,) = _U32.unpack_from(data, pos)
+                pos += 4
+                for _ in range(nc):
+                    (oid, ino), (size,) = _PAIR.unpack_from(data, pos), _U32.unpack_from(
+                        data, pos + 16)
+                    pos += 20
+                    if not size or pos + size > len(data) or oid in carried:
+                        raise CodecError("malformed carried object")
+                    carried[oid] = (ino, data[pos:pos + size])
+                    pos += size
+            if pos != len(data):
                 raise CodecError("trailing bytes in commit record")
         except struct.error as e:
             raise CodecError(f"malformed commit record: {e}") from None
-        return cls(seq, next_ino, updates, deletes)
+        return cls(seq, next_ino, updates, deletes, carried)
 
 
 def journal_ad(volume_id: bytes, gen: int, seq: int) -> bytes:

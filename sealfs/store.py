@@ -10,6 +10,11 @@ full disk is never mistaken for tampering). Layout of a backing directory::
     journal.<gen:016x>       append-only sealed commit records after that checkpoint
     objects/<xx>/<id:016x>   sealed inode records and data blocks, xx = first id byte
 
+Some objects (small inode records) have no file of their own while their commit is in the
+current journal: they travel inside the commit frame, and :attr:`ObjectStore.carried` holds
+them so that :meth:`ObjectStore.get` finds them like any other object. They become files when
+the journal is folded into a new checkpoint (docs/format.md, "Records carried in the journal").
+
 All methods are blocking; the filesystem core calls them from worker threads.
 """
 
@@ -54,6 +59,10 @@ class ObjectStore:
         self.root = Path(root)
         self.objects = self.root / OBJECTS_DIR
         self._lock_fd: int | None = None
+        #: objects whose only durable copy is inside a commit of the current journal
+        self.carried: dict[int, bytes] = {}
+        #: an object file was written since the last :meth:`sync`
+        self.unsynced = False
 
     # --- locking -------------------------------------------------------------------------
 
@@ -113,12 +122,16 @@ class ObjectStore:
                     view = view[os.write(fd, view):]
             finally:
                 os.close(fd)
+                self.unsynced = True
         except OSError as e:
             with contextlib.suppress(OSError):
                 path.unlink()
             raise _storage_error(f"cannot write object {path.name}", e) from None
 
     def get(self, oid: int) -> bytes:
+        blob = self.carried.get(oid)
+        if blob is not None:
+            return blob
         path = self.object_path(oid)
         try:
             with open(path, "rb", buffering=0) as f:
@@ -129,6 +142,7 @@ class ObjectStore:
             raise _storage_error(f"cannot read object {path.name}", e) from None
 
     def delete(self, oid: int) -> None:
+        self.carried.pop(oid, None)  # a file may exist as well (see materialize)
         try:
             self.object_path(oid).unlink()
         except FileNotFoundError:
@@ -195,9 +209,21 @@ class ObjectStore:
         finally:
             os.close(fd)
 
-    def sync(self) -> None:
+    def materialize(self) -> list[int]:
+        """Write every carried object as a file (before the journal that holds it goes);
+        return their ids."""
+        items = list(self.carried.items())
+        for oid, blob in items:
+            self.put(oid, blob)
+        return [oid for oid, _ in items]
+
+    def sync(self, only_if_written: bool = False) -> None:
         """Make every object written so far durable (one syncfs(2) for the whole backing
-        filesystem instead of an fsync per object)."""
+        filesystem instead of an fsync per object); with ``only_if_written``, skip it when no
+        object file was written since the last sync."""
+        if only_if_written and not self.unsynced:
+            return
+        self.unsynced = False  # before syncfs: a put racing with it sets it again
         fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             if _libc.syncfs(fd) != 0:

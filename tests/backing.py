@@ -121,6 +121,49 @@ def _frames(data: bytes) -> list[tuple[int, int]]:
     return [(off, FRAME_HEADER + len(sealed)) for off, sealed in frames]
 
 
+def fold(vol: Volume) -> None:
+    """Write a checkpoint of the unmounted volume offline, as a mount does once its journal
+    is long: every object carried inside a journal frame becomes its own file, and the journal
+    starts empty. Attack tests fold their templates so that the objects they tamper with are
+    files; an object that lives only inside a journal frame can only be attacked through the
+    journal, which has tests of its own."""
+    store, header, master = unlock_volume(vol.backing, read_key_file(vol.key))
+    fs = Filesystem(store, header, master)
+
+    async def run() -> None:
+        await fs.load()
+        fs.metalog.write_checkpoint(dict(fs.table), fs.next_ino)
+        await fs.close()
+
+    trio.run(run)
+    assert not store.carried
+
+
+JOURNAL_FILLER = "/journal-filler"
+
+
+def fill_journal(mnt: Path, commits: int = 4) -> None:
+    """Make ``commits`` commits that change only the file JOURNAL_FILLER (which must exist
+    already, so that its directory's record stays as it is): after a :func:`fold`, a template
+    gets journal frames to tamper with without moving anything else into the journal."""
+    path = Path(mnt) / JOURNAL_FILLER.lstrip("/")
+    for i in range(commits):
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+        try:
+            os.write(fd, b"filler %d\n" % i)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def fold_and_fill(vol: Volume) -> None:
+    """Every object of the unmounted volume a file, then a few journal records after that."""
+    fold(vol)
+    vol.mount()
+    fill_journal(vol.mnt)
+    unmount(vol)
+
+
 # --- tampering primitives ----------------------------------------------------------------------
 
 def flip_bit(path: Path, offset: int | None = None, bit: int = 0) -> None:

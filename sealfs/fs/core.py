@@ -63,6 +63,8 @@ class Limits:
     anchor_interval: float = 30.0  # seconds between freshness-anchor advances at the KMS
     io_threads: int = 4
     checkpoint_min_journal: int = 4 << 20
+    carried_record_max: int = 16 << 10  # sealed records up to this size ride in the journal
+    carried_blocks: int = 512 << 10  # bytes of fsync'ed blocks one commit may carry
 
 
 def _clamp_time(ns: int) -> int:
@@ -95,6 +97,7 @@ class Filesystem:
         self._dirty_nodes: set[int] = set()
         self._doomed: list[int] = []  # object ids of destroyed inodes
         self._commit_lock = trio.Lock()
+        self._deleting: set[trio.Event] = set()  # background deletions of superseded objects
         self.state: MetaState | None = None
         self.on_damage: Callable[[Damaged], None] = lambda d: log.error("%s", d)
         self.anchor: KmsAnchor | None = None
@@ -102,7 +105,8 @@ class Filesystem:
                              dirty_limit=self.limits.dirty_blocks,
                              clean_bytes=self.limits.clean_cache_bytes,
                              inflight_batches=self.limits.inflight_batches,
-                             readahead=self.limits.readahead, io=self._io,
+                             readahead=self.limits.readahead,
+                             carry_max=self.limits.carried_blocks, io=self._io,
                              io_halves=self._io_halves, mark=self.mark,
                              path_of=self.path_of, on_damage=lambda d: self.on_damage(d))
 
@@ -590,20 +594,35 @@ class Filesystem:
             self.data.superseded, self._doomed = [], []
             commit = Commit(self.metalog.seq + 1, self.next_ino,
                             {ino: oid for ino, (oid, _) in updates.items()}, deletes)
-            sealed = [(oid, self.keys.inode(ino), inode_ad(self.vid, ino, oid), rec)
+            sealed = [(oid, ino, self.keys.inode(ino), inode_ad(self.vid, ino, oid), rec)
                       for ino, (oid, rec) in updates.items()]
+            blocks = self.data.take_carried()
+            limit = self.limits.carried_record_max
 
-            def put(batch: list[tuple[int, Sealer, bytes, bytes]]) -> list[None]:
-                return [self.store.put(oid, sealer.seal(rec, ad))
-                        for oid, sealer, ad, rec in batch]
+            def seal(batch: list[tuple[int, int, Sealer, bytes, bytes]]
+                     ) -> list[tuple[int, int, bytes | None]]:
+                """Seal records: small ones ride in the commit, large ones become files."""
+                out: list[tuple[int, int, bytes | None]] = []
+                for oid, ino, sealer, ad, rec in batch:
+                    blob = sealer.seal(rec, ad)
+                    if len(blob) > limit:
+                        self.store.put(oid, blob)
+                        out.append((oid, ino, None))
+                    else:
+                        out.append((oid, ino, blob))
+                return out
 
-            def append() -> None:
-                self.store.sync()
+            def append(blobs: list[tuple[int, int, bytes | None]]) -> None:
+                commit.carried = dict(blocks)
+                commit.carried.update((oid, (ino, blob)) for oid, ino, blob in blobs if blob)
+                self.store.sync(only_if_written=True)  # data and large records first
                 self.metalog.append(commit)
 
             try:
-                await self._io_halves(put, sealed)
-                await self._io(append)
+                if len(sealed) < 8:  # the common fsync: one thread hop
+                    await self._io(lambda: append(seal(sealed)))
+                else:
+                    await self._io(append, await self._io_halves(seal, sealed))
             except BaseException:
                 for ino in dirty:  # nothing was committed: retry all of it next time
                     node = self.nodes.get(ino)
@@ -611,6 +630,7 @@ class Filesystem:
                         node.meta_dirty = True
                 self._dirty_nodes |= dirty
                 self.data.superseded[:0] = garbage
+                self.data.untake_carried(blocks)
                 await trio.to_thread.run_sync(self._delete_all,
                                               [oid for oid, *_ in sealed])
                 raise
@@ -621,7 +641,12 @@ class Filesystem:
                 if old is not None:
                     garbage.append(old)
                 self.table[ino] = oid
-            await self._io_halves(self._delete_all, garbage)
+            if self.data.nursery is not None:  # fsync need not wait for the clean-up
+                done = trio.Event()
+                self._deleting.add(done)
+                self.data.nursery.start_soon(self._delete_later, garbage, done)
+            else:
+                await self._io_halves(self._delete_all, garbage)
             for ino in updates:
                 node = self.nodes.get(ino)
                 if node is not None:
@@ -629,8 +654,21 @@ class Filesystem:
             if self.metalog.journal_length > max(self.limits.checkpoint_min_journal,
                                                  4 * self.metalog.checkpoint_size) \
                     and await self._advance_anchor():  # the anchor must stay replayable
+                await self.deletions_done()  # none may race with writing carried records out
                 await self._io(self.metalog.write_checkpoint, dict(self.table),
                                self.next_ino)
+
+    async def _delete_later(self, garbage: list[int], done: trio.Event) -> None:
+        try:
+            await self._io_halves(self._delete_all, garbage)
+        finally:
+            self._deleting.discard(done)
+            done.set()
+
+    async def deletions_done(self) -> None:
+        """Wait until superseded objects of past commits are deleted (before unmounting)."""
+        while self._deleting:
+            await next(iter(self._deleting)).wait()
 
     def _delete_all(self, oids: list[int]) -> list[None]:
         for oid in oids:

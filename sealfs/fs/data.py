@@ -13,6 +13,10 @@ A file of at most ``INLINE_MAX`` bytes keeps its data in its own inode record (`
 rather than in a block object: creating a small file then costs one backing file, not two. It
 moves to a block object as soon as it grows past that size.
 
+Blocks written back for an fsync (up to ``carry_max`` bytes per commit) are not stored as files:
+the commit that follows carries them in its journal frame, so an fsync of a small change is one
+journal append and one fdatasync (docs/format.md, "Objects carried in the journal").
+
 Writes only copy into memory; a block that becomes full is handed to a background task that
 seals and stores it, so the next FUSE write is accepted while the previous block is still being
 encrypted (at most ``Limits.inflight_blocks`` at a time: that is the back-pressure). A write
@@ -69,7 +73,7 @@ class DataPath:
 
     def __init__(self, store: ObjectStore, keys: VolumeKeys, block_size: int, compress: bool,
                  *, dirty_limit: int, clean_bytes: int, inflight_batches: int,
-                 readahead: int,
+                 readahead: int, carry_max: int,
                  io: Callable[..., Awaitable[Any]], io_halves: Callable[..., Awaitable[Any]],
                  mark: Callable[[Inode], None],
                  path_of: Callable[[int], str], on_damage: Callable[[Damaged], None]) -> None:
@@ -92,6 +96,9 @@ class DataPath:
         self._clean: OrderedDict[tuple[int, int], bytes] = OrderedDict()
         self._clean_bytes = 0
         self.readahead_blocks = readahead // block_size
+        self.carry_max = carry_max
+        self._carry: dict[int, tuple[int, bytes]] = {}  # sealed blocks for the next commit
+        self._carry_bytes = 0
         self._loading: dict[tuple[int, int], trio.Event] = {}  # prefetches in flight
 
     # --- the clean cache -----------------------------------------------------------------
@@ -353,35 +360,56 @@ class DataPath:
                 indexes = [0, *indexes]
         return indexes
 
-    async def _start_flush(self, node: Inode, indexes: list[int]) -> None:
-        """Hand dirty blocks to one background job (one thread hop for the whole batch)."""
+    def take_carried(self) -> dict[int, tuple[int, bytes]]:
+        """The sealed blocks (object id -> (ino, blob)) the next commit must carry."""
+        out = {oid: v for oid, v in self._carry.items() if oid in self.store.carried}
+        self._carry, self._carry_bytes = {}, 0
+        return out
+
+    def untake_carried(self, blocks: dict[int, tuple[int, bytes]]) -> None:
+        """A commit failed: its carried blocks go into the next one."""
+        self._carry.update(blocks)
+
+    async def _start_flush(self, node: Inode, indexes: list[int], carry: bool = False) -> None:
+        """Hand dirty blocks to one background job (one thread hop for the whole batch).
+        With ``carry`` (an fsync is waiting), a batch that fits the commit's carry budget is
+        sealed for the next commit's journal frame instead of written as files."""
         indexes = self._inline(node, indexes)
         batch = [(idx, bytes(node.dirty_blocks.pop(idx))) for idx in indexes
                  if idx in node.dirty_blocks and idx not in node.flushing]
         if not batch:
             return  # one flush per block at a time; the rest stays dirty for the next round
         self.dirty_count -= len(batch)
+        size = sum(len(data) for _, data in batch)
+        carry = carry and self._carry_bytes + size <= self.carry_max
+        if carry:
+            self._carry_bytes += size
         done = trio.Event()
         for idx, data in batch:
             node.flushing[idx] = (data, done)
         await self._inflight.acquire()
         if self.nursery is None:
-            await self._flush_batch(node, batch, done)
+            await self._flush_batch(node, batch, done, carry)
         else:
-            self.nursery.start_soon(self._flush_batch, node, batch, done)
+            self.nursery.start_soon(self._flush_batch, node, batch, done, carry)
 
     async def _flush_batch(self, node: Inode, batch: list[tuple[int, bytes]],
-                           done: trio.Event) -> None:
+                           done: trio.Event, carry: bool) -> None:
         sealer, vid, ino = self.keys.inode(node.ino), self.vid, node.ino
         jobs = [(idx, new_object_id(), data) for idx, data in batch]
 
-        def put() -> None:
+        def put() -> list[bytes]:
+            blobs = []
             for idx, oid, data in jobs:
-                self.store.put(oid, seal_block(sealer, block_ad(vid, ino, idx, oid), data,
-                                               self.compress))
+                blob = seal_block(sealer, block_ad(vid, ino, idx, oid), data, self.compress)
+                if carry:
+                    blobs.append(blob)
+                else:
+                    self.store.put(oid, blob)
+            return blobs
 
         try:
-            await self._io(put)
+            blobs = await self._io(put)
         except Exception as e:
             for idx, oid, data in jobs:
                 self._flush_failed(node, idx, data, e)
@@ -398,6 +426,9 @@ class DataPath:
                     del node.flushing[idx]  # else flush() waits on it forever
                 continue
             del node.flushing[idx]
+            if carry:  # readable from the store now; durable with the next commit
+                self.store.carried[oid] = blobs[jobs.index((idx, oid, data))]
+                self._carry[oid] = (ino, self.store.carried[oid])
             old = node.blocks.get(idx)
             if old is not None:
                 self.superseded.append(old)
@@ -435,7 +466,7 @@ class DataPath:
             # Under the node's lock: a writer between loading a block and copying into it
             # must not see that block vanish from dirty_blocks.
             async with self.lock(node):
-                await self._start_flush(node, list(node.dirty_blocks))
+                await self._start_flush(node, list(node.dirty_blocks), carry=wait)
             if not wait:
                 return
             await self._wait_flushing(node)

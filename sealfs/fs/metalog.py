@@ -8,8 +8,14 @@ from the middle, or moved between volumes or journal generations. A running SHA-
 sealed records (the *head*) commits to the whole history; ``(seq, head)`` is the volume root
 that the KMS can anchor against whole-volume rollback.
 
-Crash rules: a commit is durable once its frame is fdatasync'ed; everything it references was
-made durable before (syncfs). A torn last frame is a crash artefact and is cut off on mount.
+Small inode records, and the blocks an fsync writes back, travel inside the commit frame that
+introduces them instead of as files (they are *carried*, see
+:attr:`sealfs.store.ObjectStore.carried`), so a small commit is one journal append and one
+fdatasync. Replay hands the still-referenced carried objects of the current journal back to the
+store; a new checkpoint first writes them out as files, since the journal that holds them goes.
+
+Crash rules: a commit is durable once its frame is fdatasync'ed; every object file it references
+was made durable before (syncfs). A torn last frame is a crash artefact and is cut off on mount.
 All methods block; the core calls them from a worker thread.
 """
 
@@ -26,6 +32,7 @@ from sealfs.codec import (
     Commit,
     frame,
     frames_after,
+    inode_ad,
     journal_ad,
     open_checkpoint,
     seal_checkpoint,
@@ -33,6 +40,7 @@ from sealfs.codec import (
 )
 from sealfs.crypto import AuthError, VolumeKeys
 from sealfs.errors import IntegrityError
+from sealfs.fs.inode import Inode, RecordError
 from sealfs.store import CHECKPOINT_NAME, JournalFile, MissingObject, ObjectStore
 
 log = logging.getLogger(__name__)
@@ -100,6 +108,7 @@ class MetaLog:
             raise IntegrityError(f"the metadata journal of generation {cp.gen} is "
                                  "missing") from None
         frames, end, bad_header = split_frames(data)
+        carried: dict[int, tuple[int, bytes]] = {}
         valid = 0
         for i, (offset, sealed) in enumerate(frames):
             expected = state.seq + 1
@@ -117,6 +126,7 @@ class MetaLog:
                 raise IntegrityError(f"metadata journal record {expected} failed "
                                      f"verification ({e})") from None
             state.table.update(commit.updates)
+            carried.update(commit.carried)
             for ino in commit.deletes:
                 state.table.pop(ino, None)
             state.next_ino = commit.next_ino
@@ -132,7 +142,29 @@ class MetaLog:
         if state.torn_bytes and not state.notes:
             state.notes.append(f"discarded {state.torn_bytes} bytes of a torn journal append")
         self.gen, self.seq, self.head = cp.gen, state.seq, state.head
+        self.store.carried = self._referenced(carried, state.table)
         return state
+
+    def _referenced(self, carried: dict[int, tuple[int, bytes]], table: dict[int, int]
+                    ) -> dict[int, bytes]:
+        """The carried objects the replayed state still uses: current records, and blocks in
+        the current block map of their inode. A carried object is superseded when a later
+        commit replaced it (possibly by an object file, which the journal does not show), so
+        the records of inodes with other carried objects are opened to see their block maps;
+        if one cannot be read, its carried objects are all kept (the check reports it)."""
+        live = set(table.values())
+        owners = {ino for oid, (ino, _) in carried.items() if oid not in live and ino in table}
+        for ino in owners:
+            oid = table[ino]
+            try:
+                blob = carried[oid][1] if oid in carried else self.store.get(oid)
+                node = Inode.from_record(ino, self.keys.inode(ino).open(
+                    blob, inode_ad(self.keys.volume_id, ino, oid)))
+            except (AuthError, RecordError, MissingObject):
+                live.update(o for o, (i, _) in carried.items() if i == ino)
+                continue
+            live.update(node.blocks.values())
+        return {oid: blob for oid, (_, blob) in carried.items() if oid in live}
 
     def _check_torn(self, data: bytes, offset: int, state: MetaState) -> None:
         """A frame header with a wrong checksum at ``offset``: stale bytes after a crash are
@@ -156,11 +188,14 @@ class MetaLog:
         self.journal.open_for_append(state.journal_length)
 
     def append(self, commit: Commit) -> None:
-        """Seal and durably append one commit (its ``seq`` must be ``self.seq + 1``)."""
+        """Seal and durably append one commit (its ``seq`` must be ``self.seq + 1``); its
+        carried records are readable from the store from then on."""
         assert self.journal is not None and commit.seq == self.seq + 1
         sealed = self.keys.journal.seal(commit.encode(),
                                         journal_ad(self.keys.volume_id, self.gen, commit.seq))
         self.journal.append(frame(sealed))
+        for oid, (_, blob) in commit.carried.items():
+            self.store.carried[oid] = blob
         self.seq = commit.seq
         self.head = _advance(self.head, sealed)
 
@@ -171,9 +206,12 @@ class MetaLog:
     def write_checkpoint(self, table: dict[int, int], next_ino: int) -> None:
         """Seal the whole table into a new checkpoint and start a new journal generation.
 
-        Order: new empty journal (durable) -> checkpoint replaced by rename (durable) -> old
-        journal removed. A crash anywhere leaves a checkpoint whose journal exists.
+        Order: carried records written as files (durable) -> new empty journal (durable) ->
+        checkpoint replaced by rename (durable) -> old journal removed. A crash anywhere leaves
+        a checkpoint whose journal exists, and every record the table names readable.
         """
+        written = self.store.materialize()
+        self.store.sync(only_if_written=True)
         new_gen = self.gen + 1
         new_journal = JournalFile(self.store, new_gen)
         new_journal.create()
@@ -187,6 +225,8 @@ class MetaLog:
         self.checkpoint_size = len(blob)
         if old is not None:
             old.remove()
+        for oid in written:  # files now; objects carried since then stay carried
+            self.store.carried.pop(oid, None)
 
     def skip_to(self, table: dict[int, int], next_ino: int, epoch: int) -> None:
         """Continue this volume's history at ``epoch`` (after an operator's rollback override:

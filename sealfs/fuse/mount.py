@@ -114,6 +114,7 @@ async def _serve(fs: Filesystem, mp: Path, backing: Path, allow_other: bool,
             nursery.start_soon(trio.to_thread.run_sync, tune_readahead, mp)
             await pyfuse3.main()
             await fs.sync()  # background flushes need the nursery: finish them here
+            await fs.deletions_done()
             nursery.cancel_scope.cancel()
     finally:
         fs.data.nursery = None

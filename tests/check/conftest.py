@@ -13,7 +13,16 @@ import pytest
 
 from sealfs.check import CheckOptions, CheckResult, Finding, open_and_check
 from sealfs.volume.header import read_key_file
-from tests.backing import Layout, copy_tree, force_unmount, layout, unmount
+from tests.backing import (
+    JOURNAL_FILLER,
+    Layout,
+    copy_tree,
+    fold,
+    fold_and_fill,
+    force_unmount,
+    layout,
+    unmount,
+)
 from tests.conftest import Volume, new_volume
 
 BS = 4096
@@ -66,6 +75,7 @@ def _populate(mnt: Path) -> None:
         fsync(p)
     os.link(mnt / "c.txt", mnt / "dir" / "c-link.txt")
     os.symlink("target", mnt / "link")
+    (mnt / JOURNAL_FILLER.lstrip("/")).write_bytes(b"")
 
 
 @pytest.fixture(scope="session")
@@ -78,18 +88,23 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Template:
         r = vol.mnt / REPLAY.lstrip("/")
         r.write_bytes(content(REPLAY + ":v1", 2 * BS + 7))
         fsync(r)
+        unmount(vol)
+        fold(vol)  # version 1's objects are files: they can be saved for replaying
         e = layout(vol.backing, vol.key)[REPLAY]
         old = {"record": e.record.read_bytes()}
         old_paths = {"record": e.record}
         for i, p in e.blocks.items():
             old[str(i)], old_paths[str(i)] = p.read_bytes(), p
+        vol.mount()
         r.write_bytes(content(REPLAY + ":v2", 2 * BS + 7))
         fsync(r)
         _populate(vol.mnt)
         unmount(vol)
+        fold_and_fill(vol)
         other.mount()
         _populate(other.mnt)
         unmount(other)
+        fold_and_fill(other)
     finally:
         force_unmount(vol)
         force_unmount(other)

@@ -63,6 +63,7 @@ def test_sequential_reads_load_ahead_and_return_the_right_bytes(tmp_path: Path) 
             assert bytes(out) == data
             assert ahead_seen, "blocks ahead of the reader were never loaded"
             nursery.cancel_scope.cancel()
+        fs.data.nursery = None
         await fs.close()
 
     trio.run(main)
@@ -95,6 +96,7 @@ def test_a_write_during_a_prefetch_is_not_overwritten_by_the_old_block(
                 await fs.write(node, 3 * MiB, data[3 * MiB:4 * MiB])
                 await fs.flush_file(node)
             nursery.cancel_scope.cancel()
+        fs.data.nursery = None
         await fs.close()
 
     trio.run(main)

@@ -54,6 +54,7 @@ def test_deleting_a_file_while_it_is_written_back_does_not_stall_commits(
             await fs.write(keep, 0, b"committed")
             await sync()
             nursery.cancel_scope.cancel()
+        fs.data.nursery = None
         await fs.close()
 
     trio.run(main)

@@ -34,11 +34,14 @@ import pytest
 
 from sealfs.codec import FRAME_HEADER
 from tests.backing import (
+    JOURNAL_FILLER,
     Entry,
     Layout,
     copy_tree,
     extend,
     flip_bit,
+    fold,
+    fold_and_fill,
     force_unmount,
     is_mounted,
     layout,
@@ -106,6 +109,7 @@ def _populate(mnt: Path, files: dict[str, bytes]) -> None:
         _fsync(p)  # one commit each: the journal gets many records to tamper with
     os.symlink(LINK_TARGET, mnt / LINK.lstrip("/"))
     os.setxattr(mnt / "c.txt", XATTR_NAME, XATTR_VALUE)
+    (mnt / JOURNAL_FILLER.lstrip("/")).write_bytes(b"")
 
 
 def _fsync(path: Path) -> None:
@@ -126,17 +130,22 @@ def _build_template(base: Path, comp: str) -> Template:
         replay = vol.mnt / REPLAY.lstrip("/")
         replay.write_bytes(make_content(REPLAY + ":v1", 2 * BS + 7))
         _fsync(replay)
+        unmount(vol)
+        fold(vol)  # version 1's objects are files: they can be saved for replaying
         old = layout(vol.backing, vol.key)[REPLAY]
         old_replay = {"record": old.record.read_bytes()}
         old_paths = {"record": old.record}
         for idx, p in old.blocks.items():
             old_replay[str(idx)] = p.read_bytes()
             old_paths[str(idx)] = p
+        vol.mount()
         _populate(vol.mnt, files)
         unmount(vol)
+        fold_and_fill(vol)
         other.mount()
         _populate(other.mnt, files)
         unmount(other)
+        fold_and_fill(other)
     finally:
         for v in (vol, other):
             force_unmount(v)
@@ -525,7 +534,9 @@ def test_bitflip_in_middle_journal_record_is_refused(template: Template,
     flip_bit(rebase(victim, template, template.layout.journal), off + FRAME_HEADER + length // 2)
     res = mount_refused(victim)
     assert res.returncode == 5, res.stderr
-    assert "journal record 2 failed verification" in res.stderr, res.stderr
+    frames = template.layout.journal_frames
+    second = template.layout.seq - len(frames) + 2  # commit number of frame [1]
+    assert f"journal record {second} failed verification" in res.stderr, res.stderr
 
 
 def test_bitflip_in_length_of_middle_journal_record_is_refused(template: Template,

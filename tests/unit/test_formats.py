@@ -108,6 +108,18 @@ def test_commit_and_checkpoint_roundtrip() -> None:
     assert Checkpoint.decode(cp.encode()) == cp
 
 
+def test_commit_records_carry_objects_and_version_1_is_still_read() -> None:
+    c = Commit(5, 99, {2: 3, 4: 5}, [6], {3: (2, b"sealed record"), 8: (4, b"x" * 70000)})
+    assert Commit.decode(c.encode()) == c
+    enc = c.encode()
+    for bad in (enc[:-1], enc + b"\0",
+                Commit(5, 99, {}, [], {3: (2, b"")}).encode()):  # an empty carried object
+        with pytest.raises(CodecError):
+            Commit.decode(bad)
+    v1 = b"\x01" + Commit(5, 99, {2: 3}, [6]).encode()[1:-4]  # no carried section
+    assert Commit.decode(v1) == Commit(5, 99, {2: 3}, [6])
+
+
 def test_split_frames_stops_at_torn_tail() -> None:
     data = frame(b"a" * 40) + frame(b"b" * 40)
     frames, complete, bad = split_frames(data + frame(b"c" * 40)[:20])

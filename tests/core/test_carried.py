@@ -1,0 +1,139 @@
+"""Small inode records, and blocks written back for an fsync, ride inside their commit frame
+and become files at the next checkpoint."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import trio
+
+from sealfs.crypto import Secret
+from sealfs.fs.core import Filesystem, Limits
+from sealfs.fs.inode import ROOT_INO
+from sealfs.volume.header import KeyFileCredential
+from sealfs.volume.lifecycle import create_volume, unlock_volume
+
+CRED = KeyFileCredential(Secret(os.urandom(64)))
+
+
+def open_fs(backing: Path, **limits: int) -> Filesystem:
+    if not backing.exists():
+        create_volume(backing, [(CRED, None)])
+    store, header, master = unlock_volume(backing, CRED)
+    return Filesystem(store, header, master, Limits(commit_interval=3600, **limits))
+
+
+def files(fs: Filesystem) -> set[int]:
+    return set(fs.store.list_objects())
+
+
+def test_small_records_live_in_the_journal_until_a_checkpoint(tmp_path: Path) -> None:
+    fs = open_fs(tmp_path / "b")
+    syncs: list[int] = []
+
+    async def main() -> None:
+        await fs.load()
+        real_sync = fs.store.sync
+
+        def counting_sync(only_if_written: bool = False) -> None:
+            if not only_if_written or fs.store.unsynced:
+                syncs.append(1)
+            real_sync(only_if_written)
+
+        fs.store.sync = counting_sync  # type: ignore[method-assign]
+        for i in range(20):
+            node = await fs.create(ROOT_INO, b"f%d" % i, 0o100644, 0, 0)
+            await fs.write(node, 0, b"small %d" % i)
+            await fs.fsync(node)
+        assert files(fs) == set(), "small records were written as files"
+        assert syncs == [], "a commit without object files needs no syncfs"
+        big = await fs.create(ROOT_INO, b"big", 0o100644, 0, 0)
+        await fs.write(big, 0, os.urandom(300_000))
+        await fs.fsync(big)
+        # The two full blocks were written back as files when they filled up (so the commit
+        # needs a syncfs); the partial third block, written back for the fsync, is carried.
+        assert syncs == [1] and set(big.blocks.values()) - files(fs) == {big.blocks[2]}
+        await fs.close()
+
+    trio.run(main)
+    again = open_fs(tmp_path / "b", checkpoint_min_journal=0)
+
+    async def reread() -> None:
+        await again.load()
+        big = await again.lookup(ROOT_INO, b"big")
+        assert set(again.store.carried) <= set(again.table.values()) | {big.blocks[2]}
+        assert len(again.store.carried) == 23  # root, 20 files, the big file's record+block
+        for i in range(20):
+            node = await again.lookup(ROOT_INO, b"f%d" % i)
+            assert await again.read(node, 0, 100) == b"small %d" % i
+        # The next commit finds the journal long enough for a checkpoint, which writes
+        # them out; the next journal starts empty.
+        gen = again.metalog.gen
+        await again.create(ROOT_INO, b"one-more", 0o100644, 0, 0)
+        await again.sync()
+        assert again.metalog.gen == gen + 1 and again.store.carried == {}
+        assert set(again.table.values()) <= files(again)
+        await again.close()
+
+    trio.run(reread)
+    third = open_fs(tmp_path / "b")
+
+    async def after_checkpoint() -> None:
+        await third.load(writable=False)
+        assert third.store.carried == {}
+        node = await third.lookup(ROOT_INO, b"f7")
+        assert await third.read(node, 0, 100) == b"small 7"
+
+    trio.run(after_checkpoint)
+
+
+def test_large_records_are_still_files(tmp_path: Path) -> None:
+    fs = open_fs(tmp_path / "b", carried_record_max=1024)
+
+    async def main() -> None:
+        await fs.load()
+        d = await fs.create(ROOT_INO, b"d", 0o40755, 0, 0)
+        for i in range(100):
+            await fs.create(d.ino, b"entry-with-a-long-name-%03d" % i, 0o100644, 0, 0)
+        await fs.sync()
+        assert fs.table[d.ino] in files(fs) and fs.table[d.ino] not in fs.store.carried
+        await fs.close()
+
+    trio.run(main)
+
+
+def test_replay_keeps_only_carried_objects_still_in_use(tmp_path: Path) -> None:
+    """Appends with fsync carry the growing tail block in each commit; each supersedes the
+    previous one, also when a later version is a file. Replay must keep exactly the current
+    ones, so a checkpoint writes out no orphans."""
+    fs = open_fs(tmp_path / "b")
+    chunk = os.urandom(40_000)
+
+    async def main() -> None:
+        await fs.load()
+        node = await fs.create(ROOT_INO, b"log", 0o100644, 0, 0)
+        for i in range(8):  # 320,000 bytes: blocks 0 and 1 fill up and become files
+            await fs.write(node, i * len(chunk), chunk)
+            await fs.fsync(node)
+        await fs.close()
+
+    trio.run(main)
+    again = open_fs(tmp_path / "b", checkpoint_min_journal=0)
+
+    async def reread() -> None:
+        await again.load()
+        node = await again.lookup(ROOT_INO, b"log")
+        current = set(again.table.values()) | set(node.blocks.values())
+        assert set(again.store.carried) <= current
+        assert node.blocks[2] in again.store.carried  # the tail, only ever carried
+        assert await again.read(node, 0, 400_000) == chunk * 8
+        await again.create(ROOT_INO, b"x", 0o100644, 0, 0)
+        await again.sync()  # a checkpoint: everything carried becomes a file
+        assert again.store.carried == {}
+        nodes = [await again.node(ino) for ino in again.table]
+        live = set(again.table.values()) | {o for n in nodes for o in n.blocks.values()}
+        assert files(again) == live, "orphans or missing objects after the checkpoint"
+        await again.close()
+
+    trio.run(reread)
