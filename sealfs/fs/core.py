@@ -56,7 +56,7 @@ class Limits:
 
     dirty_blocks: int = 256  # partly written blocks buffered before a forced flush
     inflight_batches: int = 4  # write-back jobs (up to one FUSE write each) in flight
-    clean_cache_bytes: int = 32 << 20
+    clean_cache_bytes: int = 64 << 20
     readahead: int = 8 << 20  # sequential reads: bytes loaded ahead of the reader
     node_cache: int = 20000  # clean, unreferenced inodes kept in memory
     commit_interval: float = 5.0

@@ -257,42 +257,79 @@ class DataPath:
         if not buf:
             return 0
         self._raise_pending(node)
+        end = off + len(buf)
+        lock = self.lock(node)
+        if not lock.locked():
+            # Fast path (appends, small writes): no data operation on this node is under way
+            # and every partly overwritten block is in memory, so the copy contains no await
+            # and is atomic without taking the lock (which would cost two scheduler trips).
+            current = self._partial_in_memory(node, off, end)
+            if current is not None:
+                full, over_budget = self._copy_in(node, off, buf, current)
+                if full:
+                    async with lock:
+                        await self._start_flush(node, full, cache=over_budget)
+                return len(buf)
+        async with lock:
+            partial = self._partial(node, off, end)
+            current = await self.blocks(node, partial) if partial else {}
+            full, over_budget = self._copy_in(node, off, buf, current)
+            if full:
+                await self._start_flush(node, full, cache=over_budget)
+        return len(buf)
+
+    def _partial(self, node: Inode, off: int, end: int) -> list[int]:
+        """Blocks only partly overwritten by ``[off, end)``: they need their content first."""
+        bs = self.block_size
+        return [idx for idx in {off // bs, (end - 1) // bs}
+                if idx not in node.dirty_blocks
+                and not (off <= idx * bs and end >= min((idx + 1) * bs, node.size))]
+
+    def _partial_in_memory(self, node: Inode, off: int, end: int) -> dict[int, bytes] | None:
+        """The current content of the partly overwritten blocks, or None if one must be read
+        from the store (or is being read by a prefetch)."""
+        current = {}
+        for idx in self._partial(node, off, end):
+            data = self._in_memory(node, idx)
+            if data is None or (node.ino, idx) in self._loading:
+                return None
+            current[idx] = data
+        return current
+
+    def _copy_in(self, node: Inode, off: int, buf: bytes, current: dict[int, bytes]
+                 ) -> tuple[list[int], bool]:
+        """Copy ``buf`` into the node's dirty blocks (no await: atomic). Return the blocks to
+        write back now, and whether that is because of the dirty budget: all of the node's
+        dirty blocks then, else the blocks this write filled up to their end (a streaming
+        writer is done with them; a random writer that rewrites the middle of a block keeps
+        it dirty, so several small writes to it are written back once)."""
         bs = self.block_size
         end = off + len(buf)
         first, last = off // bs, (end - 1) // bs
-        async with self.lock(node):
-            # Blocks only partly overwritten need their current content first.
-            partial = [idx for idx in {first, last}
-                       if idx not in node.dirty_blocks
-                       and not (off <= idx * bs and end >= min((idx + 1) * bs, node.size))]
-            current = await self.blocks(node, partial) if partial else {}
-            view = memoryview(buf)
-            for idx in range(first, last + 1):
-                base = idx * bs
-                lo, hi = max(off, base) - base, min(end, base + bs) - base
-                block = node.dirty_blocks.get(idx)
-                if block is None:
-                    if lo == 0 and hi == bs:
-                        block = bytearray(view[base - off:base - off + bs])
-                    else:
-                        block = bytearray(current.get(idx, b""))
-                    node.dirty_blocks[idx] = block
-                    self.dirty_count += 1
-                    if lo == 0 and hi == bs:
-                        continue
-                if len(block) < lo:
-                    block.extend(bytes(lo - len(block)))
-                block[lo:hi] = view[base + lo - off:base + hi - off]
-            if end > node.size:
-                node.size = end
-            self._mark(node)
-            full = [idx for idx in range(first, last + 1)
-                    if len(node.dirty_blocks.get(idx, b"")) == bs]
-            if self.dirty_count > self.dirty_limit:
-                full = list(node.dirty_blocks)
-            if full:
-                await self._start_flush(node, full)
-        return len(buf)
+        view = memoryview(buf)
+        for idx in range(first, last + 1):
+            base = idx * bs
+            lo, hi = max(off, base) - base, min(end, base + bs) - base
+            block = node.dirty_blocks.get(idx)
+            if block is None:
+                if lo == 0 and hi == bs:
+                    block = bytearray(view[base - off:base - off + bs])
+                else:
+                    block = bytearray(current.get(idx, b""))
+                node.dirty_blocks[idx] = block
+                self.dirty_count += 1
+                if lo == 0 and hi == bs:
+                    continue
+            if len(block) < lo:
+                block.extend(bytes(lo - len(block)))
+            block[lo:hi] = view[base + lo - off:base + hi - off]
+        if end > node.size:
+            node.size = end
+        self._mark(node)
+        if self.dirty_count > self.dirty_limit:
+            return list(node.dirty_blocks), True
+        return [idx for idx in range(first, last + 1) if end >= (idx + 1) * bs
+                and len(node.dirty_blocks.get(idx, b"")) == bs], False
 
     async def truncate(self, node: Inode, size: int) -> None:
         async with self.lock(node):
@@ -370,10 +407,13 @@ class DataPath:
         """A commit failed: its carried blocks go into the next one."""
         self._carry.update(blocks)
 
-    async def _start_flush(self, node: Inode, indexes: list[int], carry: bool = False) -> None:
+    async def _start_flush(self, node: Inode, indexes: list[int], carry: bool = False,
+                           cache: bool = True) -> None:
         """Hand dirty blocks to one background job (one thread hop for the whole batch).
         With ``carry`` (an fsync is waiting), a batch that fits the commit's carry budget is
-        sealed for the next commit's journal frame instead of written as files."""
+        sealed for the next commit's journal frame instead of written as files. Without
+        ``cache`` (a streaming writer filled them) the blocks are not kept in the clean cache
+        afterwards: they would only push out blocks that are read again."""
         indexes = self._inline(node, indexes)
         batch = [(idx, bytes(node.dirty_blocks.pop(idx))) for idx in indexes
                  if idx in node.dirty_blocks and idx not in node.flushing]
@@ -389,12 +429,12 @@ class DataPath:
             node.flushing[idx] = (data, done)
         await self._inflight.acquire()
         if self.nursery is None:
-            await self._flush_batch(node, batch, done, carry)
+            await self._flush_batch(node, batch, done, carry, cache)
         else:
-            self.nursery.start_soon(self._flush_batch, node, batch, done, carry)
+            self.nursery.start_soon(self._flush_batch, node, batch, done, carry, cache)
 
     async def _flush_batch(self, node: Inode, batch: list[tuple[int, bytes]],
-                           done: trio.Event, carry: bool) -> None:
+                           done: trio.Event, carry: bool, cache: bool) -> None:
         sealer, vid, ino = self.keys.inode(node.ino), self.vid, node.ino
         jobs = [(idx, new_object_id(), data) for idx, data in batch]
 
@@ -433,7 +473,10 @@ class DataPath:
             if old is not None:
                 self.superseded.append(old)
             node.blocks[idx] = oid
-            self._keep_clean(node.ino, idx, data)
+            if cache:
+                self._keep_clean(node.ino, idx, data)
+            else:
+                self._drop_clean(node.ino, idx)  # never leave an older version cached
         if not node.dead:
             self._mark(node)
 

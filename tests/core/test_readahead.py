@@ -100,3 +100,56 @@ def test_a_write_during_a_prefetch_is_not_overwritten_by_the_old_block(
         await fs.close()
 
     trio.run(main)
+
+
+def test_a_streaming_overwrite_of_a_cached_block_never_reads_back_the_old_version(
+        tmp_path: Path) -> None:
+    """Blocks a streaming writer fills are not put into the clean cache; an older cached
+    version of such a block must not be served afterwards."""
+    fs = open_fs(tmp_path / "b")
+    old, new = os.urandom(2 * MiB), os.urandom(2 * MiB)
+
+    async def main() -> None:
+        await fs.load()
+        async with trio.open_nursery() as nursery:
+            fs.data.nursery = nursery
+            node = await write_file(fs, b"f", old)
+            assert await fs.read(node, 0, 2 * MiB) == old  # cached now
+            for off in range(0, 2 * MiB, 64 << 10):
+                await fs.write(node, off, new[off:off + (64 << 10)])
+            await fs.flush_file(node)
+            assert not node.dirty_blocks and not node.flushing
+            assert await fs.read(node, 0, 2 * MiB) == new
+            nursery.cancel_scope.cancel()
+        fs.data.nursery = None
+        await fs.close()
+
+    trio.run(main)
+
+
+def test_random_small_writes_to_one_block_are_written_back_once(tmp_path: Path) -> None:
+    fs = open_fs(tmp_path / "b")
+    data = bytearray(os.urandom(MiB))
+
+    async def main() -> None:
+        await fs.load()
+        node = await write_file(fs, b"f", bytes(data))
+        puts = []
+        real_put = fs.store.put
+        fs.store.put = lambda oid, blob: (puts.append(oid), real_put(oid, blob))[1]  # type: ignore[method-assign]
+        for off in (4096, 40_000, 9000, 70_000):  # inside block 0, never reaching its end
+            await fs.write(node, off, b"Z" * 100)
+            data[off:off + 100] = b"Z" * 100
+        assert puts == [] and list(node.dirty_blocks) == [0]
+        assert await fs.read(node, 0, MiB) == bytes(data)
+        await fs.close()
+
+    trio.run(main)
+    again = open_fs(tmp_path / "b")
+
+    async def check() -> None:
+        await again.load(writable=False)
+        node = await again.lookup(ROOT_INO, b"f")
+        assert await again.read(node, 0, MiB) == bytes(data)
+
+    trio.run(check)

@@ -53,6 +53,9 @@ def test_deleting_a_file_while_it_is_written_back_does_not_stall_commits(
             keep = await fs.create(ROOT_INO, b"kept", 0o100644, 0, 0)
             await fs.write(keep, 0, b"committed")
             await sync()
+            with trio.fail_after(10):  # every background sync finishes too
+                while len(synced) < 51:
+                    await trio.sleep(0.01)
             nursery.cancel_scope.cancel()
         fs.data.nursery = None
         await fs.close()
