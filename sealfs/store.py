@@ -13,7 +13,7 @@ full disk is never mistaken for tampering). Layout of a backing directory::
 Some objects (small inode records) have no file of their own while their commit is in the
 current journal: they travel inside the commit frame, and :attr:`ObjectStore.carried` holds
 them so that :meth:`ObjectStore.get` finds them like any other object. They become files when
-the journal is folded into a new checkpoint (docs/format.md, "Records carried in the journal").
+the journal is folded into a new checkpoint (docs/format.md, "Objects carried in the journal").
 
 All methods are blocking; the filesystem core calls them from worker threads.
 """
@@ -25,6 +25,7 @@ import ctypes
 import errno
 import fcntl
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -59,8 +60,11 @@ class ObjectStore:
         self.root = Path(root)
         self.objects = self.root / OBJECTS_DIR
         self._lock_fd: int | None = None
-        #: objects whose only durable copy is inside a commit of the current journal
+        #: objects whose only durable copy is inside a commit of the current journal (read
+        #: freely; changed only through carry/uncarry/set_carried, which keep the byte count)
         self.carried: dict[int, bytes] = {}
+        self.carried_bytes = 0
+        self._carried_lock = threading.Lock()
         #: an object file was written since the last :meth:`sync`
         self.unsynced = False
 
@@ -141,8 +145,25 @@ class ObjectStore:
         except OSError as e:
             raise _storage_error(f"cannot read object {path.name}", e) from None
 
+    def carry(self, oid: int, blob: bytes) -> None:
+        with self._carried_lock:
+            old = self.carried.get(oid)
+            self.carried[oid] = blob
+            self.carried_bytes += len(blob) - (len(old) if old is not None else 0)
+
+    def uncarry(self, oid: int) -> None:
+        with self._carried_lock:
+            blob = self.carried.pop(oid, None)
+            if blob is not None:
+                self.carried_bytes -= len(blob)
+
+    def set_carried(self, objects: dict[int, bytes]) -> None:
+        with self._carried_lock:
+            self.carried = dict(objects)
+            self.carried_bytes = sum(map(len, objects.values()))
+
     def delete(self, oid: int) -> None:
-        self.carried.pop(oid, None)  # a file may exist as well (see materialize)
+        self.uncarry(oid)  # a file may exist as well (see materialize)
         try:
             self.object_path(oid).unlink()
         except FileNotFoundError:

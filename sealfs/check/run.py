@@ -112,7 +112,8 @@ def check_volume(store: ObjectStore, header: Header, master: Secret,
     else:
         failures = [BlockFailure(ino, idx, oid, exp, "missing", None, None,
                                  "the block object is missing")
-                    for ino, idx, oid, exp in jobs if oid not in present]
+                    for ino, idx, oid, exp in jobs
+                    if oid not in present and oid not in store.carried]
     result.block_failures = {(f.ino, f.index): f for f in failures}
 
     prober = Prober(keys, header.block_size)

@@ -62,7 +62,9 @@ class Limits:
     commit_interval: float = 5.0
     anchor_interval: float = 30.0  # seconds between freshness-anchor advances at the KMS
     io_threads: int = 4
-    checkpoint_min_journal: int = 4 << 20
+    checkpoint_min_journal: int = 4 << 20  # journal length (and 4x the checkpoint) that,
+    carried_in_memory: int = 8 << 20  # with this many bytes of live carried objects or
+    journal_max: int = 32 << 20  # this journal length, makes a commit write a checkpoint
     carried_record_max: int = 16 << 10  # sealed records up to this size ride in the journal
     carried_blocks: int = 512 << 10  # bytes of fsync'ed blocks one commit may carry
 
@@ -651,12 +653,21 @@ class Filesystem:
                 node = self.nodes.get(ino)
                 if node is not None:
                     self._maybe_release(node)
-            if self.metalog.journal_length > max(self.limits.checkpoint_min_journal,
-                                                 4 * self.metalog.checkpoint_size) \
-                    and await self._advance_anchor():  # the anchor must stay replayable
+            if self._checkpoint_due() and await self._advance_anchor():  # stay replayable
                 await self.deletions_done()  # none may race with writing carried records out
                 await self._io(self.metalog.write_checkpoint, dict(self.table),
                                self.next_ino)
+
+    def _checkpoint_due(self) -> bool:
+        """Fold the journal into a checkpoint once it is long, relative to the checkpoint,
+        and either its live carried objects (held in memory) or the journal itself (replayed
+        at mount) have grown large. Superseded carried objects cost nothing: a journal of
+        fsync'ed appends, whose carried tails replace each other, can grow to ``journal_max``."""
+        limits, journal = self.limits, self.metalog.journal_length
+        if journal <= max(limits.checkpoint_min_journal, 4 * self.metalog.checkpoint_size):
+            return False
+        return self.store.carried_bytes > limits.carried_in_memory or \
+            journal > limits.journal_max
 
     async def _delete_later(self, garbage: list[int], done: trio.Event) -> None:
         try:

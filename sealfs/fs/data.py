@@ -467,8 +467,9 @@ class DataPath:
                 continue
             del node.flushing[idx]
             if carry:  # readable from the store now; durable with the next commit
-                self.store.carried[oid] = blobs[jobs.index((idx, oid, data))]
-                self._carry[oid] = (ino, self.store.carried[oid])
+                blob = blobs[jobs.index((idx, oid, data))]
+                self.store.carry(oid, blob)
+                self._carry[oid] = (ino, blob)
             old = node.blocks.get(idx)
             if old is not None:
                 self.superseded.append(old)

@@ -142,7 +142,7 @@ class MetaLog:
         if state.torn_bytes and not state.notes:
             state.notes.append(f"discarded {state.torn_bytes} bytes of a torn journal append")
         self.gen, self.seq, self.head = cp.gen, state.seq, state.head
-        self.store.carried = self._referenced(carried, state.table)
+        self.store.set_carried(self._referenced(carried, state.table))
         return state
 
     def _referenced(self, carried: dict[int, tuple[int, bytes]], table: dict[int, int]
@@ -195,7 +195,7 @@ class MetaLog:
                                         journal_ad(self.keys.volume_id, self.gen, commit.seq))
         self.journal.append(frame(sealed))
         for oid, (_, blob) in commit.carried.items():
-            self.store.carried[oid] = blob
+            self.store.carry(oid, blob)
         self.seq = commit.seq
         self.head = _advance(self.head, sealed)
 
@@ -226,7 +226,7 @@ class MetaLog:
         if old is not None:
             old.remove()
         for oid in written:  # files now; objects carried since then stay carried
-            self.store.carried.pop(oid, None)
+            self.store.uncarry(oid)
 
     def skip_to(self, table: dict[int, int], next_ino: int, epoch: int) -> None:
         """Continue this volume's history at ``epoch`` (after an operator's rollback override:

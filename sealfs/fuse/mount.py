@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import signal
+import stat
 import subprocess
 import time
 from collections.abc import Callable
@@ -37,12 +38,17 @@ def runtime_file(mountpoint: Path) -> Path:
 
 def check_mountpoint(mountpoint: Path) -> Path:
     mp = Path(mountpoint).absolute()
-    if not mp.exists():
-        raise UsageError(f"mountpoint {mp} does not exist")
-    if not mp.is_dir():
+    if is_mounted(mp):  # first: a dead FUSE mount cannot even be stat'ed (ENOTCONN, EIO)
+        raise BusyError(f"mountpoint {mp} is busy: something is already mounted there (if "
+                        f"its daemon died, `fusermount3 -u {mp}` clears it)")
+    try:
+        st = mp.stat()
+    except FileNotFoundError:
+        raise UsageError(f"mountpoint {mp} does not exist") from None
+    except OSError as e:
+        raise UsageError(f"mountpoint {mp} cannot be used: {e.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
         raise UsageError(f"mountpoint {mp} is not a directory")
-    if is_mounted(mp):
-        raise BusyError(f"mountpoint {mp} is busy: something is already mounted there")
     return mp
 
 

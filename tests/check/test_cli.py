@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from sealfs.check.progress import render
-from tests.backing import flip_bit, force_unmount, process_gone
+from tests.backing import flip_bit, force_unmount, object_store, process_gone
 from tests.conftest import Volume, new_volume, sealfs
 
 from .conftest import Template, rebase, run_check
@@ -75,6 +75,28 @@ def test_mounted_volume_is_refused_unless_read_only(template: Template,
     finally:
         sealfs("umount", str(victim.mnt))
     assert run_check(victim).report.clean
+
+
+@pytest.mark.parametrize("full", [True, False], ids=["full", "quick"])
+def test_objects_carried_in_the_journal_check_clean(tmp_path: Path, full: bool) -> None:
+    """After fsyncs, records and the blocks written back for them live inside journal frames
+    (docs/format.md) and have no files: neither mode may call them missing or orphaned."""
+    vol = new_volume(tmp_path, "--block-size", "16384")
+    vol.mount()
+    try:
+        for i, size in enumerate((100, 5000, 20000, 50000)):
+            with open(vol.mnt / f"f{i}", "wb") as f:
+                f.write(os.urandom(size))
+                f.flush()
+                os.fsync(f.fileno())
+    finally:
+        vol.umount()
+    result = run_check(vol, full=full)
+    assert result.report.clean and not result.report.findings, result.report.human()
+    assert result.tree is not None
+    blocks = {o for n in result.tree.nodes.values() if n.is_file for o in n.blocks.values()}
+    assert blocks - set(object_store(vol.backing).list_objects()), \
+        "no block is carried in the journal: this test would check nothing"
 
 
 @pytest.mark.slow

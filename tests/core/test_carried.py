@@ -57,7 +57,7 @@ def test_small_records_live_in_the_journal_until_a_checkpoint(tmp_path: Path) ->
         await fs.close()
 
     trio.run(main)
-    again = open_fs(tmp_path / "b", checkpoint_min_journal=0)
+    again = open_fs(tmp_path / "b", checkpoint_min_journal=0, journal_max=0)
 
     async def reread() -> None:
         await again.load()
@@ -119,7 +119,7 @@ def test_replay_keeps_only_carried_objects_still_in_use(tmp_path: Path) -> None:
         await fs.close()
 
     trio.run(main)
-    again = open_fs(tmp_path / "b", checkpoint_min_journal=0)
+    again = open_fs(tmp_path / "b", checkpoint_min_journal=0, journal_max=0)
 
     async def reread() -> None:
         await again.load()
@@ -137,3 +137,37 @@ def test_replay_keeps_only_carried_objects_still_in_use(tmp_path: Path) -> None:
         await again.close()
 
     trio.run(reread)
+
+
+def test_checkpoints_come_when_carried_objects_pile_up_not_when_they_replace_each_other(
+        tmp_path: Path) -> None:
+    """An fsync'ed append log carries its growing tail in every commit, each replacing the
+    last: the journal may grow to journal_max. Many live carried records force a checkpoint
+    as soon as the journal is past its minimum, bounding what is held in memory."""
+    fs = open_fs(tmp_path / "b", checkpoint_min_journal=64 << 10, journal_max=16 << 20,
+                 carried_in_memory=300 << 10)
+
+    async def main() -> None:
+        await fs.load()
+        log = await fs.create(ROOT_INO, b"log", 0o100644, 0, 0)
+        gen, checkpoints_at = fs.metalog.gen, []
+        for i in range(60):  # tails of up to 128 KiB: ~4 MiB of journal, under journal_max
+            await fs.write(log, i * 4096, os.urandom(4096))
+            await fs.fsync(log)
+            if fs.metalog.gen != gen:
+                gen = fs.metalog.gen
+                checkpoints_at.append(i)
+        assert checkpoints_at == [] and fs.metalog.journal_length > 64 << 10
+        assert fs.store.carried_bytes < 300 << 10  # the live tails and records only
+        for i in range(400):  # small files: their records stay live and pile up
+            node = await fs.create(ROOT_INO, b"s%d" % i, 0o100644, 0, 0)
+            await fs.write(node, 0, os.urandom(900))
+            await fs.fsync(node)
+            if fs.metalog.gen != gen:
+                gen = fs.metalog.gen
+                checkpoints_at.append(i)
+        assert checkpoints_at, "live carried records never forced a checkpoint"
+        assert fs.store.carried_bytes <= (300 << 10) + (64 << 10)
+        await fs.close()
+
+    trio.run(main)

@@ -20,7 +20,7 @@ checks the volume against that log:
 
 Limitation (for the report): the daemon is killed but the backing filesystem is not, so this
 checks the ordering of sealfs's own writes, not power loss of the backing disk. And the
-checkpoint rollover (at 4 MiB of journal) is not reached: there is no mount option to lower
+checkpoint rollover (at 4 MiB of journal at the least) is not reached: there is no mount option to lower
 that threshold.
 """
 

@@ -6,7 +6,10 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import signal
 import stat
+import subprocess
+import time
 from pathlib import Path
 
 import pyfuse3
@@ -18,12 +21,38 @@ from sealfs.fs.inode import ROOT_INO, Inode
 from sealfs.fuse.ops import SealfsOperations
 from sealfs.volume.header import read_key_file
 from sealfs.volume.lifecycle import unlock_volume
+from tests.backing import process_gone
 from tests.conftest import SEALFS, Volume, sealfs
 
 pytestmark = pytest.mark.mount
 
 
 # --- the volume lock ---------------------------------------------------------------------
+
+def test_mount_on_a_dead_mount_says_what_to_do(volume: Volume) -> None:
+    """A daemon killed without unmounting leaves a mount that fails every access (ENOTCONN);
+    mounting there again must say so in one line, not crash."""
+    volume.mount()
+    pid = volume.daemon_pid()
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while not process_gone(pid):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    try:
+        with pytest.raises(OSError):  # ENOTCONN (stat may still answer from the kernel cache)
+            os.listdir(volume.mnt)
+        res = sealfs("mount", str(volume.backing), str(volume.mnt), "--key-file",
+                     str(volume.key), check=False)
+        assert res.returncode == 6, (res.returncode, res.stderr)
+        assert "busy" in res.stderr and "fusermount3 -u" in res.stderr, res.stderr
+        assert "internal error" not in res.stderr and "Traceback" not in res.stderr
+    finally:
+        subprocess.run(["fusermount3", "-u", "-z", str(volume.mnt)], capture_output=True)
+    sealfs("mount", str(volume.backing), str(volume.mnt), "--key-file", str(volume.key),
+           "--log-file", str(volume.log))  # usable again, and the volume is intact
+    volume.umount()
+
 
 def test_second_mount_refused(mounted: Volume, tmp_path: Path) -> None:
     (mounted.mnt / "f").write_bytes(b"first mount")
