@@ -10,8 +10,8 @@ full disk is never mistaken for tampering). Layout of a backing directory::
     journal.<gen:016x>       append-only sealed commit records after that checkpoint
     objects/<xx>/<id:016x>   sealed inode records and data blocks, xx = first id byte
 
-Some objects (small inode records) have no file of their own while their commit is in the
-current journal: they travel inside the commit frame, and :attr:`ObjectStore.carried` holds
+Some objects (small inode records, and blocks written back for an fsync) have no file of their
+own while their commit is in the current journal: they travel inside the commit frame, and :attr:`ObjectStore.carried` holds
 them so that :meth:`ObjectStore.get` finds them like any other object. They become files when
 the journal is folded into a new checkpoint (docs/format.md, "Objects carried in the journal").
 
@@ -233,7 +233,8 @@ class ObjectStore:
     def materialize(self) -> list[int]:
         """Write every carried object as a file (before the journal that holds it goes);
         return their ids."""
-        items = list(self.carried.items())
+        with self._carried_lock:
+            items = list(self.carried.items())
         for oid, blob in items:
             self.put(oid, blob)
         return [oid for oid, _ in items]

@@ -62,9 +62,12 @@ class Limits:
     commit_interval: float = 5.0
     anchor_interval: float = 30.0  # seconds between freshness-anchor advances at the KMS
     io_threads: int = 4
-    checkpoint_min_journal: int = 4 << 20  # journal length (and 4x the checkpoint) that,
-    carried_in_memory: int = 8 << 20  # with this many bytes of live carried objects or
-    journal_max: int = 32 << 20  # this journal length, makes a commit write a checkpoint
+    # A commit writes a checkpoint once the journal is longer than checkpoint_min_journal
+    # (and 4x the checkpoint) and either carried_in_memory bytes of live carried objects are
+    # held or the journal is longer than journal_max (see _checkpoint_due).
+    checkpoint_min_journal: int = 4 << 20
+    carried_in_memory: int = 8 << 20
+    journal_max: int = 32 << 20
     carried_record_max: int = 16 << 10  # sealed records up to this size ride in the journal
     carried_blocks: int = 512 << 10  # bytes of fsync'ed blocks one commit may carry
 
@@ -714,7 +717,9 @@ class Filesystem:
         return {"nodes": len(self.nodes), "table": len(self.table),
                 "dirty_nodes": len(self._dirty_nodes), "dirty_blocks": self.data.dirty_count,
                 "clean_blocks": len(self.data._clean), "superseded": len(self.data.superseded),
-                "doomed": len(self._doomed), "seq": self.metalog.seq}
+                "doomed": len(self._doomed), "carried": len(self.store.carried),
+                "carried_bytes": self.store.carried_bytes,
+                "journal_bytes": self.metalog.journal_length, "seq": self.metalog.seq}
 
     def statfs(self) -> os.statvfs_result:
         return self.store.statvfs()

@@ -17,9 +17,10 @@ Blocks written back for an fsync (up to ``carry_max`` bytes per commit) are not 
 the commit that follows carries them in its journal frame, so an fsync of a small change is one
 journal append and one fdatasync (docs/format.md, "Objects carried in the journal").
 
-Writes only copy into memory; a block that becomes full is handed to a background task that
-seals and stores it, so the next FUSE write is accepted while the previous block is still being
-encrypted (at most ``Limits.inflight_blocks`` at a time: that is the back-pressure). A write
+Writes only copy into memory; a block that a write fills up to its end is handed to a
+background task that seals and stores it, so the next FUSE write is accepted while the previous
+block is still being encrypted (at most ``Limits.inflight_batches`` jobs at a time: that is the
+back-pressure). Blocks rewritten in the middle stay dirty until an fsync or the dirty budget. A write
 error in the background is remembered on the node and reported by the next fsync, like the
 kernel's own writeback errors. Only when a block's new object is written does the block map
 point at it; the object it replaces is deleted after the next commit (docs/format.md).

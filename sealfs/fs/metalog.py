@@ -189,7 +189,7 @@ class MetaLog:
 
     def append(self, commit: Commit) -> None:
         """Seal and durably append one commit (its ``seq`` must be ``self.seq + 1``); its
-        carried records are readable from the store from then on."""
+        carried objects are readable from the store from then on."""
         assert self.journal is not None and commit.seq == self.seq + 1
         sealed = self.keys.journal.seal(commit.encode(),
                                         journal_ad(self.keys.volume_id, self.gen, commit.seq))
@@ -206,9 +206,9 @@ class MetaLog:
     def write_checkpoint(self, table: dict[int, int], next_ino: int) -> None:
         """Seal the whole table into a new checkpoint and start a new journal generation.
 
-        Order: carried records written as files (durable) -> new empty journal (durable) ->
+        Order: carried objects written as files (durable) -> new empty journal (durable) ->
         checkpoint replaced by rename (durable) -> old journal removed. A crash anywhere leaves
-        a checkpoint whose journal exists, and every record the table names readable.
+        a checkpoint whose journal exists, and every object the state names readable.
         """
         written = self.store.materialize()
         self.store.sync(only_if_written=True)
