@@ -18,7 +18,6 @@ parsed, and is never re-serialised. Signatures in quotes and collateral are raw 
 from __future__ import annotations
 
 import hmac
-import json
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -26,7 +25,7 @@ from datetime import UTC, datetime
 from hashlib import sha256
 from itertools import pairwise
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -36,6 +35,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
+from sealfs import strict_json
 from sealfs.errors import AttestationError
 
 from .quote import INTEL_QE_VENDOR_ID, EnclaveReport, Quote, TdReport, parse_quote
@@ -178,23 +178,10 @@ def load_collateral(path: Path) -> Collateral:
     return parse_collateral(data)
 
 
-def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj = dict(pairs)
-    if len(obj) != len(pairs):
-        raise ValueError("duplicate key in JSON object")
-    return obj
-
-
-def _reject_constant(name: str) -> NoReturn:
-    raise ValueError(f"non-standard JSON constant {name}")
-
-
 def _json_object(data: bytes | str, what: str) -> dict[str, Any]:
     """Strict JSON: no duplicate keys (which reader wins is ambiguous), no NaN/Infinity."""
     try:
-        obj = json.loads(
-            data, object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant
-        )
+        obj = strict_json.loads(data)
     except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError included
         raise CollateralFormatError(f"{what} is not valid JSON: {e}") from None
     if not isinstance(obj, dict):

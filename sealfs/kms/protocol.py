@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sealfs.crypto import label
+from sealfs.strict_json import reject_duplicates
 
 PROTOCOL_VERSION = 1
 NONCE_SIZE = 32
@@ -75,16 +76,6 @@ def bad_request(message: str) -> ProtocolError:
 
 
 # --- field parsing ---------------------------------------------------------------------------
-
-def reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """json.loads hook: a key given twice is an ambiguity an attacker could exploit."""
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise ValueError(f"duplicate key {k!r}")
-        out[k] = v
-    return out
-
 
 def parse_json_object(body: bytes) -> dict[str, Any]:
     """Strict JSON: UTF-8, one object, no duplicate keys, bounded nesting."""

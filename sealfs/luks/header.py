@@ -18,13 +18,13 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import json
 import re
 import struct
 import uuid as uuidlib
 from dataclasses import dataclass
 from typing import Any
 
+from sealfs import strict_json
 from sealfs.errors import LuksError
 
 from . import profile as P
@@ -159,7 +159,7 @@ def load_json_area(raw: bytes, where: str) -> dict[str, Any]:
         raise HeaderRefused(f"{where}: data after the JSON text in the JSON area")
     try:
         decoded = text.decode("ascii")
-        obj = json.loads(decoded, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+        obj = strict_json.loads(decoded)
     except (UnicodeDecodeError, ValueError) as e:
         raise HeaderRefused(f"{where}: JSON metadata does not parse ({_short(e)})") from None
     if not isinstance(obj, dict):
@@ -426,19 +426,6 @@ def _check_device(device_size: int) -> int:
 
 
 # -- strict JSON accessors -------------------------------------------------------------------
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate key {key!r}")
-        out[key] = value
-    return out
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"non-standard constant {name}")
 
 
 def _exact_keys(obj: dict[str, Any], keys: set[str], where: str) -> None:
