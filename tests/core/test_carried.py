@@ -8,24 +8,8 @@ from pathlib import Path
 
 import trio
 
-from sealfs.crypto import Secret
-from sealfs.fs.core import Filesystem, Limits
 from sealfs.fs.inode import ROOT_INO
-from sealfs.volume.header import KeyFileCredential
-from sealfs.volume.lifecycle import create_volume, unlock_volume
-
-CRED = KeyFileCredential(Secret(os.urandom(64)))
-
-
-def open_fs(backing: Path, **limits: int) -> Filesystem:
-    if not backing.exists():
-        create_volume(backing, [(CRED, None)])
-    store, header, master = unlock_volume(backing, CRED)
-    return Filesystem(store, header, master, Limits(commit_interval=3600, **limits))
-
-
-def files(fs: Filesystem) -> set[int]:
-    return set(fs.store.list_objects())
+from tests.core.harness import object_files, open_fs
 
 
 def test_small_records_live_in_the_journal_until_a_checkpoint(tmp_path: Path) -> None:
@@ -46,14 +30,14 @@ def test_small_records_live_in_the_journal_until_a_checkpoint(tmp_path: Path) ->
             node = await fs.create(ROOT_INO, b"f%d" % i, 0o100644, 0, 0)
             await fs.write(node, 0, b"small %d" % i)
             await fs.fsync(node)
-        assert files(fs) == set(), "small records were written as files"
+        assert object_files(fs) == set(), "small records were written as files"
         assert syncs == [], "a commit without object files needs no syncfs"
         big = await fs.create(ROOT_INO, b"big", 0o100644, 0, 0)
         await fs.write(big, 0, os.urandom(300_000))
         await fs.fsync(big)
         # The two full blocks were written back as files when they filled up (so the commit
         # needs a syncfs); the partial third block, written back for the fsync, is carried.
-        assert syncs == [1] and set(big.blocks.values()) - files(fs) == {big.blocks[2]}
+        assert syncs == [1] and set(big.blocks.values()) - object_files(fs) == {big.blocks[2]}
         await fs.close()
 
     trio.run(main)
@@ -73,7 +57,7 @@ def test_small_records_live_in_the_journal_until_a_checkpoint(tmp_path: Path) ->
         await again.create(ROOT_INO, b"one-more", 0o100644, 0, 0)
         await again.sync()
         assert again.metalog.gen == gen + 1 and again.store.carried == {}
-        assert set(again.table.values()) <= files(again)
+        assert set(again.table.values()) <= object_files(again)
         await again.close()
 
     trio.run(reread)
@@ -97,7 +81,7 @@ def test_large_records_are_still_files(tmp_path: Path) -> None:
         for i in range(100):
             await fs.create(d.ino, b"entry-with-a-long-name-%03d" % i, 0o100644, 0, 0)
         await fs.sync()
-        assert fs.table[d.ino] in files(fs) and fs.table[d.ino] not in fs.store.carried
+        assert fs.table[d.ino] in object_files(fs) and fs.table[d.ino] not in fs.store.carried
         await fs.close()
 
     trio.run(main)
@@ -133,7 +117,7 @@ def test_replay_keeps_only_carried_objects_still_in_use(tmp_path: Path) -> None:
         assert again.store.carried == {}
         nodes = [await again.node(ino) for ino in again.table]
         live = set(again.table.values()) | {o for n in nodes for o in n.blocks.values()}
-        assert files(again) == live, "orphans or missing objects after the checkpoint"
+        assert object_files(again) == live, "orphans or missing objects after the checkpoint"
         await again.close()
 
     trio.run(reread)

@@ -7,25 +7,9 @@ from pathlib import Path
 
 import trio
 
-from sealfs.crypto import Secret
-from sealfs.fs.core import Filesystem, Limits
 from sealfs.fs.data import INLINE_MAX
 from sealfs.fs.inode import ROOT_INO
-from sealfs.volume.header import KeyFileCredential
-from sealfs.volume.lifecycle import create_volume, unlock_volume
-
-CRED = KeyFileCredential(Secret(os.urandom(64)))
-
-
-def open_fs(backing: Path) -> Filesystem:
-    if not backing.exists():
-        create_volume(backing, [(CRED, None)])
-    store, header, master = unlock_volume(backing, CRED)
-    return Filesystem(store, header, master, Limits(commit_interval=3600))
-
-
-def objects(fs: Filesystem) -> set[int]:
-    return set(fs.store.list_objects())
+from tests.core.harness import object_files, open_fs
 
 
 def test_small_files_live_in_their_record_and_move_out_when_they_grow(
@@ -41,7 +25,7 @@ def test_small_files_live_in_their_record_and_move_out_when_they_grow(
         await fs.write(node, 0, small)
         await fs.fsync(node)
         assert node.inline == small and node.blocks == {}
-        assert objects(fs) <= set(fs.table.values()), "a small file wrote a block object"
+        assert object_files(fs) <= set(fs.table.values()), "a small file wrote a block object"
         # Overwrite inside, extend up to the limit: still inline.
         await fs.write(node, 10, b"XY")
         await fs.fsync(node)
@@ -106,7 +90,7 @@ def test_inline_data_survives_a_remount_and_sparse_tails_read_as_zeros(
         node = await again.lookup(ROOT_INO, b"s")
         assert node.inline == b"head" and node.size == 3000
         assert await again.read(node, 0, 4000) == b"head" + bytes(2996)
-        assert objects(again) <= set(again.table.values())
+        assert object_files(again) <= set(again.table.values())
         await again.close()
 
     trio.run(check)

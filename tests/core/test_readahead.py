@@ -8,21 +8,12 @@ from pathlib import Path
 
 import trio
 
-from sealfs.crypto import Secret
-from sealfs.fs.core import Filesystem, Limits
+from sealfs.fs.core import Filesystem
 from sealfs.fs.inode import ROOT_INO, Inode
-from sealfs.volume.header import KeyFileCredential
-from sealfs.volume.lifecycle import create_volume, unlock_volume
+from tests.core.harness import open_fs
 
-CRED = KeyFileCredential(Secret(os.urandom(64)))
 MiB = 1 << 20
 
-
-def open_fs(backing: Path, **limits: int) -> Filesystem:
-    if not backing.exists():
-        create_volume(backing, [(CRED, None)])
-    store, header, master = unlock_volume(backing, CRED)
-    return Filesystem(store, header, master, Limits(commit_interval=3600, **limits))
 
 
 async def write_file(fs: Filesystem, name: bytes, data: bytes) -> Inode:

@@ -2,25 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import trio
 
-from sealfs.crypto import Secret
-from sealfs.fs.core import Filesystem, Limits
 from sealfs.fs.inode import ROOT_INO
-from sealfs.volume.header import KeyFileCredential
-from sealfs.volume.lifecycle import create_volume, unlock_volume
-
-CRED = KeyFileCredential(Secret(os.urandom(64)))
-
-
-def open_fs(backing: Path) -> Filesystem:
-    if not backing.exists():
-        create_volume(backing, [(CRED, None)])
-    store, header, master = unlock_volume(backing, CRED)
-    return Filesystem(store, header, master, Limits(commit_interval=0.05))
+from tests.core.harness import open_fs
 
 
 def test_deleting_a_file_while_it_is_written_back_does_not_stall_commits(
@@ -28,7 +15,7 @@ def test_deleting_a_file_while_it_is_written_back_does_not_stall_commits(
     """A write-back job finishing after its file was deleted once left a 'flushing' entry
     behind; a sync() that had picked up the file then waited on it forever, and periodic
     commits stopped for good (unbounded memory, nothing durable without fsync)."""
-    fs = open_fs(tmp_path / "b")
+    fs = open_fs(tmp_path / "b", commit_interval=0.05)
     synced: list[int] = []
 
     async def sync() -> None:

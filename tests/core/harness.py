@@ -1,0 +1,28 @@
+"""The filesystem core in-process (no kernel): a volume opened with the library itself."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from sealfs.crypto import Secret
+from sealfs.fs.core import Filesystem, Limits
+from sealfs.volume.header import KeyFileCredential
+from sealfs.volume.lifecycle import create_volume, unlock_volume
+
+CRED = KeyFileCredential(Secret(os.urandom(64)))
+
+
+def open_fs(backing: Path, commit_interval: float = 3600, **limits: int) -> Filesystem:
+    """The volume in ``backing`` (created on first use), with periodic commits off unless
+    ``commit_interval`` is given, and any other Limits overridden."""
+    if not backing.exists():
+        create_volume(backing, [(CRED, None)])
+    store, header, master = unlock_volume(backing, CRED)
+    return Filesystem(store, header, master,
+                      Limits(commit_interval=commit_interval, **limits))
+
+
+def object_files(fs: Filesystem) -> set[int]:
+    """Ids of the objects that exist as files in the backing directory."""
+    return set(fs.store.list_objects())
