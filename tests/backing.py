@@ -142,18 +142,41 @@ def fold(vol: Volume) -> None:
 JOURNAL_FILLER = "/journal-filler"
 
 
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def committed_version(vol: Volume, path: str, data: bytes
+                      ) -> tuple[dict[str, bytes], dict[str, Path]]:
+    """Write ``data`` to ``path`` on the unmounted ``vol``, commit it and fold the volume,
+    and return the bytes and backing files of its record and blocks ("record" / block index):
+    a version an attacker can put back after the file has changed."""
+    vol.mount()
+    p = vol.mnt / path.lstrip("/")
+    p.write_bytes(data)
+    fsync_path(p)
+    unmount(vol)
+    fold(vol)
+    e = layout(vol.backing, vol.key)[path]
+    saved, files = {"record": e.record.read_bytes()}, {"record": e.record}
+    for idx, f in e.blocks.items():
+        saved[str(idx)], files[str(idx)] = f.read_bytes(), f
+    return saved, files
+
+
 def fill_journal(mnt: Path, commits: int = 4) -> None:
     """Make ``commits`` commits that change only the file JOURNAL_FILLER (which must exist
     already, so that its directory's record stays as it is): after a :func:`fold`, a template
     gets journal frames to tamper with without moving anything else into the journal."""
     path = Path(mnt) / JOURNAL_FILLER.lstrip("/")
     for i in range(commits):
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND)
-        try:
-            os.write(fd, b"filler %d\n" % i)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        with open(path, "ab") as f:
+            f.write(b"filler %d\n" % i)
+        fsync_path(path)
 
 
 def fold_and_fill(vol: Volume) -> None:

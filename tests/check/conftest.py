@@ -16,10 +16,11 @@ from sealfs.volume.header import read_key_file
 from tests.backing import (
     JOURNAL_FILLER,
     Layout,
+    committed_version,
     copy_tree,
-    fold,
     fold_and_fill,
     force_unmount,
+    fsync_path,
     layout,
     unmount,
 )
@@ -49,14 +50,6 @@ def content(tag: str, n: int) -> bytes:
     return bytes(out[:n])
 
 
-def fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 @dataclass
 class Template:
     vol: Volume
@@ -72,7 +65,7 @@ def _populate(mnt: Path) -> None:
         p = mnt / path.lstrip("/")
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(content(path, n))
-        fsync(p)
+        fsync_path(p)
     os.link(mnt / "c.txt", mnt / "dir" / "c-link.txt")
     os.symlink("target", mnt / "link")
     (mnt / JOURNAL_FILLER.lstrip("/")).write_bytes(b"")
@@ -84,20 +77,11 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Template:
     vol = new_volume(base, "--block-size", str(BS))
     other = new_volume(base, "--block-size", str(BS), name="other")
     try:
+        old, old_paths = committed_version(vol, REPLAY, content(REPLAY + ":v1", 2 * BS + 7))
         vol.mount()
         r = vol.mnt / REPLAY.lstrip("/")
-        r.write_bytes(content(REPLAY + ":v1", 2 * BS + 7))
-        fsync(r)
-        unmount(vol)
-        fold(vol)  # version 1's objects are files: they can be saved for replaying
-        e = layout(vol.backing, vol.key)[REPLAY]
-        old = {"record": e.record.read_bytes()}
-        old_paths = {"record": e.record}
-        for i, p in e.blocks.items():
-            old[str(i)], old_paths[str(i)] = p.read_bytes(), p
-        vol.mount()
         r.write_bytes(content(REPLAY + ":v2", 2 * BS + 7))
-        fsync(r)
+        fsync_path(r)
         _populate(vol.mnt)
         unmount(vol)
         fold_and_fill(vol)

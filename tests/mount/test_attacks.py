@@ -37,12 +37,13 @@ from tests.backing import (
     JOURNAL_FILLER,
     Entry,
     Layout,
+    committed_version,
     copy_tree,
     extend,
     flip_bit,
-    fold,
     fold_and_fill,
     force_unmount,
+    fsync_path,
     is_mounted,
     layout,
     swap_files,
@@ -106,18 +107,10 @@ def _populate(mnt: Path, files: dict[str, bytes]) -> None:
         p = mnt / path.lstrip("/")
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(data)
-        _fsync(p)  # one commit each: the journal gets many records to tamper with
+        fsync_path(p)  # one commit each
     os.symlink(LINK_TARGET, mnt / LINK.lstrip("/"))
     os.setxattr(mnt / "c.txt", XATTR_NAME, XATTR_VALUE)
     (mnt / JOURNAL_FILLER.lstrip("/")).write_bytes(b"")
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _build_template(base: Path, comp: str) -> Template:
@@ -126,18 +119,8 @@ def _build_template(base: Path, comp: str) -> Template:
     files = expected_files()
     try:
         # The file to be replayed: version 1 committed, its objects saved, then version 2.
-        vol.mount()
-        replay = vol.mnt / REPLAY.lstrip("/")
-        replay.write_bytes(make_content(REPLAY + ":v1", 2 * BS + 7))
-        _fsync(replay)
-        unmount(vol)
-        fold(vol)  # version 1's objects are files: they can be saved for replaying
-        old = layout(vol.backing, vol.key)[REPLAY]
-        old_replay = {"record": old.record.read_bytes()}
-        old_paths = {"record": old.record}
-        for idx, p in old.blocks.items():
-            old_replay[str(idx)] = p.read_bytes()
-            old_paths[str(idx)] = p
+        old_replay, old_paths = committed_version(vol, REPLAY,
+                                                  make_content(REPLAY + ":v1", 2 * BS + 7))
         vol.mount()
         _populate(vol.mnt, files)
         unmount(vol)
