@@ -54,6 +54,16 @@ class Volume:
                     break
                 time.sleep(0.05)
 
+    def unmount_after_test(self) -> None:
+        """Fixture teardown: unmount (the final commit must succeed); if that fails, detach
+        the mount anyway and re-raise."""
+        if os.path.ismount(self.mnt):
+            try:
+                self.umount()
+            except AssertionError:
+                self.force_unmount()
+                raise
+
     def daemon_pid(self) -> int:
         return int(json.loads(runtime_file(self.mnt.absolute()).read_text())["pid"])
 

@@ -23,12 +23,7 @@ def vol(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Volume]:
     v = new_volume(tmp_path, "--compression", request.param)
     v.mount()
     yield v
-    if os.path.ismount(v.mnt):
-        try:
-            v.umount()
-        except AssertionError:
-            v.force_unmount()
-            raise
+    v.unmount_after_test()
 
 
 def run(*args: str | Path, cwd: Path | None = None, env: dict[str, str] | None = None

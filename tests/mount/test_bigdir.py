@@ -42,12 +42,7 @@ def bigdir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Volume, P
     finally:
         os.close(fd)
     yield vol, big
-    if os.path.ismount(vol.mnt):
-        try:
-            vol.umount()
-        except AssertionError:
-            vol.force_unmount()
-            raise
+    vol.unmount_after_test()
 
 
 def assert_exactly_once(names: list[str], expected: set[str]) -> None:

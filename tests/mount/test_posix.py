@@ -110,12 +110,7 @@ def shared(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     vol = new_volume(tmp_path_factory.mktemp(f"posix-{comp}"), "--compression", comp)
     vol.mount()
     yield vol
-    if os.path.ismount(vol.mnt):
-        try:
-            vol.umount()
-        except AssertionError:
-            vol.force_unmount()
-            raise
+    vol.unmount_after_test()
 
 
 @pytest.fixture
