@@ -189,6 +189,14 @@ def format_cmd(device: str, keys: KeySource, binding: KeyBinding,
          as_json, f"formatted {device} (LUKS2 {info.uuid}; {profile.describe()})")
 
 
+def _keyslot(use_recovery: bool, recovery_slot: bool) -> int:
+    """The key slot --use-recovery selects (the recovery slot exists only with
+    --recovery-slot)."""
+    if use_recovery and not recovery_slot:
+        raise UsageError("--use-recovery needs --recovery-slot")
+    return P.RECOVERY_KEYSLOT if use_recovery else P.KMS_KEYSLOT
+
+
 @luks.command("open")
 @click.argument("device", type=str)
 @click.argument("name")
@@ -203,9 +211,7 @@ def open_cmd(device: str, name: str, keys: KeySource, binding: KeyBinding,
     """Validate DEVICE's header, then map it as /dev/mapper/NAME (from the validated copy)."""
     from sealfs.luks.volume import mapper_path, open_volume
 
-    if use_recovery and not recovery_slot:
-        raise UsageError("--use-recovery needs --recovery-slot")
-    keyslot = P.RECOVERY_KEYSLOT if use_recovery else P.KMS_KEYSLOT
+    keyslot = _keyslot(use_recovery, recovery_slot)
     info = open_volume(device, name, _slot_key(keys, binding, use_recovery),
                        _profile(integrity, recovery_slot), keyslot=keyslot)
     emit({"ok": True, "device": device, "mapper": mapper_path(name), "uuid": info.uuid},
@@ -229,9 +235,7 @@ def check_key_cmd(device: str, keys: KeySource, binding: KeyBinding, integrity: 
     """
     from sealfs.luks.volume import check_volume_key
 
-    if use_recovery and not recovery_slot:
-        raise UsageError("--use-recovery needs --recovery-slot")
-    keyslot = P.RECOVERY_KEYSLOT if use_recovery else P.KMS_KEYSLOT
+    keyslot = _keyslot(use_recovery, recovery_slot)
     info = check_volume_key(device, _slot_key(keys, binding, use_recovery),
                             _profile(integrity, recovery_slot), keyslot=keyslot)
     emit({"ok": True, "device": device, "uuid": info.uuid, "keyslot": keyslot,

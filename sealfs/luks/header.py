@@ -295,11 +295,7 @@ def _check_segments(segments: dict[str, Any], profile: P.LuksProfile) -> None:
         raise HeaderRefused(f"{where}: type {kind!r} is not 'crypt'")
     if "flags" in seg:
         raise HeaderRefused(f"{where}: segment flags present")
-    cipher = seg.get("encryption")
-    if isinstance(cipher, str) and "cipher_null" in cipher:
-        raise HeaderRefused(f"{where}: cipher_null would store data in plaintext")
-    if cipher != P.CIPHER:
-        raise HeaderRefused(f"{where}: cipher {cipher!r}, expected {P.CIPHER}")
+    _check_cipher(seg.get("encryption"), where, "would store data in plaintext")
     keys = {"type", "offset", "size", "iv_tweak", "encryption", "sector_size"}
     if profile.integrity:
         keys.add("integrity")
@@ -353,16 +349,20 @@ def _check_keyslots(keyslots: dict[str, Any], profile: P.LuksProfile) -> tuple[i
     return tuple(int(n) for n in expected)
 
 
+def _check_cipher(cipher: Any, where: str, null_means: str) -> None:
+    """The one accepted cipher; cipher_null is named for what it would do."""
+    if isinstance(cipher, str) and "cipher_null" in cipher:
+        raise HeaderRefused(f"{where}: cipher_null {null_means}")
+    if cipher != P.CIPHER:
+        raise HeaderRefused(f"{where}: cipher {cipher!r}, expected {P.CIPHER}")
+
+
 def _check_area(area: dict[str, Any], size: int, where: str) -> tuple[int, int]:
     where = f"{where}.area"
     _exact_keys(area, {"type", "offset", "size", "encryption", "key_size"}, where)
     if area.get("type") != "raw":
         raise HeaderRefused(f"{where}: type {area.get('type')!r} is not 'raw'")
-    cipher = area.get("encryption")
-    if isinstance(cipher, str) and "cipher_null" in cipher:
-        raise HeaderRefused(f"{where}: cipher_null keyslot would open with any passphrase")
-    if cipher != P.CIPHER:
-        raise HeaderRefused(f"{where}: cipher {cipher!r}, expected {P.CIPHER}")
+    _check_cipher(area.get("encryption"), where, "keyslot would open with any passphrase")
     if _int(area, "key_size", where) != P.CIPHER_KEY_BYTES:
         raise HeaderRefused(f"{where}: key size is not {P.CIPHER_KEY_BYTES} bytes")
     offset, length = _u64(area, "offset", where), _u64(area, "size", where)
