@@ -439,14 +439,14 @@ class DataPath:
         sealer, vid, ino = self.keys.inode(node.ino), self.vid, node.ino
         jobs = [(idx, new_object_id(), data) for idx, data in batch]
 
-        def put() -> list[bytes]:
-            blobs = []
+        def put() -> list[bytes | None]:
+            """Seal each block; store it as a file, or (carry) return it for the commit."""
+            blobs: list[bytes | None] = []
             for idx, oid, data in jobs:
                 blob = seal_block(sealer, block_ad(vid, ino, idx, oid), data, self.compress)
-                if carry:
-                    blobs.append(blob)
-                else:
+                if not carry:
                     self.store.put(oid, blob)
+                blobs.append(blob if carry else None)
             return blobs
 
         try:
@@ -459,7 +459,7 @@ class DataPath:
         finally:
             self._inflight.release()
             done.set()
-        for idx, oid, data in jobs:
+        for (idx, oid, data), blob in zip(jobs, blobs, strict=True):
             current = node.flushing.get(idx)
             if current is None or current[0] is not data or node.dead:
                 self.superseded.append(oid)  # truncated or deleted meanwhile
@@ -467,8 +467,7 @@ class DataPath:
                     del node.flushing[idx]  # else flush() waits on it forever
                 continue
             del node.flushing[idx]
-            if carry:  # readable from the store now; durable with the next commit
-                blob = blobs[jobs.index((idx, oid, data))]
+            if blob is not None:  # readable from the store now; durable with the next commit
                 self.store.carry(oid, blob)
                 self._carry[oid] = (ino, blob)
             old = node.blocks.get(idx)
