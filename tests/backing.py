@@ -8,6 +8,7 @@ only reads the checkpoint, the journal and the records (it does not see uncommit
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -185,6 +186,18 @@ def fold_and_fill(vol: Volume) -> None:
     vol.mount()
     fill_journal(vol.mnt)
     unmount(vol)
+
+
+def make_content(tag: str, n: int) -> bytes:
+    """Deterministic content: compressible (so lz4 really compresses) but different in every
+    block, so a block moved to another position or file is never byte-identical."""
+    salt = hashlib.sha256(tag.encode()).hexdigest().encode()
+    out = bytearray()
+    i = 0
+    while len(out) < n:
+        out += b"%s:%08d:%s\n" % (tag.encode(), i, salt)
+        i += 1
+    return bytes(out[:n])
 
 
 # --- tampering primitives ----------------------------------------------------------------------

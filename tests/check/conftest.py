@@ -3,7 +3,6 @@ byte-exact copies of it for each attack, plus helpers to run the checker on them
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from tests.backing import (
     force_unmount,
     fsync_path,
     layout,
+    make_content,
     unmount,
 )
 from tests.conftest import Volume, new_volume
@@ -39,15 +39,6 @@ FILES: dict[str, int] = {
 REPLAY = "/r.txt"
 
 
-def content(tag: str, n: int) -> bytes:
-    """Different in every block, so a moved block is never byte-identical to the right one."""
-    salt = hashlib.sha256(tag.encode()).hexdigest().encode()
-    out = bytearray()
-    i = 0
-    while len(out) < n:
-        out += b"%s:%08d:%s\n" % (tag.encode(), i, salt)
-        i += 1
-    return bytes(out[:n])
 
 
 @dataclass
@@ -64,7 +55,7 @@ def _populate(mnt: Path) -> None:
     for path, n in FILES.items():
         p = mnt / path.lstrip("/")
         p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_bytes(content(path, n))
+        p.write_bytes(make_content(path, n))
         fsync_path(p)
     os.link(mnt / "c.txt", mnt / "dir" / "c-link.txt")
     os.symlink("target", mnt / "link")
@@ -77,10 +68,10 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Template:
     vol = new_volume(base, "--block-size", str(BS))
     other = new_volume(base, "--block-size", str(BS), name="other")
     try:
-        old, old_paths = committed_version(vol, REPLAY, content(REPLAY + ":v1", 2 * BS + 7))
+        old, old_paths = committed_version(vol, REPLAY, make_content(REPLAY + ":v1", 2 * BS + 7))
         vol.mount()
         r = vol.mnt / REPLAY.lstrip("/")
-        r.write_bytes(content(REPLAY + ":v2", 2 * BS + 7))
+        r.write_bytes(make_content(REPLAY + ":v2", 2 * BS + 7))
         fsync_path(r)
         _populate(vol.mnt)
         unmount(vol)

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.backing import flip_bit, force_unmount, swap_files, unmount
+from tests.backing import flip_bit, force_unmount, make_content, swap_files, unmount
 from tests.conftest import REPO, SEALFS, Volume, sealfs
 
-from .conftest import BS, FILES, Template, content, rebase, run_check
+from .conftest import BS, FILES, Template, rebase, run_check
 
 pytestmark = [pytest.mark.mount]
 
@@ -54,7 +54,7 @@ def test_swaps_are_healed(template: Template, victim: Volume) -> None:
     mnt = victim.mount()
     try:
         for p in ("/a.txt", "/b.txt"):
-            assert (mnt / p.lstrip("/")).read_bytes() == content(p, FILES[p])
+            assert (mnt / p.lstrip("/")).read_bytes() == make_content(p, FILES[p])
         assert not (mnt / "lost+found").exists() or not os.listdir(mnt / "lost+found")
     finally:
         unmount(victim)
@@ -72,7 +72,7 @@ def test_quarantine_keeps_intact_blocks_and_says_why(template: Template,
     try:
         ino = template.layout["/a.txt"].ino
         q = mnt / "lost+found" / f"{ino}-a.txt"
-        data, want = q.read_bytes(), content("/a.txt", FILES["/a.txt"])
+        data, want = q.read_bytes(), make_content("/a.txt", FILES["/a.txt"])
         assert data[:BS] == want[:BS] and data[BS:2 * BS] == bytes(BS)
         assert data[2 * BS:] == want[2 * BS:]
         why = json.loads(os.getxattr(q, "user.sealfs.damage"))
@@ -80,7 +80,7 @@ def test_quarantine_keeps_intact_blocks_and_says_why(template: Template,
         assert not (mnt / "a.txt").exists() and not (mnt / "dir" / "y.txt").exists()
         report = (mnt / "lost+found" / "REPORT").read_text()
         assert "/a.txt" in report and "/dir/y.txt" in report
-        assert (mnt / "dir" / "x.txt").read_bytes() == content("/dir/x.txt", FILES["/dir/x.txt"])
+        assert (mnt / "dir" / "x.txt").read_bytes() == make_content("/dir/x.txt", FILES["/dir/x.txt"])
     finally:
         unmount(victim)
         force_unmount(victim)
@@ -95,7 +95,7 @@ def test_damaged_directory_contents_are_reattached(template: Template,
     try:
         ino = template.layout["/dir/sub/deep.txt"].ino
         lost = mnt / "lost+found" / f"#{ino}"
-        assert lost.read_bytes() == content("/dir/sub/deep.txt", FILES["/dir/sub/deep.txt"])
+        assert lost.read_bytes() == make_content("/dir/sub/deep.txt", FILES["/dir/sub/deep.txt"])
         assert not (mnt / "dir" / "sub").exists()
     finally:
         unmount(victim)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -46,6 +45,7 @@ from tests.backing import (
     fsync_path,
     is_mounted,
     layout,
+    make_content,
     swap_files,
     truncate,
     unmount,
@@ -58,16 +58,6 @@ BS = 4096
 MARK = "QZXJ7"  # marker for the confidentiality scan; appears only in plaintext
 
 
-def make_content(tag: str, n: int) -> bytes:
-    """Deterministic content: compressible (so lz4 really compresses) but different in every
-    block, so a block moved to another position or file is never byte-identical."""
-    salt = hashlib.sha256(tag.encode()).hexdigest().encode()
-    out = bytearray()
-    i = 0
-    while len(out) < n:
-        out += b"%s:%08d:%s\n" % (tag.encode(), i, salt)
-        i += 1
-    return bytes(out[:n])
 
 
 FILES: dict[str, int] = {
