@@ -91,7 +91,10 @@ def check_anchor(state: MetaState, anchor: tuple[int, bytes] | None, report: Rep
                             "older copy cannot be detected (use a KMS-anchored volume)")
         return
     epoch, head = anchor
-    if state.seq < epoch:
+    if epoch == 0 and not head:
+        report.notes.append("the KMS has not anchored this volume yet (never mounted with "
+                            "--kms): a rollback of the whole volume cannot be detected")
+    elif state.seq < epoch:
         report.add(Finding("rolled-back", None, "volume", journal_name(state.gen),
                            f"the volume is at epoch {state.seq} but its anchor records "
                            f"epoch {epoch}: this is an older copy of the volume",

@@ -48,9 +48,14 @@ KEYFILE_MIN_BYTES = 32
 
 @dataclass(frozen=True, repr=False)
 class KeyFileCredential:
-    """The contents of a key file; unlocks slots of type ``keyfile``."""
+    """The contents of a key file; unlocks slots of type ``keyfile``.
+
+    ``expected_volume`` (every credential has it): the volume id this credential is meant
+    for, from trusted configuration; a header with another id is refused before unlocking.
+    """
 
     secret: Secret
+    expected_volume: bytes | None = None
     slot_type = "keyfile"
 
     def __repr__(self) -> str:
@@ -62,6 +67,7 @@ class PassphraseCredential:
     """A recovery passphrase; unlocks slots of type ``passphrase``."""
 
     secret: Secret
+    expected_volume: bytes | None = None
     slot_type = "passphrase"
 
     def __repr__(self) -> str:
@@ -76,8 +82,9 @@ class KmsCredential:
 
     slot_type = "kms"
 
-    def __init__(self, client: Any) -> None:
+    def __init__(self, client: Any, expected_volume: bytes | None = None) -> None:
         self.client = client
+        self.expected_volume = expected_volume
 
     def __repr__(self) -> str:
         return f"<KmsCredential {self.client!r}>"
@@ -142,7 +149,8 @@ class Slot:
     wrapped: bytes
     salt: bytes = b""
     kdf: KdfParams | None = None
-    kms: dict[str, Any] | None = None  # url, app_id, key_version, kms_public_key (hex)
+    # url, app_id, key_version, kms_public_key (hex; who answered at creation, never trusted)
+    kms: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"id": self.id, "type": self.type, "wrapped": self.wrapped.hex()}
@@ -188,10 +196,9 @@ def _kek(cred: Credential, slot: Slot, volume_id: bytes) -> Secret:
         return hkdf(cred.secret, "slot-keyfile", salt=slot.salt)
     if isinstance(cred, KmsCredential):
         assert slot.kms is not None
-        client = cred.client
-        if client.kms_public_key is None and slot.kms.get("kms_public_key"):
-            client.kms_public_key = bytes.fromhex(slot.kms["kms_public_key"])  # pinned
-        key, _ = client.get_key(KMS_PURPOSE, volume_id, slot.kms["key_version"])
+        # The slot's url and kms_public_key are informational: which KMS the client trusts
+        # is the client's own configuration, never a value from the (unauthenticated) disk.
+        key, _ = cred.client.get_key(KMS_PURPOSE, volume_id, slot.kms["key_version"])
         return _kms_kek(key)
     assert slot.kdf is not None
     return hkdf(derive_from_passphrase(cred.secret, slot.kdf), "slot-passphrase")
@@ -278,6 +285,7 @@ class Header:
 
     def unlock(self, cred: Credential) -> Secret:
         """Return the master key, after checking the header MAC under it."""
+        self._check_expected(cred.expected_volume)
         candidates = [s for s in self.slots if s.type == cred.slot_type]
         if not candidates:
             raise UnlockError(f"volume has no {cred.slot_type} key slot")
@@ -298,6 +306,14 @@ class Header:
         raise UnlockError(f"wrong {cred.slot_type.replace('keyfile', 'key file')}: no "
                           f"{cred.slot_type} slot opens with it")
 
+    def _check_expected(self, expected: bytes | None) -> None:
+        """Refuse a swapped-in volume: one with valid slots for the same credential (e.g.
+        another volume of the same app) is authentic, but not the volume that was asked for."""
+        if expected is not None and not ct_equal(expected, self.volume_id):
+            raise IntegrityError(f"the backing directory holds volume "
+                                 f"{uuid.UUID(bytes=self.volume_id)}, not the expected "
+                                 f"{format_volume_id(expected)}: refusing a swapped-in volume")
+
     def kms_slot(self) -> Slot | None:
         return next((s for s in self.slots if s.type == "kms"), None)
 
@@ -312,7 +328,7 @@ class Header:
             key, version = client.get_key(KMS_PURPOSE, self.volume_id)  # current version
             slot = Slot(slot_id, "kms", b"", kms={
                 "url": client.url, "app_id": client.app_id.hex(), "key_version": version,
-                "kms_public_key": (client.kms_public_key or b"").hex()})
+                "kms_public_key": (client.answering_key or b"").hex()})
             kek = _kms_kek(key)
         else:
             slot = Slot(slot_id, "keyfile", b"", salt=random_bytes(16))
@@ -336,6 +352,19 @@ class Header:
             "created": self.created,
             "slots": [s.public_info() for s in self.slots],
         }
+
+
+def parse_volume_id(text: str) -> bytes:
+    """A volume id as `sealfs info` shows it: a UUID, or 32 hex digits."""
+    try:
+        return uuid.UUID(text.strip()).bytes
+    except ValueError:
+        raise UsageError(f"not a volume id: {text!r} (a UUID or 32 hex digits, as `sealfs "
+                         "info` shows it)") from None
+
+
+def format_volume_id(volume_id: bytes) -> str:
+    return str(uuid.UUID(bytes=volume_id)) if len(volume_id) == 16 else volume_id.hex()
 
 
 def new_header(block_size: int, compression: str) -> tuple[Header, Secret]:

@@ -31,18 +31,18 @@ def create_volume(backing: Path, creds: list[tuple[Credential, KdfParams | None]
         raise UsageError("a volume needs at least one key slot (--key-file or --passphrase)")
     if backing.exists() and not backing.is_dir():
         raise UsageError(f"{backing} exists and is not a directory")
-    backing.mkdir(parents=True, exist_ok=True)
     if (backing / HEADER_NAME).exists():
         raise UsageError(f"{backing} already holds a sealfs volume")
-    leftovers = [p.name for p in backing.iterdir()
+    leftovers = [p.name for p in (backing.iterdir() if backing.is_dir() else ())
                  if p.name not in (OBJECTS_DIR, "lock", "checkpoint", ".checkpoint.tmp")
                  and not p.name.startswith("journal.")]
     if leftovers:
         raise UsageError(f"{backing} is not empty (found {leftovers[0]!r}); "
                          "use an empty directory")
     header, master = new_header(block_size, compression)
-    for cred, kdf in creds:
+    for cred, kdf in creds:  # first: a credential that fails (a KMS refusal) leaves no trace
         header.add_slot(master, cred, kdf)
+    backing.mkdir(parents=True, exist_ok=True)
     store = ObjectStore(backing)
     store.lock()
     try:
