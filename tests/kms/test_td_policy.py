@@ -41,7 +41,7 @@ VIOLATIONS = [
 
 def get_key(kms: KmsProcess, app_id: bytes, **attester_kw: Any) -> bytes:
     att = attester(app_id, compose=COMPOSE_A, **attester_kw)
-    client = KmsClient(kms.url, app_id, att, kms_public_key=kms.public_key, deadline_s=5)
+    client = KmsClient(kms.url, app_id, att, trusted_keys=[kms.public_key], deadline_s=5)
     return client.get_key("volume-wrap", b"volume-td-policy")[0].reveal()
 
 
