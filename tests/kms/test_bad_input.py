@@ -291,11 +291,11 @@ def test_nonce_flood_evicts_but_never_reuses(inproc_state: KmsState) -> None:
 def test_tampered_state_gives_generic_error(inproc_state: KmsState) -> None:
     import sqlite3
 
-    conn = sqlite3.connect(inproc_state.path)
-    conn.execute("UPDATE policies SET mac = zeroblob(32)")
-    conn.commit()
-    conn.close()
     with InProcessKms(inproc_state, ServiceConfig(allow_simulated=True)) as srv:
+        conn = sqlite3.connect(inproc_state.path)  # edited under the running KMS
+        conn.execute("UPDATE policies SET mac = zeroblob(32)")
+        conn.commit()
+        conn.close()
         body, _, _ = envelope(srv.port, attester(), GETKEY)
         msg = assert_error(post(srv.port, "/v1/key", body), 500, "internal")["message"]
         assert msg == "KMS internal error"
