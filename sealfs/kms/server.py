@@ -374,14 +374,22 @@ async def _lingering_close(stream: trio.SocketStream) -> None:
 
 
 def peer_key(stream: trio.SocketStream) -> str:
-    """The unit that per-peer limits count: an IPv4 address, or an IPv6 /64 network.
+    """The unit that per-peer limits count: see :func:`peer_key_of`."""
+    try:
+        return peer_key_of(stream.socket.getpeername()[0])
+    except (OSError, IndexError, TypeError):
+        return "?"
+
+
+def peer_key_of(host: str) -> str:
+    """An IPv4 address as is; an IPv6 address as its /64 network.
 
     A host is usually given a whole IPv6 /64, so counting single v6 addresses would let one
     host appear as any number of peers. IPv4-mapped v6 addresses count as their IPv4 address.
     """
     try:
-        addr = ipaddress.ip_address(stream.socket.getpeername()[0].split("%")[0])
-    except (OSError, ValueError, IndexError):
+        addr = ipaddress.ip_address(host.split("%")[0])
+    except ValueError:
         return "?"
     if isinstance(addr, ipaddress.IPv6Address):
         if addr.ipv4_mapped is not None:

@@ -16,7 +16,7 @@ import pytest
 import trio
 import trio.testing
 
-from sealfs.kms.server import FairGate, HttpLimits
+from sealfs.kms.server import FairGate, HttpLimits, peer_key_of
 from sealfs.kms.service import ServiceConfig
 
 from .conftest import (
@@ -187,3 +187,14 @@ def test_fair_gate_hands_freed_slots_to_the_peer_holding_fewest() -> None:
         assert granted == ["b", "hog", "hog", "hog"] and gate.held("hog") == 0
 
     trio.run(main)
+
+
+@pytest.mark.parametrize(("host", "key"), [
+    ("127.0.0.2", "127.0.0.2"),
+    ("::ffff:10.1.2.3", "10.1.2.3"),  # IPv4-mapped: the same peer as over IPv4
+    ("2001:db8:1:2:aaaa::1", "2001:db8:1:2::/64"),  # one /64 is one peer,
+    ("2001:db8:1:2:bbbb::9%eth0", "2001:db8:1:2::/64"),  # whatever address it picks
+    ("not an address", "?"),
+])
+def test_peers_are_counted_by_ipv4_address_or_ipv6_64(host: str, key: str) -> None:
+    assert peer_key_of(host) == key
