@@ -253,7 +253,7 @@ def rotating_app(state: KmsState) -> Iterator[bytes]:
     app = bytes.fromhex("d4" * 20)
     state.put(sim_policy(app, COMPOSE_A))
     yield app
-    state.store.delete_policy(app)
+    state.store.delete_policy(state.macs, app)
 
 
 def test_rotation_keeps_old_versions_derivable(kms: KmsProcess, state: KmsState,
@@ -301,7 +301,7 @@ def test_simulated_quotes_need_the_apps_opt_in_too(kms: KmsProcess, state: KmsSt
         with pytest.raises(AttestationError, match="simulated TEEs are not allowed"):
             client(kms, prod, att=attester(prod, compose=COMPOSE_A)).get_key("volume-wrap", VOL)
     finally:
-        state.store.delete_policy(prod)
+        state.store.delete_policy(state.macs, prod)
 
 
 def test_simulated_mode_is_loud(kms: KmsProcess) -> None:
