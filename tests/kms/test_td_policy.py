@@ -57,7 +57,7 @@ def test_kms_refuses_each_violation_with_its_reason(
 @pytest.fixture
 def relaxed_app(state: KmsState) -> Iterator[bytes]:
     yield RELAXED_APP
-    state.store.delete_policy(RELAXED_APP)
+    state.store.delete_policy(state.macs, RELAXED_APP)
 
 
 @pytest.mark.parametrize(("attester_kw", "reason", "option"), VIOLATIONS)
