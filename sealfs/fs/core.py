@@ -31,7 +31,7 @@ from sealfs.codec import (
     inode_ad,
     new_object_id,
 )
-from sealfs.crypto import AuthError, Sealer, Secret, VolumeKeys
+from sealfs.crypto import AuthError, ObjectSealer, Secret
 from sealfs.errors import KmsError, StorageError
 from sealfs.fs.data import Damaged, DataPath, FsError
 from sealfs.fs.inode import ROOT_INO, Inode, RecordError
@@ -89,7 +89,7 @@ class Filesystem:
                  limits: Limits | None = None) -> None:
         self.store = store
         self.header = header
-        self.keys = VolumeKeys(master, header.volume_id)
+        self.keys = header.volume_keys(master)
         self.vid = header.volume_id
         self.block_size = header.block_size
         self.compress = header.compression == "lz4"
@@ -604,7 +604,7 @@ class Filesystem:
             blocks = self.data.take_carried()
             limit = self.limits.carried_record_max
 
-            def seal(batch: list[tuple[int, int, Sealer, bytes, bytes]]
+            def seal(batch: list[tuple[int, int, ObjectSealer, bytes, bytes]]
                      ) -> list[tuple[int, int, bytes | None]]:
                 """Seal records: small ones ride in the commit, large ones become files."""
                 out: list[tuple[int, int, bytes | None]] = []

@@ -37,7 +37,9 @@ from sealfs.errors import FormatError, IntegrityError, UnlockError, UsageError
 from sealfs.store import HEADER_NAME
 
 MAGIC = "sealfs-volume"
-FORMAT_VERSION = 1
+#: 2: every object sealed with a key per message. 1: single keys; its volumes stay 1 (their
+#: older objects need those keys) and get format-2 objects from then on.
+FORMAT_VERSION = 2
 CIPHER = "AES-256-GCM"
 MIN_BLOCK, MAX_BLOCK = 4096, 4 * 1024 * 1024
 MAX_HEADER_BYTES = 1 << 20
@@ -324,6 +326,11 @@ class Header:
 
     def seal(self, master: Secret) -> None:
         self.mac = VolumeKeys(master, self.volume_id).header_mac(self.canonical_body())
+
+    def volume_keys(self, master: Secret) -> VolumeKeys:
+        """The keys of this volume's objects: a format-1 volume may hold objects sealed with
+        format 1's single keys, so those open too."""
+        return VolumeKeys(master, self.volume_id, legacy=self.format_version < 2)
 
     def public_info(self) -> dict[str, Any]:
         return {
