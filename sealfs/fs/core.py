@@ -36,7 +36,7 @@ from sealfs.errors import KmsError, StorageError
 from sealfs.fs.data import Damaged, DataPath, FsError
 from sealfs.fs.inode import ROOT_INO, Inode, RecordError
 from sealfs.fs.metalog import MetaLog, MetaState
-from sealfs.store import MissingObject, ObjectStore
+from sealfs.store import HEADER_NAME, MissingObject, ObjectStore
 from sealfs.volume.anchor import KmsAnchor, RollbackError, verify_fresh
 from sealfs.volume.header import Header
 
@@ -134,6 +134,9 @@ class Filesystem:
                 log.warning("OVERRIDE: mounting despite a failed freshness check (%s)", e)
                 overridden = anchored[0]
         if writable:
+            if self.header.format_version == 1:  # before the first format-2 object
+                self.header.upgrade_format_1(self.keys)
+                await self._io(self.store.replace_file, HEADER_NAME, self.header.to_bytes())
             await self._io(self.metalog.open_for_append, state)
             if overridden is not None:
                 await self._io(self.metalog.skip_to, state.table, state.next_ino,

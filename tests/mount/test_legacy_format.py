@@ -1,5 +1,6 @@
 """A volume written by format-1 sealfs (single journal and inode keys) still mounts, reads and
-checks clean, and everything written to it from then on is format 2 (a key per message)."""
+checks clean; its first writable mount makes its header format 2, and everything written to it
+from then on is format 2 (a key per message)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import trio
 from sealfs.codec import CODEC_KEYED, inode_ad, journal_ad, split_frames
 from sealfs.crypto import AuthError, ObjectSealer, VolumeKeys
 from sealfs.fs.core import Filesystem
-from sealfs.store import CHECKPOINT_NAME, journal_name
+from sealfs.store import CHECKPOINT_NAME, HEADER_NAME, journal_name
 from sealfs.volume.header import read_key_file
 from sealfs.volume.lifecycle import unlock_volume
 from tests.backing import fold, fsync_path, layout, legacy_contents, legacy_volume, unmount
@@ -78,6 +79,10 @@ def test_format_1_volume_mounts_reads_checks_then_writes_format_2(tmp_path: Path
         fsync_path(vol.mnt / "dir/new.bin")
     finally:
         unmount(vol)
+    # The header became format 2 before the first format-2 object (so an older sealfs
+    # refuses the volume), and says that it still holds format-1 objects.
+    header = json.loads((vol.backing / HEADER_NAME).read_text())
+    assert (header["format_version"], header["format1_objects"]) == (2, True)
     _check_clean(vol)
     records, blocks, frames = _formats(vol)
     assert records == {"/": 1, "/small.txt": 1, "/link": 1, "/dir/carried.bin": 1,

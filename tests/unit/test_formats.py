@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 
@@ -31,7 +32,9 @@ from sealfs.crypto import (
     VolumeKeys,
     hkdf,
 )
+from sealfs.errors import FormatError, IntegrityError
 from sealfs.fs.inode import Entries, Inode, RecordError
+from sealfs.volume.header import Header, KeyFileCredential, new_header
 
 
 def test_file_record_roundtrip() -> None:
@@ -194,3 +197,30 @@ def test_format_1_blocks_and_checkpoints_open_only_on_format_1_volumes() -> None
     for compress in (False, True):
         new = seal_block(legacy.inode(2), ad, data, compress)
         assert new[0] & 2 and open_block(current.inode(2), ad, new, 4096) == data
+
+
+def test_the_header_format_fields_are_authenticated() -> None:
+    """A host cannot switch a volume between formats: ``format_version`` and
+    ``format1_objects`` are under the header MAC, and a malformed flag is refused."""
+    cred = KeyFileCredential(Secret.generate(64))
+    header, master = new_header(4096, "none")
+    header.add_slot(master, cred)
+    assert Header.from_bytes(header.to_bytes()).unlock(cred) == master
+    upgraded, _ = new_header(4096, "none")
+    upgraded.format_version = 1
+    upgraded.add_slot(master, cred)
+    upgraded.upgrade_format_1(upgraded.volume_keys(master))
+    assert Header.from_bytes(upgraded.to_bytes()).unlock(cred) == master
+    for doc, edit in ((header, {"format_version": 1}), (header, {"format1_objects": True}),
+                      (upgraded, {"format_version": 1, "format1_objects": False})):
+        forged = json.loads(doc.to_bytes())
+        forged.update(edit)
+        if forged.get("format1_objects") is False:
+            del forged["format1_objects"]  # how a format-1 header looks
+        with pytest.raises(IntegrityError):
+            Header.from_bytes(json.dumps(forged).encode()).unlock(cred)
+    for bad in ("yes", 1):
+        forged = json.loads(upgraded.to_bytes())
+        forged["format1_objects"] = bad
+        with pytest.raises(FormatError):
+            Header.from_bytes(json.dumps(forged).encode())
