@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from sealfs.codec import CodecError, open_checkpoint
-from sealfs.crypto import SEAL_OVERHEAD, AuthError, VolumeKeys
+from sealfs.crypto import AEAD_OVERHEAD, SEAL_OVERHEAD, AuthError, VolumeKeys
 from sealfs.errors import IntegrityError
 from sealfs.fs.metalog import MetaLog, MetaState
 from sealfs.store import CHECKPOINT_NAME, HEADER_NAME, MissingObject, ObjectStore, journal_name
@@ -21,7 +21,7 @@ from .report import ADVICE, Finding, Report
 
 #: Slot types this version knows; others are reported as a note (a newer sealfs wrote them).
 KNOWN_SLOT_TYPES = {"keyfile", "passphrase", "kms"}
-_WRAPPED_LEN = 32 + SEAL_OVERHEAD
+_WRAPPED_LEN = 32 + AEAD_OVERHEAD
 _CHECKPOINT_MIN = 5 + SEAL_OVERHEAD + 64
 
 

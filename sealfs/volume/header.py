@@ -37,7 +37,9 @@ from sealfs.errors import FormatError, IntegrityError, UnlockError, UsageError
 from sealfs.store import HEADER_NAME
 
 MAGIC = "sealfs-volume"
-FORMAT_VERSION = 1
+#: 2: every object sealed with a key per message. 1: single keys; still read, and made 2 with
+#: ``format1_objects`` (its older objects need the single keys) before the first write.
+FORMAT_VERSION = 2
 CIPHER = "AES-256-GCM"
 MIN_BLOCK, MAX_BLOCK = 4096, 4 * 1024 * 1024
 MAX_HEADER_BYTES = 1 << 20
@@ -215,9 +217,11 @@ class Header:
     slots: list[Slot] = field(default_factory=list)
     mac: bytes = b""
     format_version: int = FORMAT_VERSION
+    format1_objects: bool = False  # a format-1 volume made format 2: holds format-1 objects
 
     def body(self) -> dict[str, Any]:
         return {
+            **({"format1_objects": True} if self.format1_objects else {}),
             "magic": MAGIC,
             "format_version": self.format_version,
             "volume_id": self.volume_id.hex(),
@@ -256,6 +260,9 @@ class Header:
                               f"supports ({FORMAT_VERSION}); upgrade sealfs")
         if version < 1:
             raise FormatError(f"volume format version {version} is not valid")
+        format1_objects = doc.get("format1_objects", False)
+        if not isinstance(format1_objects, bool) or (format1_objects and version != 2):
+            raise FormatError("volume header has an invalid format1_objects field")
         try:
             if doc["cipher"] != CIPHER or doc["kdf"] != "HKDF-SHA256":
                 raise FormatError(f"unsupported cipher {doc['cipher']!r}")
@@ -263,7 +270,8 @@ class Header:
                          block_size=int(doc["block_size"]),
                          compression=str(doc["compression"]), created=int(doc["created"]),
                          slots=[Slot.from_dict(s) for s in doc["slots"]],
-                         mac=bytes.fromhex(doc["mac"]), format_version=version)
+                         mac=bytes.fromhex(doc["mac"]), format_version=version,
+                         format1_objects=format1_objects)
         except FormatError:
             raise
         except (KeyError, TypeError, ValueError, UsageError) as e:
@@ -340,6 +348,19 @@ class Header:
 
     def seal(self, master: Secret) -> None:
         self.mac = VolumeKeys(master, self.volume_id).header_mac(self.canonical_body())
+
+    def volume_keys(self, master: Secret) -> VolumeKeys:
+        """The keys of this volume's objects: a volume that was format 1 may hold objects
+        sealed with format 1's single keys, so those open too."""
+        return VolumeKeys(master, self.volume_id,
+                          legacy=self.format_version < 2 or self.format1_objects)
+
+    def upgrade_format_1(self, keys: VolumeKeys) -> None:
+        """Make a format-1 header format 2 (to be written before anything format 2 is): its
+        older objects still open with the format-1 keys, and older sealfs versions refuse
+        the volume instead of taking its format-2 objects for damage."""
+        self.format_version, self.format1_objects = 2, True
+        self.mac = keys.header_mac(self.canonical_body())
 
     def public_info(self) -> dict[str, Any]:
         return {

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from sealfs.codec import inode_ad, new_object_id
-from sealfs.crypto import KdfParams, Secret, VolumeKeys
+from sealfs.crypto import KdfParams, Secret
 from sealfs.errors import UsageError
 from sealfs.fs.inode import ROOT_INO, Inode
 from sealfs.fs.metalog import MetaLog
@@ -50,7 +50,7 @@ def create_volume(backing: Path, creds: list[tuple[Credential, KdfParams | None]
             if name.name.startswith("journal."):
                 name.unlink()
         store.objects.mkdir(exist_ok=True)
-        keys = VolumeKeys(master, header.volume_id)
+        keys = header.volume_keys(master)
         now = time.time_ns()
         root = Inode(ROOT_INO, stat.S_IFDIR | 0o755, os.getuid() if uid is None else uid,
                      os.getgid() if gid is None else gid, 2, 0, now, now, now, 0, ROOT_INO)
