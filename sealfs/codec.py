@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import lz4.block
 
-from sealfs.crypto import Sealer, label, random_bytes
+from sealfs.crypto import SEAL_OVERHEAD, Sealer, label, random_bytes
 
 CODEC_RAW = 0
 CODEC_LZ4 = 1
@@ -33,6 +33,21 @@ _REC_HEAD = struct.Struct(">BQQQI")  # version, seq, next_ino, reserved, n_updat
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
 _PAIR = struct.Struct(">QQ")
+
+# Size limits (docs/format.md, "Size limits"): a stored object, checkpoint or declared length
+# beyond them is damage, refused before anything of that size is read or allocated.
+#: A sealed inode record (its block map is 16 bytes a block, a directory entry <= 265 bytes).
+RECORD_OBJECT_MAX = 256 << 20
+#: Inodes a checkpoint table may hold, and so the largest checkpoint file.
+MAX_INODES = 1 << 24
+CHECKPOINT_MAX = 5 + SEAL_OVERHEAD + 64 + 16 * MAX_INODES
+_LZ4_SIZE = struct.Struct("<I")  # lz4.block's store_size prefix: the decompressed length
+
+
+def block_object_max(block_size: int) -> int:
+    """The largest block object: a codec byte and a sealed full block (lz4 only when
+    smaller)."""
+    return 1 + SEAL_OVERHEAD + block_size
 
 
 def new_object_id() -> int:
@@ -68,6 +83,8 @@ def open_block(sealer: Sealer, ad: bytes, blob: bytes, block_size: int) -> bytes
     codec = blob[:1]
     body = sealer.open(memoryview(blob)[1:], ad + codec)  # AuthError for unknown codecs too
     if codec == _LZ4:
+        if len(body) < _LZ4_SIZE.size or _LZ4_SIZE.unpack_from(body)[0] > block_size:
+            raise CodecError("lz4 block declares more than the volume block size")
         try:
             data = lz4.block.decompress(body)
         except Exception as e:  # lz4 raises its own LZ4BlockError

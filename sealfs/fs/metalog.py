@@ -26,7 +26,9 @@ import logging
 from dataclasses import dataclass, field
 
 from sealfs.codec import (
+    CHECKPOINT_MAX,
     FRAME_HEADER,
+    RECORD_OBJECT_MAX,
     Checkpoint,
     CodecError,
     Commit,
@@ -41,7 +43,7 @@ from sealfs.codec import (
 from sealfs.crypto import AuthError, VolumeKeys
 from sealfs.errors import IntegrityError
 from sealfs.fs.inode import Inode, RecordError
-from sealfs.store import CHECKPOINT_NAME, JournalFile, MissingObject, ObjectStore
+from sealfs.store import CHECKPOINT_NAME, DamagedFile, JournalFile, MissingObject, ObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +93,7 @@ class MetaLog:
         """
         vid = self.keys.volume_id
         try:
-            blob = self.store.read_file(CHECKPOINT_NAME)
+            blob = self.store.read_file(CHECKPOINT_NAME, CHECKPOINT_MAX)
         except MissingObject:
             raise IntegrityError("the metadata checkpoint is missing from the backing "
                                  "directory") from None
@@ -157,10 +159,10 @@ class MetaLog:
         for ino in owners:
             oid = table[ino]
             try:
-                blob = carried[oid][1] if oid in carried else self.store.get(oid)
+                blob = carried[oid][1] if oid in carried else self.store.get(oid, RECORD_OBJECT_MAX)
                 node = Inode.from_record(ino, self.keys.inode(ino).open(
                     blob, inode_ad(self.keys.volume_id, ino, oid)))
-            except (AuthError, RecordError, MissingObject):
+            except (AuthError, RecordError, MissingObject, DamagedFile):
                 live.update(o for o, (i, _) in carried.items() if i == ino)
                 continue
             live.update(node.blocks.values())

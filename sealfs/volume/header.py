@@ -33,8 +33,8 @@ from sealfs.crypto import (
     unwrap_key,
     wrap_key,
 )
-from sealfs.errors import FormatError, IntegrityError, UnlockError, UsageError
-from sealfs.store import HEADER_NAME
+from sealfs.errors import FormatError, IntegrityError, SealfsError, UnlockError, UsageError
+from sealfs.store import HEADER_NAME, MissingObject, ObjectStore
 
 MAGIC = "sealfs-volume"
 FORMAT_VERSION = 1
@@ -346,13 +346,17 @@ def new_header(block_size: int, compression: str) -> tuple[Header, Secret]:
 
 
 def load_header(backing: Path) -> Header:
-    path = Path(backing) / HEADER_NAME
+    """Read the header through the store: never through a symlink, never from a FIFO, and
+    never more than :data:`MAX_HEADER_BYTES` (a larger file is refused unread)."""
     if not Path(backing).is_dir():
         raise UsageError(f"{backing} is not a directory")
+    store = ObjectStore(Path(backing))
     try:
-        data = path.read_bytes()
-    except FileNotFoundError:
+        data = store.read_file(HEADER_NAME, MAX_HEADER_BYTES)
+    except MissingObject:
         raise FormatError(f"{backing} is not a sealfs volume (no {HEADER_NAME})") from None
-    except OSError as e:
-        raise FormatError(f"cannot read {path}: {e.strerror}") from None
+    except SealfsError as e:
+        raise FormatError(f"cannot read the volume header of {backing}: {e}") from None
+    finally:
+        store.close()
     return Header.from_bytes(data)
