@@ -37,7 +37,7 @@ from sealfs.errors import KmsError, StorageError
 from sealfs.fs.data import Damaged, DataPath, FsError
 from sealfs.fs.inode import ROOT_INO, Inode, RecordError
 from sealfs.fs.metalog import MetaLog, MetaState
-from sealfs.store import DamagedFile, MissingObject, ObjectStore
+from sealfs.store import JOURNAL_MAX, DamagedFile, MissingObject, ObjectStore
 from sealfs.volume.anchor import KmsAnchor, RollbackError, verify_fresh
 from sealfs.volume.header import Header
 
@@ -668,7 +668,8 @@ class Filesystem:
         at mount) have grown large. Superseded carried objects cost nothing: a journal of
         fsync'ed appends, whose carried tails replace each other, can grow to ``journal_max``."""
         limits, journal = self.limits, self.metalog.journal_length
-        if journal <= max(limits.checkpoint_min_journal, 4 * self.metalog.checkpoint_size):
+        relative = min(4 * self.metalog.checkpoint_size, JOURNAL_MAX // 2)  # the reader's cap
+        if journal <= max(limits.checkpoint_min_journal, relative):
             return False
         return self.store.carried_bytes > limits.carried_in_memory or \
             journal > limits.journal_max
