@@ -117,8 +117,8 @@ class ObjectStore:
 
     The backing directory itself is the caller's choice and may be reached through a symlink;
     everything below it is the host's. So the directory is opened once and every file and
-    subdirectory is opened relative to it (or to ``objects`` and its fan-out directories, also
-    held open) with O_NOFOLLOW, checked by fstat to be a regular file or a real directory, and
+    subdirectory is opened relative to it (or to ``objects``, also held open, or to a fan-out
+    directory) with O_NOFOLLOW, checked by fstat to be a regular file or a real directory, and
     renamed or unlinked relative to it: no name under the backing directory is ever resolved
     through a symlink, and nothing is created where something already is (O_EXCL).
     """
@@ -127,7 +127,7 @@ class ObjectStore:
         self.root = Path(root)
         self.objects = self.root / OBJECTS_DIR
         self._lock_fd: int | None = None
-        #: open directory fds: "" the backing directory, OBJECTS_DIR, and "xx" fan-outs
+        #: open directory fds: "" the backing directory, and OBJECTS_DIR
         self._dirs: dict[str, int] = {}
         #: objects whose only durable copy is inside a commit of the current journal (read
         #: freely; changed only through carry/uncarry/set_carried, which keep the byte count)
@@ -158,30 +158,22 @@ class ObjectStore:
             os.close(fd)
         return kept
 
-    def _subdir(self, key: str, parent: int, name: str, create: bool) -> int:
-        """A real directory ``name`` in ``parent`` (never a symlink), created if asked."""
-        fd = self._dirs.get(key)
-        if fd is not None:
-            return fd
-        try:
-            try:
-                fd = os.open(name, _DIR, dir_fd=parent)
-            except FileNotFoundError:
-                if not create:
-                    raise
-                with contextlib.suppress(FileExistsError):
-                    os.mkdir(name, 0o700, dir_fd=parent)
-                fd = os.open(name, _DIR, dir_fd=parent)
-        except OSError as e:
-            raise _kind_error(key, e) from None
-        return self._keep(key, fd)
-
     def _objects_fd(self, create: bool = False) -> int:
-        return self._subdir(OBJECTS_DIR, self.root_fd(), OBJECTS_DIR, create)
+        fd = self._dirs.get(OBJECTS_DIR)
+        if fd is None:
+            fd = self._keep(OBJECTS_DIR, _open_dir(self.root_fd(), OBJECTS_DIR, create,
+                                                   OBJECTS_DIR))
+        return fd
 
-    def _fanout_fd(self, name: str, create: bool = False) -> int:
-        key = f"{OBJECTS_DIR}/{name[:2]}"
-        return self._subdir(key, self._objects_fd(create), name[:2], create)
+    @contextlib.contextmanager
+    def _fanout(self, name: str, create: bool = False) -> Iterator[int]:
+        """The fan-out directory of object ``name``, open for the duration (not cached: a
+        volume uses up to 256 of them)."""
+        fd = _open_dir(self._objects_fd(create), name[:2], create, f"{OBJECTS_DIR}/{name[:2]}")
+        try:
+            yield fd
+        finally:
+            os.close(fd)
 
     def close(self) -> None:
         """Close the directory fds (the store opens them again if used later)."""
@@ -248,23 +240,23 @@ class ObjectStore:
         sits under the same id (an orphan left by a crash, or something planted) is unlinked
         first and the object is created anew (O_EXCL)."""
         name = f"{oid:016x}"
-        try:
-            sub = self._fanout_fd(name, create=True)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(name, dir_fd=sub)
-            fd = os.open(name, _NEW, 0o600, dir_fd=sub)
-        except OSError as e:
-            raise _kind_error(f"object {name}", e) from None
-        try:
+        with self._fanout(name, create=True) as sub:
             try:
-                _write_all(fd, data)
-            finally:
-                os.close(fd)
-                self.unsynced = True
-        except OSError as e:
-            with contextlib.suppress(OSError):
-                os.unlink(name, dir_fd=sub)
-            raise _storage_error(f"cannot write object {name}", e) from None
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(name, dir_fd=sub)
+                fd = os.open(name, _NEW, 0o600, dir_fd=sub)
+            except OSError as e:
+                raise _kind_error(f"object {name}", e) from None
+            try:
+                try:
+                    _write_all(fd, data)
+                finally:
+                    os.close(fd)
+                    self.unsynced = True
+            except OSError as e:
+                with contextlib.suppress(OSError):
+                    os.unlink(name, dir_fd=sub)
+                raise _storage_error(f"cannot write object {name}", e) from None
 
     def get(self, oid: int, limit: int) -> bytes:
         """The object's bytes; ``limit`` is the largest such object the format allows (a
@@ -275,7 +267,8 @@ class ObjectStore:
         name = f"{oid:016x}"
         what = f"object {name}"
         try:
-            fd = os.open(name, _READ, dir_fd=self._fanout_fd(name))
+            with self._fanout(name) as sub:
+                fd = os.open(name, _READ, dir_fd=sub)
         except MissingObject:
             raise MissingObject(f"{what} is missing") from None
         except OSError as e:
@@ -308,7 +301,8 @@ class ObjectStore:
         self.uncarry(oid)  # a file may exist as well (see materialize)
         name = f"{oid:016x}"
         try:
-            os.unlink(name, dir_fd=self._fanout_fd(name))
+            with self._fanout(name) as sub:
+                os.unlink(name, dir_fd=sub)
         except (FileNotFoundError, MissingObject):
             pass
         except DamagedFile as e:  # a planted fan-out: no object of ours can be in it
@@ -327,9 +321,11 @@ class ObjectStore:
         for sub in sorted(_entries(top), key=lambda e: e.name):
             if not sub.is_dir(follow_symlinks=False) or len(sub.name) != 2:
                 continue
-            for entry in _entries(self._fanout_fd(sub.name)):
+            with self._fanout(sub.name) as fd:
+                names = [entry.name for entry in _entries(fd)]
+            for name in names:
                 with contextlib.suppress(ValueError):
-                    yield int(entry.name, 16)
+                    yield int(name, 16)
 
     # --- small whole files (header, checkpoint, journals) --------------------------------
 
@@ -421,6 +417,21 @@ class ObjectStore:
 
     def statvfs(self) -> os.statvfs_result:
         return os.fstatvfs(self.root_fd())
+
+
+def _open_dir(parent: int, name: str, create: bool, what: str) -> int:
+    """A real directory ``name`` in ``parent`` (never a symlink), created if asked."""
+    try:
+        try:
+            return os.open(name, _DIR, dir_fd=parent)
+        except FileNotFoundError:
+            if not create:
+                raise
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(name, 0o700, dir_fd=parent)
+            return os.open(name, _DIR, dir_fd=parent)
+    except OSError as e:
+        raise _kind_error(what, e) from None
 
 
 def _entries(dir_fd: int) -> list[os.DirEntry[str]]:
