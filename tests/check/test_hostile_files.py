@@ -7,6 +7,7 @@ a repair never writes through a planted symlink. Run through the real CLI."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -70,24 +71,32 @@ def test_planted_file_is_reported_not_followed(template: Template, victim: Volum
 
 
 @pytest.mark.parametrize("name", [f".{CHECKPOINT_NAME}.tmp", "next-journal", "stale-journal",
-                                  "orphan", "lock"])
+                                  "orphan", "lock", "objects/*"])
 def test_repair_never_writes_through_a_planted_symlink(template: Template, victim: Volume,
                                                        tmp_path: Path, name: str) -> None:
     """Repair commits (so it writes a checkpoint, a new journal and objects) and deletes
     leftovers: a symlink at any of those names is replaced or unlinked, never written
     through; the canary it points at keeps its bytes."""
-    canary = tmp_path / "canary"
+    canary, canary_dir = tmp_path / "canary", tmp_path / "canary-dir"
     canary.write_bytes(b"canary: never to be written\n")
+    canary_dir.mkdir()
     gen = template.layout.gen
     fanout = template.layout["/a.txt"].blocks[0].parent.name
     names = {"next-journal": journal_name(gen + 1), "stale-journal": journal_name(gen - 1),
              "orphan": f"objects/{fanout}/{fanout}00000000dead00"}
-    plant(victim.backing / names.get(name, name), "symlink", canary)
+    if name == "objects/*":  # every fan-out directory not there yet: new objects go there
+        for i in range(256):
+            sub = victim.backing / "objects" / f"{i:02x}"
+            if not sub.exists():
+                sub.symlink_to(canary_dir)
+    else:
+        plant(victim.backing / names.get(name, name), "symlink", canary)
     flip_bit(rebase(victim, template, template.layout["/a.txt"].blocks[1]))  # repair commits
     code, out, stderr, _ = check_json(victim, "--repair")
     assert canary.read_bytes() == b"canary: never to be written\n"
-    if name == "lock":  # the lock file is refused, so nothing is repaired
-        assert code == 5 and "lock" in stderr and "Traceback" not in stderr, stderr
+    assert os.listdir(canary_dir) == []
+    if name in ("lock", "objects/*"):  # refused: the repair cannot lock, or write objects
+        assert code == 5 and name.split("/")[0] in stderr and "Traceback" not in stderr, stderr
         return
     assert code == 5 and out["repair"]["clean_after"], (out, stderr)
     if name != "next-journal":  # leftovers: the symlink itself is unlinked

@@ -154,3 +154,24 @@ def test_incompressible_blocks_stored_raw() -> None:
     data = os.urandom(4096)
     blob = seal_block(sealer, b"ad", data, True)
     assert len(blob) == len(data) + 1 + 28
+
+
+def test_lz4_declared_size_is_bounded_before_decompressing() -> None:
+    """An authentic lz4 payload (the key holder's bug, or a fuzzed one) that declares 256 MiB
+    is refused from its 4-byte size prefix: nothing near that size is ever allocated."""
+    import struct
+    import tracemalloc
+
+    import lz4.block
+
+    sealer = Sealer(Secret.generate())
+    body = struct.pack("<I", 256 << 20) + lz4.block.compress(b"x" * 4096, store_size=False)
+    blob = bytes([1]) + sealer.seal(body, b"ad" + bytes([1]))
+    tracemalloc.start()
+    try:
+        with pytest.raises(CodecError, match="declares more than the volume block size"):
+            open_block(sealer, b"ad", blob, 1 << 17)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20, f"{peak} bytes allocated"
