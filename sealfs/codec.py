@@ -38,6 +38,9 @@ _PAIR = struct.Struct(">QQ")
 # beyond them is damage, refused before anything of that size is read or allocated.
 #: A sealed inode record (its block map is 16 bytes a block, a directory entry <= 265 bytes).
 RECORD_OBJECT_MAX = 256 << 20
+#: Blocks a file's block map may name (16 bytes each), leaving 1 MiB of its record for the rest:
+#: writers refuse a write beyond ``MAX_FILE_BLOCKS * block_size`` with EFBIG.
+MAX_FILE_BLOCKS = (RECORD_OBJECT_MAX - (1 << 20)) // 16
 #: Inodes a checkpoint table may hold, and so the largest checkpoint file.
 MAX_INODES = 1 << 24
 CHECKPOINT_MAX = 5 + SEAL_OVERHEAD + 64 + 16 * MAX_INODES

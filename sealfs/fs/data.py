@@ -38,6 +38,7 @@ from typing import Any
 import trio
 
 from sealfs.codec import (
+    MAX_FILE_BLOCKS,
     CodecError,
     block_ad,
     block_object_max,
@@ -267,6 +268,8 @@ class DataPath:
             return 0
         self._raise_pending(node)
         end = off + len(buf)
+        if end > MAX_FILE_BLOCKS * self.block_size:  # its record would exceed what is read
+            raise FsError(errno.EFBIG)
         lock = self.lock(node)
         if not lock.locked():
             # Fast path (appends, small writes): no data operation on this node is under way

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from sealfs.codec import MAX_FILE_BLOCKS
 from sealfs.store import CHECKPOINT_NAME, HEADER_NAME, LOCK_NAME, journal_name
 from tests.backing import (
     PLANTED_KINDS,
@@ -218,3 +219,21 @@ def test_daemon_log_is_private_and_keys_stay_out_of_core_dumps(victim: Volume,
     res = subprocess.run([sys.executable, "-c", probe, str(victim.backing)], cwd=REPO,
                          capture_output=True, text=True, timeout=60)
     assert res.stdout.strip().endswith("dumpable 0"), res.stdout + res.stderr
+
+
+def test_writes_stay_within_the_record_limit_readers_accept(victim: Volume) -> None:
+    """A file's block map lives in its record, which a reader refuses beyond 256 MiB: a write
+    past the last block a record can name fails with EFBIG instead of making the file
+    unreadable; the last block itself is written and read back."""
+    victim.mount()
+    try:
+        limit = MAX_FILE_BLOCKS * BS
+        with open(victim.mnt / "big", "wb") as f:
+            os.pwrite(f.fileno(), b"end", limit - 3)
+            with pytest.raises(OSError) as err:
+                os.pwrite(f.fileno(), b"x", limit)
+            assert err.value.errno == errno.EFBIG
+        with open(victim.mnt / "big", "rb") as f:
+            assert os.pread(f.fileno(), 3, limit - 3) == b"end"
+    finally:
+        unmount(victim)
