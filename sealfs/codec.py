@@ -18,15 +18,18 @@ from dataclasses import dataclass, field
 
 import lz4.block
 
-from sealfs.crypto import Sealer, label, random_bytes
+from sealfs.crypto import AEAD_OVERHEAD, SEAL_OVERHEAD, ObjectSealer, label, random_bytes
 from sealfs.errors import IntegrityError
 
 CODEC_RAW = 0
 CODEC_LZ4 = 1
-_RAW = bytes([CODEC_RAW])
-_LZ4 = bytes([CODEC_LZ4])
+#: Set in a block's codec byte when it was sealed with a key per message (format 2); a
+#: block without it is format 1, sealed directly under its inode's key.
+CODEC_KEYED = 2
+_RAW = bytes([CODEC_RAW | CODEC_KEYED])
+_LZ4 = bytes([CODEC_LZ4 | CODEC_KEYED])
 CHECKPOINT_MAGIC = b"SFCK"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2 is sealed with a key per message; 1 (format-1 volumes) is still read
 RECORD_VERSION = 2  # 2 carries inode record objects in the frame; 1 is still read
 
 _FRAME_HEAD = struct.Struct(">II")  # length, crc32 of the length
@@ -62,8 +65,15 @@ def block_ad(volume_id: bytes, ino: int, index: int, oid: int) -> bytes:
     return label("block", volume_id, ino, index, oid)
 
 
-def seal_block(sealer: Sealer, ad: bytes, data: bytes, compress: bool) -> bytes:
-    """Compress (when it helps) and seal one block: ``codec byte || nonce || ct || tag``.
+def block_overhead(codec: int | None) -> int:
+    """Bytes a block object with this codec byte adds to its payload (an empty object,
+    ``None``, counts as format 2)."""
+    return 1 + (AEAD_OVERHEAD if codec is not None and not codec & CODEC_KEYED
+                else SEAL_OVERHEAD)
+
+
+def seal_block(sealer: ObjectSealer, ad: bytes, data: bytes, compress: bool) -> bytes:
+    """Compress (when it helps) and seal one block: ``codec byte || sealed``.
 
     The codec byte is in the clear (the size already shows compressibility) and bound into
     the associated data, so the plaintext is never copied just to prefix it.
@@ -75,10 +85,13 @@ def seal_block(sealer: Sealer, ad: bytes, data: bytes, compress: bool) -> bytes:
     return _RAW + sealer.seal(data, ad + _RAW)
 
 
-def open_block(sealer: Sealer, ad: bytes, blob: bytes, block_size: int) -> bytes:
+def open_block(sealer: ObjectSealer, ad: bytes, blob: bytes, block_size: int) -> bytes:
     codec = blob[:1]
-    body = sealer.open(memoryview(blob)[1:], ad + codec)  # AuthError for unknown codecs too
-    if codec == _LZ4:
+    if codec and codec[0] & CODEC_KEYED:
+        body = sealer.open(memoryview(blob)[1:], ad + codec)  # AuthError for unknown codecs
+    else:
+        body = sealer.open_legacy(memoryview(blob)[1:], ad + codec)
+    if codec[0] & CODEC_LZ4:
         try:
             data = lz4.block.decompress(body)
         except Exception as e:  # lz4 raises its own LZ4BlockError
@@ -250,18 +263,22 @@ class Checkpoint:
         return cls(gen, seq, next_ino, head, table)
 
 
-def checkpoint_ad(volume_id: bytes) -> bytes:
-    return label("checkpoint", volume_id, CHECKPOINT_VERSION)
+def checkpoint_ad(volume_id: bytes, version: int = CHECKPOINT_VERSION) -> bytes:
+    return label("checkpoint", volume_id, version)
 
 
-def seal_checkpoint(sealer: Sealer, volume_id: bytes, cp: Checkpoint) -> bytes:
+def seal_checkpoint(sealer: ObjectSealer, volume_id: bytes, cp: Checkpoint) -> bytes:
     return CHECKPOINT_MAGIC + bytes([CHECKPOINT_VERSION]) + sealer.seal(
         cp.encode(), checkpoint_ad(volume_id))
 
 
-def open_checkpoint(sealer: Sealer, volume_id: bytes, blob: bytes) -> Checkpoint:
+def open_checkpoint(sealer: ObjectSealer, volume_id: bytes, blob: bytes) -> Checkpoint:
     if blob[:4] != CHECKPOINT_MAGIC:
         raise CodecError("not a sealfs checkpoint")
-    if blob[4:5] != bytes([CHECKPOINT_VERSION]):
+    if blob[4:5] == bytes([CHECKPOINT_VERSION]):
+        body = sealer.open(blob[5:], checkpoint_ad(volume_id))
+    elif blob[4:5] == b"\x01":
+        body = sealer.open_legacy(blob[5:], checkpoint_ad(volume_id, 1))
+    else:
         raise CodecError(f"checkpoint version {blob[4:5].hex()} is not supported")
-    return Checkpoint.decode(sealer.open(blob[5:], checkpoint_ad(volume_id)))
+    return Checkpoint.decode(body)

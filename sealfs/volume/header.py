@@ -39,7 +39,9 @@ from sealfs.kms.protocol import MAX_KEY_VERSION
 from sealfs.store import HEADER_NAME
 
 MAGIC = "sealfs-volume"
-FORMAT_VERSION = 1
+#: 2: every object sealed with a key per message. 1: single keys; still read, and made 2 with
+#: ``format1_objects`` (its older objects need the single keys) before the first write.
+FORMAT_VERSION = 2
 CIPHER = "AES-256-GCM"
 MIN_BLOCK, MAX_BLOCK = 4096, 4 * 1024 * 1024
 MAX_HEADER_BYTES = 1 << 20
@@ -52,9 +54,14 @@ MAX_HEADER_INT = 2**63 - 1  # block size and creation time: what a u64 label par
 
 @dataclass(frozen=True, repr=False)
 class KeyFileCredential:
-    """The contents of a key file; unlocks slots of type ``keyfile``."""
+    """The contents of a key file; unlocks slots of type ``keyfile``.
+
+    ``expected_volume`` (every credential has it): the volume id this credential is meant
+    for, from trusted configuration; a header with another id is refused before unlocking.
+    """
 
     secret: Secret
+    expected_volume: bytes | None = None
     slot_type = "keyfile"
 
     def __repr__(self) -> str:
@@ -66,6 +73,7 @@ class PassphraseCredential:
     """A recovery passphrase; unlocks slots of type ``passphrase``."""
 
     secret: Secret
+    expected_volume: bytes | None = None
     slot_type = "passphrase"
 
     def __repr__(self) -> str:
@@ -80,8 +88,9 @@ class KmsCredential:
 
     slot_type = "kms"
 
-    def __init__(self, client: Any) -> None:
+    def __init__(self, client: Any, expected_volume: bytes | None = None) -> None:
         self.client = client
+        self.expected_volume = expected_volume
 
     def __repr__(self) -> str:
         return f"<KmsCredential {self.client!r}>"
@@ -146,7 +155,8 @@ class Slot:
     wrapped: bytes
     salt: bytes = b""
     kdf: KdfParams | None = None
-    kms: dict[str, Any] | None = None  # url, app_id, key_version, kms_public_key (hex)
+    # url, app_id, key_version, kms_public_key (hex; who answered at creation, never trusted)
+    kms: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"id": self.id, "type": self.type, "wrapped": self.wrapped.hex()}
@@ -200,10 +210,9 @@ def _kek(cred: Credential, slot: Slot, volume_id: bytes) -> Secret:
         return hkdf(cred.secret, "slot-keyfile", salt=slot.salt)
     if isinstance(cred, KmsCredential):
         assert slot.kms is not None
-        client = cred.client
-        if client.kms_public_key is None and slot.kms.get("kms_public_key"):
-            client.kms_public_key = bytes.fromhex(slot.kms["kms_public_key"])  # pinned
-        key, _ = client.get_key(KMS_PURPOSE, volume_id, slot.kms["key_version"])
+        # The slot's url and kms_public_key are informational: which KMS the client trusts
+        # is the client's own configuration, never a value from the (unauthenticated) disk.
+        key, _ = cred.client.get_key(KMS_PURPOSE, volume_id, slot.kms["key_version"])
         return _kms_kek(key)
     assert slot.kdf is not None
     return hkdf(derive_from_passphrase(cred.secret, slot.kdf), "slot-passphrase")
@@ -220,9 +229,11 @@ class Header:
     slots: list[Slot] = field(default_factory=list)
     mac: bytes = b""
     format_version: int = FORMAT_VERSION
+    format1_objects: bool = False  # a format-1 volume made format 2: holds format-1 objects
 
     def body(self) -> dict[str, Any]:
         return {
+            **({"format1_objects": True} if self.format1_objects else {}),
             "magic": MAGIC,
             "format_version": self.format_version,
             "volume_id": self.volume_id.hex(),
@@ -261,6 +272,9 @@ class Header:
                               f"supports ({FORMAT_VERSION}); upgrade sealfs")
         if version < 1:
             raise FormatError(f"volume format version {version} is not valid")
+        format1_objects = doc.get("format1_objects", False)
+        if not isinstance(format1_objects, bool) or (format1_objects and version != 2):
+            raise FormatError("volume header has an invalid format1_objects field")
         try:
             if doc["cipher"] != CIPHER or doc["kdf"] != "HKDF-SHA256":
                 raise FormatError(f"unsupported cipher {doc['cipher']!r}")
@@ -276,7 +290,8 @@ class Header:
             header = cls(volume_id=bytes.fromhex(doc["volume_id"]),
                          block_size=doc["block_size"], compression=str(doc["compression"]),
                          created=doc["created"], slots=slots,
-                         mac=bytes.fromhex(doc["mac"]), format_version=version)
+                         mac=bytes.fromhex(doc["mac"]), format_version=version,
+                         format1_objects=format1_objects)
         except FormatError:
             raise
         except (KeyError, TypeError, ValueError, UsageError) as e:
@@ -298,6 +313,7 @@ class Header:
 
     def unlock(self, cred: Credential) -> Secret:
         """Return the master key, after checking the header MAC under it."""
+        self._check_expected(cred.expected_volume)
         candidates = [s for s in self.slots if s.type == cred.slot_type]
         if not candidates:
             raise UnlockError(f"volume has no {cred.slot_type} key slot")
@@ -318,6 +334,14 @@ class Header:
         raise UnlockError(f"wrong {cred.slot_type.replace('keyfile', 'key file')}: no "
                           f"{cred.slot_type} slot opens with it")
 
+    def _check_expected(self, expected: bytes | None) -> None:
+        """Refuse a swapped-in volume: one with valid slots for the same credential (e.g.
+        another volume of the same app) is authentic, but not the volume that was asked for."""
+        if expected is not None and not ct_equal(expected, self.volume_id):
+            raise IntegrityError(f"the backing directory holds volume "
+                                 f"{uuid.UUID(bytes=self.volume_id)}, not the expected "
+                                 f"{format_volume_id(expected)}: refusing a swapped-in volume")
+
     def kms_slot(self) -> Slot | None:
         return next((s for s in self.slots if s.type == "kms"), None)
 
@@ -332,7 +356,7 @@ class Header:
             key, version = client.get_key(KMS_PURPOSE, self.volume_id)  # current version
             slot = Slot(slot_id, "kms", b"", kms={
                 "url": client.url, "app_id": client.app_id.hex(), "key_version": version,
-                "kms_public_key": (client.kms_public_key or b"").hex()})
+                "kms_public_key": (client.answering_key or b"").hex()})
             kek = _kms_kek(key)
         else:
             slot = Slot(slot_id, "keyfile", b"", salt=random_bytes(16))
@@ -345,6 +369,19 @@ class Header:
     def seal(self, master: Secret) -> None:
         self.mac = VolumeKeys(master, self.volume_id).header_mac(self.canonical_body())
 
+    def volume_keys(self, master: Secret) -> VolumeKeys:
+        """The keys of this volume's objects: a volume that was format 1 may hold objects
+        sealed with format 1's single keys, so those open too."""
+        return VolumeKeys(master, self.volume_id,
+                          legacy=self.format_version < 2 or self.format1_objects)
+
+    def upgrade_format_1(self, keys: VolumeKeys) -> None:
+        """Make a format-1 header format 2 (to be written before anything format 2 is): its
+        older objects still open with the format-1 keys, and older sealfs versions refuse
+        the volume instead of taking its format-2 objects for damage."""
+        self.format_version, self.format1_objects = 2, True
+        self.mac = keys.header_mac(self.canonical_body())
+
     def public_info(self) -> dict[str, Any]:
         return {
             "format_version": self.format_version,
@@ -356,6 +393,19 @@ class Header:
             "created": self.created,
             "slots": [s.public_info() for s in self.slots],
         }
+
+
+def parse_volume_id(text: str) -> bytes:
+    """A volume id as `sealfs info` shows it: a UUID, or 32 hex digits."""
+    try:
+        return uuid.UUID(text.strip()).bytes
+    except ValueError:
+        raise UsageError(f"not a volume id: {text!r} (a UUID or 32 hex digits, as `sealfs "
+                         "info` shows it)") from None
+
+
+def format_volume_id(volume_id: bytes) -> str:
+    return str(uuid.UUID(bytes=volume_id)) if len(volume_id) == 16 else volume_id.hex()
 
 
 def new_header(block_size: int, compression: str) -> tuple[Header, Secret]:

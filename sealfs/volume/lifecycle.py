@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from sealfs.codec import inode_ad, new_object_id
-from sealfs.crypto import KdfParams, Secret, VolumeKeys
+from sealfs.crypto import KdfParams, Secret
 from sealfs.errors import UsageError
 from sealfs.fs.inode import ROOT_INO, Inode
 from sealfs.fs.metalog import MetaLog
@@ -31,18 +31,18 @@ def create_volume(backing: Path, creds: list[tuple[Credential, KdfParams | None]
         raise UsageError("a volume needs at least one key slot (--key-file or --passphrase)")
     if backing.exists() and not backing.is_dir():
         raise UsageError(f"{backing} exists and is not a directory")
-    backing.mkdir(parents=True, exist_ok=True)
     if (backing / HEADER_NAME).exists():
         raise UsageError(f"{backing} already holds a sealfs volume")
-    leftovers = [p.name for p in backing.iterdir()
+    leftovers = [p.name for p in (backing.iterdir() if backing.is_dir() else ())
                  if p.name not in (OBJECTS_DIR, "lock", "checkpoint", ".checkpoint.tmp")
                  and not p.name.startswith("journal.")]
     if leftovers:
         raise UsageError(f"{backing} is not empty (found {leftovers[0]!r}); "
                          "use an empty directory")
     header, master = new_header(block_size, compression)
-    for cred, kdf in creds:
+    for cred, kdf in creds:  # first: a credential that fails (a KMS refusal) leaves no trace
         header.add_slot(master, cred, kdf)
+    backing.mkdir(parents=True, exist_ok=True)
     store = ObjectStore(backing)
     store.lock()
     try:
@@ -50,7 +50,7 @@ def create_volume(backing: Path, creds: list[tuple[Credential, KdfParams | None]
             if name.name.startswith("journal."):
                 name.unlink()
         store.objects.mkdir(exist_ok=True)
-        keys = VolumeKeys(master, header.volume_id)
+        keys = header.volume_keys(master)
         now = time.time_ns()
         root = Inode(ROOT_INO, stat.S_IFDIR | 0o755, os.getuid() if uid is None else uid,
                      os.getgid() if gid is None else gid, 2, 0, now, now, now, 0, ROOT_INO)

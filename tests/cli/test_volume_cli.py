@@ -21,7 +21,7 @@ def test_info_shows_public_header_and_no_secrets(tmp_path: Path) -> None:
     vol = new_volume(tmp_path, "--compression", "lz4", "--block-size", "64K")
     info = json.loads(sealfs("info", str(vol.backing), "--json").stdout)
     assert info["ok"] and info["compression"] == "lz4" and info["block_size"] == 65536
-    assert info["format_version"] == 1 and [s["type"] for s in info["slots"]] == ["keyfile"]
+    assert info["format_version"] == 2 and [s["type"] for s in info["slots"]] == ["keyfile"]
     assert "wrapped" not in json.dumps(info) and "salt" not in json.dumps(info)
 
 
