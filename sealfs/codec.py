@@ -10,6 +10,7 @@ Pure functions of their inputs; safe to call from worker threads.
 
 from __future__ import annotations
 
+import re
 import struct
 import zlib
 from collections.abc import Iterator
@@ -17,14 +18,18 @@ from dataclasses import dataclass, field
 
 import lz4.block
 
-from sealfs.crypto import SEAL_OVERHEAD, Sealer, label, random_bytes
+from sealfs.crypto import AEAD_OVERHEAD, SEAL_OVERHEAD, ObjectSealer, label, random_bytes
+from sealfs.errors import IntegrityError
 
 CODEC_RAW = 0
 CODEC_LZ4 = 1
-_RAW = bytes([CODEC_RAW])
-_LZ4 = bytes([CODEC_LZ4])
+#: Set in a block's codec byte when it was sealed with a key per message (format 2); a
+#: block without it is format 1, sealed directly under its inode's key.
+CODEC_KEYED = 2
+_RAW = bytes([CODEC_RAW | CODEC_KEYED])
+_LZ4 = bytes([CODEC_LZ4 | CODEC_KEYED])
 CHECKPOINT_MAGIC = b"SFCK"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2 is sealed with a key per message; 1 (format-1 volumes) is still read
 RECORD_VERSION = 2  # 2 carries inode record objects in the frame; 1 is still read
 
 _FRAME_HEAD = struct.Struct(">II")  # length, crc32 of the length
@@ -33,6 +38,9 @@ _REC_HEAD = struct.Struct(">BQQQI")  # version, seq, next_ino, reserved, n_updat
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
 _PAIR = struct.Struct(">QQ")
+#: Largest commit number, journal generation and inode counter a reader accepts: one more must
+#: still fit the u64 of an associated data label, and KMS epochs are at most 2^63 - 1.
+MAX_COUNTER = 2**63 - 1
 
 # Size limits (docs/format.md, "Size limits"): a stored object, checkpoint or declared length
 # beyond them is damage, refused before anything of that size is read or allocated.
@@ -59,8 +67,14 @@ def new_object_id() -> int:
     return int.from_bytes(random_bytes(8), "big") or 1
 
 
-class CodecError(ValueError):
-    """Authenticated data that does not decode (unknown codec, bad framing)."""
+class CodecError(IntegrityError, ValueError):
+    """Authenticated data that does not decode (unknown codec, bad framing, a counter out of
+    range)."""
+
+
+def _check_counters(what: str, *values: int) -> None:
+    if max(values) > MAX_COUNTER:
+        raise CodecError(f"{what} counter out of range")
 
 
 # --- data blocks -----------------------------------------------------------------------------
@@ -69,8 +83,15 @@ def block_ad(volume_id: bytes, ino: int, index: int, oid: int) -> bytes:
     return label("block", volume_id, ino, index, oid)
 
 
-def seal_block(sealer: Sealer, ad: bytes, data: bytes, compress: bool) -> bytes:
-    """Compress (when it helps) and seal one block: ``codec byte || nonce || ct || tag``.
+def block_overhead(codec: int | None) -> int:
+    """Bytes a block object with this codec byte adds to its payload (an empty object,
+    ``None``, counts as format 2)."""
+    return 1 + (AEAD_OVERHEAD if codec is not None and not codec & CODEC_KEYED
+                else SEAL_OVERHEAD)
+
+
+def seal_block(sealer: ObjectSealer, ad: bytes, data: bytes, compress: bool) -> bytes:
+    """Compress (when it helps) and seal one block: ``codec byte || sealed``.
 
     The codec byte is in the clear (the size already shows compressibility) and bound into
     the associated data, so the plaintext is never copied just to prefix it.
@@ -82,10 +103,13 @@ def seal_block(sealer: Sealer, ad: bytes, data: bytes, compress: bool) -> bytes:
     return _RAW + sealer.seal(data, ad + _RAW)
 
 
-def open_block(sealer: Sealer, ad: bytes, blob: bytes, block_size: int) -> bytes:
+def open_block(sealer: ObjectSealer, ad: bytes, blob: bytes, block_size: int) -> bytes:
     codec = blob[:1]
-    body = sealer.open(memoryview(blob)[1:], ad + codec)  # AuthError for unknown codecs too
-    if codec == _LZ4:
+    if codec and codec[0] & CODEC_KEYED:
+        body = sealer.open(memoryview(blob)[1:], ad + codec)  # AuthError for unknown codecs
+    else:
+        body = sealer.open_legacy(memoryview(blob)[1:], ad + codec)
+    if codec[0] & CODEC_LZ4:
         if len(body) < _LZ4_SIZE.size or _LZ4_SIZE.unpack_from(body)[0] > block_size:
             raise CodecError("lz4 block declares more than the volume block size")
         try:
@@ -162,6 +186,7 @@ class Commit:
                     pos += size
             if pos != len(data):
                 raise CodecError("trailing bytes in commit record")
+            _check_counters("commit record", seq, next_ino)
         except struct.error as e:
             raise CodecError(f"malformed commit record: {e}") from None
         return cls(seq, next_ino, updates, deletes, carried)
@@ -207,13 +232,22 @@ def split_frames(data: bytes) -> tuple[list[tuple[int, bytes]], int, bool]:
     return frames, pos, False
 
 
-def frames_after(data: bytes, start: int) -> Iterator[tuple[int, bytes]]:
+def frames_after(data: bytes, start: int) -> Iterator[tuple[int, memoryview]]:
     """Every position after ``start`` holding a well-formed frame (checked header, data within
-    the file): candidates for "is there a real commit behind this damage?"."""
-    for pos in range(start + 1, len(data) - FRAME_HEADER + 1):
+    the file), in order: candidates for "is there a real commit behind this damage?".
+
+    Linear in the bytes scanned: a C-level search skips every position whose first length byte
+    already runs past the end of the file, or that starts an all-zero header (together, all
+    but about 1 in 256 positions of random bytes). Frames are views into ``data``, not copies.
+    """
+    view, end = memoryview(data), len(data) - FRAME_HEADER
+    top = min(255, max(0, end - start) >> 24)  # the largest first byte of a fitting length
+    plausible = re.compile(rb"(?=[\x00-" + re.escape(bytes([top])) + rb"])(?!\x00{4})")
+    for match in plausible.finditer(data, start + 1, end + 1):
+        pos = match.start()
         n, check = _FRAME_HEAD.unpack_from(data, pos)
-        if n and check == _length_check(n) and pos + FRAME_HEADER + n <= len(data):
-            yield pos, data[pos + FRAME_HEADER:pos + FRAME_HEADER + n]
+        if n and pos + FRAME_HEADER + n <= len(data) and check == _length_check(n):
+            yield pos, view[pos + FRAME_HEADER:pos + FRAME_HEADER + n]
 
 
 # --- checkpoints -----------------------------------------------------------------------------
@@ -243,23 +277,28 @@ class Checkpoint:
             if 64 + 16 * n != len(data):
                 raise CodecError("checkpoint table length mismatch")
             table = dict(_PAIR.iter_unpack(data[64:]))
+            _check_counters("checkpoint", gen, seq, next_ino)
         except struct.error as e:
             raise CodecError(f"malformed checkpoint: {e}") from None
         return cls(gen, seq, next_ino, head, table)
 
 
-def checkpoint_ad(volume_id: bytes) -> bytes:
-    return label("checkpoint", volume_id, CHECKPOINT_VERSION)
+def checkpoint_ad(volume_id: bytes, version: int = CHECKPOINT_VERSION) -> bytes:
+    return label("checkpoint", volume_id, version)
 
 
-def seal_checkpoint(sealer: Sealer, volume_id: bytes, cp: Checkpoint) -> bytes:
+def seal_checkpoint(sealer: ObjectSealer, volume_id: bytes, cp: Checkpoint) -> bytes:
     return CHECKPOINT_MAGIC + bytes([CHECKPOINT_VERSION]) + sealer.seal(
         cp.encode(), checkpoint_ad(volume_id))
 
 
-def open_checkpoint(sealer: Sealer, volume_id: bytes, blob: bytes) -> Checkpoint:
+def open_checkpoint(sealer: ObjectSealer, volume_id: bytes, blob: bytes) -> Checkpoint:
     if blob[:4] != CHECKPOINT_MAGIC:
         raise CodecError("not a sealfs checkpoint")
-    if blob[4:5] != bytes([CHECKPOINT_VERSION]):
+    if blob[4:5] == bytes([CHECKPOINT_VERSION]):
+        body = sealer.open(blob[5:], checkpoint_ad(volume_id))
+    elif blob[4:5] == b"\x01":
+        body = sealer.open_legacy(blob[5:], checkpoint_ad(volume_id, 1))
+    else:
         raise CodecError(f"checkpoint version {blob[4:5].hex()} is not supported")
-    return Checkpoint.decode(sealer.open(blob[5:], checkpoint_ad(volume_id)))
+    return Checkpoint.decode(body)

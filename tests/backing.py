@@ -200,6 +200,30 @@ def make_content(tag: str, n: int) -> bytes:
     return bytes(out[:n])
 
 
+# --- the format-1 fixture -------------------------------------------------------------------
+
+LEGACY_FIXTURE = Path(__file__).parent / "data" / "legacy-v1"
+
+
+def legacy_contents() -> dict[str, bytes]:
+    """The files of tests/data/legacy-v1 (a volume written by format-1 sealfs), by path."""
+    incompressible = b"".join(hashlib.sha256(b"legacy%d" % i).digest() for i in range(400))
+    return {"/small.txt": make_content("small", 100),
+            "/dir/carried.bin": make_content("carried", 10000),
+            "/dir/files.bin": incompressible[:12800] + make_content("files", 9000)}
+
+
+def legacy_volume(tmp_path: Path) -> Volume:
+    """A private copy of the format-1 fixture volume, with its key file at mode 0600."""
+    base = tmp_path / "legacy"
+    vol = Volume(base / "backing", base / "key", base / "mnt", base / "sealfs.log")
+    copy_tree(LEGACY_FIXTURE / "backing", vol.backing)
+    shutil.copyfile(LEGACY_FIXTURE / "key", vol.key)
+    vol.key.chmod(0o600)
+    vol.mnt.mkdir()
+    return vol
+
+
 # --- tampering primitives ----------------------------------------------------------------------
 
 def flip_bit(path: Path, offset: int | None = None, bit: int = 0) -> None:

@@ -99,7 +99,7 @@ _SGX_NOT_OUT_OF_DATE = frozenset(
 )
 
 _HEX = re.compile(r"[0-9a-fA-F]*")
-_TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d+)?Z")
+_TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d+)?Z", re.ASCII)
 
 
 class CollateralFormatError(AttestationError):
@@ -225,18 +225,23 @@ class IdentityLevel:
 
 @dataclass(frozen=True)
 class TdxModuleIdentity:
-    """Expected signer and attributes of a TDX module; ``levels`` is empty for the base entry."""
+    """Expected signer and attributes of a TDX module; ``levels`` is empty for the base entry.
+
+    Levels are best first (highest ISVSVN first): :func:`parse_tcb_info` refuses any other
+    order. The ``attributesMask`` of the document is not kept: Intel's QVL compares
+    SEAMATTRIBUTES with ``attributes`` unmasked, and both must be zero.
+    """
 
     id: str
     mrsigner: bytes
     attributes: bytes
-    attributes_mask: bytes
     levels: tuple[IdentityLevel, ...]
 
 
 @dataclass(frozen=True)
 class TcbInfo:
-    """Parsed TDX TCB info. Levels are sorted best first, as Intel's QVL orders them."""
+    """Parsed TDX TCB info. Levels are best first, the order Intel's QVL evaluates them in
+    (:func:`parse_tcb_info` refuses a document that lists them in any other order)."""
 
     issue_date: datetime
     next_update: datetime
@@ -250,7 +255,10 @@ class TcbInfo:
 
 @dataclass(frozen=True)
 class QeIdentity:
-    """Parsed TD_QE identity: what a genuine TD quoting enclave's report must contain."""
+    """Parsed TD_QE identity: what a genuine TD quoting enclave's report must contain.
+
+    ``levels`` are in document order, the order Intel's QVL walks them in (not sorted).
+    """
 
     issue_date: datetime
     next_update: datetime
@@ -272,12 +280,14 @@ def parse_tcb_info(text: str) -> TcbInfo:
     levels = [_parse_tcb_level(_Doc(v, "TCB info tcbLevels[]")) for v in doc.items("tcbLevels")]
     if not levels:
         raise CollateralFormatError("TCB info has no tcbLevels")
-    # Best first: by SGX components, then PCESVN, then TDX components (Intel QVL's order).
-    levels.sort(key=lambda lv: (lv.sgx_components, lv.pce_svn, lv.tdx_components), reverse=True)
+    _require_best_first([(lv.sgx_components, lv.pce_svn, lv.tdx_components) for lv in levels],
+                        "TCB info")
     identities = []
     for item in doc.items("tdxModuleIdentities", optional=True):
         entry = _Doc(item, "TCB info tdxModuleIdentities[]")
-        identities.append(_parse_module(entry, entry.text("id"), _identity_levels(entry)))
+        module_levels = _identity_levels(entry)
+        _require_best_first([lv.isv_svn for lv in module_levels], f"TDX module {entry.text('id')}")
+        identities.append(_parse_module(entry, entry.text("id"), module_levels))
     return TcbInfo(
         issue_date=doc.time("issueDate"),
         next_update=doc.time("nextUpdate"),
@@ -345,10 +355,14 @@ class _Doc:
         return _hex(self._get(key), f"{self.where} {key}", size)
 
     def time(self, key: str) -> datetime:
+        """A UTC timestamp that exists: the pattern alone admits 2025-02-30 and hour 24."""
         value = self.text(key)
-        if not _TIMESTAMP.fullmatch(value):
-            raise CollateralFormatError(f"{self.where} {key} is not a UTC timestamp: {value!r}")
-        return datetime.fromisoformat(value)
+        try:
+            if _TIMESTAMP.fullmatch(value):
+                return datetime.fromisoformat(value)
+        except ValueError:
+            pass
+        raise CollateralFormatError(f"{self.where} {key} is not a UTC timestamp: {value!r}")
 
     def items(self, key: str, optional: bool = False) -> list[Any]:
         value = self.obj.get(key, []) if optional else self._get(key)
@@ -379,7 +393,27 @@ def _components(doc: _Doc, key: str) -> tuple[int, ...]:
     return tuple(_Doc(item, f"{doc.where} {key}[]").integer("svn", 0, 255) for item in items)
 
 
+def _require_best_first(keys: list[Any], where: str) -> None:
+    """Refuse TCB levels that are repeated or not listed best first.
+
+    Intel's QVL keeps platform and TDX module levels in a set ordered best first by these keys
+    (SGX components, PCESVN, TDX components; or ISVSVN), refusing a repeated key ("Detected
+    duplicated TCB levels"), so the order of the document does not matter to it; Intel
+    publishes them best first. Requiring that order makes the document's order and Intel's the
+    same, so this verifier, Intel's and one that walks the list as written cannot disagree.
+    """
+    if len(set(keys)) != len(keys):
+        raise CollateralFormatError(f"{where} has duplicated TCB levels")
+    for index, (before, after) in enumerate(pairwise(keys)):
+        if not before > after:
+            raise CollateralFormatError(
+                f"{where} tcbLevels are not ordered best first (level {index + 1} is higher "
+                f"than level {index})"
+            )
+
+
 def _parse_tcb_level(doc: _Doc) -> TcbLevel:
+    doc.time("tcbDate")  # required (Intel's QVL refuses a level without it); not evaluated
     tcb = doc.child("tcb")
     return TcbLevel(
         sgx_components=_components(tcb, "sgxtcbcomponents"),
@@ -391,9 +425,11 @@ def _parse_tcb_level(doc: _Doc) -> TcbLevel:
 
 
 def _identity_levels(doc: _Doc) -> tuple[IdentityLevel, ...]:
+    """ISVSVN levels of a QE or TDX module identity, in document order (never sorted)."""
     levels = []
     for item in doc.items("tcbLevels"):
         level = _Doc(item, f"{doc.where} tcbLevels[]")
+        level.time("tcbDate")  # required, as for platform levels
         levels.append(
             IdentityLevel(
                 isv_svn=level.child("tcb").integer("isvsvn", 0, 0xFFFF),
@@ -403,16 +439,15 @@ def _identity_levels(doc: _Doc) -> tuple[IdentityLevel, ...]:
         )
     if not levels:
         raise CollateralFormatError(f"{doc.where} has no tcbLevels")
-    levels.sort(key=lambda lv: lv.isv_svn, reverse=True)
     return tuple(levels)
 
 
 def _parse_module(doc: _Doc, ident: str, levels: tuple[IdentityLevel, ...]) -> TdxModuleIdentity:
+    doc.hexbytes("attributesMask", 8)  # required and well-formed, but not applied (see class)
     return TdxModuleIdentity(
         id=ident,
         mrsigner=doc.hexbytes("mrsigner", 48),
         attributes=doc.hexbytes("attributes", 8),
-        attributes_mask=doc.hexbytes("attributesMask", 8),
         levels=levels,
     )
 
@@ -561,8 +596,12 @@ def match_module(
     if report.mr_signer_seam != module.mrsigner:
         name = module.id or "(base)"
         raise AttestationError(f"MRSIGNERSEAM is not the signer of TDX module {name}")
-    if not _masked_equal(report.seam_attributes, module.attributes_mask, module.attributes):
-        raise AttestationError("SEAMATTRIBUTES do not match the TDX module identity")
+    # Intel's QVL: every SEAMATTRIBUTES byte zero and equal to the identity's, no mask applied.
+    if any(report.seam_attributes) or report.seam_attributes != module.attributes:
+        raise AttestationError(
+            f"SEAMATTRIBUTES {report.seam_attributes.hex()} are not zero or do not match the "
+            "TDX module identity"
+        )
     if not major:
         return module, None
     level = next((lv for lv in module.levels if isv_svn >= lv.isv_svn), None)
@@ -584,17 +623,15 @@ def _module_identity(tcb_info: TcbInfo, major: int) -> TdxModuleIdentity:
 
 def match_qe(identity: QeIdentity, qe: EnclaveReport) -> IdentityLevel:
     """Check the QE report against the QE identity (Intel's TD QE, production mode); return
-    the QE's TCB level, the best one its ISVSVN meets."""
+    the QE's TCB level: as Intel's QVL does, the first level in document order whose ISVSVN
+    the QE meets, even if a better level follows it."""
     if not hmac.compare_digest(qe.mr_signer, identity.mrsigner):
         raise AttestationError("QE MRSIGNER is not Intel's TD quoting enclave signer")
     if qe.isv_prod_id != identity.isv_prod_id:
         raise AttestationError(f"QE ISVPRODID {qe.isv_prod_id} is not {identity.isv_prod_id}")
     if qe.misc_select & identity.miscselect_mask != identity.miscselect:
         raise AttestationError("QE MISCSELECT does not match the QE identity")
-    attributes_ok = _masked_equal(
-        qe.attributes, identity.attributes_mask, identity.attributes, strict=False
-    )
-    if not attributes_ok:
+    if not _masked_equal(qe.attributes, identity.attributes_mask, identity.attributes):
         raise AttestationError("QE ATTRIBUTES do not match the QE identity (debug QE?)")
     level = next((lv for lv in identity.levels if qe.isv_svn >= lv.isv_svn), None)
     if level is None:
@@ -604,13 +641,11 @@ def match_qe(identity: QeIdentity, qe: EnclaveReport) -> IdentityLevel:
     return level
 
 
-def _masked_equal(value: bytes, mask: bytes, expected: bytes, strict: bool = True) -> bool:
-    """``value & mask == expected``; with ``strict``, bits outside the mask must also be zero."""
+def _masked_equal(value: bytes, mask: bytes, expected: bytes) -> bool:
+    """``value & mask == expected`` byte by byte (bits outside the mask are not compared)."""
     if not len(value) == len(mask) == len(expected):
         return False
-    inside = all(v & m == e for v, m, e in zip(value, mask, expected, strict=True))
-    outside = all(v & ~m & 0xFF == 0 for v, m in zip(value, mask, strict=True))
-    return inside and (outside or not strict)
+    return all(v & m == e for v, m, e in zip(value, mask, expected, strict=True))
 
 
 def match_tcb_levels(

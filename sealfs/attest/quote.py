@@ -56,7 +56,13 @@ MAX_QUOTE_LEN = 1 << 20
 _BODY_LENGTHS = {BODY_TYPE_TD10: TD10_BODY_LEN, BODY_TYPE_TD15: TD15_BODY_LEN}
 _HEX_TEXT = re.compile(rb"\s*(?:0[xX])?[0-9a-fA-F][0-9a-fA-F\s]*")  # linear: no overlap
 _WHITESPACE = re.compile(rb"\s+")
-_TD_ATTR_DEBUG = 1 << 0
+
+# TDATTRIBUTES bits (Intel TDX Module 1.0 ABI, as Phala-Network/dcap-qvl reads them): DEBUG
+# (TUD bit 0), SEPT_VE_DISABLE (28), PKS (30), KL (31), PERFMON (63). Every other bit is
+# reserved here, including bits later module versions define (e.g. 27 LASS, 29 MIGRATABLE).
+TD_ATTR_DEBUG = 1 << 0
+TD_ATTR_SEPT_VE_DISABLE = 1 << 28
+TD_ATTR_DEFINED = TD_ATTR_DEBUG | TD_ATTR_SEPT_VE_DISABLE | 1 << 30 | 1 << 31 | 1 << 63
 
 
 class QuoteFormatError(AttestationError):
@@ -100,7 +106,7 @@ class TdReport:
     @property
     def debug(self) -> bool:
         """TUD.DEBUG: the host can read and modify this TD's memory."""
-        return bool(int.from_bytes(self.td_attributes, "little") & _TD_ATTR_DEBUG)
+        return bool(int.from_bytes(self.td_attributes, "little") & TD_ATTR_DEBUG)
 
     def measurements(self) -> dict[str, str]:
         """The identity-bearing fields as lowercase hex, keyed by their conventional names."""

@@ -1,7 +1,7 @@
 """A simulated TEE for development and CI.  NOT SECURE: anyone can forge these quotes.
 
 A simulated quote carries the same fields a TDX quote proves (MRTD, RTMR0-3, report_data,
-TD attributes) and is signed with Ed25519 by a *development key*. The default development key
+TD attributes, MRSERVICETD) and is signed with Ed25519 by a *development key*. The default development key
 is derived from a published constant, so it protects nothing: it exists so the whole key-release
 path (report_data binding, RTMR3 replay, policy, key sealing) runs for real without TDX
 hardware. The KMS accepts simulated quotes only when started with ``--allow-simulated``, and
@@ -13,9 +13,9 @@ DCAP collateral.
 
 Quote layout (big-endian integers)::
 
-    magic "SEALFS-SIMQUOTE1" (16) | version u16 = 1 | reserved u16 = 0 | td_attributes (8)
-    | mrtd (48) | rtmr0 (48) | rtmr1 (48) | rtmr2 (48) | rtmr3 (48) | report_data (64)
-    | signature (64) = Ed25519(label("simulated-quote", everything before the signature))
+    magic "SEALFS-SIMQUOTE1" (16) | version u16 = 2 | reserved u16 = 0 | td_attributes (8)
+    | mrtd (48) | rtmr0 (48) | rtmr1 (48) | rtmr2 (48) | rtmr3 (48) | mr_servicetd (48)
+    | report_data (64) | signature (64) = Ed25519(label("simulated-quote", everything before the signature))
 """
 
 from __future__ import annotations
@@ -36,17 +36,17 @@ from sealfs.attest.eventlog import (
     RuntimeEvent,
     replay,
 )
+from sealfs.attest.quote import TD_ATTR_DEBUG, TD_ATTR_SEPT_VE_DISABLE
 from sealfs.crypto import Secret, SigningKey, label, verify_signature
 from sealfs.errors import AttestationError
 
 MAGIC = b"SEALFS-SIMQUOTE1"
-VERSION = 1
+VERSION = 2
 MR_SIZE = 48
 REPORT_DATA_SIZE = 64
 SIG_SIZE = 64
-_BODY = struct.Struct(f">16sHH8s{MR_SIZE * 5}s{REPORT_DATA_SIZE}s")
+_BODY = struct.Struct(f">16sHH8s{MR_SIZE * 6}s{REPORT_DATA_SIZE}s")
 QUOTE_SIZE = _BODY.size + SIG_SIZE
-TD_ATTR_DEBUG = 0x01
 COLLATERAL_KIND = "sealfs-simulated-collateral"
 
 #: The published development seed. Quotes signed with it prove nothing.
@@ -83,6 +83,7 @@ class SimulatedReport:
     rtmr3: bytes
     report_data: bytes
     td_attributes: bytes
+    mr_servicetd: bytes
     tcb_status: str
     signer: bytes
 
@@ -108,9 +109,9 @@ def verify_quote(quote: bytes, collateral: Any, now: float,
     if signer is None:
         raise AttestationError("simulated quote signature is invalid or from an untrusted key")
     tcb_status = _verify_collateral(collateral, now, signer)
-    m = [mrs[i * MR_SIZE:(i + 1) * MR_SIZE] for i in range(5)]
+    m = [mrs[i * MR_SIZE:(i + 1) * MR_SIZE] for i in range(6)]
     return SimulatedReport(mrtd=m[0], rtmr0=m[1], rtmr1=m[2], rtmr2=m[3], rtmr3=m[4],
-                           report_data=report_data, td_attributes=td_attr,
+                           report_data=report_data, td_attributes=td_attr, mr_servicetd=m[5],
                            tcb_status=tcb_status, signer=signer)
 
 
@@ -141,6 +142,8 @@ class SimulatedAttester:
     Tests create several with different app ids or compose hashes to check that one app cannot
     obtain another's keys. The event log is built like a dstack boot: app-id, compose-hash,
     [instance-id], [key-provider], boot-mr-done, then whatever :meth:`emit_event` adds.
+    TD attributes default to SEPT_VE_DISABLE alone, as real TDX guests run (``debug`` adds
+    DEBUG); MRSERVICETD defaults to zeros (no service TD bound).
     """
 
     kind = "simulated"
@@ -149,17 +152,19 @@ class SimulatedAttester:
                  instance_id: bytes | None = None, key_provider: bytes | None = None,
                  mrtd: bytes = DEFAULT_MRTD, rtmr0: bytes = DEFAULT_RTMR0,
                  rtmr1: bytes = DEFAULT_RTMR1, rtmr2: bytes = DEFAULT_RTMR2,
-                 debug: bool = False, tcb_status: str = "UpToDate",
+                 debug: bool = False, td_attributes: int = TD_ATTR_SEPT_VE_DISABLE,
+                 mr_servicetd: bytes = bytes(MR_SIZE), tcb_status: str = "UpToDate",
                  validity: tuple[int, int] | None = None,
                  signing_key: SigningKey | None = None,
                  boot_events: Iterable[RuntimeEvent] | None = None) -> None:
-        for mr in (mrtd, rtmr0, rtmr1, rtmr2):
+        for mr in (mrtd, rtmr0, rtmr1, rtmr2, mr_servicetd):
             if len(mr) != MR_SIZE:
                 raise ValueError("measurements are 48 bytes")
         self.app_id = app_id
         self.compose_hash = compose_hash
         self.mrtd, self.rtmr0, self.rtmr1, self.rtmr2 = mrtd, rtmr0, rtmr1, rtmr2
-        self.td_attributes = struct.pack("<Q", TD_ATTR_DEBUG if debug else 0)
+        self.td_attributes = struct.pack("<Q", td_attributes | (TD_ATTR_DEBUG if debug else 0))
+        self.mr_servicetd = mr_servicetd
         self.tcb_status = tcb_status
         self._validity = validity
         self._key = signing_key or dev_signing_key()
@@ -193,7 +198,7 @@ class SimulatedAttester:
         """A simulated quote over the current measurements and ``report_data``."""
         if len(report_data) != REPORT_DATA_SIZE:
             raise ValueError("report_data is 64 bytes")
-        mrs = self.mrtd + self.rtmr0 + self.rtmr1 + self.rtmr2 + self.rtmr3
+        mrs = self.mrtd + self.rtmr0 + self.rtmr1 + self.rtmr2 + self.rtmr3 + self.mr_servicetd
         body = _BODY.pack(MAGIC, VERSION, 0, self.td_attributes, mrs, report_data)
         return body + self._key.sign(label("simulated-quote", body))
 

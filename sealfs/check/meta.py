@@ -9,7 +9,7 @@ does), preceded by a few cheap probes that tell *missing* from *truncated* from 
 from __future__ import annotations
 
 from sealfs.codec import CHECKPOINT_MAX, CodecError, open_checkpoint
-from sealfs.crypto import SEAL_OVERHEAD, AuthError, VolumeKeys
+from sealfs.crypto import AEAD_OVERHEAD, SEAL_OVERHEAD, AuthError, VolumeKeys
 from sealfs.errors import IntegrityError
 from sealfs.fs.metalog import MetaLog, MetaState
 from sealfs.store import (
@@ -26,7 +26,7 @@ from .report import ADVICE, Finding, Report
 
 #: Slot types this version knows; others are reported as a note (a newer sealfs wrote them).
 KNOWN_SLOT_TYPES = {"keyfile", "passphrase", "kms"}
-_WRAPPED_LEN = 32 + SEAL_OVERHEAD
+_WRAPPED_LEN = 32 + AEAD_OVERHEAD
 _CHECKPOINT_MIN = 5 + SEAL_OVERHEAD + 64
 
 
@@ -100,7 +100,10 @@ def check_anchor(state: MetaState, anchor: tuple[int, bytes] | None, report: Rep
                             "older copy cannot be detected (use a KMS-anchored volume)")
         return
     epoch, head = anchor
-    if state.seq < epoch:
+    if epoch == 0 and not head:
+        report.notes.append("the KMS has not anchored this volume yet (never mounted with "
+                            "--kms): a rollback of the whole volume cannot be detected")
+    elif state.seq < epoch:
         report.add(Finding("rolled-back", None, "volume", journal_name(state.gen),
                            f"the volume is at epoch {state.seq} but its anchor records "
                            f"epoch {epoch}: this is an older copy of the volume",

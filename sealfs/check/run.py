@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 
-from sealfs.codec import RECORD_OBJECT_MAX, block_object_max
-from sealfs.crypto import SEAL_OVERHEAD, Secret, VolumeKeys
+from sealfs.codec import CODEC_LZ4, RECORD_OBJECT_MAX, block_object_max, block_overhead
+from sealfs.crypto import Secret
 from sealfs.errors import BusyError, IntegrityError
 from sealfs.fs.inode import ROOT_INO, Inode
 from sealfs.fs.metalog import MetaState
@@ -27,7 +27,6 @@ from .report import ADVICE, Finding, Report
 from .verify import BlockFailure, Job, verify_blocks
 from .walk import Tree, Walker, record_finding, structure_findings
 
-_BLOCK_MIN = 1 + SEAL_OVERHEAD
 _PROBE_SIBLINGS = 64
 _PROBE_OTHERS = 512
 
@@ -69,7 +68,7 @@ def check_volume(store: ObjectStore, header: Header, master: Secret,
     """Check the committed state of an unlocked volume. Read-only."""
     t0 = time.monotonic()
     progress = opts.progress or Progress(enabled=False)
-    keys = VolumeKeys(master, header.volume_id)
+    keys = header.volume_keys(master)
     report = Report(header.volume_id.hex(), "full" if opts.full else "quick", opts.path)
     result = CheckResult(report)
     check_header(header, report)
@@ -199,7 +198,8 @@ def _classify_block(store: ObjectStore, tree: Tree, fail: BlockFailure, prober: 
     if fail.reason == "damaged":
         return make("tampered", fail.message)
     assert fail.size is not None
-    if fail.size < _BLOCK_MIN:
+    overhead = block_overhead(fail.codec)
+    if fail.size < overhead:
         return make("truncated", f"the block object is only {fail.size} bytes")
     try:
         blob = store.get(fail.oid, block_object_max(prober.block_size))
@@ -225,11 +225,11 @@ def _classify_block(store: ObjectStore, tree: Tree, fail: BlockFailure, prober: 
                  f"stored as {_rel(store, hit[2])})")
         f.belongs_to = f"older block {hit[2]:016x}"
         return f
-    raw = fail.codec == 0
-    if raw and fail.size < _BLOCK_MIN + fail.expected:
+    raw = fail.codec is not None and not fail.codec & CODEC_LZ4
+    if raw and fail.size < overhead + fail.expected:
         return make("truncated", f"the block object is {fail.size} bytes, shorter than the "
-                    f"{_BLOCK_MIN + fail.expected} a block at this position takes")
-    if raw and fail.size > _BLOCK_MIN + fail.expected:
+                    f"{overhead + fail.expected} a block at this position takes")
+    if raw and fail.size > overhead + fail.expected:
         return make("tampered", f"the block object is {fail.size} bytes, longer than any "
                     "block (extended) and fails authentication")
     return make("tampered", "the block fails authentication (modified, or from another "
@@ -281,7 +281,7 @@ def _settle_live(store: ObjectStore, header: Header, master: Secret, opts: Check
     missing may simply have been replaced meanwhile. Objects are never overwritten in place,
     so authentication failures are always real. Repeat the check until it ran against an
     epoch that did not move, or nothing was missing."""
-    keys = VolumeKeys(master, header.volume_id)
+    keys = header.volume_keys(master)
     for _ in range(attempts):
         missing = [f for f in result.report.findings if f.kind == "missing"
                    or (f.kind == "tampered" and f.what == "journal")]

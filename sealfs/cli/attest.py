@@ -113,13 +113,14 @@ def _parse_now(text: str | None) -> datetime:
         return datetime.now(UTC)
     try:
         moment = datetime.fromisoformat(text)
-    except ValueError:
-        moment = None
-    if moment is None or moment.tzinfo is None:
-        raise UsageError(
-            f"--now {text!r}: expected an ISO 8601 time with a zone, e.g. 2025-07-01T12:00:00Z"
-        )
-    return moment
+        if moment.tzinfo is not None:
+            return moment.astimezone(UTC)
+    except (ValueError, OverflowError):  # OverflowError: a valid time whose UTC is year 10000
+        pass
+    raise UsageError(
+        f"--now {text!r}: expected an ISO 8601 time with a zone, between years 1 and 9999 "
+        "in UTC, e.g. 2025-07-01T12:00:00Z"
+    )
 
 
 def _read_quote(path: Path) -> bytes:

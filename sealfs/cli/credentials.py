@@ -9,6 +9,7 @@ import os
 import stat
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,40 +22,73 @@ from sealfs.volume.header import (
     KmsCredential,
     PassphraseCredential,
     load_header,
+    parse_volume_id,
     read_key_file,
 )
 
 DEV_COMPOSE_HASH = hashlib.sha256(b"sealfs-dev").digest()
 
 
+@dataclass(frozen=True)
+class KmsOptions:
+    """What the KMS options of one command say: where the KMS is (None: not used), whom to
+    trust, who we are."""
+
+    url: str | None
+    app_id: str | None
+    attester: str
+    compose_hash: str | None
+    deadline: float
+    public_keys: tuple[str, ...]
+    trust_on_first_use: bool
+
+
 def kms_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Add --kms / --app-id / --attester / --compose-hash / --kms-deadline to a command."""
-    options = [
-        click.option("--kms", "kms_url", metavar="URL",
-                     help="Unlock through the KMS at URL (http://host:port): this CVM proves "
-                          "itself with a quote and receives the app key. Also checks and "
-                          "advances the volume's freshness anchor."),
-        click.option("--app-id", metavar="HEX",
-                     help="App id to request keys for (default: the one in the volume's kms "
-                          "slot)."),
-        click.option("--attester", type=click.Choice(["tdx", "simulated"]), default="tdx",
-                     show_default=True,
-                     help="Quote source: 'tdx' (configfs-tsm) or 'simulated' (development "
-                          "only; the KMS must run with --allow-simulated)."),
-        click.option("--compose-hash", metavar="HEX",
-                     help="Simulated attester only: the compose hash this fake CVM measures "
-                          "(default: sha256 of 'sealfs-dev')."),
-        click.option("--kms-deadline", default=60.0, show_default=True,
-                     help="Seconds to keep retrying an unreachable KMS before failing."),
-    ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
+    """Add --kms / --kms-public-key / --app-id / --attester / ... to a command.
+
+    The command receives ``kms``: a :class:`KmsOptions`."""
+
+    @click.option("--kms", "kms_url", metavar="URL",
+                  help="Unlock through the KMS at URL (http://host:port): this CVM proves "
+                       "itself with a quote and receives the app key. Also checks and "
+                       "advances the volume's freshness anchor.")
+    @click.option("--kms-public-key", "kms_public_keys", metavar="HEX", multiple=True,
+                  help="Ed25519 public key (64 hex digits) of a KMS this CVM trusts, as "
+                       "`sealfs kms init` printed it; repeat it for each replica. Answers "
+                       "signed by any other key are refused. Required with --kms unless this "
+                       "CVM measured a key-provider event; never taken from the volume.")
+    @click.option("--trust-on-first-use", is_flag=True,
+                  help="Development only: trust whatever key the KMS announces (logged as a "
+                       "warning). A hostile host can redirect the KMS address and answer "
+                       "with a KMS of its own.")
+    @click.option("--app-id", metavar="HEX",
+                  help="App id to request keys for (default: the one in the volume's kms "
+                       "slot; it must match the app id this CVM attests as).")
+    @click.option("--attester", type=click.Choice(["tdx", "simulated"]), default="tdx",
+                  show_default=True,
+                  help="Quote source: 'tdx' (configfs-tsm) or 'simulated' (development "
+                       "only; the KMS must run with --allow-simulated).")
+    @click.option("--compose-hash", metavar="HEX",
+                  help="Simulated attester only: the compose hash this fake CVM measures "
+                       "(default: sha256 of 'sealfs-dev').")
+    @click.option("--kms-deadline", default=60.0, show_default=True,
+                  help="Seconds to keep retrying an unreachable KMS before failing.")
+    @functools.wraps(fn)
+    def wrapper(*args: Any, kms_url: str | None, kms_public_keys: tuple[str, ...],
+                trust_on_first_use: bool, app_id: str | None, attester: str,
+                compose_hash: str | None, kms_deadline: float, **kwargs: Any) -> Any:
+        if not kms_url and (kms_public_keys or trust_on_first_use):
+            raise UsageError("--kms-public-key and --trust-on-first-use need --kms URL")
+        kwargs["kms"] = KmsOptions(kms_url, app_id, attester, compose_hash, kms_deadline,
+                                   kms_public_keys, trust_on_first_use)
+        return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def credential_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Add --key-file / --passphrase-file / --passphrase and the KMS options to a command.
-    The wrapped function receives ``cred`` (and ``kms_client`` when --kms was given)."""
+    """Add --key-file / --passphrase-file / --passphrase, --volume-id and the KMS options to
+    a command. The wrapped function receives ``cred``."""
 
     @kms_options
     @click.option("--key-file", type=click.Path(dir_okay=False),
@@ -65,52 +99,83 @@ def credential_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     @click.option("--passphrase", "ask_passphrase", is_flag=True,
                   help="Unlock with the recovery passphrase, asked on the terminal (or read "
                        "as one line from standard input when it is not a terminal).")
+    @click.option("--volume-id", "expected_volume", metavar="UUID",
+                  help="Refuse the volume unless its id is this one (as `sealfs info` shows "
+                       "it): a host cannot then swap in another volume that the same "
+                       "credential or app key opens.")
     @functools.wraps(fn)
     def wrapper(*args: Any, key_file: str | None, passphrase_file: str | None,
-                ask_passphrase: bool, kms_url: str | None, app_id: str | None,
-                attester: str, compose_hash: str | None, kms_deadline: float,
+                ask_passphrase: bool, expected_volume: str | None, kms: KmsOptions,
                 **kwargs: Any) -> Any:
-        if kms_url:
+        expected = parse_volume_id(expected_volume) if expected_volume else None
+        if kms.url:
             if key_file or passphrase_file or ask_passphrase:
                 raise UsageError("give either --kms or a key file/passphrase, not both")
-            backing = kwargs.get("backing_dir")
-            kwargs["cred"] = KmsCredential(kms_client(
-                kms_url, app_id or _slot_app_id(backing), attester, compose_hash,
-                kms_deadline))
+            if kms.app_id is None:
+                kms = replace(kms, app_id=_slot_app_id(kwargs.get("backing_dir")))
+            kwargs["cred"] = KmsCredential(kms_client(kms), expected)
         else:
-            kwargs["cred"] = resolve_credential(key_file, passphrase_file, ask_passphrase)
+            cred = resolve_credential(key_file, passphrase_file, ask_passphrase)
+            kwargs["cred"] = replace(cred, expected_volume=expected)
         return fn(*args, **kwargs)
 
     return wrapper
 
 
-def kms_client(url: str, app_id: str | None, attester: str, compose_hash: str | None,
-               deadline: float) -> Any:
-    """A KMS client for this CVM, with the chosen quote source."""
+def kms_client(kms: KmsOptions) -> Any:
+    """A KMS client for this CVM, with the chosen quote source and trusted KMS keys."""
     from sealfs.kms.client import KmsClient
 
-    if not app_id:
+    if not kms.url or not kms.app_id:
         raise UsageError("--kms needs --app-id (or a volume whose kms slot names it)")
     try:
-        app = bytes.fromhex(app_id)
-        compose = bytes.fromhex(compose_hash) if compose_hash else DEV_COMPOSE_HASH
+        app = bytes.fromhex(kms.app_id)
+        compose = bytes.fromhex(kms.compose_hash) if kms.compose_hash else DEV_COMPOSE_HASH
     except ValueError:
         raise UsageError("--app-id and --compose-hash must be hex") from None
-    if attester == "simulated":
+    keys = [_public_key(k) for k in kms.public_keys]
+    if kms.attester == "simulated":
         from sealfs.attest.simulated import SimulatedAttester
 
         quoter: Any = SimulatedAttester(app, compose)
     else:
-        if compose_hash:
+        if kms.compose_hash:
             raise UsageError("--compose-hash only applies to --attester simulated; a real "
                              "CVM's compose hash is measured at boot")
         from sealfs.attest.configfs_tsm import ConfigfsTsmAttester
 
         quoter = ConfigfsTsmAttester()
-    return KmsClient(url, app, quoter, deadline_s=deadline)
+    return KmsClient(kms.url, app, quoter, trusted_keys=keys,
+                     trust_on_first_use=kms.trust_on_first_use, deadline_s=kms.deadline)
+
+
+def kms_client_args(client: Any) -> list[str]:
+    """The KMS options that make the same client again (for the mount daemon): no secrets."""
+    args = ["--kms", client.url, "--app-id", client.app_id.hex(),
+            "--attester", client.attester.kind, "--kms-deadline", str(client.deadline_s)]
+    if client.attester.kind == "simulated":
+        args += ["--compose-hash", client.attester.compose_hash.hex()]
+    for key in client.trusted_keys:
+        args += ["--kms-public-key", key.hex()]
+    if client.trust_on_first_use:
+        args.append("--trust-on-first-use")
+    return args
+
+
+def _public_key(text: str) -> bytes:
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        key = b""
+    if len(key) != 32 or len(text) != 64:
+        raise UsageError(f"--kms-public-key {text!r} is not an Ed25519 public key (64 hex "
+                         "digits)")
+    return key
 
 
 def _slot_app_id(backing: str | None) -> str | None:
+    """The app id named by the volume's kms slot: only a default, since the KMS client refuses
+    any app id other than the one this CVM measured."""
     if not backing:
         return None
     try:

@@ -82,12 +82,14 @@ def demo(workdir: Path | None, size_mib: int, keep: bool) -> None:
         secret = work / "operator.secret"
         secret.write_bytes(os.urandom(32).hex().encode() + b"\n")
         secret.chmod(0o600)
-        _run("kms", "init", "--state", str(work / "kms.db"), "--secret-file", str(secret),
-             "--kdf-memory-kib", "8192")
+        init = _run("kms", "init", "--state", str(work / "kms.db"), "--secret-file",
+                    str(secret), "--kdf-memory-kib", "8192")
+        kms_public_key = init.rsplit("KMS public key: ", 1)[-1].strip()
         _run("kms", "policy", "set", APP_ID, "--state", str(work / "kms.db"), "--secret-file",
              str(secret), "--simulated", "--compose-hash", COMPOSE)
         kms, url = _start_kms(work)
-        kms_args = ["--kms", url, "--attester", "simulated", "--app-id", APP_ID]
+        kms_args = ["--kms", url, "--kms-public-key", kms_public_key, "--attester",
+                    "simulated", "--app-id", APP_ID]
         _run("create", str(backing), *kms_args, "--new-key-file", str(key),
              "--compression", "lz4")
         _run("info", str(backing))

@@ -14,7 +14,7 @@ import click
 
 from sealfs.cli.output import emit, json_option
 from sealfs.crypto import KdfParams, Secret
-from sealfs.errors import UsageError
+from sealfs.errors import IntegrityError, UsageError
 
 MIN_SECRET_BYTES = 16
 MAX_SECRET_BYTES = 4096
@@ -118,15 +118,21 @@ def init(state: Path, secret_file: Path | None, kdf_memory_kib: int, as_json: bo
 @secret_option
 @json_option
 def info(state: Path, secret_file: Path | None, as_json: bool) -> None:
-    """Show the KMS identity public key and the apps that have a policy."""
+    """Show the KMS identity public key, the state's table version and the apps that have
+    a policy. Checks the whole state file first (row MACs, table digests).
+
+    Record the table version somewhere the KMS host cannot write: 'kms serve
+    --min-state-version' refuses a state file that went back behind it.
+    """
     from sealfs.kms.derivation import identity_key
 
     store, macs, root = _open(state, secret_file)
+    version = store.verify(macs).version
     apps = [p.app_id.hex() for p in store.list_policies(macs)]
     pub = identity_key(root).public_bytes.hex()
-    emit({"ok": True, "kms_public_key": pub, "apps": apps}, as_json,
-         f"KMS public key: {pub}\napps with a policy: {len(apps)}"
-         + "".join(f"\n  {a}" for a in apps))
+    emit({"ok": True, "kms_public_key": pub, "state_version": version, "apps": apps}, as_json,
+         f"KMS public key: {pub}\nstate table version: {version}\n"
+         f"apps with a policy: {len(apps)}" + "".join(f"\n  {a}" for a in apps))
 
 
 @kms.command("serve")
@@ -144,20 +150,45 @@ def info(state: Path, secret_file: Path | None, as_json: bool) -> None:
               help="DCAP collateral (JSON) used for TDX quotes whose request carries none.")
 @click.option("--nonce-ttl", type=click.IntRange(5, 600), default=60, show_default=True,
               help="Seconds a key-release nonce stays valid.")
+@click.option("--header-timeout", type=click.FloatRange(0.5, 300), default=5.0,
+              show_default=True,
+              help="Seconds a client has to send its request headers; idle and slow-loris "
+                   "connections get 408 and are closed (never more than --request-timeout).")
 @click.option("--request-timeout", type=click.FloatRange(0.5, 300), default=10.0,
               show_default=True,
-              help="Seconds a client has to send one whole request (slow senders get 408).")
+              help="Seconds a client has to send one whole request (slow senders get 408); "
+                   "also the longest a connection waits in the queue for a free slot.")
+@click.option("--max-connections", type=click.IntRange(1, 4096), default=128,
+              show_default=True,
+              help="Connections served at once; more wait in a fair queue (the next free slot "
+                   "goes to the waiting peer holding the fewest).")
+@click.option("--max-connections-per-peer", type=click.IntRange(1, 4096), default=16,
+              show_default=True,
+              help="Open connections (served or queued) per peer address (IPv4 address or "
+                   "IPv6 /64); one more gets 429 and is closed. CVMs behind one NAT share it.")
+@click.option("--max-queued", type=click.IntRange(0, 65536), default=512, show_default=True,
+              help="Connections that may wait for a slot; beyond that new ones get 503.")
+@click.option("--min-state-version", type=click.IntRange(0), default=0, show_default=True,
+              help="Refuse to start if the state file's table version (logged at every "
+                   "start) is lower: pass the last version you recorded to catch a state "
+                   "file restored from an older copy.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
               default="info", show_default=True, help="Log verbosity (logs go to stderr).")
 def serve(state: Path, secret_file: Path | None, host: str, port: int, allow_simulated: bool,
-          collateral_file: Path | None, nonce_ttl: int, request_timeout: float,
-          log_level: str) -> None:
+          collateral_file: Path | None, nonce_ttl: int, header_timeout: float,
+          request_timeout: float, max_connections: int, max_connections_per_peer: int,
+          max_queued: int, min_state_version: int, log_level: str) -> None:
     """Run the KMS HTTP service until interrupted.
 
     Unlocks the root key with the operator secret, then serves GET /v1/info, POST /v1/nonce,
     POST /v1/key, POST /v1/epoch/get and POST /v1/epoch/advance. Prints one line
     "listening on http://HOST:PORT (KMS public key HEX)" to stdout when ready. Every request
-    and every refusal is logged to stderr; keys never are.
+    and every refusal is logged to stderr (a peer's repeated 429s once); keys never are.
+
+    Connection limits (docs/kms-protocol.md §9): one request per connection; a peer keeps at
+    most --max-connections-per-peer open; --max-connections are served at once and up to
+    --max-queued more wait for a slot, handed out fairly between peers; headers must arrive
+    within --header-timeout and the whole request within --request-timeout.
     """
     import trio
 
@@ -181,6 +212,10 @@ def serve(state: Path, secret_file: Path | None, host: str, port: int, allow_sim
     service = KmsService(store, root, ServiceConfig(allow_simulated=allow_simulated,
                                                     nonce_ttl_s=float(nonce_ttl),
                                                     default_collateral=collateral))
+    if service.state_version < min_state_version:
+        raise IntegrityError(f"KMS state table version {service.state_version} is below "
+                             f"--min-state-version {min_state_version}: the state file was "
+                             "rolled back")
     if allow_simulated:
         banner = ("*** --allow-simulated: this KMS releases keys to SIMULATED TEEs whose quotes "
                   "anyone can forge. NEVER use it for real data. ***")
@@ -188,7 +223,10 @@ def serve(state: Path, secret_file: Path | None, host: str, port: int, allow_sim
         log.warning(banner)
     if host not in ("127.0.0.1", "::1", "localhost"):
         log.warning("listening on %s: the KMS is reachable from the network", host)
-    server = KmsHttpServer(service, HttpLimits(read_timeout_s=request_timeout))
+    server = KmsHttpServer(service, HttpLimits(
+        header_timeout_s=min(header_timeout, request_timeout), read_timeout_s=request_timeout,
+        max_connections=max_connections, max_connections_per_peer=max_connections_per_peer,
+        max_queued=max_queued))
 
     async def main() -> None:
         try:
@@ -316,8 +354,8 @@ def policy_show(app_id: str | None, state: Path, secret_file: Path | None,
 @json_option
 def policy_remove(app_id: str, state: Path, secret_file: Path | None, as_json: bool) -> None:
     """Delete APP_ID's policy: the KMS stops releasing its keys (its epochs are kept)."""
-    store, _, _ = _open(state, secret_file)
-    if not store.delete_policy(_app_id(app_id)):
+    store, macs, _ = _open(state, secret_file)
+    if not store.delete_policy(macs, _app_id(app_id)):
         raise UsageError(f"no policy for app id {app_id}")
     emit({"ok": True, "removed": app_id}, as_json, f"policy for app {app_id} removed")
 

@@ -18,7 +18,7 @@ import click
 from sealfs.errors import LuksError, UsageError
 from sealfs.luks import profile as P
 
-from .credentials import kms_client, kms_options
+from .credentials import KmsOptions, kms_client, kms_options
 from .output import SealfsGroup, emit, json_option
 
 if TYPE_CHECKING:
@@ -57,10 +57,8 @@ def _key_options(fn: FC) -> FC:
     )
     @functools.wraps(fn)
     def wrapper(*args: Any, key_file: str | None, volume_id: str | None,
-                kms_url: str | None, app_id: str | None, attester: str,
-                compose_hash: str | None, kms_deadline: float, **kwargs: Any) -> Any:
-        kwargs["keys"], kwargs["binding"] = _key_source(
-            key_file, volume_id, kms_url, app_id, attester, compose_hash, kms_deadline)
+                kms: KmsOptions, **kwargs: Any) -> Any:
+        kwargs["keys"], kwargs["binding"] = _key_source(key_file, volume_id, kms)
         return fn(*args, **kwargs)
 
     # The shared help texts describe sealfs volumes (kms slot, freshness anchor); say what
@@ -78,25 +76,24 @@ def _key_options(fn: FC) -> FC:
     return wrapper
 
 
-def _key_source(key_file: str | None, volume_id: str | None, kms_url: str | None,
-                app_id: str | None, attester: str, compose_hash: str | None,
-                kms_deadline: float) -> tuple[KeySource, KeyBinding]:
+def _key_source(key_file: str | None, volume_id: str | None,
+                kms: KmsOptions) -> tuple[KeySource, KeyBinding]:
     """The key source and what the key is bound to; nothing is fetched or read yet."""
     from sealfs.luks.keys import KeyBinding, KeyFileSource, KmsKeySource
 
-    if bool(kms_url) == bool(key_file):
+    if bool(kms.url) == bool(key_file):
         raise UsageError("give exactly one of --kms URL or --key-file PATH")
-    if not kms_url:
+    if not kms.url:
         assert key_file is not None
-        return KeyFileSource(key_file), KeyBinding(app_id=app_id or "local",
+        return KeyFileSource(key_file), KeyBinding(app_id=kms.app_id or "local",
                                                     volume_id=volume_id or "default")
-    if not app_id:
+    if not kms.app_id:
         raise UsageError("--kms needs --app-id (the app id this CVM attests as)")
     if not volume_id:
         raise UsageError("--kms needs --volume-id: every volume gets its own key, and the id "
                          "is configuration, never read from the disk")
     _warnings_to_stderr()
-    source = KmsKeySource(kms_client(kms_url, app_id, attester, compose_hash, kms_deadline))
+    source = KmsKeySource(kms_client(kms))
     return source, source.binding(volume_id)
 
 

@@ -12,7 +12,7 @@ from typing import TextIO
 
 import click
 
-from sealfs.cli.credentials import credential_options
+from sealfs.cli.credentials import credential_options, kms_client_args
 from sealfs.errors import BusyError, SealfsError, UsageError
 from sealfs.fs.core import Limits
 from sealfs.fuse.mount import check_mountpoint, serve, unmount
@@ -78,6 +78,8 @@ def mount(backing_dir: str, mountpoint: str, cred: Credential, foreground: bool,
         extra.append("--writeback-cache")
     if debug:
         extra.append("--debug")
+    if cred.expected_volume is not None:
+        extra += ["--volume-id", cred.expected_volume.hex()]
     _daemonize(backing_dir, mountpoint, cred, log_file, allow_other, commit_interval, extra)
 
 
@@ -142,12 +144,7 @@ def _daemonize(backing_dir: str, mountpoint: str, cred: Credential, log_file: st
         args += ["--key-file", "-"]
         stdin_data = cred.secret.reveal()
     elif isinstance(cred, KmsCredential):
-        client = cred.client
-        args += ["--kms", client.url, "--app-id", client.app_id.hex(),
-                 "--attester", client.attester.kind,
-                 "--kms-deadline", str(client.deadline_s)]
-        if client.attester.kind == "simulated":
-            args += ["--compose-hash", client.attester.compose_hash.hex()]
+        args += kms_client_args(cred.client)
     else:
         args.append("--passphrase")
         stdin_data = cred.secret.reveal() + b"\n"

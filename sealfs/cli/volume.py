@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from sealfs.cli.credentials import (
+    KmsOptions,
     kms_client,
     kms_options,
     prompt_passphrase,
@@ -68,8 +69,7 @@ def parse_size(text: str) -> int:
 @json_option
 def create(backing_dir: str, key_file: str | None, new_key_file: str | None,
            passphrase_file: str | None, ask_passphrase: bool, kdf: str, kdf_memory: str,
-           kdf_iterations: int, compression: str, block_size: str, kms_url: str | None,
-           app_id: str | None, attester: str, compose_hash: str | None, kms_deadline: float,
+           kdf_iterations: int, compression: str, block_size: str, kms: KmsOptions,
            as_json: bool) -> None:
     """Create a new sealed volume in BACKING_DIR (an empty or absent directory).
 
@@ -85,9 +85,8 @@ def create(backing_dir: str, key_file: str | None, new_key_file: str | None,
       sealfs create /data/vol --kms http://127.0.0.1:8750 --app-id 0a1b... --passphrase
     """
     creds: list[tuple[Credential, KdfParams | None]] = []
-    if kms_url:
-        creds.append((KmsCredential(kms_client(kms_url, app_id, attester, compose_hash,
-                                               kms_deadline)), None))
+    if kms.url:
+        creds.append((KmsCredential(kms_client(kms)), None))
     if key_file:
         creds.append((read_key_file(key_file), None))
     if new_key_file:

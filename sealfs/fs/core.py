@@ -32,12 +32,12 @@ from sealfs.codec import (
     inode_ad,
     new_object_id,
 )
-from sealfs.crypto import AuthError, Sealer, Secret, VolumeKeys
+from sealfs.crypto import AuthError, ObjectSealer, Secret
 from sealfs.errors import KmsError, StorageError
 from sealfs.fs.data import Damaged, DataPath, FsError
 from sealfs.fs.inode import ROOT_INO, Inode, RecordError
 from sealfs.fs.metalog import MetaLog, MetaState
-from sealfs.store import JOURNAL_MAX, DamagedFile, MissingObject, ObjectStore
+from sealfs.store import HEADER_NAME, JOURNAL_MAX, DamagedFile, MissingObject, ObjectStore
 from sealfs.volume.anchor import KmsAnchor, RollbackError, verify_fresh
 from sealfs.volume.header import Header
 
@@ -90,7 +90,7 @@ class Filesystem:
                  limits: Limits | None = None) -> None:
         self.store = store
         self.header = header
-        self.keys = VolumeKeys(master, header.volume_id)
+        self.keys = header.volume_keys(master)
         self.vid = header.volume_id
         self.block_size = header.block_size
         self.compress = header.compression == "lz4"
@@ -135,6 +135,9 @@ class Filesystem:
                 log.warning("OVERRIDE: mounting despite a failed freshness check (%s)", e)
                 overridden = anchored[0]
         if writable:
+            if self.header.format_version == 1:  # before the first format-2 object
+                self.header.upgrade_format_1(self.keys)
+                await self._io(self.store.replace_file, HEADER_NAME, self.header.to_bytes())
             await self._io(self.metalog.open_for_append, state)
             if overridden is not None:
                 await self._io(self.metalog.skip_to, state.table, state.next_ino,
@@ -605,7 +608,7 @@ class Filesystem:
             blocks = self.data.take_carried()
             limit = self.limits.carried_record_max
 
-            def seal(batch: list[tuple[int, int, Sealer, bytes, bytes]]
+            def seal(batch: list[tuple[int, int, ObjectSealer, bytes, bytes]]
                      ) -> list[tuple[int, int, bytes | None]]:
                 """Seal records: small ones ride in the commit, large ones become files."""
                 out: list[tuple[int, int, bytes | None]] = []

@@ -2,7 +2,7 @@
 
 API::
 
-    client = KmsClient(url, app_id, attester, deadline_s=60.0, kms_public_key=None)
+    client = KmsClient(url, app_id, attester, trusted_keys=[pub, ...], deadline_s=60.0)
     key, version = client.get_key(purpose, volume_id, key_version=None)  # -> (Secret, int)
     epoch, root_digest = client.get_epoch(volume_id)                   # -> (int, bytes)
     client.advance_epoch(volume_id, epoch, root_digest)                # -> (int, bytes)
@@ -24,11 +24,15 @@ Errors are :class:`sealfs.errors.KmsError` (unreachable past the deadline, malfo
 unsigned answers, refusals) or :class:`sealfs.errors.AttestationError` (the KMS refused this
 CVM's attestation or policy), each with a one-line message.
 
-Trust in the KMS: every answer is signed by the KMS identity key and bound to the request's
-nonce and ephemeral key. The client pins that key from, in order: the ``kms_public_key``
-argument; the ``key-provider`` event measured in this CVM's own event log; otherwise the key
-the KMS announces on first contact (trust on first use, logged as a warning; read it back from
-``client.kms_public_key`` and store it, e.g. in the volume header, to pin it next time).
+Trust in the KMS: every answer is signed by a KMS identity key and bound to the request's
+nonce and ephemeral key. The keys the client accepts (several, for replicas) come from
+something the host cannot write, in order: the ``trusted_keys`` argument (operator or init
+configuration); else the ``key-provider`` events measured in this CVM's own event log. Never
+from the volume on disk: a host that swaps in a look-alike volume and redirects the KMS address
+must not choose the KMS. With neither, the client fails closed (UsageError) unless
+``trust_on_first_use`` is set, a development mode that accepts the key the KMS announces on
+first contact and logs a warning saying so. ``client.answering_key`` is the key that signed the
+last answer (informational, e.g. recorded in a new kms slot).
 
 Retries: connection failures, timeouts, 5xx/503 and spent nonces are retried with exponential
 backoff (0.2 s doubling to 5 s, with jitter) until ``deadline_s`` has passed; refusals (4xx)
@@ -44,8 +48,10 @@ import logging
 import random
 import time
 import urllib.parse
+from collections.abc import Sequence
 from typing import Any, Protocol
 
+from sealfs import strict_json
 from sealfs.attest.eventlog import (
     EVENT_KEY_PROVIDER,
     RuntimeEvent,
@@ -53,7 +59,7 @@ from sealfs.attest.eventlog import (
     identity_from_log,
 )
 from sealfs.crypto import AuthError, EphemeralKeyPair, Secret, ct_equal, verify_signature
-from sealfs.errors import AttestationError, KmsError
+from sealfs.errors import AttestationError, KmsError, UsageError
 from sealfs.kms import protocol as P
 
 log = logging.getLogger("sealfs.kms.client")
@@ -87,8 +93,8 @@ class _Retry(Exception):
 
 class KmsClient:
     def __init__(self, url: str, app_id: bytes | str, attester: Attester, *,
-                 deadline_s: float = 60.0, kms_public_key: bytes | None = None,
-                 request_timeout_s: float = 15.0) -> None:
+                 trusted_keys: Sequence[bytes] = (), trust_on_first_use: bool = False,
+                 deadline_s: float = 60.0, request_timeout_s: float = 15.0) -> None:
         parsed = urllib.parse.urlsplit(url)
         if parsed.scheme not in ("http", "https") or not parsed.hostname:
             raise KmsError(f"KMS URL must be http(s)://host[:port], not {url!r}")
@@ -111,9 +117,11 @@ class KmsClient:
         self.attester = attester
         self.deadline_s = deadline_s
         self.request_timeout_s = request_timeout_s
-        if kms_public_key is not None and len(kms_public_key) != 32:
-            raise KmsError("KMS public key must be 32 bytes (Ed25519)")
-        self.kms_public_key = kms_public_key
+        if any(len(k) != P.PUBLIC_KEY_SIZE for k in trusted_keys):
+            raise KmsError("a KMS public key must be 32 bytes (Ed25519)")
+        self.trusted_keys: tuple[bytes, ...] = tuple(bytes(k) for k in trusted_keys)
+        self.trust_on_first_use = trust_on_first_use
+        self.answering_key: bytes | None = None
 
     def __repr__(self) -> str:
         return f"<KmsClient {self.url} app={self.app_id.hex()}>"
@@ -184,7 +192,7 @@ class KmsClient:
         if not ct_equal(identity.app_id, self.app_id):
             raise AttestationError(f"this CVM's measured app id is {identity.app_id.hex()}, "
                                    f"not {self.app_id.hex()}")
-        pinned = self._pinned_key(events, deadline)
+        trusted = self._trusted_keys(events, deadline)
         nonce = _hex(self._http("POST", "/v1/nonce", {}, deadline), "nonce")
         if len(nonce) != P.NONCE_SIZE:
             raise KmsError("KMS sent a malformed nonce")
@@ -201,33 +209,44 @@ class KmsClient:
         result = resp.get("result")
         if resp.get("op") != params.op or not isinstance(result, dict):
             raise KmsError("KMS answer is malformed")
-        if not ct_equal(_hex(resp, "kms_public_key"), pinned):
-            raise KmsError("KMS answer is signed by a different key than the pinned KMS key")
+        signer = _hex(resp, "kms_public_key")
+        if not any(ct_equal(signer, key) for key in trusted):
+            raise KmsError(f"KMS at {self.url} answered as {signer.hex()[:16]}..., which is "
+                           "not a trusted KMS identity (redirected to another KMS?)")
         if not ct_equal(_hex(result, "app_id"), self.app_id):
             raise KmsError("KMS answered for another app id")
         if not isinstance(params, P.GetKey) and _hex(result, "volume_id") != params.volume_id:
             raise KmsError("KMS answered for another volume")
-        if not verify_signature(pinned, _hex(resp, "signature"),
+        if not verify_signature(signer, _hex(resp, "signature"),
                                 P.response_message(params.op, report_data,
                                                    _result_parts(params, result))):
             raise KmsError("KMS answer signature is invalid (tampered in transit?)")
+        self.answering_key = signer
         return result, eph, nonce
 
-    def _pinned_key(self, events: list[RuntimeEvent], deadline: float) -> bytes:
-        if self.kms_public_key is None:
-            measured = [P.parse_key_provider(e.payload) for e in events
-                        if e.name == EVENT_KEY_PROVIDER]
-            if measured and measured[0] is not None:
-                self.kms_public_key = measured[0]
-            else:
+    def _trusted_keys(self, events: list[RuntimeEvent], deadline: float) -> tuple[bytes, ...]:
+        """The KMS identities this client accepts; resolved once, never from the disk."""
+        if not self.trusted_keys:
+            measured = tuple(k for k in (P.parse_key_provider(e.payload) for e in events
+                                         if e.name == EVENT_KEY_PROVIDER) if k is not None)
+            if measured:
+                self.trusted_keys = measured
+            elif self.trust_on_first_use:
                 announced = _hex(self._http("GET", "/v1/info", None, deadline),
                                  "kms_public_key")
-                if len(announced) != 32:
+                if len(announced) != P.PUBLIC_KEY_SIZE:
                     raise KmsError("KMS announced a malformed public key")
-                log.warning("KMS identity not pinned; trusting %s from %s on first use",
-                            announced.hex(), self.url)
-                self.kms_public_key = announced
-        return self.kms_public_key
+                log.warning("INSECURE: trusting KMS identity %s from %s on first use; the "
+                            "host controls the network and can answer in its place. Pin it "
+                            "with --kms-public-key %s", announced.hex(), self.url,
+                            announced.hex())
+                self.trusted_keys = (announced,)
+            else:
+                raise UsageError("no trusted KMS identity: give --kms-public-key HEX (the "
+                                 "key `sealfs kms init` printed; repeat it for each replica) "
+                                 "or measure a key-provider event; the volume on disk is "
+                                 "never trusted to name its KMS")
+        return self.trusted_keys
 
     # --- HTTP --------------------------------------------------------------------------------
 
@@ -252,7 +271,7 @@ class KmsClient:
         if len(raw) > MAX_RESPONSE_BYTES:
             raise KmsError("KMS answer too large")
         try:
-            payload = json.loads(raw)
+            payload = strict_json.loads(raw)  # the network is the host's: bounded depth
             if not isinstance(payload, dict):
                 raise ValueError
         except ValueError:

@@ -8,13 +8,15 @@ docs/kms-protocol.md; changing one changes every key, so they are frozen.
 
     app key       = HKDF(root, label("kms-app-key", purpose, app_id, key_version, volume_id))
     identity seed = HKDF(root, label("kms-identity", 1))       -> Ed25519 response-signing key
-    store MAC key = HKDF(root, label("kms-store-mac", 1))      -> MACs on policies and epochs
+    store MAC key = HKDF(root, label("kms-store-mac", 1))      -> MACs on rows, buckets, head
 
 ``key_version`` lets an operator rotate an app's keys (``sealfs kms policy rotate``) while the
 old versions stay derivable, so volumes can be re-wrapped from version N to N+1.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 from sealfs.crypto import Secret, SigningKey, hkdf, mac
 from sealfs.kms.protocol import MAX_ID_BYTES, MAX_KEY_VERSION, PURPOSES
@@ -57,3 +59,15 @@ class StoreMac:
 
     def epoch(self, app_id: bytes, volume_id: bytes, epoch: int, root_digest: bytes) -> bytes:
         return mac(self._key, "epoch", app_id, volume_id, epoch, root_digest)
+
+    def bucket_of(self, table: str, *key: bytes) -> int:
+        """The bucket (0-255) of a row's key: keyed, so nobody can crowd one bucket."""
+        return mac(self._key, "bucket-of", table, *key)[0]
+
+    def bucket(self, table: str, bucket: int, row_macs: Iterable[bytes]) -> bytes:
+        """Commits to exactly the set of rows (by their MACs) in one bucket."""
+        return mac(self._key, "bucket", table, bucket, *sorted(row_macs))
+
+    def head(self, version: int, bucket_digests: Iterable[bytes]) -> bytes:
+        """Binds the table version to every bucket digest: the one MAC over the state."""
+        return mac(self._key, "state", version, *bucket_digests)

@@ -11,6 +11,15 @@ A policy is keyed by app id and lists what must hold for a verified quote:
   ``Revoked`` can never be allowed.
 * ``allow_debug``: whether a debug TD (whose memory the host can read) is acceptable;
   default no.
+* ``require_sept_ve_disable`` (default yes): TD attribute SEPT_VE_DISABLE (bit 28) must be
+  set. Without it the TD takes a #VE for every access to a page the host has not accepted or
+  has removed, and a guest kernel that does not handle that exactly lets the host steer it.
+* ``allow_reserved_td_attributes`` (default no): whether TD attribute bits this verifier does
+  not know (anything but DEBUG, SEPT_VE_DISABLE, PKS, KL, PERFMON) may be set; a TD
+  configuration nobody has reviewed is refused rather than trusted.
+* ``allow_service_td`` (default no): whether MRSERVICETD (TD 1.5 quotes) may be non-zero, i.e.
+  a service TD (such as a migration TD) bound to this TD, which can act on its behalf.
+  Intel's QVL checks none of these three; they are deployment policy.
 * ``allow_simulated``: whether this app accepts simulated TEEs at all (development apps
   only). Both this and the KMS-wide ``--allow-simulated`` are needed, so a production KMS
   started with the flag by mistake still refuses forged quotes for every production app.
@@ -26,6 +35,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from sealfs.attest.eventlog import AppIdentity
+from sealfs.attest.quote import TD_ATTR_DEBUG, TD_ATTR_DEFINED, TD_ATTR_SEPT_VE_DISABLE
 from sealfs.crypto import ct_equal
 from sealfs.errors import UsageError
 from sealfs.kms.protocol import MAX_ID_BYTES, MAX_KEY_VERSION
@@ -34,7 +44,9 @@ MR_SIZE = 48
 TCB_STATUSES = ("UpToDate", "SWHardeningNeeded", "ConfigurationNeeded",
                 "ConfigurationAndSWHardeningNeeded", "OutOfDate", "OutOfDateConfigurationNeeded")
 MAX_ENTRIES = 256
-TD_ATTR_DEBUG = 0x01
+#: Yes/no fields of a policy document; each default is the dataclass default (the safe choice).
+_FLAGS = ("allow_debug", "allow_simulated", "require_sept_ve_disable",
+          "allow_reserved_td_attributes", "allow_service_td")
 
 
 class PolicyDenied(Exception):
@@ -51,7 +63,8 @@ class Report(Protocol):
     rtmr2: bytes
     tee: str
     tcb_status: str
-    td_attributes: bytes | None
+    td_attributes: bytes
+    mr_servicetd: bytes | None  # None: a TD 1.0 quote, which cannot bind a service TD
 
 
 @dataclass(frozen=True)
@@ -97,6 +110,9 @@ class AppPolicy:
     tcb_statuses: tuple[str, ...] = ("UpToDate",)
     allow_debug: bool = False
     allow_simulated: bool = False
+    require_sept_ve_disable: bool = True
+    allow_reserved_td_attributes: bool = False
+    allow_service_td: bool = False
     key_version: int = 1
 
     def __post_init__(self) -> None:
@@ -119,7 +135,7 @@ class AppPolicy:
                 "measurements": [m.to_dict() for m in self.measurements],
                 "compose_hashes": [h.hex() for h in self.compose_hashes],
                 "tcb_statuses": list(self.tcb_statuses),
-                "allow_debug": self.allow_debug, "allow_simulated": self.allow_simulated,
+                **{flag: getattr(self, flag) for flag in _FLAGS},
                 "key_version": self.key_version}
 
     def canonical(self) -> bytes:
@@ -131,8 +147,8 @@ class AppPolicy:
         """Parse a policy document strictly (unknown fields are errors, not ignored)."""
         if not isinstance(d, dict):
             raise UsageError("a policy must be a JSON object")
-        allowed = {"app_id", "measurements", "compose_hashes", "tcb_statuses", "allow_debug",
-                   "allow_simulated", "key_version"}
+        allowed = {"app_id", "measurements", "compose_hashes", "tcb_statuses", "key_version",
+                   *_FLAGS}
         unknown = set(d) - allowed
         if unknown:
             raise UsageError(f"unknown policy field {sorted(unknown)[0]!r}")
@@ -142,10 +158,11 @@ class AppPolicy:
         statuses = d.get("tcb_statuses", ["UpToDate"])
         if not all(isinstance(v, list) for v in (*lists.values(), statuses)):
             raise UsageError("measurements, compose_hashes and tcb_statuses must be lists")
-        debug, version = d.get("allow_debug", False), d.get("key_version", 1)
-        sim = d.get("allow_simulated", False)
-        if not isinstance(debug, bool) or not isinstance(sim, bool):
-            raise UsageError("allow_debug and allow_simulated must be true or false")
+        flags = {flag: d.get(flag, getattr(cls, flag)) for flag in _FLAGS}
+        for flag, value in flags.items():
+            if not isinstance(value, bool):
+                raise UsageError(f"{flag} must be true or false")
+        version = d.get("key_version", 1)
         if not isinstance(version, int) or isinstance(version, bool):
             raise UsageError("key_version must be an integer")
         if not all(isinstance(s, str) for s in statuses):
@@ -154,8 +171,7 @@ class AppPolicy:
                    measurements=tuple(Measurement.from_dict(m) for m in lists["measurements"]),
                    compose_hashes=tuple(_hex(h, "compose hash", 32, 32)
                                         for h in lists["compose_hashes"]),
-                   tcb_statuses=tuple(statuses), allow_debug=debug, allow_simulated=sim,
-                   key_version=version)
+                   tcb_statuses=tuple(statuses), key_version=version, **flags)
 
     def with_version(self, key_version: int) -> AppPolicy:
         return replace(self, key_version=key_version)
@@ -172,6 +188,18 @@ class AppPolicy:
             raise PolicyDenied("compose hash is not allowed for this app")
         if report.tcb_status not in self.tcb_statuses:
             raise PolicyDenied(f"TCB status {report.tcb_status} is not allowed for this app")
-        attrs = report.td_attributes
-        if attrs and attrs[0] & TD_ATTR_DEBUG and not self.allow_debug:
+        self._check_td(report)
+
+    def _check_td(self, report: Report) -> None:
+        """TD attributes and MRSERVICETD: what a TDX deployment needs beyond Intel's QVL."""
+        attributes = int.from_bytes(report.td_attributes, "little")
+        if attributes & TD_ATTR_DEBUG and not self.allow_debug:
             raise PolicyDenied("debug TDs are not allowed for this app")
+        if self.require_sept_ve_disable and not attributes & TD_ATTR_SEPT_VE_DISABLE:
+            raise PolicyDenied("TD attribute SEPT_VE_DISABLE is not set (required for this app)")
+        if attributes & ~TD_ATTR_DEFINED and not self.allow_reserved_td_attributes:
+            raise PolicyDenied(f"reserved TD attribute bits are set "
+                               f"({report.td_attributes.hex()})")
+        service_td = report.mr_servicetd is not None and any(report.mr_servicetd)
+        if service_td and not self.allow_service_td:
+            raise PolicyDenied("MRSERVICETD is not zero: a service TD is bound to this TD")

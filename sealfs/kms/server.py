@@ -7,13 +7,18 @@ Deliberately minimal, because every byte of it faces the network:
 * bodies only with a single, all-digit ``Content-Length`` no larger than the limit;
   ``Transfer-Encoding`` is refused; header block size and count are bounded; obsolete line
   folding and whitespace before the colon are refused;
-* the whole request must arrive within ``read_timeout_s`` (slow-loris bound), and at most
-  ``max_connections`` are served at once (beyond that: immediate 503);
+* the header block must arrive within ``header_timeout_s`` and the whole request within
+  ``read_timeout_s`` (idle and slow-loris connections are answered 408 and closed);
+* connections are counted per peer (an IPv4 address or an IPv6 /64): a peer holding
+  ``max_connections_per_peer`` gets 429 for the next one, so one host cannot take every slot;
+* at most ``max_connections`` are served at once; up to ``max_queued`` more wait (at most
+  ``read_timeout_s``) in a :class:`FairGate`, which hands each freed slot to the waiting peer
+  holding the fewest; beyond that: immediate 503. Worker threads are shared out the same way;
 * every failure is a JSON body ``{"ok": false, "error": code, "message": text}`` with a
   fitting status; unexpected exceptions become a generic 500 (details only in the log), and
   never stop the server;
-* CPU-heavy verification runs in worker threads under a CapacityLimiter, so the event loop
-  keeps accepting and timing out connections.
+* CPU-heavy verification runs in worker threads, so the event loop keeps accepting and
+  timing out connections.
 
 Routes: ``GET /v1/info``, ``POST /v1/nonce``, ``POST /v1/key``, ``POST /v1/epoch/get``,
 ``POST /v1/epoch/advance``.
@@ -21,8 +26,10 @@ Routes: ``GET /v1/info``, ``POST /v1/nonce``, ``POST /v1/key``, ``POST /v1/epoch
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import http
+import ipaddress
 import json
 import logging
 import os
@@ -43,13 +50,82 @@ _PATH_OPS = {path: op for op, path in P.OP_PATHS.items()}
 
 @dataclass(frozen=True)
 class HttpLimits:
+    """Server limits; docs/kms-protocol.md §9 lists them with their defaults."""
+
     max_header_bytes: int = 16 * 1024
     max_headers: int = 64
     max_body_bytes: int = P.MAX_BODY_BYTES
+    header_timeout_s: float = 5.0
     read_timeout_s: float = 10.0
     write_timeout_s: float = 10.0
     max_connections: int = 128
+    max_connections_per_peer: int = 16
+    max_queued: int = 512
     worker_threads: int = max(2, os.cpu_count() or 2)
+
+
+class FairGate:
+    """At most ``capacity`` slots held at once, shared fairly between peers.
+
+    When the gate is full, waiters queue per peer, and each freed slot goes to the waiting
+    peer that holds the fewest slots (among equals, the one served longest ago). A peer that
+    opens many connections therefore only ever delays itself: a newcomer holding nothing is
+    next in line, whatever the hog has queued.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._total = 0
+        self._held: collections.Counter[str] = collections.Counter()
+        self._waiting: dict[str, collections.deque[trio.Event]] = {}
+
+    def held(self, peer: str) -> int:
+        return self._held[peer]
+
+    async def acquire(self, peer: str) -> None:
+        """Wait for a slot (cancellable; a slot granted to a cancelled waiter is passed on)."""
+        if self._total < self.capacity and not self._waiting:
+            self._take(peer)
+            return
+        granted = trio.Event()
+        self._waiting.setdefault(peer, collections.deque()).append(granted)
+        try:
+            await granted.wait()
+        except BaseException:
+            if granted.is_set():
+                self.release(peer)
+            else:
+                self._withdraw(peer, granted)
+            raise
+
+    def release(self, peer: str) -> None:
+        self._held[peer] -= 1
+        if not self._held[peer]:
+            del self._held[peer]
+        self._total -= 1
+        self._grant()
+
+    def _take(self, peer: str) -> None:
+        self._held[peer] += 1
+        self._total += 1
+
+    def _grant(self) -> None:
+        while self._total < self.capacity and self._waiting:
+            # min() keeps the first of equals; re-inserting a served peer at the end of the
+            # dict makes equals take turns.
+            peer = min(self._waiting, key=self._held.__getitem__)
+            queue = self._waiting.pop(peer)
+            granted = queue.popleft()
+            if queue:
+                self._waiting[peer] = queue
+            self._take(peer)
+            granted.set()
+
+    def _withdraw(self, peer: str, granted: trio.Event) -> None:
+        queue = self._waiting[peer]
+        queue.remove(granted)
+        if not queue:
+            del self._waiting[peer]
 
 
 class HttpError(Exception):
@@ -69,18 +145,19 @@ class Request:
 async def read_request(stream: trio.abc.Stream, limits: HttpLimits) -> Request | None:
     """Read one request; None if the peer closed before sending anything."""
     buf = bytearray()
-    while True:
-        end = buf.find(b"\r\n\r\n")
-        if end >= 0:
-            break
-        if len(buf) > limits.max_header_bytes:
-            raise HttpError(431, "headers_too_large", "request header block too large")
-        chunk = await stream.receive_some(8192)
-        if not chunk:
-            if not buf:
-                return None
-            raise HttpError(400, "bad_request", "connection closed mid-request")
-        buf += chunk
+    with trio.fail_after(limits.header_timeout_s):
+        while True:
+            end = buf.find(b"\r\n\r\n")
+            if end >= 0:
+                break
+            if len(buf) > limits.max_header_bytes:
+                raise HttpError(431, "headers_too_large", "request header block too large")
+            chunk = await stream.receive_some(8192)
+            if not chunk:
+                if not buf:
+                    return None
+                raise HttpError(400, "bad_request", "connection closed mid-request")
+            buf += chunk
     if end > limits.max_header_bytes:
         raise HttpError(431, "headers_too_large", "request header block too large")
     head, rest = bytes(buf[:end]), bytes(buf[end + 4:])
@@ -145,8 +222,11 @@ class KmsHttpServer:
     def __init__(self, service: KmsService, limits: HttpLimits | None = None) -> None:
         self.service = service
         self.limits = limits or HttpLimits()
-        self._active = 0
-        self._workers = trio.CapacityLimiter(self.limits.worker_threads)
+        self._open: collections.Counter[str] = collections.Counter()  # per peer: served + queued
+        self._open_total = 0
+        self._refused: set[str] = set()  # peers at their limit whose refusal was logged
+        self._slots = FairGate(self.limits.max_connections)
+        self._workers = FairGate(self.limits.worker_threads)
 
     async def serve(self, host: str = "127.0.0.1", port: int = 0, *,
                     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
@@ -165,23 +245,59 @@ class KmsHttpServer:
         await trio.serve_listeners(self._connection, listeners)
 
     async def _connection(self, stream: trio.SocketStream) -> None:
-        peer = _peer(stream)
+        peer, key = _peer(stream), peer_key(stream)
         try:
-            if self._active >= self.limits.max_connections:
-                await self._send(stream, 503, error_payload("busy", "too many connections; "
-                                                            "retry"), peer, "-")
+            refusal = self._refusal(key)
+            if refusal is not None:
+                status, payload, quiet = refusal
+                await self._send(stream, status, payload, peer, "-", quiet)
                 return
-            self._active += 1
+            self._open[key] += 1
+            self._open_total += 1
             try:
-                await self._serve_one(stream, peer)
+                await self._queue_and_serve(stream, peer, key)
             finally:
-                self._active -= 1
+                self._open[key] -= 1
+                self._open_total -= 1
+                if not self._open[key]:
+                    del self._open[key]
+                    self._refused.discard(key)
         except Exception:  # never let one connection take the server down
             log.exception("internal error serving %s", peer)
         finally:
             await _lingering_close(stream)
 
-    async def _serve_one(self, stream: trio.SocketStream, peer: str) -> None:
+    def _refusal(self, key: str) -> tuple[int, dict[str, Any], bool] | None:
+        """(status, payload, quiet) refusing a new connection from ``key`` at once, or None.
+
+        Only a peer's first refusal while it stays at its limit is logged as a warning, so a
+        connection flood cannot flood the log too.
+        """
+        if self._open[key] >= self.limits.max_connections_per_peer:
+            quiet = key in self._refused
+            self._refused.add(key)
+            return 429, error_payload("too_many_connections", "too many connections from "
+                                      "your address; retry later"), quiet
+        if self._open_total >= self.limits.max_connections + self.limits.max_queued:
+            return 503, error_payload("busy", "too many connections; retry"), False
+        return None
+
+    async def _queue_and_serve(self, stream: trio.SocketStream, peer: str, key: str) -> None:
+        """Wait (at most the request timeout) for a fairly shared slot, then serve."""
+        admitted = False
+        with trio.move_on_after(self.limits.read_timeout_s):
+            await self._slots.acquire(key)
+            admitted = True
+        if not admitted:
+            await self._send(stream, 503, error_payload("busy", "too many connections; retry"),
+                             peer, "-")
+            return
+        try:
+            await self._serve_one(stream, peer, key)
+        finally:
+            self._slots.release(key)
+
+    async def _serve_one(self, stream: trio.SocketStream, peer: str, key: str) -> None:
         target = "-"
         try:
             with trio.fail_after(self.limits.read_timeout_s):
@@ -189,7 +305,7 @@ class KmsHttpServer:
             if req is None:
                 return
             target = f"{req.method} {req.path}"
-            status, payload = await self._dispatch(req)
+            status, payload = await self._dispatch(req, key)
         except trio.TooSlowError:
             status, payload = 408, error_payload("timeout", "request not received in time")
         except HttpError as e:
@@ -204,8 +320,8 @@ class KmsHttpServer:
         await self._send(stream, status, payload, peer, target)
 
     async def _send(self, stream: trio.SocketStream, status: int, payload: dict[str, Any],
-                    peer: str, target: str) -> None:
-        level = logging.INFO if status < 400 else logging.WARNING
+                    peer: str, target: str, quiet: bool = False) -> None:
+        level = logging.DEBUG if quiet else logging.INFO if status < 400 else logging.WARNING
         log.log(level, "%s %s -> %d %s%s", peer, target, status,
                 payload.get("error", "ok") if not payload.get("ok") else "ok",
                 f": {payload['message']}" if not payload.get("ok") else "")
@@ -213,7 +329,7 @@ class KmsHttpServer:
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 await stream.send_all(render_response(status, payload))
 
-    async def _dispatch(self, req: Request) -> tuple[int, dict[str, Any]]:
+    async def _dispatch(self, req: Request, key: str) -> tuple[int, dict[str, Any]]:
         if req.path == "/v1/info":
             if req.method != "GET":
                 raise HttpError(405, "method_not_allowed", "use GET")
@@ -228,8 +344,11 @@ class KmsHttpServer:
         if req.method != "POST":
             raise HttpError(405, "method_not_allowed", "use POST")
         obj = P.parse_json_object(req.body)
-        result = await trio.to_thread.run_sync(self.service.handle, op, obj,
-                                               limiter=self._workers)
+        await self._workers.acquire(key)
+        try:
+            result = await trio.to_thread.run_sync(self.service.handle, op, obj)
+        finally:
+            self._workers.release(key)
         return 200, result
 
 
@@ -252,6 +371,31 @@ async def _lingering_close(stream: trio.SocketStream) -> None:
             pass
     with trio.move_on_after(1):
         await stream.aclose()
+
+
+def peer_key(stream: trio.SocketStream) -> str:
+    """The unit that per-peer limits count: see :func:`peer_key_of`."""
+    try:
+        return peer_key_of(stream.socket.getpeername()[0])
+    except (OSError, IndexError, TypeError):
+        return "?"
+
+
+def peer_key_of(host: str) -> str:
+    """An IPv4 address as is; an IPv6 address as its /64 network.
+
+    A host is usually given a whole IPv6 /64, so counting single v6 addresses would let one
+    host appear as any number of peers. IPv4-mapped v6 addresses count as their IPv4 address.
+    """
+    try:
+        addr = ipaddress.ip_address(host.split("%")[0])
+    except ValueError:
+        return "?"
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped is not None:
+            return str(addr.ipv4_mapped)
+        return str(ipaddress.IPv6Network((addr, 64), strict=False))
+    return str(addr)
 
 
 def _peer(stream: trio.SocketStream) -> str:

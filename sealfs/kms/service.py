@@ -111,6 +111,10 @@ class KmsService:
         self.config = config or ServiceConfig()
         self._root = root
         self._macs = StoreMac(root)
+        found = store.verify(self._macs)  # refuse replayed or removed rows before serving
+        log.info("KMS state %s verified: table version %d, %d policies, %d volume epochs",
+                 store.path, found.version, found.policies, found.epochs)
+        self.state_version = found.version
         self._identity = identity_key(root)
         self.nonces = NonceBook(self.config.nonce_ttl_s, self.config.max_outstanding_nonces,
                                 self.config.clock)

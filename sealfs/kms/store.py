@@ -1,14 +1,23 @@
 """The KMS state store: one SQLite file with the sealed root key, app policies and epochs.
 
 * The root key is stored only sealed: AES-256-GCM under a key stretched (argon2id) from the
-  operator secret, with the KDF parameters bound into the associated data.
-* Policy and epoch rows carry a MAC under a root-derived key (:class:`StoreMac`), so someone
-  who can write the file but lacks the operator secret cannot grant an image access or move a
-  volume's epoch backwards row by row. Restoring an *entire* older copy of the file is outside
-  what MACs can catch; keep the state file on storage you trust, and back it up.
-* Epoch updates run in ``BEGIN IMMEDIATE`` transactions with ``synchronous=FULL``, so
-  compare-and-advance is atomic even with several server processes on one file, and an
-  accepted advance survives a crash (losing one would re-open the rollback window).
+  operator secret, with the format version and the KDF parameters bound into the associated
+  data.
+* Every policy and epoch row carries a MAC under a root-derived key (:class:`StoreMac`), so
+  someone who can write the file but lacks the operator secret cannot edit a row.
+* A row MAC alone cannot tell an *old* valid row from the current one, so rows are grouped
+  into 256 keyed buckets per table; each bucket's digest commits to exactly the set of row
+  MACs in it, and one MAC (the *head*) binds a monotonic table version to every bucket
+  digest. Every write bumps the version and re-seals the head in the same transaction; every
+  read checks the head and the digest of the bucket it reads (a replayed, added or deleted
+  row fails), and :meth:`KmsStore.verify` checks everything at startup. The store remembers
+  the highest version it has seen, so a rollback of the whole file while the KMS runs is
+  caught too; one made while it is stopped needs an outside record of the version (see
+  docs/kms-protocol.md §2).
+* Every access is one transaction (``BEGIN`` or ``BEGIN IMMEDIATE``) with
+  ``synchronous=FULL``: reads see one consistent snapshot, compare-and-advance is atomic even
+  with several processes on one file, and an accepted advance survives a crash (losing one
+  would re-open the rollback window).
 
 Every call opens its own short-lived connection, which keeps the store safe to use from
 worker threads without sharing a connection.
@@ -16,16 +25,19 @@ worker threads without sharing a connection.
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
 import sqlite3
 import stat
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 from sealfs.crypto import (
     AuthError,
@@ -43,15 +55,28 @@ from sealfs.kms.policy import AppPolicy
 
 log = logging.getLogger("sealfs.kms")
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+BUCKETS = 256
+#: The MACed tables and their key columns.
+TABLES = {"policies": ("app_id",), "epochs": ("app_id", "volume_id")}
 _SCHEMA = """
 CREATE TABLE meta (name TEXT PRIMARY KEY, value BLOB NOT NULL);
-CREATE TABLE policies (app_id BLOB PRIMARY KEY, body BLOB NOT NULL, mac BLOB NOT NULL);
+CREATE TABLE policies (app_id BLOB PRIMARY KEY, body BLOB NOT NULL, mac BLOB NOT NULL,
+    bucket INTEGER NOT NULL DEFAULT -1);
 CREATE TABLE epochs (
     app_id BLOB NOT NULL, volume_id BLOB NOT NULL, epoch INTEGER NOT NULL,
     root_digest BLOB NOT NULL, updated_at INTEGER NOT NULL, mac BLOB NOT NULL,
-    PRIMARY KEY (app_id, volume_id));
+    bucket INTEGER NOT NULL DEFAULT -1, PRIMARY KEY (app_id, volume_id));
 """
+#: What format 2 adds to format 1 (also run by the migration).
+_SCHEMA_V2 = [
+    "CREATE TABLE buckets (tbl TEXT NOT NULL, bucket INTEGER NOT NULL, digest BLOB NOT NULL, "
+    "PRIMARY KEY (tbl, bucket))",
+    "CREATE INDEX policies_bucket ON policies (bucket)",
+    "CREATE INDEX epochs_bucket ON epochs (bucket)",
+]
+_V1_COLUMNS = ["ALTER TABLE policies ADD COLUMN bucket INTEGER NOT NULL DEFAULT -1",
+               "ALTER TABLE epochs ADD COLUMN bucket INTEGER NOT NULL DEFAULT -1"]
 
 
 class EpochConflict(KmsError):
@@ -69,8 +94,119 @@ class EpochRecord:
     updated_at: int
 
 
-def _root_ad(kdf_json: bytes) -> bytes:
-    return label("kms-root-seal", FORMAT_VERSION, kdf_json)
+@dataclass(frozen=True)
+class StateSummary:
+    """What :meth:`KmsStore.verify` found: the table version and the row counts."""
+
+    version: int
+    policies: int
+    epochs: int
+
+
+def _root_ad(format_version: int, kdf_json: bytes) -> bytes:
+    return label("kms-root-seal", format_version, kdf_json)
+
+
+class _Snapshot:
+    """One transaction's view of the state, with the head checked; tracks touched buckets.
+
+    ``floor`` is the highest version this process had seen before the transaction began: a
+    lower version means the file went back in time under the running KMS.
+    """
+
+    def __init__(self, conn: sqlite3.Connection, macs: StoreMac, floor: int) -> None:
+        self.conn, self.macs = conn, macs
+        self.version, self.digests = _read_head(conn, macs)
+        if self.version < floor:
+            log.error("KMS state: table version went back from %d to %d (state file rolled "
+                      "back?)", floor, self.version)
+            raise IntegrityError(f"KMS state: table version went back from {floor} to "
+                                 f"{self.version} (the state file was rolled back)")
+        self._touched: set[tuple[str, int]] = set()
+
+    def checked_bucket(self, table: str, *key: bytes) -> int:
+        """The bucket of ``key``, after checking its rows are exactly the committed ones."""
+        bucket = self.macs.bucket_of(table, *key)
+        if not ct_equal(_bucket_digest(self.conn, self.macs, table, bucket),
+                        self.digests[table, bucket]):
+            _rows_replayed(f"{table} bucket {bucket}")
+        return bucket
+
+    def check_all(self) -> None:
+        """Check every bucket of every table against the head."""
+        found = _all_digests(self.conn, self.macs)
+        for (table, bucket), digest in self.digests.items():
+            if not ct_equal(found[table, bucket], digest):
+                _rows_replayed(f"{table} bucket {bucket}")
+
+    def touched(self, table: str, bucket: int) -> None:
+        self._touched.add((table, bucket))
+
+    def seal(self) -> None:
+        """Re-digest the touched buckets and write the head at the next version."""
+        if not self._touched:
+            return
+        for table, bucket in self._touched:
+            self.digests[table, bucket] = _bucket_digest(self.conn, self.macs, table, bucket)
+        _write_head(self.conn, self.macs, self.version + 1, self.digests, self._touched)
+        self.version += 1
+
+
+def _rows_replayed(where: str) -> NoReturn:
+    log.error("KMS state: %s does not match the table head (a row was replayed, added or "
+              "removed outside the KMS)", where)
+    raise IntegrityError("KMS state: the rows do not match the table head (a row was "
+                         "replayed, added or removed outside the KMS)")
+
+
+def _bucket_digest(conn: sqlite3.Connection, macs: StoreMac, table: str, bucket: int) -> bytes:
+    rows = conn.execute(f"SELECT mac FROM {table} WHERE bucket = ?", (bucket,)).fetchall()
+    return macs.bucket(table, bucket, (_blob(m) for (m,) in rows))
+
+
+def _all_digests(conn: sqlite3.Connection, macs: StoreMac) -> dict[tuple[str, int], bytes]:
+    """Every bucket digest, computed from the rows (a row in no valid bucket changes none,
+    so it is caught by its own bucket check in :meth:`KmsStore.verify`)."""
+    digests = {}
+    for table in TABLES:
+        groups: dict[int, list[bytes]] = collections.defaultdict(list)
+        for bucket, tag in conn.execute(f"SELECT bucket, mac FROM {table}"):
+            groups[bucket].append(_blob(tag))
+        for bucket in range(BUCKETS):
+            digests[table, bucket] = macs.bucket(table, bucket, groups.get(bucket, []))
+    return digests
+
+
+def _ordered(digests: dict[tuple[str, int], bytes]) -> list[bytes]:
+    return [digests[table, bucket] for table in TABLES for bucket in range(BUCKETS)]
+
+
+def _read_head(conn: sqlite3.Connection,
+               macs: StoreMac) -> tuple[int, dict[tuple[str, int], bytes]]:
+    """The table version and bucket digests, after checking the head MAC over them."""
+    meta = dict(conn.execute("SELECT name, value FROM meta WHERE name IN "
+                             "('state_version', 'state_mac')").fetchall())
+    digests = {(t, b): d for t, b, d in conn.execute("SELECT tbl, bucket, digest FROM buckets")}
+    try:
+        version = int(meta["state_version"])
+        tag = _blob(meta["state_mac"])
+        ordered = [_blob(d) for d in _ordered(digests)]
+    except (KeyError, ValueError, TypeError, IntegrityError):
+        raise IntegrityError("KMS state: the table head is missing or malformed") from None
+    if len(digests) != len(ordered) or not ct_equal(macs.head(version, ordered), tag):
+        log.error("KMS state: the table head fails its MAC (tampered state file?)")
+        raise IntegrityError("KMS state: the table head fails its MAC")
+    return version, dict(zip(((t, b) for t in TABLES for b in range(BUCKETS)), ordered,
+                             strict=True))
+
+
+def _write_head(conn: sqlite3.Connection, macs: StoreMac, version: int,
+                digests: dict[tuple[str, int], bytes], changed: set[tuple[str, int]]) -> None:
+    conn.executemany("INSERT OR REPLACE INTO buckets VALUES (?, ?, ?)",
+                     [(t, b, digests[t, b]) for t, b in sorted(changed)])
+    conn.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", [
+        ("state_version", str(version).encode()),
+        ("state_mac", macs.head(version, _ordered(digests)))])
 
 
 class KmsStore:
@@ -85,12 +221,15 @@ class KmsStore:
         if mode & (stat.S_IRWXG | stat.S_IRWXO):
             log.warning("KMS state file %s is accessible by group/others; chmod 600 it",
                         self.path)
+        self._seen_version = 0  # the highest table version this process has seen
+        self._seen_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"<KmsStore {self.path}>"
 
     @contextmanager
     def _connect(self, write: bool = False) -> Iterator[sqlite3.Connection]:
+        """One transaction: ``BEGIN IMMEDIATE`` to write, ``BEGIN`` (one snapshot) to read."""
         try:
             conn = sqlite3.connect(f"file:{self.path}?mode=rw", uri=True, timeout=10,
                                    isolation_level=None)
@@ -99,11 +238,9 @@ class KmsStore:
         try:
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA busy_timeout=10000")
-            if write:
-                conn.execute("BEGIN IMMEDIATE")
+            conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
             yield conn
-            if write:
-                conn.execute("COMMIT")
+            conn.execute("COMMIT")
         except sqlite3.Error as e:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
@@ -115,7 +252,18 @@ class KmsStore:
         finally:
             conn.close()
 
-    # --- creation and unlock -----------------------------------------------------------------
+    @contextmanager
+    def _snapshot(self, macs: StoreMac, write: bool = False) -> Iterator[_Snapshot]:
+        """A transaction whose head is checked; a write re-seals the head before commit."""
+        floor = self._seen_version  # read before the snapshot starts: see _Snapshot
+        with self._connect(write) as conn:
+            snap = _Snapshot(conn, macs, floor)
+            yield snap
+            snap.seal()
+        with self._seen_lock:
+            self._seen_version = max(self._seen_version, snap.version)
+
+    # --- creation, unlock, migration, verification -------------------------------------------
 
     @classmethod
     def initialize(cls, path: str | os.PathLike[str], operator_secret: Secret,
@@ -137,14 +285,16 @@ class KmsStore:
             kdf_json = json.dumps(kdf.to_dict(), sort_keys=True).encode()
             root = Secret.generate()
             sealed = wrap_key(derive_from_passphrase(operator_secret, kdf), root,
-                              _root_ad(kdf_json))
+                              _root_ad(FORMAT_VERSION, kdf_json))
             conn = sqlite3.connect(p, isolation_level=None)
             try:
                 conn.execute("PRAGMA journal_mode=WAL")
-                conn.executescript("BEGIN;" + _SCHEMA + "COMMIT;")
+                conn.executescript("BEGIN;" + _SCHEMA + ";".join(_SCHEMA_V2) + ";")
                 conn.executemany("INSERT INTO meta VALUES (?, ?)", [
                     ("format", str(FORMAT_VERSION).encode()), ("kdf", kdf_json),
                     ("sealed_root", sealed), ("created_at", str(int(time.time())).encode())])
+                _seal_all(conn, StoreMac(root), version=1)
+                conn.execute("COMMIT")
             finally:
                 conn.close()
         except BaseException:
@@ -153,62 +303,137 @@ class KmsStore:
         return cls(p), root
 
     def unlock(self, operator_secret: Secret) -> Secret:
-        """The root key, unsealed with the operator secret."""
+        """The root key, unsealed with the operator secret; a format 1 file is migrated."""
         with self._connect() as conn:
             meta = dict(conn.execute("SELECT name, value FROM meta").fetchall())
         try:
-            if int(meta["format"]) != FORMAT_VERSION:
-                raise FormatError
+            version = int(meta["format"])
             kdf_json = bytes(meta["kdf"])
             kdf = KdfParams.from_dict(json.loads(kdf_json))
             sealed = bytes(meta["sealed_root"])
-        except (KeyError, ValueError, TypeError, FormatError):
-            raise KmsError("KMS state file is not a sealfs KMS state of a known version") from None
+        except (KeyError, ValueError, TypeError):
+            version = 0
+        if version not in (1, FORMAT_VERSION):
+            raise KmsError("KMS state file is not a sealfs KMS state of a known version")
+        kek = derive_from_passphrase(operator_secret, kdf)
         try:
-            return unwrap_key(derive_from_passphrase(operator_secret, kdf), sealed,
-                              _root_ad(kdf_json))
+            root = unwrap_key(kek, sealed, _root_ad(version, kdf_json))
         except AuthError:
+            if version == 1 and _opens(kek, sealed, _root_ad(FORMAT_VERSION, kdf_json)):
+                raise IntegrityError("KMS state file claims format 1 but was written as "
+                                     f"format {FORMAT_VERSION} (downgrade refused)") from None
             raise UnlockError("wrong operator secret for this KMS state file") from None
+        if version == 1:
+            self._migrate_v1(kek, root, kdf_json)
+        return root
+
+    def _migrate_v1(self, kek: Secret, root: Secret, kdf_json: bytes) -> None:
+        """Format 1 → 2: check every row's MAC, bucket the rows, seal the head, and re-seal
+        the root for format 2, so the file cannot be passed off as format 1 (no head) again.
+
+        Trusts the rows as they are now: a row replayed *before* the migration stays.
+        """
+        macs = StoreMac(root)
+        with self._connect(write=True) as conn:
+            fmt = conn.execute("SELECT value FROM meta WHERE name = 'format'").fetchone()
+            if int(fmt[0]) != 1:
+                return  # another process migrated it meanwhile
+            for statement in _V1_COLUMNS + _SCHEMA_V2:
+                conn.execute(statement)
+            for app_id, body, tag in conn.execute("SELECT app_id, body, mac FROM policies"):
+                self._load_policy(macs, _blob(app_id), body, tag)
+            conn.executemany("UPDATE policies SET bucket = ? WHERE app_id = ?", [
+                (macs.bucket_of("policies", _blob(a)), a)
+                for (a,) in conn.execute("SELECT app_id FROM policies").fetchall()])
+            rows = conn.execute("SELECT app_id, volume_id FROM epochs").fetchall()
+            for app_id, volume_id in rows:
+                self._read_epoch(conn, macs, _blob(app_id), _blob(volume_id))
+            conn.executemany("UPDATE epochs SET bucket = ? WHERE app_id = ? AND volume_id = ?",
+                             [(macs.bucket_of("epochs", _blob(a), _blob(v)), a, v)
+                              for a, v in rows])
+            _seal_all(conn, macs, version=1)
+            conn.executemany("UPDATE meta SET value = ? WHERE name = ?", [
+                (str(FORMAT_VERSION).encode(), "format"),
+                (wrap_key(kek, root, _root_ad(FORMAT_VERSION, kdf_json)), "sealed_root")])
+        log.warning("migrated KMS state file %s from format 1 to format %d", self.path,
+                    FORMAT_VERSION)
+
+    def verify(self, macs: StoreMac) -> StateSummary:
+        """Check the whole state: the head, every bucket digest, every row's MAC and bucket.
+
+        Run at startup, so a replayed or removed row is refused before anything is served.
+        """
+        with self._snapshot(macs) as snap:
+            snap.check_all()
+            policies = self._policy_rows(snap, snap.conn.execute(
+                "SELECT app_id, body, mac, bucket FROM policies").fetchall())
+            epochs = snap.conn.execute("SELECT app_id, volume_id, bucket FROM epochs").fetchall()
+            for app_id, volume_id, bucket in epochs:
+                key = (_blob(app_id), _blob(volume_id))
+                _check_bucket_column(macs.bucket_of("epochs", *key), bucket)
+                self._read_epoch(snap.conn, macs, *key)
+        return StateSummary(snap.version, len(policies), len(epochs))
 
     # --- policies ----------------------------------------------------------------------------
 
     def put_policy(self, macs: StoreMac, policy: AppPolicy) -> None:
         body = policy.canonical()
-        with self._connect(write=True) as conn:
-            conn.execute("INSERT OR REPLACE INTO policies VALUES (?, ?, ?)",
-                         (policy.app_id, body, macs.policy(policy.app_id, body)))
+        with self._snapshot(macs, write=True) as snap:
+            bucket = snap.checked_bucket("policies", policy.app_id)
+            snap.conn.execute("INSERT OR REPLACE INTO policies VALUES (?, ?, ?, ?)",
+                              (policy.app_id, body, macs.policy(policy.app_id, body), bucket))
+            snap.touched("policies", bucket)
 
     def get_policy(self, macs: StoreMac, app_id: bytes) -> AppPolicy | None:
-        with self._connect() as conn:
-            row = conn.execute("SELECT body, mac FROM policies WHERE app_id = ?",
-                               (app_id,)).fetchone()
-        return None if row is None else self._load_policy(macs, app_id, row[0], row[1])
+        with self._snapshot(macs) as snap:
+            return self._policy_in(snap, app_id)
 
     def list_policies(self, macs: StoreMac) -> list[AppPolicy]:
-        with self._connect() as conn:
-            rows = conn.execute("SELECT app_id, body, mac FROM policies ORDER BY app_id").fetchall()
-        return [self._load_policy(macs, bytes(a), b, m) for a, b, m in rows]
+        with self._snapshot(macs) as snap:
+            snap.check_all()
+            return self._policy_rows(snap, snap.conn.execute(
+                "SELECT app_id, body, mac, bucket FROM policies ORDER BY app_id").fetchall())
 
-    def delete_policy(self, app_id: bytes) -> bool:
-        with self._connect(write=True) as conn:
-            return conn.execute("DELETE FROM policies WHERE app_id = ?", (app_id,)).rowcount > 0
+    def delete_policy(self, macs: StoreMac, app_id: bytes) -> bool:
+        with self._snapshot(macs, write=True) as snap:
+            bucket = snap.checked_bucket("policies", app_id)
+            gone = snap.conn.execute("DELETE FROM policies WHERE app_id = ?",
+                                     (app_id,)).rowcount > 0
+            snap.touched("policies", bucket)
+            return gone
 
     def rotate_policy(self, macs: StoreMac, app_id: bytes) -> AppPolicy:
         """Bump an app's current key version (old versions stay derivable)."""
-        with self._connect(write=True) as conn:
-            row = conn.execute("SELECT body, mac FROM policies WHERE app_id = ?",
-                               (app_id,)).fetchone()
-            if row is None:
+        with self._snapshot(macs, write=True) as snap:
+            old = self._policy_in(snap, app_id)
+            if old is None:
                 raise UsageError(f"no policy for app id {app_id.hex()}")
-            old = self._load_policy(macs, app_id, row[0], row[1])
             new = old.with_version(old.key_version + 1)
             body = new.canonical()
-            conn.execute("UPDATE policies SET body = ?, mac = ? WHERE app_id = ?",
-                         (body, macs.policy(app_id, body), app_id))
+            snap.conn.execute("UPDATE policies SET body = ?, mac = ? WHERE app_id = ?",
+                              (body, macs.policy(app_id, body), app_id))
+            snap.touched("policies", macs.bucket_of("policies", app_id))
         return new
 
+    def _policy_in(self, snap: _Snapshot, app_id: bytes) -> AppPolicy | None:
+        bucket = snap.checked_bucket("policies", app_id)
+        row = snap.conn.execute("SELECT app_id, body, mac, bucket FROM policies "
+                                "WHERE app_id = ?", (app_id,)).fetchone()
+        if row is None:
+            return None
+        _check_bucket_column(bucket, row[3])
+        return self._load_policy(snap.macs, app_id, row[1], row[2])
+
+    def _policy_rows(self, snap: _Snapshot, rows: list[tuple[object, ...]]) -> list[AppPolicy]:
+        policies = []
+        for app_id, body, tag, bucket in rows:
+            key = _blob(app_id)
+            _check_bucket_column(snap.macs.bucket_of("policies", key), bucket)
+            policies.append(self._load_policy(snap.macs, key, body, tag))
+        return policies
+
     @staticmethod
-    def _load_policy(macs: StoreMac, app_id: bytes, body: bytes, tag: bytes) -> AppPolicy:
+    def _load_policy(macs: StoreMac, app_id: bytes, body: object, tag: object) -> AppPolicy:
         body, tag = _blob(body), _blob(tag)
         if not ct_equal(macs.policy(app_id, body), tag):
             log.error("KMS state: policy row for app %s fails its MAC (tampered state file?)",
@@ -222,8 +447,9 @@ class KmsStore:
     # --- epochs ------------------------------------------------------------------------------
 
     def get_epoch(self, macs: StoreMac, app_id: bytes, volume_id: bytes) -> EpochRecord | None:
-        with self._connect() as conn:
-            return self._read_epoch(conn, macs, app_id, volume_id)
+        with self._snapshot(macs) as snap:
+            snap.checked_bucket("epochs", app_id, volume_id)
+            return self._read_epoch(snap.conn, macs, app_id, volume_id)
 
     def advance_epoch(self, macs: StoreMac, app_id: bytes, volume_id: bytes, epoch: int,
                       root_digest: bytes) -> EpochRecord:
@@ -232,8 +458,9 @@ class KmsStore:
         Same epoch and digest: idempotent, nothing changes. Same epoch, other digest: a fork
         (two diverging histories); lower epoch: a rollback. Both raise EpochConflict.
         """
-        with self._connect(write=True) as conn:
-            current = self._read_epoch(conn, macs, app_id, volume_id)
+        with self._snapshot(macs, write=True) as snap:
+            bucket = snap.checked_bucket("epochs", app_id, volume_id)
+            current = self._read_epoch(snap.conn, macs, app_id, volume_id)
             if current is not None:
                 if epoch < current.epoch:
                     raise EpochConflict("rollback", f"epoch {epoch} is older than the KMS epoch "
@@ -244,9 +471,10 @@ class KmsStore:
                     raise EpochConflict("fork", f"epoch {epoch} already anchored with a "
                                         "different root digest (fork refused)")
             now = int(time.time())
-            conn.execute("INSERT OR REPLACE INTO epochs VALUES (?, ?, ?, ?, ?, ?)",
-                         (app_id, volume_id, epoch, root_digest, now,
-                          macs.epoch(app_id, volume_id, epoch, root_digest)))
+            snap.conn.execute("INSERT OR REPLACE INTO epochs VALUES (?, ?, ?, ?, ?, ?, ?)",
+                              (app_id, volume_id, epoch, root_digest, now,
+                               macs.epoch(app_id, volume_id, epoch, root_digest), bucket))
+            snap.touched("epochs", bucket)
             return EpochRecord(epoch, root_digest, now)
 
     @staticmethod
@@ -266,6 +494,26 @@ class KmsStore:
         return EpochRecord(epoch, digest, updated)
 
 
+def _seal_all(conn: sqlite3.Connection, macs: StoreMac, version: int) -> None:
+    """Digest every bucket from the rows and write the head (creation and migration)."""
+    digests = _all_digests(conn, macs)
+    _write_head(conn, macs, version, digests, set(digests))
+
+
+def _check_bucket_column(expected: int, stored: object) -> None:
+    """A row filed under another bucket than its key's would escape that bucket's check."""
+    if stored != expected:
+        raise IntegrityError("KMS state: a row is filed in the wrong bucket")
+
+
+def _opens(kek: Secret, sealed: bytes, ad: bytes) -> bool:
+    try:
+        unwrap_key(kek, sealed, ad)
+    except AuthError:
+        return False
+    return True
+
+
 def _blob(value: object) -> bytes:
     """A BLOB column's value; anything else (an edited row's TEXT, INTEGER) fails its MAC."""
     if isinstance(value, bytes | memoryview):
@@ -273,7 +521,3 @@ def _blob(value: object) -> bytes:
     if isinstance(value, str):
         return value.encode("utf-8", "surrogateescape")
     raise IntegrityError("KMS state: a row holds a value of the wrong type")
-
-
-class FormatError(Exception):
-    """Internal marker: the meta table does not describe a known format."""

@@ -39,7 +39,8 @@ class QuoteReport:
     rtmr3: bytes
     report_data: bytes
     tcb_status: str
-    td_attributes: bytes | None
+    td_attributes: bytes
+    mr_servicetd: bytes | None  # None for a TD 1.0 quote (no such field)
 
 
 def verify_tdx(quote: bytes, collateral: dict[str, Any] | None, now: float) -> QuoteReport:
@@ -67,7 +68,8 @@ def verify_tdx(quote: bytes, collateral: dict[str, Any] | None, now: float) -> Q
         raise AttestationError("DCAP verification established no TCB status")
     return QuoteReport(tee="tdx", mrtd=td.mr_td, rtmr0=td.rtmrs[0], rtmr1=td.rtmrs[1],
                        rtmr2=td.rtmrs[2], rtmr3=td.rtmrs[3], report_data=td.report_data,
-                       tcb_status=report.tcb.status, td_attributes=td.td_attributes)
+                       tcb_status=report.tcb.status, td_attributes=td.td_attributes,
+                       mr_servicetd=td.mr_servicetd)
 
 
 def verify_simulated(quote: bytes, collateral: Any, now: float,
@@ -76,4 +78,5 @@ def verify_simulated(quote: bytes, collateral: Any, now: float,
     rep = simulated.verify_quote(quote, collateral, now, trusted_keys)
     return QuoteReport(tee="simulated", mrtd=rep.mrtd, rtmr0=rep.rtmr0, rtmr1=rep.rtmr1,
                        rtmr2=rep.rtmr2, rtmr3=rep.rtmr3, report_data=rep.report_data,
-                       tcb_status=rep.tcb_status, td_attributes=rep.td_attributes)
+                       tcb_status=rep.tcb_status, td_attributes=rep.td_attributes,
+                       mr_servicetd=rep.mr_servicetd)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sealfs import strict_json
 from sealfs.crypto import (
     AuthError,
     KdfParams,
@@ -34,23 +35,33 @@ from sealfs.crypto import (
     wrap_key,
 )
 from sealfs.errors import FormatError, IntegrityError, SealfsError, UnlockError, UsageError
+from sealfs.kms.protocol import MAX_KEY_VERSION
 from sealfs.store import HEADER_NAME, MissingObject, ObjectStore
 
 MAGIC = "sealfs-volume"
-FORMAT_VERSION = 1
+#: 2: every object sealed with a key per message. 1: single keys; still read, and made 2 with
+#: ``format1_objects`` (its older objects need the single keys) before the first write.
+FORMAT_VERSION = 2
 CIPHER = "AES-256-GCM"
 MIN_BLOCK, MAX_BLOCK = 4096, 4 * 1024 * 1024
 MAX_HEADER_BYTES = 1 << 20
 KEYFILE_MIN_BYTES = 32
+MAX_SLOT_ID = 2**32 - 1
+MAX_HEADER_INT = 2**63 - 1  # block size and creation time: what a u64 label part can carry
 
 
 # --- credentials -----------------------------------------------------------------------------
 
 @dataclass(frozen=True, repr=False)
 class KeyFileCredential:
-    """The contents of a key file; unlocks slots of type ``keyfile``."""
+    """The contents of a key file; unlocks slots of type ``keyfile``.
+
+    ``expected_volume`` (every credential has it): the volume id this credential is meant
+    for, from trusted configuration; a header with another id is refused before unlocking.
+    """
 
     secret: Secret
+    expected_volume: bytes | None = None
     slot_type = "keyfile"
 
     def __repr__(self) -> str:
@@ -62,6 +73,7 @@ class PassphraseCredential:
     """A recovery passphrase; unlocks slots of type ``passphrase``."""
 
     secret: Secret
+    expected_volume: bytes | None = None
     slot_type = "passphrase"
 
     def __repr__(self) -> str:
@@ -76,8 +88,9 @@ class KmsCredential:
 
     slot_type = "kms"
 
-    def __init__(self, client: Any) -> None:
+    def __init__(self, client: Any, expected_volume: bytes | None = None) -> None:
         self.client = client
+        self.expected_volume = expected_volume
 
     def __repr__(self) -> str:
         return f"<KmsCredential {self.client!r}>"
@@ -142,7 +155,8 @@ class Slot:
     wrapped: bytes
     salt: bytes = b""
     kdf: KdfParams | None = None
-    kms: dict[str, Any] | None = None  # url, app_id, key_version, kms_public_key (hex)
+    # url, app_id, key_version, kms_public_key (hex; who answered at creation, never trusted)
+    kms: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"id": self.id, "type": self.type, "wrapped": self.wrapped.hex()}
@@ -155,15 +169,23 @@ class Slot:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Slot:
+    def from_dict(cls, d: Any) -> Slot:
+        """Parse one slot of an unauthenticated header: every field of the exact JSON type and
+        range the format allows (ValueError otherwise), so that nothing odd reaches the key
+        derivation (a slot id of -1 cannot be encoded into the slot's associated data)."""
+        if not isinstance(d, dict) or not isinstance(d.get("type"), str):
+            raise ValueError("malformed key slot")
+        if not strict_json.integer_in(d.get("id"), 0, MAX_SLOT_ID):
+            raise ValueError(f"key slot id must be an integer in [0, {MAX_SLOT_ID}]")
         kdf = KdfParams.from_dict(d["kdf"]) if "kdf" in d else None
         kms = d.get("kms")
         if kms is not None and not (
                 isinstance(kms, dict) and isinstance(kms.get("url"), str)
-                and isinstance(kms.get("app_id"), str) and isinstance(kms.get("key_version"), int)
+                and isinstance(kms.get("app_id"), str)
+                and strict_json.integer_in(kms.get("key_version"), 1, MAX_KEY_VERSION)
                 and isinstance(kms.get("kms_public_key"), str)):
             raise ValueError("malformed kms slot")
-        return cls(int(d["id"]), str(d["type"]), bytes.fromhex(d["wrapped"]),
+        return cls(d["id"], d["type"], bytes.fromhex(d["wrapped"]),
                    bytes.fromhex(d.get("salt", "")), kdf, kms)
 
     def public_info(self) -> dict[str, Any]:
@@ -188,10 +210,9 @@ def _kek(cred: Credential, slot: Slot, volume_id: bytes) -> Secret:
         return hkdf(cred.secret, "slot-keyfile", salt=slot.salt)
     if isinstance(cred, KmsCredential):
         assert slot.kms is not None
-        client = cred.client
-        if client.kms_public_key is None and slot.kms.get("kms_public_key"):
-            client.kms_public_key = bytes.fromhex(slot.kms["kms_public_key"])  # pinned
-        key, _ = client.get_key(KMS_PURPOSE, volume_id, slot.kms["key_version"])
+        # The slot's url and kms_public_key are informational: which KMS the client trusts
+        # is the client's own configuration, never a value from the (unauthenticated) disk.
+        key, _ = cred.client.get_key(KMS_PURPOSE, volume_id, slot.kms["key_version"])
         return _kms_kek(key)
     assert slot.kdf is not None
     return hkdf(derive_from_passphrase(cred.secret, slot.kdf), "slot-passphrase")
@@ -208,9 +229,11 @@ class Header:
     slots: list[Slot] = field(default_factory=list)
     mac: bytes = b""
     format_version: int = FORMAT_VERSION
+    format1_objects: bool = False  # a format-1 volume made format 2: holds format-1 objects
 
     def body(self) -> dict[str, Any]:
         return {
+            **({"format1_objects": True} if self.format1_objects else {}),
             "magic": MAGIC,
             "format_version": self.format_version,
             "volume_id": self.volume_id.hex(),
@@ -235,8 +258,8 @@ class Header:
         if len(data) > MAX_HEADER_BYTES:
             raise FormatError("volume header is implausibly large")
         try:
-            doc = json.loads(data)
-        except (ValueError, UnicodeDecodeError):
+            doc = strict_json.loads(data)
+        except ValueError:  # UnicodeDecodeError, duplicate keys, too deep: all ValueError
             raise FormatError("volume header is not valid JSON (corrupt or not a sealfs "
                               "volume)") from None
         if not isinstance(doc, dict) or doc.get("magic") != MAGIC:
@@ -249,14 +272,26 @@ class Header:
                               f"supports ({FORMAT_VERSION}); upgrade sealfs")
         if version < 1:
             raise FormatError(f"volume format version {version} is not valid")
+        format1_objects = doc.get("format1_objects", False)
+        if not isinstance(format1_objects, bool) or (format1_objects and version != 2):
+            raise FormatError("volume header has an invalid format1_objects field")
         try:
             if doc["cipher"] != CIPHER or doc["kdf"] != "HKDF-SHA256":
                 raise FormatError(f"unsupported cipher {doc['cipher']!r}")
+            for name in ("block_size", "created"):
+                if not strict_json.integer_in(doc[name], 0, MAX_HEADER_INT):
+                    raise FormatError(f"volume header field {name} is not an integer in "
+                                      f"[0, {MAX_HEADER_INT}]")
+            if not isinstance(doc["slots"], list):
+                raise FormatError("volume header slots are not a list")
+            slots = [Slot.from_dict(s) for s in doc["slots"]]
+            if len({s.id for s in slots}) != len(slots):
+                raise FormatError("volume header has two key slots with the same id")
             header = cls(volume_id=bytes.fromhex(doc["volume_id"]),
-                         block_size=int(doc["block_size"]),
-                         compression=str(doc["compression"]), created=int(doc["created"]),
-                         slots=[Slot.from_dict(s) for s in doc["slots"]],
-                         mac=bytes.fromhex(doc["mac"]), format_version=version)
+                         block_size=doc["block_size"], compression=str(doc["compression"]),
+                         created=doc["created"], slots=slots,
+                         mac=bytes.fromhex(doc["mac"]), format_version=version,
+                         format1_objects=format1_objects)
         except FormatError:
             raise
         except (KeyError, TypeError, ValueError, UsageError) as e:
@@ -278,6 +313,7 @@ class Header:
 
     def unlock(self, cred: Credential) -> Secret:
         """Return the master key, after checking the header MAC under it."""
+        self._check_expected(cred.expected_volume)
         candidates = [s for s in self.slots if s.type == cred.slot_type]
         if not candidates:
             raise UnlockError(f"volume has no {cred.slot_type} key slot")
@@ -298,6 +334,14 @@ class Header:
         raise UnlockError(f"wrong {cred.slot_type.replace('keyfile', 'key file')}: no "
                           f"{cred.slot_type} slot opens with it")
 
+    def _check_expected(self, expected: bytes | None) -> None:
+        """Refuse a swapped-in volume: one with valid slots for the same credential (e.g.
+        another volume of the same app) is authentic, but not the volume that was asked for."""
+        if expected is not None and not ct_equal(expected, self.volume_id):
+            raise IntegrityError(f"the backing directory holds volume "
+                                 f"{uuid.UUID(bytes=self.volume_id)}, not the expected "
+                                 f"{format_volume_id(expected)}: refusing a swapped-in volume")
+
     def kms_slot(self) -> Slot | None:
         return next((s for s in self.slots if s.type == "kms"), None)
 
@@ -312,7 +356,7 @@ class Header:
             key, version = client.get_key(KMS_PURPOSE, self.volume_id)  # current version
             slot = Slot(slot_id, "kms", b"", kms={
                 "url": client.url, "app_id": client.app_id.hex(), "key_version": version,
-                "kms_public_key": (client.kms_public_key or b"").hex()})
+                "kms_public_key": (client.answering_key or b"").hex()})
             kek = _kms_kek(key)
         else:
             slot = Slot(slot_id, "keyfile", b"", salt=random_bytes(16))
@@ -325,6 +369,19 @@ class Header:
     def seal(self, master: Secret) -> None:
         self.mac = VolumeKeys(master, self.volume_id).header_mac(self.canonical_body())
 
+    def volume_keys(self, master: Secret) -> VolumeKeys:
+        """The keys of this volume's objects: a volume that was format 1 may hold objects
+        sealed with format 1's single keys, so those open too."""
+        return VolumeKeys(master, self.volume_id,
+                          legacy=self.format_version < 2 or self.format1_objects)
+
+    def upgrade_format_1(self, keys: VolumeKeys) -> None:
+        """Make a format-1 header format 2 (to be written before anything format 2 is): its
+        older objects still open with the format-1 keys, and older sealfs versions refuse
+        the volume instead of taking its format-2 objects for damage."""
+        self.format_version, self.format1_objects = 2, True
+        self.mac = keys.header_mac(self.canonical_body())
+
     def public_info(self) -> dict[str, Any]:
         return {
             "format_version": self.format_version,
@@ -336,6 +393,19 @@ class Header:
             "created": self.created,
             "slots": [s.public_info() for s in self.slots],
         }
+
+
+def parse_volume_id(text: str) -> bytes:
+    """A volume id as `sealfs info` shows it: a UUID, or 32 hex digits."""
+    try:
+        return uuid.UUID(text.strip()).bytes
+    except ValueError:
+        raise UsageError(f"not a volume id: {text!r} (a UUID or 32 hex digits, as `sealfs "
+                         "info` shows it)") from None
+
+
+def format_volume_id(volume_id: bytes) -> str:
+    return str(uuid.UUID(bytes=volume_id)) if len(volume_id) == 16 else volume_id.hex()
 
 
 def new_header(block_size: int, compression: str) -> tuple[Header, Secret]:

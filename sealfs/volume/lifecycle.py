@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from sealfs.codec import inode_ad, new_object_id
-from sealfs.crypto import KdfParams, Secret, VolumeKeys
+from sealfs.crypto import KdfParams, Secret
 from sealfs.errors import UsageError
 from sealfs.fs.inode import ROOT_INO, Inode
 from sealfs.fs.metalog import MetaLog
@@ -35,24 +35,25 @@ def create_volume(backing: Path, creds: list[tuple[Credential, KdfParams | None]
         raise UsageError("a volume needs at least one key slot (--key-file or --passphrase)")
     if backing.exists() and not backing.is_dir():
         raise UsageError(f"{backing} exists and is not a directory")
-    backing.mkdir(parents=True, exist_ok=True)
     store = ObjectStore(backing)
-    if store.exists(HEADER_NAME):
-        raise UsageError(f"{backing} already holds a sealfs volume")
-    leftovers = [name for name in store.names() if name not in _CREATE_LEFTOVERS
-                 and not name.startswith("journal.")]
-    if leftovers:
-        raise UsageError(f"{backing} is not empty (found {leftovers[0]!r}); "
-                         "use an empty directory")
+    if backing.is_dir():
+        if store.exists(HEADER_NAME):
+            raise UsageError(f"{backing} already holds a sealfs volume")
+        leftovers = [name for name in store.names() if name not in _CREATE_LEFTOVERS
+                     and not name.startswith("journal.")]
+        if leftovers:
+            raise UsageError(f"{backing} is not empty (found {leftovers[0]!r}); "
+                             "use an empty directory")
     header, master = new_header(block_size, compression)
-    for cred, kdf in creds:
+    for cred, kdf in creds:  # first: a credential that fails (a KMS refusal) leaves no trace
         header.add_slot(master, cred, kdf)
+    backing.mkdir(parents=True, exist_ok=True)
     store.lock()
     try:
         for name in store.names():  # an interrupted earlier create
             if name.startswith("journal."):
                 store.remove_file(name)
-        keys = VolumeKeys(master, header.volume_id)
+        keys = header.volume_keys(master)
         now = time.time_ns()
         root = Inode(ROOT_INO, stat.S_IFDIR | 0o755, os.getuid() if uid is None else uid,
                      os.getgid() if gid is None else gid, 2, 0, now, now, now, 0, ROOT_INO)

@@ -119,6 +119,10 @@ def test_tampered_quote_exits_9(tmp_path: Path):
         ((QUOTE, "--collateral", "/nonexistent/c.json", "--now", NOW), 2, "cannot read collateral"),
         ((QUOTE, "--collateral", COLLATERAL, "--now", "yesterday"), 2, "--now"),
         ((QUOTE, "--collateral", COLLATERAL, "--now", "2025-07-01T00:00:00"), 2, "zone"),
+        # Valid times whose UTC falls outside years 1..9999 (was OverflowError, exit 1).
+        ((QUOTE, "--collateral", COLLATERAL, "--now", "9999-12-31T23:59:59-23:59"), 2, "--now"),
+        ((QUOTE, "--collateral", COLLATERAL, "--now", "0001-01-01T00:00:00+01:00"), 2, "--now"),
+        ((QUOTE, "--collateral", COLLATERAL, "--now", "2025-02-30T00:00:00Z"), 2, "--now"),
         ((COLLATERAL, "--now", NOW), 9, "not hex"),
         ((QUOTE, "--collateral", QUOTE, "--now", NOW), 9, "collateral is not valid JSON"),
         ((QUOTE, "--collateral", TAPPD_HEX, "--now", NOW), 9, "collateral is not valid JSON"),

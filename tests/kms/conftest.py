@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -148,23 +148,34 @@ def kms(state: KmsState) -> Iterator[KmsProcess]:
 
 # --- raw HTTP helpers --------------------------------------------------------------------------
 
-def raw_http(port: int, data: bytes, timeout: float = 10.0,
-             half_close: bool = True) -> tuple[int, dict[str, Any]]:
-    """Send raw bytes, return (status, JSON body) of the answer."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+def connect_from(source: str, port: int, timeout: float = 60.0) -> socket.socket:
+    """A connection to the KMS on 127.0.0.1 from loopback address ``source``: all of
+    127.0.0.0/8 is loopback on Linux, so tests can play several peers."""
+    return socket.create_connection(("127.0.0.1", port), timeout=timeout,
+                                    source_address=(source, 0))
+
+
+def read_answer(s: socket.socket) -> tuple[int, dict[str, Any]]:
+    """Read one answer to its end (the server closes): (status, JSON body)."""
+    chunks = []
+    while True:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+    status = int(head.split(b" ")[1])
+    return status, json.loads(body) if body else {}
+
+
+def raw_http(port: int, data: bytes, timeout: float = 10.0, half_close: bool = True,
+             source: str = "127.0.0.1") -> tuple[int, dict[str, Any]]:
+    """Send raw bytes from loopback address ``source``, return (status, JSON body)."""
+    with connect_from(source, port, timeout) as s:
         s.sendall(data)
         if half_close:
             s.shutdown(socket.SHUT_WR)
-        chunks = []
-        while True:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            chunks.append(chunk)
-    resp = b"".join(chunks)
-    head, _, body = resp.partition(b"\r\n\r\n")
-    status = int(head.split(b" ")[1])
-    return status, json.loads(body) if body else {}
+        return read_answer(s)
 
 
 def post(port: int, path: str, body: bytes | dict[str, Any],
@@ -176,8 +187,17 @@ def post(port: int, path: str, body: bytes | dict[str, Any],
     return raw_http(port, head.encode() + b"\r\n" + data)
 
 
-def get(port: int, path: str) -> tuple[int, dict[str, Any]]:
-    return raw_http(port, f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+def get(port: int, path: str, source: str = "127.0.0.1") -> tuple[int, dict[str, Any]]:
+    return raw_http(port, f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode(), source=source)
+
+
+def wait_for(condition: Callable[[], bool], what: str, guard_s: float = 60.0) -> None:
+    """Wait until ``condition()`` holds (an event in another thread or process); the guard
+    only turns a hang into a failure, it does not pace the test."""
+    deadline = time.monotonic() + guard_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
 
 
 # --- an in-process server, for tests that need to control the KMS clock ------------------------

@@ -22,7 +22,8 @@ def free_port() -> int:
 
 def test_fails_clearly_after_the_deadline() -> None:
     port = free_port()
-    c = KmsClient(f"http://127.0.0.1:{port}", APP_A, attester(), deadline_s=1.0)
+    c = KmsClient(f"http://127.0.0.1:{port}", APP_A, attester(), deadline_s=1.0,
+                  trust_on_first_use=True)
     start = time.monotonic()
     with pytest.raises(KmsError) as e:
         c.get_key("volume-wrap", b"v")
@@ -43,7 +44,8 @@ def test_retries_until_the_kms_comes_up(state: KmsState) -> None:
     t = threading.Thread(target=later)
     t.start()
     try:
-        c = KmsClient(f"http://127.0.0.1:{port}", APP_A, attester(), deadline_s=20)
+        c = KmsClient(f"http://127.0.0.1:{port}", APP_A, attester(), deadline_s=20,
+                      trust_on_first_use=True)
         key, version = c.get_key("volume-wrap", b"v")
         assert version == 1 and len(key) == 32
     finally:
@@ -54,7 +56,7 @@ def test_retries_until_the_kms_comes_up(state: KmsState) -> None:
 
 def test_refusals_are_not_retried(kms: KmsProcess) -> None:
     c = KmsClient(kms.url, APP_A, attester(tcb_status="OutOfDate"),
-                  kms_public_key=kms.public_key, deadline_s=30)
+                  trusted_keys=[kms.public_key], deadline_s=30)
     start = time.monotonic()
     with pytest.raises(AttestationError, match="policy_denied"):
         c.get_key("volume-wrap", b"v")
@@ -75,7 +77,7 @@ def test_bad_app_ids() -> None:
 
 
 def test_reprs_are_safe(kms: KmsProcess) -> None:
-    c = KmsClient(kms.url, APP_A, attester(), kms_public_key=kms.public_key)
+    c = KmsClient(kms.url, APP_A, attester(), trusted_keys=[kms.public_key])
     key, _ = c.get_key("volume-wrap", b"v")
     assert key.reveal().hex() not in repr(c) + repr(key) + str(key)
 
@@ -86,7 +88,7 @@ def test_a_hanging_kms_cannot_outlast_the_deadline() -> None:
         silent.listen(16)
         port = silent.getsockname()[1]
         c = KmsClient(f"http://127.0.0.1:{port}", APP_A, attester(), deadline_s=1.0,
-                      request_timeout_s=30)
+                      request_timeout_s=30, trust_on_first_use=True)
         start = time.monotonic()
         with pytest.raises(KmsError, match="not available after 1 s: timed out"):
             c.get_key("volume-wrap", b"v")

@@ -178,7 +178,7 @@ def test_kms_verifies_configfs_quotes_with_dcap(kms: KmsProcess, tsm_root: Path,
     coll = Path("/work/shared/testdata/tdx/tdx_quote_collateral.json")
     att = ConfigfsTsmAttester(tsm_root, event_log_path=log, collateral_path=coll)
     with FakeTsm(tsm_root):
-        c = KmsClient(kms.url, APP_A, att, kms_public_key=kms.public_key, deadline_s=5)
+        c = KmsClient(kms.url, APP_A, att, trusted_keys=[kms.public_key], deadline_s=5)
         with pytest.raises(AttestationError, match="attestation_failed"):
             c.get_key("volume-wrap", b"vol")
 

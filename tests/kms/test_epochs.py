@@ -14,7 +14,7 @@ D1, D2, D3 = b"\x01" * 32, b"\x02" * 32, b"\x03" * 32
 
 
 def client(kms: KmsProcess, app_id: bytes = APP_A) -> KmsClient:
-    return KmsClient(kms.url, app_id, attester(app_id), kms_public_key=kms.public_key,
+    return KmsClient(kms.url, app_id, attester(app_id), trusted_keys=[kms.public_key],
                      deadline_s=5)
 
 

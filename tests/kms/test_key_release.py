@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from sealfs.crypto import AuthError, EphemeralKeyPair, Secret, SigningKey, seal_to_public
-from sealfs.errors import AttestationError, KmsError
+from sealfs.errors import AttestationError, KmsError, UsageError
 from sealfs.kms import protocol as P
 from sealfs.kms.client import KmsClient
 from sealfs.kms.derivation import app_key
@@ -41,7 +41,7 @@ VOL = b"volume-0001"
 
 def client(kms: KmsProcess, app_id: bytes = APP_A, **kw: Any) -> KmsClient:
     att = kw.pop("att", None) or attester(app_id)
-    return KmsClient(kms.url, app_id, att, kms_public_key=kms.public_key,
+    return KmsClient(kms.url, app_id, att, trusted_keys=[kms.public_key],
                      deadline_s=kw.pop("deadline_s", 5), **kw)
 
 
@@ -87,7 +87,7 @@ def test_one_app_cannot_get_another_apps_key(kms: KmsProcess) -> None:
 
     # B's CVM asking as A: its own measured log says B, so the client refuses up front ...
     with pytest.raises(AttestationError, match="measured app id"):
-        KmsClient(kms.url, APP_A, attester(APP_B), kms_public_key=kms.public_key).get_key(
+        KmsClient(kms.url, APP_A, attester(APP_B), trusted_keys=[kms.public_key]).get_key(
             "volume-wrap", VOL)
     # ... and a hand-made request that claims A is refused by the KMS.
     params = P.GetKey("volume-wrap", VOL)
@@ -210,28 +210,42 @@ class TamperingProxy:
 @pytest.mark.parametrize("mode", ["swap", "resign"])
 def test_substituted_key_in_transit_is_rejected(kms: KmsProcess, mode: str) -> None:
     with TamperingProxy(kms.url, mode) as proxy:
-        c = KmsClient(proxy.url, APP_A, attester(), kms_public_key=kms.public_key, deadline_s=5)
-        with pytest.raises(KmsError, match="signature is invalid|different key"):
+        c = KmsClient(proxy.url, APP_A, attester(), trusted_keys=[kms.public_key], deadline_s=5)
+        with pytest.raises(KmsError, match="signature is invalid|not a trusted KMS identity"):
             c.get_key("volume-wrap", VOL)
 
 
-def test_unpinned_client_trusts_on_first_use_and_remembers(
-        kms: KmsProcess, caplog: pytest.LogCaptureFixture) -> None:
+def test_unpinned_client_fails_closed_before_any_request(kms: KmsProcess) -> None:
     c = KmsClient(kms.url, APP_A, attester(), deadline_s=5)
+    with pytest.raises(UsageError, match="no trusted KMS identity.*--kms-public-key"):
+        c.get_key("volume-wrap", VOL)
+    assert c.answering_key is None
+
+
+def test_trust_on_first_use_is_explicit_and_logged_loudly(
+        kms: KmsProcess, caplog: pytest.LogCaptureFixture) -> None:
+    c = KmsClient(kms.url, APP_A, attester(), deadline_s=5, trust_on_first_use=True)
     with caplog.at_level(logging.WARNING, "sealfs.kms.client"):
         c.get_key("volume-wrap", VOL)
-    assert c.kms_public_key == kms.public_key
-    assert "trusting" in caplog.text and "first use" in caplog.text
+    assert c.trusted_keys == (kms.public_key,) and c.answering_key == kms.public_key
+    assert "INSECURE" in caplog.text and "first use" in caplog.text
 
 
 def test_key_provider_event_pins_the_kms(kms: KmsProcess) -> None:
     good = attester(key_provider=P.key_provider_payload(kms.public_key))
     c = KmsClient(kms.url, APP_A, good, deadline_s=5)
     c.get_key("volume-wrap", VOL)
-    assert c.kms_public_key == kms.public_key
+    assert c.trusted_keys == (kms.public_key,)
     wrong = attester(key_provider=P.key_provider_payload(bytes(32)))
-    with pytest.raises(KmsError, match="different key"):
+    with pytest.raises(KmsError, match="not a trusted KMS identity"):
         KmsClient(kms.url, APP_A, wrong, deadline_s=5).get_key("volume-wrap", VOL)
+
+
+def test_any_of_several_pinned_replica_keys_is_accepted(kms: KmsProcess) -> None:
+    c = KmsClient(kms.url, APP_A, attester(), deadline_s=5,
+                  trusted_keys=[bytes(range(32)), kms.public_key])
+    c.get_key("volume-wrap", VOL)
+    assert c.answering_key == kms.public_key
 
 
 @pytest.fixture
@@ -239,7 +253,7 @@ def rotating_app(state: KmsState) -> Iterator[bytes]:
     app = bytes.fromhex("d4" * 20)
     state.put(sim_policy(app, COMPOSE_A))
     yield app
-    state.store.delete_policy(app)
+    state.store.delete_policy(state.macs, app)
 
 
 def test_rotation_keeps_old_versions_derivable(kms: KmsProcess, state: KmsState,
@@ -287,7 +301,7 @@ def test_simulated_quotes_need_the_apps_opt_in_too(kms: KmsProcess, state: KmsSt
         with pytest.raises(AttestationError, match="simulated TEEs are not allowed"):
             client(kms, prod, att=attester(prod, compose=COMPOSE_A)).get_key("volume-wrap", VOL)
     finally:
-        state.store.delete_policy(prod)
+        state.store.delete_policy(state.macs, prod)
 
 
 def test_simulated_mode_is_loud(kms: KmsProcess) -> None:

@@ -18,7 +18,8 @@ pytestmark = pytest.mark.mount
 
 def kms_args(kms: KmsProcess, app: bytes = APP_A, compose: bytes = COMPOSE_A) -> list[str]:
     return ["--kms", kms.url, "--app-id", app.hex(), "--attester", "simulated",
-            "--compose-hash", compose.hex(), "--kms-deadline", "5"]
+            "--compose-hash", compose.hex(), "--kms-deadline", "5",
+            "--kms-public-key", kms.public_key.hex()]
 
 
 @pytest.fixture
@@ -108,6 +109,7 @@ def test_forked_clone_is_refused(kvol: Volume, kms: KmsProcess, tmp_path: Path) 
 def test_kms_down_fails_with_clear_message(kvol: Volume, tmp_path: Path) -> None:
     res = sealfs("mount", str(kvol.backing), str(kvol.mnt), "--kms", "http://127.0.0.1:9",
                  "--app-id", APP_A.hex(), "--attester", "simulated", "--compose-hash",
-                 COMPOSE_A.hex(), "--kms-deadline", "1", check=False)
+                 COMPOSE_A.hex(), "--kms-deadline", "1", "--kms-public-key", "ab" * 32,
+                 check=False)
     assert res.returncode == 8, res.stderr
     assert "not available" in res.stderr and "Traceback" not in res.stderr

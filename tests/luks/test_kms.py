@@ -61,7 +61,7 @@ def kms(kms_state: KmsState) -> Iterator[KmsProcess]:
 
 def source(kms: KmsProcess, app: bytes = APP_A, compose: bytes | None = None) -> K.KmsKeySource:
     return K.KmsKeySource(KmsClient(kms.url, app, attester(app, compose), deadline_s=10,
-                                    kms_public_key=kms.public_key))
+                                    trusted_keys=[kms.public_key]))
 
 
 def fetch(kms: KmsProcess, app: bytes = APP_A, volume: str = VOLUME, version: int = 1) -> bytes:
@@ -74,7 +74,8 @@ def kms_args(kms: KmsProcess, app: bytes = APP_A, compose: bytes | None = None,
              volume: str | None = VOLUME) -> list[str]:
     compose = compose if compose is not None else (COMPOSE_A if app == APP_A else COMPOSE_B)
     args = ["--kms", kms.url, "--app-id", app.hex(), "--attester", "simulated",
-            "--compose-hash", compose.hex(), "--kms-deadline", "5"]
+            "--compose-hash", compose.hex(), "--kms-deadline", "5",
+            "--kms-public-key", kms.public_key.hex()]
     return args + (["--volume-id", volume] if volume else [])
 
 
@@ -185,9 +186,13 @@ def test_cli_key_options_are_one_line_errors(tmp_path: Path, kms: KmsProcess) ->
     key = write_key(tmp_path / "k", os.urandom(32))
     rec = write_key(tmp_path / "rec", b"recovery passphrase")
     dead = ["--kms", "http://127.0.0.1:9", "--app-id", APP_A.hex(), "--attester", "simulated",
-            "--compose-hash", COMPOSE_A.hex(), "--volume-id", VOLUME, "--kms-deadline", "0.5"]
+            "--compose-hash", COMPOSE_A.hex(), "--volume-id", VOLUME, "--kms-deadline", "0.5",
+            "--kms-public-key", kms.public_key.hex()]
+    unpinned = dead[:-2]
     cases: list[tuple[list[str], int, str]] = [
         (["format", str(img), *dead], 8, "not available"),
+        (["format", str(img), *unpinned], 2, "no trusted KMS identity"),
+        (["format", str(img), *unpinned, "--kms-public-key", "abcd"], 2, "64 hex digits"),
         (["format", str(img), *kms_args(kms, volume=None)], 2, "--volume-id"),
         (["format", str(img), "--kms", kms.url, "--volume-id", VOLUME], 2, "--app-id"),
         (["format", str(img), *kms_args(kms), "--key-file", str(key)], 2, "exactly one"),
@@ -273,7 +278,7 @@ def test_shell_tool_with_kms(tmp_path: Path, kms: KmsProcess) -> None:
     assert res.returncode == 0, res.stderr
     env = {"SEALFS_KMS": kms.url, "SEALFS_APP_ID": APP_A.hex(), "SEALFS_ATTESTER": "simulated",
            "SEALFS_COMPOSE_HASH": COMPOSE_A.hex(), "SEALFS_VOLUME_ID": VOLUME,
-           "SEALFS_KMS_DEADLINE": "5"}
+           "SEALFS_KMS_DEADLINE": "5", "SEALFS_KMS_PUBLIC_KEY": kms.public_key.hex()}
     res = run_tool("check-key", str(img), env=env)
     assert res.returncode == 0 and "opens key slot 0" in res.stdout, res.stderr
     res = run_tool("check-key", str(img), env={**env, "SEALFS_VOLUME_ID": "other"})

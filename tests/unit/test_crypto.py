@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
+from sealfs.codec import inode_ad
 from sealfs.crypto import (
     AuthError,
     EphemeralKeyPair,
     KdfParams,
+    ObjectSealer,
     Sealer,
     Secret,
     VolumeKeys,
@@ -30,6 +35,7 @@ def test_secret_never_shows_its_bytes() -> None:
     s = Secret(b"topsecret-key-material-0123456789")
     assert "topsecret" not in repr(s) and "topsecret" not in str(s)
     assert "topsecret" not in repr(VolumeKeys(Secret.generate(), b"v" * 16))
+    assert "topsecret" not in repr(ObjectSealer(Secret(s.reveal()[:32])))
     assert s == Secret(b"topsecret-key-material-0123456789")
     assert s != Secret(b"other")
 
@@ -105,3 +111,67 @@ def test_inode_keys_differ_per_inode() -> None:
     with pytest.raises(AuthError):
         keys.inode(3).open(blob, b"ad")
     assert keys.inode(2).open(blob, b"ad") == b"data"
+
+
+def _reference_open(base: Secret, blob: bytes, ad: bytes) -> bytes:
+    """docs/format.md's format-2 seal, written from the text with cryptography's own
+    HKDF-Expand: ``r = blob[:24]``, key = HKDF-Expand(base, label("message", r)), GCM nonce
+    ``r[12:]``."""
+    r = blob[:24]
+    key = HKDFExpand(hashes.SHA256(), 32, label("message", r)).derive(base.reveal())
+    return AESGCM(key).decrypt(r[12:], blob[24:], ad)
+
+
+def test_volume_keys_follow_the_documented_hierarchy() -> None:
+    master, vid = Secret.generate(), b"v" * 16
+    keys = VolumeKeys(master, vid)
+    inode_base = hkdf(hkdf(master, "object", vid), "inode-base", 5)
+    blob = keys.inode(5).seal(b"record", b"ad")
+    assert len(blob) == len(b"record") + 40
+    assert _reference_open(inode_base, blob, b"ad") == b"record"
+    frame = keys.journal.seal(b"commit", b"jad")
+    assert _reference_open(hkdf(master, "journal-base", vid), frame, b"jad") == b"commit"
+
+
+def test_every_object_of_an_inode_has_its_own_key() -> None:
+    """Two objects of one inode are sealed under different keys: one object's ciphertext
+    does not open under the other's key, nor under the inode's base key used directly, nor
+    with the other's object id; so no AES-GCM key ever seals more than one message."""
+    master, vid = Secret.generate(), b"v" * 16
+    sealer = VolumeKeys(master, vid).inode(2)
+    base = hkdf(hkdf(master, "object", vid), "inode-base", 2)
+    one = sealer.seal(b"same plaintext", inode_ad(vid, 2, 101))
+    two = sealer.seal(b"same plaintext", inode_ad(vid, 2, 102))
+    key_of = [HKDFExpand(hashes.SHA256(), 32, label("message", b[:24])).derive(base.reveal())
+              for b in (one, two)]
+    assert key_of[0] != key_of[1]
+    with pytest.raises(AuthError):  # object 1's ciphertext under object 2's key
+        sealer.open(two[:24] + one[24:], inode_ad(vid, 2, 101))
+    with pytest.raises(AuthError):
+        sealer.open(one, inode_ad(vid, 2, 102))
+    with pytest.raises(AuthError):
+        Sealer(base).open(one[12:], inode_ad(vid, 2, 101))
+    assert sealer.open(one, inode_ad(vid, 2, 101)) == b"same plaintext"
+
+
+def test_format_1_objects_open_only_on_a_format_1_volume() -> None:
+    """A format-1 object (sealed directly under the inode key) opens through the fallback of a
+    format-1 volume's keys, and is refused by a format-2 volume and by another inode."""
+    master, vid = Secret.generate(), b"v" * 16
+    old = Sealer(hkdf(hkdf(master, "object", vid), "inode", 2)).seal(b"old", b"ad")
+    old_frame = Sealer(hkdf(master, "journal", vid)).seal(b"frame", b"jad")
+    legacy = VolumeKeys(master, vid, legacy=True)
+    assert legacy.inode(2).open(old, b"ad") == legacy.inode(2).open_legacy(old, b"ad") == b"old"
+    assert legacy.journal.open(old_frame, b"jad") == b"frame"
+    with pytest.raises(AuthError):
+        legacy.inode(3).open(old, b"ad")
+    current = VolumeKeys(master, vid)
+    for sealer, blob, ad in ((current.inode(2), old, b"ad"), (current.journal, old_frame, b"jad")):
+        with pytest.raises(AuthError):
+            sealer.open(blob, ad)
+        with pytest.raises(AuthError):
+            sealer.open_legacy(blob, ad)
+    new = legacy.inode(2).seal(b"new", b"ad")  # a format-1 volume writes format 2
+    assert current.inode(2).open(new, b"ad") == b"new"
+    with pytest.raises(AuthError):
+        legacy.inode(2).open_legacy(new, b"ad")

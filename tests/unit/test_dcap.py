@@ -482,7 +482,7 @@ def _pck(sgx: list[int], pce_svn: int = 0) -> PckInfo:
 
 
 def _module(ident: str, *levels: IdentityLevel) -> TdxModuleIdentity:
-    return TdxModuleIdentity(ident, bytes(48), bytes(8), b"\xff" * 8, levels)
+    return TdxModuleIdentity(ident, bytes(48), bytes(8), levels)
 
 
 def _tcb_info(levels: list[TcbLevel], identities: list[TdxModuleIdentity] = ()) -> TcbInfo:
@@ -610,3 +610,118 @@ def test_qe_identity_match(quote: bytes, collateral: Collateral):
         dcap.match_qe(identity, dataclasses.replace(qe, isv_svn=1))
     with pytest.raises(AttestationError, match="MRSIGNER"):
         dcap.match_qe(identity, dataclasses.replace(qe, mr_signer=bytes(32)))
+
+
+# ---------------------------------------------------------------------------- Intel's exact rules
+# Collateral edited here cannot be re-signed (Intel's key), so these feed the parsers and the
+# evaluation functions directly, as verify_quote does once a signature has verified.
+
+
+def _edited(text: str, mutate) -> str:
+    doc = json.loads(text)
+    mutate(doc)
+    return json.dumps(doc)
+
+
+def _level_date(levels: list[dict], value: str) -> None:
+    levels[0]["tcbDate"] = value
+
+
+IMPOSSIBLE_TIMES = ["2025-02-30T00:00:00Z", "2025-01-01T24:00:00Z", "2025-01-01T00:00:60Z",
+                    "0000-01-01T00:00:00Z", "٢٠٢٥-01-01T00:00:00Z"]
+
+
+@pytest.mark.parametrize("value", IMPOSSIBLE_TIMES)
+@pytest.mark.parametrize(
+    ("document", "place"),
+    [
+        ("tcb_info", lambda d, v: d.update(issueDate=v)),
+        ("tcb_info", lambda d, v: d.update(nextUpdate=v)),
+        ("tcb_info", lambda d, v: _level_date(d["tcbLevels"], v)),
+        ("tcb_info", lambda d, v: _level_date(d["tdxModuleIdentities"][1]["tcbLevels"], v)),
+        ("qe_identity", lambda d, v: d.update(issueDate=v)),
+        ("qe_identity", lambda d, v: _level_date(d["tcbLevels"], v)),
+    ],
+)
+def test_impossible_collateral_times_are_format_errors(
+    collateral: Collateral, document: str, place, value: str
+):
+    """Dates that match the pattern but do not exist were a ValueError escaping the parser."""
+    parse = dcap.parse_tcb_info if document == "tcb_info" else dcap.parse_qe_identity
+    text = _edited(getattr(collateral, document), lambda d: place(d, value))
+    with pytest.raises(dcap.CollateralFormatError, match="not a UTC timestamp"):
+        parse(text)
+
+
+def test_qe_levels_are_walked_in_document_order(quote: bytes, collateral: Collateral):
+    """Intel's QVL takes the first QE level the ISVSVN meets, in document order, unsorted."""
+    out_of_order = _edited(collateral.qe_identity, lambda d: d["tcbLevels"].insert(
+        0, {"tcb": {"isvsvn": 2}, "tcbDate": "2023-01-01T00:00:00Z", "tcbStatus": "OutOfDate",
+            "advisoryIDs": ["INTEL-SA-00000"]}))
+    identity = dcap.parse_qe_identity(out_of_order)
+    assert [lv.isv_svn for lv in identity.levels] == [2, 4]
+    qe = parse_quote(quote).certification.qe_report
+    assert qe.isv_svn == 6
+    level = dcap.match_qe(identity, qe)
+    assert (level.status, level.advisory_ids) == ("OutOfDate", ("INTEL-SA-00000",))
+    info = dcap.parse_tcb_info(collateral.tcb_info)
+    report = parse_quote(quote).report
+    pck = dcap.parse_pck_extension(
+        x509.load_pem_x509_certificates(parse_quote(quote).certification.pck_chain_pem[:-1])[0])
+    verdict = dcap.evaluate_tcb(info, pck, report, dcap.match_module(info, report), level)
+    assert (verdict.status, verdict.qe_status) == ("OutOfDate", "OutOfDate")
+
+
+def _swap_first_two(levels: list) -> None:
+    levels[0], levels[1] = levels[1], levels[0]
+
+
+def _module_levels(d: dict) -> list:
+    return next(m for m in d["tdxModuleIdentities"] if m["id"] == "TDX_01")["tcbLevels"]
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda d: _swap_first_two(d["tcbLevels"]), "TCB info tcbLevels are not ordered best"),
+        (lambda d: d["tcbLevels"].append(d["tcbLevels"][0]), "TCB info has duplicated"),
+        # Same components, another status: still the same level to Intel's QVL.
+        (lambda d: d["tcbLevels"].append({**d["tcbLevels"][0], "tcbStatus": "OutOfDate"}),
+         "TCB info has duplicated"),
+        (lambda d: d["tcbLevels"][1].pop("tcbDate"), "lacks tcbDate"),
+        (lambda d: _swap_first_two(_module_levels(d)), "TDX module TDX_01 tcbLevels are not"),
+        (lambda d: _module_levels(d).append(_module_levels(d)[0]), "TDX_01 has duplicated"),
+        (lambda d: _module_levels(d)[0].pop("tcbDate"), "lacks tcbDate"),
+    ],
+)
+def test_tcb_levels_intel_refuses_are_refused(collateral: Collateral, mutate, message: str):
+    with pytest.raises(dcap.CollateralFormatError, match=message):
+        dcap.parse_tcb_info(_edited(collateral.tcb_info, mutate))
+
+
+def test_qe_level_without_tcb_date_is_refused(collateral: Collateral):
+    text = _edited(collateral.qe_identity, lambda d: d["tcbLevels"][0].pop("tcbDate"))
+    with pytest.raises(dcap.CollateralFormatError, match="lacks tcbDate"):
+        dcap.parse_qe_identity(text)
+
+
+@pytest.mark.parametrize(
+    ("seam", "identity_attributes", "mask"),
+    [("0100000000000000", "0100000000000000", "FFFFFFFFFFFFFFFF"),
+     ("0000000000000080", "0000000000000000", "0000000000000000"),
+     ("0000000000000000", "0100000000000000", "0000000000000000")],
+)
+def test_seam_attributes_must_be_zero_whatever_the_identity_says(
+    quote: bytes, collateral: Collateral, seam: str, identity_attributes: str, mask: str
+):
+    """Intel's QVL wants SEAMATTRIBUTES zero and equal to the identity's, unmasked: an identity
+    naming non-zero attributes does not make them acceptable."""
+
+    def edit(d: dict) -> None:
+        for module in [d["tdxModule"], *d["tdxModuleIdentities"]]:
+            module.update(attributesMask=mask, attributes=identity_attributes)
+
+    info = dcap.parse_tcb_info(_edited(collateral.tcb_info, edit))
+    report = dataclasses.replace(parse_quote(quote).report, seam_attributes=bytes.fromhex(seam))
+    with pytest.raises(AttestationError, match="SEAMATTRIBUTES"):
+        dcap.match_module(info, report)

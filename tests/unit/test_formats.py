@@ -2,24 +2,41 @@
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 
+import lz4.block
 import pytest
 
 from sealfs.codec import (
+    CODEC_KEYED,
+    CODEC_LZ4,
     Checkpoint,
     CodecError,
     Commit,
     block_ad,
+    checkpoint_ad,
     frame,
     frames_after,
     open_block,
+    open_checkpoint,
     seal_block,
+    seal_checkpoint,
     split_frames,
 )
-from sealfs.crypto import AuthError, Sealer, Secret
+from sealfs.crypto import (
+    SEAL_OVERHEAD,
+    AuthError,
+    ObjectSealer,
+    Sealer,
+    Secret,
+    VolumeKeys,
+    hkdf,
+)
+from sealfs.errors import FormatError, IntegrityError
 from sealfs.fs.inode import Entries, Inode, RecordError
+from sealfs.volume.header import Header, KeyFileCredential, new_header
 
 
 def test_file_record_roundtrip() -> None:
@@ -136,7 +153,7 @@ def test_split_frames_stops_at_torn_tail() -> None:
 
 @pytest.mark.parametrize("compress", [False, True])
 def test_block_binding(compress: bool) -> None:
-    sealer = Sealer(Secret.generate())
+    sealer = ObjectSealer(Secret.generate())
     vid = b"v" * 16
     data = b"hello world " * 1000
     blob = seal_block(sealer, block_ad(vid, 2, 0, 77), data, compress)
@@ -150,10 +167,65 @@ def test_block_binding(compress: bool) -> None:
 
 
 def test_incompressible_blocks_stored_raw() -> None:
-    sealer = Sealer(Secret.generate())
+    sealer = ObjectSealer(Secret.generate())
     data = os.urandom(4096)
     blob = seal_block(sealer, b"ad", data, True)
-    assert len(blob) == len(data) + 1 + 28
+    assert len(blob) == len(data) + 1 + SEAL_OVERHEAD
+
+
+def test_format_1_blocks_and_checkpoints_open_only_on_format_1_volumes() -> None:
+    """Format-1 blocks (codec byte 0/1) and checkpoints (version 1) were sealed directly under
+    the inode and journal keys: they open with a format-1 volume's keys, a format-2 volume
+    refuses them, and every block and checkpoint written now is format 2."""
+    master, vid, data = Secret.generate(), b"v" * 16, b"old block " * 300
+    old_inode = Sealer(hkdf(hkdf(master, "object", vid), "inode", 2))
+    ad = block_ad(vid, 2, 0, 77)
+    old_blocks = [b"\x00" + old_inode.seal(data, ad + b"\x00"),
+                  b"\x01" + old_inode.seal(lz4.block.compress(data, store_size=True),
+                                          ad + b"\x01")]
+    cp = Checkpoint(1, 3, 9, b"h" * 32, {1: 2})
+    old_cp = b"SFCK\x01" + Sealer(hkdf(master, "journal", vid)).seal(
+        cp.encode(), checkpoint_ad(vid, 1))
+    legacy, current = VolumeKeys(master, vid, legacy=True), VolumeKeys(master, vid)
+    for blob in old_blocks:
+        assert open_block(legacy.inode(2), ad, blob, 4096) == data
+        with pytest.raises(AuthError):
+            open_block(current.inode(2), ad, blob, 4096)
+    assert open_checkpoint(legacy.journal, vid, old_cp) == cp
+    with pytest.raises(AuthError):
+        open_checkpoint(current.journal, vid, old_cp)
+    new_cp = seal_checkpoint(legacy.journal, vid, cp)
+    assert new_cp[4] == 2 and open_checkpoint(current.journal, vid, new_cp) == cp
+    for compress in (False, True):
+        new = seal_block(legacy.inode(2), ad, data, compress)
+        assert new[0] & 2 and open_block(current.inode(2), ad, new, 4096) == data
+
+
+def test_the_header_format_fields_are_authenticated() -> None:
+    """A host cannot switch a volume between formats: ``format_version`` and
+    ``format1_objects`` are under the header MAC, and a malformed flag is refused."""
+    cred = KeyFileCredential(Secret.generate(64))
+    header, master = new_header(4096, "none")
+    header.add_slot(master, cred)
+    assert Header.from_bytes(header.to_bytes()).unlock(cred) == master
+    upgraded, _ = new_header(4096, "none")
+    upgraded.format_version = 1
+    upgraded.add_slot(master, cred)
+    upgraded.upgrade_format_1(upgraded.volume_keys(master))
+    assert Header.from_bytes(upgraded.to_bytes()).unlock(cred) == master
+    for doc, edit in ((header, {"format_version": 1}), (header, {"format1_objects": True}),
+                      (upgraded, {"format_version": 1, "format1_objects": False})):
+        forged = json.loads(doc.to_bytes())
+        forged.update(edit)
+        if forged.get("format1_objects") is False:
+            del forged["format1_objects"]  # how a format-1 header looks
+        with pytest.raises(IntegrityError):
+            Header.from_bytes(json.dumps(forged).encode()).unlock(cred)
+    for bad in ("yes", 1):
+        forged = json.loads(upgraded.to_bytes())
+        forged["format1_objects"] = bad
+        with pytest.raises(FormatError):
+            Header.from_bytes(json.dumps(forged).encode())
 
 
 def test_lz4_declared_size_is_bounded_before_decompressing() -> None:
@@ -162,11 +234,10 @@ def test_lz4_declared_size_is_bounded_before_decompressing() -> None:
     import struct
     import tracemalloc
 
-    import lz4.block
-
-    sealer = Sealer(Secret.generate())
+    sealer = ObjectSealer(Secret.generate())
     body = struct.pack("<I", 256 << 20) + lz4.block.compress(b"x" * 4096, store_size=False)
-    blob = bytes([1]) + sealer.seal(body, b"ad" + bytes([1]))
+    codec = bytes([CODEC_LZ4 | CODEC_KEYED])
+    blob = codec + sealer.seal(body, b"ad" + codec)
     tracemalloc.start()
     try:
         with pytest.raises(CodecError, match="declares more than the volume block size"):
