@@ -229,10 +229,11 @@ class KdfParams:
     @classmethod
     def from_dict(cls, d: dict[str, object]) -> KdfParams:
         try:
+            costs = {k: d[k] for k in ("memory_kib", "iterations", "lanes")}
+            if any(type(v) is not int for v in costs.values()):  # 1e400, "8", true: refused
+                raise ValueError("costs must be integers")
             params = cls(name=str(d["name"]), salt=bytes.fromhex(str(d["salt"])),
-                         memory_kib=int(d["memory_kib"]),  # type: ignore[call-overload]
-                         iterations=int(d["iterations"]),  # type: ignore[call-overload]
-                         lanes=int(d["lanes"]))  # type: ignore[call-overload]
+                         **costs)  # type: ignore[arg-type]
         except (KeyError, TypeError, ValueError) as e:
             raise UsageError(f"malformed KDF parameters: {e}") from None
         params.validate()

@@ -298,3 +298,29 @@ def unmount(vol: Volume, timeout: float = 60.0) -> None:
 def force_unmount(vol: Volume) -> None:
     if is_mounted(vol.mnt):
         subprocess.run(["fusermount3", "-u", "-z", str(vol.mnt)], capture_output=True)
+
+
+#: What a hostile host can put where sealfs expects one of its files (see :func:`plant`).
+PLANTED_KINDS = ("symlink", "fifo", "dir", "sparse")
+SPARSE_SIZE = 1 << 30  # a 1 GiB file that takes no disk space: memory must stay flat
+
+
+def plant(path: Path, kind: str, target: Path | None = None) -> None:
+    """Replace whatever is at ``path`` by a symlink to ``target``, a FIFO, an empty directory
+    or a 1 GiB sparse file."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+    if kind == "symlink":
+        assert target is not None
+        path.symlink_to(target)
+    elif kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "dir":
+        path.mkdir()
+    else:
+        assert kind == "sparse", kind
+        with open(path, "wb"):
+            pass
+        os.truncate(path, SPARSE_SIZE)

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,6 +29,38 @@ def sealfs(*args: str, check: bool = True, input: bytes | None = None,
         raise AssertionError(f"sealfs {' '.join(args)} failed ({res.returncode}): "
                              f"{res.stderr.strip()}")
     return res
+
+
+@dataclass
+class Measured:
+    returncode: int
+    stdout: str
+    stderr: str
+    max_rss_mib: float  # peak resident memory of the process (and the children it reaped)
+
+
+def sealfs_measured(*args: str, timeout: float = 120) -> Measured:
+    """Run the real command line and measure its peak memory (wait4's ru_maxrss, which takes
+    in the children it reaped): a bound on what it allocated, whatever the machine's speed.
+    A command still running after ``timeout`` (hung on a FIFO, say) is killed and fails."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen([*SEALFS, *args], stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=err, cwd=REPO)
+        deadline = time.monotonic() + timeout
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.monotonic() > deadline:
+                proc.kill()
+                os.wait4(proc.pid, 0)
+                raise AssertionError(f"sealfs {' '.join(args)} did not finish (hung?)")
+            time.sleep(0.05)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        return Measured(proc.returncode, out.read().decode(), err.read().decode(),
+                        usage.ru_maxrss / 1024)
 
 
 @dataclass

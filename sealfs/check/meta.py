@@ -8,13 +8,18 @@ does), preceded by a few cheap probes that tell *missing* from *truncated* from 
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from sealfs.codec import CodecError, open_checkpoint
+from sealfs.codec import CHECKPOINT_MAX, CodecError, open_checkpoint
 from sealfs.crypto import AEAD_OVERHEAD, SEAL_OVERHEAD, AuthError, VolumeKeys
 from sealfs.errors import IntegrityError
 from sealfs.fs.metalog import MetaLog, MetaState
-from sealfs.store import CHECKPOINT_NAME, HEADER_NAME, MissingObject, ObjectStore, journal_name
+from sealfs.store import (
+    CHECKPOINT_NAME,
+    HEADER_NAME,
+    DamagedFile,
+    MissingObject,
+    ObjectStore,
+    journal_name,
+)
 from sealfs.volume.header import Header
 
 from .report import ADVICE, Finding, Report
@@ -51,10 +56,14 @@ def load_metadata(store: ObjectStore, keys: VolumeKeys, report: Report
     """Replay checkpoint + journal read-only; on failure add one finding and return None."""
     vid = keys.volume_id
     try:
-        blob = store.read_file(CHECKPOINT_NAME)
+        blob = store.read_file(CHECKPOINT_NAME, CHECKPOINT_MAX)
     except MissingObject:
         report.add(Finding("missing", None, "checkpoint", CHECKPOINT_NAME,
                            "the metadata checkpoint is missing", ADVICE["volume"]))
+        return None
+    except DamagedFile as e:
+        report.add(Finding("tampered", None, "checkpoint", CHECKPOINT_NAME, str(e),
+                           ADVICE["volume"]))
         return None
     try:
         cp = open_checkpoint(keys.journal, vid, blob)
@@ -115,12 +124,13 @@ def check_anchor(state: MetaState, anchor: tuple[int, bytes] | None, report: Rep
                             "advances the anchor")
 
 
-def stale_files(root: Path, gen: int) -> list[str]:
+def stale_files(store: ObjectStore, gen: int) -> list[str]:
     """Leftovers of an interrupted checkpoint rollover: older journal generations and a
-    temporary checkpoint. Harmless; repair deletes them."""
+    temporary checkpoint (or anything planted under those names but a directory, which repair
+    could not unlink). Harmless; repair deletes them."""
     out = []
-    for p in sorted(root.iterdir()):
-        old_journal = p.name.startswith("journal.") and p.name != journal_name(gen)
-        if old_journal or p.name == f".{CHECKPOINT_NAME}.tmp":
-            out.append(p.name)
+    for name in store.names(dirs=False):
+        old_journal = name.startswith("journal.") and name != journal_name(gen)
+        if old_journal or name == f".{CHECKPOINT_NAME}.tmp":
+            out.append(name)
     return out

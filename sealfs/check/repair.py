@@ -39,7 +39,7 @@ from typing import Any
 
 import trio
 
-from sealfs.codec import block_ad, inode_ad, open_block
+from sealfs.codec import RECORD_OBJECT_MAX, block_ad, block_object_max, inode_ad, open_block
 from sealfs.crypto import Secret
 from sealfs.fs.core import Filesystem
 from sealfs.fs.inode import ROOT_INO, Inode
@@ -193,10 +193,10 @@ async def _heal(fs: Filesystem, store: ObjectStore, plan: Plan) -> None:
     blocks = []
     for ino, idx, own_oid, src_oid in plan.heal_blocks:
         data = open_block(keys.inode(ino), block_ad(vid, ino, idx, own_oid),
-                          store.get(src_oid), bs)
+                          store.get(src_oid, block_object_max(bs)), bs)
         blocks.append((ino, idx, data))
     for ino, _src_ino, src_oid in plan.heal_records:
-        plain = keys.inode(ino).open(store.get(src_oid), inode_ad(vid, ino, fs.table[ino]))
+        plain = keys.inode(ino).open(store.get(src_oid, RECORD_OBJECT_MAX), inode_ad(vid, ino, fs.table[ino]))
         fs.nodes[ino] = Inode.from_record(ino, plain)
         fs.mark(fs.nodes[ino])
     for ino, idx, data in blocks:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 
-from sealfs.codec import CODEC_LZ4, block_overhead
+from sealfs.codec import CODEC_LZ4, RECORD_OBJECT_MAX, block_object_max, block_overhead
 from sealfs.crypto import Secret
 from sealfs.errors import BusyError, IntegrityError
 from sealfs.fs.inode import ROOT_INO, Inode
@@ -137,7 +137,7 @@ def check_volume(store: ObjectStore, header: Header, master: Secret,
                            ADVICE["orphaned-kept" if keep else "orphaned"], corrupt=False,
                            oid=oid))
     if whole:
-        result.stale = stale_files(store.root, state.gen)
+        result.stale = stale_files(store, state.gen)
         for name in result.stale:
             report.add(Finding("orphaned", None, "file", name,
                                "left over from an interrupted checkpoint", ADVICE["orphaned"],
@@ -158,7 +158,7 @@ def _classify_record(store: ObjectStore, tree: Tree, fail, prober: Prober,  # ty
     if fail.reason != "auth" or finding.kind == "truncated":
         return finding
     try:
-        blob = store.get(fail.oid)
+        blob = store.get(fail.oid, RECORD_OBJECT_MAX)
     except Exception:  # noqa: BLE001 - vanished meanwhile: keep the first classification
         return finding
     others = [(i, o) for i, o in tree.table.items() if i != fail.ino]
@@ -195,12 +195,14 @@ def _classify_block(store: ObjectStore, tree: Tree, fail: BlockFailure, prober: 
         return make("missing", "the block object is missing")
     if fail.reason in ("io", "decode"):
         return make("unreadable", fail.message)
+    if fail.reason == "damaged":
+        return make("tampered", fail.message)
     assert fail.size is not None
     overhead = block_overhead(fail.codec)
     if fail.size < overhead:
         return make("truncated", f"the block object is only {fail.size} bytes")
     try:
-        blob = store.get(fail.oid)
+        blob = store.get(fail.oid, block_object_max(prober.block_size))
     except Exception:  # noqa: BLE001
         blob = b""
     node = tree.nodes[fail.ino]

@@ -17,9 +17,9 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 
-from sealfs.codec import CodecError, block_ad, open_block
+from sealfs.codec import CodecError, block_ad, block_object_max, open_block
 from sealfs.crypto import AuthError, VolumeKeys
-from sealfs.store import MissingObject, ObjectStore, StorageError
+from sealfs.store import DamagedFile, MissingObject, ObjectStore, StorageError
 
 #: (inode, block index, object id, expected plaintext length at that position)
 Job = tuple[int, int, int, int]
@@ -35,7 +35,7 @@ class BlockFailure:
     index: int
     oid: int
     expected: int
-    reason: str  # "missing", "auth", "decode", "io"
+    reason: str  # "missing", "damaged" (not a plausible file), "auth", "decode", "io"
     size: int | None
     codec: int | None
     message: str
@@ -54,10 +54,13 @@ def _verify_chunk(jobs: list[Job]) -> tuple[int, int, list[BlockFailure]]:
     failures = []
     for ino, idx, oid, expected in jobs:
         try:
-            blob = store.get(oid)
+            blob = store.get(oid, block_object_max(bs))
         except MissingObject:
             failures.append(BlockFailure(ino, idx, oid, expected, "missing", None, None,
                                          "the block object is missing"))
+            continue
+        except DamagedFile as e:
+            failures.append(BlockFailure(ino, idx, oid, expected, "damaged", None, None, str(e)))
             continue
         except StorageError as e:
             failures.append(BlockFailure(ino, idx, oid, expected, "io", None, None, str(e)))

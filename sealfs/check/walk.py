@@ -12,12 +12,12 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from sealfs.codec import inode_ad
+from sealfs.codec import RECORD_OBJECT_MAX, inode_ad
 from sealfs.crypto import SEAL_OVERHEAD, AuthError, VolumeKeys
 from sealfs.errors import UsageError
 from sealfs.fs.inode import ROOT_INO, Inode, RecordError
 from sealfs.fs.metalog import MetaState
-from sealfs.store import MissingObject, ObjectStore, StorageError
+from sealfs.store import DamagedFile, MissingObject, ObjectStore, StorageError
 
 from .report import ADVICE, Finding, Report
 
@@ -28,7 +28,7 @@ class RecordFailure:
 
     ino: int
     oid: int
-    reason: str  # "missing", "auth", "decode"
+    reason: str  # "missing", "damaged" (not a plausible file), "auth", "decode", "io"
     size: int | None
     message: str
 
@@ -81,9 +81,11 @@ class Walker:
     def _load(self, ino: int) -> Inode | RecordFailure:
         oid = self.tree.table[ino]
         try:
-            blob = self.store.get(oid)
+            blob = self.store.get(oid, RECORD_OBJECT_MAX)
         except MissingObject:
             return RecordFailure(ino, oid, "missing", None, "the record object is missing")
+        except DamagedFile as e:
+            return RecordFailure(ino, oid, "damaged", None, str(e))
         except StorageError as e:
             return RecordFailure(ino, oid, "io", None, str(e))
         try:
@@ -212,6 +214,8 @@ def record_finding(tree: Tree, fail: RecordFailure, store: ObjectStore) -> Findi
     path = tree.path(fail.ino)
     if fail.reason == "missing":
         kind, detail = "missing", "the inode record object is missing"
+    elif fail.reason == "damaged":
+        kind, detail = "tampered", str(fail.message)
     elif fail.reason == "io":
         kind, detail = "unreadable", f"the inode record cannot be read: {fail.message}"
     elif fail.reason == "decode":

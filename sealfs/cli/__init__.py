@@ -7,7 +7,9 @@ library below it raises and returns, never prints.
 
 from __future__ import annotations
 
+import ctypes
 import importlib
+import resource
 
 import click
 
@@ -58,3 +60,17 @@ def main() -> None:
     header, 5 integrity violation found, 6 busy, 7 storage failure, 8 KMS, 9 attestation,
     10 LUKS.
     """
+    forbid_core_dumps()
+
+
+PR_SET_DUMPABLE = 4
+
+
+def forbid_core_dumps() -> None:
+    """Keep keys out of core files and away from same-user debuggers: every sealfs process
+    (mount daemon, check, KMS, ...) may hold a master or root key in memory. Done first thing,
+    before any credential is read. Forked children (check workers) inherit both; exec resets
+    the dumpable flag, so the mount daemon, itself ``sealfs mount``, sets it again here."""
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE, 0) failed")

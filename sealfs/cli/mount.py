@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import TextIO
 
 import click
 
@@ -85,8 +86,7 @@ def mount(backing_dir: str, mountpoint: str, cred: Credential, foreground: bool,
 def _setup_logging(log_file: str | None, debug: bool) -> None:
     handler: logging.Handler
     if log_file:
-        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(log_file)
+        handler = logging.StreamHandler(_private_log(Path(log_file)))
     else:
         handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -94,6 +94,18 @@ def _setup_logging(log_file: str | None, debug: bool) -> None:
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if debug else logging.INFO)
     logging.getLogger("pyfuse3").setLevel(logging.WARNING)
+
+
+def _private_log(path: Path) -> TextIO:
+    """Open the daemon log for appending, readable by its owner only: it names plaintext paths
+    (integrity failures). A directory sealfs creates for it is 0700."""
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        os.fchmod(fd, 0o600)  # an older log may have been created more open
+    except OSError as e:
+        raise UsageError(f"cannot open the log file {path}: {e.strerror}") from None
+    return os.fdopen(fd, "a", buffering=1)
 
 
 def _report(fd: int, message: dict[str, object]) -> None:

@@ -27,6 +27,7 @@ from typing import TypeVar
 import trio
 
 from sealfs.codec import (
+    RECORD_OBJECT_MAX,
     Commit,
     inode_ad,
     new_object_id,
@@ -36,7 +37,7 @@ from sealfs.errors import KmsError, StorageError
 from sealfs.fs.data import Damaged, DataPath, FsError
 from sealfs.fs.inode import ROOT_INO, Inode, RecordError
 from sealfs.fs.metalog import MetaLog, MetaState
-from sealfs.store import HEADER_NAME, MissingObject, ObjectStore
+from sealfs.store import HEADER_NAME, JOURNAL_MAX, DamagedFile, MissingObject, ObjectStore
 from sealfs.volume.anchor import KmsAnchor, RollbackError, verify_fresh
 from sealfs.volume.header import Header
 
@@ -224,11 +225,11 @@ class Filesystem:
         ad = inode_ad(self.vid, ino, oid)
 
         def load() -> Inode:
-            return Inode.from_record(ino, sealer.open(self.store.get(oid), ad))
+            return Inode.from_record(ino, sealer.open(self.store.get(oid, RECORD_OBJECT_MAX), ad))
 
         try:
             loaded = await self._io(load)
-        except (AuthError, RecordError, MissingObject) as e:
+        except (AuthError, RecordError, MissingObject, DamagedFile) as e:
             path = self._child_path(*hint) if hint else self.path_of(ino)
             reason = "missing" if isinstance(e, MissingObject) else str(e)
             damage = Damaged(path, "metadata", oid, reason)
@@ -254,9 +255,9 @@ class Filesystem:
         def load(batch: list[tuple[int, int]]) -> list[Inode]:
             out = []
             for ino, oid in batch:
-                with contextlib.suppress(AuthError, RecordError, MissingObject):
+                with contextlib.suppress(AuthError, RecordError, MissingObject, DamagedFile):
                     out.append(Inode.from_record(ino, sealers[ino].open(
-                        self.store.get(oid), inode_ad(self.vid, ino, oid))))
+                        self.store.get(oid, RECORD_OBJECT_MAX), inode_ad(self.vid, ino, oid))))
             return out
 
         for node in await self._io_halves(load, wanted):
@@ -670,7 +671,8 @@ class Filesystem:
         at mount) have grown large. Superseded carried objects cost nothing: a journal of
         fsync'ed appends, whose carried tails replace each other, can grow to ``journal_max``."""
         limits, journal = self.limits, self.metalog.journal_length
-        if journal <= max(limits.checkpoint_min_journal, 4 * self.metalog.checkpoint_size):
+        relative = min(4 * self.metalog.checkpoint_size, JOURNAL_MAX // 2)  # the reader's cap
+        if journal <= max(limits.checkpoint_min_journal, relative):
             return False
         return self.store.carried_bytes > limits.carried_in_memory or \
             journal > limits.journal_max

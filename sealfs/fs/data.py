@@ -37,11 +37,19 @@ from typing import Any
 
 import trio
 
-from sealfs.codec import CodecError, block_ad, new_object_id, open_block, seal_block
+from sealfs.codec import (
+    MAX_FILE_BLOCKS,
+    CodecError,
+    block_ad,
+    block_object_max,
+    new_object_id,
+    open_block,
+    seal_block,
+)
 from sealfs.crypto import AuthError, VolumeKeys
 from sealfs.errors import IntegrityError, StorageError
 from sealfs.fs.inode import Inode
-from sealfs.store import MissingObject, ObjectStore
+from sealfs.store import DamagedFile, MissingObject, ObjectStore
 
 log = logging.getLogger("sealfs.fs")
 
@@ -219,8 +227,9 @@ class DataPath:
         for idx, oid in wanted:
             try:
                 res.append((idx, oid, open_block(sealer, block_ad(self.vid, ino, idx, oid),
-                                                 self.store.get(oid), self.block_size)))
-            except (AuthError, CodecError, MissingObject) as e:
+                                                 self.store.get(oid, block_object_max(self.block_size)),
+                                                 self.block_size)))
+            except (AuthError, CodecError, MissingObject, DamagedFile) as e:
                 res.append((idx, oid, e))
         return res
 
@@ -259,6 +268,8 @@ class DataPath:
             return 0
         self._raise_pending(node)
         end = off + len(buf)
+        if end > MAX_FILE_BLOCKS * self.block_size:  # its record would exceed what is read
+            raise FsError(errno.EFBIG)
         lock = self.lock(node)
         if not lock.locked():
             # Fast path (appends, small writes): no data operation on this node is under way

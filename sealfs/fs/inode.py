@@ -14,6 +14,8 @@ from bisect import bisect_right
 from collections.abc import Iterator
 from typing import Any
 
+from sealfs.errors import IntegrityError
+
 RECORD_VERSION = 2  # 2 added inline data; version 1 records are still read
 ROOT_INO = 1
 
@@ -24,7 +26,7 @@ _U64 = struct.Struct(">Q")
 _PAIR = struct.Struct(">QQ")
 
 
-class RecordError(ValueError):
+class RecordError(IntegrityError, ValueError):
     """An authenticated record that does not parse: a bug or an unsupported version."""
 
 

@@ -26,7 +26,9 @@ import logging
 from dataclasses import dataclass, field
 
 from sealfs.codec import (
+    CHECKPOINT_MAX,
     FRAME_HEADER,
+    RECORD_OBJECT_MAX,
     Checkpoint,
     CodecError,
     Commit,
@@ -41,11 +43,14 @@ from sealfs.codec import (
 from sealfs.crypto import AuthError, VolumeKeys
 from sealfs.errors import IntegrityError
 from sealfs.fs.inode import Inode, RecordError
-from sealfs.store import CHECKPOINT_NAME, JournalFile, MissingObject, ObjectStore
+from sealfs.store import CHECKPOINT_NAME, DamagedFile, JournalFile, MissingObject, ObjectStore
 
 log = logging.getLogger(__name__)
 
 ZERO_HEAD = bytes(32)
+#: After a bad frame header, the search for a later commit decrypts at most this many times
+#: the bytes that follow it (docs/format.md, crash rule 5).
+TORN_SEARCH_FACTOR = 2
 
 
 @dataclass
@@ -91,7 +96,7 @@ class MetaLog:
         """
         vid = self.keys.volume_id
         try:
-            blob = self.store.read_file(CHECKPOINT_NAME)
+            blob = self.store.read_file(CHECKPOINT_NAME, CHECKPOINT_MAX)
         except MissingObject:
             raise IntegrityError("the metadata checkpoint is missing from the backing "
                                  "directory") from None
@@ -157,10 +162,10 @@ class MetaLog:
         for ino in owners:
             oid = table[ino]
             try:
-                blob = carried[oid][1] if oid in carried else self.store.get(oid)
+                blob = carried[oid][1] if oid in carried else self.store.get(oid, RECORD_OBJECT_MAX)
                 node = Inode.from_record(ino, self.keys.inode(ino).open(
                     blob, inode_ad(self.keys.volume_id, ino, oid)))
-            except (AuthError, RecordError, MissingObject):
+            except (AuthError, RecordError, MissingObject, DamagedFile):
                 live.update(o for o, (i, _) in carried.items() if i == ino)
                 continue
             live.update(node.blocks.values())
@@ -168,9 +173,22 @@ class MetaLog:
 
     def _check_torn(self, data: bytes, offset: int, state: MetaState) -> None:
         """A frame header with a wrong checksum at ``offset``: stale bytes after a crash are
-        harmless, but if a genuine later commit follows, the journal was damaged."""
+        harmless, but if a genuine later commit follows, the journal was damaged.
+
+        Every well-formed candidate frame is decrypted, so the search is bounded in bytes:
+        what a crash or a damaged journal leaves are frames that do not overlap (old frames,
+        ciphertext), whose lengths add up to at most the bytes after ``offset``. Candidates
+        that together need more than :data:`TORN_SEARCH_FACTOR` times that overlap, which only
+        crafted bytes do (to make the check quadratic); they count as damage.
+        """
         vid, later = self.keys.volume_id, state.seq + 2
+        budget = TORN_SEARCH_FACTOR * (len(data) - offset)
         for pos, sealed in frames_after(data, offset):
+            budget -= len(sealed)
+            if budget < 0:
+                raise IntegrityError(f"metadata journal record {state.seq + 1} is damaged (bad "
+                                     f"frame header at offset {offset}, followed by "
+                                     "overlapping frame headers)")
             try:
                 self.keys.journal.open(sealed, journal_ad(vid, state.gen, later))
             except AuthError:

@@ -90,7 +90,7 @@ async def _serve(fs: Filesystem, mp: Path, backing: Path, allow_other: bool,
         raise BusyError(f"cannot mount on {mp}: {e}") from None
     record = runtime_file(mp)
     try:
-        RUN_DIR.mkdir(parents=True, exist_ok=True)
+        RUN_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
         record.write_text(json.dumps({"pid": os.getpid(), "mountpoint": str(mp),
                                       "backing": str(Path(backing).absolute())}))
     except OSError as e:

@@ -51,6 +51,7 @@ import urllib.parse
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+from sealfs import strict_json
 from sealfs.attest.eventlog import (
     EVENT_KEY_PROVIDER,
     RuntimeEvent,
@@ -270,7 +271,7 @@ class KmsClient:
         if len(raw) > MAX_RESPONSE_BYTES:
             raise KmsError("KMS answer too large")
         try:
-            payload = json.loads(raw)
+            payload = strict_json.loads(raw)  # the network is the host's: bounded depth
             if not isinstance(payload, dict):
                 raise ValueError
         except ValueError:

@@ -27,8 +27,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from sealfs import strict_json
 from sealfs.crypto import label
-from sealfs.strict_json import reject_duplicates
 
 PROTOCOL_VERSION = 1
 NONCE_SIZE = 32
@@ -78,10 +78,11 @@ def bad_request(message: str) -> ProtocolError:
 # --- field parsing ---------------------------------------------------------------------------
 
 def parse_json_object(body: bytes) -> dict[str, Any]:
-    """Strict JSON: UTF-8, one object, no duplicate keys, bounded nesting."""
+    """Strict JSON (:func:`sealfs.strict_json.loads`): UTF-8, one object, no duplicate keys,
+    no NaN, bounded nesting."""
     try:
-        value = json.loads(body.decode("utf-8"), object_pairs_hook=reject_duplicates)
-    except (UnicodeDecodeError, ValueError, RecursionError):
+        value = strict_json.loads(body)
+    except ValueError:  # UnicodeDecodeError and too deep nesting included
         raise bad_request("body is not valid JSON") from None
     if not isinstance(value, dict):
         raise bad_request("body must be a JSON object")
@@ -251,7 +252,7 @@ def key_provider_payload(kms_public_key: bytes) -> bytes:
 def parse_key_provider(payload: bytes) -> bytes | None:
     """The KMS public key named by a ``key-provider`` event, or None if it names another."""
     try:
-        obj = json.loads(payload)
+        obj = strict_json.loads(payload)
         if obj.get("name") != KEY_PROVIDER_NAME:
             return None
         key = bytes.fromhex(obj["id"])

@@ -26,6 +26,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from sealfs import strict_json
 from sealfs.errors import IntegrityError, LuksError, StorageError
 
 STATE_BLOCK = 4096
@@ -64,7 +65,7 @@ class StateRecord:
         if hashlib.sha256(block[:end]).digest() != block[end : end + 32]:
             return None
         try:
-            data: dict[str, Any] = json.loads(block[len(MAGIC) + 4 : end])
+            data: dict[str, Any] = strict_json.loads(block[len(MAGIC) + 4 : end])
             return cls(**data)
         except (ValueError, TypeError):
             return None

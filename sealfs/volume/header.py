@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sealfs import strict_json
 from sealfs.crypto import (
     AuthError,
     KdfParams,
@@ -33,8 +34,9 @@ from sealfs.crypto import (
     unwrap_key,
     wrap_key,
 )
-from sealfs.errors import FormatError, IntegrityError, UnlockError, UsageError
-from sealfs.store import HEADER_NAME
+from sealfs.errors import FormatError, IntegrityError, SealfsError, UnlockError, UsageError
+from sealfs.kms.protocol import MAX_KEY_VERSION
+from sealfs.store import HEADER_NAME, MissingObject, ObjectStore
 
 MAGIC = "sealfs-volume"
 #: 2: every object sealed with a key per message. 1: single keys; still read, and made 2 with
@@ -44,6 +46,8 @@ CIPHER = "AES-256-GCM"
 MIN_BLOCK, MAX_BLOCK = 4096, 4 * 1024 * 1024
 MAX_HEADER_BYTES = 1 << 20
 KEYFILE_MIN_BYTES = 32
+MAX_SLOT_ID = 2**32 - 1
+MAX_HEADER_INT = 2**63 - 1  # block size and creation time: what a u64 label part can carry
 
 
 # --- credentials -----------------------------------------------------------------------------
@@ -165,15 +169,23 @@ class Slot:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Slot:
+    def from_dict(cls, d: Any) -> Slot:
+        """Parse one slot of an unauthenticated header: every field of the exact JSON type and
+        range the format allows (ValueError otherwise), so that nothing odd reaches the key
+        derivation (a slot id of -1 cannot be encoded into the slot's associated data)."""
+        if not isinstance(d, dict) or not isinstance(d.get("type"), str):
+            raise ValueError("malformed key slot")
+        if not strict_json.integer_in(d.get("id"), 0, MAX_SLOT_ID):
+            raise ValueError(f"key slot id must be an integer in [0, {MAX_SLOT_ID}]")
         kdf = KdfParams.from_dict(d["kdf"]) if "kdf" in d else None
         kms = d.get("kms")
         if kms is not None and not (
                 isinstance(kms, dict) and isinstance(kms.get("url"), str)
-                and isinstance(kms.get("app_id"), str) and isinstance(kms.get("key_version"), int)
+                and isinstance(kms.get("app_id"), str)
+                and strict_json.integer_in(kms.get("key_version"), 1, MAX_KEY_VERSION)
                 and isinstance(kms.get("kms_public_key"), str)):
             raise ValueError("malformed kms slot")
-        return cls(int(d["id"]), str(d["type"]), bytes.fromhex(d["wrapped"]),
+        return cls(d["id"], d["type"], bytes.fromhex(d["wrapped"]),
                    bytes.fromhex(d.get("salt", "")), kdf, kms)
 
     def public_info(self) -> dict[str, Any]:
@@ -246,8 +258,8 @@ class Header:
         if len(data) > MAX_HEADER_BYTES:
             raise FormatError("volume header is implausibly large")
         try:
-            doc = json.loads(data)
-        except (ValueError, UnicodeDecodeError):
+            doc = strict_json.loads(data)
+        except ValueError:  # UnicodeDecodeError, duplicate keys, too deep: all ValueError
             raise FormatError("volume header is not valid JSON (corrupt or not a sealfs "
                               "volume)") from None
         if not isinstance(doc, dict) or doc.get("magic") != MAGIC:
@@ -266,10 +278,18 @@ class Header:
         try:
             if doc["cipher"] != CIPHER or doc["kdf"] != "HKDF-SHA256":
                 raise FormatError(f"unsupported cipher {doc['cipher']!r}")
+            for name in ("block_size", "created"):
+                if not strict_json.integer_in(doc[name], 0, MAX_HEADER_INT):
+                    raise FormatError(f"volume header field {name} is not an integer in "
+                                      f"[0, {MAX_HEADER_INT}]")
+            if not isinstance(doc["slots"], list):
+                raise FormatError("volume header slots are not a list")
+            slots = [Slot.from_dict(s) for s in doc["slots"]]
+            if len({s.id for s in slots}) != len(slots):
+                raise FormatError("volume header has two key slots with the same id")
             header = cls(volume_id=bytes.fromhex(doc["volume_id"]),
-                         block_size=int(doc["block_size"]),
-                         compression=str(doc["compression"]), created=int(doc["created"]),
-                         slots=[Slot.from_dict(s) for s in doc["slots"]],
+                         block_size=doc["block_size"], compression=str(doc["compression"]),
+                         created=doc["created"], slots=slots,
                          mac=bytes.fromhex(doc["mac"]), format_version=version,
                          format1_objects=format1_objects)
         except FormatError:
@@ -396,13 +416,17 @@ def new_header(block_size: int, compression: str) -> tuple[Header, Secret]:
 
 
 def load_header(backing: Path) -> Header:
-    path = Path(backing) / HEADER_NAME
+    """Read the header through the store: never through a symlink, never from a FIFO, and
+    never more than :data:`MAX_HEADER_BYTES` (a larger file is refused unread)."""
     if not Path(backing).is_dir():
         raise UsageError(f"{backing} is not a directory")
+    store = ObjectStore(Path(backing))
     try:
-        data = path.read_bytes()
-    except FileNotFoundError:
+        data = store.read_file(HEADER_NAME, MAX_HEADER_BYTES)
+    except MissingObject:
         raise FormatError(f"{backing} is not a sealfs volume (no {HEADER_NAME})") from None
-    except OSError as e:
-        raise FormatError(f"cannot read {path}: {e.strerror}") from None
+    except SealfsError as e:
+        raise FormatError(f"cannot read the volume header of {backing}: {e}") from None
+    finally:
+        store.close()
     return Header.from_bytes(data)

@@ -12,10 +12,14 @@ from sealfs.crypto import KdfParams, Secret
 from sealfs.errors import UsageError
 from sealfs.fs.inode import ROOT_INO, Inode
 from sealfs.fs.metalog import MetaLog
-from sealfs.store import HEADER_NAME, OBJECTS_DIR, ObjectStore
+from sealfs.store import CHECKPOINT_NAME, HEADER_NAME, LOCK_NAME, OBJECTS_DIR, ObjectStore
 from sealfs.volume.header import Credential, Header, load_header, new_header
 
 DEFAULT_BLOCK_SIZE = 128 * 1024
+#: What an interrupted ``create`` leaves (besides journals); the store replaces each of them
+#: without following or reusing what is there.
+_CREATE_LEFTOVERS = (OBJECTS_DIR, LOCK_NAME, CHECKPOINT_NAME, f".{CHECKPOINT_NAME}.tmp",
+                     f".{HEADER_NAME}.tmp")
 
 
 def create_volume(backing: Path, creds: list[tuple[Credential, KdfParams | None]],
@@ -31,25 +35,24 @@ def create_volume(backing: Path, creds: list[tuple[Credential, KdfParams | None]
         raise UsageError("a volume needs at least one key slot (--key-file or --passphrase)")
     if backing.exists() and not backing.is_dir():
         raise UsageError(f"{backing} exists and is not a directory")
-    if (backing / HEADER_NAME).exists():
-        raise UsageError(f"{backing} already holds a sealfs volume")
-    leftovers = [p.name for p in (backing.iterdir() if backing.is_dir() else ())
-                 if p.name not in (OBJECTS_DIR, "lock", "checkpoint", ".checkpoint.tmp")
-                 and not p.name.startswith("journal.")]
-    if leftovers:
-        raise UsageError(f"{backing} is not empty (found {leftovers[0]!r}); "
-                         "use an empty directory")
+    store = ObjectStore(backing)
+    if backing.is_dir():
+        if store.exists(HEADER_NAME):
+            raise UsageError(f"{backing} already holds a sealfs volume")
+        leftovers = [name for name in store.names() if name not in _CREATE_LEFTOVERS
+                     and not name.startswith("journal.")]
+        if leftovers:
+            raise UsageError(f"{backing} is not empty (found {leftovers[0]!r}); "
+                             "use an empty directory")
     header, master = new_header(block_size, compression)
     for cred, kdf in creds:  # first: a credential that fails (a KMS refusal) leaves no trace
         header.add_slot(master, cred, kdf)
     backing.mkdir(parents=True, exist_ok=True)
-    store = ObjectStore(backing)
     store.lock()
     try:
-        for name in list(backing.iterdir()):  # an interrupted earlier create
-            if name.name.startswith("journal."):
-                name.unlink()
-        store.objects.mkdir(exist_ok=True)
+        for name in store.names():  # an interrupted earlier create
+            if name.startswith("journal."):
+                store.remove_file(name)
         keys = header.volume_keys(master)
         now = time.time_ns()
         root = Inode(ROOT_INO, stat.S_IFDIR | 0o755, os.getuid() if uid is None else uid,
@@ -62,6 +65,7 @@ def create_volume(backing: Path, creds: list[tuple[Credential, KdfParams | None]
         store.replace_file(HEADER_NAME, header.to_bytes())
     finally:
         store.unlock()
+        store.close()
     return header
 
 

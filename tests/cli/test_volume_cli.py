@@ -97,6 +97,35 @@ def test_user_mistakes_get_one_line_and_exit_code(volume: Volume, tmp_path: Path
     no_traceback(res)
 
 
+HOSTILE_HEADER_EDITS = {
+    "created-1e400": lambda h: h.update(created=1e400),  # OverflowError before
+    "block-size-string": lambda h: h.update(block_size="131072"),
+    "slot-id-minus-1": lambda h: h["slots"][0].update(id=-1),  # struct.error before
+    "slot-id-2^64": lambda h: h["slots"][0].update(id=2**64),
+    "slot-id-true": lambda h: h["slots"][0].update(id=True),
+    "duplicate-slot-id": lambda h: h["slots"].append(dict(h["slots"][0])),
+    "nested-2000": lambda h: h.update(x=[[[]]]),  # replaced by 2,000 levels below
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_HEADER_EDITS))
+@pytest.mark.parametrize("command", ["info", "mount"])
+def test_hostile_header_values_are_format_errors(volume: Volume, case: str,
+                                                 command: str) -> None:
+    """Values a host can write into the unauthenticated header (issue 10, item 8) are a
+    one-line format error (exit 4), never an internal error (exit 1 with a traceback)."""
+    path = volume.backing / "sealfs.header"
+    h = json.loads(path.read_text())
+    HOSTILE_HEADER_EDITS[case](h)
+    text = json.dumps(h).replace("[[[]]]", "[" * 2000 + "]" * 2000)
+    path.write_text(text)
+    args = ["info", str(volume.backing)] if command == "info" else [
+        "mount", str(volume.backing), str(volume.mnt), "--key-file", str(volume.key)]
+    res = sealfs(*args, check=False)
+    assert res.returncode == 4, (res.returncode, res.stderr)
+    no_traceback(res)
+
+
 def test_json_errors_are_machine_readable(tmp_path: Path) -> None:
     res = sealfs("info", str(tmp_path), "--json", check=False)
     assert res.returncode == 4

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import trio
 
-from sealfs.codec import CODEC_KEYED, inode_ad, journal_ad, split_frames
+from sealfs.codec import CODEC_KEYED, RECORD_OBJECT_MAX, inode_ad, journal_ad, split_frames
 from sealfs.crypto import AuthError, ObjectSealer, VolumeKeys
 from sealfs.fs.core import Filesystem
 from sealfs.store import CHECKPOINT_NAME, HEADER_NAME, journal_name
@@ -48,9 +48,9 @@ def _formats(vol: Volume) -> tuple[dict[str, int], dict[str, list[int]], list[in
         return 2
 
     lay = layout(vol.backing, vol.key)
-    records = {p: fmt(current.inode(e.ino), store.get(e.record_oid),
+    records = {p: fmt(current.inode(e.ino), store.get(e.record_oid, RECORD_OBJECT_MAX),
                       inode_ad(vid, e.ino, e.record_oid)) for p, e in lay.entries.items()}
-    blocks = {p: [2 if store.get(o)[0] & CODEC_KEYED else 1 for _, o in sorted(
+    blocks = {p: [2 if store.get(o, RECORD_OBJECT_MAX)[0] & CODEC_KEYED else 1 for _, o in sorted(
         e.block_oids.items())] for p, e in lay.entries.items() if e.block_oids}
     first = lay.seq - len(lay.journal_frames) + 1
     sealed, _, _ = split_frames((vol.backing / journal_name(lay.gen)).read_bytes())

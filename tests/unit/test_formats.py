@@ -10,6 +10,8 @@ import lz4.block
 import pytest
 
 from sealfs.codec import (
+    CODEC_KEYED,
+    CODEC_LZ4,
     Checkpoint,
     CodecError,
     Commit,
@@ -224,3 +226,23 @@ def test_the_header_format_fields_are_authenticated() -> None:
         forged["format1_objects"] = bad
         with pytest.raises(FormatError):
             Header.from_bytes(json.dumps(forged).encode())
+
+
+def test_lz4_declared_size_is_bounded_before_decompressing() -> None:
+    """An authentic lz4 payload (the key holder's bug, or a fuzzed one) that declares 256 MiB
+    is refused from its 4-byte size prefix: nothing near that size is ever allocated."""
+    import struct
+    import tracemalloc
+
+    sealer = ObjectSealer(Secret.generate())
+    body = struct.pack("<I", 256 << 20) + lz4.block.compress(b"x" * 4096, store_size=False)
+    codec = bytes([CODEC_LZ4 | CODEC_KEYED])
+    blob = codec + sealer.seal(body, b"ad" + codec)
+    tracemalloc.start()
+    try:
+        with pytest.raises(CodecError, match="declares more than the volume block size"):
+            open_block(sealer, b"ad", blob, 1 << 17)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20, f"{peak} bytes allocated"
