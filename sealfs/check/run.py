@@ -18,7 +18,8 @@ from sealfs.errors import BusyError, IntegrityError
 from sealfs.fs.inode import ROOT_INO, Inode
 from sealfs.fs.metalog import MetaState
 from sealfs.store import HEADER_NAME, ObjectStore
-from sealfs.volume.header import Credential, Header, load_header
+from sealfs.volume.anchor import KmsAnchor
+from sealfs.volume.header import Credential, Header, KmsCredential, load_header
 
 from .meta import check_anchor, check_header, load_metadata, stale_files
 from .probe import Prober
@@ -244,7 +245,11 @@ def open_and_check(backing: Path, cred: Credential, opts: CheckOptions,
     """Load the header, unlock, lock and check. A header that fails its MAC is a finding
     (exit 5), not an error: it is tampering, and the user gets the same report as for any
     other. The returned store holds the volume lock (shared, or exclusive for a repair)
-    unless ``opts.live``; release it with ``store.unlock()``."""
+    unless ``opts.live``; release it with ``store.unlock()``.
+
+    With a KMS credential the volume is compared with (never advances) the KMS's anchor of
+    the volume id in the header just unlocked: any earlier read of the header is the host's
+    to change, and would let it have the anchor of another (never anchored) volume checked."""
     header = load_header(backing)
     store = ObjectStore(backing)
     try:
@@ -253,6 +258,8 @@ def open_and_check(backing: Path, cred: Credential, opts: CheckOptions,
         report = Report(header.volume_id.hex(), "full" if opts.full else "quick", opts.path)
         report.add(Finding("tampered", None, "header", HEADER_NAME, str(e), ADVICE["volume"]))
         return CheckResult(report), store, header, None
+    if isinstance(cred, KmsCredential):
+        opts.anchor = KmsAnchor(cred.client, header.volume_id).fetch()
     if exclusive or not opts.live:
         opts.live = False
         try:

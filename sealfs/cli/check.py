@@ -16,8 +16,7 @@ from sealfs.cli.output import emit, json_option
 from sealfs.crypto import Secret
 from sealfs.errors import UsageError
 from sealfs.store import ObjectStore
-from sealfs.volume.anchor import KmsAnchor
-from sealfs.volume.header import Credential, Header, KmsCredential, load_header
+from sealfs.volume.header import Credential, Header
 
 
 @click.command()
@@ -88,11 +87,8 @@ def check(backing_dir: str, cred: Credential, subpath: str, quick: bool, repair:
     if repair and live:
         raise UsageError("--repair needs the volume unmounted; it cannot be combined with "
                          "--read-only")
-    anchor = None
-    if isinstance(cred, KmsCredential):  # compare with, never advance, the KMS's anchor
-        anchor = KmsAnchor(cred.client, load_header(Path(backing_dir)).volume_id).fetch()
     opts = CheckOptions(full=not quick, path=subpath or "/", live=live, workers=workers,
-                        progress=Progress(enabled=progress), anchor=anchor)
+                        progress=Progress(enabled=progress))
     if repair and opts.path.strip("/"):
         raise UsageError("--repair works on the whole volume; drop --path")
     result, store, header, master = open_and_check(Path(backing_dir), cred, opts,

@@ -9,8 +9,11 @@ Deliberately minimal, because every byte of it faces the network:
   folding and whitespace before the colon are refused;
 * the header block must arrive within ``header_timeout_s`` and the whole request within
   ``read_timeout_s`` (idle and slow-loris connections are answered 408 and closed);
-* connections are counted per peer (an IPv4 address or an IPv6 /64): a peer holding
-  ``max_connections_per_peer`` gets 429 for the next one, so one host cannot take every slot;
+* connections are counted per peer (an IPv4 address or an IPv6 /64) from accept until the
+  socket is closed: a peer holding ``max_connections_per_peer`` gets 429 for the next one, so
+  one host cannot take every slot; of its sockets in a lingering close (after an answer or a
+  refusal) it keeps at most as many again, each new one closing its oldest, so a flood of
+  refused connections cannot hold the KMS's file descriptors either;
 * at most ``max_connections`` are served at once; up to ``max_queued`` more wait (at most
   ``read_timeout_s``) in a :class:`FairGate`, which hands each freed slot to the waiting peer
   holding the fewest; beyond that: immediate 503. Worker threads are shared out the same way;
@@ -62,6 +65,7 @@ class HttpLimits:
     max_connections_per_peer: int = 16
     max_queued: int = 512
     worker_threads: int = max(2, os.cpu_count() or 2)
+    linger_s: float = 1.0  # lingering close: how long to drain a peer's unread input
 
 
 class FairGate:
@@ -222,8 +226,10 @@ class KmsHttpServer:
     def __init__(self, service: KmsService, limits: HttpLimits | None = None) -> None:
         self.service = service
         self.limits = limits or HttpLimits()
-        self._open: collections.Counter[str] = collections.Counter()  # per peer: served + queued
-        self._open_total = 0
+        # per peer: every socket from accept until closed (served, queued, refused, lingering)
+        self._open: collections.Counter[str] = collections.Counter()
+        self._open_total = 0  # served + queued
+        self._lingering: dict[str, collections.deque[trio.CancelScope]] = {}  # per peer
         self._refused: set[str] = set()  # peers at their limit whose refusal was logged
         self._slots = FairGate(self.limits.max_connections)
         self._workers = FairGate(self.limits.worker_threads)
@@ -246,26 +252,43 @@ class KmsHttpServer:
 
     async def _connection(self, stream: trio.SocketStream) -> None:
         peer, key = _peer(stream), peer_key(stream)
+        self._open[key] += 1  # until the socket is closed: lingering sockets count too
         try:
             refusal = self._refusal(key)
             if refusal is not None:
                 status, payload, quiet = refusal
                 await self._send(stream, status, payload, peer, "-", quiet)
                 return
-            self._open[key] += 1
             self._open_total += 1
             try:
                 await self._queue_and_serve(stream, peer, key)
             finally:
-                self._open[key] -= 1
                 self._open_total -= 1
-                if not self._open[key]:
-                    del self._open[key]
-                    self._refused.discard(key)
         except Exception:  # never let one connection take the server down
             log.exception("internal error serving %s", peer)
         finally:
-            await _lingering_close(stream)
+            await self._linger(stream, key)
+            self._open[key] -= 1
+            if not self._open[key]:
+                del self._open[key]
+                self._refused.discard(key)
+
+    async def _linger(self, stream: trio.SocketStream, key: str) -> None:
+        """A lingering close that keeps at most ``max_connections_per_peer`` of a peer's
+        sockets lingering: each new one cuts the oldest short (which has had the longest to
+        read its answer)."""
+        lingering = self._lingering.setdefault(key, collections.deque())
+        with trio.CancelScope() as scope:
+            lingering.append(scope)
+            while len(lingering) > self.limits.max_connections_per_peer:
+                lingering.popleft().cancel()
+            try:
+                await _lingering_close(stream, self.limits.linger_s)
+            finally:
+                if scope in lingering:
+                    lingering.remove(scope)
+                if not lingering and self._lingering.get(key) is lingering:
+                    del self._lingering[key]
 
     def _refusal(self, key: str) -> tuple[int, dict[str, Any], bool] | None:
         """(status, payload, quiet) refusing a new connection from ``key`` at once, or None.
@@ -273,7 +296,7 @@ class KmsHttpServer:
         Only a peer's first refusal while it stays at its limit is logged as a warning, so a
         connection flood cannot flood the log too.
         """
-        if self._open[key] >= self.limits.max_connections_per_peer:
+        if self._open[key] > self.limits.max_connections_per_peer:  # this one included
             quiet = key in self._refused
             self._refused.add(key)
             return 429, error_payload("too_many_connections", "too many connections from "
@@ -352,13 +375,14 @@ class KmsHttpServer:
         return 200, result
 
 
-async def _lingering_close(stream: trio.SocketStream) -> None:
-    """Half-close, then discard what the peer still sends (bounded), then close.
+async def _lingering_close(stream: trio.SocketStream, linger_s: float) -> None:
+    """Half-close, then discard what the peer still sends (bounded, at most ``linger_s``),
+    then close.
 
     Closing with unread input makes the kernel send RST, which can destroy the error
     response (e.g. 413) before a client that is still uploading has read it.
     """
-    with trio.move_on_after(1):
+    with trio.move_on_after(linger_s):
         try:
             await stream.send_eof()
             drained = 0

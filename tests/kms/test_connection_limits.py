@@ -8,9 +8,12 @@ that only turns a hang into a failure.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import select
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import trio
@@ -97,6 +100,44 @@ def test_one_peer_with_many_idle_connections_cannot_starve_others(
         for s in hog:
             s.close()
     assert patient_kms.log().count("-> 429 too_many_connections") == 1
+
+
+def server_sockets(mine: list[socket.socket], baseline: int) -> int:
+    """Sockets this process holds beyond ``baseline`` that are not the test's own: those
+    of the in-process KMS."""
+    return _socket_fds() - baseline - sum(s.fileno() >= 0 for s in mine)
+
+
+def _socket_fds() -> int:
+    count = 0
+    for fd in Path("/proc/self/fd").iterdir():
+        with contextlib.suppress(OSError):  # closed meanwhile (the listing's own fd)
+            count += os.readlink(fd).startswith("socket:")
+    return count
+
+
+def test_a_flood_of_refused_connections_holds_no_sockets(state: KmsState) -> None:
+    """Refused and lingering sockets count against their peer: a peer cannot make the KMS
+    hold more than twice its allowance of sockets, however many connections it opens (each
+    would otherwise linger with its file descriptor, and exhaust the KMS's)."""
+    limit = 4
+    limits = HttpLimits(max_connections_per_peer=limit, read_timeout_s=300,
+                        header_timeout_s=300, linger_s=300)
+    with InProcessKms(state, ServiceConfig(), limits) as srv:
+        baseline = _socket_fds()
+        hog = [connect_from(HOG, srv.port) for _ in range(limit)]
+        try:
+            wait_for(lambda: srv.server._open_total == limit, "the hog's idle connections")
+            flood = [connect_from(HOG, srv.port) for _ in range(100)]
+            hog += flood
+            refused_until(flood, len(flood))
+            wait_for(lambda: server_sockets(hog, baseline) <= 2 * limit,
+                     "the KMS to hold at most twice the peer's allowance of sockets")
+            assert get(srv.port, "/v1/info", source=VICTIM)[0] == 200
+            assert not readable(hog[:limit]), "a held connection was answered or dropped"
+        finally:
+            for s in hog:
+                s.close()
 
 
 def test_idle_and_slow_header_connections_are_dropped(state: KmsState) -> None:

@@ -10,11 +10,12 @@ import os
 import shutil
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from sealfs.store import HEADER_NAME
 from tests.conftest import Volume, sealfs
 
 from .conftest import APP_A, COMPOSE_A, KmsProcess, make_state, start_kms
@@ -24,10 +25,12 @@ pytestmark = pytest.mark.mount
 
 class Redirector:
     """The host's network between the CVM and its KMS: forwards TCP connections to whichever
-    KMS port it is currently pointed at."""
+    KMS port it is currently pointed at. ``on_request(first_bytes)``, if set, runs before a
+    connection's first bytes are forwarded: the host acting at the moment it sees a request."""
 
     def __init__(self, port: int) -> None:
         self.target = port
+        self.on_request: Callable[[bytes], None] | None = None
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
         self._stop = False
@@ -39,9 +42,16 @@ class Redirector:
                 client, _ = self.sock.accept()
             except OSError:
                 return
-            upstream = socket.create_connection(("127.0.0.1", self.target))
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=_pipe, args=(a, b), daemon=True).start()
+            threading.Thread(target=self._forward, args=(client,), daemon=True).start()
+
+    def _forward(self, client: socket.socket) -> None:
+        upstream = socket.create_connection(("127.0.0.1", self.target))
+        if self.on_request is not None:
+            first = client.recv(65536)
+            self.on_request(first)
+            upstream.sendall(first)
+        for a, b in ((client, upstream), (upstream, client)):
+            threading.Thread(target=_pipe, args=(a, b), daemon=True).start()
 
     def close(self) -> None:
         self._stop = True
@@ -175,3 +185,39 @@ def test_swapped_in_volume_of_the_same_app_is_refused_by_volume_id(
     assert res.returncode == 5 and "swapped-in" in res.stdout, res.stdout
     res = sealfs("check", str(vol.backing), *args, "--volume-id", other_vid, check=False)
     assert res.returncode == 0, res.stdout  # its own id: fine
+
+
+def test_check_compares_the_unlocked_volume_with_its_own_anchor(
+        tmp_path: Path, kms: KmsProcess, net: Redirector) -> None:
+    """The host serves a throwaway header first and the real (rolled-back) one from the
+    moment the CVM talks to the KMS: the anchor check must use the volume it unlocked."""
+    vol, vid = new_kms_volume(tmp_path / "app", net.url, "--kms-public-key",
+                              kms.public_key.hex())
+    args = [*cvm_args(net.url, kms.public_key), "--volume-id", vid]
+    sealfs("mount", str(vol.backing), str(vol.mnt), *args, "--log-file", str(vol.log))
+    (vol.mnt / "balance").write_text("100")
+    vol.umount()
+    old = tmp_path / "old"
+    shutil.copytree(vol.backing, old)
+    sealfs("mount", str(vol.backing), str(vol.mnt), *args, "--log-file", str(vol.log))
+    (vol.mnt / "balance").write_text("0")
+    vol.umount()
+    swap_in(vol.backing, old)  # the rollback
+    header = vol.backing / HEADER_NAME
+    authentic = header.read_bytes()
+    decoy = json.loads(authentic)
+    decoy["volume_id"] = os.urandom(16).hex()  # a volume the KMS never anchored
+
+    def swap_back(request: bytes) -> None:
+        if request.startswith(b"POST /v1/") and not request.startswith(b"POST /v1/nonce"):
+            header.write_bytes(authentic)
+
+    net.on_request = swap_back
+    for pin in (args[-2:], []):  # with and without --volume-id
+        header.write_text(json.dumps(decoy))
+        res = sealfs("check", str(vol.backing), *cvm_args(net.url, kms.public_key), *pin,
+                     check=False)
+        assert res.returncode in (3, 5), res.stdout  # never "clean"
+    header.write_bytes(authentic)
+    res = sealfs("check", str(vol.backing), *args, check=False)
+    assert res.returncode == 5 and "rolled-back" in res.stdout, res.stdout
