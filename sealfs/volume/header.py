@@ -45,6 +45,9 @@ FORMAT_VERSION = 2
 CIPHER = "AES-256-GCM"
 MIN_BLOCK, MAX_BLOCK = 4096, 4 * 1024 * 1024
 MAX_HEADER_BYTES = 1 << 20
+#: Unlocking tries every slot of the credential's type, each at the cost the header names
+#: (argon2id up to 4 GiB): a hostile header may not multiply that without bound.
+MAX_SLOTS = 16
 KEYFILE_MIN_BYTES = 32
 MAX_SLOT_ID = 2**32 - 1
 MAX_HEADER_INT = 2**63 - 1  # block size and creation time: what a u64 label part can carry
@@ -282,8 +285,9 @@ class Header:
                 if not strict_json.integer_in(doc[name], 0, MAX_HEADER_INT):
                     raise FormatError(f"volume header field {name} is not an integer in "
                                       f"[0, {MAX_HEADER_INT}]")
-            if not isinstance(doc["slots"], list):
-                raise FormatError("volume header slots are not a list")
+            if not isinstance(doc["slots"], list) or len(doc["slots"]) > MAX_SLOTS:
+                raise FormatError(f"volume header slots are not a list of at most "
+                                  f"{MAX_SLOTS}")
             slots = [Slot.from_dict(s) for s in doc["slots"]]
             if len({s.id for s in slots}) != len(slots):
                 raise FormatError("volume header has two key slots with the same id")
@@ -347,6 +351,8 @@ class Header:
 
     def add_slot(self, master: Secret, cred: Credential,
                  kdf: KdfParams | None = None) -> Slot:
+        if len(self.slots) >= MAX_SLOTS:
+            raise UsageError(f"a volume holds at most {MAX_SLOTS} key slots")
         slot_id = max((s.id for s in self.slots), default=-1) + 1
         if isinstance(cred, PassphraseCredential):
             slot = Slot(slot_id, "passphrase", b"", kdf=kdf or KdfParams.default())

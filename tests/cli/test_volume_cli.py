@@ -105,6 +105,8 @@ HOSTILE_HEADER_EDITS = {
     "slot-id-true": lambda h: h["slots"][0].update(id=True),
     "duplicate-slot-id": lambda h: h["slots"].append(dict(h["slots"][0])),
     "nested-2000": lambda h: h.update(x=[[[]]]),  # replaced by 2,000 levels below
+    # each passphrase slot may cost 4 GiB of argon2id to try: their number is bounded
+    "17-slots": lambda h: h["slots"].extend(dict(h["slots"][0], id=i) for i in range(1, 17)),
 }
 
 
