@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -39,28 +40,36 @@ class Measured:
     max_rss_mib: float  # peak resident memory of the process (and the children it reaped)
 
 
+#: Runs argv[2:] and writes its peak RSS (KiB, from wait4) to the file argv[1]. A child's
+#: ru_maxrss counts the memory of the process it was forked from, so the command is forked by
+#: this small interpreter rather than by the (possibly large) test process.
+_MEASURE = """
+import os, subprocess, sys
+proc = subprocess.Popen(sys.argv[2:])
+_, status, usage = os.wait4(proc.pid, 0)
+with open(sys.argv[1], "w") as f:
+    f.write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def sealfs_measured(*args: str, timeout: float = 120) -> Measured:
     """Run the real command line and measure its peak memory (wait4's ru_maxrss, which takes
     in the children it reaped): a bound on what it allocated, whatever the machine's speed.
     A command still running after ``timeout`` (hung on a FIFO, say) is killed and fails."""
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen([*SEALFS, *args], stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=err, cwd=REPO)
-        deadline = time.monotonic() + timeout
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.monotonic() > deadline:
-                proc.kill()
-                os.wait4(proc.pid, 0)
-                raise AssertionError(f"sealfs {' '.join(args)} did not finish (hung?)")
-            time.sleep(0.05)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        return Measured(proc.returncode, out.read().decode(), err.read().decode(),
-                        usage.ru_maxrss / 1024)
+    with tempfile.TemporaryDirectory() as tmp:
+        rss = Path(tmp) / "maxrss"
+        proc = subprocess.Popen([sys.executable, "-c", _MEASURE, str(rss), *SEALFS, *args],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, cwd=REPO,
+                                start_new_session=True)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise AssertionError(f"sealfs {' '.join(args)} did not finish (hung?)") from None
+        return Measured(proc.returncode, out, err, int(rss.read_text()) / 1024)
 
 
 @dataclass
