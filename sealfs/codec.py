@@ -24,7 +24,7 @@ CODEC_LZ4 = 1
 _RAW = bytes([CODEC_RAW])
 _LZ4 = bytes([CODEC_LZ4])
 CHECKPOINT_MAGIC = b"SFCK"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2 keeps the heads back to the last anchored commit; 1 is still read
 RECORD_VERSION = 2  # 2 carries inode record objects in the frame; 1 is still read
 
 _FRAME_HEAD = struct.Struct(">II")  # length, crc32 of the length
@@ -207,29 +207,36 @@ class Checkpoint:
     next_ino: int
     head: bytes  # running digest of all commits (the volume root, see docs/format.md)
     table: dict[int, int]
+    #: heads of commits ``seq - k .. seq - 1`` (32 bytes each): back to the oldest commit the
+    #: KMS may hold as the anchor, so a freshness check still finds it (docs/format.md)
+    chain: bytes = b""
 
     def encode(self) -> bytes:
         out = [struct.pack(">QQQ", self.gen, self.seq, self.next_ino), self.head,
                _U64.pack(len(self.table))]
         out += [_PAIR.pack(ino, oid) for ino, oid in self.table.items()]
+        out += [_U64.pack(len(self.chain) // 32), self.chain]
         return b"".join(out)
 
     @classmethod
-    def decode(cls, data: bytes) -> Checkpoint:
+    def decode(cls, data: bytes, version: int = CHECKPOINT_VERSION) -> Checkpoint:
         try:
             gen, seq, next_ino = struct.unpack_from(">QQQ", data, 0)
             head = data[24:56]
             (n,) = _U64.unpack_from(data, 56)
-            if 64 + 16 * n != len(data):
-                raise CodecError("checkpoint table length mismatch")
-            table = dict(_PAIR.iter_unpack(data[64:]))
+            end = 64 + 16 * n
+            k = _U64.unpack_from(data, end)[0] if version > 1 else 0  # version 1: no chain
+            chain_at = end + 8 if version > 1 else end
+            if chain_at + 32 * k != len(data) or k > seq:
+                raise CodecError("checkpoint length mismatch")
+            table = dict(_PAIR.iter_unpack(data[64:end]))
         except struct.error as e:
             raise CodecError(f"malformed checkpoint: {e}") from None
-        return cls(gen, seq, next_ino, head, table)
+        return cls(gen, seq, next_ino, head, table, data[chain_at:])
 
 
-def checkpoint_ad(volume_id: bytes) -> bytes:
-    return label("checkpoint", volume_id, CHECKPOINT_VERSION)
+def checkpoint_ad(volume_id: bytes, version: int = CHECKPOINT_VERSION) -> bytes:
+    return label("checkpoint", volume_id, version)
 
 
 def seal_checkpoint(sealer: Sealer, volume_id: bytes, cp: Checkpoint) -> bytes:
@@ -240,6 +247,7 @@ def seal_checkpoint(sealer: Sealer, volume_id: bytes, cp: Checkpoint) -> bytes:
 def open_checkpoint(sealer: Sealer, volume_id: bytes, blob: bytes) -> Checkpoint:
     if blob[:4] != CHECKPOINT_MAGIC:
         raise CodecError("not a sealfs checkpoint")
-    if blob[4:5] != bytes([CHECKPOINT_VERSION]):
+    version = blob[4] if len(blob) > 4 else 0
+    if version not in (1, CHECKPOINT_VERSION):
         raise CodecError(f"checkpoint version {blob[4:5].hex()} is not supported")
-    return Checkpoint.decode(sealer.open(blob[5:], checkpoint_ad(volume_id)))
+    return Checkpoint.decode(sealer.open(blob[5:], checkpoint_ad(volume_id, version)), version)
