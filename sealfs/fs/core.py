@@ -98,7 +98,7 @@ class Filesystem:
         self.compress = header.compression == "lz4"
         self.limits = limits or Limits()
         self.io_limiter = trio.CapacityLimiter(self.limits.io_threads)
-        self.metalog = MetaLog(store, self.keys)
+        self.metalog = MetaLog(store, self.keys, anchorable=header.kms_slot() is not None)
         self.table: dict[int, int] = {}
         self.next_ino = ROOT_INO + 1
         self.nodes: dict[int, Inode] = {}
@@ -142,7 +142,7 @@ class Filesystem:
                 await self._io(self.metalog.skip_to, state.table, state.next_ino,
                                max(overridden, state.seq) + 1)
             if self.anchor is not None:
-                await self._io(self._anchor_root)
+                await trio.to_thread.run_sync(self._anchor_root)
         self.table = state.table
         self.next_ino = state.next_ino
         self.state = state
@@ -156,7 +156,8 @@ class Filesystem:
 
     def _anchor_root(self) -> None:
         """Anchor the last durable commit (one snapshot of the root, never a number with
-        another commit's head); its older heads need not be kept after that."""
+        another commit's head); its older heads need not be kept after that. Runs in a
+        thread of its own, not an I/O thread: a KMS call can take the whole client deadline."""
         assert self.anchor is not None
         seq, head = self.metalog.root
         self.anchor.advance(seq, head)
@@ -168,7 +169,7 @@ class Filesystem:
         if self.anchor is None:
             return
         try:
-            await self._io(self._anchor_root)
+            await trio.to_thread.run_sync(self._anchor_root)
         except KmsError as e:
             log.error("could not advance the freshness anchor: %s", e)
         except RollbackError as e:

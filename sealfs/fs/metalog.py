@@ -109,9 +109,12 @@ def _advance(head: bytes, sealed: bytes) -> bytes:
 class MetaLog:
     """Reads and extends one volume's checkpoint and journal."""
 
-    def __init__(self, store: ObjectStore, keys: VolumeKeys) -> None:
+    def __init__(self, store: ObjectStore, keys: VolumeKeys, anchorable: bool = True) -> None:
         self.store = store
         self.keys = keys
+        #: whether a KMS may hold an anchor of this volume (it has a KMS key slot); if not,
+        #: checkpoints keep no heads before their own
+        self.anchorable = anchorable
         self.journal: JournalFile | None = None
         self.gen = 0
         #: ``(seq, head)`` of the last durable commit: one immutable tuple, replaced at once
@@ -273,7 +276,8 @@ class MetaLog:
         new_gen = self.gen + 1
         new_journal = JournalFile(self.store, new_gen)
         new_journal.create()
-        (seq, head), floor = self.root, self.floor
+        seq, head = self.root
+        floor = self.floor if self.anchorable else seq
         cp = Checkpoint(new_gen, seq, next_ino, head, table, self.heads.between(floor, seq))
         blob = seal_checkpoint(self.keys.journal, self.keys.volume_id, cp)
         self.store.replace_file(CHECKPOINT_NAME, blob)
