@@ -98,7 +98,7 @@ class Filesystem:
         self.compress = header.compression == "lz4"
         self.limits = limits or Limits()
         self.io_limiter = trio.CapacityLimiter(self.limits.io_threads)
-        self.metalog = MetaLog(store, self.keys, anchorable=header.kms_slot() is not None)
+        self.metalog = MetaLog(store, self.keys)
         self.table: dict[int, int] = {}
         self.next_ino = ROOT_INO + 1
         self.nodes: dict[int, Inode] = {}
@@ -124,6 +124,7 @@ class Filesystem:
         """Verify and replay the metadata; with an anchor, refuse a stale or forked disk
         (unless ``allow_rollback``, which is logged) and advance the anchor to this disk."""
         state = await self._io(self.metalog.load)
+        self.metalog.anchorable = self.anchor is not None or self.header.kms_slot() is not None
         for note in state.notes:
             log.warning("recovery: %s", note)
         overridden = None

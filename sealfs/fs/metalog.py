@@ -51,6 +51,8 @@ from sealfs.store import CHECKPOINT_NAME, JournalFile, MissingObject, ObjectStor
 log = logging.getLogger(__name__)
 
 ZERO_HEAD = bytes(32)
+#: heads older than the floor are dropped in batches of this many commits (and at checkpoints)
+HEADS_SLACK = 4096
 
 
 class Heads:
@@ -109,12 +111,12 @@ def _advance(head: bytes, sealed: bytes) -> bytes:
 class MetaLog:
     """Reads and extends one volume's checkpoint and journal."""
 
-    def __init__(self, store: ObjectStore, keys: VolumeKeys, anchorable: bool = True) -> None:
+    def __init__(self, store: ObjectStore, keys: VolumeKeys) -> None:
         self.store = store
         self.keys = keys
-        #: whether a KMS may hold an anchor of this volume (it has a KMS key slot); if not,
-        #: checkpoints keep no heads before their own
-        self.anchorable = anchorable
+        #: whether a KMS may hold an anchor of this volume (it has a KMS key slot, or is
+        #: mounted with one); if not, checkpoints keep no heads before their own
+        self.anchorable = True
         self.journal: JournalFile | None = None
         self.gen = 0
         #: ``(seq, head)`` of the last durable commit: one immutable tuple, replaced at once
@@ -248,12 +250,15 @@ class MetaLog:
         for oid, (_, blob) in commit.carried.items():
             self.store.carry(oid, blob)
         head = _advance(self.head, sealed)
+        if self.floor - self.heads.first >= HEADS_SLACK:  # anchored since: not needed any more
+            self.heads.drop_before(self.floor)
         self.heads.append(head)
         self.root = (commit.seq, head)  # durable: now the anchor may name it
 
     def anchored(self, seq: int) -> None:
         """The KMS now holds commit ``seq`` (or later: its anchor never goes back), so older
-        heads need not be kept; the next checkpoint drops them."""
+        heads need not be kept; commits and checkpoints drop them (under the commit lock, so
+        this may be called from any thread)."""
         self.floor = max(self.floor, seq)
 
     @property
