@@ -29,7 +29,9 @@ CODEC_KEYED = 2
 _RAW = bytes([CODEC_RAW | CODEC_KEYED])
 _LZ4 = bytes([CODEC_LZ4 | CODEC_KEYED])
 CHECKPOINT_MAGIC = b"SFCK"
-CHECKPOINT_VERSION = 2  # 2 is sealed with a key per message; 1 (format-1 volumes) is still read
+#: 2: sealed with a key per message, and keeps the heads back to the last anchored commit;
+#: 1 (format-1 volumes: the journal key, no chain of heads) is still read.
+CHECKPOINT_VERSION = 2
 RECORD_VERSION = 2  # 2 carries inode record objects in the frame; 1 is still read
 
 _FRAME_HEAD = struct.Struct(">II")  # length, crc32 of the length
@@ -51,7 +53,10 @@ RECORD_OBJECT_MAX = 256 << 20
 MAX_FILE_BLOCKS = (RECORD_OBJECT_MAX - (1 << 20)) // 16
 #: Inodes a checkpoint table may hold, and so the largest checkpoint file.
 MAX_INODES = 1 << 24
-CHECKPOINT_MAX = 5 + SEAL_OVERHEAD + 64 + 16 * MAX_INODES
+#: Heads a checkpoint's chain may hold (commits since the last one known anchored): 4 Mi
+#: commits made without reaching the KMS; a writer never keeps more (docs/format.md).
+MAX_CHAIN = 1 << 22
+CHECKPOINT_MAX = 5 + SEAL_OVERHEAD + 64 + 16 * MAX_INODES + 8 + 32 * MAX_CHAIN
 _LZ4_SIZE = struct.Struct("<I")  # lz4.block's store_size prefix: the decompressed length
 
 
@@ -261,26 +266,33 @@ class Checkpoint:
     next_ino: int
     head: bytes  # running digest of all commits (the volume root, see docs/format.md)
     table: dict[int, int]
+    #: heads of commits ``seq - k .. seq - 1`` (32 bytes each): back to the oldest commit the
+    #: KMS may hold as the anchor, so a freshness check still finds it (docs/format.md)
+    chain: bytes = b""
 
     def encode(self) -> bytes:
         out = [struct.pack(">QQQ", self.gen, self.seq, self.next_ino), self.head,
                _U64.pack(len(self.table))]
         out += [_PAIR.pack(ino, oid) for ino, oid in self.table.items()]
+        out += [_U64.pack(len(self.chain) // 32), self.chain]
         return b"".join(out)
 
     @classmethod
-    def decode(cls, data: bytes) -> Checkpoint:
+    def decode(cls, data: bytes, version: int = CHECKPOINT_VERSION) -> Checkpoint:
         try:
             gen, seq, next_ino = struct.unpack_from(">QQQ", data, 0)
             head = data[24:56]
             (n,) = _U64.unpack_from(data, 56)
-            if 64 + 16 * n != len(data):
-                raise CodecError("checkpoint table length mismatch")
-            table = dict(_PAIR.iter_unpack(data[64:]))
+            end = 64 + 16 * n
+            k = _U64.unpack_from(data, end)[0] if version > 1 else 0  # version 1: no chain
+            chain_at = end + 8 if version > 1 else end
+            if chain_at + 32 * k != len(data) or k > min(seq, MAX_CHAIN):
+                raise CodecError("checkpoint length mismatch")
+            table = dict(_PAIR.iter_unpack(data[64:end]))
             _check_counters("checkpoint", gen, seq, next_ino)
         except struct.error as e:
             raise CodecError(f"malformed checkpoint: {e}") from None
-        return cls(gen, seq, next_ino, head, table)
+        return cls(gen, seq, next_ino, head, table, data[chain_at:])
 
 
 def checkpoint_ad(volume_id: bytes, version: int = CHECKPOINT_VERSION) -> bytes:
@@ -295,10 +307,11 @@ def seal_checkpoint(sealer: ObjectSealer, volume_id: bytes, cp: Checkpoint) -> b
 def open_checkpoint(sealer: ObjectSealer, volume_id: bytes, blob: bytes) -> Checkpoint:
     if blob[:4] != CHECKPOINT_MAGIC:
         raise CodecError("not a sealfs checkpoint")
-    if blob[4:5] == bytes([CHECKPOINT_VERSION]):
+    version = blob[4] if len(blob) > 4 else 0
+    if version == CHECKPOINT_VERSION:
         body = sealer.open(blob[5:], checkpoint_ad(volume_id))
-    elif blob[4:5] == b"\x01":
+    elif version == 1:
         body = sealer.open_legacy(blob[5:], checkpoint_ad(volume_id, 1))
     else:
         raise CodecError(f"checkpoint version {blob[4:5].hex()} is not supported")
-    return Checkpoint.decode(body)
+    return Checkpoint.decode(body, version)

@@ -180,6 +180,29 @@ def fill_journal(mnt: Path, commits: int = 4) -> None:
         fsync_path(path)
 
 
+def journal_generation(backing: Path) -> int:
+    """The generation of the newest journal file: one more after each checkpoint."""
+    return max(int(p.name.split(".", 1)[1], 16) for p in Path(backing).glob("journal.*"))
+
+
+def force_checkpoints(mnt: Path, backing: Path, count: int = 1) -> int:
+    """fsync partial blocks of one file (an fsync carries them in its journal frame) until
+    ``count`` checkpoints have been written; returns the number of fsyncs. Bound by that
+    event, not by time (and by 2,000 fsyncs, far more than a checkpoint needs)."""
+    start = journal_generation(backing)
+    chunk = os.urandom(100 << 10)
+    with open(Path(mnt) / "checkpoint-filler", "wb") as f:
+        for i in range(2000):
+            for j in range(4):  # four partly written blocks: 400 KiB carried per fsync
+                f.seek(((4 * i + j) % 1024) * (128 << 10))
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+            if journal_generation(backing) >= start + count:
+                return i + 1
+    raise AssertionError(f"{count} checkpoint(s) not written after 2000 fsyncs")
+
+
 def fold_and_fill(vol: Volume) -> None:
     """Every object of the unmounted volume a file, then a few journal records after that."""
     fold(vol)

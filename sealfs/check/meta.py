@@ -20,6 +20,7 @@ from sealfs.store import (
     ObjectStore,
     journal_name,
 )
+from sealfs.volume.anchor import RollbackError, verify_fresh
 from sealfs.volume.header import Header
 
 from .report import ADVICE, Finding, Report
@@ -93,35 +94,28 @@ def load_metadata(store: ObjectStore, keys: VolumeKeys, report: Report
 
 def check_anchor(state: MetaState, anchor: tuple[int, bytes] | None, report: Report) -> None:
     """Compare the replayed volume root ``(epoch, head)`` with the external anchor (the KMS's
-    monotonic per-volume counter). Without an anchor, a whole-volume rollback is undetectable
-    and the report says so."""
+    monotonic per-volume counter) by the very rule a mount applies
+    (:func:`sealfs.volume.anchor.verify_fresh`), so check and mount always agree. Without an
+    anchor, a whole-volume rollback is undetectable and the report says so."""
     if anchor is None:
         report.notes.append("no freshness anchor given: a rollback of the whole volume to an "
                             "older copy cannot be detected (use a KMS-anchored volume)")
         return
-    epoch, head = anchor
-    if epoch == 0 and not head:
+    if anchor == (0, b""):
         report.notes.append("the KMS has not anchored this volume yet (never mounted with "
                             "--kms): a rollback of the whole volume cannot be detected")
-    elif state.seq < epoch:
-        report.add(Finding("rolled-back", None, "volume", journal_name(state.gen),
-                           f"the volume is at epoch {state.seq} but its anchor records "
-                           f"epoch {epoch}: this is an older copy of the volume",
+        return
+    try:
+        verify_fresh(state, anchor)
+    except RollbackError as e:
+        kind = "rolled-back" if e.reason == "rolled back" else "tampered"
+        report.add(Finding(kind, None, "volume", journal_name(state.gen), str(e),
                            ADVICE["rollback"]))
-    elif state.seq == epoch and state.head != head:
-        report.add(Finding("tampered", None, "volume", journal_name(state.gen),
-                           f"epoch {epoch} matches the anchor but the metadata history "
-                           "differs from the anchored one (a forked or forged history)",
-                           ADVICE["rollback"]))
-    elif state.seq > epoch and getattr(state, "heads", {}).get(epoch, head) != head:
-        report.add(Finding("tampered", None, "volume", journal_name(state.gen),
-                           f"the metadata history at the anchored epoch {epoch} differs from "
-                           "the anchored one (a forked or forged history)",
-                           ADVICE["rollback"]))
-    elif state.seq > epoch:
-        report.notes.append(f"the volume is {state.seq - epoch} commit(s) ahead of its anchor "
-                            "(a crash between commit and anchor update); the next mount "
-                            "advances the anchor")
+        return
+    if state.seq > anchor[0]:
+        report.notes.append(f"the volume is {state.seq - anchor[0]} commit(s) ahead of its "
+                            "anchor (a crash between commit and anchor update, or a mount "
+                            "without the KMS); the next KMS mount advances the anchor")
 
 
 def stale_files(store: ObjectStore, gen: int) -> list[str]:

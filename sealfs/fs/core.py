@@ -6,6 +6,9 @@ file I/O) goes to worker threads through :attr:`Filesystem.io_limiter` and only 
 immutable inputs and the store. A node's data (read/write/truncate/flush) is serialised by its
 own ``trio.Lock``; metadata changes are synchronous and therefore atomic. Commits are
 serialised by ``_commit_lock``; whatever changes while a commit is in flight goes into the next.
+The KMS is never called with ``_commit_lock`` held: the freshness anchor advances from its own
+task (:meth:`Filesystem.anchor_loop`), and checkpoints need no KMS (they keep the heads back to
+the last anchored commit), so a KMS out of reach never stalls a commit.
 
 Errors: POSIX failures raise :class:`FsError` (an errno); authentication failures raise
 :class:`Damaged` naming the plaintext path and the backing object; storage failures raise
@@ -122,6 +125,7 @@ class Filesystem:
         """Verify and replay the metadata; with an anchor, refuse a stale or forked disk
         (unless ``allow_rollback``, which is logged) and advance the anchor to this disk."""
         state = await self._io(self.metalog.load)
+        self.metalog.anchorable = self.anchor is not None or self.header.kms_slot() is not None
         for note in state.notes:
             log.warning("recovery: %s", note)
         overridden = None
@@ -143,7 +147,7 @@ class Filesystem:
                 await self._io(self.metalog.skip_to, state.table, state.next_ino,
                                max(overridden, state.seq) + 1)
             if self.anchor is not None:
-                await self._io(self.anchor.advance, self.metalog.seq, self.metalog.head)
+                await trio.to_thread.run_sync(self._anchor_root)
         self.table = state.table
         self.next_ino = state.next_ino
         self.state = state
@@ -155,16 +159,26 @@ class Filesystem:
         await self._advance_anchor()
         self.metalog.close()
 
-    async def _advance_anchor(self) -> bool:
-        """Anchor the last durable commit at the KMS; False (logged) if the KMS failed."""
+    def _anchor_root(self) -> None:
+        """Anchor the last durable commit (one snapshot of the root, never a number with
+        another commit's head); its older heads need not be kept after that. Runs in a
+        thread of its own, not an I/O thread: a KMS call can take the whole client deadline."""
+        assert self.anchor is not None
+        seq, head = self.metalog.root
+        self.anchor.advance(seq, head)
+        self.metalog.anchored(seq)
+
+    async def _advance_anchor(self) -> None:
+        """Anchor the last durable commit at the KMS; a failure is logged (the heads since
+        the last anchored commit are kept meanwhile, so nothing depends on it succeeding)."""
         if self.anchor is None:
-            return True
+            return
         try:
-            await self._io(self.anchor.advance, self.metalog.seq, self.metalog.head)
+            await trio.to_thread.run_sync(self._anchor_root)
         except KmsError as e:
             log.error("could not advance the freshness anchor: %s", e)
-            return False
-        return True
+        except RollbackError as e:
+            log.error("the KMS refused to advance the freshness anchor: %s", e)
 
     async def _io(self, fn: Callable[..., T], *args: object) -> T:
         return await trio.to_thread.run_sync(fn, *args, limiter=self.io_limiter)
@@ -660,7 +674,7 @@ class Filesystem:
                 node = self.nodes.get(ino)
                 if node is not None:
                     self._maybe_release(node)
-            if self._checkpoint_due() and await self._advance_anchor():  # stay replayable
+            if self._checkpoint_due():  # needs no KMS: it keeps the unanchored heads
                 await self.deletions_done()  # none may race with writing carried records out
                 await self._io(self.metalog.write_checkpoint, dict(self.table),
                                self.next_ino)
@@ -699,21 +713,27 @@ class Filesystem:
 
     async def commit_loop(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                           ) -> None:
-        """Write back and commit periodically, so a crash loses at most a few seconds."""
-        task_status.started()
-        last_anchor = trio.current_time()
-        while True:
-            await trio.sleep(self.limits.commit_interval)
-            if self.dirty:
-                try:
-                    await self.sync()
-                except StorageError as e:
-                    log.error("periodic commit failed, will retry: %s", e)
-                except Exception:
-                    log.exception("periodic commit failed, will retry")
-            if trio.current_time() - last_anchor >= self.limits.anchor_interval:
-                last_anchor = trio.current_time()
-                await self._advance_anchor()
+        """Write back and commit periodically, so a crash loses at most a few seconds; the
+        anchor advances beside it (:meth:`anchor_loop`), so a slow KMS delays neither."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.anchor_loop)
+            task_status.started()
+            while True:
+                await trio.sleep(self.limits.commit_interval)
+                if self.dirty:
+                    try:
+                        await self.sync()
+                    except StorageError as e:
+                        log.error("periodic commit failed, will retry: %s", e)
+                    except Exception:
+                        log.exception("periodic commit failed, will retry")
+
+    async def anchor_loop(self) -> None:
+        """Advance the freshness anchor to the last durable commit every ``anchor_interval``
+        seconds, outside the commit lock: commits go on while the KMS is slow or away."""
+        while self.anchor is not None:
+            await trio.sleep(self.limits.anchor_interval)
+            await self._advance_anchor()
 
     # --- statistics ----------------------------------------------------------------------
 

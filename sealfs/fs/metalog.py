@@ -6,7 +6,12 @@ records (docs/format.md, "Checkpoint" and "Journal"). Every commit record carrie
 volume-global sequence number in its associated data, so records cannot be reordered, dropped
 from the middle, or moved between volumes or journal generations. A running SHA-256 over the
 sealed records (the *head*) commits to the whole history; ``(seq, head)`` is the volume root
-that the KMS can anchor against whole-volume rollback.
+that the KMS can anchor against whole-volume rollback. :attr:`MetaLog.root` is that pair for
+the last *durable* commit, replaced in one assignment, so a reader on another thread (the
+anchor task) never sees a number with another commit's head. The heads since the oldest commit
+the KMS may hold (:attr:`MetaLog.floor`) are kept, in memory and in each checkpoint, so that a
+checkpoint written while the KMS was out of reach (a recovery-credential mount, a KMS outage)
+never makes the anchored commit unverifiable.
 
 Small inode records, and the blocks an fsync writes back, travel inside the commit frame that
 introduces them instead of as files (they are *carried*, see
@@ -28,6 +33,7 @@ from dataclasses import dataclass, field
 from sealfs.codec import (
     CHECKPOINT_MAX,
     FRAME_HEADER,
+    MAX_CHAIN,
     RECORD_OBJECT_MAX,
     Checkpoint,
     CodecError,
@@ -51,6 +57,39 @@ ZERO_HEAD = bytes(32)
 #: After a bad frame header, the search for a later commit decrypts at most this many times
 #: the bytes that follow it (docs/format.md, crash rule 5).
 TORN_SEARCH_FACTOR = 2
+#: heads older than the floor are dropped in batches of this many commits (and at checkpoints)
+HEADS_SLACK = 4096
+
+
+class Heads:
+    """The heads of consecutive commits ``first .. last``, 32 bytes each (a chain of a million
+    commits is 32 MiB, not a dict of a million entries)."""
+
+    def __init__(self, first: int, data: bytes) -> None:
+        self.first = first
+        self._data = bytearray(data)
+
+    @property
+    def last(self) -> int:
+        return self.first + len(self._data) // 32 - 1
+
+    def get(self, seq: int) -> bytes | None:
+        if not self.first <= seq <= self.last:
+            return None
+        i = (seq - self.first) * 32
+        return bytes(self._data[i:i + 32])
+
+    def append(self, head: bytes) -> None:
+        self._data += head
+
+    def between(self, start: int, end: int) -> bytes:
+        """The heads of commits ``start .. end - 1``, concatenated."""
+        return bytes(self._data[(start - self.first) * 32:(end - self.first) * 32])
+
+    def drop_before(self, seq: int) -> None:
+        if seq > self.first:
+            del self._data[:(seq - self.first) * 32]
+            self.first = seq
 
 
 @dataclass
@@ -66,9 +105,9 @@ class MetaState:
     torn_bytes: int = 0
     replayed: int = 0
     notes: list[str] = field(default_factory=list)
-    #: the volume root after each commit from the checkpoint on: what an anchor is checked
-    #: against (a fork shares a sequence number but not the head)
-    heads: dict[int, bytes] = field(default_factory=dict)
+    #: the volume root after each commit from the checkpoint's chain on: what an anchor is
+    #: checked against (a fork shares a sequence number but not the head)
+    heads: Heads = field(default_factory=lambda: Heads(0, ZERO_HEAD))
 
 
 def _advance(head: bytes, sealed: bytes) -> bytes:
@@ -81,11 +120,25 @@ class MetaLog:
     def __init__(self, store: ObjectStore, keys: VolumeKeys) -> None:
         self.store = store
         self.keys = keys
+        #: whether a KMS may hold an anchor of this volume (it has a KMS key slot, or is
+        #: mounted with one); if not, checkpoints keep no heads before their own
+        self.anchorable = True
         self.journal: JournalFile | None = None
         self.gen = 0
-        self.seq = 0
-        self.head = ZERO_HEAD
+        #: ``(seq, head)`` of the last durable commit: one immutable tuple, replaced at once
+        self.root: tuple[int, bytes] = (0, ZERO_HEAD)
+        self.heads = Heads(0, ZERO_HEAD)  # of commits floor .. root
+        #: the oldest commit the KMS may hold as this volume's anchor (see :meth:`anchored`)
+        self.floor = 0
         self.checkpoint_size = 0
+
+    @property
+    def seq(self) -> int:
+        return self.root[0]
+
+    @property
+    def head(self) -> bytes:
+        return self.root[1]
 
     # --- reading -------------------------------------------------------------------------
 
@@ -105,8 +158,8 @@ class MetaLog:
         except (AuthError, CodecError) as e:
             raise IntegrityError(f"the metadata checkpoint failed verification ({e})") from None
         self.checkpoint_size = len(blob)
-        state = MetaState(dict(cp.table), cp.next_ino, cp.seq, cp.head, cp.gen, 0)
-        state.heads[cp.seq] = cp.head
+        state = MetaState(dict(cp.table), cp.next_ino, cp.seq, cp.head, cp.gen, 0,
+                          heads=Heads(cp.seq - len(cp.chain) // 32, cp.chain + cp.head))
         try:
             data = JournalFile(self.store, cp.gen).read_all()
         except MissingObject:
@@ -137,7 +190,7 @@ class MetaLog:
             state.next_ino = commit.next_ino
             state.seq = commit.seq
             state.head = _advance(state.head, sealed)
-            state.heads[state.seq] = state.head
+            state.heads.append(state.head)
             state.replayed += 1
             valid = offset + FRAME_HEADER + len(sealed)
         if bad_header:
@@ -146,7 +199,8 @@ class MetaLog:
         state.torn_bytes = len(data) - valid
         if state.torn_bytes and not state.notes:
             state.notes.append(f"discarded {state.torn_bytes} bytes of a torn journal append")
-        self.gen, self.seq, self.head = cp.gen, state.seq, state.head
+        self.gen, self.root = cp.gen, (state.seq, state.head)
+        self.heads, self.floor = state.heads, state.heads.first
         self.store.set_carried(self._referenced(carried, state.table))
         return state
 
@@ -214,8 +268,17 @@ class MetaLog:
         self.journal.append(frame(sealed))
         for oid, (_, blob) in commit.carried.items():
             self.store.carry(oid, blob)
-        self.seq = commit.seq
-        self.head = _advance(self.head, sealed)
+        head = _advance(self.head, sealed)
+        if self.floor - self.heads.first >= HEADS_SLACK:  # anchored since: not needed any more
+            self.heads.drop_before(self.floor)
+        self.heads.append(head)
+        self.root = (commit.seq, head)  # durable: now the anchor may name it
+
+    def anchored(self, seq: int) -> None:
+        """The KMS now holds commit ``seq`` (or later: its anchor never goes back), so older
+        heads need not be kept; commits and checkpoints drop them (under the commit lock, so
+        this may be called from any thread)."""
+        self.floor = max(self.floor, seq)
 
     @property
     def journal_length(self) -> int:
@@ -223,6 +286,10 @@ class MetaLog:
 
     def write_checkpoint(self, table: dict[int, int], next_ino: int) -> None:
         """Seal the whole table into a new checkpoint and start a new journal generation.
+
+        The checkpoint keeps the heads back to :attr:`floor`: without a KMS (or with the KMS
+        out of reach) that is the floor of the checkpoint this mount loaded, so the commit the
+        KMS holds stays verifiable however many checkpoints a recovery mount writes.
 
         Order: carried objects written as files (durable) -> new empty journal (durable) ->
         checkpoint replaced by rename (durable) -> old journal removed. A crash anywhere leaves
@@ -233,7 +300,15 @@ class MetaLog:
         new_gen = self.gen + 1
         new_journal = JournalFile(self.store, new_gen)
         new_journal.create()
-        cp = Checkpoint(new_gen, self.seq, next_ino, self.head, table)
+        seq, head = self.root
+        floor = self.floor if self.anchorable else seq
+        if seq - floor > MAX_CHAIN:
+            log.warning("%d commits since the last one known anchored at the KMS: the "
+                        "checkpoint keeps the last %d; the next KMS mount cannot verify an "
+                        "older anchor (mount with --allow-rollback after checking this is "
+                        "the newest copy)", seq - floor, MAX_CHAIN)
+            floor = self.floor = seq - MAX_CHAIN
+        cp = Checkpoint(new_gen, seq, next_ino, head, table, self.heads.between(floor, seq))
         blob = seal_checkpoint(self.keys.journal, self.keys.volume_id, cp)
         self.store.replace_file(CHECKPOINT_NAME, blob)
         old = self.journal
@@ -241,6 +316,7 @@ class MetaLog:
         self.journal = new_journal
         new_journal.open_for_append(0)
         self.checkpoint_size = len(blob)
+        self.heads.drop_before(floor)
         if old is not None:
             old.remove()
         for oid in written:  # files now; objects carried since then stay carried
@@ -250,9 +326,9 @@ class MetaLog:
         """Continue this volume's history at ``epoch`` (after an operator's rollback override:
         the anchor cannot go back, so the accepted old state is re-issued as a new commit
         number). Done as a checkpoint, so the journal stays gap-free."""
-        self.head = hashlib.sha256(self.head + b"sealfs rollback override" +
-                                   epoch.to_bytes(8, "big")).digest()
-        self.seq = epoch
+        head = hashlib.sha256(self.head + b"sealfs rollback override" +
+                              epoch.to_bytes(8, "big")).digest()
+        self.root, self.heads, self.floor = (epoch, head), Heads(epoch, head), epoch
         self.write_checkpoint(table, next_ino)
 
     def close(self) -> None:

@@ -9,13 +9,17 @@ the metadata commit sequence number and ``head`` the running digest of all commi
 Rules (docs/threat-model.md): on mount the disk's history must contain the anchored commit —
 same sequence number *and* same head — or the mount is refused as a rollback (disk behind) or a
 fork (same number, other history). After mount, and periodically, the anchor advances to the
-last durable commit. A checkpoint (which forgets older heads) is only written right after a
-successful advance, so the anchored commit is always within the replayable range.
+last durable commit (:attr:`sealfs.fs.metalog.MetaLog.root`, an atomic snapshot), from a
+background task: never inside the commit lock, so a KMS out of reach never stalls an fsync.
+Checkpoints keep the heads back to the last commit known anchored, so the anchored commit is
+always within the verifiable range, whoever wrote the checkpoints (a recovery-credential mount
+too).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 from sealfs.crypto import ct_equal
@@ -40,19 +44,32 @@ class KmsAnchor:
         self.client = client
         self.volume_id = volume_id
         self.anchored: tuple[int, bytes] = (0, b"")
+        self._lock = threading.Lock()  # one exchange at a time: ``anchored`` stays the KMS's
 
     def __repr__(self) -> str:
         return f"<KmsAnchor {self.client!r}>"
 
     def fetch(self) -> tuple[int, bytes]:
-        self.anchored = self.client.get_epoch(self.volume_id)
-        return self.anchored
+        with self._lock:
+            self.anchored = self.client.get_epoch(self.volume_id)
+            return self.anchored
 
     def advance(self, epoch: int, head: bytes) -> None:
-        if epoch <= self.anchored[0]:
-            return
-        self.anchored = self.client.advance_epoch(self.volume_id, epoch, head)
-        log.debug("anchored epoch %d", epoch)
+        """Anchor the durable commit ``(epoch, head)``. Raises RollbackError if it is not a
+        successor of what the KMS holds: an older commit, or the same number with another
+        head (a fork: a copy of the volume went on elsewhere), and KmsError if unreachable."""
+        with self._lock:
+            held_epoch, held_head = self.anchored
+            if epoch < held_epoch:
+                raise RollbackError("rolled back", f"volume rolled back: commit {epoch} is "
+                                    f"older than the anchored commit {held_epoch}")
+            if epoch == held_epoch:  # already anchored (no head: the never-anchored 0)
+                if held_head and not ct_equal(head, held_head):
+                    raise RollbackError("forked", f"volume forked: commit {epoch} differs "
+                                        "from the one anchored at the KMS")
+                return
+            self.anchored = self.client.advance_epoch(self.volume_id, epoch, head)
+            log.debug("anchored epoch %d", epoch)
 
 
 def verify_fresh(state: MetaState, anchored: tuple[int, bytes]) -> None:
@@ -66,7 +83,8 @@ def verify_fresh(state: MetaState, anchored: tuple[int, bytes]) -> None:
     ours = state.heads.get(epoch)
     if ours is None:
         raise RollbackError("rolled back", f"cannot verify freshness: anchored commit {epoch} "
-                            f"predates the checkpoint at commit {min(state.heads)}")
+                            f"predates the oldest commit the checkpoint keeps "
+                            f"({state.heads.first})")
     if not ct_equal(ours, head):
         raise RollbackError("forked", f"volume forked: commit {epoch} on disk differs from "
                             "the one anchored at the KMS (a copy of this volume has been "

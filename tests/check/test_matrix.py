@@ -221,6 +221,11 @@ def test_rollback_against_anchor(template: Template, victim: Volume) -> None:
     assert clean.report.clean
     forged = run_check(victim, anchor=(seq, bytes(32)))
     assert_only(forged, {(None, "tampered")})
+    # an anchored commit the disk no longer shows (before its checkpoint's heads): a mount
+    # refuses it, and so does check (it used to call such a volume clean)
+    predates = run_check(victim, anchor=(1, bytes(32)))
+    assert_only(predates, {(None, "rolled-back")})
+    assert "predates" in predates.report.problems[0].detail
 
 
 def test_orphans_are_noted_not_alarmed(template: Template, victim: Volume) -> None:

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.backing import force_checkpoints, fsync_path, journal_generation
 from tests.conftest import Volume, sealfs
 
-from .conftest import APP_A, APP_B, COMPOSE_A, KmsProcess
+from .conftest import APP_A, APP_B, COMPOSE_A, KmsProcess, KmsState, start_kms
 
 pytestmark = pytest.mark.mount
 
@@ -113,3 +114,56 @@ def test_kms_down_fails_with_clear_message(kvol: Volume, tmp_path: Path) -> None
                  check=False)
     assert res.returncode == 8, res.stderr
     assert "not available" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_recovery_mount_leaves_the_volume_mountable_through_the_kms(
+        kvol: Volume, kms: KmsProcess, tmp_path: Path) -> None:
+    """A key-file mount (no KMS) writes checkpoints past the anchored commit; they keep the
+    heads back to it, so the next KMS mount and `check` both accept the volume; a rollback
+    after that is still refused by both."""
+    kmount(kvol, kms)
+    (kvol.mnt / "f").write_text("written through the KMS")
+    kvol.umount()
+    kvol.mount()  # the recovery key file: the anchor cannot move
+    assert force_checkpoints(kvol.mnt, kvol.backing, count=2)
+    (kvol.mnt / "f").write_text("written with the recovery key")
+    kvol.umount()
+    old = tmp_path / "after-recovery"
+    shutil.copytree(kvol.backing, old)
+    sealfs("check", str(kvol.backing), *kms_args(kms))  # check: fresh (exit 0)...
+    kmount(kvol, kms)  # ...and the mount agrees
+    assert (kvol.mnt / "f").read_text() == "written with the recovery key"
+    (kvol.mnt / "f").write_text("anchored again")
+    kvol.umount()
+    sealfs("check", str(kvol.backing), *kms_args(kms))
+    shutil.rmtree(kvol.backing)
+    shutil.copytree(old, kvol.backing)  # the host puts the recovery-era disk back
+    res = kmount(kvol, kms, check=False)
+    assert res.returncode == 5 and "rolled back" in res.stderr, res.stderr
+    res = sealfs("check", str(kvol.backing), *kms_args(kms), "--json", check=False)
+    assert res.returncode == 5 and "rolled" in res.stdout, res.stdout + res.stderr
+
+
+def test_fsync_never_waits_for_an_unreachable_kms(kvol: Volume, state: KmsState) -> None:
+    """The KMS goes away with a client deadline of 600 s: fsyncs keep completing, checkpoints
+    included (anything that waited for the KMS would hang until pytest's timeout); when it
+    comes back the unmount anchors the volume and the next KMS mount accepts it."""
+    server = start_kms(state, "--allow-simulated", log_name="kms-outage.log")
+    args = [*kms_args(server)[:-1], "600"]  # --kms-deadline 600
+    try:
+        sealfs("mount", str(kvol.backing), str(kvol.mnt), *args, "--log-file", str(kvol.log))
+        (kvol.mnt / "f").write_text("before the outage")
+        fsync_path(kvol.mnt / "f")
+        server.stop()
+        gen = journal_generation(kvol.backing)
+        assert force_checkpoints(kvol.mnt, kvol.backing, count=2)  # all while the KMS is down
+        assert journal_generation(kvol.backing) >= gen + 2
+        server = start_kms(state, "--allow-simulated", log_name="kms-back.log",
+                           port=server.port)
+        kvol.umount()
+        sealfs("check", str(kvol.backing), *args)
+        sealfs("mount", str(kvol.backing), str(kvol.mnt), *args)
+        assert (kvol.mnt / "f").read_text() == "before the outage"
+        kvol.umount()
+    finally:
+        server.stop()

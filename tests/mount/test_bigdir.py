@@ -18,6 +18,8 @@ from tests.conftest import Volume, new_volume
 pytestmark = [pytest.mark.mount, pytest.mark.slow]
 
 N = 100_000
+LISTING_PACE = 2000  # entries listed between waits for the churn thread
+CHANGES_PER_PACE = 10  # changes the churn thread makes (at least) during each of those waits
 
 
 def name_of(i: int) -> str:
@@ -67,9 +69,13 @@ def test_100k_entries_listed_exactly_once(bigdir: tuple[Volume, Path]) -> None:
 
 
 def test_listing_while_entries_added_and_removed(bigdir: tuple[Volume, Path]) -> None:
+    """Another thread adds and removes entries during the listing; the listing waits for a
+    number of those changes every LISTING_PACE entries, so the amount of churn it sees is set
+    by work done, however fast or loaded the machine."""
     _vol, big = bigdir
     stable = {name_of(i) for i in range(N)}
     stop = threading.Event()
+    changes = threading.Semaphore(0)  # released once per change the churn thread made
     errors: list[BaseException] = []
     churned: set[str] = set()
 
@@ -86,27 +92,33 @@ def test_listing_while_entries_added_and_removed(bigdir: tuple[Volume, Path]) ->
                 live.append(name)
                 if len(live) > 50:
                     os.unlink(live.pop(0), dir_fd=fd)
+                changes.release()
             for name in live:
                 os.unlink(name, dir_fd=fd)
         except BaseException as e:  # noqa: BLE001
             errors.append(e)
+            changes.release(CHANGES_PER_PACE)  # never leave the listing waiting
         finally:
             os.close(fd)
 
     t = threading.Thread(target=churn)
     t.start()
+    names: list[str] = []
     try:
-        time.sleep(0.2)
-        listings = [list_names(big)]
+        with os.scandir(big) as it:
+            for j, entry in enumerate(it):
+                names.append(entry.name)
+                if j % LISTING_PACE == 0:
+                    for _ in range(CHANGES_PER_PACE):
+                        assert changes.acquire(timeout=120), "the churn thread is stuck"
     finally:
         stop.set()
         t.join(120)
     assert not errors, errors
-    assert len(churned) > 100, "the churn thread made too few changes to test anything"
-    for names in listings:
-        assert_exactly_once(names, stable)
-        unknown = set(names) - stable - churned
-        assert not unknown, f"names never created: {sorted(unknown)[:5]}"
+    assert len(churned) >= CHANGES_PER_PACE * (N // LISTING_PACE)  # by construction
+    assert_exactly_once(names, stable)
+    unknown = set(names) - stable - churned
+    assert not unknown, f"names never created: {sorted(unknown)[:5]}"
     assert set(list_names(big)) == stable
 
 

@@ -10,6 +10,7 @@ import lz4.block
 import pytest
 
 from sealfs.codec import (
+    CHECKPOINT_MAGIC,
     CODEC_KEYED,
     CODEC_LZ4,
     Checkpoint,
@@ -123,6 +124,24 @@ def test_commit_and_checkpoint_roundtrip() -> None:
         Commit.decode(c.encode()[:-3])
     cp = Checkpoint(3, 10, 42, b"h" * 32, {1: 2, 3: 4})
     assert Checkpoint.decode(cp.encode()) == cp
+
+
+def test_checkpoint_keeps_a_chain_of_heads_and_version_1_is_still_read() -> None:
+    cp = Checkpoint(3, 10, 42, b"h" * 32, {1: 2, 3: 4}, b"a" * 32 + b"b" * 32)
+    assert Checkpoint.decode(cp.encode()) == cp
+    enc = cp.encode()
+    for bad in (enc[:-1], enc + b"\0",  # a chain cut short or extended
+                Checkpoint(3, 1, 42, b"h" * 32, {}, b"a" * 64).encode()):  # longer than seq
+        with pytest.raises(CodecError):
+            Checkpoint.decode(bad)
+    v1 = Checkpoint(3, 10, 42, b"h" * 32, {1: 2}).encode()[:-8]  # no chain count
+    assert Checkpoint.decode(v1, 1) == Checkpoint(3, 10, 42, b"h" * 32, {1: 2})
+    key = Sealer(Secret.generate())
+    vid = os.urandom(16)
+    old = CHECKPOINT_MAGIC + b"\x01" + key.seal(v1, checkpoint_ad(vid, 1))
+    assert open_checkpoint(key, vid, old).table == {1: 2}
+    with pytest.raises(AuthError):  # the version is authenticated: no downgrade by relabelling
+        open_checkpoint(key, vid, CHECKPOINT_MAGIC + b"\x02" + old[5:])
 
 
 def test_commit_records_carry_objects_and_version_1_is_still_read() -> None:

@@ -1,0 +1,102 @@
+"""The freshness anchor races the commits: it may only ever name a durable (commit, head) pair.
+
+A real KMS on 127.0.0.1 and the filesystem core in-process (fast enough for thousands of
+commit/anchor races): commits run while the anchor task advances the anchor as fast as it
+can, then the "machine crashes" (the filesystem is dropped without a clean close) and the next
+mount checks the disk against the anchor. An anchor that paired commit N with commit N-1's
+head would refuse that honest disk as forked.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from sealfs.fs.core import Filesystem
+from sealfs.kms.client import KmsClient
+from sealfs.volume.anchor import KmsAnchor, RollbackError
+from tests.core.harness import open_fs
+
+from .conftest import APP_A, KmsProcess, attester
+
+LIVES = 1000  # crash + KMS-checked remount this many times
+ADVANCES_PER_LIFE = 2  # the crash comes right after the last one, with commits in flight
+DATA = os.urandom(64 << 10)  # carried in the commit: hashing its frame takes a while
+#: checkpoints every few commits: short replays, and checkpoints race the anchor too
+SMALL_JOURNAL = {"checkpoint_min_journal": 256 << 10, "carried_in_memory": 128 << 10,
+                 "journal_max": 1 << 20}
+
+
+def kms_client(kms: KmsProcess) -> KmsClient:
+    return KmsClient(kms.url, APP_A, attester(), kms_public_key=kms.public_key, deadline_s=30)
+
+
+@pytest.fixture
+def fine_switching() -> Iterator[None]:
+    """Let the interpreter switch threads far more often than every 5 ms, so that the commit's
+    worker thread and the trio thread interleave at (nearly) every bytecode."""
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    yield
+    sys.setswitchinterval(old)
+
+
+async def live_and_crash(fs: Filesystem, client: KmsClient, life: int) -> None:
+    """Mount against the anchor (raises RollbackError on a false alarm), commit without pause
+    while the anchor advances, and crash (drop everything without a clean close) right after
+    an advance: what the KMS holds then is what the next mount checks."""
+    fs.anchor = KmsAnchor(client, fs.vid)
+    state = await fs.load()
+    node = await (fs.lookup(1, b"f") if life else fs.create(1, b"f", 0o100644, 0, 0))
+
+    async def committer() -> None:
+        for i in range(1 << 30):
+            await fs.write(node, (i % 64) * len(DATA), DATA)
+            await fs.fsync(node)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(committer)
+        while fs.metalog.seq == state.seq:  # commits are flowing
+            await trio.sleep(0)
+        for _ in range(ADVANCES_PER_LIFE):  # what anchor_loop does, without the pause
+            await fs._advance_anchor()
+        nursery.cancel_scope.cancel()
+    fs.metalog.close()  # the crash: no final commit, no final anchor
+
+
+@pytest.mark.slow
+def test_anchor_never_pairs_a_commit_with_another_head(tmp_path: Path, kms: KmsProcess,
+                                                       fine_switching: None) -> None:
+    client = kms_client(kms)
+    backing = tmp_path / "vol"
+    for life in range(LIVES):
+        try:
+            trio.run(live_and_crash, open_fs(backing, **SMALL_JOURNAL), client, life)
+        except RollbackError as e:
+            raise AssertionError(f"false alarm at life {life}: {e}") from None
+    fs = open_fs(backing)
+    fs.anchor = KmsAnchor(client, fs.vid)
+    state = trio.run(fs.load, False)  # the last crash, checked read-only
+    assert state.seq >= fs.anchor.anchored[0] >= LIVES  # the anchor really moved each life
+
+
+def test_advance_compares_heads_on_equal_epochs(kms: KmsProcess) -> None:
+    """Same commit number, other head: a fork, refused locally and never skipped; an older
+    commit than the anchored one: a rollback."""
+    anchor = KmsAnchor(kms_client(kms), os.urandom(16))
+    assert anchor.fetch() == (0, b"")
+    head = os.urandom(32)
+    anchor.advance(7, head)
+    anchor.advance(7, head)  # the same commit again: nothing to do
+    with pytest.raises(RollbackError) as e:
+        anchor.advance(7, os.urandom(32))
+    assert e.value.reason == "forked"
+    with pytest.raises(RollbackError) as e:
+        anchor.advance(6, os.urandom(32))
+    assert e.value.reason == "rolled back"
+    assert anchor.fetch() == (7, head)  # the KMS still holds the honest commit
