@@ -284,6 +284,8 @@ class Checkpoint:
             head = data[24:56]
             (n,) = _U64.unpack_from(data, 56)
             end = 64 + 16 * n
+            if end > len(data):
+                raise CodecError("checkpoint table length mismatch")
             k = _U64.unpack_from(data, end)[0] if version > 1 else 0  # version 1: no chain
             chain_at = end + 8 if version > 1 else end
             if chain_at + 32 * k != len(data) or k > min(seq, MAX_CHAIN):

@@ -33,7 +33,7 @@ SMALL_JOURNAL = {"checkpoint_min_journal": 256 << 10, "carried_in_memory": 128 <
 
 
 def kms_client(kms: KmsProcess) -> KmsClient:
-    return KmsClient(kms.url, APP_A, attester(), kms_public_key=kms.public_key, deadline_s=30)
+    return KmsClient(kms.url, APP_A, attester(), trusted_keys=[kms.public_key], deadline_s=30)
 
 
 @pytest.fixture

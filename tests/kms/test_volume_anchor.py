@@ -17,9 +17,10 @@ from .conftest import APP_A, APP_B, COMPOSE_A, KmsProcess, KmsState, start_kms
 pytestmark = pytest.mark.mount
 
 
-def kms_args(kms: KmsProcess, app: bytes = APP_A, compose: bytes = COMPOSE_A) -> list[str]:
+def kms_args(kms: KmsProcess, app: bytes = APP_A, compose: bytes = COMPOSE_A,
+             deadline: float = 5) -> list[str]:
     return ["--kms", kms.url, "--app-id", app.hex(), "--attester", "simulated",
-            "--compose-hash", compose.hex(), "--kms-deadline", "5",
+            "--compose-hash", compose.hex(), "--kms-deadline", str(deadline),
             "--kms-public-key", kms.public_key.hex()]
 
 
@@ -149,7 +150,7 @@ def test_fsync_never_waits_for_an_unreachable_kms(kvol: Volume, state: KmsState)
     included (anything that waited for the KMS would hang until pytest's timeout); when it
     comes back the unmount anchors the volume and the next KMS mount accepts it."""
     server = start_kms(state, "--allow-simulated", log_name="kms-outage.log")
-    args = [*kms_args(server)[:-1], "600"]  # --kms-deadline 600
+    args = kms_args(server, deadline=600)
     try:
         sealfs("mount", str(kvol.backing), str(kvol.mnt), *args, "--log-file", str(kvol.log))
         (kvol.mnt / "f").write_text("before the outage")

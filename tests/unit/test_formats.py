@@ -136,12 +136,13 @@ def test_checkpoint_keeps_a_chain_of_heads_and_version_1_is_still_read() -> None
             Checkpoint.decode(bad)
     v1 = Checkpoint(3, 10, 42, b"h" * 32, {1: 2}).encode()[:-8]  # no chain count
     assert Checkpoint.decode(v1, 1) == Checkpoint(3, 10, 42, b"h" * 32, {1: 2})
-    key = Sealer(Secret.generate())
-    vid = os.urandom(16)
-    old = CHECKPOINT_MAGIC + b"\x01" + key.seal(v1, checkpoint_ad(vid, 1))
-    assert open_checkpoint(key, vid, old).table == {1: 2}
+    master, vid = Secret.generate(), os.urandom(16)
+    keys = VolumeKeys(master, vid, legacy=True)  # version 1 is sealed under the format-1 key
+    old = CHECKPOINT_MAGIC + b"\x01" + Sealer(hkdf(master, "journal", vid)).seal(
+        v1, checkpoint_ad(vid, 1))
+    assert open_checkpoint(keys.journal, vid, old).table == {1: 2}
     with pytest.raises(AuthError):  # the version is authenticated: no downgrade by relabelling
-        open_checkpoint(key, vid, CHECKPOINT_MAGIC + b"\x02" + old[5:])
+        open_checkpoint(keys.journal, vid, CHECKPOINT_MAGIC + b"\x02" + old[5:])
 
 
 def test_commit_records_carry_objects_and_version_1_is_still_read() -> None:
@@ -204,7 +205,7 @@ def test_format_1_blocks_and_checkpoints_open_only_on_format_1_volumes() -> None
                                           ad + b"\x01")]
     cp = Checkpoint(1, 3, 9, b"h" * 32, {1: 2})
     old_cp = b"SFCK\x01" + Sealer(hkdf(master, "journal", vid)).seal(
-        cp.encode(), checkpoint_ad(vid, 1))
+        cp.encode()[:-8], checkpoint_ad(vid, 1))  # version 1 has no chain count
     legacy, current = VolumeKeys(master, vid, legacy=True), VolumeKeys(master, vid)
     for blob in old_blocks:
         assert open_block(legacy.inode(2), ad, blob, 4096) == data
