@@ -30,6 +30,7 @@ from typing import TypeVar
 import trio
 
 from sealfs.codec import (
+    MAX_INODES,
     RECORD_OBJECT_MAX,
     Commit,
     inode_ad,
@@ -38,7 +39,7 @@ from sealfs.codec import (
 from sealfs.crypto import AuthError, ObjectSealer, Secret
 from sealfs.errors import KmsError, StorageError
 from sealfs.fs.data import Damaged, DataPath, FsError
-from sealfs.fs.inode import ROOT_INO, Inode, RecordError
+from sealfs.fs.inode import ENTRY_OVERHEAD, ROOT_INO, XATTR_OVERHEAD, Inode, RecordError
 from sealfs.fs.metalog import MetaLog, MetaState
 from sealfs.store import HEADER_NAME, JOURNAL_MAX, DamagedFile, MissingObject, ObjectStore
 from sealfs.volume.anchor import KmsAnchor, RollbackError, verify_fresh
@@ -51,6 +52,10 @@ U = TypeVar("U")
 NAME_MAX = 255
 XATTR_SIZE_MAX = 65536
 XATTR_LIST_MAX = 65536
+# Writers stay inside what readers accept (docs/format.md, "Size limits"): an inode's xattrs
+# take at most 16 MiB of its record, a directory's entries the rest but 1 MiB (attributes).
+XATTR_RECORD_MAX = 16 << 20
+DIR_ENTRIES_MAX = RECORD_OBJECT_MAX - XATTR_RECORD_MAX - (1 << 20)
 FALLOC_FL_KEEP_SIZE = 0x01
 
 
@@ -291,6 +296,8 @@ class Filesystem:
 
     def _new_node(self, mode: int, uid: int, gid: int, parent: Inode, name: bytes,
                   rdev: int = 0) -> Inode:
+        if len(self.table) + len(self._dirty_nodes) >= MAX_INODES - 1:
+            raise FsError(errno.ENOSPC)  # a checkpoint holds at most MAX_INODES
         ino = self.next_ino
         self.next_ino += 1
         now = _now()
@@ -398,6 +405,7 @@ class Filesystem:
             raise FsError(errno.EEXIST)
         if pnode.nlink == 0:
             raise FsError(errno.ENOENT)
+        _check_room(pnode, name)
         node = self._new_node(mode, uid, gid, pnode, name, rdev)
         if node.is_symlink:
             node.target = target
@@ -420,6 +428,7 @@ class Filesystem:
             raise FsError(errno.EEXIST)
         if node.nlink == 0:
             raise FsError(errno.ENOENT)
+        _check_room(pnode, new_name)
         pnode.entries.add(new_name, ino)
         node.nlink += 1
         node.ctime_ns = pnode.mtime_ns = pnode.ctime_ns = _now()
@@ -493,6 +502,8 @@ class Filesystem:
                 raise FsError(errno.EISDIR)
         if node.is_dir:
             await self._check_not_ancestor(node, dst)
+        if target_ino is None:
+            _check_room(dst, new_name)
         if target_ino is not None:
             dst.entries.remove(new_name)
             self._drop_link(dst, target)
@@ -538,6 +549,10 @@ class Filesystem:
         node = await self.node(ino)
         total = sum(len(k) + 1 for k in node.xattrs) + len(name) + 1
         if total > XATTR_LIST_MAX:
+            raise FsError(errno.ENOSPC)
+        others = sum(XATTR_OVERHEAD + len(k) + len(v) for k, v in node.xattrs.items()
+                     if k != name)
+        if others + XATTR_OVERHEAD + len(name) + len(value) > XATTR_RECORD_MAX:
             raise FsError(errno.ENOSPC)
         node.xattrs[name] = bytes(value)
         node.ctime_ns = _now()
@@ -748,3 +763,12 @@ class Filesystem:
 
     def statfs(self) -> os.statvfs_result:
         return self.store.statvfs()
+
+
+def _check_room(directory: Inode, name: bytes) -> None:
+    """ENOSPC if one more entry would make the directory's record larger than readers
+    accept."""
+    assert directory.entries is not None
+    if directory.entries.record_bytes + ENTRY_OVERHEAD + len(name) > DIR_ENTRIES_MAX:
+        raise FsError(errno.ENOSPC)
+

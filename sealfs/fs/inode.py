@@ -18,6 +18,10 @@ from sealfs.errors import IntegrityError
 
 RECORD_VERSION = 2  # 2 added inline data; version 1 records are still read
 ROOT_INO = 1
+#: Bytes a directory entry adds to its directory's record besides its name (u16 + u64).
+ENTRY_OVERHEAD = 10
+#: Bytes an xattr adds to its inode's record besides its name and value (u16 + u32).
+XATTR_OVERHEAD = 6
 
 _ATTRS = struct.Struct(">BIIIIQqqqQQ")  # version mode uid gid nlink size a/m/ctime rdev parent
 _U16 = struct.Struct(">H")
@@ -38,10 +42,13 @@ class Entries:
     even while other entries are added or removed. Cookies are runtime-only (not stored).
     """
 
-    __slots__ = ("names", "_cookie_of", "_name_of", "_cookies", "_next", "_dead")
+    __slots__ = ("names", "record_bytes", "_cookie_of", "_name_of", "_cookies", "_next",
+                 "_dead")
 
     def __init__(self) -> None:
         self.names: dict[bytes, int] = {}
+        #: what the entries take in the directory's record (docs/format.md, "Inode records")
+        self.record_bytes = 0
         self._cookie_of: dict[bytes, int] = {}
         self._name_of: dict[int, bytes] = {}
         self._cookies: list[int] = []  # ascending; may hold dead cookies
@@ -64,12 +71,14 @@ class Entries:
         cookie = self._next
         self._next += 1
         self.names[name] = ino
+        self.record_bytes += ENTRY_OVERHEAD + len(name)
         self._cookie_of[name] = cookie
         self._name_of[cookie] = name
         self._cookies.append(cookie)
 
     def remove(self, name: bytes) -> int:
         ino = self.names.pop(name)
+        self.record_bytes -= ENTRY_OVERHEAD + len(name)
         cookie = self._cookie_of.pop(name)
         del self._name_of[cookie]
         self._dead += 1
