@@ -260,7 +260,8 @@ def policy() -> None:
 @click.option("--file", "policy_file", type=click.File("rb"),
               help="A policy as JSON ('-' for stdin): app_id, measurements "
                    "[{mrtd, rtmr0, rtmr1, rtmr2}], compose_hashes, tcb_statuses, allow_debug, "
-                   "allow_simulated. Flags below add to it.")
+                   "allow_simulated, require_sept_ve_disable, allow_reserved_td_attributes, "
+                   "allow_service_td (docs/attestation.md). Flags below add to it.")
 @click.option("--mrtd", help="MRTD (48-byte hex) of one allowed image; needs --rtmr0..2.")
 @click.option("--rtmr0", help="RTMR0 (48-byte hex) of that image.")
 @click.option("--rtmr1", help="RTMR1 (48-byte hex) of that image.")
@@ -273,11 +274,21 @@ def policy() -> None:
 @click.option("--tcb-status", "tcb_statuses", multiple=True,
               help="Allowed TCB status; repeatable (default: UpToDate).")
 @click.option("--allow-debug", is_flag=True, help="Allow debug TDs (the host can read them).")
+@click.option("--allow-sept-ve", is_flag=True,
+              help="Allow TDs without SEPT_VE_DISABLE (TD attribute bit 28), in which the host "
+                   "can make EPT violations raise #VE inside the guest. Default: refused.")
+@click.option("--allow-reserved-td-attributes", is_flag=True,
+              help="Allow TD attribute bits this verifier does not know. Default: refused.")
+@click.option("--allow-service-td", is_flag=True,
+              help="Allow a non-zero MRSERVICETD (a service TD bound to this TD, e.g. a "
+                   "migration TD). Default: refused.")
 @json_option
 def policy_set(app_id: str, state: Path, secret_file: Path | None, policy_file: Any,
                mrtd: str | None, rtmr0: str | None, rtmr1: str | None, rtmr2: str | None,
                simulated: bool, compose_hashes: tuple[str, ...],
-               tcb_statuses: tuple[str, ...], allow_debug: bool, as_json: bool) -> None:
+               tcb_statuses: tuple[str, ...], allow_debug: bool, allow_sept_ve: bool,
+               allow_reserved_td_attributes: bool, allow_service_td: bool,
+               as_json: bool) -> None:
     """Create or replace the policy of APP_ID (hex). The key version is kept."""
     from sealfs.attest import simulated as sim
     from sealfs.kms.policy import AppPolicy
@@ -314,6 +325,12 @@ def policy_set(app_id: str, state: Path, secret_file: Path | None, policy_file: 
         doc["tcb_statuses"] = list(tcb_statuses)
     if allow_debug:
         doc["allow_debug"] = True
+    if allow_sept_ve:
+        doc["require_sept_ve_disable"] = False
+    if allow_reserved_td_attributes:
+        doc["allow_reserved_td_attributes"] = True
+    if allow_service_td:
+        doc["allow_service_td"] = True
     new = AppPolicy.from_dict(doc)
     if not new.measurements or not new.compose_hashes:
         raise UsageError("a policy needs at least one measurement and one compose hash")

@@ -87,6 +87,12 @@ def test_policy_lifecycle(state: Path, secret_file: Path, tmp_path: Path) -> Non
     assert pol["measurements"][0]["mrtd"] == simulated.DEFAULT_MRTD.hex()
     assert pol["tcb_statuses"] == ["UpToDate", "SWHardeningNeeded"] and pol["key_version"] == 1
     assert pol["allow_simulated"] is True
+    assert pol["require_sept_ve_disable"] is True and pol["allow_service_td"] is False
+    res = run("policy", "set", APP, *common, "--simulated", "--compose-hash", COMPOSE,
+              "--allow-sept-ve", "--allow-reserved-td-attributes", "--allow-service-td")
+    relaxed = json.loads(res.stdout)["policy"]
+    assert (relaxed["require_sept_ve_disable"], relaxed["allow_reserved_td_attributes"],
+            relaxed["allow_service_td"]) == (False, True, True)
 
     res = run("policy", "rotate", APP, *common)
     assert json.loads(res.stdout)["key_version"] == 2
