@@ -31,6 +31,7 @@ run: setup
 
 test: setup
 	$(PY) -m ruff check sealfs tests tools
+	$(PY) -m mypy
 	$(PY) -m pytest -q -ra tests
 
 bench: setup

@@ -87,8 +87,9 @@ def check(backing_dir: str, cred: Credential, subpath: str, quick: bool, repair:
     if repair and live:
         raise UsageError("--repair needs the volume unmounted; it cannot be combined with "
                          "--read-only")
+    meter = Progress(enabled=progress)
     opts = CheckOptions(full=not quick, path=subpath or "/", live=live, workers=workers,
-                        progress=Progress(enabled=progress))
+                        progress=meter)
     if repair and opts.path.strip("/"):
         raise UsageError("--repair works on the whole volume; drop --path")
     result, store, header, master = open_and_check(Path(backing_dir), cred, opts,
@@ -101,7 +102,7 @@ def check(backing_dir: str, cred: Credential, subpath: str, quick: bool, repair:
                              "irreparable": plan.irreparable}
             if not dry_run and not plan.irreparable and plan.actions:
                 after = _repair_rounds(store, header, master, result, plan, quick, workers,
-                                       opts.progress, report.repair["actions"])
+                                       meter, report.repair["actions"])
                 report.repair["clean_after"] = after.clean
                 report.repair["remaining"] = [f.to_dict() for f in after.problems]
             elif not dry_run:

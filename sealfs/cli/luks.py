@@ -72,7 +72,7 @@ def _key_options(fn: FC) -> FC:
     }
     for param in getattr(wrapper, "__click_params__", []):
         if param.name in helps:
-            param.help = helps[param.name]  # type: ignore[attr-defined]
+            param.help = helps[param.name]
     return wrapper
 
 

@@ -41,10 +41,11 @@ class SealfsGroup(click.Group):
 
 
 def _wants_json(ctx: click.Context) -> bool:
-    while ctx is not None:
-        if ctx.params.get("as_json"):
+    node: click.Context | None = ctx
+    while node is not None:
+        if node.params.get("as_json"):
             return True
-        ctx = ctx.parent  # type: ignore[assignment]
+        node = node.parent
     return "--json" in sys.argv[1:]
 
 
