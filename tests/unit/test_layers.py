@@ -9,6 +9,7 @@ outside sealfs/cli decides how the process ends. The rules are the tables below;
 from __future__ import annotations
 
 import ast
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,6 +147,20 @@ def test_the_table_is_a_stack() -> None:
         seen.add(name)
     found = {_own_component(_rel(p)) for p in _files()}
     assert found == set(LAYERS), f"components not in the table: {sorted(found ^ set(LAYERS))}"
+
+
+def test_the_readme_states_the_same_table() -> None:
+    """README.md ("Layers") lists each package with what it may import, besides errors and
+    the package version."""
+    readme = (SEALFS.parent / "README.md").read_text()
+    section = readme.split("### Layers", 1)[1]
+    rows = re.findall(r"^\| ([a-z_]+) \|([a-z_, ]*)\|", section, re.M)
+    stated = {name: set(deps.replace(",", " ").split()) for name, deps in rows
+              if name != "package"}
+    implied = {"errors", "sealfs"}
+    expected = {name: allowed - implied for name, allowed in LAYERS.items()
+                if name not in implied | {"__main__"}}
+    assert stated == expected
 
 
 def test_imports_point_down() -> None:
