@@ -7,7 +7,7 @@ APT_PACKAGES := fuse3 libfuse3-dev pkg-config cryptsetup-bin gcc python3-dev pyt
 	git rsync sqlite3 qemu-system-x86 busybox-static
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup run test lint bench clean
+.PHONY: setup run test test-fast lint bench clean
 
 setup: .stamp-apt $(VENV)/.stamp
 
@@ -29,9 +29,19 @@ $(VENV)/.stamp: pyproject.toml tools/install-pyfuse3.sh
 run: setup
 	$(VENV)/bin/sealfs demo
 
-test: setup
+# The static checks: lint, and the types (mypy; its settings are in pyproject.toml).
+lint: setup
 	$(PY) -m ruff check sealfs tests tools
+	$(PY) -m mypy
+
+# The whole suite: real FUSE mounts, cryptsetup, a KMS on 127.0.0.1 (needs root).
+test: lint
 	$(PY) -m pytest -q -ra tests
+
+# The inner loop, in seconds: the static checks, the import contract (tests/unit/test_layers.py)
+# and the in-process unit and core tests (no FUSE mount, no pyfuse3 import, no timing).
+test-fast: lint
+	$(PY) -m pytest -q -ra tests/unit tests/core
 
 bench: setup
 	tools/bench

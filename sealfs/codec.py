@@ -118,7 +118,7 @@ def open_block(sealer: ObjectSealer, ad: bytes, blob: bytes, block_size: int) ->
         if len(body) < _LZ4_SIZE.size or _LZ4_SIZE.unpack_from(body)[0] > block_size:
             raise CodecError("lz4 block declares more than the volume block size")
         try:
-            data = lz4.block.decompress(body)
+            data: bytes = lz4.block.decompress(body)
         except Exception as e:  # lz4 raises its own LZ4BlockError
             raise CodecError(f"lz4 block does not decompress: {e}") from None
     else:
@@ -222,7 +222,7 @@ def split_frames(data: bytes) -> tuple[list[tuple[int, bytes]], int, bool]:
     case has a bad checksum, and so does a damaged length in the middle of the journal; the
     caller tells them apart with :func:`frames_after`.
     """
-    frames = []
+    frames: list[tuple[int, bytes]] = []
     pos = 0
     while pos + FRAME_HEADER <= len(data):
         n, check = _FRAME_HEAD.unpack_from(data, pos)

@@ -265,14 +265,14 @@ def derive_from_passphrase(passphrase: Secret, params: KdfParams) -> Secret:
     if params.name == "argon2id":
         from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 
-        kdf = Argon2id(salt=params.salt, length=KEY_SIZE, iterations=params.iterations,
-                       lanes=params.lanes, memory_cost=params.memory_kib)
-    else:
-        r = 8
-        n = max(2, params.memory_kib * 1024 // (128 * r))
-        n = 1 << (n.bit_length() - 1)  # scrypt needs a power of two
-        kdf = Scrypt(salt=params.salt, length=KEY_SIZE, n=n, r=r, p=params.lanes)
-    return Secret(kdf.derive(passphrase.reveal()))
+        argon = Argon2id(salt=params.salt, length=KEY_SIZE, iterations=params.iterations,
+                         lanes=params.lanes, memory_cost=params.memory_kib)
+        return Secret(argon.derive(passphrase.reveal()))
+    r = 8
+    n = max(2, params.memory_kib * 1024 // (128 * r))
+    n = 1 << (n.bit_length() - 1)  # scrypt needs a power of two
+    scrypt = Scrypt(salt=params.salt, length=KEY_SIZE, n=n, r=r, p=params.lanes)
+    return Secret(scrypt.derive(passphrase.reveal()))
 
 
 # --- key wrapping ----------------------------------------------------------------------------

@@ -95,7 +95,8 @@ def read_bounded(fd: int, what: str, limit: int) -> bytes:
     if st.st_size > limit:
         raise DamagedFile(f"{what} is {st.st_size} bytes, more than the {limit} the format "
                           "allows")
-    parts, total = [], 0
+    parts: list[bytes] = []
+    total = 0
     while True:
         chunk = os.read(fd, min(max(st.st_size - total, 0), limit - total) + 1)
         if not chunk:

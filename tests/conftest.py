@@ -1,4 +1,8 @@
-"""Shared fixtures: volumes in temporary backing directories, mounted for real with FUSE."""
+"""Shared fixtures: volumes in temporary backing directories, mounted for real with FUSE.
+
+Collected for every test, so it imports nothing that needs pyfuse3 at module level: the unit
+and core tests run where pyfuse3 is not installed (tests/unit/test_without_pyfuse3.py proves it).
+"""
 
 from __future__ import annotations
 
@@ -14,8 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
-from sealfs.fuse.mount import is_mounted, runtime_file
 
 REPO = Path(__file__).resolve().parents[1]
 SEALFS = [sys.executable, "-m", "sealfs"]
@@ -89,6 +91,8 @@ class Volume:
 
     def force_unmount(self) -> None:
         """Detach a mount whose daemon died (after SIGKILL) or clean up after a failure."""
+        from sealfs.fuse.mount import is_mounted
+
         if is_mounted(self.mnt):
             subprocess.run(["fusermount3", "-u", "-z", str(self.mnt)], capture_output=True)
             for _ in range(100):
@@ -107,6 +111,8 @@ class Volume:
                 raise
 
     def daemon_pid(self) -> int:
+        from sealfs.fuse.mount import runtime_file
+
         return int(json.loads(runtime_file(self.mnt.absolute()).read_text())["pid"])
 
     def log_text(self) -> str:
@@ -126,6 +132,8 @@ def new_volume(tmp_path: Path, *create_args: str, name: str = "vol") -> Volume:
 
 @pytest.fixture
 def volume(tmp_path: Path) -> Iterator[Volume]:
+    from sealfs.fuse.mount import is_mounted
+
     vol = new_volume(tmp_path)
     yield vol
     if is_mounted(vol.mnt):

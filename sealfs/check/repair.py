@@ -125,8 +125,8 @@ def plan_repair(result: CheckResult) -> Plan:
     if plan.orphans:
         a.append(f"delete {len(plan.orphans)} orphaned object(s) after the commit")
     plan.stale = list(result.stale)
-    for name in plan.stale:
-        a.append(f"delete the leftover {name}")
+    for stale in plan.stale:
+        a.append(f"delete the leftover {stale}")
     return plan
 
 

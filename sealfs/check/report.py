@@ -12,8 +12,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from sealfs.errors import IntegrityError
-
 #: Every kind a finding can have, with its meaning (docs/check.md lists the same).
 KINDS: dict[str, str] = {
     "tampered": "fails authentication: modified, or from another volume",
@@ -111,15 +109,9 @@ class Report:
     def clean(self) -> bool:
         return not self.problems
 
-    @property
-    def exit_code(self) -> int:
-        """0 when nothing is corrupt (orphans and torn tails do not count), else 5."""
-        return 0 if self.clean else IntegrityError.exit_code
-
     def to_dict(self) -> dict[str, Any]:
         return {
             "ok": self.clean,
-            "exit_code": self.exit_code,
             "volume_id": self.volume_id,
             "mode": self.mode,
             "scope": self.scope,

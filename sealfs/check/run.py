@@ -26,7 +26,7 @@ from .probe import Prober
 from .progress import Progress
 from .report import ADVICE, Finding, Report
 from .verify import BlockFailure, Job, verify_blocks
-from .walk import Tree, Walker, record_finding, structure_findings
+from .walk import RecordFailure, Tree, Walker, record_finding, structure_findings
 
 _PROBE_SIBLINGS = 64
 _PROBE_OTHERS = 512
@@ -121,8 +121,8 @@ def check_volume(store: ObjectStore, header: Header, master: Secret,
     failed_records = [f for f in tree.failed.values() if f.ino in tree.scope]
     for fail in sorted(failed_records, key=lambda f: tree.path(f.ino)):
         report.add(_classify_record(store, tree, fail, prober, orphans, result))
-    for fail in sorted(failures, key=lambda f: (tree.path(f.ino), f.index)):
-        report.add(_classify_block(store, tree, fail, prober, orphans, result))
+    for block_fail in sorted(failures, key=lambda f: (tree.path(f.ino), f.index)):
+        report.add(_classify_block(store, tree, block_fail, prober, orphans, result))
     if prober.exhausted:
         report.notes.append("the swap/rollback probe budget ran out; some objects reported "
                             "as tampered may be swapped or replayed copies")
@@ -153,7 +153,7 @@ def check_volume(store: ObjectStore, header: Header, master: Secret,
     return result
 
 
-def _classify_record(store: ObjectStore, tree: Tree, fail, prober: Prober,  # type: ignore[no-untyped-def]
+def _classify_record(store: ObjectStore, tree: Tree, fail: RecordFailure, prober: Prober,
                      orphans: list[int], result: CheckResult) -> Finding:
     finding = record_finding(tree, fail, store)
     if fail.reason != "auth" or finding.kind == "truncated":

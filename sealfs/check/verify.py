@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 from sealfs.codec import CodecError, block_ad, block_object_max, open_block
 from sealfs.crypto import AuthError, VolumeKeys
-from sealfs.store import DamagedFile, MissingObject, ObjectStore, StorageError
+from sealfs.errors import StorageError
+from sealfs.store import DamagedFile, MissingObject, ObjectStore
 
 #: (inode, block index, object id, expected plaintext length at that position)
 Job = tuple[int, int, int, int]

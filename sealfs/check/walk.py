@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 
 from sealfs.codec import RECORD_OBJECT_MAX, inode_ad
 from sealfs.crypto import SEAL_OVERHEAD, AuthError, VolumeKeys
-from sealfs.errors import UsageError
+from sealfs.errors import StorageError, UsageError
 from sealfs.fs.inode import ROOT_INO, Inode, RecordError
 from sealfs.fs.metalog import MetaState
-from sealfs.store import DamagedFile, MissingObject, ObjectStore, StorageError
+from sealfs.store import DamagedFile, MissingObject, ObjectStore
 
 from .report import ADVICE, Finding, Report
 

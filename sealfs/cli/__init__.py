@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib
+import importlib.util
 import resource
 
 import click
@@ -40,7 +41,8 @@ class LazyGroup(SealfsGroup):
         target = COMMANDS.get(name)
         if target is None or not _available(target[0]):
             return None
-        return getattr(importlib.import_module(target[0]), target[1])
+        command: click.Command = getattr(importlib.import_module(target[0]), target[1])
+        return command
 
 
 def _available(module: str) -> bool:

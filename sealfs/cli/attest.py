@@ -15,6 +15,7 @@ from sealfs.attest.dcap import (
     verify_quote,
 )
 from sealfs.attest.quote import MAX_QUOTE_LEN, decode_quote_input
+from sealfs.cli.exit_codes import fail_with
 from sealfs.cli.output import SealfsGroup, emit, json_option
 from sealfs.errors import AttestationError, UsageError
 
@@ -102,7 +103,7 @@ def verify(quote_path: Path, collateral_path: Path | None, now_text: str | None,
         if as_json:
             emit({**failure.report.to_dict(), "error": failure.kind, "message": failure.message},
                  True, "")
-            click.get_current_context().exit(failure.exit_code)
+            fail_with(type(failure))
         click.echo(_human(failure.report))
         raise
     emit(report.to_dict(), as_json, _human(report))

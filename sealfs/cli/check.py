@@ -12,9 +12,10 @@ from sealfs.check.repair import Plan, apply_repair, plan_repair
 from sealfs.check.report import Report
 from sealfs.check.run import CheckOptions, CheckResult, check_volume, open_and_check
 from sealfs.cli.credentials import credential_options
+from sealfs.cli.exit_codes import exit_code, fail_with
 from sealfs.cli.output import emit, json_option
 from sealfs.crypto import Secret
-from sealfs.errors import UsageError
+from sealfs.errors import IntegrityError, UsageError
 from sealfs.store import ObjectStore
 from sealfs.volume.header import Credential, Header
 
@@ -87,8 +88,9 @@ def check(backing_dir: str, cred: Credential, subpath: str, quick: bool, repair:
     if repair and live:
         raise UsageError("--repair needs the volume unmounted; it cannot be combined with "
                          "--read-only")
+    meter = Progress(enabled=progress)
     opts = CheckOptions(full=not quick, path=subpath or "/", live=live, workers=workers,
-                        progress=Progress(enabled=progress))
+                        progress=meter)
     if repair and opts.path.strip("/"):
         raise UsageError("--repair works on the whole volume; drop --path")
     result, store, header, master = open_and_check(Path(backing_dir), cred, opts,
@@ -101,7 +103,7 @@ def check(backing_dir: str, cred: Credential, subpath: str, quick: bool, repair:
                              "irreparable": plan.irreparable}
             if not dry_run and not plan.irreparable and plan.actions:
                 after = _repair_rounds(store, header, master, result, plan, quick, workers,
-                                       opts.progress, report.repair["actions"])
+                                       meter, report.repair["actions"])
                 report.repair["clean_after"] = after.clean
                 report.repair["remaining"] = [f.to_dict() for f in after.problems]
             elif not dry_run:
@@ -113,10 +115,13 @@ def check(backing_dir: str, cred: Credential, subpath: str, quick: bool, repair:
     if report.repair and "clean_after" in report.repair:
         human += ("\nafter repair: clean" if report.repair["clean_after"] else
                   f"\nafter repair: {len(report.repair['remaining'])} problem(s) remain")
-    emit(report.to_dict(), as_json, human)
+    # Corruption is an integrity failure, whatever --repair did (orphans and a torn journal
+    # tail from a crash do not count): the exit code says what was found.
+    emit({**report.to_dict(), "exit_code": 0 if report.clean else exit_code(IntegrityError)},
+         as_json, human)
     sys.stdout.flush()
-    if report.exit_code:
-        raise SystemExit(report.exit_code)
+    if not report.clean:
+        fail_with(IntegrityError)
 
 
 def _repair_rounds(store: ObjectStore, header: Header, master: Secret, result: CheckResult,

@@ -17,8 +17,9 @@ import click
 
 from sealfs.crypto import Secret
 from sealfs.errors import SealfsError, UsageError
+from sealfs.kms.client import Attester, KmsClient
 from sealfs.volume.header import (
-    Credential,
+    KeyFileCredential,
     KmsCredential,
     PassphraseCredential,
     load_header,
@@ -122,10 +123,8 @@ def credential_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def kms_client(kms: KmsOptions) -> Any:
+def kms_client(kms: KmsOptions) -> KmsClient:
     """A KMS client for this CVM, with the chosen quote source and trusted KMS keys."""
-    from sealfs.kms.client import KmsClient
-
     if not kms.url or not kms.app_id:
         raise UsageError("--kms needs --app-id (or a volume whose kms slot names it)")
     try:
@@ -137,7 +136,7 @@ def kms_client(kms: KmsOptions) -> Any:
     if kms.attester == "simulated":
         from sealfs.attest.simulated import SimulatedAttester
 
-        quoter: Any = SimulatedAttester(app, compose)
+        quoter: Attester = SimulatedAttester(app, compose)
     else:
         if kms.compose_hash:
             raise UsageError("--compose-hash only applies to --attester simulated; a real "
@@ -186,7 +185,8 @@ def _slot_app_id(backing: str | None) -> str | None:
 
 
 def resolve_credential(key_file: str | None, passphrase_file: str | None,
-                       ask_passphrase: bool, confirm: bool = False) -> Credential:
+                       ask_passphrase: bool,
+                       confirm: bool = False) -> KeyFileCredential | PassphraseCredential:
     given = [x for x in (key_file, passphrase_file, ask_passphrase) if x]
     if len(given) != 1:
         raise UsageError("give exactly one of --key-file, --passphrase-file, --passphrase")

@@ -26,7 +26,6 @@ COMPOSE = hashlib.sha256(b"sealfs-dev").hexdigest()
 
 
 class DemoFailed(SealfsError):
-    exit_code = 1
     kind = "demo"
 
 

@@ -8,13 +8,17 @@ import logging
 import stat
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from sealfs.cli.output import emit, json_option
 from sealfs.crypto import KdfParams, Secret
 from sealfs.errors import IntegrityError, UsageError
+
+if TYPE_CHECKING:  # imported where used: `sealfs kms` commands load only what they run
+    from sealfs.kms.derivation import StoreMac
+    from sealfs.kms.store import KmsStore
 
 MIN_SECRET_BYTES = 16
 MAX_SECRET_BYTES = 4096
@@ -60,7 +64,7 @@ def read_operator_secret(path: Path | None, confirm: bool = False) -> Secret:
     return Secret(raw)
 
 
-def _open(state: Path, secret_file: Path | None) -> tuple[Any, Any, Secret]:
+def _open(state: Path, secret_file: Path | None) -> tuple[KmsStore, StoreMac, Secret]:
     from sealfs.kms.derivation import StoreMac
     from sealfs.kms.store import KmsStore
 

@@ -19,6 +19,7 @@ from sealfs.errors import LuksError, UsageError
 from sealfs.luks import profile as P
 
 from .credentials import KmsOptions, kms_client, kms_options
+from .exit_codes import fail_with
 from .output import SealfsGroup, emit, json_option
 
 if TYPE_CHECKING:
@@ -72,7 +73,7 @@ def _key_options(fn: FC) -> FC:
     }
     for param in getattr(wrapper, "__click_params__", []):
         if param.name in helps:
-            param.help = helps[param.name]  # type: ignore[attr-defined]
+            param.help = helps[param.name]
     return wrapper
 
 
@@ -312,7 +313,7 @@ def status_cmd(target: str, integrity: str | None, recovery_slot: bool, as_json:
             human = f"{target}: {report.state}"
         emit(data, as_json, human)
         if not report.valid:
-            click.get_current_context().exit(LuksError.exit_code)
+            fail_with(LuksError)
         return
     from sealfs.luks.firstboot import mapping_state
 
@@ -320,7 +321,7 @@ def status_cmd(target: str, integrity: str | None, recovery_slot: bool, as_json:
     emit({"ok": st["active"], **st}, as_json,
          f"{target}: " + (f"active, {st.get('state')}" if st["active"] else "not active"))
     if not st["active"]:
-        click.get_current_context().exit(LuksError.exit_code)
+        fail_with(LuksError)
 
 
 @luks.command("header-backup")

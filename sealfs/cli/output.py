@@ -1,4 +1,4 @@
-"""Error-to-exit-code mapping and result printing shared by every command."""
+"""Error reporting (one line, or JSON) and result printing shared by every command."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from typing import Any
 import click
 
 from sealfs.errors import SealfsError
+
+from .exit_codes import INTERNAL_ERROR, INTERRUPTED, exit_code
 
 log = logging.getLogger("sealfs")
 
@@ -26,10 +28,10 @@ class SealfsGroup(click.Group):
                 click.echo(json.dumps({"ok": False, "error": e.kind, "message": e.message}))
             else:
                 click.echo(f"sealfs: error: {e.message}", err=True)
-            ctx.exit(e.exit_code)
+            ctx.exit(exit_code(e))
         except KeyboardInterrupt:
             click.echo("sealfs: interrupted", err=True)
-            ctx.exit(130)
+            ctx.exit(INTERRUPTED)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except Exception as e:  # a bug: say so in one line unless asked for the traceback
@@ -37,14 +39,15 @@ class SealfsGroup(click.Group):
                 raise
             click.echo(f"sealfs: internal error: {type(e).__name__}: {e} "
                        "(run with SEALFS_DEBUG=1 for a traceback)", err=True)
-            ctx.exit(1)
+            ctx.exit(INTERNAL_ERROR)
 
 
 def _wants_json(ctx: click.Context) -> bool:
-    while ctx is not None:
-        if ctx.params.get("as_json"):
+    node: click.Context | None = ctx
+    while node is not None:
+        if node.params.get("as_json"):
             return True
-        ctx = ctx.parent  # type: ignore[assignment]
+        node = node.parent
     return "--json" in sys.argv[1:]
 
 

@@ -12,9 +12,12 @@ import stat
 import struct
 from bisect import bisect_right
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sealfs.errors import IntegrityError
+
+if TYPE_CHECKING:
+    import trio
 
 RECORD_VERSION = 2  # 2 added inline data; version 1 records are still read
 ROOT_INO = 1
@@ -136,7 +139,7 @@ class Inode:
         self.lookups = 0
         self.opens = 0
         self.name_hint: tuple[int, bytes] | None = None  # (parent ino, name) for messages
-        self.lock: Any = None  # trio.Lock, created on first data access
+        self.lock: trio.Lock | None = None  # created on first data access
         self.damaged: set[int] = set()  # block indexes known to fail verification
         self.read_next = 0  # where a sequential read would continue (for prefetching)
         self.prefetched = 0  # block index up to which prefetching was started

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -117,7 +118,7 @@ async def _serve(fs: Filesystem, mp: Path, backing: Path, allow_other: bool,
                         return
 
             nursery.start_soon(on_signal)
-            nursery.start_soon(trio.to_thread.run_sync, tune_readahead, mp)
+            nursery.start_soon(trio.to_thread.run_sync, functools.partial(tune_readahead, mp))
             await pyfuse3.main()
             await fs.sync()  # background flushes need the nursery: finish them here
             await fs.deletions_done()

@@ -13,7 +13,7 @@ import functools
 import itertools
 import logging
 import os
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
@@ -33,7 +33,7 @@ RENAME_EXCHANGE = 2
 READDIR_BATCH = 64  # children whose records are loaded together
 
 
-def _guard(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+def _guard(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
     @functools.wraps(fn)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:

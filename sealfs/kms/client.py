@@ -48,8 +48,8 @@ import logging
 import random
 import time
 import urllib.parse
-from collections.abc import Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, TypeVar
 
 from sealfs import strict_json
 from sealfs.attest.eventlog import (
@@ -63,6 +63,7 @@ from sealfs.errors import AttestationError, KmsError, UsageError
 from sealfs.kms import protocol as P
 
 log = logging.getLogger("sealfs.kms.client")
+T = TypeVar("T")
 
 MAX_RESPONSE_BYTES = 1 << 20
 _ATTESTATION_CODES = {"attestation_failed", "policy_denied", "unknown_app", "app_id_mismatch",
@@ -77,6 +78,37 @@ class Attester(Protocol):
     def event_log(self) -> list[RuntimeEvent]: ...
 
     def collateral(self) -> dict[str, Any] | None: ...
+
+
+class KeyProvider(Protocol):
+    """What a kms key slot needs from the KMS (sealfs.volume.header): app keys released to
+    this CVM, and the public facts a new slot records. :class:`KmsClient` is one."""
+
+    @property
+    def url(self) -> str: ...
+
+    @property
+    def app_id(self) -> bytes: ...
+
+    @property
+    def answering_key(self) -> bytes | None: ...
+
+    def get_key(self, purpose: str, volume_id: bytes,
+                key_version: int | None = None) -> tuple[Secret, int]: ...
+
+
+class EpochStore(Protocol):
+    """What the freshness anchor needs from the KMS (sealfs.volume.anchor): read and advance
+    a volume's anchored ``(epoch, head)``. :class:`KmsClient` is one."""
+
+    def get_epoch(self, volume_id: bytes) -> tuple[int, bytes]: ...
+
+    def advance_epoch(self, volume_id: bytes, epoch: int,
+                      root_digest: bytes) -> tuple[int, bytes]: ...
+
+
+class VolumeKms(KeyProvider, EpochStore, Protocol):
+    """Everything a volume asks of the KMS: its kms slot's keys and its freshness anchor."""
 
 
 class EpochRefused(KmsError):
@@ -170,7 +202,7 @@ class KmsClient:
     def _call(self, params: P.Params) -> tuple[dict[str, Any], EphemeralKeyPair, bytes]:
         return self._with_retries(lambda deadline: self._attempt(params, deadline))
 
-    def _with_retries(self, fn: Any) -> Any:
+    def _with_retries(self, fn: Callable[[float], T]) -> T:
         deadline = time.monotonic() + self.deadline_s
         delay = 0.2
         while True:
@@ -290,7 +322,7 @@ class KmsClient:
         raise KmsError(f"KMS refused (HTTP {status} {code}): {message}")
 
 
-def _attesting(fn: Any, *args: Any) -> Any:
+def _attesting(fn: Callable[..., T], *args: Any) -> T:
     """Call the attester; its I/O failures become one-line AttestationErrors."""
     try:
         return fn(*args)

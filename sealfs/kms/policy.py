@@ -55,16 +55,25 @@ class PolicyDenied(Exception):
 
 
 class Report(Protocol):
-    """The verified quote fields policy needs (see ``sealfs.kms.verify.QuoteReport``)."""
+    """The verified quote fields policy needs (see ``sealfs.kms.verify.QuoteReport``), read
+    only: policy never changes what a quote proved."""
 
-    mrtd: bytes
-    rtmr0: bytes
-    rtmr1: bytes
-    rtmr2: bytes
-    tee: str
-    tcb_status: str
-    td_attributes: bytes
-    mr_servicetd: bytes | None  # None: a TD 1.0 quote, which cannot bind a service TD
+    @property
+    def mrtd(self) -> bytes: ...
+    @property
+    def rtmr0(self) -> bytes: ...
+    @property
+    def rtmr1(self) -> bytes: ...
+    @property
+    def rtmr2(self) -> bytes: ...
+    @property
+    def tee(self) -> str: ...
+    @property
+    def tcb_status(self) -> str: ...
+    @property
+    def td_attributes(self) -> bytes: ...
+    @property
+    def mr_servicetd(self) -> bytes | None: ...  # None: a TD 1.0 quote (no service TD)
 
 
 @dataclass(frozen=True)

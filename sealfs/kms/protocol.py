@@ -24,6 +24,7 @@ import base64
 import binascii
 import hashlib
 import json
+from collections.abc import Set
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,7 +90,7 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
     return value
 
 
-def check_fields(obj: dict[str, Any], required: set[str], optional: set[str] = frozenset(),
+def check_fields(obj: dict[str, Any], required: Set[str], optional: Set[str] = frozenset(),
                  where: str = "request") -> None:
     missing = required - obj.keys()
     if missing:

@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from sealfs.attest.eventlog import AppIdentity, events_from_wire, identity_from_log, replay
 from sealfs.attest.simulated import DEV_PUBLIC_KEY
@@ -38,6 +38,7 @@ from sealfs.kms.store import EpochConflict, KmsStore
 from sealfs.kms.verify import QuoteReport, verify_simulated, verify_tdx
 
 log = logging.getLogger("sealfs.kms")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -269,7 +270,7 @@ class KmsService:
         return self._epoch_result(app_id, p.volume_id, rec.epoch, rec.root_digest, True)
 
     @staticmethod
-    def _store_call(fn: Callable[..., Any], *args: Any) -> Any:
+    def _store_call(fn: Callable[..., T], *args: Any) -> T:
         try:
             return fn(*args)
         except EpochConflict:

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sealfs.crypto import Secret
-from sealfs.errors import BusyError, LuksError, UnlockError, UsageError
+from sealfs.errors import BusyError, LuksError, SealfsError, UnlockError, UsageError
 
 from . import profile as P
 from .snapshot import HeaderSnapshot
@@ -113,7 +113,7 @@ def run(
     return proc
 
 
-def _error(proc: subprocess.CompletedProcess[bytes], what: str) -> LuksError:
+def _error(proc: subprocess.CompletedProcess[bytes], what: str) -> SealfsError:
     lines = [ln.strip() for ln in proc.stderr.decode("utf-8", "replace").splitlines()]
     lines = [ln for ln in lines if ln]
     detail = lines[-1] if lines else f"exit status {proc.returncode}"

@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any
 
 from sealfs.crypto import ct_equal
 from sealfs.errors import IntegrityError
 from sealfs.fs.metalog import MetaState
+from sealfs.kms.client import EpochStore
 
 log = logging.getLogger("sealfs.anchor")
 
@@ -40,7 +40,7 @@ class RollbackError(IntegrityError):
 class KmsAnchor:
     """Reads and advances one volume's anchor through a KMS client."""
 
-    def __init__(self, client: Any, volume_id: bytes) -> None:
+    def __init__(self, client: EpochStore, volume_id: bytes) -> None:
         self.client = client
         self.volume_id = volume_id
         self.anchored: tuple[int, bytes] = (0, b"")

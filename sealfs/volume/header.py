@@ -35,6 +35,7 @@ from sealfs.crypto import (
     wrap_key,
 )
 from sealfs.errors import FormatError, IntegrityError, SealfsError, UnlockError, UsageError
+from sealfs.kms.client import VolumeKms
 from sealfs.kms.protocol import MAX_KEY_VERSION
 from sealfs.store import HEADER_NAME, MissingObject, ObjectStore
 
@@ -86,12 +87,13 @@ class PassphraseCredential:
 class KmsCredential:
     """Key release by the KMS; unlocks slots of type ``kms`` (see sealfs.kms.client).
 
-    ``client`` is a :class:`sealfs.kms.client.KmsClient` for this CVM's attested app.
+    ``client`` speaks for this CVM's attested app (a :class:`sealfs.kms.client.KmsClient`);
+    the mount also anchors the volume's freshness through it.
     """
 
     slot_type = "kms"
 
-    def __init__(self, client: Any, expected_volume: bytes | None = None) -> None:
+    def __init__(self, client: VolumeKms, expected_volume: bytes | None = None) -> None:
         self.client = client
         self.expected_volume = expected_volume
 

@@ -1,8 +1,14 @@
-"""The filesystem core in-process (no kernel): a volume opened with the library itself."""
+"""The filesystem core in-process (no kernel): a volume opened with the library itself.
+
+Tests here are trio tests (pytest-trio, ``trio_mode``): ``async def test_...`` runs in a trio
+run of its own, and the ``fs`` fixture (conftest.py) hands it a loaded core.
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 from sealfs.crypto import Secret
@@ -21,6 +27,18 @@ def open_fs(backing: Path, commit_interval: float = 3600, **limits: int) -> File
     store, header, master = unlock_volume(backing, CRED)
     return Filesystem(store, header, master,
                       Limits(commit_interval=commit_interval, **limits))
+
+
+@asynccontextmanager
+async def loaded(backing: Path, writable: bool = True, **limits: int) -> AsyncIterator[Filesystem]:
+    """The core over ``backing`` (see :func:`open_fs`), loaded; closed when the block ends,
+    as a clean unmount would."""
+    fs = open_fs(backing, **limits)
+    await fs.load(writable=writable)
+    try:
+        yield fs
+    finally:
+        await fs.close()
 
 
 def object_files(fs: Filesystem) -> set[int]:

@@ -5,21 +5,17 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import trio
-
 from sealfs.fs.data import INLINE_MAX
 from sealfs.fs.inode import ROOT_INO
-from tests.core.harness import object_files, open_fs
+from tests.core.harness import loaded, object_files
 
 
-def test_small_files_live_in_their_record_and_move_out_when_they_grow(
+async def test_small_files_live_in_their_record_and_move_out_when_they_grow(
         tmp_path: Path) -> None:
-    fs = open_fs(tmp_path / "b")
     small = os.urandom(1000)
     grown = small + os.urandom(200_000)
 
-    async def main() -> None:
-        await fs.load()
+    async with loaded(tmp_path / "b") as fs:
         node = await fs.create(ROOT_INO, b"f", 0o100644, 0, 0)
         fs.remember(node)
         await fs.write(node, 0, small)
@@ -55,42 +51,24 @@ def test_small_files_live_in_their_record_and_move_out_when_they_grow(
         await fs.truncate(other, 50)  # a hole: zeros, still nothing stored
         await fs.fsync(other)
         assert await fs.read(other, 0, 100) == bytes(50)
-        await fs.close()
 
-    trio.run(main)
-    again = open_fs(tmp_path / "b")
-
-    async def check() -> None:
-        await again.load(writable=False)
+    async with loaded(tmp_path / "b", writable=False) as again:
         f = await again.lookup(ROOT_INO, b"f")
         assert await again.read(f, 0, 1000) == grown[:100]
         g = await again.lookup(ROOT_INO, b"g")
         assert await again.read(g, 0, 100) == bytes(50)
 
-    trio.run(check)
 
-
-def test_inline_data_survives_a_remount_and_sparse_tails_read_as_zeros(
+async def test_inline_data_survives_a_remount_and_sparse_tails_read_as_zeros(
         tmp_path: Path) -> None:
-    fs = open_fs(tmp_path / "b")
-
-    async def main() -> None:
-        await fs.load()
+    async with loaded(tmp_path / "b") as fs:
         node = await fs.create(ROOT_INO, b"s", 0o100644, 0, 0)
         fs.remember(node)
         await fs.write(node, 0, b"head")
         await fs.truncate(node, 3000)
-        await fs.close()
 
-    trio.run(main)
-    again = open_fs(tmp_path / "b")
-
-    async def check() -> None:
-        await again.load()
+    async with loaded(tmp_path / "b") as again:
         node = await again.lookup(ROOT_INO, b"s")
         assert node.inline == b"head" and node.size == 3000
         assert await again.read(node, 0, 4000) == b"head" + bytes(2996)
         assert object_files(again) <= set(again.table.values())
-        await again.close()
-
-    trio.run(check)

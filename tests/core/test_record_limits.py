@@ -11,6 +11,7 @@ import pytest
 import trio
 
 from sealfs.fs import core
+from sealfs.fs.core import Filesystem
 from sealfs.fs.data import FsError
 from sealfs.fs.inode import ENTRY_OVERHEAD, ROOT_INO
 from tests.core.harness import open_fs
@@ -53,53 +54,39 @@ def test_xattrs_stop_at_their_share_of_the_record(tmp_path: Path) -> None:
     trio.run(reopen)
 
 
-def test_a_directory_stops_at_the_record_limit(tmp_path: Path,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_directory_stops_at_the_record_limit(fs: Filesystem,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """With the limit lowered to 4 KiB (the real one needs ~1 Mi long names): create, link and
     rename into the full directory are ENOSPC; removing an entry makes room again."""
     monkeypatch.setattr(core, "DIR_ENTRIES_MAX", 4096)
-    fs = open_fs(tmp_path / "b")
     name = b"n" * 100
-
-    async def main() -> None:
-        await fs.load()
-        d = await fs.create(ROOT_INO, b"d", 0o040755, 0, 0)
-        other = await fs.create(ROOT_INO, b"other", 0o100644, 0, 0)
-        fs.remember(d)
-        fs.remember(other)
-        made = 0
+    d = await fs.create(ROOT_INO, b"d", 0o040755, 0, 0)
+    other = await fs.create(ROOT_INO, b"other", 0o100644, 0, 0)
+    fs.remember(d)
+    fs.remember(other)
+    made = 0
+    with pytest.raises(FsError) as e:
+        while True:
+            await fs.create(d.ino, name + b"%03d" % made, 0o100644, 0, 0)
+            made += 1
+    _enospc(e)
+    assert made == 4096 // (ENTRY_OVERHEAD + len(name) + 3)
+    assert d.entries is not None and d.entries.record_bytes <= 4096
+    for attempt in (fs.link(other.ino, d.ino, b"x" * 103),
+                    fs.rename(ROOT_INO, b"other", d.ino, b"x" * 103)):
         with pytest.raises(FsError) as e:
-            while True:
-                await fs.create(d.ino, name + b"%03d" % made, 0o100644, 0, 0)
-                made += 1
+            await attempt
         _enospc(e)
-        assert made == 4096 // (ENTRY_OVERHEAD + len(name) + 3)
-        assert d.entries is not None and d.entries.record_bytes <= 4096
-        for attempt in (fs.link(other.ino, d.ino, b"x" * 103),
-                        fs.rename(ROOT_INO, b"other", d.ino, b"x" * 103)):
-            with pytest.raises(FsError) as e:
-                await attempt
-            _enospc(e)
-        await fs.rename(d.ino, name + b"000", d.ino, name + b"001")  # replaces: no growth
-        await fs.unlink(d.ino, name + b"002", want_dir=False)
-        await fs.rename(ROOT_INO, b"other", d.ino, name + b"002")  # room again
-        await fs.close()
-
-    trio.run(main)
+    await fs.rename(d.ino, name + b"000", d.ino, name + b"001")  # replaces: no growth
+    await fs.unlink(d.ino, name + b"002", want_dir=False)
+    await fs.rename(ROOT_INO, b"other", d.ino, name + b"002")  # room again
 
 
-def test_no_more_inodes_than_a_checkpoint_holds(tmp_path: Path,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_no_more_inodes_than_a_checkpoint_holds(fs: Filesystem,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(core, "MAX_INODES", 10)
-    fs = open_fs(tmp_path / "b")
-
-    async def main() -> None:
-        await fs.load()
-        with pytest.raises(FsError) as e:
-            for i in range(20):
-                fs.remember(await fs.create(ROOT_INO, b"f%d" % i, 0o100644, 0, 0))
-        _enospc(e)
-        assert len(fs.table) + len(fs._dirty_nodes) <= 10
-        await fs.close()
-
-    trio.run(main)
+    with pytest.raises(FsError) as e:
+        for i in range(20):
+            fs.remember(await fs.create(ROOT_INO, b"f%d" % i, 0o100644, 0, 0))
+    _enospc(e)
+    assert len(fs.table) + len(fs._dirty_nodes) <= 10
