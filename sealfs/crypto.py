@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
+from sealfs import strict
 from sealfs.errors import IntegrityError, UsageError
 
 KEY_SIZE = 32
@@ -232,7 +233,7 @@ class KdfParams:
             costs = {k: d[k] for k in ("memory_kib", "iterations", "lanes")}
             if any(type(v) is not int for v in costs.values()):  # 1e400, "8", true: refused
                 raise ValueError("costs must be integers")
-            params = cls(name=str(d["name"]), salt=bytes.fromhex(str(d["salt"])),
+            params = cls(name=str(d["name"]), salt=strict.hex_bytes(d["salt"]),
                          **costs)  # type: ignore[arg-type]
         except (KeyError, TypeError, ValueError) as e:
             raise UsageError(f"malformed KDF parameters: {e}") from None
