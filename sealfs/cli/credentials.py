@@ -16,7 +16,6 @@ import click
 from sealfs import strict
 from sealfs.crypto import Secret
 from sealfs.errors import SealfsError, UsageError
-from sealfs.kms.protocol import MAX_ID_BYTES
 from sealfs.volume.header import (
     Credential,
     KmsCredential,
@@ -129,9 +128,10 @@ def kms_client(kms: KmsOptions) -> Any:
 
     if not kms.url or not kms.app_id:
         raise UsageError("--kms needs --app-id (or a volume whose kms slot names it)")
-    app = _hex_option("--app-id", kms.app_id, 1, MAX_ID_BYTES)
-    compose = (_hex_option("--compose-hash", kms.compose_hash, 32, 32) if kms.compose_hash
-               else DEV_COMPOSE_HASH)
+    # Lengths are the KMS client's to judge (a KmsError, like any other app id it refuses).
+    app = _hex_option("--app-id", kms.app_id)
+    compose = _hex_option("--compose-hash", kms.compose_hash) if kms.compose_hash else \
+        DEV_COMPOSE_HASH
     keys = [_public_key(k) for k in kms.public_keys]
     if kms.attester == "simulated":
         from sealfs.attest.simulated import SimulatedAttester
@@ -169,9 +169,9 @@ def _public_key(text: str) -> bytes:
                          "digits)") from None
 
 
-def _hex_option(option: str, text: str, min_len: int, max_len: int) -> bytes:
+def _hex_option(option: str, text: str) -> bytes:
     try:
-        return strict.hex_bytes(text, min_len, max_len)
+        return strict.hex_bytes(text)
     except ValueError as e:
         raise UsageError(f"{option} {e}") from None
 
