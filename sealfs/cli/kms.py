@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from sealfs import strict
+from sealfs.cli.logs import log_service
 from sealfs.cli.output import emit, json_option
 from sealfs.crypto import KdfParams, Secret
 from sealfs.errors import IntegrityError, UsageError
@@ -185,8 +186,7 @@ def serve(state: Path, secret_file: Path | None, host: str, port: int, allow_sim
     from sealfs.kms.service import KmsService, ServiceConfig
     from sealfs.kms.store import KmsStore
 
-    logging.basicConfig(stream=sys.stderr, level=log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_service(sys.stderr, log_level.upper())
     log = logging.getLogger("sealfs.kms")
     collateral = None
     if collateral_file is not None:
