@@ -112,7 +112,8 @@ def read_secret_file(path: str | os.PathLike[str], what: str, max_bytes: int) ->
                              f"{stat.S_IMODE(st.st_mode):04o}); run: chmod 600 {path}")
         if st.st_uid not in (0, os.geteuid()):
             raise UsageError(f"{what} {path} is owned by another user")
-        chunks, size = [], 0
+        chunks: list[bytes] = []
+        size = 0
         while chunk := os.read(fd, max_bytes + 1 - size):
             chunks.append(chunk)
             size += len(chunk)
