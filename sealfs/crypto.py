@@ -18,6 +18,7 @@ from __future__ import annotations
 import hmac
 import os
 import struct
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -28,6 +29,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
+from sealfs import strict
 from sealfs.errors import IntegrityError, UsageError
 
 KEY_SIZE = 32
@@ -232,7 +234,7 @@ class KdfParams:
             costs = {k: d[k] for k in ("memory_kib", "iterations", "lanes")}
             if any(type(v) is not int for v in costs.values()):  # 1e400, "8", true: refused
                 raise ValueError("costs must be integers")
-            params = cls(name=str(d["name"]), salt=bytes.fromhex(str(d["salt"])),
+            params = cls(name=str(d["name"]), salt=strict.hex_bytes(d["salt"]),
                          **costs)  # type: ignore[arg-type]
         except (KeyError, TypeError, ValueError) as e:
             raise UsageError(f"malformed KDF parameters: {e}") from None
@@ -362,6 +364,7 @@ class VolumeKeys:
         self._object_key = hkdf(master, "object", volume_id)
         self._legacy = legacy
         self._inode_sealers: OrderedDict[int, ObjectSealer] = OrderedDict()
+        self._inode_lock = threading.Lock()
         self._cache_size = cache_size
 
     def __repr__(self) -> str:
@@ -371,14 +374,21 @@ class VolumeKeys:
         return mac(self._header_key, "header-mac", body)
 
     def inode(self, ino: int) -> ObjectSealer:
-        """The sealer for everything stored about inode ``ino`` (thread-safe enough: a race
-        only derives the same key twice)."""
-        sealer = self._inode_sealers.get(ino)
-        if sealer is None:
-            sealer = ObjectSealer(
-                hkdf(self._object_key, "inode-base", ino),
-                Sealer(hkdf(self._object_key, "inode", ino)) if self._legacy else None)
+        """The sealer for everything stored about inode ``ino``, from a cache of the
+        ``cache_size`` most recently used. Called from the trio thread and from worker threads
+        (the data path opens blocks in workers, the checker walks in a thread pool), so the
+        cache is locked; the keys are derived outside the lock (a race derives one twice)."""
+        with self._inode_lock:
+            sealer = self._inode_sealers.get(ino)
+            if sealer is not None:
+                self._inode_sealers.move_to_end(ino)
+                return sealer
+        sealer = ObjectSealer(
+            hkdf(self._object_key, "inode-base", ino),
+            Sealer(hkdf(self._object_key, "inode", ino)) if self._legacy else None)
+        with self._inode_lock:
             self._inode_sealers[ino] = sealer
+            self._inode_sealers.move_to_end(ino)
             if len(self._inode_sealers) > self._cache_size:
                 self._inode_sealers.popitem(last=False)
         return sealer

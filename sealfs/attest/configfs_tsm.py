@@ -14,7 +14,6 @@ fetched over the network here: give a file (e.g. from a PCCS) with ``collateral_
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import os
 import secrets
@@ -22,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sealfs import strict
 from sealfs.attest.eventlog import DEFAULT_RUNTIME_LOG, RuntimeEvent, parse_runtime_log
 from sealfs.attest.quote import parse_quote
 from sealfs.errors import AttestationError
@@ -135,7 +135,7 @@ class ConfigfsTsmAttester:
             raw = self.collateral_path.read_bytes()[:MAX_COLLATERAL_SIZE + 1]
             if len(raw) > MAX_COLLATERAL_SIZE:
                 raise AttestationError("collateral file too large")
-            value = json.loads(raw)
+            value = strict.loads(raw)
         except (OSError, ValueError) as e:
             raise AttestationError(f"cannot read collateral file: {e}") from None
         if not isinstance(value, dict):

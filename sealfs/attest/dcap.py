@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
-from sealfs import strict_json
+from sealfs import strict
 from sealfs.errors import AttestationError
 
 from .quote import INTEL_QE_VENDOR_ID, EnclaveReport, Quote, TdReport, parse_quote
@@ -98,7 +98,6 @@ _SGX_NOT_OUT_OF_DATE = frozenset(
     {"UpToDate", "SWHardeningNeeded", "ConfigurationNeeded", "ConfigurationAndSWHardeningNeeded"}
 )
 
-_HEX = re.compile(r"[0-9a-fA-F]*")
 _TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d+)?Z", re.ASCII)
 
 
@@ -181,7 +180,7 @@ def load_collateral(path: Path) -> Collateral:
 def _json_object(data: bytes | str, what: str) -> dict[str, Any]:
     """Strict JSON: no duplicate keys (which reader wins is ambiguous), no NaN/Infinity."""
     try:
-        obj = strict_json.loads(data)
+        obj = strict.loads(data)
     except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError included
         raise CollateralFormatError(f"{what} is not valid JSON: {e}") from None
     if not isinstance(obj, dict):
@@ -190,12 +189,10 @@ def _json_object(data: bytes | str, what: str) -> dict[str, Any]:
 
 
 def _hex(value: Any, what: str, size: int | None = None) -> bytes:
-    if not isinstance(value, str) or not _HEX.fullmatch(value) or len(value) % 2:
-        raise CollateralFormatError(f"{what} must be a string of hex digit pairs")
-    raw = bytes.fromhex(value)
-    if size is not None and len(raw) != size:
-        raise CollateralFormatError(f"{what} must be {size} bytes, got {len(raw)}")
-    return raw
+    try:
+        return strict.hex_bytes(value, size or 0, size)
+    except ValueError as e:
+        raise CollateralFormatError(f"{what} {e}") from None
 
 
 # --------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from sealfs import strict
 from sealfs.errors import AttestationError
 
 #: dstack's event type for runtime events (not a TCG-defined type).
@@ -114,12 +115,10 @@ def events_from_wire(value: Any) -> list[RuntimeEvent]:
         name, payload = item["event"], item["payload"]
         if not isinstance(name, str) or not isinstance(payload, str):
             raise AttestationError("event log: event and payload must be strings")
-        if len(payload) > 2 * MAX_PAYLOAD_LEN:
-            raise AttestationError("event log: event payload too large")
         try:
-            raw = bytes.fromhex(payload)
-        except ValueError:
-            raise AttestationError("event log: payload is not hex") from None
+            raw = strict.hex_bytes(payload, 0, MAX_PAYLOAD_LEN)
+        except ValueError as e:
+            raise AttestationError(f"event log: event payload {e}") from None
         events.append(RuntimeEvent(name, raw))
     return events
 
@@ -135,7 +134,7 @@ def parse_runtime_log(text: str) -> list[RuntimeEvent]:
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            obj = strict.loads(line)
             name, payload = obj["event"], obj.get("payload", "")
             if not isinstance(name, str) or not isinstance(payload, str):
                 raise TypeError

@@ -27,6 +27,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from sealfs import strict
 from sealfs.attest.eventlog import (
     EVENT_APP_ID,
     EVENT_BOOT_DONE,
@@ -126,7 +127,7 @@ def _verify_collateral(collateral: Any, now: float, signer: bytes) -> str:
             raise TypeError
         if isinstance(nb, bool) or isinstance(na, bool) or not 0 <= nb <= na < 2**62:
             raise TypeError
-        sig = bytes.fromhex(collateral["signature"])
+        sig = strict.hex_bytes(collateral["signature"])
     except (KeyError, TypeError, ValueError):
         raise AttestationError("simulated collateral is malformed") from None
     if not verify_signature(signer, sig, _collateral_message(status, nb, na)):

@@ -5,8 +5,6 @@ from __future__ import annotations
 import functools
 import getpass
 import hashlib
-import os
-import stat
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -15,6 +13,7 @@ from typing import Any
 
 import click
 
+from sealfs import strict
 from sealfs.crypto import Secret
 from sealfs.errors import SealfsError, UsageError
 from sealfs.kms.client import Attester, KmsClient
@@ -28,6 +27,7 @@ from sealfs.volume.header import (
 )
 
 DEV_COMPOSE_HASH = hashlib.sha256(b"sealfs-dev").digest()
+MAX_PASSPHRASE_FILE_BYTES = 4096
 
 
 @dataclass(frozen=True)
@@ -127,11 +127,10 @@ def kms_client(kms: KmsOptions) -> KmsClient:
     """A KMS client for this CVM, with the chosen quote source and trusted KMS keys."""
     if not kms.url or not kms.app_id:
         raise UsageError("--kms needs --app-id (or a volume whose kms slot names it)")
-    try:
-        app = bytes.fromhex(kms.app_id)
-        compose = bytes.fromhex(kms.compose_hash) if kms.compose_hash else DEV_COMPOSE_HASH
-    except ValueError:
-        raise UsageError("--app-id and --compose-hash must be hex") from None
+    # Lengths are the KMS client's to judge (a KmsError, like any other app id it refuses).
+    app = _hex_option("--app-id", kms.app_id)
+    compose = _hex_option("--compose-hash", kms.compose_hash) if kms.compose_hash else \
+        DEV_COMPOSE_HASH
     keys = [_public_key(k) for k in kms.public_keys]
     if kms.attester == "simulated":
         from sealfs.attest.simulated import SimulatedAttester
@@ -163,13 +162,17 @@ def kms_client_args(client: Any) -> list[str]:
 
 def _public_key(text: str) -> bytes:
     try:
-        key = bytes.fromhex(text)
+        return strict.hex_bytes(text, 32, 32)
     except ValueError:
-        key = b""
-    if len(key) != 32 or len(text) != 64:
         raise UsageError(f"--kms-public-key {text!r} is not an Ed25519 public key (64 hex "
-                         "digits)")
-    return key
+                         "digits)") from None
+
+
+def _hex_option(option: str, text: str) -> bytes:
+    try:
+        return strict.hex_bytes(text)
+    except ValueError as e:
+        raise UsageError(f"{option} {e}") from None
 
 
 def _slot_app_id(backing: str | None) -> str | None:
@@ -198,17 +201,9 @@ def resolve_credential(key_file: str | None, passphrase_file: str | None,
 
 
 def read_passphrase_file(path: str) -> Secret:
-    """Read a passphrase file under the same permission rule as key files."""
-    try:
-        st = os.stat(path)
-    except OSError as e:
-        raise UsageError(f"cannot read passphrase file {path}: {e.strerror}") from None
-    if st.st_mode & 0o077:
-        raise UsageError(f"passphrase file {path} is accessible by group or others "
-                         f"(mode {stat.S_IMODE(st.st_mode):04o}); run: chmod 600 {path}")
-    with open(path, "rb") as f:
-        data = f.read().rstrip(b"\r\n")
-    return _checked(data)
+    """Read a passphrase file under the same rules as key files."""
+    data = strict.read_secret_file(path, "passphrase file", MAX_PASSPHRASE_FILE_BYTES)
+    return _checked(data.rstrip(b"\r\n"))
 
 
 def prompt_passphrase(confirm: bool) -> Secret:

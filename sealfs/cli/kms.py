@@ -5,16 +5,18 @@ from __future__ import annotations
 import getpass
 import json
 import logging
-import stat
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
 
+from sealfs import strict
+from sealfs.cli.logs import log_service
 from sealfs.cli.output import emit, json_option
 from sealfs.crypto import KdfParams, Secret
 from sealfs.errors import IntegrityError, UsageError
+from sealfs.kms.protocol import MAX_ID_BYTES
 
 if TYPE_CHECKING:  # imported where used: `sealfs kms` commands load only what they run
     from sealfs.kms.derivation import StoreMac
@@ -37,16 +39,7 @@ secret_option = click.option(
 def read_operator_secret(path: Path | None, confirm: bool = False) -> Secret:
     """The operator secret from a private file, or stdin (prompted without echo on a TTY)."""
     if path is not None:
-        try:
-            st = path.stat()
-        except OSError as e:
-            raise UsageError(f"cannot read secret file {path}: {e.strerror}") from None
-        if not stat.S_ISREG(st.st_mode):
-            raise UsageError(f"secret file {path} is not a regular file")
-        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise UsageError(f"secret file {path} is accessible by group or others; "
-                             "chmod 600 it")
-        raw = path.read_bytes()[:MAX_SECRET_BYTES + 1]
+        raw = strict.read_secret_file(path, "secret file", MAX_SECRET_BYTES)
     elif sys.stdin.isatty():
         raw = getpass.getpass("KMS operator secret: ").encode()
         if confirm and getpass.getpass("Repeat operator secret: ").encode() != raw:
@@ -75,12 +68,9 @@ def _open(state: Path, secret_file: Path | None) -> tuple[KmsStore, StoreMac, Se
 
 def _app_id(value: str) -> bytes:
     try:
-        raw = bytes.fromhex(value)
-    except ValueError:
-        raise UsageError("APP_ID must be hex") from None
-    if not 1 <= len(raw) <= 64:
-        raise UsageError("APP_ID must be 1-64 bytes")
-    return raw
+        return strict.hex_bytes(value, 1, MAX_ID_BYTES)
+    except ValueError as e:
+        raise UsageError(f"APP_ID {e}") from None
 
 
 @click.group("kms")
@@ -200,13 +190,12 @@ def serve(state: Path, secret_file: Path | None, host: str, port: int, allow_sim
     from sealfs.kms.service import KmsService, ServiceConfig
     from sealfs.kms.store import KmsStore
 
-    logging.basicConfig(stream=sys.stderr, level=log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_service(sys.stderr, log_level.upper())
     log = logging.getLogger("sealfs.kms")
     collateral = None
     if collateral_file is not None:
         try:
-            collateral = json.loads(collateral_file.read_bytes())
+            collateral = strict.loads(collateral_file.read_bytes())
         except (OSError, ValueError) as e:
             raise UsageError(f"cannot read collateral {collateral_file}: {e}") from None
         if not isinstance(collateral, dict):
@@ -303,7 +292,7 @@ def policy_set(app_id: str, state: Path, secret_file: Path | None, policy_file: 
         if getattr(policy_file, "name", "") == "<stdin>" and secret_file is None:
             raise UsageError("with --file - the operator secret must come from --secret-file")
         try:
-            loaded = json.loads(policy_file.read(1 << 20))
+            loaded = strict.loads(policy_file.read(1 << 20))
         except ValueError:
             raise UsageError("policy file is not valid JSON") from None
         if not isinstance(loaded, dict):

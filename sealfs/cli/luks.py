@@ -8,7 +8,6 @@ the header itself is untrusted and cannot be asked what it should look like.
 from __future__ import annotations
 
 import functools
-import logging
 import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -20,6 +19,7 @@ from sealfs.luks import profile as P
 
 from .credentials import KmsOptions, kms_client, kms_options
 from .exit_codes import fail_with
+from .logs import log_warnings
 from .output import SealfsGroup, emit, json_option
 
 if TYPE_CHECKING:
@@ -93,25 +93,9 @@ def _key_source(key_file: str | None, volume_id: str | None,
     if not volume_id:
         raise UsageError("--kms needs --volume-id: every volume gets its own key, and the id "
                          "is configuration, never read from the disk")
-    _warnings_to_stderr()
+    log_warnings()
     source = KmsKeySource(kms_client(kms))
     return source, source.binding(volume_id)
-
-
-def _warnings_to_stderr() -> None:
-    """Show the KMS client's warnings (e.g. an unpinned KMS identity) as one sealfs line."""
-    logger = logging.getLogger("sealfs")
-    if not logger.handlers:
-        handler = _StderrHandler(logging.WARNING)
-        handler.setFormatter(logging.Formatter("sealfs: warning: %(message)s"))
-        logger.addHandler(handler)
-
-
-class _StderrHandler(logging.Handler):
-    """Writes to whatever stderr is current (click's, under a test runner)."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        click.echo(self.format(record), err=True)
 
 
 def _slot_key(keys: KeySource, binding: KeyBinding,

@@ -13,6 +13,7 @@ from typing import TextIO
 import click
 
 from sealfs.cli.credentials import credential_options, kms_client_args
+from sealfs.cli.logs import log_service
 from sealfs.errors import BusyError, SealfsError, UsageError
 from sealfs.fs.core import Limits
 from sealfs.fuse.mount import check_mountpoint, serve, unmount
@@ -62,7 +63,8 @@ def mount(backing_dir: str, mountpoint: str, cred: Credential, foreground: bool,
     if allow_other is None:
         allow_other = os.geteuid() == 0
     if foreground or ready_fd is not None:
-        _setup_logging(log_file, debug)
+        log_service(_private_log(Path(log_file)) if log_file else sys.stderr,
+                    logging.DEBUG if debug else logging.INFO)
         ready = _ready_writer(ready_fd)
         try:
             serve(Path(backing_dir), Path(mountpoint), cred, allow_other=allow_other,
@@ -81,19 +83,6 @@ def mount(backing_dir: str, mountpoint: str, cred: Credential, foreground: bool,
     if cred.expected_volume is not None:
         extra += ["--volume-id", cred.expected_volume.hex()]
     _daemonize(backing_dir, mountpoint, cred, log_file, allow_other, commit_interval, extra)
-
-
-def _setup_logging(log_file: str | None, debug: bool) -> None:
-    handler: logging.Handler
-    if log_file:
-        handler = logging.StreamHandler(_private_log(Path(log_file)))
-    else:
-        handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG if debug else logging.INFO)
-    logging.getLogger("pyfuse3").setLevel(logging.WARNING)
 
 
 def _private_log(path: Path) -> TextIO:

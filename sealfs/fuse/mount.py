@@ -53,6 +53,16 @@ def check_mountpoint(mountpoint: Path) -> Path:
     return mp
 
 
+def require_fallocate() -> None:
+    """Refuse to serve with a pyfuse3 that has no fallocate handler (the stock PyPI build):
+    the kernel would then answer every fallocate(2) with EOPNOTSUPP, and programs that reserve
+    space (databases, package managers) would fail or quietly fall back, on this mount only."""
+    if not hasattr(pyfuse3.Operations, "fallocate"):
+        raise SealfsError("the installed pyfuse3 has no fallocate support; sealfs needs pyfuse3 "
+                          "3.5.0 with tools/pyfuse3-patches/ applied: run "
+                          "tools/install-pyfuse3.sh /path/to/python")
+
+
 def serve(backing: Path, mountpoint: Path, cred: Credential, *, allow_other: bool = False,
           allow_rollback: bool = False, writeback_cache: bool = False,
           limits: Limits | None = None,
@@ -62,6 +72,7 @@ def serve(backing: Path, mountpoint: Path, cred: Credential, *, allow_other: boo
     With a KMS credential the volume's freshness anchor is checked before mounting and
     advanced while mounted; with another credential freshness rests on the disk alone.
     """
+    require_fallocate()
     mp = check_mountpoint(mountpoint)
     store, header, master = unlock_volume(backing, cred)
     store.lock()

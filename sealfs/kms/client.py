@@ -51,7 +51,7 @@ import urllib.parse
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
-from sealfs import strict_json
+from sealfs import strict
 from sealfs.attest.eventlog import (
     EVENT_KEY_PROVIDER,
     RuntimeEvent,
@@ -140,11 +140,11 @@ class KmsClient:
         self._scheme, self._host = parsed.scheme, parsed.hostname
         if isinstance(app_id, str):
             try:
-                app_id = bytes.fromhex(app_id)
-            except ValueError:
-                raise KmsError("app id must be hex") from None
+                app_id = strict.hex_bytes(app_id, 1, P.MAX_ID_BYTES)
+            except ValueError as e:
+                raise KmsError(f"app id {e}") from None
         if not 1 <= len(app_id) <= P.MAX_ID_BYTES:
-            raise KmsError("app id must be 1-64 bytes")
+            raise KmsError(f"app id must be 1-{P.MAX_ID_BYTES} bytes")
         self.app_id = app_id
         self.attester = attester
         self.deadline_s = deadline_s
@@ -303,7 +303,7 @@ class KmsClient:
         if len(raw) > MAX_RESPONSE_BYTES:
             raise KmsError("KMS answer too large")
         try:
-            payload = strict_json.loads(raw)  # the network is the host's: bounded depth
+            payload = strict.loads(raw)  # the network is the host's: bounded depth
             if not isinstance(payload, dict):
                 raise ValueError
         except ValueError:
@@ -352,11 +352,8 @@ def _result_parts(params: P.Params, result: dict[str, Any]) -> tuple[Any, ...]:
 
 
 def _hex(obj: dict[str, Any], name: str) -> bytes:
-    value = obj.get(name)
     try:
-        if not isinstance(value, str):
-            raise ValueError
-        return bytes.fromhex(value)
+        return strict.hex_bytes(obj.get(name))
     except ValueError:
         raise KmsError(f"KMS answer is malformed ({name})") from None
 

@@ -34,6 +34,7 @@ import json
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
+from sealfs import strict
 from sealfs.attest.eventlog import AppIdentity
 from sealfs.attest.quote import TD_ATTR_DEBUG, TD_ATTR_DEFINED, TD_ATTR_SEPT_VE_DISABLE
 from sealfs.crypto import ct_equal
@@ -102,13 +103,9 @@ class Measurement:
 
 def _hex(value: Any, name: str, lo: int, hi: int) -> bytes:
     try:
-        raw = bytes.fromhex(value)
-    except (TypeError, ValueError):
-        raise UsageError(f"{name} must be hex") from None
-    if not lo <= len(raw) <= hi:
-        raise UsageError(f"{name} must be {lo}-{hi} bytes" if lo != hi else
-                         f"{name} must be {lo} bytes")
-    return raw
+        return strict.hex_bytes(value, lo, hi)
+    except ValueError as e:
+        raise UsageError(f"{name} {e}") from None
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from collections.abc import Set
 from dataclasses import dataclass
 from typing import Any
 
-from sealfs import strict_json
+from sealfs import strict
 from sealfs.crypto import label
 
 PROTOCOL_VERSION = 1
@@ -79,10 +79,10 @@ def bad_request(message: str) -> ProtocolError:
 # --- field parsing ---------------------------------------------------------------------------
 
 def parse_json_object(body: bytes) -> dict[str, Any]:
-    """Strict JSON (:func:`sealfs.strict_json.loads`): UTF-8, one object, no duplicate keys,
+    """Strict JSON (:func:`sealfs.strict.loads`): UTF-8, one object, no duplicate keys,
     no NaN, bounded nesting."""
     try:
-        value = strict_json.loads(body)
+        value = strict.loads(body)
     except ValueError:  # UnicodeDecodeError and too deep nesting included
         raise bad_request("body is not valid JSON") from None
     if not isinstance(value, dict):
@@ -101,16 +101,10 @@ def check_fields(obj: dict[str, Any], required: Set[str], optional: Set[str] = f
 
 
 def hex_field(obj: dict[str, Any], name: str, min_len: int, max_len: int) -> bytes:
-    value = obj.get(name)
-    if not isinstance(value, str) or len(value) > 2 * max_len:
-        raise bad_request(f"{name} must be a hex string of {min_len}-{max_len} bytes")
     try:
-        raw = bytes.fromhex(value)
-    except ValueError:
-        raise bad_request(f"{name} is not valid hex") from None
-    if not min_len <= len(raw) <= max_len:
-        raise bad_request(f"{name} must be {min_len}-{max_len} bytes")
-    return raw
+        return strict.hex_bytes(obj.get(name), min_len, max_len)
+    except ValueError as e:
+        raise bad_request(f"{name} {e}") from None
 
 
 def int_field(obj: dict[str, Any], name: str, lo: int, hi: int) -> int:
@@ -253,10 +247,9 @@ def key_provider_payload(kms_public_key: bytes) -> bytes:
 def parse_key_provider(payload: bytes) -> bytes | None:
     """The KMS public key named by a ``key-provider`` event, or None if it names another."""
     try:
-        obj = strict_json.loads(payload)
+        obj = strict.loads(payload)
         if obj.get("name") != KEY_PROVIDER_NAME:
             return None
-        key = bytes.fromhex(obj["id"])
+        return strict.hex_bytes(obj["id"], 32, 32)
     except (ValueError, KeyError, TypeError, AttributeError):
         return None
-    return key if len(key) == 32 else None

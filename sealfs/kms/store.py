@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
+from sealfs import strict
 from sealfs.crypto import (
     AuthError,
     KdfParams,
@@ -309,7 +310,7 @@ class KmsStore:
         try:
             version = int(meta["format"])
             kdf_json = bytes(meta["kdf"])
-            kdf = KdfParams.from_dict(json.loads(kdf_json))
+            kdf = KdfParams.from_dict(strict.loads(kdf_json))
             sealed = bytes(meta["sealed_root"])
         except (KeyError, ValueError, TypeError):
             version = 0
@@ -439,7 +440,7 @@ class KmsStore:
             log.error("KMS state: policy row for app %s fails its MAC (tampered state file?)",
                       app_id.hex())
             raise IntegrityError(f"KMS state: policy for app {app_id.hex()} fails its MAC")
-        policy = AppPolicy.from_dict(json.loads(body))
+        policy = AppPolicy.from_dict(strict.loads(body))
         if policy.app_id != app_id:
             raise IntegrityError(f"KMS state: policy row for app {app_id.hex()} is misplaced")
         return policy

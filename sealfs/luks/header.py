@@ -24,7 +24,7 @@ import uuid as uuidlib
 from dataclasses import dataclass
 from typing import Any
 
-from sealfs import strict_json
+from sealfs import strict
 from sealfs.errors import LuksError
 
 from . import profile as P
@@ -159,7 +159,7 @@ def load_json_area(raw: bytes, where: str) -> dict[str, Any]:
         raise HeaderRefused(f"{where}: data after the JSON text in the JSON area")
     try:
         decoded = text.decode("ascii")
-        obj = strict_json.loads(decoded)
+        obj = strict.loads(decoded)
     except (UnicodeDecodeError, ValueError) as e:
         raise HeaderRefused(f"{where}: JSON metadata does not parse ({_short(e)})") from None
     if not isinstance(obj, dict):

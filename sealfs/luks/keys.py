@@ -21,14 +21,13 @@ process only on cryptsetup's stdin or through an anonymous pipe.
 
 from __future__ import annotations
 
-import os
 import re
-import stat
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from sealfs import strict
 from sealfs.crypto import Secret
-from sealfs.errors import LuksError, StorageError, UsageError
+from sealfs.errors import LuksError, UsageError
 
 if TYPE_CHECKING:
     from sealfs.kms.client import KmsClient
@@ -153,37 +152,4 @@ class KmsKeySource:
 
 def read_key_file(path: str) -> Secret:
     """Load a key file, refusing files that other users could read or replace."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
-    except FileNotFoundError:
-        raise UsageError(f"key file {path}: not found") from None
-    except OSError as e:
-        raise StorageError(f"key file {path}: {e.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise UsageError(f"key file {path}: not a regular file")
-        if st.st_mode & 0o077:
-            raise UsageError(
-                f"key file {path}: mode {stat.S_IMODE(st.st_mode):04o} lets group or others "
-                "access it; chmod 600 it"
-            )
-        if st.st_uid not in (0, os.geteuid()):
-            raise UsageError(f"key file {path}: owned by another user")
-        if st.st_size == 0:
-            raise UsageError(f"key file {path}: empty")
-        if st.st_size > MAX_PASSPHRASE:
-            raise UsageError(f"key file {path}: larger than {MAX_PASSPHRASE} bytes")
-        buf = bytearray()
-        while len(buf) <= MAX_PASSPHRASE:
-            chunk = os.read(fd, MAX_PASSPHRASE + 1 - len(buf))
-            if not chunk:
-                break
-            buf += chunk
-        if not buf or len(buf) > MAX_PASSPHRASE:
-            raise UsageError(f"key file {path}: changed size while being read")
-        secret = Secret(bytes(buf))
-        buf[:] = bytes(len(buf))
-        return secret
-    finally:
-        os.close(fd)
+    return Secret(strict.read_secret_file(path, "key file", MAX_PASSPHRASE))

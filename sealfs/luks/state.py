@@ -26,7 +26,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from sealfs import strict_json
+from sealfs import strict
 from sealfs.errors import IntegrityError, LuksError, StorageError
 
 STATE_BLOCK = 4096
@@ -65,7 +65,7 @@ class StateRecord:
         if hashlib.sha256(block[:end]).digest() != block[end : end + 32]:
             return None
         try:
-            data: dict[str, Any] = strict_json.loads(block[len(MAGIC) + 4 : end])
+            data: dict[str, Any] = strict.loads(block[len(MAGIC) + 4 : end])
             return cls(**data)
         except (ValueError, TypeError):
             return None

@@ -3,16 +3,17 @@
 The header holds the volume's public parameters (format version, volume id, cipher, block
 size, compression) and one or more key slots, each wrapping the random volume master key under
 a key-encryption key (KEK) from one credential: a key file, a recovery passphrase (argon2id or
-scrypt, parameters in the slot) or, later, the KMS. A MAC under a key derived from the master
-key covers the whole header, so a host that edits any field (block size, compression, slots)
-is caught right after unlock. Exact layout: docs/format.md.
+scrypt, parameters in the slot) or the KMS (a key it releases to this attested CVM). A MAC
+under a key derived from the master key covers the canonical form of the whole header, so a
+host that edits any field (block size, compression, slots) is caught right after unlock, and a
+header that is not exactly its canonical form's fields is refused when read. Exact layout and
+canonical bytes: docs/format.md.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import stat
 import sys
 import time
 import uuid
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sealfs import strict_json
+from sealfs import strict
 from sealfs.crypto import (
     AuthError,
     KdfParams,
@@ -36,7 +37,7 @@ from sealfs.crypto import (
 )
 from sealfs.errors import FormatError, IntegrityError, SealfsError, UnlockError, UsageError
 from sealfs.kms.client import VolumeKms
-from sealfs.kms.protocol import MAX_KEY_VERSION
+from sealfs.kms.protocol import MAX_ID_BYTES, MAX_KEY_VERSION
 from sealfs.store import HEADER_NAME, MissingObject, ObjectStore
 
 MAGIC = "sealfs-volume"
@@ -50,8 +51,11 @@ MAX_HEADER_BYTES = 1 << 20
 #: (argon2id up to 4 GiB): a hostile header may not multiply that without bound.
 MAX_SLOTS = 16
 KEYFILE_MIN_BYTES = 32
+KEYFILE_MAX_BYTES = 1 << 20
 MAX_SLOT_ID = 2**32 - 1
 MAX_HEADER_INT = 2**63 - 1  # block size and creation time: what a u64 label part can carry
+MAC_BYTES = 32  # HMAC-SHA256
+MAX_CANONICAL_BODY = 0xFFFF  # the MAC takes the body as one label part (u16 length)
 
 
 # --- credentials -----------------------------------------------------------------------------
@@ -103,6 +107,7 @@ class KmsCredential:
 
 Credential = KeyFileCredential | PassphraseCredential | KmsCredential
 KMS_PURPOSE = "volume-wrap"
+KMS_SLOT_FIELDS = {"url", "app_id", "key_version", "kms_public_key"}
 
 
 def read_key_file(path: str | os.PathLike[str]) -> KeyFileCredential:
@@ -111,20 +116,12 @@ def read_key_file(path: str | os.PathLike[str]) -> KeyFileCredential:
     ``-`` reads the key from standard input (how the mount daemon receives it).
     """
     if str(path) == "-":
-        return _checked_key(sys.stdin.buffer.read(), "standard input")
-    p = Path(path)
-    try:
-        st = p.stat()
-    except FileNotFoundError:
-        raise UsageError(f"key file {p} does not exist") from None
-    except OSError as e:
-        raise UsageError(f"cannot read key file {p}: {e.strerror}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise UsageError(f"key file {p} is not a regular file")
-    if st.st_mode & 0o077:
-        raise UsageError(f"key file {p} is accessible by group or others "
-                         f"(mode {stat.S_IMODE(st.st_mode):04o}); run: chmod 600 {p}")
-    return _checked_key(p.read_bytes(), f"key file {p}")
+        data = sys.stdin.buffer.read(KEYFILE_MAX_BYTES + 1)
+        if len(data) > KEYFILE_MAX_BYTES:
+            raise UsageError(f"standard input holds more than {KEYFILE_MAX_BYTES} bytes")
+        return _checked_key(data, "standard input")
+    return _checked_key(strict.read_secret_file(path, "key file", KEYFILE_MAX_BYTES),
+                        f"key file {path}")
 
 
 def _checked_key(data: bytes, source: str) -> KeyFileCredential:
@@ -180,18 +177,22 @@ class Slot:
         derivation (a slot id of -1 cannot be encoded into the slot's associated data)."""
         if not isinstance(d, dict) or not isinstance(d.get("type"), str):
             raise ValueError("malformed key slot")
-        if not strict_json.integer_in(d.get("id"), 0, MAX_SLOT_ID):
+        if not strict.integer_in(d.get("id"), 0, MAX_SLOT_ID):
             raise ValueError(f"key slot id must be an integer in [0, {MAX_SLOT_ID}]")
         kdf = KdfParams.from_dict(d["kdf"]) if "kdf" in d else None
         kms = d.get("kms")
         if kms is not None and not (
-                isinstance(kms, dict) and isinstance(kms.get("url"), str)
+                isinstance(kms, dict) and kms.keys() == KMS_SLOT_FIELDS
+                and isinstance(kms.get("url"), str)
                 and isinstance(kms.get("app_id"), str)
-                and strict_json.integer_in(kms.get("key_version"), 1, MAX_KEY_VERSION)
+                and strict.integer_in(kms.get("key_version"), 1, MAX_KEY_VERSION)
                 and isinstance(kms.get("kms_public_key"), str)):
             raise ValueError("malformed kms slot")
-        return cls(d["id"], d["type"], bytes.fromhex(d["wrapped"]),
-                   bytes.fromhex(d.get("salt", "")), kdf, kms)
+        if kms is not None:
+            _hex_field(kms, "app_id", 1, MAX_ID_BYTES)
+            _hex_field(kms, "kms_public_key", 0, 32)
+        return cls(d["id"], d["type"], _hex_field(d, "wrapped"),
+                   _hex_field(d, "salt") if "salt" in d else b"", kdf, kms)
 
     def public_info(self) -> dict[str, Any]:
         info: dict[str, Any] = {"id": self.id, "type": self.type}
@@ -200,6 +201,15 @@ class Slot:
         if self.kms is not None:
             info["kms"] = dict(self.kms)
         return info
+
+
+def _hex_field(obj: dict[str, Any], name: str, min_len: int = 0,
+               max_len: int | None = None) -> bytes:
+    """A hex field of the header (KeyError if absent, ValueError naming it if malformed)."""
+    try:
+        return strict.hex_bytes(obj[name], min_len, max_len)
+    except ValueError as e:
+        raise ValueError(f"{name} {e}") from None
 
 
 def _slot_ad(volume_id: bytes, slot: Slot) -> bytes:
@@ -224,6 +234,13 @@ def _kek(cred: Credential, slot: Slot, volume_id: bytes) -> Secret:
 
 
 # --- header ----------------------------------------------------------------------------------
+
+def canonical_json(value: Any) -> bytes:
+    """The canonical serialisation of docs/format.md ("Canonical body"): sorted keys, no
+    whitespace, ASCII only (every other character a ``\\uXXXX`` escape, lower-case hex)."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
+                      allow_nan=False).encode("ascii")
+
 
 @dataclass
 class Header:
@@ -251,26 +268,29 @@ class Header:
         }
 
     def canonical_body(self) -> bytes:
-        return json.dumps(self.body(), sort_keys=True, separators=(",", ":")).encode()
+        """The bytes the MAC covers."""
+        return canonical_json(self.body())
+
+    def document(self) -> dict[str, Any]:
+        """The header as stored: the body and its MAC."""
+        return {**self.body(), "mac": self.mac.hex()}
 
     def to_bytes(self) -> bytes:
-        doc = self.body()
-        doc["mac"] = self.mac.hex()
-        return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
+        return (json.dumps(self.document(), indent=2, sort_keys=True) + "\n").encode()
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Header:
         if len(data) > MAX_HEADER_BYTES:
             raise FormatError("volume header is implausibly large")
         try:
-            doc = strict_json.loads(data)
+            doc = strict.loads(data)
         except ValueError:  # UnicodeDecodeError, duplicate keys, too deep: all ValueError
             raise FormatError("volume header is not valid JSON (corrupt or not a sealfs "
                               "volume)") from None
         if not isinstance(doc, dict) or doc.get("magic") != MAGIC:
             raise FormatError("not a sealfs volume header")
         version = doc.get("format_version")
-        if not isinstance(version, int):
+        if type(version) is not int:  # not a bool either
             raise FormatError("volume header has no format version")
         if version > FORMAT_VERSION:
             raise FormatError(f"volume format version {version} is newer than this sealfs "
@@ -284,7 +304,7 @@ class Header:
             if doc["cipher"] != CIPHER or doc["kdf"] != "HKDF-SHA256":
                 raise FormatError(f"unsupported cipher {doc['cipher']!r}")
             for name in ("block_size", "created"):
-                if not strict_json.integer_in(doc[name], 0, MAX_HEADER_INT):
+                if not strict.integer_in(doc[name], 0, MAX_HEADER_INT):
                     raise FormatError(f"volume header field {name} is not an integer in "
                                       f"[0, {MAX_HEADER_INT}]")
             if not isinstance(doc["slots"], list) or len(doc["slots"]) > MAX_SLOTS:
@@ -293,16 +313,24 @@ class Header:
             slots = [Slot.from_dict(s) for s in doc["slots"]]
             if len({s.id for s in slots}) != len(slots):
                 raise FormatError("volume header has two key slots with the same id")
-            header = cls(volume_id=bytes.fromhex(doc["volume_id"]),
+            header = cls(volume_id=_hex_field(doc, "volume_id", 16, 16),
                          block_size=doc["block_size"], compression=str(doc["compression"]),
                          created=doc["created"], slots=slots,
-                         mac=bytes.fromhex(doc["mac"]), format_version=version,
-                         format1_objects=format1_objects)
+                         mac=_hex_field(doc, "mac", MAC_BYTES, MAC_BYTES),
+                         format_version=version, format1_objects=format1_objects)
         except FormatError:
             raise
         except (KeyError, TypeError, ValueError, UsageError) as e:
             raise FormatError(f"volume header is malformed ({e})") from None
         header.validate()
+        # The MAC covers the canonical form of the stored document (docs/format.md); the
+        # fields kept must be exactly that document, or an unknown field, a "salt": "" or an
+        # upper-case hex digit would pass unauthenticated.
+        if canonical_json(doc) != canonical_json(header.document()):
+            raise FormatError("volume header holds a field or spelling sealfs does not write "
+                              "(edited outside sealfs)")
+        if len(header.canonical_body()) > MAX_CANONICAL_BODY:
+            raise FormatError("volume header is too large to authenticate")
         return header
 
     def validate(self) -> None:

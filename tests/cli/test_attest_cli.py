@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 
-TESTDATA = Path(__file__).resolve().parents[2].parent / "shared" / "testdata" / "tdx"
-pytestmark = pytest.mark.skipif(
-    not TESTDATA.is_dir(), reason=f"TDX test vectors not found at {TESTDATA}"
-)
+from tests.tdx_vectors import TDX_VECTORS
+
+TESTDATA = TDX_VECTORS
 
 QUOTE = TESTDATA / "tdx_quote"
 COLLATERAL = TESTDATA / "tdx_quote_collateral.json"

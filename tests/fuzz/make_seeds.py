@@ -3,7 +3,8 @@ each format, so that the fuzzer starts from the interesting paths, plus crafted 
 once escaped as internal errors (regressions). Deterministic except for AEAD nonces.
 
 Run from the repository root: ``python -m tests.fuzz.make_seeds [TESTDATA_DIR]`` (the
-directory of Intel's TDX quote and collateral vectors, for the DCAP seeds).
+directory of Intel's TDX quote and collateral vectors, for the DCAP seeds; tests/data/tdx by
+default).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from sealfs.kms import protocol
 from sealfs.luks import profile as P
 from sealfs.volume.header import Header, KeyFileCredential, PassphraseCredential, Slot
 from tests.fuzz.targets import _DEFAULT_CP, KEY, KEYS, VOLUME_ID
+from tests.tdx_vectors import TDX_VECTORS
 
 CORPUS = Path(__file__).resolve().parent / "corpus"
 
@@ -165,7 +167,7 @@ def _dcap(testdata: Path | None) -> tuple[dict[str, bytes], dict[str, bytes]]:
 
 
 def main() -> None:
-    testdata = Path(sys.argv[1]) if len(sys.argv) > 1 else None
+    testdata = Path(sys.argv[1]) if len(sys.argv) > 1 else TDX_VECTORS
     quotes, collateral = _dcap(testdata)
     seeds = {"volume_header": _volume_header(), "journal": _journal(), "record": _record(),
              "lz4_block": _lz4(), "luks_header": _luks(), "kms_request": _kms(),

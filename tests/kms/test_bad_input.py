@@ -16,6 +16,7 @@ from sealfs.attest.eventlog import RuntimeEvent
 from sealfs.crypto import Secret
 from sealfs.kms import protocol as P
 from sealfs.kms.service import ServiceConfig
+from tests.tdx_vectors import TDX_VECTORS
 
 from .conftest import (
     InProcessKms,
@@ -29,7 +30,7 @@ from .conftest import (
     raw_http,
 )
 
-TESTDATA = Path("/work/shared/testdata/tdx")
+TESTDATA = TDX_VECTORS
 VOL = b"vol"
 GETKEY = P.GetKey("volume-wrap", VOL)
 
@@ -236,7 +237,6 @@ def test_missing_collateral(kms: KmsProcess) -> None:
     assert_error(post(kms.port, "/v1/key", body), 401, "attestation_failed")
 
 
-@pytest.mark.skipif(not (TESTDATA / "tdx_quote").exists(), reason="no TDX test vectors")
 def test_real_tdx_quote_with_expired_collateral(kms: KmsProcess) -> None:
     """A genuine TDX quote whose Intel collateral has expired is refused by DCAP."""
     body = mutate(kms, tee="tdx",

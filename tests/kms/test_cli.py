@@ -67,7 +67,7 @@ def test_secret_rules(tmp_path: Path) -> None:
     assert_fails(run("init", "--state", str(tmp_path / "b.db"), stdin=b"short"), 2,
                  "at least 16 bytes")
     assert_fails(run("init", "--state", str(tmp_path / "c.db"), "--secret-file",
-                     str(tmp_path / "missing")), 2, "cannot read secret file")
+                     str(tmp_path / "missing")), 2, "secret file")
     assert not (tmp_path / "a.db").exists() and not (tmp_path / "b.db").exists()
 
 
@@ -114,7 +114,7 @@ def test_policy_lifecycle(state: Path, secret_file: Path, tmp_path: Path) -> Non
 
 
 @pytest.mark.parametrize("args, text", [
-    (["zz"], "APP_ID must be hex"),
+    (["zz"], "APP_ID must be a string of hex digit pairs"),
     ([APP], "at least one measurement"),
     ([APP, "--simulated"], "at least one measurement and one compose hash"),
     ([APP, "--simulated", "--compose-hash", "00"], "32 bytes"),

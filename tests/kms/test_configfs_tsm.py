@@ -24,12 +24,12 @@ from sealfs.attest.eventlog import RuntimeEvent
 from sealfs.attest.quote import parse_quote
 from sealfs.errors import AttestationError
 from sealfs.kms.client import KmsClient
+from tests.tdx_vectors import TDX_VECTORS
 
 from .conftest import APP_A, COMPOSE_A, KmsProcess
 
-QUOTE = Path("/work/shared/testdata/tdx/tdx_quote")
+QUOTE = TDX_VECTORS / "tdx_quote"
 REPORT_DATA_OFFSET = 48 + 520
-pytestmark = pytest.mark.skipif(not QUOTE.exists(), reason="no TDX quote test vector")
 
 
 class FakeTsm:
@@ -175,7 +175,7 @@ def test_kms_verifies_configfs_quotes_with_dcap(kms: KmsProcess, tsm_root: Path,
     log = tmp_path / "runtime_events.log"
     log.write_text(RuntimeEvent("app-id", APP_A).to_json_line() + "\n"
                    + RuntimeEvent("compose-hash", COMPOSE_A).to_json_line() + "\n")
-    coll = Path("/work/shared/testdata/tdx/tdx_quote_collateral.json")
+    coll = TDX_VECTORS / "tdx_quote_collateral.json"
     att = ConfigfsTsmAttester(tsm_root, event_log_path=log, collateral_path=coll)
     with FakeTsm(tsm_root):
         c = KmsClient(kms.url, APP_A, att, trusted_keys=[kms.public_key], deadline_s=5)

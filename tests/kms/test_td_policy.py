@@ -2,14 +2,13 @@
 
 A real `sealfs kms serve` on 127.0.0.1 refuses CVMs whose quote violates each option of the
 default policy, with the reason in the answer and in its log, and releases the key once the
-app's policy opts out. The real Intel quotes in ../shared/testdata/tdx meet the defaults.
+app's policy opts out. The real Intel quotes in tests/data/tdx meet the defaults.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,10 +19,11 @@ from sealfs.errors import AttestationError, UsageError
 from sealfs.kms.client import KmsClient
 from sealfs.kms.policy import AppPolicy, Measurement
 from sealfs.kms.verify import QuoteReport
+from tests.tdx_vectors import TDX_VECTORS
 
 from .conftest import COMPOSE_A, KmsProcess, KmsState, attester, sim_policy
 
-TESTDATA = Path("/work/shared/testdata/tdx")
+TESTDATA = TDX_VECTORS
 SEPT = TD_ATTR_SEPT_VE_DISABLE
 RELAXED_APP = bytes.fromhex("d7" * 20)
 
@@ -86,7 +86,6 @@ def test_policy_documents_default_to_the_secure_choice() -> None:
             AppPolicy.from_dict({**doc, flag: "yes"})
 
 
-@pytest.mark.skipif(not TESTDATA.is_dir(), reason="no TDX test vectors")
 @pytest.mark.parametrize("name", ["tdx_quote", "tdx_quote_outdated", "quote-from-tappd.hex"])
 def test_real_tdx_quotes_meet_the_default_policy(name: str) -> None:
     """Every real quote at hand sets SEPT_VE_DISABLE only and binds no service TD."""

@@ -18,12 +18,11 @@ import pytest
 from sealfs.kms import protocol as P
 from sealfs.kms.service import ServiceConfig
 from sealfs.kms.verify import verify_tdx
+from tests.tdx_vectors import TDX_VECTORS
 
 from .conftest import InProcessKms, KmsState, attester, envelope, make_state, post
 
-TESTDATA = Path("/work/shared/testdata/tdx")
-pytestmark = pytest.mark.skipif(not (TESTDATA / "tdx_quote").exists(),
-                                reason="no TDX test vectors")
+TESTDATA = TDX_VECTORS
 IN_WINDOW = dt.datetime(2025, 7, 1, tzinfo=dt.UTC).timestamp()
 
 

@@ -79,7 +79,7 @@ def test_key_file_readable_by_others_refused(tmp_path: Path, mode: int) -> None:
 def test_key_file_rules(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="empty"):
         read_key_file(str(write_key(tmp_path / "empty", b"")))
-    with pytest.raises(UsageError, match="not found"):
+    with pytest.raises(UsageError, match="does not exist"):
         read_key_file(str(tmp_path / "missing"))
     with pytest.raises(UsageError, match="larger"):
         read_key_file(str(write_key(tmp_path / "big", b"x" * 5000)))

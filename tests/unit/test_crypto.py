@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -175,3 +177,27 @@ def test_format_1_objects_open_only_on_a_format_1_volume() -> None:
     assert current.inode(2).open(new, b"ad") == b"new"
     with pytest.raises(AuthError):
         legacy.inode(2).open_legacy(new, b"ad")
+
+
+def test_inode_sealer_cache_keeps_the_most_recently_used() -> None:
+    keys = VolumeKeys(Secret.generate(), b"v" * 16, cache_size=2)
+    first = keys.inode(1)
+    keys.inode(2)
+    assert keys.inode(1) is first  # a use makes inode 1 the most recent...
+    keys.inode(3)  # ...so inode 2 is the one evicted
+    assert keys.inode(1) is first
+
+
+def test_inode_sealers_are_shared_safely_between_threads() -> None:
+    """Worker threads call ``VolumeKeys.inode()`` (the data path's block loads, the checker's
+    walk) while the trio thread does: every sealer handed out opens what any other sealed."""
+    keys = VolumeKeys(Secret.generate(), b"v" * 16, cache_size=8)
+    reference = {ino: keys.inode(ino).seal(b"data", b"ad") for ino in range(32)}
+
+    def use(start: int) -> None:
+        for n in range(2000):
+            ino = (start + n) % 32
+            assert keys.inode(ino).open(reference[ino], b"ad") == b"data"
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(use, range(4)))

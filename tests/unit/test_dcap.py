@@ -1,6 +1,6 @@
 """DCAP TDX quote parsing and verification, against real Intel quotes and collateral.
 
-Expected values come from ../shared/testdata/tdx/README.md, not from the library. Offsets in
+Expected values come from tests/data/tdx/README.md, not from the library. Offsets in
 the tamper tests are computed here from the published quote layout, independently of
 sealfs.attest.quote.
 """
@@ -31,8 +31,9 @@ from sealfs.attest.dcap import (
 )
 from sealfs.attest.quote import QuoteFormatError, TdReport, decode_quote_input, parse_quote
 from sealfs.errors import AttestationError
+from tests.tdx_vectors import TDX_VECTORS
 
-TESTDATA = Path(__file__).resolve().parents[2].parent / "shared" / "testdata" / "tdx"
+TESTDATA = TDX_VECTORS
 
 # Layout of a v4 quote with a TD 1.0 body (Intel TDX DCAP Quoting Library API, appendix).
 HEADER, BODY = 48, 584
@@ -56,9 +57,7 @@ def utc(text: str) -> datetime:
 
 
 def vector(name: str) -> Path:
-    """A test vector file; skips the test when the shared test data is not checked out."""
-    if not TESTDATA.is_dir():
-        pytest.skip(f"TDX test vectors not found at {TESTDATA}")
+    """A test vector file (tests/data/tdx)."""
     return TESTDATA / name
 
 
