@@ -24,18 +24,18 @@ SEALFS = Path(__file__).resolve().parents[2] / "sealfs"
 LAYERS: dict[str, set[str]] = {
     "errors":      set(),
     "sealfs":      set(),
-    "strict_json": {"errors"},
-    "crypto":      {"errors"},  # all cryptography; the only module that holds raw keys
+    "strict": {"errors"},
+    "crypto":      {"errors", "strict"},  # all cryptography; the only module that holds raw keys
     "store":       {"errors"},  # ciphertext objects in and out: no crypto, no keys
     "codec":       {"errors", "crypto"},  # the sealed formats
-    "attest":      {"errors", "sealfs", "strict_json", "crypto"},
-    "kms":         {"errors", "sealfs", "strict_json", "crypto", "attest"},
-    "volume":      {"errors", "sealfs", "strict_json", "crypto", "store", "codec", "kms"},
+    "attest":      {"errors", "sealfs", "strict", "crypto"},
+    "kms":         {"errors", "sealfs", "strict", "crypto", "attest"},
+    "volume":      {"errors", "sealfs", "strict", "crypto", "store", "codec", "kms"},
     "fs":          {"errors", "crypto", "store", "codec", "volume"},
     "check":       {"errors", "crypto", "store", "codec", "volume", "fs"},
     "fuse":        {"errors", "store", "volume", "fs"},
-    "luks":        {"errors", "sealfs", "strict_json", "crypto", "kms"},
-    "cli":         {"errors", "sealfs", "strict_json", "crypto", "store", "codec", "attest",
+    "luks":        {"errors", "sealfs", "strict", "crypto", "kms"},
+    "cli":         {"errors", "sealfs", "strict", "crypto", "store", "codec", "attest",
                     "kms", "volume", "fs", "check", "fuse", "luks"},
     "__main__":    {"cli"},
 }
