@@ -106,7 +106,7 @@ def check_anchor(state: MetaState, anchor: tuple[int, bytes] | None, report: Rep
                             "--kms): a rollback of the whole volume cannot be detected")
         return
     try:
-        verify_fresh(state, anchor)
+        verify_fresh(state.seq, state.heads, anchor)
     except RollbackError as e:
         kind = "rolled-back" if e.reason == "rolled back" else "tampered"
         report.add(Finding(kind, None, "volume", journal_name(state.gen), str(e),

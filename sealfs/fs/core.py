@@ -137,7 +137,7 @@ class Filesystem:
         if self.anchor is not None:
             anchored = await self._io(self.anchor.fetch)
             try:
-                verify_fresh(state, anchored)
+                verify_fresh(state.seq, state.heads, anchored)
             except RollbackError as e:
                 if not allow_rollback or not writable:
                     raise

@@ -20,11 +20,11 @@ import trio
 
 from sealfs.errors import BusyError, SealfsError, UsageError
 from sealfs.fs.core import Filesystem, Limits
+from sealfs.fs.lifecycle import unlock_volume
 from sealfs.fuse.ops import SealfsOperations
 from sealfs.store import ObjectStore
 from sealfs.volume.anchor import KmsAnchor
 from sealfs.volume.header import Credential, KmsCredential
-from sealfs.volume.lifecycle import unlock_volume
 
 log = logging.getLogger("sealfs.mount")
 RUN_DIR = Path("/run/sealfs")

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from sealfs.crypto import Secret
 from sealfs.fs.core import Filesystem, Limits
+from sealfs.fs.lifecycle import create_volume, unlock_volume
 from sealfs.volume.header import KeyFileCredential
-from sealfs.volume.lifecycle import create_volume, unlock_volume
 
 CRED = KeyFileCredential(Secret(os.urandom(64)))
 

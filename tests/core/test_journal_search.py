@@ -17,9 +17,9 @@ import pytest
 from sealfs.codec import Commit, _length_check, frame, journal_ad
 from sealfs.crypto import Sealer, VolumeKeys
 from sealfs.errors import IntegrityError
+from sealfs.fs.lifecycle import create_volume, unlock_volume
 from sealfs.fs.metalog import TORN_SEARCH_FACTOR, MetaLog, MetaState
 from sealfs.store import ObjectStore, journal_name
-from sealfs.volume.lifecycle import create_volume, unlock_volume
 from tests.core.harness import CRED
 
 GARBAGE = 4 << 20

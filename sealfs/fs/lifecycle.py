@@ -1,4 +1,7 @@
-"""Creating and opening volumes: the steps around the header, the store and the metadata."""
+"""Creating and opening volumes: the steps around the header, the store and the metadata.
+
+Creation writes the root inode's record and the first checkpoint, so it stands with the
+filesystem core, above ``sealfs.volume`` (header, key slots, anchor), which knows no inodes."""
 
 from __future__ import annotations
 
