@@ -18,10 +18,10 @@ from pathlib import Path
 
 import trio
 
-from sealfs.codec import FRAME_HEADER, split_frames
 from sealfs.fs.core import Filesystem
-from sealfs.fs.inode import ROOT_INO
 from sealfs.fs.lifecycle import unlock_volume
+from sealfs.sealed.codec import FRAME_HEADER, split_frames
+from sealfs.sealed.inode import ROOT_INO
 from sealfs.store import CHECKPOINT_NAME, HEADER_NAME, ObjectStore, journal_name
 from sealfs.volume.header import read_key_file
 from tests.conftest import Volume

@@ -39,10 +39,10 @@ from typing import Any
 
 import trio
 
-from sealfs.codec import RECORD_OBJECT_MAX, block_ad, block_object_max, inode_ad, open_block
 from sealfs.crypto import Secret
 from sealfs.fs.core import Filesystem
-from sealfs.fs.inode import ROOT_INO, Inode
+from sealfs.sealed.codec import RECORD_OBJECT_MAX, block_object_max
+from sealfs.sealed.inode import ROOT_INO, Inode
 from sealfs.store import ObjectStore
 from sealfs.volume.header import Header
 
@@ -189,16 +189,15 @@ async def _commit_repair(store: ObjectStore, header: Header, master: Secret,
 async def _heal(fs: Filesystem, store: ObjectStore, plan: Plan) -> None:
     """Re-seal content found in the wrong object under its own identity. Every source is read
     before anything is written (a source may be the target of another heal)."""
-    keys, vid, bs = fs.keys, fs.vid, fs.block_size
+    objects, bs = fs.objects, fs.block_size
     blocks = []
     for ino, idx, own_oid, src_oid in plan.heal_blocks:
-        data = open_block(keys.inode(ino), block_ad(vid, ino, idx, own_oid),
-                          store.get(src_oid, block_object_max(bs)), bs)
+        data = objects.open_block(ino, idx, own_oid, store.get(src_oid, block_object_max(bs)))
         blocks.append((ino, idx, data))
     for ino, _src_ino, src_oid in plan.heal_records:
-        plain = keys.inode(ino).open(store.get(src_oid, RECORD_OBJECT_MAX), inode_ad(vid, ino, fs.table[ino]))
-        fs.nodes[ino] = Inode.from_record(ino, plain)
-        fs.mark(fs.nodes[ino])
+        node = objects.open_record(ino, fs.table[ino], store.get(src_oid, RECORD_OBJECT_MAX))
+        fs.nodes[ino] = node
+        fs.mark(node)
     for ino, idx, data in blocks:
         node = await fs.node(ino)
         length = max(0, min(bs, node.size - idx * bs))

@@ -29,18 +29,13 @@ from typing import TypeVar
 
 import trio
 
-from sealfs.codec import (
-    MAX_INODES,
-    RECORD_OBJECT_MAX,
-    Commit,
-    inode_ad,
-    new_object_id,
-)
-from sealfs.crypto import AuthError, ObjectSealer, Secret
+from sealfs.crypto import AuthError, Secret
 from sealfs.errors import KmsError, StorageError
 from sealfs.fs.data import Damaged, DataPath, FsError
-from sealfs.fs.inode import ENTRY_OVERHEAD, ROOT_INO, XATTR_OVERHEAD, Inode, RecordError
+from sealfs.fs.lifecycle import volume_objects
 from sealfs.fs.metalog import MetaLog, MetaState
+from sealfs.sealed.codec import MAX_INODES, RECORD_OBJECT_MAX, Commit, new_object_id
+from sealfs.sealed.inode import ENTRY_OVERHEAD, ROOT_INO, XATTR_OVERHEAD, Inode, RecordError
 from sealfs.store import HEADER_NAME, JOURNAL_MAX, DamagedFile, MissingObject, ObjectStore
 from sealfs.volume.anchor import KmsAnchor, RollbackError, verify_fresh
 from sealfs.volume.header import Header
@@ -98,13 +93,12 @@ class Filesystem:
                  limits: Limits | None = None) -> None:
         self.store = store
         self.header = header
-        self.keys = header.volume_keys(master)
+        self.objects = volume_objects(header, master)
         self.vid = header.volume_id
         self.block_size = header.block_size
-        self.compress = header.compression == "lz4"
         self.limits = limits or Limits()
         self.io_limiter = trio.CapacityLimiter(self.limits.io_threads)
-        self.metalog = MetaLog(store, self.keys)
+        self.metalog = MetaLog(store, self.objects)
         self.table: dict[int, int] = {}
         self.next_ino = ROOT_INO + 1
         self.nodes: dict[int, Inode] = {}
@@ -115,8 +109,7 @@ class Filesystem:
         self.state: MetaState | None = None
         self.on_damage: Callable[[Damaged], None] = lambda d: log.error("%s", d)
         self.anchor: KmsAnchor | None = None
-        self.data = DataPath(store, self.keys, self.block_size, self.compress,
-                             dirty_limit=self.limits.dirty_blocks,
+        self.data = DataPath(store, self.objects, dirty_limit=self.limits.dirty_blocks,
                              clean_bytes=self.limits.clean_cache_bytes,
                              inflight_batches=self.limits.inflight_batches,
                              readahead=self.limits.readahead,
@@ -145,7 +138,7 @@ class Filesystem:
                 overridden = anchored[0]
         if writable:
             if self.header.format_version == 1:  # before the first format-2 object
-                self.header.upgrade_format_1(self.keys)
+                self.header.upgrade_format_1(self.objects.keys)
                 await self._io(self.store.replace_file, HEADER_NAME, self.header.to_bytes())
             await self._io(self.metalog.open_for_append, state)
             if overridden is not None:
@@ -240,11 +233,9 @@ class Filesystem:
         oid = self.table.get(ino)
         if oid is None:
             raise FsError(errno.ENOENT)
-        sealer = self.keys.inode(ino)
-        ad = inode_ad(self.vid, ino, oid)
 
         def load() -> Inode:
-            return Inode.from_record(ino, sealer.open(self.store.get(oid, RECORD_OBJECT_MAX), ad))
+            return self.objects.open_record(ino, oid, self.store.get(oid, RECORD_OBJECT_MAX))
 
         try:
             loaded = await self._io(load)
@@ -269,14 +260,13 @@ class Filesystem:
                   if ino not in self.nodes and ino in self.table]
         if not wanted:
             return
-        sealers = {ino: self.keys.inode(ino) for ino, _ in wanted}
 
         def load(batch: list[tuple[int, int]]) -> list[Inode]:
             out = []
             for ino, oid in batch:
                 with contextlib.suppress(AuthError, RecordError, MissingObject, DamagedFile):
-                    out.append(Inode.from_record(ino, sealers[ino].open(
-                        self.store.get(oid, RECORD_OBJECT_MAX), inode_ad(self.vid, ino, oid))))
+                    out.append(self.objects.open_record(
+                        ino, oid, self.store.get(oid, RECORD_OBJECT_MAX)))
             return out
 
         for node in await self._io_halves(load, wanted):
@@ -632,17 +622,15 @@ class Filesystem:
             self.data.superseded, self._doomed = [], []
             commit = Commit(self.metalog.seq + 1, self.next_ino,
                             {ino: oid for ino, (oid, _) in updates.items()}, deletes)
-            sealed = [(oid, ino, self.keys.inode(ino), inode_ad(self.vid, ino, oid), rec)
-                      for ino, (oid, rec) in updates.items()]
+            sealed = [(oid, ino, rec) for ino, (oid, rec) in updates.items()]
             blocks = self.data.take_carried()
             limit = self.limits.carried_record_max
 
-            def seal(batch: list[tuple[int, int, ObjectSealer, bytes, bytes]]
-                     ) -> list[tuple[int, int, bytes | None]]:
+            def seal(batch: list[tuple[int, int, bytes]]) -> list[tuple[int, int, bytes | None]]:
                 """Seal records: small ones ride in the commit, large ones become files."""
                 out: list[tuple[int, int, bytes | None]] = []
-                for oid, ino, sealer, ad, rec in batch:
-                    blob = sealer.seal(rec, ad)
+                for oid, ino, rec in batch:
+                    blob = self.objects.seal_record(ino, oid, rec)
                     if len(blob) > limit:
                         self.store.put(oid, blob)
                         out.append((oid, ino, None))

@@ -37,18 +37,11 @@ from typing import Any
 
 import trio
 
-from sealfs.codec import (
-    MAX_FILE_BLOCKS,
-    CodecError,
-    block_ad,
-    block_object_max,
-    new_object_id,
-    open_block,
-    seal_block,
-)
-from sealfs.crypto import AuthError, VolumeKeys
+from sealfs.crypto import AuthError
 from sealfs.errors import IntegrityError, StorageError
-from sealfs.fs.inode import Inode
+from sealfs.sealed.codec import MAX_FILE_BLOCKS, CodecError, block_object_max, new_object_id
+from sealfs.sealed.inode import Inode
+from sealfs.sealed.objects import SealedObjects
 from sealfs.store import DamagedFile, MissingObject, ObjectStore
 
 log = logging.getLogger("sealfs.fs")
@@ -80,17 +73,14 @@ class FsError(Exception):
 class DataPath:
     """Reads, writes, truncates and flushes file blocks for the filesystem core."""
 
-    def __init__(self, store: ObjectStore, keys: VolumeKeys, block_size: int, compress: bool,
-                 *, dirty_limit: int, clean_bytes: int, inflight_batches: int,
+    def __init__(self, store: ObjectStore, objects: SealedObjects, *, dirty_limit: int, clean_bytes: int, inflight_batches: int,
                  readahead: int, carry_max: int,
                  io: Callable[..., Awaitable[Any]], io_halves: Callable[..., Awaitable[Any]],
                  mark: Callable[[Inode], None],
                  path_of: Callable[[int], str], on_damage: Callable[[Damaged], None]) -> None:
         self.store = store
-        self.keys = keys
-        self.vid = keys.volume_id
-        self.block_size = block_size
-        self.compress = compress
+        self.objects = objects
+        self.block_size = objects.block_size
         self.dirty_limit = dirty_limit
         self.clean_limit = clean_bytes
         self._io = io
@@ -104,7 +94,7 @@ class DataPath:
         self.dirty_count = 0
         self._clean: OrderedDict[tuple[int, int], bytes] = OrderedDict()
         self._clean_bytes = 0
-        self.readahead_blocks = readahead // block_size
+        self.readahead_blocks = readahead // self.block_size
         self.carry_max = carry_max
         self._carry: dict[int, tuple[int, bytes]] = {}  # sealed blocks for the next commit
         self._carry_bytes = 0
@@ -222,13 +212,12 @@ class DataPath:
     def _load(self, ino: int, wanted: list[tuple[int, int]]
               ) -> list[tuple[int, int, bytes | Exception]]:
         """(Worker thread.) Read and open the given block objects."""
-        sealer = self.keys.inode(ino)
         res: list[tuple[int, int, bytes | Exception]] = []
+        limit = block_object_max(self.block_size)
         for idx, oid in wanted:
             try:
-                res.append((idx, oid, open_block(sealer, block_ad(self.vid, ino, idx, oid),
-                                                 self.store.get(oid, block_object_max(self.block_size)),
-                                                 self.block_size)))
+                res.append((idx, oid, self.objects.open_block(ino, idx, oid,
+                                                              self.store.get(oid, limit))))
             except (AuthError, CodecError, MissingObject, DamagedFile) as e:
                 res.append((idx, oid, e))
         return res
@@ -447,14 +436,14 @@ class DataPath:
 
     async def _flush_batch(self, node: Inode, batch: list[tuple[int, bytes]],
                            done: trio.Event, carry: bool, cache: bool) -> None:
-        sealer, vid, ino = self.keys.inode(node.ino), self.vid, node.ino
+        ino = node.ino
         jobs = [(idx, new_object_id(), data) for idx, data in batch]
 
         def put() -> list[bytes | None]:
             """Seal each block; store it as a file, or (carry) return it for the commit."""
             blobs: list[bytes | None] = []
             for idx, oid, data in jobs:
-                blob = seal_block(sealer, block_ad(vid, ino, idx, oid), data, self.compress)
+                blob = self.objects.seal_block(ino, idx, oid, data)
                 if not carry:
                     self.store.put(oid, blob)
                 blobs.append(blob if carry else None)

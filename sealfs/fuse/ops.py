@@ -21,7 +21,7 @@ import pyfuse3
 from sealfs.errors import IntegrityError, StorageError
 from sealfs.fs.core import Filesystem
 from sealfs.fs.data import FsError
-from sealfs.fs.inode import Inode
+from sealfs.sealed.inode import Inode
 
 log = logging.getLogger("sealfs.fuse")
 P = ParamSpec("P")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import trio
 
-from sealfs.fs.inode import ROOT_INO
+from sealfs.sealed.inode import ROOT_INO
 from tests.core.harness import object_files, open_fs
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import trio
 
 from sealfs.fs.core import Filesystem
-from sealfs.fs.inode import ROOT_INO, Inode
+from sealfs.sealed.inode import ROOT_INO, Inode
 from tests.core.harness import open_fs
 
 MiB = 1 << 20

@@ -12,7 +12,7 @@ import trio
 
 from sealfs.fs import core
 from sealfs.fs.data import FsError
-from sealfs.fs.inode import ENTRY_OVERHEAD, ROOT_INO
+from sealfs.sealed.inode import ENTRY_OVERHEAD, ROOT_INO
 from tests.core.harness import open_fs
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import trio
 
-from sealfs.fs.inode import ROOT_INO
+from sealfs.sealed.inode import ROOT_INO
 from tests.core.harness import open_fs
 
 

@@ -18,9 +18,9 @@ import pytest
 import trio
 
 from sealfs.fs.core import Filesystem
-from sealfs.fs.inode import ROOT_INO, Inode
 from sealfs.fs.lifecycle import unlock_volume
 from sealfs.fuse.ops import SealfsOperations
+from sealfs.sealed.inode import ROOT_INO, Inode
 from sealfs.volume.header import read_key_file
 from tests.backing import process_gone
 from tests.conftest import SEALFS, Volume, sealfs
