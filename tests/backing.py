@@ -88,7 +88,7 @@ def layout(backing: Path, key: Path) -> Layout:
     fs = Filesystem(store, header, master)
 
     def entry(path: str, node) -> Entry:  # type: ignore[no-untyped-def]
-        oid = fs.table[node.ino]
+        oid = fs.inodes.table[node.ino]
         return Entry(path, node.ino, _kind(node), store.object_path(oid), oid,
                      {i: store.object_path(o) for i, o in node.blocks.items()},
                      dict(node.blocks))
@@ -133,7 +133,7 @@ def fold(vol: Volume) -> None:
 
     async def run() -> None:
         await fs.load()
-        fs.metalog.write_checkpoint(dict(fs.table), fs.next_ino)
+        fs.metalog.write_checkpoint(dict(fs.inodes.table), fs.inodes.next_ino)
         await fs.close()
 
     trio.run(run)

@@ -32,13 +32,15 @@ import errno
 import functools
 import logging
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
-from typing import Any
 
 import trio
 
 from sealfs.crypto import AuthError
-from sealfs.errors import IntegrityError, StorageError
+from sealfs.errors import StorageError
+from sealfs.fs.errors import Damaged, FsError
+from sealfs.fs.limits import Limits
+from sealfs.fs.nodes import InodeTable
+from sealfs.fs.workers import Workers
 from sealfs.sealed.codec import MAX_FILE_BLOCKS, CodecError, block_object_max, new_object_id
 from sealfs.sealed.inode import Inode
 from sealfs.sealed.objects import SealedObjects
@@ -50,57 +52,35 @@ FALLOC_FL_KEEP_SIZE = 0x01
 INLINE_MAX = 4096  # files up to this size keep their data in their inode record
 
 
-class Damaged(IntegrityError):
-    """An object failed verification or is missing; ``path`` is the plaintext path."""
-
-    def __init__(self, path: str, what: str, oid: int | None, reason: str) -> None:
-        where = f" (object {oid:016x})" if oid is not None else ""
-        super().__init__(f"{what} of {path} failed verification{where}: {reason}")
-        self.path = path
-        self.what = what
-        self.oid = oid
-        self.reason = reason
-
-
-class FsError(Exception):
-    """A POSIX error for one request."""
-
-    def __init__(self, err: int) -> None:
-        super().__init__(errno.errorcode.get(err, str(err)))
-        self.errno = err
-
-
 class DataPath:
     """Reads, writes, truncates and flushes file blocks for the filesystem core."""
 
-    def __init__(self, store: ObjectStore, objects: SealedObjects, *, dirty_limit: int, clean_bytes: int, inflight_batches: int,
-                 readahead: int, carry_max: int,
-                 io: Callable[..., Awaitable[Any]], io_halves: Callable[..., Awaitable[Any]],
-                 mark: Callable[[Inode], None],
-                 path_of: Callable[[int], str], on_damage: Callable[[Damaged], None]) -> None:
+    def __init__(self, store: ObjectStore, objects: SealedObjects, workers: Workers,
+                 nodes: InodeTable, limits: Limits) -> None:
         self.store = store
         self.objects = objects
+        self.workers = workers
+        self.nodes = nodes  # marks changed inodes, names paths, reports damage
         self.block_size = objects.block_size
-        self.dirty_limit = dirty_limit
-        self.clean_limit = clean_bytes
-        self._io = io
-        self._io_halves = io_halves
-        self._mark = mark
-        self._path_of = path_of
-        self._on_damage = on_damage
-        self._inflight = trio.Semaphore(inflight_batches)
+        self.dirty_limit = limits.dirty_blocks
+        self.clean_limit = limits.clean_cache_bytes
+        self._inflight = trio.Semaphore(limits.inflight_batches)
         self.nursery: trio.Nursery | None = None  # set while mounted; else flush inline
         self.superseded: list[int] = []  # objects no longer referenced by any block map
         self.dirty_count = 0
         self._clean: OrderedDict[tuple[int, int], bytes] = OrderedDict()
         self._clean_bytes = 0
-        self.readahead_blocks = readahead // self.block_size
-        self.carry_max = carry_max
+        self.readahead_blocks = limits.readahead // self.block_size
+        self.carry_max = limits.carried_blocks
         self._carry: dict[int, tuple[int, bytes]] = {}  # sealed blocks for the next commit
         self._carry_bytes = 0
         self._loading: dict[tuple[int, int], trio.Event] = {}  # prefetches in flight
 
     # --- the clean cache -----------------------------------------------------------------
+
+    @property
+    def clean_blocks(self) -> int:
+        return len(self._clean)
 
     def _drop_clean(self, ino: int, idx: int) -> None:
         data = self._clean.pop((ino, idx), None)
@@ -152,15 +132,15 @@ class DataPath:
                     return out
                 await pending.wait()  # a prefetch is loading it: do not read it twice
                 continue
-            loaded = await self._io_halves(functools.partial(self._load, node.ino), missing)
+            loaded = await self.workers.halves(functools.partial(self._load, node.ino), missing)
             for idx, oid, result in loaded:
                 if isinstance(result, Exception):
                     if node.blocks.get(idx) != oid:
                         continue  # rewritten while we read the old object: read again
                     node.damaged.add(idx)
                     reason = "missing" if isinstance(result, MissingObject) else str(result)
-                    damage = Damaged(self._path_of(node.ino), f"block {idx}", oid, reason)
-                    self._on_damage(damage)
+                    damage = Damaged(self.nodes.path_of(node.ino), f"block {idx}", oid, reason)
+                    self.nodes.on_damage(damage)
                     raise damage
                 node.damaged.discard(idx)
                 if node.blocks.get(idx) == oid:
@@ -197,7 +177,7 @@ class DataPath:
     async def _run_prefetch(self, node: Inode, wanted: list[tuple[int, int]],
                             done: trio.Event) -> None:
         try:
-            loaded = await self._io(self._load, node.ino, wanted)
+            loaded = await self.workers.run(self._load, node.ino, wanted)
         finally:
             for idx, _ in wanted:
                 if self._loading.get((node.ino, idx)) is done:
@@ -326,7 +306,7 @@ class DataPath:
             block[lo:hi] = view[base + lo - off:base + hi - off]
         if end > node.size:
             node.size = end
-        self._mark(node)
+        self.nodes.mark(node)
         if self.dirty_count > self.dirty_limit:
             return list(node.dirty_blocks), True
         return [idx for idx in range(first, last + 1) if end >= (idx + 1) * bs
@@ -356,7 +336,7 @@ class DataPath:
                         node.dirty_blocks[idx] = bytearray(block[:cut])
                         self._drop_clean(node.ino, idx)
             node.size = size
-            self._mark(node)
+            self.nodes.mark(node)
 
     async def fallocate(self, node: Inode, mode: int, off: int, length: int) -> None:
         """Mode 0 extends the size (holes read as zeros); KEEP_SIZE changes nothing visible.
@@ -370,7 +350,7 @@ class DataPath:
         if not mode & FALLOC_FL_KEEP_SIZE and off + length > node.size:
             async with self.lock(node):
                 node.size = max(node.size, off + length)
-                self._mark(node)
+                self.nodes.mark(node)
 
     # --- flushing ------------------------------------------------------------------------
 
@@ -386,14 +366,14 @@ class DataPath:
             if 0 in node.dirty_blocks:
                 node.inline = bytes(node.dirty_blocks.pop(0)) or None
                 self.dirty_count -= 1
-                self._mark(node)
+                self.nodes.mark(node)
             return []
         if node.inline is not None:
             if 0 not in node.dirty_blocks:
                 node.dirty_blocks[0] = bytearray(node.inline)
                 self.dirty_count += 1
             node.inline = None
-            self._mark(node)
+            self.nodes.mark(node)
             if 0 not in indexes:
                 indexes = [0, *indexes]
         return indexes
@@ -450,7 +430,7 @@ class DataPath:
             return blobs
 
         try:
-            blobs = await self._io(put)
+            blobs = await self.workers.run(put)
         except Exception as e:
             for idx, oid, data in jobs:
                 self._flush_failed(node, idx, data, e)
@@ -479,7 +459,7 @@ class DataPath:
             else:
                 self._drop_clean(node.ino, idx)  # never leave an older version cached
         if not node.dead:
-            self._mark(node)
+            self.nodes.mark(node)
 
     def _flush_failed(self, node: Inode, idx: int, data: bytes, e: BaseException) -> None:
         current = node.flushing.get(idx)
@@ -492,11 +472,11 @@ class DataPath:
         if isinstance(e, StorageError):
             node.write_error = getattr(e, "errno", errno.EIO)
             if first:
-                log.error("writing %s failed: %s", self._path_of(node.ino), e)
+                log.error("writing %s failed: %s", self.nodes.path_of(node.ino), e)
         else:
             node.write_error = errno.EIO
             if first:
-                log.error("writing %s failed", self._path_of(node.ino), exc_info=e)
+                log.error("writing %s failed", self.nodes.path_of(node.ino), exc_info=e)
 
     async def _wait_flushing(self, node: Inode) -> None:
         while node.flushing:

@@ -19,8 +19,9 @@ import pyfuse3
 import trio
 
 from sealfs.errors import BusyError, SealfsError, UsageError
-from sealfs.fs.core import Filesystem, Limits
+from sealfs.fs.core import Filesystem
 from sealfs.fs.lifecycle import unlock_volume
+from sealfs.fs.limits import Limits
 from sealfs.fuse.ops import SealfsOperations
 from sealfs.store import ObjectStore
 from sealfs.volume.anchor import KmsAnchor

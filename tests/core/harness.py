@@ -6,8 +6,9 @@ import os
 from pathlib import Path
 
 from sealfs.crypto import Secret
-from sealfs.fs.core import Filesystem, Limits
+from sealfs.fs.core import Filesystem
 from sealfs.fs.lifecycle import create_volume, unlock_volume
+from sealfs.fs.limits import Limits
 from sealfs.volume.header import KeyFileCredential
 
 CRED = KeyFileCredential(Secret(os.urandom(64)))

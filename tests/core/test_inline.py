@@ -25,7 +25,7 @@ def test_small_files_live_in_their_record_and_move_out_when_they_grow(
         await fs.write(node, 0, small)
         await fs.fsync(node)
         assert node.inline == small and node.blocks == {}
-        assert object_files(fs) <= set(fs.table.values()), "a small file wrote a block object"
+        assert object_files(fs) <= set(fs.inodes.table.values()), "a small file wrote a block object"
         # Overwrite inside, extend up to the limit: still inline.
         await fs.write(node, 10, b"XY")
         await fs.fsync(node)
@@ -90,7 +90,7 @@ def test_inline_data_survives_a_remount_and_sparse_tails_read_as_zeros(
         node = await again.lookup(ROOT_INO, b"s")
         assert node.inline == b"head" and node.size == 3000
         assert await again.read(node, 0, 4000) == b"head" + bytes(2996)
-        assert object_files(again) <= set(again.table.values())
+        assert object_files(again) <= set(again.inodes.table.values())
         await again.close()
 
     trio.run(check)
