@@ -74,10 +74,11 @@ class CommitPipeline:
                 await self._put_back(snap)
                 raise
             self._apply(snap)
-            if self.data.nursery is not None:  # fsync need not wait for the clean-up
+            nursery = self.workers.nursery
+            if nursery is not None:  # fsync need not wait for the clean-up
                 done = trio.Event()
                 self._deleting.add(done)
-                self.data.nursery.start_soon(self._delete_later, snap.garbage, done)
+                nursery.start_soon(self._delete_later, snap.garbage, done)
             else:
                 await self.workers.halves(self._delete_all, snap.garbage)
             for ino in snap.updates:

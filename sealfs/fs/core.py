@@ -9,7 +9,8 @@ and the tests call:
   when an inode leaves memory or, unlinked, is destroyed;
 * :class:`~sealfs.fs.namespace.Namespace` and :class:`~sealfs.fs.attributes.Attributes`: names,
   attributes and xattrs, with POSIX's rules;
-* :class:`~sealfs.fs.data.DataPath`: file contents, caches, write-back and read-ahead;
+* :class:`~sealfs.fs.blocks.BlockCache`: reading file blocks, the clean cache, read-ahead;
+* :class:`~sealfs.fs.data.DataPath`: writing file contents, truncation, write-back;
 * :class:`~sealfs.fs.commits.CommitPipeline`: commits, checkpoints and deferred deletes, over
   :class:`~sealfs.fs.metalog.MetaLog`;
 * the freshness anchor (here): verified at load, advanced from its own task.
@@ -42,6 +43,7 @@ import trio
 from sealfs.crypto import Secret
 from sealfs.errors import KmsError, StorageError
 from sealfs.fs.attributes import Attributes
+from sealfs.fs.blocks import BlockCache
 from sealfs.fs.commits import CommitPipeline
 from sealfs.fs.data import DataPath
 from sealfs.fs.errors import FsError
@@ -74,7 +76,8 @@ class Filesystem:
         self.workers = Workers(limits.io_threads)
         self.metalog = MetaLog(store, self.objects)
         self.inodes = InodeTable(store, self.objects, self.workers, limits.node_cache)
-        self.data = DataPath(store, self.objects, self.workers, self.inodes, limits)
+        self.cache = BlockCache(store, self.objects, self.workers, self.inodes, limits)
+        self.data = DataPath(store, self.objects, self.workers, self.inodes, self.cache, limits)
         self.refs = References(self.inodes, self.data)
         self.namespace = Namespace(self.inodes, self.refs)
         self.attributes = Attributes(self.inodes)
@@ -263,7 +266,7 @@ class Filesystem:
             self.refs.forget(ino, 0)
 
     async def read(self, node: Inode, off: int, size: int) -> bytes:
-        return await self.data.read(node, off, size)
+        return await self.cache.read(node, off, size)
 
     async def write(self, node: Inode, off: int, buf: bytes) -> int:
         n = await self.data.write(node, off, buf)
@@ -342,7 +345,7 @@ class Filesystem:
         inodes, data = self.inodes, self.data
         return {"nodes": len(inodes.nodes), "table": len(inodes.table),
                 "dirty_nodes": len(inodes.dirty), "dirty_blocks": data.dirty_count,
-                "clean_blocks": data.clean_blocks, "superseded": len(data.superseded),
+                "clean_blocks": self.cache.clean_blocks, "superseded": len(data.superseded),
                 "doomed": len(inodes.doomed), "carried": len(self.store.carried),
                 "carried_bytes": self.store.carried_bytes,
                 "journal_bytes": self.metalog.journal_length, "seq": self.metalog.seq}

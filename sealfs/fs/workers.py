@@ -20,6 +20,9 @@ class Workers:
 
     def __init__(self, threads: int) -> None:
         self.limiter = trio.CapacityLimiter(threads)
+        #: the mount's nursery, for background jobs (write-back, read-ahead, deletions) while
+        #: mounted; without one (repair, tests) they run inline
+        self.nursery: trio.Nursery | None = None
 
     async def run(self, fn: Callable[..., T], *args: object) -> T:
         return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)

@@ -101,7 +101,7 @@ async def _serve(fs: Filesystem, mp: Path, backing: Path, allow_other: bool,
     terminated = False
     try:
         async with trio.open_nursery() as nursery:
-            fs.data.nursery = nursery
+            fs.workers.nursery = nursery
             await nursery.start(fs.commit_loop)
 
             async def on_signal() -> None:
@@ -124,7 +124,7 @@ async def _serve(fs: Filesystem, mp: Path, backing: Path, allow_other: bool,
             await fs.deletions_done()
             nursery.cancel_scope.cancel()
     finally:
-        fs.data.nursery = None
+        fs.workers.nursery = None
         try:
             await fs.close()
             log.info("unmounted %s; all data committed", mp)

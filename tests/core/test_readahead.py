@@ -33,28 +33,28 @@ def test_sequential_reads_load_ahead_and_return_the_right_bytes(tmp_path: Path) 
     async def main() -> None:
         await fs.load()
         async with trio.open_nursery() as nursery:
-            fs.data.nursery = nursery
+            fs.workers.nursery = nursery
             node = await write_file(fs, b"f", data)
-            fs.data._clean.clear()
-            fs.data._clean_bytes = 0
-            real_load = fs.data._load
+            fs.cache._clean.clear()
+            fs.cache._clean_bytes = 0
+            real_load = fs.cache._load
 
             def counting_load(ino: int, wanted: list[tuple[int, int]]) -> list:
                 loads.append(len(wanted))
                 return real_load(ino, wanted)
 
-            fs.data._load = counting_load  # type: ignore[method-assign]
+            fs.cache._load = counting_load  # type: ignore[method-assign]
             out = bytearray()
             ahead_seen = False
             for off in range(0, len(data), MiB):
                 out += await fs.read(node, off, MiB)
                 await trio.sleep(0.01)  # let the background loads run
                 nxt = (off + MiB) // fs.block_size + 1
-                ahead_seen |= (node.ino, nxt + 4) in fs.data._clean
+                ahead_seen |= (node.ino, nxt + 4) in fs.cache._clean
             assert bytes(out) == data
             assert ahead_seen, "blocks ahead of the reader were never loaded"
             nursery.cancel_scope.cancel()
-        fs.data.nursery = None
+        fs.workers.nursery = None
         await fs.close()
 
     trio.run(main)
@@ -71,11 +71,11 @@ def test_a_write_during_a_prefetch_is_not_overwritten_by_the_old_block(
     async def main() -> None:
         await fs.load()
         async with trio.open_nursery() as nursery:
-            fs.data.nursery = nursery
+            fs.workers.nursery = nursery
             node = await write_file(fs, b"f", data)
             for _ in range(3):
-                fs.data._clean.clear()
-                fs.data._clean_bytes = 0
+                fs.cache._clean.clear()
+                fs.cache._clean_bytes = 0
                 await fs.read(node, 0, MiB)
                 await fs.read(node, MiB, MiB)  # sequential: starts loading 2 MiB.. ahead
                 # Overwrite blocks that are being prefetched, before the loads finish.
@@ -87,7 +87,7 @@ def test_a_write_during_a_prefetch_is_not_overwritten_by_the_old_block(
                 await fs.write(node, 3 * MiB, data[3 * MiB:4 * MiB])
                 await fs.flush_file(node)
             nursery.cancel_scope.cancel()
-        fs.data.nursery = None
+        fs.workers.nursery = None
         await fs.close()
 
     trio.run(main)
@@ -103,7 +103,7 @@ def test_a_streaming_overwrite_of_a_cached_block_never_reads_back_the_old_versio
     async def main() -> None:
         await fs.load()
         async with trio.open_nursery() as nursery:
-            fs.data.nursery = nursery
+            fs.workers.nursery = nursery
             node = await write_file(fs, b"f", old)
             assert await fs.read(node, 0, 2 * MiB) == old  # cached now
             for off in range(0, 2 * MiB, 64 << 10):
@@ -112,7 +112,7 @@ def test_a_streaming_overwrite_of_a_cached_block_never_reads_back_the_old_versio
             assert not node.dirty_blocks and not node.flushing
             assert await fs.read(node, 0, 2 * MiB) == new
             nursery.cancel_scope.cancel()
-        fs.data.nursery = None
+        fs.workers.nursery = None
         await fs.close()
 
     trio.run(main)
