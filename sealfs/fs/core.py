@@ -13,7 +13,8 @@ and the tests call:
 * :class:`~sealfs.fs.data.DataPath`: writing file contents, truncation, write-back;
 * :class:`~sealfs.fs.commits.CommitPipeline`: commits, checkpoints and deferred deletes, over
   :class:`~sealfs.fs.metalog.MetaLog`;
-* the freshness anchor (here): verified at load, advanced from its own task.
+* :class:`~sealfs.fs.freshness.Freshness`: the disk against its anchor at the KMS, verified
+  at load and advanced from a task of its own.
 
 Concurrency contract (docs/concurrency.md): every method runs on the trio thread, so the
 in-memory state needs no locks. Blocking work (sealing, opening, file I/O) goes to worker
@@ -22,7 +23,7 @@ store. A node's data (read/write/truncate/flush) is serialised by its own ``trio
 metadata changes are synchronous and therefore atomic. Commits are serialised by the commit
 pipeline's lock; whatever changes while a commit is in flight goes into the next. The KMS is
 never called with that lock held: the freshness anchor advances from its own task
-(:meth:`Filesystem.anchor_loop`), and checkpoints need no KMS (they keep the heads back to the
+(:meth:`Freshness.loop`), and checkpoints need no KMS (they keep the heads back to the
 last anchored commit), so a KMS out of reach never stalls a commit.
 
 Errors: POSIX failures raise :class:`FsError` (an errno); authentication failures raise
@@ -41,12 +42,13 @@ from collections.abc import Iterator
 import trio
 
 from sealfs.crypto import Secret
-from sealfs.errors import KmsError, StorageError
+from sealfs.errors import StorageError
 from sealfs.fs.attributes import Attributes
 from sealfs.fs.blocks import BlockCache
 from sealfs.fs.commits import CommitPipeline
 from sealfs.fs.data import DataPath
 from sealfs.fs.errors import FsError
+from sealfs.fs.freshness import Freshness
 from sealfs.fs.lifecycle import volume_objects
 from sealfs.fs.limits import Limits
 from sealfs.fs.metalog import MetaLog, MetaState
@@ -56,7 +58,7 @@ from sealfs.fs.references import References
 from sealfs.fs.workers import Workers
 from sealfs.sealed.inode import Inode
 from sealfs.store import HEADER_NAME, ObjectStore
-from sealfs.volume.anchor import KmsAnchor, RollbackError, verify_fresh
+from sealfs.volume.anchor import KmsAnchor
 from sealfs.volume.header import Header
 
 log = logging.getLogger("sealfs.fs")
@@ -83,8 +85,17 @@ class Filesystem:
         self.attributes = Attributes(self.inodes)
         self.commits = CommitPipeline(store, self.objects, self.metalog, self.inodes,
                                       self.data, self.refs, self.workers, limits)
+        self.freshness = Freshness(self.metalog, self.workers, limits.anchor_interval)
         self.state: MetaState | None = None
-        self.anchor: KmsAnchor | None = None
+
+    @property
+    def anchor(self) -> KmsAnchor | None:
+        """The volume's freshness anchor at the KMS (set before :meth:`load`), or None."""
+        return self.freshness.anchor
+
+    @anchor.setter
+    def anchor(self, anchor: KmsAnchor | None) -> None:
+        self.freshness.anchor = anchor
 
     # --- life cycle and the freshness anchor ---------------------------------------------
 
@@ -95,16 +106,7 @@ class Filesystem:
         self.metalog.anchorable = self.anchor is not None or self.header.kms_slot() is not None
         for note in state.notes:
             log.warning("recovery: %s", note)
-        overridden = None
-        if self.anchor is not None:
-            anchored = await self.workers.run(self.anchor.fetch)
-            try:
-                verify_fresh(state.seq, state.heads, anchored)
-            except RollbackError as e:
-                if not allow_rollback or not writable:
-                    raise
-                log.warning("OVERRIDE: mounting despite a failed freshness check (%s)", e)
-                overridden = anchored[0]
+        overridden = await self.freshness.verify(state, allow_rollback and writable)
         if writable:
             if self.header.format_version == 1:  # before the first format-2 object
                 self.header.upgrade_format_1(self.objects.keys)
@@ -115,7 +117,7 @@ class Filesystem:
                 await self.workers.run(self.metalog.skip_to, state.table, state.next_ino,
                                        max(overridden, state.seq) + 1)
             if self.anchor is not None:
-                await trio.to_thread.run_sync(self._anchor_root)
+                await trio.to_thread.run_sync(self.freshness.anchor_root)
         self.inodes.install(state.table, state.next_ino)
         self.state = state
         return state
@@ -123,36 +125,15 @@ class Filesystem:
     async def close(self) -> None:
         """Write everything back, commit, and anchor the final state (clean unmount)."""
         await self.sync()
-        await self._advance_anchor()
+        await self.freshness.advance()
         self.metalog.close()
-
-    def _anchor_root(self) -> None:
-        """Anchor the last durable commit (one snapshot of the root, never a number with
-        another commit's head); its older heads need not be kept after that. Runs in a
-        thread of its own, not an I/O thread: a KMS call can take the whole client deadline."""
-        assert self.anchor is not None
-        seq, head = self.metalog.root
-        self.anchor.advance(seq, head)
-        self.metalog.anchored(seq)
-
-    async def _advance_anchor(self) -> None:
-        """Anchor the last durable commit at the KMS; a failure is logged (the heads since
-        the last anchored commit are kept meanwhile, so nothing depends on it succeeding)."""
-        if self.anchor is None:
-            return
-        try:
-            await trio.to_thread.run_sync(self._anchor_root)
-        except KmsError as e:
-            log.error("could not advance the freshness anchor: %s", e)
-        except RollbackError as e:
-            log.error("the KMS refused to advance the freshness anchor: %s", e)
 
     async def commit_loop(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                           ) -> None:
         """Write back and commit periodically, so a crash loses at most a few seconds; the
-        anchor advances beside it (:meth:`anchor_loop`), so a slow KMS delays neither."""
+        anchor advances beside it (:meth:`Freshness.loop`), so a slow KMS delays neither."""
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self.anchor_loop)
+            nursery.start_soon(self.freshness.loop)
             task_status.started()
             while True:
                 await trio.sleep(self.limits.commit_interval)
@@ -163,13 +144,6 @@ class Filesystem:
                         log.error("periodic commit failed, will retry: %s", e)
                     except Exception:
                         log.exception("periodic commit failed, will retry")
-
-    async def anchor_loop(self) -> None:
-        """Advance the freshness anchor to the last durable commit every ``anchor_interval``
-        seconds, outside the commit lock: commits go on while the KMS is slow or away."""
-        while self.anchor is not None:
-            await trio.sleep(self.limits.anchor_interval)
-            await self._advance_anchor()
 
     # --- inodes, names and references ----------------------------------------------------
 
