@@ -18,12 +18,12 @@ from pathlib import Path
 
 import trio
 
-from sealfs.codec import FRAME_HEADER, split_frames
 from sealfs.fs.core import Filesystem
-from sealfs.fs.inode import ROOT_INO
+from sealfs.fs.lifecycle import unlock_volume
+from sealfs.sealed.codec import FRAME_HEADER, split_frames
+from sealfs.sealed.inode import ROOT_INO
 from sealfs.store import CHECKPOINT_NAME, HEADER_NAME, ObjectStore, journal_name
 from sealfs.volume.header import read_key_file
-from sealfs.volume.lifecycle import unlock_volume
 from tests.conftest import Volume
 
 
@@ -88,7 +88,7 @@ def layout(backing: Path, key: Path) -> Layout:
     fs = Filesystem(store, header, master)
 
     def entry(path: str, node) -> Entry:  # type: ignore[no-untyped-def]
-        oid = fs.table[node.ino]
+        oid = fs.inodes.table[node.ino]
         return Entry(path, node.ino, _kind(node), store.object_path(oid), oid,
                      {i: store.object_path(o) for i, o in node.blocks.items()},
                      dict(node.blocks))
@@ -133,7 +133,7 @@ def fold(vol: Volume) -> None:
 
     async def run() -> None:
         await fs.load()
-        fs.metalog.write_checkpoint(dict(fs.table), fs.next_ino)
+        fs.metalog.write_checkpoint(dict(fs.inodes.table), fs.inodes.next_ino)
         await fs.close()
 
     trio.run(run)

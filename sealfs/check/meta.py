@@ -8,10 +8,11 @@ does), preceded by a few cheap probes that tell *missing* from *truncated* from 
 
 from __future__ import annotations
 
-from sealfs.codec import CHECKPOINT_MAX, CodecError, open_checkpoint
-from sealfs.crypto import AEAD_OVERHEAD, SEAL_OVERHEAD, AuthError, VolumeKeys
+from sealfs.crypto import AEAD_OVERHEAD, SEAL_OVERHEAD, AuthError
 from sealfs.errors import IntegrityError
 from sealfs.fs.metalog import MetaLog, MetaState
+from sealfs.sealed.codec import CHECKPOINT_MAX, CodecError
+from sealfs.sealed.objects import SealedObjects
 from sealfs.store import (
     CHECKPOINT_NAME,
     HEADER_NAME,
@@ -52,10 +53,9 @@ def check_header(header: Header, report: Report) -> None:
                                f"key-file slot {s.id} has no salt", ADVICE["volume"]))
 
 
-def load_metadata(store: ObjectStore, keys: VolumeKeys, report: Report
+def load_metadata(store: ObjectStore, objects: SealedObjects, report: Report
                   ) -> MetaState | None:
     """Replay checkpoint + journal read-only; on failure add one finding and return None."""
-    vid = keys.volume_id
     try:
         blob = store.read_file(CHECKPOINT_NAME, CHECKPOINT_MAX)
     except MissingObject:
@@ -67,7 +67,7 @@ def load_metadata(store: ObjectStore, keys: VolumeKeys, report: Report
                            ADVICE["volume"]))
         return None
     try:
-        cp = open_checkpoint(keys.journal, vid, blob)
+        cp = objects.open_checkpoint(blob)
     except (AuthError, CodecError) as e:
         kind = "truncated" if len(blob) < _CHECKPOINT_MIN else "tampered"
         report.add(Finding(kind, None, "checkpoint", CHECKPOINT_NAME,
@@ -81,7 +81,7 @@ def load_metadata(store: ObjectStore, keys: VolumeKeys, report: Report
                            ADVICE["volume"]))
         return None
     try:
-        state = MetaLog(store, keys).load()
+        state = MetaLog(store, objects).load()
     except IntegrityError as e:
         report.add(Finding("tampered", None, "journal", jname, str(e), ADVICE["volume"]))
         return None
@@ -106,7 +106,7 @@ def check_anchor(state: MetaState, anchor: tuple[int, bytes] | None, report: Rep
                             "--kms): a rollback of the whole volume cannot be detected")
         return
     try:
-        verify_fresh(state, anchor)
+        verify_fresh(state.seq, state.heads, anchor)
     except RollbackError as e:
         kind = "rolled-back" if e.reason == "rolled back" else "tampered"
         report.add(Finding(kind, None, "volume", journal_name(state.gen), str(e),

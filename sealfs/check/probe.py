@@ -14,18 +14,19 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 
-from sealfs.codec import CodecError, block_ad, inode_ad, open_block
-from sealfs.crypto import AuthError, VolumeKeys
+from sealfs.crypto import AuthError
+from sealfs.sealed.codec import CodecError
+from sealfs.sealed.inode import RecordError
+from sealfs.sealed.objects import SealedObjects
 
 
 class Prober:
     """Tries a failed object's bytes under candidate identities, within a budget."""
 
-    def __init__(self, keys: VolumeKeys, block_size: int, max_attempts: int = 20000,
+    def __init__(self, objects: SealedObjects, max_attempts: int = 20000,
                  max_seconds: float = 5.0) -> None:
-        self.keys = keys
-        self.vid = keys.volume_id
-        self.block_size = block_size
+        self.objects = objects
+        self.block_size = objects.block_size
         self.attempts_left = max_attempts
         self.deadline = time.monotonic() + max_seconds
         self.exhausted = False
@@ -43,9 +44,11 @@ class Prober:
             if not self._spend():
                 return None
             try:
-                self.keys.inode(ino).open(blob, inode_ad(self.vid, ino, oid))
+                self.objects.open_record(ino, oid, blob)
             except AuthError:
                 continue
+            except RecordError:
+                pass  # authentic under this identity, whatever it holds
             return ino, oid
         return None
 
@@ -56,8 +59,7 @@ class Prober:
             if not self._spend():
                 return None
             try:
-                open_block(self.keys.inode(ino), block_ad(self.vid, ino, idx, oid), blob,
-                           self.block_size)
+                self.objects.open_block(ino, idx, oid, blob)
             except (AuthError, CodecError):
                 continue
             return ino, idx, oid

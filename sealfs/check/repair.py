@@ -39,10 +39,10 @@ from typing import Any
 
 import trio
 
-from sealfs.codec import RECORD_OBJECT_MAX, block_ad, block_object_max, inode_ad, open_block
 from sealfs.crypto import Secret
 from sealfs.fs.core import Filesystem
-from sealfs.fs.inode import ROOT_INO, Inode
+from sealfs.sealed.codec import RECORD_OBJECT_MAX, block_object_max
+from sealfs.sealed.inode import ROOT_INO, Inode
 from sealfs.store import ObjectStore
 from sealfs.volume.header import Header
 
@@ -171,15 +171,13 @@ async def _commit_repair(store: ObjectStore, header: Header, master: Secret,
         await _quarantine(fs, tree, plan, lf, log)
         await _drop(fs, tree, plan, log)
         for top in plan.reattach:
-            if top in fs.table and top not in await _named_by_live_dirs(fs, top):
+            if fs.has_inode(top) and top not in await _named_by_live_dirs(fs, top):
                 lf.entries.add(f"#{top}".encode(), top)  # type: ignore[union-attr]
                 log.append({"action": "reattached", "path": f"/lost+found/#{top}",
                             "inode": top})
         await _rebuild(fs)
         await _write_report(fs, lf, log)
-        for node in list(fs.nodes.values()):
-            if node.dirty_blocks or node.flushing:
-                await fs.flush_file(node)
+        await fs.write_back()
         _failpoint("before-commit")
         await fs.commit()
     finally:
@@ -189,16 +187,13 @@ async def _commit_repair(store: ObjectStore, header: Header, master: Secret,
 async def _heal(fs: Filesystem, store: ObjectStore, plan: Plan) -> None:
     """Re-seal content found in the wrong object under its own identity. Every source is read
     before anything is written (a source may be the target of another heal)."""
-    keys, vid, bs = fs.keys, fs.vid, fs.block_size
+    objects, bs = fs.objects, fs.block_size
     blocks = []
     for ino, idx, own_oid, src_oid in plan.heal_blocks:
-        data = open_block(keys.inode(ino), block_ad(vid, ino, idx, own_oid),
-                          store.get(src_oid, block_object_max(bs)), bs)
+        data = objects.open_block(ino, idx, own_oid, store.get(src_oid, block_object_max(bs)))
         blocks.append((ino, idx, data))
     for ino, _src_ino, src_oid in plan.heal_records:
-        plain = keys.inode(ino).open(store.get(src_oid, RECORD_OBJECT_MAX), inode_ad(vid, ino, fs.table[ino]))
-        fs.nodes[ino] = Inode.from_record(ino, plain)
-        fs.mark(fs.nodes[ino])
+        fs.heal_record(ino, store.get(src_oid, RECORD_OBJECT_MAX))
     for ino, idx, data in blocks:
         node = await fs.node(ino)
         length = max(0, min(bs, node.size - idx * bs))
@@ -283,8 +278,8 @@ async def _drop(fs: Filesystem, tree: Any, plan: Plan, log: list[dict[str, Any]]
 async def _named_by_live_dirs(fs: Filesystem, ino: int) -> set[int]:
     """{ino} if a directory reachable from the root names ``ino`` (it was healed back)."""
     for parent in await _reachable(fs):
-        node = fs.nodes.get(parent)
-        if node is not None and node.entries is not None and ino in node.entries.names.values():
+        node = await fs.node(parent)
+        if node.entries is not None and ino in node.entries.names.values():
             return {ino}
     return set()
 
@@ -298,7 +293,7 @@ async def _reachable(fs: Filesystem) -> list[int]:
         if node.entries is None:
             continue
         for child in node.entries.names.values():
-            if child not in seen and (child in fs.table or child in fs.nodes):
+            if child not in seen and fs.has_inode(child):
                 seen.add(child)
                 todo.append(child)
     return order
@@ -309,7 +304,7 @@ async def _rebuild(fs: Filesystem) -> None:
     links: dict[int, int] = {}
     order = await _reachable(fs)
     for ino in order:
-        node = fs.nodes[ino]
+        node = await fs.node(ino)
         if node.entries is None:
             continue
         subdirs = 0
@@ -325,12 +320,11 @@ async def _rebuild(fs: Filesystem) -> None:
             node.nlink = 2 + subdirs
             fs.mark(node)
     for ino in order:
-        node = fs.nodes[ino]
+        node = await fs.node(ino)
         if node.entries is None and node.nlink != links.get(ino, 0):
             node.nlink = links.get(ino, 0)
             fs.mark(node)
-    if fs.table:
-        fs.next_ino = max(fs.next_ino, max([*fs.table, *fs.nodes]) + 1)
+    fs.renumber_past_known()
 
 
 async def _write_report(fs: Filesystem, lf: Inode, log: list[dict[str, Any]]) -> None:

@@ -12,11 +12,12 @@ from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 
-from sealfs.codec import CODEC_LZ4, RECORD_OBJECT_MAX, block_object_max, block_overhead
 from sealfs.crypto import Secret
 from sealfs.errors import BusyError, IntegrityError
-from sealfs.fs.inode import ROOT_INO, Inode
+from sealfs.fs.lifecycle import volume_objects
 from sealfs.fs.metalog import MetaState
+from sealfs.sealed.codec import CODEC_LZ4, RECORD_OBJECT_MAX, block_object_max, block_overhead
+from sealfs.sealed.inode import ROOT_INO, Inode
 from sealfs.store import HEADER_NAME, ObjectStore
 from sealfs.volume.anchor import KmsAnchor
 from sealfs.volume.header import Credential, Header, KmsCredential, load_header
@@ -69,12 +70,12 @@ def check_volume(store: ObjectStore, header: Header, master: Secret,
     """Check the committed state of an unlocked volume. Read-only."""
     t0 = time.monotonic()
     progress = opts.progress or Progress(enabled=False)
-    keys = header.volume_keys(master)
+    objects = volume_objects(header, master)
     report = Report(header.volume_id.hex(), "full" if opts.full else "quick", opts.path)
     result = CheckResult(report)
     check_header(header, report)
     progress.note("reading metadata")
-    state = load_metadata(store, keys, report)
+    state = load_metadata(store, objects, report)
     if state is None:
         report.stats.seconds = time.monotonic() - t0
         return result
@@ -83,7 +84,7 @@ def check_volume(store: ObjectStore, header: Header, master: Secret,
     present = set(store.list_objects())
     report.stats.objects_present = len(present)
 
-    walker = Walker(store, keys, state)
+    walker = Walker(store, objects, state)
     start, start_path = walker.resolve(opts.path) if opts.path.strip("/") else (ROOT_INO, "/")
     tree = walker.walk(start, start_path)
     result.tree = tree
@@ -108,7 +109,7 @@ def check_volume(store: ObjectStore, header: Header, master: Secret,
             report.stats.block_bytes += nbytes
             progress.advance(nbytes, nobj)
 
-        failures = verify_blocks(store, keys, header.block_size, jobs, opts.workers, advance)
+        failures = verify_blocks(store, objects, jobs, opts.workers, advance)
         progress.finish()
     else:
         failures = [BlockFailure(ino, idx, oid, exp, "missing", None, None,
@@ -117,7 +118,7 @@ def check_volume(store: ObjectStore, header: Header, master: Secret,
                     if oid not in present and oid not in store.carried]
     result.block_failures = {(f.ino, f.index): f for f in failures}
 
-    prober = Prober(keys, header.block_size)
+    prober = Prober(objects)
     failed_records = [f for f in tree.failed.values() if f.ino in tree.scope]
     for fail in sorted(failed_records, key=lambda f: tree.path(f.ino)):
         report.add(_classify_record(store, tree, fail, prober, orphans, result))
@@ -288,14 +289,14 @@ def _settle_live(store: ObjectStore, header: Header, master: Secret, opts: Check
     missing may simply have been replaced meanwhile. Objects are never overwritten in place,
     so authentication failures are always real. Repeat the check until it ran against an
     epoch that did not move, or nothing was missing."""
-    keys = header.volume_keys(master)
+    objects = volume_objects(header, master)
     for _ in range(attempts):
         missing = [f for f in result.report.findings if f.kind == "missing"
                    or (f.kind == "tampered" and f.what == "journal")]
         if not missing:
             return result
         probe = Report("", "", "")
-        now = load_metadata(store, keys, probe)
+        now = load_metadata(store, objects, probe)
         if now is not None and result.state is not None and now.seq == result.state.seq \
                 and not probe.findings:
             return result

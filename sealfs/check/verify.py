@@ -17,9 +17,10 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 
-from sealfs.codec import CodecError, block_ad, block_object_max, open_block
-from sealfs.crypto import AuthError, VolumeKeys
+from sealfs.crypto import AuthError
 from sealfs.errors import StorageError
+from sealfs.sealed.codec import CodecError, block_object_max
+from sealfs.sealed.objects import SealedObjects
 from sealfs.store import DamagedFile, MissingObject, ObjectStore
 
 #: (inode, block index, object id, expected plaintext length at that position)
@@ -43,19 +44,19 @@ class BlockFailure:
 
 
 # Set in the parent just before the pool forks; workers read it. Never pickled.
-_CONTEXT: tuple[ObjectStore, VolumeKeys, int] | None = None
+_CONTEXT: tuple[ObjectStore, SealedObjects] | None = None
 
 
 def _verify_chunk(jobs: list[Job]) -> tuple[int, int, list[BlockFailure]]:
     """(Worker.) Verify one chunk; return (bytes read, objects, failures)."""
     assert _CONTEXT is not None
-    store, keys, bs = _CONTEXT
-    vid = keys.volume_id
+    store, objects = _CONTEXT
+    limit = block_object_max(objects.block_size)
     nbytes = 0
     failures = []
     for ino, idx, oid, expected in jobs:
         try:
-            blob = store.get(oid, block_object_max(bs))
+            blob = store.get(oid, limit)
         except MissingObject:
             failures.append(BlockFailure(ino, idx, oid, expected, "missing", None, None,
                                          "the block object is missing"))
@@ -68,7 +69,7 @@ def _verify_chunk(jobs: list[Job]) -> tuple[int, int, list[BlockFailure]]:
             continue
         nbytes += len(blob)
         try:
-            open_block(keys.inode(ino), block_ad(vid, ino, idx, oid), blob, bs)
+            objects.open_block(ino, idx, oid, blob)
         except AuthError as e:
             failures.append(BlockFailure(ino, idx, oid, expected, "auth", len(blob),
                                          blob[0] if blob else None, str(e)))
@@ -91,7 +92,7 @@ def chunks(jobs: list[Job], block_size: int) -> Iterator[list[Job]]:
         yield cur
 
 
-def verify_blocks(store: ObjectStore, keys: VolumeKeys, block_size: int, jobs: list[Job],
+def verify_blocks(store: ObjectStore, objects: SealedObjects, jobs: list[Job],
                   workers: int | None, on_progress: Callable[[int, int], None]
                   ) -> list[BlockFailure]:
     """Verify all ``jobs``; calls ``on_progress(bytes, objects)`` as chunks complete."""
@@ -99,7 +100,8 @@ def verify_blocks(store: ObjectStore, keys: VolumeKeys, block_size: int, jobs: l
     jobs = sorted(jobs, key=lambda j: j[2])  # object id order = backing directory order
     estimate = sum(j[3] for j in jobs)
     workers = workers or os.cpu_count() or 1
-    _CONTEXT = (store, keys, block_size)
+    _CONTEXT = (store, objects)
+    block_size = objects.block_size
     failures: list[BlockFailure] = []
     try:
         if workers <= 1 or estimate < INLINE_BYTES:

@@ -12,11 +12,12 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from sealfs.codec import RECORD_OBJECT_MAX, inode_ad
-from sealfs.crypto import SEAL_OVERHEAD, AuthError, VolumeKeys
+from sealfs.crypto import SEAL_OVERHEAD, AuthError
 from sealfs.errors import StorageError, UsageError
-from sealfs.fs.inode import ROOT_INO, Inode, RecordError
 from sealfs.fs.metalog import MetaState
+from sealfs.sealed.codec import RECORD_OBJECT_MAX
+from sealfs.sealed.inode import ROOT_INO, Inode, RecordError
+from sealfs.sealed.objects import SealedObjects
 from sealfs.store import DamagedFile, MissingObject, ObjectStore
 
 from .report import ADVICE, Finding, Report
@@ -68,11 +69,10 @@ def _join(base: str, name: bytes) -> str:
 class Walker:
     """Loads records and walks the tree of one volume state."""
 
-    def __init__(self, store: ObjectStore, keys: VolumeKeys, state: MetaState,
+    def __init__(self, store: ObjectStore, objects: SealedObjects, state: MetaState,
                  threads: int = 4) -> None:
         self.store = store
-        self.keys = keys
-        self.vid = keys.volume_id
+        self.objects = objects
         self.tree = Tree(dict(state.table))
         self.threads = threads
 
@@ -89,11 +89,9 @@ class Walker:
         except StorageError as e:
             return RecordFailure(ino, oid, "io", None, str(e))
         try:
-            plain = self.keys.inode(ino).open(blob, inode_ad(self.vid, ino, oid))
+            return self.objects.open_record(ino, oid, blob)
         except AuthError as e:
             return RecordFailure(ino, oid, "auth", len(blob), str(e))
-        try:
-            return Inode.from_record(ino, plain)
         except RecordError as e:
             return RecordFailure(ino, oid, "decode", len(blob), str(e))
 

@@ -15,7 +15,7 @@ import click
 from sealfs.cli.credentials import credential_options, kms_client_args
 from sealfs.cli.logs import log_service
 from sealfs.errors import BusyError, SealfsError, UsageError
-from sealfs.fs.core import Limits
+from sealfs.fs.limits import Limits
 from sealfs.fuse.mount import check_mountpoint, serve, unmount
 from sealfs.volume.header import Credential, KeyFileCredential, KmsCredential, load_header
 

@@ -16,6 +16,7 @@ from sealfs.cli.credentials import (
 from sealfs.cli.output import emit, json_option
 from sealfs.crypto import KdfParams
 from sealfs.errors import UsageError
+from sealfs.fs.lifecycle import DEFAULT_BLOCK_SIZE, create_volume
 from sealfs.volume.header import (
     Credential,
     KmsCredential,
@@ -26,7 +27,6 @@ from sealfs.volume.header import (
 from sealfs.volume.header import (
     new_key_file as generate_key_file,
 )
-from sealfs.volume.lifecycle import DEFAULT_BLOCK_SIZE, create_volume
 
 SIZE_SUFFIXES = {"k": 1024, "m": 1024 * 1024}
 

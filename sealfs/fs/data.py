@@ -1,13 +1,10 @@
-"""File contents: the block cache and the streaming read/write path.
+"""File contents: writes, truncation and the write-back of blocks.
 
-A file is a sequence of ``block_size`` blocks; block ``i`` of a node is, from newest to oldest,
-in ``node.dirty_blocks[i]`` (being modified), ``node.flushing[i]`` (sealed and written in the
-background), the clean cache, or the store under object ``node.blocks[i]``. A missing block
-is a hole and reads as zeros.
-
-Sequential reads are prefetched: a read that continues where the previous one on the node
-ended starts loading the next ``readahead`` bytes in the background, so the backing disk and
-the decryption work on the next blocks while the kernel is still copying out this one.
+A file is a sequence of ``block_size`` blocks. A write copies into ``node.dirty_blocks``; a
+write-back moves a block to ``node.flushing`` while a background job seals and stores it, then
+points the block map at the new object and hands the data to the clean cache
+(:class:`sealfs.fs.blocks.BlockCache`, which also serves every read). A missing block is a hole
+and reads as zeros.
 
 A file of at most ``INLINE_MAX`` bytes keeps its data in its own inode record (``node.inline``)
 rather than in a block object: creating a small file then costs one backing file, not two. It
@@ -29,27 +26,20 @@ point at it; the object it replaces is deleted after the next commit (docs/forma
 from __future__ import annotations
 
 import errno
-import functools
 import logging
-from collections import OrderedDict
-from collections.abc import Awaitable, Callable
-from typing import Any
 
 import trio
 
-from sealfs.codec import (
-    MAX_FILE_BLOCKS,
-    CodecError,
-    block_ad,
-    block_object_max,
-    new_object_id,
-    open_block,
-    seal_block,
-)
-from sealfs.crypto import AuthError, VolumeKeys
-from sealfs.errors import IntegrityError, StorageError
-from sealfs.fs.inode import Inode
-from sealfs.store import DamagedFile, MissingObject, ObjectStore
+from sealfs.errors import StorageError
+from sealfs.fs.blocks import BlockCache
+from sealfs.fs.errors import FsError
+from sealfs.fs.limits import Limits
+from sealfs.fs.nodes import InodeTable
+from sealfs.fs.workers import Workers
+from sealfs.sealed.codec import MAX_FILE_BLOCKS, new_object_id
+from sealfs.sealed.inode import Inode
+from sealfs.sealed.objects import SealedObjects
+from sealfs.store import ObjectStore
 
 log = logging.getLogger("sealfs.fs")
 
@@ -57,204 +47,24 @@ FALLOC_FL_KEEP_SIZE = 0x01
 INLINE_MAX = 4096  # files up to this size keep their data in their inode record
 
 
-class Damaged(IntegrityError):
-    """An object failed verification or is missing; ``path`` is the plaintext path."""
-
-    def __init__(self, path: str, what: str, oid: int | None, reason: str) -> None:
-        where = f" (object {oid:016x})" if oid is not None else ""
-        super().__init__(f"{what} of {path} failed verification{where}: {reason}")
-        self.path = path
-        self.what = what
-        self.oid = oid
-        self.reason = reason
-
-
-class FsError(Exception):
-    """A POSIX error for one request."""
-
-    def __init__(self, err: int) -> None:
-        super().__init__(errno.errorcode.get(err, str(err)))
-        self.errno = err
-
-
 class DataPath:
-    """Reads, writes, truncates and flushes file blocks for the filesystem core."""
+    """Writes, truncates and writes back file blocks for the filesystem core."""
 
-    def __init__(self, store: ObjectStore, keys: VolumeKeys, block_size: int, compress: bool,
-                 *, dirty_limit: int, clean_bytes: int, inflight_batches: int,
-                 readahead: int, carry_max: int,
-                 io: Callable[..., Awaitable[Any]], io_halves: Callable[..., Awaitable[Any]],
-                 mark: Callable[[Inode], None],
-                 path_of: Callable[[int], str], on_damage: Callable[[Damaged], None]) -> None:
+    def __init__(self, store: ObjectStore, objects: SealedObjects, workers: Workers,
+                 nodes: InodeTable, cache: BlockCache, limits: Limits) -> None:
         self.store = store
-        self.keys = keys
-        self.vid = keys.volume_id
-        self.block_size = block_size
-        self.compress = compress
-        self.dirty_limit = dirty_limit
-        self.clean_limit = clean_bytes
-        self._io = io
-        self._io_halves = io_halves
-        self._mark = mark
-        self._path_of = path_of
-        self._on_damage = on_damage
-        self._inflight = trio.Semaphore(inflight_batches)
-        self.nursery: trio.Nursery | None = None  # set while mounted; else flush inline
+        self.objects = objects
+        self.workers = workers
+        self.nodes = nodes  # marks changed inodes, names paths
+        self.cache = cache  # current content of blocks; keeps what is written back
+        self.block_size = objects.block_size
+        self.dirty_limit = limits.dirty_blocks
+        self._inflight = trio.Semaphore(limits.inflight_batches)
         self.superseded: list[int] = []  # objects no longer referenced by any block map
         self.dirty_count = 0
-        self._clean: OrderedDict[tuple[int, int], bytes] = OrderedDict()
-        self._clean_bytes = 0
-        self.readahead_blocks = readahead // block_size
-        self.carry_max = carry_max
+        self.carry_max = limits.carried_blocks
         self._carry: dict[int, tuple[int, bytes]] = {}  # sealed blocks for the next commit
         self._carry_bytes = 0
-        self._loading: dict[tuple[int, int], trio.Event] = {}  # prefetches in flight
-
-    # --- the clean cache -----------------------------------------------------------------
-
-    def _drop_clean(self, ino: int, idx: int) -> None:
-        data = self._clean.pop((ino, idx), None)
-        if data is not None:
-            self._clean_bytes -= len(data)
-
-    def _keep_clean(self, ino: int, idx: int, data: bytes) -> None:
-        self._drop_clean(ino, idx)
-        self._clean[(ino, idx)] = data
-        self._clean_bytes += len(data)
-        while self._clean_bytes > self.clean_limit and self._clean:
-            _, old = self._clean.popitem(last=False)
-            self._clean_bytes -= len(old)
-
-    # --- reading -------------------------------------------------------------------------
-
-    def _in_memory(self, node: Inode, idx: int) -> bytes | None:
-        buf = node.dirty_blocks.get(idx)
-        if buf is not None:
-            return bytes(buf)
-        flushing = node.flushing.get(idx)
-        if flushing is not None:
-            return flushing[0]
-        if idx == 0 and node.inline is not None:
-            return node.inline
-        cached = self._clean.get((node.ino, idx))
-        if cached is not None:
-            self._clean.move_to_end((node.ino, idx))
-            return cached
-        return None if idx in node.blocks else b""
-
-    async def blocks(self, node: Inode, indexes: list[int]) -> dict[int, bytes]:
-        """Current plaintext of the given blocks (b"" for holes)."""
-        out: dict[int, bytes] = {}
-        for _attempt in range(8):
-            missing, pending = [], None
-            for idx in indexes:
-                if idx in out:
-                    continue
-                data = self._in_memory(node, idx)
-                if data is not None:
-                    out[idx] = data
-                elif (node.ino, idx) in self._loading:
-                    pending = self._loading[(node.ino, idx)]
-                else:
-                    missing.append((idx, node.blocks[idx]))
-            if not missing:
-                if pending is None:
-                    return out
-                await pending.wait()  # a prefetch is loading it: do not read it twice
-                continue
-            loaded = await self._io_halves(functools.partial(self._load, node.ino), missing)
-            for idx, oid, result in loaded:
-                if isinstance(result, Exception):
-                    if node.blocks.get(idx) != oid:
-                        continue  # rewritten while we read the old object: read again
-                    node.damaged.add(idx)
-                    reason = "missing" if isinstance(result, MissingObject) else str(result)
-                    damage = Damaged(self._path_of(node.ino), f"block {idx}", oid, reason)
-                    self._on_damage(damage)
-                    raise damage
-                node.damaged.discard(idx)
-                if node.blocks.get(idx) == oid:
-                    self._keep_clean(node.ino, idx, result)
-                    out[idx] = result
-        raise FsError(errno.EAGAIN)  # pragma: no cover - a block rewritten 8 times mid-read
-
-    def _prefetch(self, node: Inode, last: int) -> None:
-        """The reader is at block ``last``: keep the next ``readahead`` bytes loading.
-
-        Loads go out in jobs of half the window each (one thread hop per job, not per block:
-        on two cores the hand-offs between threads, not the disk or AES, were the cost).
-        Failures are ignored here: the read that needs the block loads it again and reports.
-        """
-        window = self.readahead_blocks
-        if self.nursery is None or node.dead or node.prefetched - last > window // 2:
-            return
-        start = max(last + 1, node.prefetched)
-        stop = min(last + 1 + window, -(-node.size // self.block_size))
-        node.prefetched = stop
-        wanted = []
-        for idx in range(start, stop):
-            oid = node.blocks.get(idx)
-            if (oid is not None and (node.ino, idx) not in self._loading
-                    and self._in_memory(node, idx) is None):
-                wanted.append((idx, oid))
-        if not wanted:
-            return
-        done = trio.Event()
-        for idx, _ in wanted:
-            self._loading[(node.ino, idx)] = done
-        self.nursery.start_soon(self._run_prefetch, node, wanted, done)
-
-    async def _run_prefetch(self, node: Inode, wanted: list[tuple[int, int]],
-                            done: trio.Event) -> None:
-        try:
-            loaded = await self._io(self._load, node.ino, wanted)
-        finally:
-            for idx, _ in wanted:
-                if self._loading.get((node.ino, idx)) is done:
-                    del self._loading[(node.ino, idx)]
-            done.set()
-        for idx, oid, result in loaded:
-            if (not isinstance(result, Exception) and not node.dead
-                    and node.blocks.get(idx) == oid and idx not in node.dirty_blocks
-                    and idx not in node.flushing):
-                self._keep_clean(node.ino, idx, result)
-
-    def _load(self, ino: int, wanted: list[tuple[int, int]]
-              ) -> list[tuple[int, int, bytes | Exception]]:
-        """(Worker thread.) Read and open the given block objects."""
-        sealer = self.keys.inode(ino)
-        res: list[tuple[int, int, bytes | Exception]] = []
-        for idx, oid in wanted:
-            try:
-                res.append((idx, oid, open_block(sealer, block_ad(self.vid, ino, idx, oid),
-                                                 self.store.get(oid, block_object_max(self.block_size)),
-                                                 self.block_size)))
-            except (AuthError, CodecError, MissingObject, DamagedFile) as e:
-                res.append((idx, oid, e))
-        return res
-
-    async def read(self, node: Inode, off: int, size: int) -> bytes:
-        end = min(off + size, node.size)
-        if off >= end:
-            return b""
-        bs = self.block_size
-        first, last = off // bs, (end - 1) // bs
-        if self.readahead_blocks and off == node.read_next and off:
-            self._prefetch(node, last)
-        elif off != node.read_next:
-            node.prefetched = 0  # not sequential (any more): start over
-        node.read_next = end
-        blocks = await self.blocks(node, list(range(first, last + 1)))
-        parts = []
-        for idx in range(first, last + 1):
-            base = idx * bs
-            lo, hi = max(off, base) - base, min(end, base + bs) - base
-            block = blocks[idx]
-            chunk = block if lo == 0 and hi == len(block) else block[lo:hi]
-            parts.append(chunk)
-            if len(chunk) < hi - lo:
-                parts.append(bytes(hi - lo - len(chunk)))
-        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     # --- writing -------------------------------------------------------------------------
 
@@ -284,7 +94,7 @@ class DataPath:
                 return len(buf)
         async with lock:
             partial = self._partial(node, off, end)
-            current = await self.blocks(node, partial) if partial else {}
+            current = await self.cache.blocks(node, partial) if partial else {}
             full, over_budget = self._copy_in(node, off, buf, current)
             if full:
                 await self._start_flush(node, full, cache=over_budget)
@@ -302,8 +112,8 @@ class DataPath:
         from the store (or is being read by a prefetch)."""
         current = {}
         for idx in self._partial(node, off, end):
-            data = self._in_memory(node, idx)
-            if data is None or (node.ino, idx) in self._loading:
+            data = self.cache.in_memory(node, idx)
+            if data is None or self.cache.loading(node, idx):
                 return None
             current[idx] = data
         return current
@@ -337,7 +147,7 @@ class DataPath:
             block[lo:hi] = view[base + lo - off:base + hi - off]
         if end > node.size:
             node.size = end
-        self._mark(node)
+        self.nodes.mark(node)
         if self.dirty_count > self.dirty_limit:
             return list(node.dirty_blocks), True
         return [idx for idx in range(first, last + 1) if end >= (idx + 1) * bs
@@ -353,21 +163,21 @@ class DataPath:
                 keep = -(-size // bs)  # blocks [0, keep) survive
                 for idx in [i for i in node.blocks if i >= keep]:
                     self.superseded.append(node.blocks.pop(idx))
-                    self._drop_clean(node.ino, idx)
+                    self.cache.forget(node.ino, idx)
                 for idx in [i for i in node.dirty_blocks if i >= keep]:
                     del node.dirty_blocks[idx]
                     self.dirty_count -= 1
                 cut = size % bs
                 if cut:
                     idx = size // bs
-                    block = (await self.blocks(node, [idx]))[idx]
+                    block = (await self.cache.blocks(node, [idx]))[idx]
                     if len(block) > cut:
                         if idx not in node.dirty_blocks:
                             self.dirty_count += 1
                         node.dirty_blocks[idx] = bytearray(block[:cut])
-                        self._drop_clean(node.ino, idx)
+                        self.cache.forget(node.ino, idx)
             node.size = size
-            self._mark(node)
+            self.nodes.mark(node)
 
     async def fallocate(self, node: Inode, mode: int, off: int, length: int) -> None:
         """Mode 0 extends the size (holes read as zeros); KEEP_SIZE changes nothing visible.
@@ -381,7 +191,7 @@ class DataPath:
         if not mode & FALLOC_FL_KEEP_SIZE and off + length > node.size:
             async with self.lock(node):
                 node.size = max(node.size, off + length)
-                self._mark(node)
+                self.nodes.mark(node)
 
     # --- flushing ------------------------------------------------------------------------
 
@@ -397,14 +207,14 @@ class DataPath:
             if 0 in node.dirty_blocks:
                 node.inline = bytes(node.dirty_blocks.pop(0)) or None
                 self.dirty_count -= 1
-                self._mark(node)
+                self.nodes.mark(node)
             return []
         if node.inline is not None:
             if 0 not in node.dirty_blocks:
                 node.dirty_blocks[0] = bytearray(node.inline)
                 self.dirty_count += 1
             node.inline = None
-            self._mark(node)
+            self.nodes.mark(node)
             if 0 not in indexes:
                 indexes = [0, *indexes]
         return indexes
@@ -440,28 +250,29 @@ class DataPath:
         for idx, data in batch:
             node.flushing[idx] = (data, done)
         await self._inflight.acquire()
-        if self.nursery is None:
+        nursery = self.workers.nursery
+        if nursery is None:
             await self._flush_batch(node, batch, done, carry, cache)
         else:
-            self.nursery.start_soon(self._flush_batch, node, batch, done, carry, cache)
+            nursery.start_soon(self._flush_batch, node, batch, done, carry, cache)
 
     async def _flush_batch(self, node: Inode, batch: list[tuple[int, bytes]],
                            done: trio.Event, carry: bool, cache: bool) -> None:
-        sealer, vid, ino = self.keys.inode(node.ino), self.vid, node.ino
+        ino = node.ino
         jobs = [(idx, new_object_id(), data) for idx, data in batch]
 
         def put() -> list[bytes | None]:
             """Seal each block; store it as a file, or (carry) return it for the commit."""
             blobs: list[bytes | None] = []
             for idx, oid, data in jobs:
-                blob = seal_block(sealer, block_ad(vid, ino, idx, oid), data, self.compress)
+                blob = self.objects.seal_block(ino, idx, oid, data)
                 if not carry:
                     self.store.put(oid, blob)
                 blobs.append(blob if carry else None)
             return blobs
 
         try:
-            blobs = await self._io(put)
+            blobs = await self.workers.run(put)
         except Exception as e:
             for idx, oid, data in jobs:
                 self._flush_failed(node, idx, data, e)
@@ -486,11 +297,11 @@ class DataPath:
                 self.superseded.append(old)
             node.blocks[idx] = oid
             if cache:
-                self._keep_clean(node.ino, idx, data)
+                self.cache.keep(node.ino, idx, data)
             else:
-                self._drop_clean(node.ino, idx)  # never leave an older version cached
+                self.cache.forget(node.ino, idx)  # never leave an older version cached
         if not node.dead:
-            self._mark(node)
+            self.nodes.mark(node)
 
     def _flush_failed(self, node: Inode, idx: int, data: bytes, e: BaseException) -> None:
         current = node.flushing.get(idx)
@@ -503,11 +314,11 @@ class DataPath:
         if isinstance(e, StorageError):
             node.write_error = getattr(e, "errno", errno.EIO)
             if first:
-                log.error("writing %s failed: %s", self._path_of(node.ino), e)
+                log.error("writing %s failed: %s", self.nodes.path_of(node.ino), e)
         else:
             node.write_error = errno.EIO
             if first:
-                log.error("writing %s failed", self._path_of(node.ino), exc_info=e)
+                log.error("writing %s failed", self.nodes.path_of(node.ino), exc_info=e)
 
     async def _wait_flushing(self, node: Inode) -> None:
         while node.flushing:
@@ -548,4 +359,4 @@ class DataPath:
         node.dirty_blocks.clear()
         node.flushing.clear()  # jobs in flight see this and discard their objects
         for idx in node.blocks:
-            self._drop_clean(node.ino, idx)
+            self.cache.forget(node.ino, idx)

@@ -30,7 +30,9 @@ import hashlib
 import logging
 from dataclasses import dataclass, field
 
-from sealfs.codec import (
+from sealfs.crypto import AuthError
+from sealfs.errors import IntegrityError
+from sealfs.sealed.codec import (
     CHECKPOINT_MAX,
     FRAME_HEADER,
     MAX_CHAIN,
@@ -40,15 +42,10 @@ from sealfs.codec import (
     Commit,
     frame,
     frames_after,
-    inode_ad,
-    journal_ad,
-    open_checkpoint,
-    seal_checkpoint,
     split_frames,
 )
-from sealfs.crypto import AuthError, VolumeKeys
-from sealfs.errors import IntegrityError
-from sealfs.fs.inode import Inode, RecordError
+from sealfs.sealed.inode import RecordError
+from sealfs.sealed.objects import SealedObjects
 from sealfs.store import CHECKPOINT_NAME, DamagedFile, JournalFile, MissingObject, ObjectStore
 
 log = logging.getLogger(__name__)
@@ -117,9 +114,9 @@ def _advance(head: bytes, sealed: bytes) -> bytes:
 class MetaLog:
     """Reads and extends one volume's checkpoint and journal."""
 
-    def __init__(self, store: ObjectStore, keys: VolumeKeys) -> None:
+    def __init__(self, store: ObjectStore, objects: SealedObjects) -> None:
         self.store = store
-        self.keys = keys
+        self.objects = objects
         #: whether a KMS may hold an anchor of this volume (it has a KMS key slot, or is
         #: mounted with one); if not, checkpoints keep no heads before their own
         self.anchorable = True
@@ -147,14 +144,13 @@ class MetaLog:
 
         Raises IntegrityError if either fails authentication anywhere but in a torn tail.
         """
-        vid = self.keys.volume_id
         try:
             blob = self.store.read_file(CHECKPOINT_NAME, CHECKPOINT_MAX)
         except MissingObject:
             raise IntegrityError("the metadata checkpoint is missing from the backing "
                                  "directory") from None
         try:
-            cp = open_checkpoint(self.keys.journal, vid, blob)
+            cp = self.objects.open_checkpoint(blob)
         except (AuthError, CodecError) as e:
             raise IntegrityError(f"the metadata checkpoint failed verification ({e})") from None
         self.checkpoint_size = len(blob)
@@ -171,10 +167,7 @@ class MetaLog:
         for i, (offset, sealed) in enumerate(frames):
             expected = state.seq + 1
             try:
-                commit = Commit.decode(self.keys.journal.open(
-                    sealed, journal_ad(vid, cp.gen, expected)))
-                if commit.seq != expected:
-                    raise CodecError("sequence number mismatch")
+                commit = self.objects.open_commit(cp.gen, expected, sealed)
             except (AuthError, CodecError) as e:
                 if i == len(frames) - 1:
                     # The last frame: an append cut short by a crash (the length was written,
@@ -217,8 +210,7 @@ class MetaLog:
             oid = table[ino]
             try:
                 blob = carried[oid][1] if oid in carried else self.store.get(oid, RECORD_OBJECT_MAX)
-                node = Inode.from_record(ino, self.keys.inode(ino).open(
-                    blob, inode_ad(self.keys.volume_id, ino, oid)))
+                node = self.objects.open_record(ino, oid, blob)
             except (AuthError, RecordError, MissingObject, DamagedFile):
                 live.update(o for o, (i, _) in carried.items() if i == ino)
                 continue
@@ -235,7 +227,7 @@ class MetaLog:
         that together need more than :data:`TORN_SEARCH_FACTOR` times that overlap, which only
         crafted bytes do (to make the check quadratic); they count as damage.
         """
-        vid, later = self.keys.volume_id, state.seq + 2
+        later = state.seq + 2
         budget = TORN_SEARCH_FACTOR * (len(data) - offset)
         for pos, sealed in frames_after(data, offset):
             budget -= len(sealed)
@@ -244,9 +236,11 @@ class MetaLog:
                                      f"frame header at offset {offset}, followed by "
                                      "overlapping frame headers)")
             try:
-                self.keys.journal.open(sealed, journal_ad(vid, state.gen, later))
+                self.objects.open_commit(state.gen, later, sealed)
             except AuthError:
                 continue
+            except CodecError:
+                pass  # authentic as commit ``later``: a genuine commit, whatever it says
             raise IntegrityError(f"metadata journal record {state.seq + 1} is damaged (bad "
                                  f"frame header at offset {offset}; commit {later} follows "
                                  f"at {pos})")
@@ -263,8 +257,7 @@ class MetaLog:
         """Seal and durably append one commit (its ``seq`` must be ``self.seq + 1``); its
         carried objects are readable from the store from then on."""
         assert self.journal is not None and commit.seq == self.seq + 1
-        sealed = self.keys.journal.seal(commit.encode(),
-                                        journal_ad(self.keys.volume_id, self.gen, commit.seq))
+        sealed = self.objects.seal_commit(self.gen, commit)
         self.journal.append(frame(sealed))
         for oid, (_, blob) in commit.carried.items():
             self.store.carry(oid, blob)
@@ -309,7 +302,7 @@ class MetaLog:
                         "the newest copy)", seq - floor, MAX_CHAIN)
             floor = self.floor = seq - MAX_CHAIN
         cp = Checkpoint(new_gen, seq, next_ino, head, table, self.heads.between(floor, seq))
-        blob = seal_checkpoint(self.keys.journal, self.keys.volume_id, cp)
+        blob = self.objects.seal_checkpoint(cp)
         self.store.replace_file(CHECKPOINT_NAME, blob)
         old = self.journal
         self.gen = new_gen
@@ -336,9 +329,9 @@ class MetaLog:
             self.journal.close()
 
     @classmethod
-    def initialize(cls, store: ObjectStore, keys: VolumeKeys, table: dict[int, int],
+    def initialize(cls, store: ObjectStore, objects: SealedObjects, table: dict[int, int],
                    next_ino: int) -> None:
         """Write generation 1 of a brand new volume."""
         JournalFile(store, 1).create()
         cp = Checkpoint(1, 0, next_ino, ZERO_HEAD, table)
-        store.replace_file(CHECKPOINT_NAME, seal_checkpoint(keys.journal, keys.volume_id, cp))
+        store.replace_file(CHECKPOINT_NAME, objects.seal_checkpoint(cp))

@@ -20,12 +20,13 @@ import pyfuse3
 import trio
 
 from sealfs.errors import BusyError, SealfsError, UsageError
-from sealfs.fs.core import Filesystem, Limits
+from sealfs.fs.core import Filesystem
+from sealfs.fs.lifecycle import unlock_volume
+from sealfs.fs.limits import Limits
 from sealfs.fuse.ops import SealfsOperations
 from sealfs.store import ObjectStore
 from sealfs.volume.anchor import KmsAnchor
 from sealfs.volume.header import Credential, KmsCredential
-from sealfs.volume.lifecycle import unlock_volume
 
 log = logging.getLogger("sealfs.mount")
 RUN_DIR = Path("/run/sealfs")
@@ -112,7 +113,7 @@ async def _serve(fs: Filesystem, mp: Path, backing: Path, allow_other: bool,
     terminated = False
     try:
         async with trio.open_nursery() as nursery:
-            fs.data.nursery = nursery
+            fs.workers.nursery = nursery
             await nursery.start(fs.commit_loop)
 
             async def on_signal() -> None:
@@ -135,7 +136,7 @@ async def _serve(fs: Filesystem, mp: Path, backing: Path, allow_other: bool,
             await fs.deletions_done()
             nursery.cancel_scope.cancel()
     finally:
-        fs.data.nursery = None
+        fs.workers.nursery = None
         try:
             await fs.close()
             log.info("unmounted %s; all data committed", mp)

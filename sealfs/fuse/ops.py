@@ -12,7 +12,6 @@ import errno
 import functools
 import itertools
 import logging
-import os
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, ParamSpec, TypeVar
 
@@ -20,8 +19,8 @@ import pyfuse3
 
 from sealfs.errors import IntegrityError, StorageError
 from sealfs.fs.core import Filesystem
-from sealfs.fs.data import FsError
-from sealfs.fs.inode import Inode
+from sealfs.fs.errors import FsError
+from sealfs.sealed.inode import Inode
 
 log = logging.getLogger("sealfs.fuse")
 P = ParamSpec("P")
@@ -190,20 +189,14 @@ class SealfsOperations(pyfuse3.Operations):
 
     @_guard
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
-        node = await self.fs.node(inode)
-        if node.is_dir:
-            raise FsError(errno.EISDIR)
-        node.opens += 1
-        if flags & os.O_TRUNC and node.size:
-            await self.fs.truncate(node, 0)
+        await self.fs.open(inode, flags)
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
 
     @_guard
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: pyfuse3.RequestContext
                      ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        node = await self.fs.create(parent_inode, name, mode, ctx.uid, ctx.gid)
-        node.opens += 1
+        node = await self.fs.create_open(parent_inode, name, mode, ctx.uid, ctx.gid)
         return pyfuse3.FileInfo(fh=node.ino, keep_cache=True), self._entry(node)
 
     @_guard
@@ -224,15 +217,7 @@ class SealfsOperations(pyfuse3.Operations):
 
     @_guard
     async def release(self, fh: int) -> None:
-        node = self.fs.nodes.get(fh)
-        if node is None:
-            return
-        node.opens = max(0, node.opens - 1)
-        try:
-            if not node.opens and node.nlink:
-                await self.fs.flush_file(node, wait=False)
-        finally:
-            self.fs.forget(fh, 0)
+        await self.fs.release(fh)
 
     @_guard
     async def fsync(self, fh: int, datasync: bool) -> None:

@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import logging
 import threading
+from typing import Protocol
 
 from sealfs.crypto import ct_equal
 from sealfs.errors import IntegrityError
-from sealfs.fs.metalog import MetaState
 from sealfs.kms.client import EpochStore
 
 log = logging.getLogger("sealfs.anchor")
@@ -72,19 +72,31 @@ class KmsAnchor:
             log.debug("anchored epoch %d", epoch)
 
 
-def verify_fresh(state: MetaState, anchored: tuple[int, bytes]) -> None:
-    """Raise RollbackError unless the replayed history contains the anchored commit."""
+class KnownHeads(Protocol):
+    """The heads a replayed disk knows: of commits ``first`` up to its last one (the metadata
+    log's :class:`sealfs.fs.metalog.Heads`). The anchor sees only these plain values, so it
+    stands below the filesystem core that replays them."""
+
+    @property
+    def first(self) -> int: ...
+
+    def get(self, seq: int) -> bytes | None: ...
+
+
+def verify_fresh(last_seq: int, heads: KnownHeads, anchored: tuple[int, bytes]) -> None:
+    """Raise RollbackError unless the replayed history, which ends at commit ``last_seq`` and
+    knows ``heads``, contains the anchored commit."""
     epoch, head = anchored
     if epoch == 0 and not head:
         return  # never anchored (a new volume, or its first mount with a KMS)
-    if epoch > state.seq:
+    if epoch > last_seq:
         raise RollbackError("rolled back", f"volume rolled back: the disk ends at commit "
-                            f"{state.seq} but the KMS anchored commit {epoch}")
-    ours = state.heads.get(epoch)
+                            f"{last_seq} but the KMS anchored commit {epoch}")
+    ours = heads.get(epoch)
     if ours is None:
         raise RollbackError("rolled back", f"cannot verify freshness: anchored commit {epoch} "
                             f"predates the oldest commit the checkpoint keeps "
-                            f"({state.heads.first})")
+                            f"({heads.first})")
     if not ct_equal(ours, head):
         raise RollbackError("forked", f"volume forked: commit {epoch} on disk differs from "
                             "the one anchored at the KMS (a copy of this volume has been "

@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 
-from sealfs.codec import split_frames
+from sealfs.sealed.codec import split_frames
 from tests.backing import extend, flip_bit, swap_files, truncate
 from tests.conftest import Volume
 

@@ -12,9 +12,10 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from sealfs.crypto import Secret
-from sealfs.fs.core import Filesystem, Limits
+from sealfs.fs.core import Filesystem
+from sealfs.fs.lifecycle import create_volume, unlock_volume
+from sealfs.fs.limits import Limits
 from sealfs.volume.header import KeyFileCredential
-from sealfs.volume.lifecycle import create_volume, unlock_volume
 
 CRED = KeyFileCredential(Secret(os.urandom(64)))
 

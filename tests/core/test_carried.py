@@ -8,7 +8,7 @@ from pathlib import Path
 
 import trio
 
-from sealfs.fs.inode import ROOT_INO
+from sealfs.sealed.inode import ROOT_INO
 from tests.core.harness import object_files, open_fs
 
 
@@ -46,7 +46,7 @@ def test_small_records_live_in_the_journal_until_a_checkpoint(tmp_path: Path) ->
     async def reread() -> None:
         await again.load()
         big = await again.lookup(ROOT_INO, b"big")
-        assert set(again.store.carried) <= set(again.table.values()) | {big.blocks[2]}
+        assert set(again.store.carried) <= set(again.inodes.table.values()) | {big.blocks[2]}
         assert len(again.store.carried) == 23  # root, 20 files, the big file's record+block
         for i in range(20):
             node = await again.lookup(ROOT_INO, b"f%d" % i)
@@ -57,7 +57,7 @@ def test_small_records_live_in_the_journal_until_a_checkpoint(tmp_path: Path) ->
         await again.create(ROOT_INO, b"one-more", 0o100644, 0, 0)
         await again.sync()
         assert again.metalog.gen == gen + 1 and again.store.carried == {}
-        assert set(again.table.values()) <= object_files(again)
+        assert set(again.inodes.table.values()) <= object_files(again)
         await again.close()
 
     trio.run(reread)
@@ -81,7 +81,7 @@ def test_large_records_are_still_files(tmp_path: Path) -> None:
         for i in range(100):
             await fs.create(d.ino, b"entry-with-a-long-name-%03d" % i, 0o100644, 0, 0)
         await fs.sync()
-        assert fs.table[d.ino] in object_files(fs) and fs.table[d.ino] not in fs.store.carried
+        assert fs.inodes.table[d.ino] in object_files(fs) and fs.inodes.table[d.ino] not in fs.store.carried
         await fs.close()
 
     trio.run(main)
@@ -108,15 +108,15 @@ def test_replay_keeps_only_carried_objects_still_in_use(tmp_path: Path) -> None:
     async def reread() -> None:
         await again.load()
         node = await again.lookup(ROOT_INO, b"log")
-        current = set(again.table.values()) | set(node.blocks.values())
+        current = set(again.inodes.table.values()) | set(node.blocks.values())
         assert set(again.store.carried) <= current
         assert node.blocks[2] in again.store.carried  # the tail, only ever carried
         assert await again.read(node, 0, 400_000) == chunk * 8
         await again.create(ROOT_INO, b"x", 0o100644, 0, 0)
         await again.sync()  # a checkpoint: everything carried becomes a file
         assert again.store.carried == {}
-        nodes = [await again.node(ino) for ino in again.table]
-        live = set(again.table.values()) | {o for n in nodes for o in n.blocks.values()}
+        nodes = [await again.node(ino) for ino in again.inodes.table]
+        live = set(again.inodes.table.values()) | {o for n in nodes for o in n.blocks.values()}
         assert object_files(again) == live, "orphans or missing objects after the checkpoint"
         await again.close()
 

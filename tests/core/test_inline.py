@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from sealfs.fs.data import INLINE_MAX
-from sealfs.fs.inode import ROOT_INO
+from sealfs.sealed.inode import ROOT_INO
 from tests.core.harness import loaded, object_files
 
 
@@ -21,7 +21,7 @@ async def test_small_files_live_in_their_record_and_move_out_when_they_grow(
         await fs.write(node, 0, small)
         await fs.fsync(node)
         assert node.inline == small and node.blocks == {}
-        assert object_files(fs) <= set(fs.table.values()), "a small file wrote a block object"
+        assert object_files(fs) <= set(fs.inodes.table.values()), "a small file wrote a block object"
         # Overwrite inside, extend up to the limit: still inline.
         await fs.write(node, 10, b"XY")
         await fs.fsync(node)
@@ -71,4 +71,4 @@ async def test_inline_data_survives_a_remount_and_sparse_tails_read_as_zeros(
         node = await again.lookup(ROOT_INO, b"s")
         assert node.inline == b"head" and node.size == 3000
         assert await again.read(node, 0, 4000) == b"head" + bytes(2996)
-        assert object_files(again) <= set(again.table.values())
+        assert object_files(again) <= set(again.inodes.table.values())

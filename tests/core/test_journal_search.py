@@ -14,12 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from sealfs.codec import Commit, _length_check, frame, journal_ad
 from sealfs.crypto import Sealer, VolumeKeys
 from sealfs.errors import IntegrityError
+from sealfs.fs.lifecycle import create_volume, unlock_volume
 from sealfs.fs.metalog import TORN_SEARCH_FACTOR, MetaLog, MetaState
+from sealfs.sealed.codec import Commit, _length_check, frame, journal_ad
+from sealfs.sealed.objects import SealedObjects
 from sealfs.store import ObjectStore, journal_name
-from sealfs.volume.lifecycle import create_volume, unlock_volume
 from tests.core.harness import CRED
 
 GARBAGE = 4 << 20
@@ -47,7 +48,7 @@ def _volume(tmp_path: Path, commits: int = 3) -> tuple[ObjectStore, VolumeKeys, 
     create_volume(backing, [(CRED, None)])
     store, header, master = unlock_volume(backing, CRED)
     keys = VolumeKeys(master, header.volume_id)
-    log = MetaLog(store, keys)
+    log = MetaLog(store, SealedObjects(keys, header.block_size))
     state = log.load()
     log.open_for_append(state)
     for _ in range(commits):
@@ -61,7 +62,7 @@ def _load(store: ObjectStore, keys: VolumeKeys) -> tuple[MetaState | IntegrityEr
     counter = CountingSealer(keys.journal)
     keys.journal = counter  # type: ignore[assignment]
     try:
-        return MetaLog(store, keys).load(), counter.bytes
+        return MetaLog(store, SealedObjects(keys, 4096)).load(), counter.bytes
     except IntegrityError as e:
         return e, counter.bytes
     finally:

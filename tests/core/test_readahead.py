@@ -9,7 +9,7 @@ from pathlib import Path
 import trio
 
 from sealfs.fs.core import Filesystem
-from sealfs.fs.inode import ROOT_INO, Inode
+from sealfs.sealed.inode import ROOT_INO, Inode
 from tests.core.harness import loaded
 
 MiB = 1 << 20
@@ -19,7 +19,7 @@ MiB = 1 << 20
 async def prefetches_done(fs: Filesystem) -> None:
     """Wait for the prefetches in flight (and what they put in the cache): the test then does
     not depend on how fast this machine loads blocks."""
-    for pending in list(fs.data._loading.values()):
+    for pending in list(fs.cache._loading.values()):
         await pending.wait()
 
 
@@ -37,28 +37,28 @@ async def test_sequential_reads_load_ahead_and_return_the_right_bytes(tmp_path: 
     loads: list[int] = []
 
     async with loaded(tmp_path / "b", readahead=2 * MiB) as fs, trio.open_nursery() as nursery:
-        fs.data.nursery = nursery
+        fs.workers.nursery = nursery
         node = await write_file(fs, b"f", data)
-        fs.data._clean.clear()
-        fs.data._clean_bytes = 0
-        real_load = fs.data._load
+        fs.cache._clean.clear()
+        fs.cache._clean_bytes = 0
+        real_load = fs.cache._load
 
         def counting_load(ino: int, wanted: list[tuple[int, int]]) -> list:
             loads.append(len(wanted))
             return real_load(ino, wanted)
 
-        fs.data._load = counting_load  # type: ignore[method-assign]
+        fs.cache._load = counting_load  # type: ignore[method-assign]
         out = bytearray()
         ahead_seen = False
         for off in range(0, len(data), MiB):
             out += await fs.read(node, off, MiB)
             await prefetches_done(fs)
             nxt = (off + MiB) // fs.block_size + 1
-            ahead_seen |= (node.ino, nxt + 4) in fs.data._clean
+            ahead_seen |= (node.ino, nxt + 4) in fs.cache._clean
         assert bytes(out) == data
         assert ahead_seen, "blocks ahead of the reader were never loaded"
         nursery.cancel_scope.cancel()
-        fs.data.nursery = None
+        fs.workers.nursery = None
     blocks = -(-len(data) // (128 << 10))
     assert sum(loads) <= blocks + 8, "blocks were loaded twice"
     assert max(loads) >= 8, "prefetch jobs should load many blocks per thread hop"
@@ -69,11 +69,11 @@ async def test_a_write_during_a_prefetch_is_not_overwritten_by_the_old_block(
     data = os.urandom(6 * MiB)
 
     async with loaded(tmp_path / "b", readahead=4 * MiB) as fs, trio.open_nursery() as nursery:
-        fs.data.nursery = nursery
+        fs.workers.nursery = nursery
         node = await write_file(fs, b"f", data)
         for _ in range(3):
-            fs.data._clean.clear()
-            fs.data._clean_bytes = 0
+            fs.cache._clean.clear()
+            fs.cache._clean_bytes = 0
             await fs.read(node, 0, MiB)
             await fs.read(node, MiB, MiB)  # sequential: starts loading 2 MiB.. ahead
             # Overwrite blocks that are being prefetched, before the loads finish.
@@ -85,7 +85,7 @@ async def test_a_write_during_a_prefetch_is_not_overwritten_by_the_old_block(
             await fs.write(node, 3 * MiB, data[3 * MiB:4 * MiB])
             await fs.flush_file(node)
         nursery.cancel_scope.cancel()
-        fs.data.nursery = None
+        fs.workers.nursery = None
 
 
 async def test_a_streaming_overwrite_of_a_cached_block_never_reads_back_the_old_version(
@@ -95,7 +95,7 @@ async def test_a_streaming_overwrite_of_a_cached_block_never_reads_back_the_old_
     old, new = os.urandom(2 * MiB), os.urandom(2 * MiB)
 
     async with loaded(tmp_path / "b") as fs, trio.open_nursery() as nursery:
-        fs.data.nursery = nursery
+        fs.workers.nursery = nursery
         node = await write_file(fs, b"f", old)
         assert await fs.read(node, 0, 2 * MiB) == old  # cached now
         for off in range(0, 2 * MiB, 64 << 10):
@@ -104,7 +104,7 @@ async def test_a_streaming_overwrite_of_a_cached_block_never_reads_back_the_old_
         assert not node.dirty_blocks and not node.flushing
         assert await fs.read(node, 0, 2 * MiB) == new
         nursery.cancel_scope.cancel()
-        fs.data.nursery = None
+        fs.workers.nursery = None
 
 
 async def test_random_small_writes_to_one_block_are_written_back_once(tmp_path: Path) -> None:

@@ -10,10 +10,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from sealfs.fs import core
-from sealfs.fs.core import Filesystem
-from sealfs.fs.data import FsError
-from sealfs.fs.inode import ENTRY_OVERHEAD, ROOT_INO
+from sealfs.fs import attributes, namespace, nodes
+from sealfs.fs.errors import FsError
+from sealfs.sealed.inode import ENTRY_OVERHEAD, ROOT_INO
 from tests.core.harness import open_fs
 
 
@@ -24,7 +23,7 @@ def _enospc(excinfo: pytest.ExceptionInfo[FsError]) -> None:
 def test_xattrs_stop_at_their_share_of_the_record(tmp_path: Path) -> None:
     """The real limit: 64 KiB values until 16 MiB, then ENOSPC; replacing one still works."""
     fs = open_fs(tmp_path / "b")
-    value = b"v" * core.XATTR_SIZE_MAX
+    value = b"v" * attributes.XATTR_SIZE_MAX
 
     async def main() -> int:
         await fs.load()
@@ -37,13 +36,13 @@ def test_xattrs_stop_at_their_share_of_the_record(tmp_path: Path) -> None:
                 n += 1
         _enospc(e)
         await fs.setxattr(node.ino, b"user.0", value[:-1] + b"w")  # same size: fits
-        assert len(node.to_record()) < core.XATTR_RECORD_MAX + (1 << 20)
+        assert len(node.to_record()) < attributes.XATTR_RECORD_MAX + (1 << 20)
         await fs.fsync(node)
         await fs.close()
         return n
 
     n = trio.run(main)
-    assert n == core.XATTR_RECORD_MAX // (6 + len(b"user.0") + core.XATTR_SIZE_MAX)
+    assert n == attributes.XATTR_RECORD_MAX // (6 + len(b"user.0") + attributes.XATTR_SIZE_MAX)
     again = open_fs(tmp_path / "b")
 
     async def reopen() -> None:
@@ -54,39 +53,53 @@ def test_xattrs_stop_at_their_share_of_the_record(tmp_path: Path) -> None:
     trio.run(reopen)
 
 
-async def test_a_directory_stops_at_the_record_limit(fs: Filesystem,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_directory_stops_at_the_record_limit(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """With the limit lowered to 4 KiB (the real one needs ~1 Mi long names): create, link and
     rename into the full directory are ENOSPC; removing an entry makes room again."""
-    monkeypatch.setattr(core, "DIR_ENTRIES_MAX", 4096)
+    monkeypatch.setattr(namespace, "DIR_ENTRIES_MAX", 4096)
+    fs = open_fs(tmp_path / "b")
     name = b"n" * 100
-    d = await fs.create(ROOT_INO, b"d", 0o040755, 0, 0)
-    other = await fs.create(ROOT_INO, b"other", 0o100644, 0, 0)
-    fs.remember(d)
-    fs.remember(other)
-    made = 0
-    with pytest.raises(FsError) as e:
-        while True:
-            await fs.create(d.ino, name + b"%03d" % made, 0o100644, 0, 0)
-            made += 1
-    _enospc(e)
-    assert made == 4096 // (ENTRY_OVERHEAD + len(name) + 3)
-    assert d.entries is not None and d.entries.record_bytes <= 4096
-    for attempt in (fs.link(other.ino, d.ino, b"x" * 103),
-                    fs.rename(ROOT_INO, b"other", d.ino, b"x" * 103)):
+
+    async def main() -> None:
+        await fs.load()
+        d = await fs.create(ROOT_INO, b"d", 0o040755, 0, 0)
+        other = await fs.create(ROOT_INO, b"other", 0o100644, 0, 0)
+        fs.remember(d)
+        fs.remember(other)
+        made = 0
         with pytest.raises(FsError) as e:
-            await attempt
+            while True:
+                await fs.create(d.ino, name + b"%03d" % made, 0o100644, 0, 0)
+                made += 1
         _enospc(e)
-    await fs.rename(d.ino, name + b"000", d.ino, name + b"001")  # replaces: no growth
-    await fs.unlink(d.ino, name + b"002", want_dir=False)
-    await fs.rename(ROOT_INO, b"other", d.ino, name + b"002")  # room again
+        assert made == 4096 // (ENTRY_OVERHEAD + len(name) + 3)
+        assert d.entries is not None and d.entries.record_bytes <= 4096
+        for attempt in (fs.link(other.ino, d.ino, b"x" * 103),
+                        fs.rename(ROOT_INO, b"other", d.ino, b"x" * 103)):
+            with pytest.raises(FsError) as e:
+                await attempt
+            _enospc(e)
+        await fs.rename(d.ino, name + b"000", d.ino, name + b"001")  # replaces: no growth
+        await fs.unlink(d.ino, name + b"002", want_dir=False)
+        await fs.rename(ROOT_INO, b"other", d.ino, name + b"002")  # room again
+        await fs.close()
+
+    trio.run(main)
 
 
-async def test_no_more_inodes_than_a_checkpoint_holds(fs: Filesystem,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(core, "MAX_INODES", 10)
-    with pytest.raises(FsError) as e:
-        for i in range(20):
-            fs.remember(await fs.create(ROOT_INO, b"f%d" % i, 0o100644, 0, 0))
-    _enospc(e)
-    assert len(fs.table) + len(fs._dirty_nodes) <= 10
+def test_no_more_inodes_than_a_checkpoint_holds(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(nodes, "MAX_INODES", 10)
+    fs = open_fs(tmp_path / "b")
+
+    async def main() -> None:
+        await fs.load()
+        with pytest.raises(FsError) as e:
+            for i in range(20):
+                fs.remember(await fs.create(ROOT_INO, b"f%d" % i, 0o100644, 0, 0))
+        _enospc(e)
+        assert len(fs.inodes.table) + len(fs.inodes.dirty) <= 10
+        await fs.close()
+
+    trio.run(main)

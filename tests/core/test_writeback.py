@@ -6,7 +6,7 @@ from pathlib import Path
 
 import trio
 
-from sealfs.fs.inode import ROOT_INO
+from sealfs.sealed.inode import ROOT_INO
 from tests.core.harness import open_fs
 
 
@@ -26,7 +26,7 @@ def test_deleting_a_file_while_it_is_written_back_does_not_stall_commits(
     async def main() -> None:
         await fs.load()
         async with trio.open_nursery() as nursery:
-            fs.data.nursery = nursery
+            fs.workers.nursery = nursery
             for i in range(50):
                 name = b"f%d" % i
                 node = await fs.create(ROOT_INO, name, 0o100644, 0, 0)
@@ -44,7 +44,7 @@ def test_deleting_a_file_while_it_is_written_back_does_not_stall_commits(
                 while len(synced) < 51:
                     await trio.sleep(0.01)
             nursery.cancel_scope.cancel()
-        fs.data.nursery = None
+        fs.workers.nursery = None
         await fs.close()
 
     trio.run(main)

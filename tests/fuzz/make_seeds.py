@@ -18,11 +18,11 @@ from pathlib import Path
 
 import lz4.block
 
-from sealfs import codec
 from sealfs.crypto import KdfParams, Secret
-from sealfs.fs.inode import Inode
 from sealfs.kms import protocol
 from sealfs.luks import profile as P
+from sealfs.sealed import codec
+from sealfs.sealed.inode import Inode
 from sealfs.volume.header import Header, KeyFileCredential, PassphraseCredential, Slot
 from tests.fuzz.targets import _DEFAULT_CP, KEY, KEYS, VOLUME_ID
 from tests.tdx_vectors import TDX_VECTORS

@@ -27,18 +27,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from sealfs import codec
 from sealfs.attest import dcap, quote, simulated
 from sealfs.attest.eventlog import identity_from_log, replay
 from sealfs.crypto import Secret, VolumeKeys
 from sealfs.errors import SealfsError
-from sealfs.fs.inode import Inode
 from sealfs.fs.metalog import MetaLog
 from sealfs.kms import protocol
 from sealfs.kms.service import KmsService
 from sealfs.kms.store import KmsStore
 from sealfs.luks import header as luks
 from sealfs.luks import profile as P
+from sealfs.sealed import codec
+from sealfs.sealed.inode import Inode
+from sealfs.sealed.objects import SealedObjects
 from sealfs.store import CHECKPOINT_NAME, ObjectStore, journal_name
 from sealfs.volume.header import Header, KeyFileCredential
 
@@ -146,7 +147,7 @@ def journal(data: bytes) -> None:
         scratch.write(_sealed_checkpoint(body), gen, b"".join(frames) + tail)
     else:
         scratch.write(rest, 1, b"")
-    MetaLog(scratch.store, KEYS).load()
+    MetaLog(scratch.store, SealedObjects(KEYS, BLOCK_SIZE)).load()
 
 
 # --- inode records and data blocks -----------------------------------------------------------

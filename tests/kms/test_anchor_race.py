@@ -64,7 +64,7 @@ async def live_and_crash(fs: Filesystem, client: KmsClient, life: int) -> None:
         while fs.metalog.seq == state.seq:  # commits are flowing
             await trio.sleep(0)
         for _ in range(ADVANCES_PER_LIFE):  # what anchor_loop does, without the pause
-            await fs._advance_anchor()
+            await fs.freshness.advance()
         nursery.cancel_scope.cancel()
     fs.metalog.close()  # the crash: no final commit, no final anchor
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from sealfs.codec import FRAME_HEADER
+from sealfs.sealed.codec import FRAME_HEADER
 from tests.backing import (
     JOURNAL_FILLER,
     Entry,

@@ -17,11 +17,13 @@ import pyfuse3
 import pytest
 import trio
 
+from sealfs.crypto import Secret
 from sealfs.fs.core import Filesystem
-from sealfs.fs.inode import ROOT_INO, Inode
+from sealfs.fs.lifecycle import unlock_volume
 from sealfs.fuse.ops import SealfsOperations
-from sealfs.volume.header import read_key_file
-from sealfs.volume.lifecycle import unlock_volume
+from sealfs.sealed.inode import ROOT_INO, Inode
+from sealfs.store import ObjectStore
+from sealfs.volume.header import Header, read_key_file
 from tests.backing import process_gone
 from tests.conftest import SEALFS, Volume, sealfs
 
@@ -192,14 +194,21 @@ def test_far_future_times_are_clamped_and_nothing_is_lost(mounted: Volume) -> No
 
 
 class ExplodingFilesystem(Filesystem):
-    """The real core, except that touching one inode hits a simulated bug."""
+    """The real core, except that touching one inode (loading it from the inode table, which
+    every part of the core goes through, or forgetting it) hits a simulated bug."""
 
     victim = -1
 
-    async def node(self, ino: int, hint: tuple[int, bytes] | None = None) -> Inode:
-        if ino == self.victim:
-            raise RuntimeError("simulated bug")
-        return await super().node(ino, hint)
+    def __init__(self, store: ObjectStore, header: Header, master: Secret) -> None:
+        super().__init__(store, header, master)
+        real_node = self.inodes.node
+
+        async def node(ino: int, hint: tuple[int, bytes] | None = None) -> Inode:
+            if ino == self.victim:
+                raise RuntimeError("simulated bug")
+            return await real_node(ino, hint)
+
+        self.inodes.node = node  # type: ignore[method-assign]
 
     def forget(self, ino: int, count: int) -> None:
         if ino == self.victim:
@@ -254,7 +263,7 @@ def test_every_handler_turns_unexpected_exceptions_into_eio(
             else:
                 wrong.append(f"{name}: no error")
         # forget has no reply: it must swallow and log
-        fs.nodes.clear()
+        fs.inodes.nodes.clear()
         await ops.forget([(ino, 1)])
         fs.victim = -1
         await fs.close()

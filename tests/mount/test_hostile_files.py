@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from sealfs.codec import MAX_FILE_BLOCKS
+from sealfs.sealed.codec import MAX_FILE_BLOCKS
 from sealfs.store import CHECKPOINT_NAME, HEADER_NAME, LOCK_NAME, journal_name
 from tests.backing import (
     PLANTED_KINDS,

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import trio
 
-from sealfs.codec import CODEC_KEYED, RECORD_OBJECT_MAX, inode_ad, journal_ad, split_frames
 from sealfs.crypto import AuthError, ObjectSealer, VolumeKeys
 from sealfs.fs.core import Filesystem
+from sealfs.fs.lifecycle import unlock_volume
+from sealfs.sealed.codec import CODEC_KEYED, RECORD_OBJECT_MAX, inode_ad, journal_ad, split_frames
 from sealfs.store import CHECKPOINT_NAME, HEADER_NAME, journal_name
 from sealfs.volume.header import read_key_file
-from sealfs.volume.lifecycle import unlock_volume
 from tests.backing import fold, fsync_path, layout, legacy_contents, legacy_volume, unmount
 from tests.conftest import Volume, sealfs
 

@@ -9,7 +9,6 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
-from sealfs.codec import inode_ad
 from sealfs.crypto import (
     AuthError,
     EphemeralKeyPair,
@@ -26,6 +25,7 @@ from sealfs.crypto import (
     wrap_key,
 )
 from sealfs.errors import UsageError
+from sealfs.sealed.codec import inode_ad
 
 
 def test_labels_are_unambiguous() -> None:

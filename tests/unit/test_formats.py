@@ -9,7 +9,17 @@ import stat
 import lz4.block
 import pytest
 
-from sealfs.codec import (
+from sealfs.crypto import (
+    SEAL_OVERHEAD,
+    AuthError,
+    ObjectSealer,
+    Sealer,
+    Secret,
+    VolumeKeys,
+    hkdf,
+)
+from sealfs.errors import FormatError, IntegrityError
+from sealfs.sealed.codec import (
     CHECKPOINT_MAGIC,
     CODEC_KEYED,
     CODEC_LZ4,
@@ -26,17 +36,7 @@ from sealfs.codec import (
     seal_checkpoint,
     split_frames,
 )
-from sealfs.crypto import (
-    SEAL_OVERHEAD,
-    AuthError,
-    ObjectSealer,
-    Sealer,
-    Secret,
-    VolumeKeys,
-    hkdf,
-)
-from sealfs.errors import FormatError, IntegrityError
-from sealfs.fs.inode import Entries, Inode, RecordError
+from sealfs.sealed.inode import Entries, Inode, RecordError
 from sealfs.volume.header import Header, KeyFileCredential, new_header
 
 

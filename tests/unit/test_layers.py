@@ -24,28 +24,20 @@ SEALFS = Path(__file__).resolve().parents[2] / "sealfs"
 LAYERS: dict[str, set[str]] = {
     "errors":      set(),
     "sealfs":      set(),
-    "strict": {"errors"},
+    "strict":      {"errors"},
     "crypto":      {"errors", "strict"},  # all cryptography; the only module that holds raw keys
     "store":       {"errors"},  # ciphertext objects in and out: no crypto, no keys
-    "codec":       {"errors", "crypto"},  # the sealed formats
+    "sealed":      {"errors", "crypto", "store"},  # the one sealed-object layer
     "attest":      {"errors", "sealfs", "strict", "crypto"},
     "kms":         {"errors", "sealfs", "strict", "crypto", "attest"},
-    "volume":      {"errors", "sealfs", "strict", "crypto", "store", "codec", "kms"},
-    "fs":          {"errors", "crypto", "store", "codec", "volume"},
-    "check":       {"errors", "crypto", "store", "codec", "volume", "fs"},
-    "fuse":        {"errors", "store", "volume", "fs"},
+    "volume":      {"errors", "sealfs", "strict", "crypto", "store", "sealed", "kms"},
+    "fs":          {"errors", "crypto", "store", "sealed", "volume"},
+    "check":       {"errors", "crypto", "store", "sealed", "volume", "fs"},
+    "fuse":        {"errors", "store", "sealed", "volume", "fs"},
     "luks":        {"errors", "sealfs", "strict", "crypto", "kms"},
-    "cli":         {"errors", "sealfs", "strict", "crypto", "store", "codec", "attest",
+    "cli":         {"errors", "sealfs", "strict", "crypto", "store", "sealed", "attest",
                     "kms", "volume", "fs", "check", "fuse", "luks"},
     "__main__":    {"cli"},
-}
-
-#: Imports that break the layers today, each with what removes it. Nothing may be added here.
-ALLOWED_VIOLATIONS: set[tuple[str, str]] = {
-    # removed by the fs/volume split (the anchor takes plain heads; volume creation moves to fs)
-    ("sealfs/volume/anchor.py", "sealfs.fs.metalog"),
-    ("sealfs/volume/lifecycle.py", "sealfs.fs.inode"),
-    ("sealfs/volume/lifecycle.py", "sealfs.fs.metalog"),
 }
 
 #: Who may import `cryptography`, and which parts of it. DCAP verifies Intel's public X.509
@@ -165,18 +157,12 @@ def test_the_readme_states_the_same_table() -> None:
 
 def test_imports_point_down() -> None:
     wrong = []
-    used = set()
     for imp in all_imports():
         ours, theirs = _own_component(imp.file), component(imp.target)
         if theirs is None or theirs == ours or theirs in LAYERS[ours]:
             continue
-        if (imp.file, imp.target) in ALLOWED_VIOLATIONS:
-            used.add((imp.file, imp.target))
-            continue
         wrong.append(f"{imp.file}:{imp.line}: {ours} must not import {imp.target}")
     assert not wrong, "upward or sideways imports:\n" + "\n".join(wrong)
-    assert used == ALLOWED_VIOLATIONS, \
-        f"allowed violations that are gone (drop them): {sorted(ALLOWED_VIOLATIONS - used)}"
 
 
 def test_only_crypto_uses_cryptography() -> None:

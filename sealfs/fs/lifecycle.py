@@ -1,4 +1,7 @@
-"""Creating and opening volumes: the steps around the header, the store and the metadata."""
+"""Creating and opening volumes: the steps around the header, the store and the metadata.
+
+Creation writes the root inode's record and the first checkpoint, so it stands with the
+filesystem core, above ``sealfs.volume`` (header, key slots, anchor), which knows no inodes."""
 
 from __future__ import annotations
 
@@ -7,11 +10,12 @@ import stat
 import time
 from pathlib import Path
 
-from sealfs.codec import inode_ad, new_object_id
 from sealfs.crypto import KdfParams, Secret
 from sealfs.errors import UsageError
-from sealfs.fs.inode import ROOT_INO, Inode
 from sealfs.fs.metalog import MetaLog
+from sealfs.sealed.codec import new_object_id
+from sealfs.sealed.inode import ROOT_INO, Inode
+from sealfs.sealed.objects import SealedObjects
 from sealfs.store import CHECKPOINT_NAME, HEADER_NAME, LOCK_NAME, OBJECTS_DIR, ObjectStore
 from sealfs.volume.header import Credential, Header, load_header, new_header
 
@@ -53,20 +57,25 @@ def create_volume(backing: Path, creds: list[tuple[Credential, KdfParams | None]
         for name in store.names():  # an interrupted earlier create
             if name.startswith("journal."):
                 store.remove_file(name)
-        keys = header.volume_keys(master)
+        objects = volume_objects(header, master)
         now = time.time_ns()
         root = Inode(ROOT_INO, stat.S_IFDIR | 0o755, os.getuid() if uid is None else uid,
                      os.getgid() if gid is None else gid, 2, 0, now, now, now, 0, ROOT_INO)
         oid = new_object_id()
-        store.put(oid, keys.inode(ROOT_INO).seal(root.to_record(),
-                                                 inode_ad(header.volume_id, ROOT_INO, oid)))
+        store.put(oid, objects.seal_record(ROOT_INO, oid, root.to_record()))
         store.sync()
-        MetaLog.initialize(store, keys, {ROOT_INO: oid}, ROOT_INO + 1)
+        MetaLog.initialize(store, objects, {ROOT_INO: oid}, ROOT_INO + 1)
         store.replace_file(HEADER_NAME, header.to_bytes())
     finally:
         store.unlock()
         store.close()
     return header
+
+
+def volume_objects(header: Header, master: Secret) -> SealedObjects:
+    """The sealed objects of the volume ``header`` describes, under its unlocked master."""
+    return SealedObjects(header.volume_keys(master), header.block_size,
+                         header.compression == "lz4")
 
 
 def unlock_volume(backing: Path, cred: Credential) -> tuple[ObjectStore, Header, Secret]:

@@ -4,6 +4,11 @@ An inode record is what gets sealed into one object of the store; its exact byte
 specified in docs/format.md ("Inode record"). The record holds everything about the inode:
 attributes, xattrs, and, by type, the block map (file), the entries (directory) or the target
 (symlink). Directory entry names and xattrs are therefore encrypted with the record.
+
+The class lives in the sealed-object layer because its record is a sealed format
+(:meth:`sealfs.sealed.objects.SealedObjects.open_record` returns one); the runtime fields it
+also carries (caches, locks, reference counts) belong to the filesystem core and are never
+stored.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from sealfs.errors import IntegrityError
 if TYPE_CHECKING:
     import trio
 
-RECORD_VERSION = 2  # 2 added inline data; version 1 records are still read
+INODE_RECORD_VERSION = 2  # 2 added inline data; version 1 records are still read
 ROOT_INO = 1
 #: Bytes a directory entry adds to its directory's record besides its name (u16 + u64).
 ENTRY_OVERHEAD = 10
@@ -162,7 +167,7 @@ class Inode:
     # --- record format -------------------------------------------------------------------
 
     def to_record(self) -> bytes:
-        out = [_ATTRS.pack(RECORD_VERSION, self.mode, self.uid, self.gid, self.nlink,
+        out = [_ATTRS.pack(INODE_RECORD_VERSION, self.mode, self.uid, self.gid, self.nlink,
                            self.size, self.atime_ns, self.mtime_ns, self.ctime_ns, self.rdev,
                            self.parent),
                _U32.pack(len(self.xattrs))]
@@ -192,7 +197,7 @@ class Inode:
     def _parse(cls, ino: int, buf: memoryview) -> Inode:
         (version, mode, uid, gid, nlink, size, atime, mtime, ctime, rdev,
          parent) = _ATTRS.unpack_from(buf, 0)
-        if version not in (1, RECORD_VERSION):
+        if version not in (1, INODE_RECORD_VERSION):
             raise RecordError(f"inode record version {version} is not supported")
         node = cls(ino, mode, uid, gid, nlink, size, atime, mtime, ctime, rdev, parent)
         pos = _ATTRS.size

@@ -5,7 +5,9 @@ inode, the block index and the object's own id. An object moved to another name,
 another position or another volume therefore fails authentication, and the metadata's record
 of which object id is current makes an older copy of the same block or record fail too.
 
-Pure functions of their inputs; safe to call from worker threads.
+Pure functions of their inputs (byte layouts, associated data, compress + seal); safe to call
+from worker threads. Callers go through :class:`sealfs.sealed.objects.SealedObjects`, which picks
+the key and the identity of each object.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ CHECKPOINT_MAGIC = b"SFCK"
 #: 2: sealed with a key per message, and keeps the heads back to the last anchored commit;
 #: 1 (format-1 volumes: the journal key, no chain of heads) is still read.
 CHECKPOINT_VERSION = 2
-RECORD_VERSION = 2  # 2 carries inode record objects in the frame; 1 is still read
+COMMIT_RECORD_VERSION = 2  # 2 carries inode record objects in the frame; 1 is still read
 
 _FRAME_HEAD = struct.Struct(">II")  # length, crc32 of the length
 FRAME_HEADER = _FRAME_HEAD.size
@@ -153,7 +155,8 @@ class Commit:
     carried: dict[int, tuple[int, bytes]] = field(default_factory=dict)
 
     def encode(self) -> bytes:
-        out = [_REC_HEAD.pack(RECORD_VERSION, self.seq, self.next_ino, 0, len(self.updates))]
+        out = [_REC_HEAD.pack(COMMIT_RECORD_VERSION, self.seq, self.next_ino, 0,
+                              len(self.updates))]
         out += [_PAIR.pack(ino, oid) for ino, oid in self.updates.items()]
         out.append(_U32.pack(len(self.deletes)))
         out += [_U64.pack(ino) for ino in self.deletes]
@@ -166,7 +169,7 @@ class Commit:
     def decode(cls, data: bytes) -> Commit:
         try:
             version, seq, next_ino, _, n = _REC_HEAD.unpack_from(data, 0)
-            if version not in (1, RECORD_VERSION):
+            if version not in (1, COMMIT_RECORD_VERSION):
                 raise CodecError(f"commit record version {version} is not supported")
             pos = _REC_HEAD.size
             updates, carried = {}, {}
