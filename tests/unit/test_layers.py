@@ -97,7 +97,7 @@ def _is_module(dotted: str) -> bool:
 
 def imports(path: Path) -> Iterator[Import]:
     """Every import in ``path`` (lazy and TYPE_CHECKING ones too: they are arrows as well),
-    resolved to the modules it names: ``from sealfs import strict_json`` is that module,
+    resolved to the modules it names: ``from sealfs import strict`` is that module,
     ``from sealfs.errors import UsageError`` is ``sealfs.errors``."""
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
