@@ -29,9 +29,11 @@ $(VENV)/.stamp: pyproject.toml tools/install-pyfuse3.sh
 run: setup
 	$(VENV)/bin/sealfs demo
 
-# The static checks: lint, and the types (mypy; its settings are in pyproject.toml).
+# The static checks: lint, the formatter's verdict (`ruff format sealfs tests tools` fixes it),
+# and the types (mypy; its settings are in pyproject.toml).
 lint: setup
 	$(PY) -m ruff check sealfs tests tools
+	$(PY) -m ruff format --check sealfs tests tools
 	$(PY) -m mypy
 
 # The whole suite: real FUSE mounts, cryptsetup, a KMS on 127.0.0.1 (needs root).

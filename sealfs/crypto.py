@@ -107,8 +107,9 @@ def label(*parts: bytes | str | int) -> bytes:
     return b"".join(out)
 
 
-def hkdf(key: Secret, *parts: bytes | str | int, salt: bytes | None = None,
-         length: int = KEY_SIZE) -> Secret:
+def hkdf(
+    key: Secret, *parts: bytes | str | int, salt: bytes | None = None, length: int = KEY_SIZE
+) -> Secret:
     """Derive a subkey of ``key`` for the purpose named by ``parts``."""
     kdf = HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=label(*parts))
     return Secret(kdf.derive(key.reveal()))
@@ -214,6 +215,7 @@ class ObjectSealer:
 
 # --- passphrase KDFs -------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class KdfParams:
     """Parameters of a passphrase KDF, stored in the clear next to the slot they protect."""
@@ -225,8 +227,13 @@ class KdfParams:
     lanes: int  # argon2id parallelism; scrypt p
 
     def to_dict(self) -> dict[str, object]:
-        return {"name": self.name, "salt": self.salt.hex(), "memory_kib": self.memory_kib,
-                "iterations": self.iterations, "lanes": self.lanes}
+        return {
+            "name": self.name,
+            "salt": self.salt.hex(),
+            "memory_kib": self.memory_kib,
+            "iterations": self.iterations,
+            "lanes": self.lanes,
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, object]) -> KdfParams:
@@ -234,8 +241,7 @@ class KdfParams:
             costs = {k: d[k] for k in ("memory_kib", "iterations", "lanes")}
             if any(type(v) is not int for v in costs.values()):  # 1e400, "8", true: refused
                 raise ValueError("costs must be integers")
-            params = cls(name=str(d["name"]), salt=strict.hex_bytes(d["salt"]),
-                         **costs)  # type: ignore[arg-type]
+            params = cls(name=str(d["name"]), salt=strict.hex_bytes(d["salt"]), **costs)  # type: ignore[arg-type]
         except (KeyError, TypeError, ValueError) as e:
             raise UsageError(f"malformed KDF parameters: {e}") from None
         params.validate()
@@ -254,8 +260,9 @@ class KdfParams:
             raise UsageError("KDF salt too short")
 
     @classmethod
-    def default(cls, name: str = "argon2id", memory_kib: int = 65536,
-                iterations: int = 3, lanes: int = 4) -> KdfParams:
+    def default(
+        cls, name: str = "argon2id", memory_kib: int = 65536, iterations: int = 3, lanes: int = 4
+    ) -> KdfParams:
         params = cls(name, os.urandom(16), memory_kib, iterations, lanes)
         params.validate()
         return params
@@ -267,8 +274,13 @@ def derive_from_passphrase(passphrase: Secret, params: KdfParams) -> Secret:
     if params.name == "argon2id":
         from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 
-        argon = Argon2id(salt=params.salt, length=KEY_SIZE, iterations=params.iterations,
-                         lanes=params.lanes, memory_cost=params.memory_kib)
+        argon = Argon2id(
+            salt=params.salt,
+            length=KEY_SIZE,
+            iterations=params.iterations,
+            lanes=params.lanes,
+            memory_cost=params.memory_kib,
+        )
         return Secret(argon.derive(passphrase.reveal()))
     r = 8
     n = max(2, params.memory_kib * 1024 // (128 * r))
@@ -278,6 +290,7 @@ def derive_from_passphrase(passphrase: Secret, params: KdfParams) -> Secret:
 
 
 # --- key wrapping ----------------------------------------------------------------------------
+
 
 def wrap_key(kek: Secret, key: Secret, ad: bytes) -> bytes:
     """Encrypt ``key`` under ``kek``; ``ad`` binds the wrap to its slot and volume."""
@@ -289,6 +302,7 @@ def unwrap_key(kek: Secret, wrapped: bytes, ad: bytes) -> Secret:
 
 
 # --- sealing to a public key (KMS key release) -----------------------------------------------
+
 
 class EphemeralKeyPair:
     """An X25519 key pair that lives only in memory for one key-release exchange."""
@@ -304,7 +318,8 @@ class EphemeralKeyPair:
     @property
     def public_bytes(self) -> bytes:
         return self._private.public_key().public_bytes(
-            serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
 
     def open_sealed(self, enc: bytes, ciphertext: bytes, info: bytes) -> Secret:
         """Open what :func:`seal_to_public` sealed to this key pair's public key."""
@@ -327,8 +342,7 @@ def seal_to_public(recipient_public: bytes, secret: Secret, info: bytes) -> tupl
     except ValueError:
         raise UsageError("recipient public key is not a valid X25519 key") from None
     eph = X25519PrivateKey.generate()
-    enc = eph.public_key().public_bytes(serialization.Encoding.Raw,
-                                        serialization.PublicFormat.Raw)
+    enc = eph.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     shared = eph.exchange(peer)
     key = _hpke_key(shared, enc, recipient_public, info)
     return enc, Sealer(key).seal(secret.reveal(), info)
@@ -342,6 +356,7 @@ def _hpke_key(shared: bytes, enc: bytes, recipient_public: bytes, info: bytes) -
 
 # --- the volume key hierarchy ----------------------------------------------------------------
 
+
 class VolumeKeys:
     """Subkeys of one volume's master key, derived once per mount.
 
@@ -354,13 +369,15 @@ class VolumeKeys:
     ``HKDF("journal")`` and ``HKDF("object") -> HKDF("inode", ino)``, to open older objects.
     """
 
-    def __init__(self, master: Secret, volume_id: bytes, legacy: bool = False,
-                 cache_size: int = 4096) -> None:
+    def __init__(
+        self, master: Secret, volume_id: bytes, legacy: bool = False, cache_size: int = 4096
+    ) -> None:
         self.volume_id = volume_id
         self._header_key = hkdf(master, "header", volume_id)
         self.journal = ObjectSealer(
             hkdf(master, "journal-base", volume_id),
-            Sealer(hkdf(master, "journal", volume_id)) if legacy else None)
+            Sealer(hkdf(master, "journal", volume_id)) if legacy else None,
+        )
         self._object_key = hkdf(master, "object", volume_id)
         self._legacy = legacy
         self._inode_sealers: OrderedDict[int, ObjectSealer] = OrderedDict()
@@ -385,7 +402,8 @@ class VolumeKeys:
                 return sealer
         sealer = ObjectSealer(
             hkdf(self._object_key, "inode-base", ino),
-            Sealer(hkdf(self._object_key, "inode", ino)) if self._legacy else None)
+            Sealer(hkdf(self._object_key, "inode", ino)) if self._legacy else None,
+        )
         with self._inode_lock:
             self._inode_sealers[ino] = sealer
             self._inode_sealers.move_to_end(ino)
@@ -397,6 +415,7 @@ class VolumeKeys:
 # --- signatures (KMS response signing, simulated quotes) -------------------------------------
 # Added for the KMS: Ed25519 only. The KMS identity key is derived from the KMS root key, so
 # every replica sharing the root signs with the same key and clients can pin one public key.
+
 
 class SigningKey:
     """An Ed25519 private key held in memory; its repr never shows key material."""
@@ -417,7 +436,8 @@ class SigningKey:
     def public_bytes(self) -> bytes:
         """The 32-byte raw public key."""
         return self._private.public_key().public_bytes(
-            serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
 
     def sign(self, message: bytes) -> bytes:
         """A 64-byte Ed25519 signature over ``message``."""

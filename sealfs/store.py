@@ -72,8 +72,10 @@ def _kind_error(what: str, e: OSError) -> SealfsError:
     ``EEXIST`` (after an unlink: a race) from an O_NOFOLLOW / O_DIRECTORY / O_EXCL open mean
     that something other than sealfs's own file sits at that name; anything else is I/O."""
     if e.errno in (errno.ELOOP, errno.ENOTDIR, errno.EISDIR, errno.ENXIO, errno.EEXIST):
-        return DamagedFile(f"{what} is not a regular file or directory (a symbolic link or "
-                           "special file was planted in the backing directory)")
+        return DamagedFile(
+            f"{what} is not a regular file or directory (a symbolic link or "
+            "special file was planted in the backing directory)"
+        )
     if e.errno == errno.ENOENT:
         return MissingObject(f"{what} is missing")
     return _storage_error(f"cannot open {what}", e)
@@ -82,8 +84,9 @@ def _kind_error(what: str, e: OSError) -> SealfsError:
 def _check_regular(fd: int, what: str) -> os.stat_result:
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
-        raise DamagedFile(f"{what} is not a regular file (a special file was planted in the "
-                          "backing directory)")
+        raise DamagedFile(
+            f"{what} is not a regular file (a special file was planted in the backing directory)"
+        )
     return st
 
 
@@ -93,8 +96,7 @@ def read_bounded(fd: int, what: str, limit: int) -> bytes:
     that grows after the fstat is read no further than ``limit + 1`` bytes."""
     st = _check_regular(fd, what)
     if st.st_size > limit:
-        raise DamagedFile(f"{what} is {st.st_size} bytes, more than the {limit} the format "
-                          "allows")
+        raise DamagedFile(f"{what} is {st.st_size} bytes, more than the {limit} the format allows")
     parts: list[bytes] = []
     total = 0
     while True:
@@ -110,7 +112,7 @@ def read_bounded(fd: int, what: str, limit: int) -> bytes:
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view):]
+        view = view[os.write(fd, view) :]
 
 
 class ObjectStore:
@@ -147,8 +149,7 @@ class ObjectStore:
             try:
                 fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             except OSError as e:
-                raise _storage_error(f"cannot open the backing directory {self.root}",
-                                     e) from None
+                raise _storage_error(f"cannot open the backing directory {self.root}", e) from None
             fd = self._keep("", fd)
         return fd
 
@@ -162,8 +163,9 @@ class ObjectStore:
     def _objects_fd(self, create: bool = False) -> int:
         fd = self._dirs.get(OBJECTS_DIR)
         if fd is None:
-            fd = self._keep(OBJECTS_DIR, _open_dir(self.root_fd(), OBJECTS_DIR, create,
-                                                   OBJECTS_DIR))
+            fd = self._keep(
+                OBJECTS_DIR, _open_dir(self.root_fd(), OBJECTS_DIR, create, OBJECTS_DIR)
+            )
         return fd
 
     @contextlib.contextmanager
@@ -191,8 +193,12 @@ class ObjectStore:
     def lock(self, shared: bool = False) -> None:
         """Take the volume lock, or fail with BusyError if another process holds it."""
         try:
-            fd = os.open(LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK |
-                         os.O_CLOEXEC, 0o600, dir_fd=self.root_fd())
+            fd = os.open(
+                LOCK_NAME,
+                os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                0o600,
+                dir_fd=self.root_fd(),
+            )
         except OSError as e:
             raise _kind_error(f"lock file {self.root / LOCK_NAME}", e) from None
         try:
@@ -200,8 +206,9 @@ class ObjectStore:
             fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise BusyError(f"volume {self.root} is in use (mounted or being checked by "
-                            "another process)") from None
+            raise BusyError(
+                f"volume {self.root} is in use (mounted or being checked by another process)"
+            ) from None
         except BaseException:
             os.close(fd)
             raise
@@ -332,8 +339,9 @@ class ObjectStore:
 
     def names(self, dirs: bool = True) -> list[str]:
         """The names in the backing directory (without ``dirs``: but real directories)."""
-        return sorted(e.name for e in _entries(self.root_fd())
-                      if dirs or not e.is_dir(follow_symlinks=False))
+        return sorted(
+            e.name for e in _entries(self.root_fd()) if dirs or not e.is_dir(follow_symlinks=False)
+        )
 
     def read_file(self, name: str, limit: int) -> bytes:
         """The file ``name`` of the backing directory, at most ``limit`` bytes (see
@@ -465,8 +473,11 @@ class JournalFile:
     def open_for_append(self, valid_length: int) -> None:
         """Open for appending, cutting off a torn tail beyond ``valid_length``."""
         try:
-            fd = os.open(self.name, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
-                         dir_fd=self.store.root_fd())
+            fd = os.open(
+                self.name,
+                os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                dir_fd=self.store.root_fd(),
+            )
         except OSError as e:
             raise _kind_error(self.name, e) from None
         try:
@@ -488,8 +499,10 @@ class JournalFile:
         a reader accepts (ENOSPC until a checkpoint starts a new one)."""
         assert self._fd is not None
         if self.length + len(frame) > JOURNAL_MAX:
-            err = StorageError(f"cannot append to journal: it would exceed {JOURNAL_MAX} bytes "
-                               "(the most a reader accepts) before the next checkpoint")
+            err = StorageError(
+                f"cannot append to journal: it would exceed {JOURNAL_MAX} bytes "
+                "(the most a reader accepts) before the next checkpoint"
+            )
             err.errno = errno.ENOSPC  # type: ignore[attr-defined]
             raise err
         try:

@@ -83,8 +83,13 @@ def hex_bytes(value: Any, min_len: int = 0, max_len: int | None = None) -> bytes
     if not isinstance(value, str):
         raise ValueError("must be a string of hex digit pairs")
     if len(value) < 2 * min_len or max_len is not None and len(value) > 2 * max_len:
-        size = (f"at least {min_len}" if max_len is None else
-                f"{min_len}" if min_len == max_len else f"{min_len}-{max_len}")
+        size = (
+            f"at least {min_len}"
+            if max_len is None
+            else f"{min_len}"
+            if min_len == max_len
+            else f"{min_len}-{max_len}"
+        )
         raise ValueError(f"must be {size} bytes")
     if not _HEX.fullmatch(value):
         raise ValueError("must be a string of hex digit pairs")
@@ -108,8 +113,10 @@ def read_secret_file(path: str | os.PathLike[str], what: str, max_bytes: int) ->
         if not stat.S_ISREG(st.st_mode):
             raise UsageError(f"{what} {path} is not a regular file")
         if st.st_mode & 0o077:
-            raise UsageError(f"{what} {path} is accessible by group or others (mode "
-                             f"{stat.S_IMODE(st.st_mode):04o}); run: chmod 600 {path}")
+            raise UsageError(
+                f"{what} {path} is accessible by group or others (mode "
+                f"{stat.S_IMODE(st.st_mode):04o}); run: chmod 600 {path}"
+            )
         if st.st_uid not in (0, os.geteuid()):
             raise UsageError(f"{what} {path} is owned by another user")
         chunks: list[bytes] = []

@@ -89,9 +89,15 @@ def layout(backing: Path, key: Path) -> Layout:
 
     def entry(path: str, node) -> Entry:  # type: ignore[no-untyped-def]
         oid = fs.inodes.table[node.ino]
-        return Entry(path, node.ino, _kind(node), store.object_path(oid), oid,
-                     {i: store.object_path(o) for i, o in node.blocks.items()},
-                     dict(node.blocks))
+        return Entry(
+            path,
+            node.ino,
+            _kind(node),
+            store.object_path(oid),
+            oid,
+            {i: store.object_path(o) for i, o in node.blocks.items()},
+            dict(node.blocks),
+        )
 
     async def walk() -> tuple[dict[str, Entry], int, int]:
         state = await fs.load(writable=False)
@@ -151,8 +157,9 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def committed_version(vol: Volume, path: str, data: bytes
-                      ) -> tuple[dict[str, bytes], dict[str, Path]]:
+def committed_version(
+    vol: Volume, path: str, data: bytes
+) -> tuple[dict[str, bytes], dict[str, Path]]:
     """Write ``data`` to ``path`` on the unmounted ``vol``, commit it and fold the volume,
     and return the bytes and backing files of its record and blocks ("record" / block index):
     a version an attacker can put back after the file has changed."""
@@ -231,9 +238,11 @@ LEGACY_FIXTURE = Path(__file__).parent / "data" / "legacy-v1"
 def legacy_contents() -> dict[str, bytes]:
     """The files of tests/data/legacy-v1 (a volume written by format-1 sealfs), by path."""
     incompressible = b"".join(hashlib.sha256(b"legacy%d" % i).digest() for i in range(400))
-    return {"/small.txt": make_content("small", 100),
-            "/dir/carried.bin": make_content("carried", 10000),
-            "/dir/files.bin": incompressible[:12800] + make_content("files", 9000)}
+    return {
+        "/small.txt": make_content("small", 100),
+        "/dir/carried.bin": make_content("carried", 10000),
+        "/dir/files.bin": incompressible[:12800] + make_content("files", 9000),
+    }
 
 
 def legacy_volume(tmp_path: Path) -> Volume:
@@ -248,6 +257,7 @@ def legacy_volume(tmp_path: Path) -> Volume:
 
 
 # --- tampering primitives ----------------------------------------------------------------------
+
 
 def flip_bit(path: Path, offset: int | None = None, bit: int = 0) -> None:
     """Flip one bit of ``path`` (default: a byte in the middle), keeping its size and mtime
@@ -285,6 +295,7 @@ def object_store(backing: Path) -> ObjectStore:
 
 
 # --- mounts ----------------------------------------------------------------------------------
+
 
 def is_mounted(mnt: Path) -> bool:
     """From /proc/self/mountinfo. os.path.ismount() says False when stat of the mount root

@@ -23,14 +23,22 @@ REPO = Path(__file__).resolve().parents[1]
 SEALFS = [sys.executable, "-m", "sealfs"]
 
 
-def sealfs(*args: str, check: bool = True, input: bytes | None = None,
-           timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def sealfs(
+    *args: str, check: bool = True, input: bytes | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
     """Run the real command line; returns the completed process (text output)."""
-    res = subprocess.run([*SEALFS, *args], input=input.decode() if input else None,
-                         capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    res = subprocess.run(
+        [*SEALFS, *args],
+        input=input.decode() if input else None,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )
     if check and res.returncode != 0:
-        raise AssertionError(f"sealfs {' '.join(args)} failed ({res.returncode}): "
-                             f"{res.stderr.strip()}")
+        raise AssertionError(
+            f"sealfs {' '.join(args)} failed ({res.returncode}): {res.stderr.strip()}"
+        )
     return res
 
 
@@ -61,10 +69,15 @@ def sealfs_measured(*args: str, timeout: float = 120) -> Measured:
     A command still running after ``timeout`` (hung on a FIFO, say) is killed and fails."""
     with tempfile.TemporaryDirectory() as tmp:
         rss = Path(tmp) / "maxrss"
-        proc = subprocess.Popen([sys.executable, "-c", _MEASURE, str(rss), *SEALFS, *args],
-                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, cwd=REPO,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _MEASURE, str(rss), *SEALFS, *args],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+            start_new_session=True,
+        )
         try:
             out, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -82,8 +95,16 @@ class Volume:
     log: Path
 
     def mount(self, *extra: str) -> Path:
-        sealfs("mount", str(self.backing), str(self.mnt), "--key-file", str(self.key),
-               "--log-file", str(self.log), *extra)
+        sealfs(
+            "mount",
+            str(self.backing),
+            str(self.mnt),
+            "--key-file",
+            str(self.key),
+            "--log-file",
+            str(self.log),
+            *extra,
+        )
         return self.mnt
 
     def umount(self) -> None:

@@ -39,10 +39,14 @@ class ConfigfsTsmAttester:
 
     kind = "tdx"
 
-    def __init__(self, root: str | os.PathLike[str] = DEFAULT_ROOT, *,
-                 event_log_path: str | os.PathLike[str] = DEFAULT_RUNTIME_LOG,
-                 collateral_path: str | os.PathLike[str] | None = None,
-                 attribute_wait_s: float = 2.0) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike[str] = DEFAULT_ROOT,
+        *,
+        event_log_path: str | os.PathLike[str] = DEFAULT_RUNTIME_LOG,
+        collateral_path: str | os.PathLike[str] | None = None,
+        attribute_wait_s: float = 2.0,
+    ) -> None:
         self.root = Path(root)
         self.event_log_path = Path(event_log_path)
         self.collateral_path = Path(collateral_path) if collateral_path else None
@@ -56,8 +60,10 @@ class ConfigfsTsmAttester:
         if len(report_data) != REPORT_DATA_SIZE:
             raise ValueError("report_data is 64 bytes")
         if not self.root.is_dir():
-            raise AttestationError(f"configfs-tsm not available at {self.root} "
-                                   "(not a TDX guest, or configfs not mounted)")
+            raise AttestationError(
+                f"configfs-tsm not available at {self.root} "
+                "(not a TDX guest, or configfs not mounted)"
+            )
         entry = self.root / f"sealfs-{os.getpid()}-{secrets.token_hex(8)}"
         try:
             entry.mkdir(mode=0o700)
@@ -108,8 +114,9 @@ class ConfigfsTsmAttester:
                 if e.errno in (errno.EBUSY, errno.EAGAIN) and time.monotonic() < deadline:
                     time.sleep(0.005)
                     continue
-                raise AttestationError(f"configfs-tsm read of {path.name} failed: "
-                                       f"{e.strerror}") from None
+                raise AttestationError(
+                    f"configfs-tsm read of {path.name} failed: {e.strerror}"
+                ) from None
 
     def _generation(self, entry: Path) -> int:
         raw = self._read_attr(entry / "generation").strip()
@@ -132,7 +139,7 @@ class ConfigfsTsmAttester:
         if self.collateral_path is None:
             return None
         try:
-            raw = self.collateral_path.read_bytes()[:MAX_COLLATERAL_SIZE + 1]
+            raw = self.collateral_path.read_bytes()[: MAX_COLLATERAL_SIZE + 1]
             if len(raw) > MAX_COLLATERAL_SIZE:
                 raise AttestationError("collateral file too large")
             value = strict.loads(raw)

@@ -138,8 +138,13 @@ class Collateral:
     qe_identity_signature: bytes
 
 
-_TEXT_FIELDS = ("pck_crl_issuer_chain", "tcb_info_issuer_chain", "tcb_info",
-                "qe_identity_issuer_chain", "qe_identity")
+_TEXT_FIELDS = (
+    "pck_crl_issuer_chain",
+    "tcb_info_issuer_chain",
+    "tcb_info",
+    "qe_identity_issuer_chain",
+    "qe_identity",
+)
 _HEX_FIELDS = ("root_ca_crl", "pck_crl", "tcb_info_signature", "qe_identity_signature")
 
 
@@ -277,8 +282,9 @@ def parse_tcb_info(text: str) -> TcbInfo:
     levels = [_parse_tcb_level(_Doc(v, "TCB info tcbLevels[]")) for v in doc.items("tcbLevels")]
     if not levels:
         raise CollateralFormatError("TCB info has no tcbLevels")
-    _require_best_first([(lv.sgx_components, lv.pce_svn, lv.tdx_components) for lv in levels],
-                        "TCB info")
+    _require_best_first(
+        [(lv.sgx_components, lv.pce_svn, lv.tdx_components) for lv in levels], "TCB info"
+    )
     identities = []
     for item in doc.items("tdxModuleIdentities", optional=True):
         entry = _Doc(item, "TCB info tdxModuleIdentities[]")
@@ -878,14 +884,18 @@ class VerificationReport:
             },
             "measurements": quote.report.measurements(),
             "checks": [asdict(c) for c in self.checks],
-            "platform": None if self.pck is None else {
+            "platform": None
+            if self.pck is None
+            else {
                 "fmspc": self.pck.fmspc.hex().upper(),
                 "pce_id": self.pck.pce_id.hex().upper(),
                 "pce_svn": self.pck.pce_svn,
                 "cpu_svn": self.pck.cpu_svn.hex(),
                 "sgx_tcb_components": list(self.pck.sgx_components),
             },
-            "tcb": None if tcb is None else {
+            "tcb": None
+            if tcb is None
+            else {
                 "status": tcb.status,
                 "platform_status": tcb.platform_status,
                 "tdx_module": tcb.module_id,
@@ -961,7 +971,8 @@ class _Run:
                 ) from None
         for cert in certs:
             self.within(
-                cert.not_valid_before_utc, cert.not_valid_after_utc,
+                cert.not_valid_before_utc,
+                cert.not_valid_after_utc,
                 f"{what} certificate {_common_name(cert)!r}",
             )
 
@@ -1085,8 +1096,9 @@ def _signed_document(run: _Run, chain_pem: str, body: str, signature: bytes, wha
 
 def _check_tcb_info_signature(run: _Run) -> str:
     c = run.coll
-    return _signed_document(run, c.tcb_info_issuer_chain, c.tcb_info, c.tcb_info_signature,
-                            "TCB info")
+    return _signed_document(
+        run, c.tcb_info_issuer_chain, c.tcb_info, c.tcb_info_signature, "TCB info"
+    )
 
 
 def _check_tcb_info(run: _Run) -> str:
@@ -1109,8 +1121,9 @@ def _check_tcb_info(run: _Run) -> str:
 
 def _check_qe_identity_signature(run: _Run) -> str:
     c = run.coll
-    return _signed_document(run, c.qe_identity_issuer_chain, c.qe_identity,
-                            c.qe_identity_signature, "QE identity")
+    return _signed_document(
+        run, c.qe_identity_issuer_chain, c.qe_identity, c.qe_identity_signature, "QE identity"
+    )
 
 
 def _check_qe_identity(run: _Run) -> str:
@@ -1159,8 +1172,11 @@ _COLLATERAL_CHECKS: tuple[tuple[str, tuple[str, ...], _CheckFn], ...] = (
     ("tcb_info_signature", ("root_ca_crl",), _check_tcb_info_signature),
     ("tcb_info", ("tcb_info_signature", "pck_chain"), _check_tcb_info),
     ("qe_identity_signature", ("root_ca_crl",), _check_qe_identity_signature),
-    ("qe_identity", ("qe_identity_signature", "qe_report_signature", "qe_report_binding"),
-     _check_qe_identity),
+    (
+        "qe_identity",
+        ("qe_identity_signature", "qe_report_signature", "qe_report_binding"),
+        _check_qe_identity,
+    ),
     ("tdx_module", ("tcb_info", "quote_signature"), _check_tdx_module),
 )
 

@@ -53,8 +53,7 @@ IDENTITY_EVENTS = (EVENT_APP_ID, EVENT_COMPOSE_HASH, EVENT_INSTANCE_ID, EVENT_KE
 
 
 def _valid_name(name: str) -> bool:
-    return (0 < len(name) <= MAX_NAME_LEN
-            and all(0x21 <= ord(c) <= 0x7E and c != ":" for c in name))
+    return 0 < len(name) <= MAX_NAME_LEN and all(0x21 <= ord(c) <= 0x7E and c != ":" for c in name)
 
 
 @dataclass(frozen=True)
@@ -66,15 +65,21 @@ class RuntimeEvent:
 
     def __post_init__(self) -> None:
         if not _valid_name(self.name):
-            raise AttestationError("event log: event name must be 1-64 printable ASCII "
-                                   "characters without ':'")
+            raise AttestationError(
+                "event log: event name must be 1-64 printable ASCII characters without ':'"
+            )
         if len(self.payload) > MAX_PAYLOAD_LEN:
             raise AttestationError("event log: event payload too large")
 
     def digest(self) -> bytes:
         """The SHA-384 digest this event extends RTMR3 with (dstack v1 layout)."""
-        return hashlib.sha384(struct.pack("<I", RUNTIME_EVENT_TYPE) + b":"
-                              + self.name.encode("ascii") + b":" + self.payload).digest()
+        return hashlib.sha384(
+            struct.pack("<I", RUNTIME_EVENT_TYPE)
+            + b":"
+            + self.name.encode("ascii")
+            + b":"
+            + self.payload
+        ).digest()
 
     def to_wire(self) -> dict[str, str]:
         """The KMS-protocol form (payload as lowercase hex)."""
@@ -82,9 +87,10 @@ class RuntimeEvent:
 
     def to_json_line(self) -> str:
         """The on-disk runtime-log form (payload as base64, like dstack)."""
-        return json.dumps({"event": self.name,
-                           "payload": base64.b64encode(self.payload).decode("ascii")},
-                          separators=(",", ":"))
+        return json.dumps(
+            {"event": self.name, "payload": base64.b64encode(self.payload).decode("ascii")},
+            separators=(",", ":"),
+        )
 
 
 def extend(rtmr: bytes, digest: bytes) -> bytes:
@@ -185,6 +191,9 @@ def identity_from_log(events: Sequence[RuntimeEvent]) -> AppIdentity:
         raise AttestationError("event log: app id must be 1-64 bytes")
     if len(found[EVENT_COMPOSE_HASH]) != 32:
         raise AttestationError("event log: compose hash must be 32 bytes (SHA-256)")
-    return AppIdentity(app_id=app_id, compose_hash=found[EVENT_COMPOSE_HASH],
-                       instance_id=found.get(EVENT_INSTANCE_ID),
-                       key_provider=found.get(EVENT_KEY_PROVIDER))
+    return AppIdentity(
+        app_id=app_id,
+        compose_hash=found[EVENT_COMPOSE_HASH],
+        instance_id=found.get(EVENT_INSTANCE_ID),
+        key_provider=found.get(EVENT_KEY_PROVIDER),
+    )

@@ -359,6 +359,13 @@ def _parse_enclave_report(raw: bytes) -> EnclaveReport:
     report_data = r.take(64, "REPORTDATA")
     r.expect_end()
     return EnclaveReport(
-        raw, cpu_svn, misc_select, attributes, mr_enclave, mr_signer, isv_prod_id, isv_svn,
+        raw,
+        cpu_svn,
+        misc_select,
+        attributes,
+        mr_enclave,
+        mr_signer,
+        isv_prod_id,
+        isv_svn,
         report_data,
     )

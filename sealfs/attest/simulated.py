@@ -93,15 +93,16 @@ def _collateral_message(tcb_status: str, not_before: int, not_after: int) -> byt
     return label("simulated-collateral", tcb_status, not_before, not_after)
 
 
-def verify_quote(quote: bytes, collateral: Any, now: float,
-                 trusted_keys: Sequence[bytes] = (DEV_PUBLIC_KEY,)) -> SimulatedReport:
+def verify_quote(
+    quote: bytes, collateral: Any, now: float, trusted_keys: Sequence[bytes] = (DEV_PUBLIC_KEY,)
+) -> SimulatedReport:
     """Verify a simulated quote and its collateral at time ``now`` (Unix seconds).
 
     Raises AttestationError with a one-line reason on any failure.
     """
     if len(quote) != QUOTE_SIZE:
         raise AttestationError("simulated quote has the wrong length")
-    body, sig = quote[:_BODY.size], quote[_BODY.size:]
+    body, sig = quote[: _BODY.size], quote[_BODY.size :]
     magic, version, reserved, td_attr, mrs, report_data = _BODY.unpack(body)
     if magic != MAGIC or version != VERSION or reserved != 0:
         raise AttestationError("not a simulated quote of a known version")
@@ -110,10 +111,19 @@ def verify_quote(quote: bytes, collateral: Any, now: float,
     if signer is None:
         raise AttestationError("simulated quote signature is invalid or from an untrusted key")
     tcb_status = _verify_collateral(collateral, now, signer)
-    m = [mrs[i * MR_SIZE:(i + 1) * MR_SIZE] for i in range(6)]
-    return SimulatedReport(mrtd=m[0], rtmr0=m[1], rtmr1=m[2], rtmr2=m[3], rtmr3=m[4],
-                           report_data=report_data, td_attributes=td_attr, mr_servicetd=m[5],
-                           tcb_status=tcb_status, signer=signer)
+    m = [mrs[i * MR_SIZE : (i + 1) * MR_SIZE] for i in range(6)]
+    return SimulatedReport(
+        mrtd=m[0],
+        rtmr0=m[1],
+        rtmr1=m[2],
+        rtmr2=m[3],
+        rtmr3=m[4],
+        report_data=report_data,
+        td_attributes=td_attr,
+        mr_servicetd=m[5],
+        tcb_status=tcb_status,
+        signer=signer,
+    )
 
 
 def _verify_collateral(collateral: Any, now: float, signer: bytes) -> str:
@@ -149,15 +159,25 @@ class SimulatedAttester:
 
     kind = "simulated"
 
-    def __init__(self, app_id: bytes, compose_hash: bytes, *,
-                 instance_id: bytes | None = None, key_provider: bytes | None = None,
-                 mrtd: bytes = DEFAULT_MRTD, rtmr0: bytes = DEFAULT_RTMR0,
-                 rtmr1: bytes = DEFAULT_RTMR1, rtmr2: bytes = DEFAULT_RTMR2,
-                 debug: bool = False, td_attributes: int = TD_ATTR_SEPT_VE_DISABLE,
-                 mr_servicetd: bytes = bytes(MR_SIZE), tcb_status: str = "UpToDate",
-                 validity: tuple[int, int] | None = None,
-                 signing_key: SigningKey | None = None,
-                 boot_events: Iterable[RuntimeEvent] | None = None) -> None:
+    def __init__(
+        self,
+        app_id: bytes,
+        compose_hash: bytes,
+        *,
+        instance_id: bytes | None = None,
+        key_provider: bytes | None = None,
+        mrtd: bytes = DEFAULT_MRTD,
+        rtmr0: bytes = DEFAULT_RTMR0,
+        rtmr1: bytes = DEFAULT_RTMR1,
+        rtmr2: bytes = DEFAULT_RTMR2,
+        debug: bool = False,
+        td_attributes: int = TD_ATTR_SEPT_VE_DISABLE,
+        mr_servicetd: bytes = bytes(MR_SIZE),
+        tcb_status: str = "UpToDate",
+        validity: tuple[int, int] | None = None,
+        signing_key: SigningKey | None = None,
+        boot_events: Iterable[RuntimeEvent] | None = None,
+    ) -> None:
         for mr in (mrtd, rtmr0, rtmr1, rtmr2, mr_servicetd):
             if len(mr) != MR_SIZE:
                 raise ValueError("measurements are 48 bytes")
@@ -172,8 +192,10 @@ class SimulatedAttester:
         if boot_events is not None:
             self._events = list(boot_events)
         else:
-            self._events = [RuntimeEvent(EVENT_APP_ID, app_id),
-                            RuntimeEvent(EVENT_COMPOSE_HASH, compose_hash)]
+            self._events = [
+                RuntimeEvent(EVENT_APP_ID, app_id),
+                RuntimeEvent(EVENT_COMPOSE_HASH, compose_hash),
+            ]
             if instance_id is not None:
                 self._events.append(RuntimeEvent(EVENT_INSTANCE_ID, instance_id))
             if key_provider is not None:
@@ -208,10 +230,19 @@ class SimulatedAttester:
         now = int(time.time())
         nb, na = self._validity or (now - 60, now + 3600)
         sig = self._key.sign(_collateral_message(self.tcb_status, nb, na))
-        return {"kind": COLLATERAL_KIND, "tcb_status": self.tcb_status, "not_before": nb,
-                "not_after": na, "signature": sig.hex()}
+        return {
+            "kind": COLLATERAL_KIND,
+            "tcb_status": self.tcb_status,
+            "not_before": nb,
+            "not_after": na,
+            "signature": sig.hex(),
+        }
 
     def measurements(self) -> dict[str, str]:
         """MRTD and RTMR0-2 as hex, the form a KMS policy lists them in."""
-        return {"mrtd": self.mrtd.hex(), "rtmr0": self.rtmr0.hex(),
-                "rtmr1": self.rtmr1.hex(), "rtmr2": self.rtmr2.hex()}
+        return {
+            "mrtd": self.mrtd.hex(),
+            "rtmr0": self.rtmr0.hex(),
+            "rtmr1": self.rtmr1.hex(),
+            "rtmr2": self.rtmr2.hex(),
+        }

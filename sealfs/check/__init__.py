@@ -9,5 +9,12 @@ and heal through a normal commit), :mod:`.report` and :mod:`.progress` (output).
 from .report import KINDS, Finding, Report
 from .run import CheckOptions, CheckResult, check_volume, open_and_check
 
-__all__ = ["KINDS", "CheckOptions", "CheckResult", "Finding", "Report", "check_volume",
-           "open_and_check"]
+__all__ = [
+    "KINDS",
+    "CheckOptions",
+    "CheckResult",
+    "Finding",
+    "Report",
+    "check_volume",
+    "open_and_check",
+]

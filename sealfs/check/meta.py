@@ -38,47 +38,95 @@ def check_header(header: Header, report: Report) -> None:
     slots from a newer version)."""
     ids = [s.id for s in header.slots]
     if len(set(ids)) != len(ids):
-        report.add(Finding("inconsistent", None, "header", HEADER_NAME,
-                           f"duplicate key slot ids {sorted(ids)}", ADVICE["volume"]))
+        report.add(
+            Finding(
+                "inconsistent",
+                None,
+                "header",
+                HEADER_NAME,
+                f"duplicate key slot ids {sorted(ids)}",
+                ADVICE["volume"],
+            )
+        )
     for s in header.slots:
         if s.type not in KNOWN_SLOT_TYPES:
-            report.notes.append(f"key slot {s.id} has unknown type {s.type!r} (written by a "
-                                "newer sealfs?); it was not checked")
+            report.notes.append(
+                f"key slot {s.id} has unknown type {s.type!r} (written by a "
+                "newer sealfs?); it was not checked"
+            )
         elif s.type in ("keyfile", "passphrase") and len(s.wrapped) != _WRAPPED_LEN:
-            report.add(Finding("inconsistent", None, "header", HEADER_NAME,
-                               f"key slot {s.id} holds a wrapped key of {len(s.wrapped)} "
-                               f"bytes, expected {_WRAPPED_LEN}", ADVICE["volume"]))
+            report.add(
+                Finding(
+                    "inconsistent",
+                    None,
+                    "header",
+                    HEADER_NAME,
+                    f"key slot {s.id} holds a wrapped key of {len(s.wrapped)} "
+                    f"bytes, expected {_WRAPPED_LEN}",
+                    ADVICE["volume"],
+                )
+            )
         elif s.type == "keyfile" and len(s.salt) < 16:
-            report.add(Finding("inconsistent", None, "header", HEADER_NAME,
-                               f"key-file slot {s.id} has no salt", ADVICE["volume"]))
+            report.add(
+                Finding(
+                    "inconsistent",
+                    None,
+                    "header",
+                    HEADER_NAME,
+                    f"key-file slot {s.id} has no salt",
+                    ADVICE["volume"],
+                )
+            )
 
 
-def load_metadata(store: ObjectStore, objects: SealedObjects, report: Report
-                  ) -> MetaState | None:
+def load_metadata(store: ObjectStore, objects: SealedObjects, report: Report) -> MetaState | None:
     """Replay checkpoint + journal read-only; on failure add one finding and return None."""
     try:
         blob = store.read_file(CHECKPOINT_NAME, CHECKPOINT_MAX)
     except MissingObject:
-        report.add(Finding("missing", None, "checkpoint", CHECKPOINT_NAME,
-                           "the metadata checkpoint is missing", ADVICE["volume"]))
+        report.add(
+            Finding(
+                "missing",
+                None,
+                "checkpoint",
+                CHECKPOINT_NAME,
+                "the metadata checkpoint is missing",
+                ADVICE["volume"],
+            )
+        )
         return None
     except DamagedFile as e:
-        report.add(Finding("tampered", None, "checkpoint", CHECKPOINT_NAME, str(e),
-                           ADVICE["volume"]))
+        report.add(
+            Finding("tampered", None, "checkpoint", CHECKPOINT_NAME, str(e), ADVICE["volume"])
+        )
         return None
     try:
         cp = objects.open_checkpoint(blob)
     except (AuthError, CodecError) as e:
         kind = "truncated" if len(blob) < _CHECKPOINT_MIN else "tampered"
-        report.add(Finding(kind, None, "checkpoint", CHECKPOINT_NAME,
-                           f"the metadata checkpoint ({len(blob)} bytes) failed "
-                           f"verification: {e}", ADVICE["volume"]))
+        report.add(
+            Finding(
+                kind,
+                None,
+                "checkpoint",
+                CHECKPOINT_NAME,
+                f"the metadata checkpoint ({len(blob)} bytes) failed verification: {e}",
+                ADVICE["volume"],
+            )
+        )
         return None
     jname = journal_name(cp.gen)
     if not store.exists(jname):
-        report.add(Finding("missing", None, "journal", jname,
-                           f"the metadata journal of generation {cp.gen} is missing",
-                           ADVICE["volume"]))
+        report.add(
+            Finding(
+                "missing",
+                None,
+                "journal",
+                jname,
+                f"the metadata journal of generation {cp.gen} is missing",
+                ADVICE["volume"],
+            )
+        )
         return None
     try:
         state = MetaLog(store, objects).load()
@@ -86,8 +134,9 @@ def load_metadata(store: ObjectStore, objects: SealedObjects, report: Report
         report.add(Finding("tampered", None, "journal", jname, str(e), ADVICE["volume"]))
         return None
     for note in state.notes:  # a torn last append: what a crash leaves, never an alarm
-        report.notes.append(f"{jname}: {note} (left by a crash; cut off at the next mount "
-                            "or repair)")
+        report.notes.append(
+            f"{jname}: {note} (left by a crash; cut off at the next mount or repair)"
+        )
     report.epoch, report.head = state.seq, state.head.hex()
     return state
 
@@ -98,24 +147,31 @@ def check_anchor(state: MetaState, anchor: tuple[int, bytes] | None, report: Rep
     (:func:`sealfs.volume.anchor.verify_fresh`), so check and mount always agree. Without an
     anchor, a whole-volume rollback is undetectable and the report says so."""
     if anchor is None:
-        report.notes.append("no freshness anchor given: a rollback of the whole volume to an "
-                            "older copy cannot be detected (use a KMS-anchored volume)")
+        report.notes.append(
+            "no freshness anchor given: a rollback of the whole volume to an "
+            "older copy cannot be detected (use a KMS-anchored volume)"
+        )
         return
     if anchor == (0, b""):
-        report.notes.append("the KMS has not anchored this volume yet (never mounted with "
-                            "--kms): a rollback of the whole volume cannot be detected")
+        report.notes.append(
+            "the KMS has not anchored this volume yet (never mounted with "
+            "--kms): a rollback of the whole volume cannot be detected"
+        )
         return
     try:
         verify_fresh(state.seq, state.heads, anchor)
     except RollbackError as e:
         kind = "rolled-back" if e.reason == "rolled back" else "tampered"
-        report.add(Finding(kind, None, "volume", journal_name(state.gen), str(e),
-                           ADVICE["rollback"]))
+        report.add(
+            Finding(kind, None, "volume", journal_name(state.gen), str(e), ADVICE["rollback"])
+        )
         return
     if state.seq > anchor[0]:
-        report.notes.append(f"the volume is {state.seq - anchor[0]} commit(s) ahead of its "
-                            "anchor (a crash between commit and anchor update, or a mount "
-                            "without the KMS); the next KMS mount advances the anchor")
+        report.notes.append(
+            f"the volume is {state.seq - anchor[0]} commit(s) ahead of its "
+            "anchor (a crash between commit and anchor update, or a mount "
+            "without the KMS); the next KMS mount advances the anchor"
+        )
 
 
 def stale_files(store: ObjectStore, gen: int) -> list[str]:

@@ -23,8 +23,9 @@ from sealfs.sealed.objects import SealedObjects
 class Prober:
     """Tries a failed object's bytes under candidate identities, within a budget."""
 
-    def __init__(self, objects: SealedObjects, max_attempts: int = 20000,
-                 max_seconds: float = 5.0) -> None:
+    def __init__(
+        self, objects: SealedObjects, max_attempts: int = 20000, max_seconds: float = 5.0
+    ) -> None:
         self.objects = objects
         self.block_size = objects.block_size
         self.attempts_left = max_attempts
@@ -52,8 +53,9 @@ class Prober:
             return ino, oid
         return None
 
-    def block(self, blob: bytes, candidates: Iterable[tuple[int, int, int]]
-              ) -> tuple[int, int, int] | None:
+    def block(
+        self, blob: bytes, candidates: Iterable[tuple[int, int, int]]
+    ) -> tuple[int, int, int] | None:
         """The first ``(ino, index, oid)`` whose block identity ``blob`` opens under."""
         for ino, idx, oid in candidates:
             if not self._spend():

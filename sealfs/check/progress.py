@@ -21,25 +21,36 @@ def _size(n: float) -> str:
 
 def _duration(s: float) -> str:
     s = int(s)
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+    return (
+        f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+    )
 
 
-def render(phase: str, done_bytes: int, total_bytes: int, done_objects: int,
-           total_objects: int, elapsed: float) -> str:
+def render(
+    phase: str,
+    done_bytes: int,
+    total_bytes: int,
+    done_objects: int,
+    total_objects: int,
+    elapsed: float,
+) -> str:
     """One progress line (pure, so it is testable without a terminal)."""
     rate = done_bytes / elapsed if elapsed > 0 else 0.0
     left = total_bytes - done_bytes
     eta = _duration(left / rate) if rate > 0 and left > 0 else "--:--"
     pct = 100.0 * done_bytes / total_bytes if total_bytes else 100.0
-    return (f"{phase}: {pct:5.1f}%  {_size(done_bytes)} / {_size(total_bytes)}  "
-            f"{done_objects}/{total_objects} objects  {_size(rate)}/s  ETA {eta}")
+    return (
+        f"{phase}: {pct:5.1f}%  {_size(done_bytes)} / {_size(total_bytes)}  "
+        f"{done_objects}/{total_objects} objects  {_size(rate)}/s  ETA {eta}"
+    )
 
 
 class Progress:
     """Call :meth:`start`, then :meth:`advance` as work completes, then :meth:`finish`."""
 
-    def __init__(self, stream: TextIO | None = None, enabled: bool | None = None,
-                 interval: float = 0.2) -> None:
+    def __init__(
+        self, stream: TextIO | None = None, enabled: bool | None = None, interval: float = 0.2
+    ) -> None:
         self.stream = stream or sys.stderr
         self.enabled = self.stream.isatty() if enabled is None else enabled
         self.interval = interval
@@ -79,8 +90,16 @@ class Progress:
         if not force and now - self._last < self.interval:
             return
         self._last = now
-        self._write(render(self.phase, self.done_bytes, self.total_bytes, self.done_objects,
-                           self.total_objects, now - self._t0))
+        self._write(
+            render(
+                self.phase,
+                self.done_bytes,
+                self.total_bytes,
+                self.done_objects,
+                self.total_objects,
+                now - self._t0,
+            )
+        )
 
     def _write(self, line: str) -> None:
         pad = max(0, self._width - len(line))

@@ -72,8 +72,15 @@ class Plan:
 
     @property
     def changes_metadata(self) -> bool:
-        return bool(self.heal_blocks or self.heal_records or self.quarantine or self.drop
-                    or self.dangling or self.reattach or self.rebuild)
+        return bool(
+            self.heal_blocks
+            or self.heal_records
+            or self.quarantine
+            or self.drop
+            or self.dangling
+            or self.reattach
+            or self.rebuild
+        )
 
 
 def plan_repair(result: CheckResult) -> Plan:
@@ -82,8 +89,10 @@ def plan_repair(result: CheckResult) -> Plan:
     volume_level = [f for f in report.problems if f.path is None]
     if volume_level or tree is None:
         plan.irreparable = [f.line() for f in volume_level]
-        plan.actions.append("nothing: volume-level damage cannot be repaired in place "
-                            "(restore the backing directory from a backup)")
+        plan.actions.append(
+            "nothing: volume-level damage cannot be repaired in place "
+            "(restore the backing directory from a backup)"
+        )
         return plan
     a = plan.actions
     for (ino, idx), (_src_ino, _src_idx, src_oid) in sorted(result.heal_blocks.items()):
@@ -99,17 +108,22 @@ def plan_repair(result: CheckResult) -> Plan:
     for f in report.problems:
         if f.index is not None and f.ino is not None and (f.ino, f.index) not in healed:
             plan.quarantine.setdefault(f.ino, []).append(
-                {"block": f.index, "kind": f.kind, "object": f.object, "detail": f.detail})
+                {"block": f.index, "kind": f.kind, "object": f.object, "detail": f.detail}
+            )
     for ino in sorted(plan.quarantine):
         idxs = sorted(d["block"] for d in plan.quarantine[ino])
-        a.append(f"quarantine {tree.path(ino)} into /lost+found/{ino}-"
-                 f"{os.path.basename(tree.path(ino))} (blocks {idxs} dropped; they read "
-                 "as zeros)")
+        a.append(
+            f"quarantine {tree.path(ino)} into /lost+found/{ino}-"
+            f"{os.path.basename(tree.path(ino))} (blocks {idxs} dropped; they read "
+            "as zeros)"
+        )
     for ino in sorted(tree.failed):
         if ino not in healed_records:
             plan.drop.append(ino)
-            a.append(f"remove {tree.path(ino)} (its record is {_kind_of(report, ino)} and "
-                     "cannot be healed)")
+            a.append(
+                f"remove {tree.path(ino)} (its record is {_kind_of(report, ino)} and "
+                "cannot be healed)"
+            )
     for parent, name, _child, path in tree.dangling:
         plan.dangling.append((parent, name, path))
         a.append(f"remove the dangling entry {path}")
@@ -142,8 +156,9 @@ def _failpoint(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def apply_repair(store: ObjectStore, header: Header, master: Secret, result: CheckResult,
-                 plan: Plan) -> None:
+def apply_repair(
+    store: ObjectStore, header: Header, master: Secret, result: CheckResult, plan: Plan
+) -> None:
     """Carry out ``plan``; the caller holds the exclusive volume lock."""
     if plan.irreparable:
         return
@@ -158,8 +173,9 @@ def apply_repair(store: ObjectStore, header: Header, master: Secret, result: Che
         store.remove_file(name)
 
 
-async def _commit_repair(store: ObjectStore, header: Header, master: Secret,
-                         result: CheckResult, plan: Plan) -> None:
+async def _commit_repair(
+    store: ObjectStore, header: Header, master: Secret, result: CheckResult, plan: Plan
+) -> None:
     tree = result.tree
     assert tree is not None
     fs = Filesystem(store, header, master)
@@ -173,8 +189,7 @@ async def _commit_repair(store: ObjectStore, header: Header, master: Secret,
         for top in plan.reattach:
             if fs.has_inode(top) and top not in await _named_by_live_dirs(fs, top):
                 lf.entries.add(f"#{top}".encode(), top)  # type: ignore[union-attr]
-                log.append({"action": "reattached", "path": f"/lost+found/#{top}",
-                            "inode": top})
+                log.append({"action": "reattached", "path": f"/lost+found/#{top}", "inode": top})
         await _rebuild(fs)
         await _write_report(fs, lf, log)
         await fs.write_back()
@@ -230,8 +245,9 @@ def _free_name(lf: Inode, want: bytes) -> bytes:
     return name
 
 
-async def _quarantine(fs: Filesystem, tree: Any, plan: Plan, lf: Inode,
-                      log: list[dict[str, Any]]) -> None:
+async def _quarantine(
+    fs: Filesystem, tree: Any, plan: Plan, lf: Inode, log: list[dict[str, Any]]
+) -> None:
     for ino, damage in sorted(plan.quarantine.items()):
         node = await fs.node(ino)
         for d in damage:
@@ -249,9 +265,15 @@ async def _quarantine(fs: Filesystem, tree: Any, plan: Plan, lf: Inode,
         parent, name = links[0]
         new = _free_name(lf, b"%d-" % ino + name)
         await fs.rename(parent, name, lf.ino, new)
-        log.append({"action": "quarantined", "path": path,
-                    "now": "/lost+found/" + new.decode("utf-8", "backslashreplace"),
-                    "inode": ino, "dropped_blocks": damage})
+        log.append(
+            {
+                "action": "quarantined",
+                "path": path,
+                "now": "/lost+found/" + new.decode("utf-8", "backslashreplace"),
+                "inode": ino,
+                "dropped_blocks": damage,
+            }
+        )
 
 
 async def _drop(fs: Filesystem, tree: Any, plan: Plan, log: list[dict[str, Any]]) -> None:
@@ -264,15 +286,26 @@ async def _drop(fs: Filesystem, tree: Any, plan: Plan, log: list[dict[str, Any]]
                 pnode.entries.remove(name)
                 fs.mark(pnode)
         fs.drop_inode(ino)
-        log.append({"action": "removed", "path": tree.path(ino), "inode": ino,
-                    "why": "its record is unreadable and could not be healed"})
+        log.append(
+            {
+                "action": "removed",
+                "path": tree.path(ino),
+                "inode": ino,
+                "why": "its record is unreadable and could not be healed",
+            }
+        )
     for parent, name, path in plan.dangling:
         pnode = await fs.node(parent)
         if pnode.entries is not None and name in pnode.entries:
             pnode.entries.remove(name)
             await fs.setattr(parent, ctime_ns=pnode.ctime_ns)
-            log.append({"action": "removed", "path": path,
-                        "why": "the entry named an inode that does not exist"})
+            log.append(
+                {
+                    "action": "removed",
+                    "path": path,
+                    "why": "the entry named an inode that does not exist",
+                }
+            )
 
 
 async def _named_by_live_dirs(fs: Filesystem, ino: int) -> set[int]:
@@ -333,8 +366,11 @@ async def _write_report(fs: Filesystem, lf: Inode, log: list[dict[str, Any]]) ->
         return
     assert lf.entries is not None
     ino = lf.entries.get(b"REPORT")
-    node = (await fs.node(ino)) if ino is not None else await fs.create(
-        lf.ino, b"REPORT", stat.S_IFREG | 0o600, 0, 0)
+    node = (
+        (await fs.node(ino))
+        if ino is not None
+        else await fs.create(lf.ino, b"REPORT", stat.S_IFREG | 0o600, 0, 0)
+    )
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     text = "".join(json.dumps({"time": stamp, **e}, sort_keys=True) + "\n" for e in log)
     await fs.write(node, node.size, text.encode())

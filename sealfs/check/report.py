@@ -22,25 +22,25 @@ KINDS: dict[str, str] = {
     "orphaned": "present but referenced by nothing (normal leftover of a crash)",
     "unreadable": "cannot be reached or decoded because something it depends on is damaged",
     "inconsistent": "authentic metadata that contradicts itself (link counts, dangling or "
-                    "lost entries): a sealfs bug, not an attack",
+    "lost entries): a sealfs bug, not an attack",
 }
 
 ADVICE = {
     "volume": "the volume cannot be repaired in place: restore the backing directory from a "
-              "backup, or recover the files still readable from a read-only copy",
+    "backup, or recover the files still readable from a read-only copy",
     "file": "run `sealfs check --repair` to move the file into /lost+found (its intact blocks "
-            "stay readable, damaged ones read as zeros), then restore it from a backup",
+    "stay readable, damaged ones read as zeros), then restore it from a backup",
     "healable": "run `sealfs check --repair`: the authentic content was found in another "
-                "object and is put back where it belongs",
+    "object and is put back where it belongs",
     "record": "run `sealfs check --repair` to remove the unreadable entry (what it held is "
-              "reattached under /lost+found where possible), then restore it from a backup",
+    "reattached under /lost+found where possible), then restore it from a backup",
     "orphaned": "nothing to do; `sealfs check --repair` deletes it",
     "orphaned-kept": "kept: it may belong to a damaged file; `sealfs check --repair` "
-                     "deletes it once the damaged files are repaired",
+    "deletes it once the damaged files are repaired",
     "inconsistent": "run `sealfs check --repair` to rebuild the link counts and reattach or "
-                    "drop the entries",
+    "drop the entries",
     "rollback": "do not use this copy: the anchor proves a newer state existed; find the "
-                "newest copy of the backing directory",
+    "newest copy of the backing directory",
 }
 
 
@@ -127,10 +127,12 @@ class Report:
     def human(self, max_orphans: int = 20) -> str:
         s = self.stats
         rate = s.block_bytes / s.seconds / 2**20 if s.seconds else 0.0
-        out = [f"volume {self.volume_id} ({self.mode} check of {self.scope}, epoch "
-               f"{self.epoch}): {s.records} records, {s.blocks} data objects, "
-               f"{s.block_bytes / 2**20:.1f} MiB verified in {s.seconds:.1f}s "
-               f"({rate:.0f} MiB/s)"]
+        out = [
+            f"volume {self.volume_id} ({self.mode} check of {self.scope}, epoch "
+            f"{self.epoch}): {s.records} records, {s.blocks} data objects, "
+            f"{s.block_bytes / 2**20:.1f} MiB verified in {s.seconds:.1f}s "
+            f"({rate:.0f} MiB/s)"
+        ]
         orphans = [f for f in self.findings if f.kind == "orphaned" and not f.corrupt]
         for f in self.findings:
             if f in orphans:
@@ -141,8 +143,7 @@ class Report:
             for f in orphans[:max_orphans]:
                 out.append(f.line())
             if len(orphans) > max_orphans:
-                out.append(f"{'':>14}... and {len(orphans) - max_orphans} more orphaned "
-                           "objects")
+                out.append(f"{'':>14}... and {len(orphans) - max_orphans} more orphaned objects")
             out.append(f"{'':>14}-> {orphans[0].advice}")
         out += [f"note: {n}" for n in self.notes]
         if self.repair is not None:

@@ -65,8 +65,9 @@ def _expected(node: Inode, idx: int, bs: int) -> int:
     return max(0, min(bs, node.size - idx * bs))
 
 
-def check_volume(store: ObjectStore, header: Header, master: Secret,
-                 opts: CheckOptions) -> CheckResult:
+def check_volume(
+    store: ObjectStore, header: Header, master: Secret, opts: CheckOptions
+) -> CheckResult:
     """Check the committed state of an unlocked volume. Read-only."""
     t0 = time.monotonic()
     progress = opts.progress or Progress(enabled=False)
@@ -97,9 +98,12 @@ def check_volume(store: ObjectStore, header: Header, master: Secret,
     result.orphans = orphans
 
     # data objects
-    jobs: list[Job] = [(ino, idx, oid, _expected(node, idx, header.block_size))
-                       for ino, node in tree.nodes.items() if node.is_file and ino in tree.scope
-                       for idx, oid in node.blocks.items()]
+    jobs: list[Job] = [
+        (ino, idx, oid, _expected(node, idx, header.block_size))
+        for ino, node in tree.nodes.items()
+        if node.is_file and ino in tree.scope
+        for idx, oid in node.blocks.items()
+    ]
     report.stats.blocks = len(jobs)
     failures: list[BlockFailure] = []
     if opts.full:
@@ -112,10 +116,11 @@ def check_volume(store: ObjectStore, header: Header, master: Secret,
         failures = verify_blocks(store, objects, jobs, opts.workers, advance)
         progress.finish()
     else:
-        failures = [BlockFailure(ino, idx, oid, exp, "missing", None, None,
-                                 "the block object is missing")
-                    for ino, idx, oid, exp in jobs
-                    if oid not in present and oid not in store.carried]
+        failures = [
+            BlockFailure(ino, idx, oid, exp, "missing", None, None, "the block object is missing")
+            for ino, idx, oid, exp in jobs
+            if oid not in present and oid not in store.carried
+        ]
     result.block_failures = {(f.ino, f.index): f for f in failures}
 
     prober = Prober(objects)
@@ -125,8 +130,10 @@ def check_volume(store: ObjectStore, header: Header, master: Secret,
     for block_fail in sorted(failures, key=lambda f: (tree.path(f.ino), f.index)):
         report.add(_classify_block(store, tree, block_fail, prober, orphans, result))
     if prober.exhausted:
-        report.notes.append("the swap/rollback probe budget ran out; some objects reported "
-                            "as tampered may be swapped or replayed copies")
+        report.notes.append(
+            "the swap/rollback probe budget ran out; some objects reported "
+            "as tampered may be swapped or replayed copies"
+        )
     for f in report.findings:  # now that heal sources are known, sharpen the advice
         healable_block = f.what.startswith("block") and (f.ino, f.index) in result.heal_blocks
         if healable_block or (f.what == "record" and f.ino in result.heal_records):
@@ -134,28 +141,53 @@ def check_volume(store: ObjectStore, header: Header, master: Secret,
 
     keep = bool(tree.failed)
     for oid in orphans:
-        report.add(Finding("orphaned", None, "object", _rel(store, oid),
-                           "referenced by nothing" + (" (kept)" if keep else ""),
-                           ADVICE["orphaned-kept" if keep else "orphaned"], corrupt=False,
-                           oid=oid))
+        report.add(
+            Finding(
+                "orphaned",
+                None,
+                "object",
+                _rel(store, oid),
+                "referenced by nothing" + (" (kept)" if keep else ""),
+                ADVICE["orphaned-kept" if keep else "orphaned"],
+                corrupt=False,
+                oid=oid,
+            )
+        )
     if whole:
         result.stale = stale_files(store, state.gen)
         for name in result.stale:
-            report.add(Finding("orphaned", None, "file", name,
-                               "left over from an interrupted checkpoint", ADVICE["orphaned"],
-                               corrupt=False))
+            report.add(
+                Finding(
+                    "orphaned",
+                    None,
+                    "file",
+                    name,
+                    "left over from an interrupted checkpoint",
+                    ADVICE["orphaned"],
+                    corrupt=False,
+                )
+            )
     elif opts.live:
-        report.notes.append("live volume: orphans are not reported (a mounted volume has "
-                            "objects in flight)")
+        report.notes.append(
+            "live volume: orphans are not reported (a mounted volume has objects in flight)"
+        )
     else:
-        report.notes.append(f"only {opts.path} was checked: orphans and the link counts of "
-                            "entries outside it were not")
+        report.notes.append(
+            f"only {opts.path} was checked: orphans and the link counts of "
+            "entries outside it were not"
+        )
     report.stats.seconds = time.monotonic() - t0
     return result
 
 
-def _classify_record(store: ObjectStore, tree: Tree, fail: RecordFailure, prober: Prober,
-                     orphans: list[int], result: CheckResult) -> Finding:
+def _classify_record(
+    store: ObjectStore,
+    tree: Tree,
+    fail: RecordFailure,
+    prober: Prober,
+    orphans: list[int],
+    result: CheckResult,
+) -> Finding:
     finding = record_finding(tree, fail, store)
     if fail.reason != "auth" or finding.kind == "truncated":
         return finding
@@ -169,29 +201,39 @@ def _classify_record(store: ObjectStore, tree: Tree, fail: RecordFailure, prober
         ino2, _ = hit
         finding.kind = "swapped"
         finding.belongs_to = f"record of {tree.path(ino2)}"
-        finding.detail = (f"the record object holds the record of {tree.path(ino2)} "
-                          f"(inode {ino2}) instead")
+        finding.detail = (
+            f"the record object holds the record of {tree.path(ino2)} (inode {ino2}) instead"
+        )
         result.heal_records[ino2] = (fail.ino, fail.oid)
         return finding
     hit = prober.record(blob, ((fail.ino, o) for o in islice(orphans, _PROBE_OTHERS)))
     if hit is not None:
         finding.kind = "rolled-back"
         finding.belongs_to = f"older record {hit[1]:016x} of {tree.path(fail.ino)}"
-        finding.detail = (f"the record object holds an older version of this record (the one "
-                          f"once stored as {_rel(store, hit[1])})")
+        finding.detail = (
+            f"the record object holds an older version of this record (the one "
+            f"once stored as {_rel(store, hit[1])})"
+        )
     return finding
 
 
-def _classify_block(store: ObjectStore, tree: Tree, fail: BlockFailure, prober: Prober,
-                    orphans: list[int], result: CheckResult) -> Finding:
+def _classify_block(
+    store: ObjectStore,
+    tree: Tree,
+    fail: BlockFailure,
+    prober: Prober,
+    orphans: list[int],
+    result: CheckResult,
+) -> Finding:
     path = tree.path(fail.ino)
     obj = _rel(store, fail.oid)
     what = f"block {fail.index}"
     advice = ADVICE["file"]
 
     def make(kind: str, detail: str) -> Finding:
-        return Finding(kind, path, what, obj, detail, advice, ino=fail.ino, index=fail.index,
-                       oid=fail.oid)
+        return Finding(
+            kind, path, what, obj, detail, advice, ino=fail.ino, index=fail.index, oid=fail.oid
+        )
 
     if fail.reason == "missing":
         return make("missing", "the block object is missing")
@@ -208,10 +250,15 @@ def _classify_block(store: ObjectStore, tree: Tree, fail: BlockFailure, prober: 
     except Exception:  # noqa: BLE001
         blob = b""
     node = tree.nodes[fail.ino]
-    same_file = sorted(((fail.ino, j, o) for j, o in node.blocks.items() if j != fail.index),
-                       key=lambda c: abs(c[1] - fail.index))[:_PROBE_SIBLINGS]
-    others = [(ino2, fail.index, n2.blocks[fail.index]) for ino2, n2 in tree.nodes.items()
-              if ino2 != fail.ino and n2.is_file and fail.index in n2.blocks]
+    same_file = sorted(
+        ((fail.ino, j, o) for j, o in node.blocks.items() if j != fail.index),
+        key=lambda c: abs(c[1] - fail.index),
+    )[:_PROBE_SIBLINGS]
+    others = [
+        (ino2, fail.index, n2.blocks[fail.index])
+        for ino2, n2 in tree.nodes.items()
+        if ino2 != fail.ino and n2.is_file and fail.index in n2.blocks
+    ]
     hit = prober.block(blob, [*same_file, *others[:_PROBE_OTHERS]]) if blob else None
     if hit is not None:
         ino2, idx2, _ = hit
@@ -220,29 +267,41 @@ def _classify_block(store: ObjectStore, tree: Tree, fail: BlockFailure, prober: 
         f.belongs_to = f"{tree.path(ino2)} block {idx2}"
         result.heal_blocks[(ino2, idx2)] = (fail.ino, fail.index, fail.oid)
         return f
-    hit = prober.block(blob, ((fail.ino, fail.index, o) for o in orphans[:_PROBE_OTHERS])
-                       ) if blob else None
+    hit = (
+        prober.block(blob, ((fail.ino, fail.index, o) for o in orphans[:_PROBE_OTHERS]))
+        if blob
+        else None
+    )
     if hit is not None:
-        f = make("rolled-back", "the object holds an older version of this block (once "
-                 f"stored as {_rel(store, hit[2])})")
+        f = make(
+            "rolled-back",
+            "the object holds an older version of this block (once "
+            f"stored as {_rel(store, hit[2])})",
+        )
         f.belongs_to = f"older block {hit[2]:016x}"
         return f
     raw = fail.codec is not None and not fail.codec & CODEC_LZ4
     if raw and fail.size < overhead + fail.expected:
-        return make("truncated", f"the block object is {fail.size} bytes, shorter than the "
-                    f"{overhead + fail.expected} a block at this position takes")
+        return make(
+            "truncated",
+            f"the block object is {fail.size} bytes, shorter than the "
+            f"{overhead + fail.expected} a block at this position takes",
+        )
     if raw and fail.size > overhead + fail.expected:
-        return make("tampered", f"the block object is {fail.size} bytes, longer than any "
-                    "block (extended) and fails authentication")
-    return make("tampered", "the block fails authentication (modified, or from another "
-                "volume)")
+        return make(
+            "tampered",
+            f"the block object is {fail.size} bytes, longer than any "
+            "block (extended) and fails authentication",
+        )
+    return make("tampered", "the block fails authentication (modified, or from another volume)")
 
 
 # --- the command-line entry point ------------------------------------------------------------
 
-def open_and_check(backing: Path, cred: Credential, opts: CheckOptions,
-                   exclusive: bool = False
-                   ) -> tuple[CheckResult, ObjectStore, Header, Secret | None]:
+
+def open_and_check(
+    backing: Path, cred: Credential, opts: CheckOptions, exclusive: bool = False
+) -> tuple[CheckResult, ObjectStore, Header, Secret | None]:
     """Load the header, unlock, lock and check. A header that fails its MAC is a finding
     (exit 5), not an error: it is tampering, and the user gets the same report as for any
     other. The returned store holds the volume lock (shared, or exclusive for a repair)
@@ -266,10 +325,11 @@ def open_and_check(backing: Path, cred: Credential, opts: CheckOptions,
         try:
             store.lock(shared=not exclusive)
         except BusyError:
-            hint = "" if exclusive else (", or pass --read-only to check its last committed "
-                                         "state")
-            raise BusyError(f"volume {backing} is mounted (or being checked or repaired); "
-                            f"unmount it first{hint}") from None
+            hint = "" if exclusive else (", or pass --read-only to check its last committed state")
+            raise BusyError(
+                f"volume {backing} is mounted (or being checked or repaired); "
+                f"unmount it first{hint}"
+            ) from None
     elif not store.is_locked():
         opts.live = False  # nothing is mounted after all: take the lock and check normally
         store.lock(shared=True)
@@ -283,24 +343,39 @@ def open_and_check(backing: Path, cred: Credential, opts: CheckOptions,
     return result, store, header, master
 
 
-def _settle_live(store: ObjectStore, header: Header, master: Secret, opts: CheckOptions,
-                 result: CheckResult, attempts: int = 3) -> CheckResult:
+def _settle_live(
+    store: ObjectStore,
+    header: Header,
+    master: Secret,
+    opts: CheckOptions,
+    result: CheckResult,
+    attempts: int = 3,
+) -> CheckResult:
     """A mounted volume deletes superseded objects after each commit, so an object found
     missing may simply have been replaced meanwhile. Objects are never overwritten in place,
     so authentication failures are always real. Repeat the check until it ran against an
     epoch that did not move, or nothing was missing."""
     objects = volume_objects(header, master)
     for _ in range(attempts):
-        missing = [f for f in result.report.findings if f.kind == "missing"
-                   or (f.kind == "tampered" and f.what == "journal")]
+        missing = [
+            f
+            for f in result.report.findings
+            if f.kind == "missing" or (f.kind == "tampered" and f.what == "journal")
+        ]
         if not missing:
             return result
         probe = Report("", "", "")
         now = load_metadata(store, objects, probe)
-        if now is not None and result.state is not None and now.seq == result.state.seq \
-                and not probe.findings:
+        if (
+            now is not None
+            and result.state is not None
+            and now.seq == result.state.seq
+            and not probe.findings
+        ):
             return result
         result = check_volume(store, header, master, opts)
-    result.report.notes.append("the live volume kept changing; findings of missing objects "
-                               "may be objects replaced during the check")
+    result.report.notes.append(
+        "the live volume kept changing; findings of missing objects "
+        "may be objects replaced during the check"
+    )
     return result

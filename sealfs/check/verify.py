@@ -58,8 +58,11 @@ def _verify_chunk(jobs: list[Job]) -> tuple[int, int, list[BlockFailure]]:
         try:
             blob = store.get(oid, limit)
         except MissingObject:
-            failures.append(BlockFailure(ino, idx, oid, expected, "missing", None, None,
-                                         "the block object is missing"))
+            failures.append(
+                BlockFailure(
+                    ino, idx, oid, expected, "missing", None, None, "the block object is missing"
+                )
+            )
             continue
         except DamagedFile as e:
             failures.append(BlockFailure(ino, idx, oid, expected, "damaged", None, None, str(e)))
@@ -71,11 +74,15 @@ def _verify_chunk(jobs: list[Job]) -> tuple[int, int, list[BlockFailure]]:
         try:
             objects.open_block(ino, idx, oid, blob)
         except AuthError as e:
-            failures.append(BlockFailure(ino, idx, oid, expected, "auth", len(blob),
-                                         blob[0] if blob else None, str(e)))
+            failures.append(
+                BlockFailure(
+                    ino, idx, oid, expected, "auth", len(blob), blob[0] if blob else None, str(e)
+                )
+            )
         except CodecError as e:
-            failures.append(BlockFailure(ino, idx, oid, expected, "decode", len(blob),
-                                         blob[0], str(e)))
+            failures.append(
+                BlockFailure(ino, idx, oid, expected, "decode", len(blob), blob[0], str(e))
+            )
     return nbytes, len(jobs), failures
 
 
@@ -92,9 +99,13 @@ def chunks(jobs: list[Job], block_size: int) -> Iterator[list[Job]]:
         yield cur
 
 
-def verify_blocks(store: ObjectStore, objects: SealedObjects, jobs: list[Job],
-                  workers: int | None, on_progress: Callable[[int, int], None]
-                  ) -> list[BlockFailure]:
+def verify_blocks(
+    store: ObjectStore,
+    objects: SealedObjects,
+    jobs: list[Job],
+    workers: int | None,
+    on_progress: Callable[[int, int], None],
+) -> list[BlockFailure]:
     """Verify all ``jobs``; calls ``on_progress(bytes, objects)`` as chunks complete."""
     global _CONTEXT
     jobs = sorted(jobs, key=lambda j: j[2])  # object id order = backing directory order
@@ -118,8 +129,13 @@ def verify_blocks(store: ObjectStore, objects: SealedObjects, jobs: list[Job],
         _CONTEXT = None
 
 
-def _run_pool(ex: Executor, work: Iterator[list[Job]], workers: int,
-              failures: list[BlockFailure], on_progress: Callable[[int, int], None]) -> None:
+def _run_pool(
+    ex: Executor,
+    work: Iterator[list[Job]],
+    workers: int,
+    failures: list[BlockFailure],
+    on_progress: Callable[[int, int], None],
+) -> None:
     """Keep a bounded number of chunks in flight (memory stays flat on huge volumes)."""
     pending: set[Future[tuple[int, int, list[BlockFailure]]]] = set()
     for chunk in work:

@@ -69,8 +69,9 @@ def _join(base: str, name: bytes) -> str:
 class Walker:
     """Loads records and walks the tree of one volume state."""
 
-    def __init__(self, store: ObjectStore, objects: SealedObjects, state: MetaState,
-                 threads: int = 4) -> None:
+    def __init__(
+        self, store: ObjectStore, objects: SealedObjects, state: MetaState, threads: int = 4
+    ) -> None:
         self.store = store
         self.objects = objects
         self.tree = Tree(dict(state.table))
@@ -96,8 +97,9 @@ class Walker:
             return RecordFailure(ino, oid, "decode", len(blob), str(e))
 
     def load_many(self, inos: list[int]) -> None:
-        todo = [i for i in dict.fromkeys(inos)
-                if i not in self.tree.nodes and i not in self.tree.failed]
+        todo = [
+            i for i in dict.fromkeys(inos) if i not in self.tree.nodes and i not in self.tree.failed
+        ]
         if not todo:
             return
         if len(todo) < 8:
@@ -120,8 +122,9 @@ class Walker:
             self.load_many([ino])
             node = self.tree.nodes.get(ino)
             if node is None:
-                raise UsageError(f"cannot resolve {path}: the record of {cur} is damaged; "
-                                 f"check {cur} instead")
+                raise UsageError(
+                    f"cannot resolve {path}: the record of {cur} is damaged; check {cur} instead"
+                )
             if node.entries is None:
                 raise UsageError(f"{cur} is not a directory")
             child = node.entries.get(part.encode("utf-8", "surrogateescape"))
@@ -206,6 +209,7 @@ class Walker:
 
 # --- structural findings ---------------------------------------------------------------------
 
+
 def record_finding(tree: Tree, fail: RecordFailure, store: ObjectStore) -> Finding:
     """The finding for a record that failed; kind refined later by the prober."""
     obj = str(store.object_path(fail.oid).relative_to(store.root))
@@ -217,44 +221,84 @@ def record_finding(tree: Tree, fail: RecordFailure, store: ObjectStore) -> Findi
     elif fail.reason == "io":
         kind, detail = "unreadable", f"the inode record cannot be read: {fail.message}"
     elif fail.reason == "decode":
-        kind, detail = "unreadable", ("the inode record is authentic but does not parse "
-                                      f"({fail.message}): a sealfs bug or a newer format")
+        kind, detail = (
+            "unreadable",
+            (
+                "the inode record is authentic but does not parse "
+                f"({fail.message}): a sealfs bug or a newer format"
+            ),
+        )
     elif fail.size is not None and fail.size < SEAL_OVERHEAD:
         kind, detail = "truncated", f"the inode record is only {fail.size} bytes"
     else:
         kind, detail = "tampered", "the inode record fails authentication"
-    return Finding(kind, path, "record", obj, detail, ADVICE["record"], ino=fail.ino,
-                   oid=fail.oid)
+    return Finding(kind, path, "record", obj, detail, ADVICE["record"], ino=fail.ino, oid=fail.oid)
 
 
 def structure_findings(tree: Tree, report: Report, next_ino: int) -> None:
     """Reference counts, parent pointers, dangling entries and unreachable inodes."""
     for _parent, _name, child, path in tree.dangling:
-        report.add(Finding("missing", path, "entry", None,
-                           f"the directory entry points to inode {child}, which is not in "
-                           "the metadata table", ADVICE["inconsistent"], ino=child))
+        report.add(
+            Finding(
+                "missing",
+                path,
+                "entry",
+                None,
+                f"the directory entry points to inode {child}, which is not in the metadata table",
+                ADVICE["inconsistent"],
+                ino=child,
+            )
+        )
     damaged_dirs = bool(tree.failed)
     for top in tree.unreached:
         node = tree.nodes.get(top)
         n_below = sum(1 for p in tree.paths.values() if p[0].startswith(f"<inode {top}>/"))
         what = "directory" if node is not None and node.is_dir else "inode"
         if damaged_dirs:
-            report.add(Finding("unreadable", tree.path(top), "entry", None,
-                               f"{what} {top} ({n_below} more below it) is in the metadata "
-                               "table but no readable directory names it: it sat below a "
-                               "damaged directory", "run `sealfs check --repair` to reattach "
-                               "it under /lost+found", ino=top))
+            report.add(
+                Finding(
+                    "unreadable",
+                    tree.path(top),
+                    "entry",
+                    None,
+                    f"{what} {top} ({n_below} more below it) is in the metadata "
+                    "table but no readable directory names it: it sat below a "
+                    "damaged directory",
+                    "run `sealfs check --repair` to reattach it under /lost+found",
+                    ino=top,
+                )
+            )
         else:
-            report.add(Finding("inconsistent", tree.path(top), "entry", None,
-                               f"{what} {top} ({n_below} more below it) is in the metadata "
-                               "table but no directory names it (lost)",
-                               ADVICE["inconsistent"], ino=top))
+            report.add(
+                Finding(
+                    "inconsistent",
+                    tree.path(top),
+                    "entry",
+                    None,
+                    f"{what} {top} ({n_below} more below it) is in the metadata "
+                    "table but no directory names it (lost)",
+                    ADVICE["inconsistent"],
+                    ino=top,
+                )
+            )
     if tree.table and max(tree.table) >= next_ino:
-        report.add(Finding("inconsistent", None, "table", None,
-                           f"the inode counter ({next_ino}) is not above the highest inode "
-                           f"({max(tree.table)})", ADVICE["inconsistent"]))
+        report.add(
+            Finding(
+                "inconsistent",
+                None,
+                "table",
+                None,
+                f"the inode counter ({next_ino}) is not above the highest inode "
+                f"({max(tree.table)})",
+                ADVICE["inconsistent"],
+            )
+        )
     for ino, node in tree.nodes.items():
-        if ino not in tree.scope or ino in tree.unreached or (not tree.whole_volume and ino == tree.scope_root):
+        if (
+            ino not in tree.scope
+            or ino in tree.unreached
+            or (not tree.whole_volume and ino == tree.scope_root)
+        ):
             continue
         if node.entries is not None:
             _check_dir(tree, report, ino, node)
@@ -264,17 +308,33 @@ def structure_findings(tree: Tree, report: Report, next_ino: int) -> None:
             # too many entries is provably wrong
             partial = bool(tree.failed) or not tree.whole_volume
             if have != node.nlink and (not partial or have > node.nlink):
-                report.add(Finding("inconsistent", tree.path(ino), "link count", None,
-                                   f"link count is {node.nlink} but {have} directory "
-                                   "entries name it", ADVICE["inconsistent"], ino=ino))
+                report.add(
+                    Finding(
+                        "inconsistent",
+                        tree.path(ino),
+                        "link count",
+                        None,
+                        f"link count is {node.nlink} but {have} directory entries name it",
+                        ADVICE["inconsistent"],
+                        ino=ino,
+                    )
+                )
 
 
 def _check_dir(tree: Tree, report: Report, ino: int, node: Inode) -> None:
     assert node.entries is not None
     if tree.links[ino] > 1:
-        report.add(Finding("inconsistent", tree.path(ino), "entry", None,
-                           f"directory is named by {tree.links[ino]} entries",
-                           ADVICE["inconsistent"], ino=ino))
+        report.add(
+            Finding(
+                "inconsistent",
+                tree.path(ino),
+                "entry",
+                None,
+                f"directory is named by {tree.links[ino]} entries",
+                ADVICE["inconsistent"],
+                ino=ino,
+            )
+        )
     subdirs, unknown = 0, False
     for child in node.entries.names.values():
         c = tree.nodes.get(child)
@@ -284,12 +344,27 @@ def _check_dir(tree: Tree, report: Report, ino: int, node: Inode) -> None:
         if c.entries is not None:
             subdirs += 1
             if c.parent != ino and tree.links[child] == 1:
-                report.add(Finding("inconsistent", tree.path(child), "parent", None,
-                                   f"parent pointer is {c.parent}, but it is listed in "
-                                   f"directory inode {ino}", ADVICE["inconsistent"],
-                                   ino=child))
+                report.add(
+                    Finding(
+                        "inconsistent",
+                        tree.path(child),
+                        "parent",
+                        None,
+                        f"parent pointer is {c.parent}, but it is listed in directory inode {ino}",
+                        ADVICE["inconsistent"],
+                        ino=child,
+                    )
+                )
     if not unknown and node.nlink != 2 + subdirs:
-        report.add(Finding("inconsistent", tree.path(ino), "link count", None,
-                           f"directory link count is {node.nlink}, expected {2 + subdirs} "
-                           f"(2 + {subdirs} subdirectories)", ADVICE["inconsistent"],
-                           ino=ino))
+        report.add(
+            Finding(
+                "inconsistent",
+                tree.path(ino),
+                "link count",
+                None,
+                f"directory link count is {node.nlink}, expected {2 + subdirs} "
+                f"(2 + {subdirs} subdirectories)",
+                ADVICE["inconsistent"],
+                ino=ino,
+            )
+        )

@@ -33,18 +33,27 @@ def attest() -> None:
 
 @attest.command("verify")
 @click.argument("quote_path", metavar="QUOTE", type=click.Path(path_type=Path))
-@click.option("--collateral", "collateral_path", metavar="FILE",
-              type=click.Path(path_type=Path),
-              help="Intel collateral for the quote's platform, as JSON: tcb_info, qe_identity "
-                   "(each with signature and issuer chain), pck_crl, root_ca_crl, "
-                   "pck_crl_issuer_chain. Without it only the quote's own signatures and PCK "
-                   "chain are checked, and the command fails.")
-@click.option("--now", "now_text", metavar="TIME",
-              help="Verify as of TIME, an ISO 8601 time with a zone (2025-07-01T12:00:00Z). "
-                   "Default: the current time.")
+@click.option(
+    "--collateral",
+    "collateral_path",
+    metavar="FILE",
+    type=click.Path(path_type=Path),
+    help="Intel collateral for the quote's platform, as JSON: tcb_info, qe_identity "
+    "(each with signature and issuer chain), pck_crl, root_ca_crl, "
+    "pck_crl_issuer_chain. Without it only the quote's own signatures and PCK "
+    "chain are checked, and the command fails.",
+)
+@click.option(
+    "--now",
+    "now_text",
+    metavar="TIME",
+    help="Verify as of TIME, an ISO 8601 time with a zone (2025-07-01T12:00:00Z). "
+    "Default: the current time.",
+)
 @json_option
-def verify(quote_path: Path, collateral_path: Path | None, now_text: str | None,
-           as_json: bool) -> None:
+def verify(
+    quote_path: Path, collateral_path: Path | None, now_text: str | None, as_json: bool
+) -> None:
     """Verify a TDX quote (version 4 or 5) offline with DCAP collateral.
 
     QUOTE is a file holding the quote as raw bytes or as hex text. Nothing is fetched from the
@@ -101,8 +110,11 @@ def verify(quote_path: Path, collateral_path: Path | None, now_text: str | None,
         report = verify_quote(quote, collateral, now)
     except VerificationFailed as failure:
         if as_json:
-            emit({**failure.report.to_dict(), "error": failure.kind, "message": failure.message},
-                 True, "")
+            emit(
+                {**failure.report.to_dict(), "error": failure.kind, "message": failure.message},
+                True,
+                "",
+            )
             fail_with(type(failure))
         click.echo(_human(failure.report))
         raise

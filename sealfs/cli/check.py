@@ -23,26 +23,59 @@ from sealfs.volume.header import Credential, Header
 @click.command()
 @click.argument("backing_dir", type=click.Path(file_okay=False))
 @credential_options
-@click.option("--path", "subpath", default="/", show_default=True, metavar="SUBDIR",
-              help="Check only this directory of the volume and everything below it.")
-@click.option("--quick", is_flag=True,
-              help="Metadata and structure only: every record, link count and object's "
-                   "presence, but no data object is read.")
-@click.option("--repair", is_flag=True,
-              help="Fix what can be fixed (see REPAIR below). Needs the volume unmounted.")
-@click.option("--dry-run", is_flag=True, help="With --repair: show what it would do, change "
-              "nothing.")
-@click.option("--read-only", "live", is_flag=True,
-              help="Allow checking a mounted volume: its last committed state is checked; "
-                   "orphans are not reported and missing objects are re-verified.")
-@click.option("--workers", type=click.IntRange(1, 256), default=None,
-              help="Processes verifying data (default: one per CPU).")
-@click.option("--progress/--no-progress", default=None,
-              help="Progress line on standard error (default: only on a terminal).")
+@click.option(
+    "--path",
+    "subpath",
+    default="/",
+    show_default=True,
+    metavar="SUBDIR",
+    help="Check only this directory of the volume and everything below it.",
+)
+@click.option(
+    "--quick",
+    is_flag=True,
+    help="Metadata and structure only: every record, link count and object's "
+    "presence, but no data object is read.",
+)
+@click.option(
+    "--repair",
+    is_flag=True,
+    help="Fix what can be fixed (see REPAIR below). Needs the volume unmounted.",
+)
+@click.option(
+    "--dry-run", is_flag=True, help="With --repair: show what it would do, change nothing."
+)
+@click.option(
+    "--read-only",
+    "live",
+    is_flag=True,
+    help="Allow checking a mounted volume: its last committed state is checked; "
+    "orphans are not reported and missing objects are re-verified.",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 256),
+    default=None,
+    help="Processes verifying data (default: one per CPU).",
+)
+@click.option(
+    "--progress/--no-progress",
+    default=None,
+    help="Progress line on standard error (default: only on a terminal).",
+)
 @json_option
-def check(backing_dir: str, cred: Credential, subpath: str, quick: bool, repair: bool,
-          dry_run: bool, live: bool, workers: int | None, progress: bool | None,
-          as_json: bool) -> None:
+def check(
+    backing_dir: str,
+    cred: Credential,
+    subpath: str,
+    quick: bool,
+    repair: bool,
+    dry_run: bool,
+    live: bool,
+    workers: int | None,
+    progress: bool | None,
+    as_json: bool,
+) -> None:
     """Verify the volume in BACKING_DIR and report every problem by plaintext path.
 
     Unlocks like `sealfs mount`, then verifies the header and key slots, the metadata
@@ -86,24 +119,39 @@ def check(backing_dir: str, cred: Credential, subpath: str, quick: bool, repair:
     if dry_run and not repair:
         raise UsageError("--dry-run only makes sense with --repair")
     if repair and live:
-        raise UsageError("--repair needs the volume unmounted; it cannot be combined with "
-                         "--read-only")
+        raise UsageError(
+            "--repair needs the volume unmounted; it cannot be combined with --read-only"
+        )
     meter = Progress(enabled=progress)
-    opts = CheckOptions(full=not quick, path=subpath or "/", live=live, workers=workers,
-                        progress=meter)
+    opts = CheckOptions(
+        full=not quick, path=subpath or "/", live=live, workers=workers, progress=meter
+    )
     if repair and opts.path.strip("/"):
         raise UsageError("--repair works on the whole volume; drop --path")
-    result, store, header, master = open_and_check(Path(backing_dir), cred, opts,
-                                                   exclusive=repair and not dry_run)
+    result, store, header, master = open_and_check(
+        Path(backing_dir), cred, opts, exclusive=repair and not dry_run
+    )
     try:
         report = result.report
         if repair and master is not None:
             plan = plan_repair(result)
-            report.repair = {"dry_run": dry_run, "actions": plan.actions,
-                             "irreparable": plan.irreparable}
+            report.repair = {
+                "dry_run": dry_run,
+                "actions": plan.actions,
+                "irreparable": plan.irreparable,
+            }
             if not dry_run and not plan.irreparable and plan.actions:
-                after = _repair_rounds(store, header, master, result, plan, quick, workers,
-                                       meter, report.repair["actions"])
+                after = _repair_rounds(
+                    store,
+                    header,
+                    master,
+                    result,
+                    plan,
+                    quick,
+                    workers,
+                    meter,
+                    report.repair["actions"],
+                )
                 report.repair["clean_after"] = after.clean
                 report.repair["remaining"] = [f.to_dict() for f in after.problems]
             elif not dry_run:
@@ -113,27 +161,43 @@ def check(backing_dir: str, cred: Credential, subpath: str, quick: bool, repair:
         store.unlock()
     human = report.human()
     if report.repair and "clean_after" in report.repair:
-        human += ("\nafter repair: clean" if report.repair["clean_after"] else
-                  f"\nafter repair: {len(report.repair['remaining'])} problem(s) remain")
+        human += (
+            "\nafter repair: clean"
+            if report.repair["clean_after"]
+            else f"\nafter repair: {len(report.repair['remaining'])} problem(s) remain"
+        )
     # Corruption is an integrity failure, whatever --repair did (orphans and a torn journal
     # tail from a crash do not count): the exit code says what was found.
-    emit({**report.to_dict(), "exit_code": 0 if report.clean else exit_code(IntegrityError)},
-         as_json, human)
+    emit(
+        {**report.to_dict(), "exit_code": 0 if report.clean else exit_code(IntegrityError)},
+        as_json,
+        human,
+    )
     sys.stdout.flush()
     if not report.clean:
         fail_with(IntegrityError)
 
 
-def _repair_rounds(store: ObjectStore, header: Header, master: Secret, result: CheckResult,
-                   plan: Plan, quick: bool, workers: int | None, progress: Progress,
-                   actions: list[str], rounds: int = 3) -> Report:
+def _repair_rounds(
+    store: ObjectStore,
+    header: Header,
+    master: Secret,
+    result: CheckResult,
+    plan: Plan,
+    quick: bool,
+    workers: int | None,
+    progress: Progress,
+    actions: list[str],
+    rounds: int = 3,
+) -> Report:
     """Repair, re-check, and repeat while the re-check finds more to do: healing a record
     reveals its block map, whose blocks can only be checked (and healed) in the next round.
     Each round is one crash-safe commit."""
     for _ in range(rounds):
         apply_repair(store, header, master, result, plan)
-        result = check_volume(store, header, master, CheckOptions(
-            full=not quick, workers=workers, progress=progress))
+        result = check_volume(
+            store, header, master, CheckOptions(full=not quick, workers=workers, progress=progress)
+        )
         plan = plan_repair(result)
         if result.report.clean and not plan.orphans and not plan.stale:
             break

@@ -49,39 +49,80 @@ def kms_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     The command receives ``kms``: a :class:`KmsOptions`."""
 
-    @click.option("--kms", "kms_url", metavar="URL",
-                  help="Unlock through the KMS at URL (http://host:port): this CVM proves "
-                       "itself with a quote and receives the app key. Also checks and "
-                       "advances the volume's freshness anchor.")
-    @click.option("--kms-public-key", "kms_public_keys", metavar="HEX", multiple=True,
-                  help="Ed25519 public key (64 hex digits) of a KMS this CVM trusts, as "
-                       "`sealfs kms init` printed it; repeat it for each replica. Answers "
-                       "signed by any other key are refused. Required with --kms unless this "
-                       "CVM measured a key-provider event; never taken from the volume.")
-    @click.option("--trust-on-first-use", is_flag=True,
-                  help="Development only: trust whatever key the KMS announces (logged as a "
-                       "warning). A hostile host can redirect the KMS address and answer "
-                       "with a KMS of its own.")
-    @click.option("--app-id", metavar="HEX",
-                  help="App id to request keys for (default: the one in the volume's kms "
-                       "slot; it must match the app id this CVM attests as).")
-    @click.option("--attester", type=click.Choice(["tdx", "simulated"]), default="tdx",
-                  show_default=True,
-                  help="Quote source: 'tdx' (configfs-tsm) or 'simulated' (development "
-                       "only; the KMS must run with --allow-simulated).")
-    @click.option("--compose-hash", metavar="HEX",
-                  help="Simulated attester only: the compose hash this fake CVM measures "
-                       "(default: sha256 of 'sealfs-dev').")
-    @click.option("--kms-deadline", default=60.0, show_default=True,
-                  help="Seconds to keep retrying an unreachable KMS before failing.")
+    @click.option(
+        "--kms",
+        "kms_url",
+        metavar="URL",
+        help="Unlock through the KMS at URL (http://host:port): this CVM proves "
+        "itself with a quote and receives the app key. Also checks and "
+        "advances the volume's freshness anchor.",
+    )
+    @click.option(
+        "--kms-public-key",
+        "kms_public_keys",
+        metavar="HEX",
+        multiple=True,
+        help="Ed25519 public key (64 hex digits) of a KMS this CVM trusts, as "
+        "`sealfs kms init` printed it; repeat it for each replica. Answers "
+        "signed by any other key are refused. Required with --kms unless this "
+        "CVM measured a key-provider event; never taken from the volume.",
+    )
+    @click.option(
+        "--trust-on-first-use",
+        is_flag=True,
+        help="Development only: trust whatever key the KMS announces (logged as a "
+        "warning). A hostile host can redirect the KMS address and answer "
+        "with a KMS of its own.",
+    )
+    @click.option(
+        "--app-id",
+        metavar="HEX",
+        help="App id to request keys for (default: the one in the volume's kms "
+        "slot; it must match the app id this CVM attests as).",
+    )
+    @click.option(
+        "--attester",
+        type=click.Choice(["tdx", "simulated"]),
+        default="tdx",
+        show_default=True,
+        help="Quote source: 'tdx' (configfs-tsm) or 'simulated' (development "
+        "only; the KMS must run with --allow-simulated).",
+    )
+    @click.option(
+        "--compose-hash",
+        metavar="HEX",
+        help="Simulated attester only: the compose hash this fake CVM measures "
+        "(default: sha256 of 'sealfs-dev').",
+    )
+    @click.option(
+        "--kms-deadline",
+        default=60.0,
+        show_default=True,
+        help="Seconds to keep retrying an unreachable KMS before failing.",
+    )
     @functools.wraps(fn)
-    def wrapper(*args: Any, kms_url: str | None, kms_public_keys: tuple[str, ...],
-                trust_on_first_use: bool, app_id: str | None, attester: str,
-                compose_hash: str | None, kms_deadline: float, **kwargs: Any) -> Any:
+    def wrapper(
+        *args: Any,
+        kms_url: str | None,
+        kms_public_keys: tuple[str, ...],
+        trust_on_first_use: bool,
+        app_id: str | None,
+        attester: str,
+        compose_hash: str | None,
+        kms_deadline: float,
+        **kwargs: Any,
+    ) -> Any:
         if not kms_url and (kms_public_keys or trust_on_first_use):
             raise UsageError("--kms-public-key and --trust-on-first-use need --kms URL")
-        kwargs["kms"] = KmsOptions(kms_url, app_id, attester, compose_hash, kms_deadline,
-                                   kms_public_keys, trust_on_first_use)
+        kwargs["kms"] = KmsOptions(
+            kms_url,
+            app_id,
+            attester,
+            compose_hash,
+            kms_deadline,
+            kms_public_keys,
+            trust_on_first_use,
+        )
         return fn(*args, **kwargs)
 
     return wrapper
@@ -92,22 +133,42 @@ def credential_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     a command. The wrapped function receives ``cred``."""
 
     @kms_options
-    @click.option("--key-file", type=click.Path(dir_okay=False),
-                  help="Unlock with this key file (mode 0600, at least 32 random bytes).")
-    @click.option("--passphrase-file", type=click.Path(dir_okay=False),
-                  help="Unlock with the recovery passphrase stored in this file (mode 0600; "
-                       "one line, trailing newline ignored).")
-    @click.option("--passphrase", "ask_passphrase", is_flag=True,
-                  help="Unlock with the recovery passphrase, asked on the terminal (or read "
-                       "as one line from standard input when it is not a terminal).")
-    @click.option("--volume-id", "expected_volume", metavar="UUID",
-                  help="Refuse the volume unless its id is this one (as `sealfs info` shows "
-                       "it): a host cannot then swap in another volume that the same "
-                       "credential or app key opens.")
+    @click.option(
+        "--key-file",
+        type=click.Path(dir_okay=False),
+        help="Unlock with this key file (mode 0600, at least 32 random bytes).",
+    )
+    @click.option(
+        "--passphrase-file",
+        type=click.Path(dir_okay=False),
+        help="Unlock with the recovery passphrase stored in this file (mode 0600; "
+        "one line, trailing newline ignored).",
+    )
+    @click.option(
+        "--passphrase",
+        "ask_passphrase",
+        is_flag=True,
+        help="Unlock with the recovery passphrase, asked on the terminal (or read "
+        "as one line from standard input when it is not a terminal).",
+    )
+    @click.option(
+        "--volume-id",
+        "expected_volume",
+        metavar="UUID",
+        help="Refuse the volume unless its id is this one (as `sealfs info` shows "
+        "it): a host cannot then swap in another volume that the same "
+        "credential or app key opens.",
+    )
     @functools.wraps(fn)
-    def wrapper(*args: Any, key_file: str | None, passphrase_file: str | None,
-                ask_passphrase: bool, expected_volume: str | None, kms: KmsOptions,
-                **kwargs: Any) -> Any:
+    def wrapper(
+        *args: Any,
+        key_file: str | None,
+        passphrase_file: str | None,
+        ask_passphrase: bool,
+        expected_volume: str | None,
+        kms: KmsOptions,
+        **kwargs: Any,
+    ) -> Any:
         expected = parse_volume_id(expected_volume) if expected_volume else None
         if kms.url:
             if key_file or passphrase_file or ask_passphrase:
@@ -129,8 +190,9 @@ def kms_client(kms: KmsOptions) -> KmsClient:
         raise UsageError("--kms needs --app-id (or a volume whose kms slot names it)")
     # Lengths are the KMS client's to judge (a KmsError, like any other app id it refuses).
     app = _hex_option("--app-id", kms.app_id)
-    compose = _hex_option("--compose-hash", kms.compose_hash) if kms.compose_hash else \
-        DEV_COMPOSE_HASH
+    compose = (
+        _hex_option("--compose-hash", kms.compose_hash) if kms.compose_hash else DEV_COMPOSE_HASH
+    )
     keys = [_public_key(k) for k in kms.public_keys]
     if kms.attester == "simulated":
         from sealfs.attest.simulated import SimulatedAttester
@@ -138,19 +200,35 @@ def kms_client(kms: KmsOptions) -> KmsClient:
         quoter: Attester = SimulatedAttester(app, compose)
     else:
         if kms.compose_hash:
-            raise UsageError("--compose-hash only applies to --attester simulated; a real "
-                             "CVM's compose hash is measured at boot")
+            raise UsageError(
+                "--compose-hash only applies to --attester simulated; a real "
+                "CVM's compose hash is measured at boot"
+            )
         from sealfs.attest.configfs_tsm import ConfigfsTsmAttester
 
         quoter = ConfigfsTsmAttester()
-    return KmsClient(kms.url, app, quoter, trusted_keys=keys,
-                     trust_on_first_use=kms.trust_on_first_use, deadline_s=kms.deadline)
+    return KmsClient(
+        kms.url,
+        app,
+        quoter,
+        trusted_keys=keys,
+        trust_on_first_use=kms.trust_on_first_use,
+        deadline_s=kms.deadline,
+    )
 
 
 def kms_client_args(client: Any) -> list[str]:
     """The KMS options that make the same client again (for the mount daemon): no secrets."""
-    args = ["--kms", client.url, "--app-id", client.app_id.hex(),
-            "--attester", client.attester.kind, "--kms-deadline", str(client.deadline_s)]
+    args = [
+        "--kms",
+        client.url,
+        "--app-id",
+        client.app_id.hex(),
+        "--attester",
+        client.attester.kind,
+        "--kms-deadline",
+        str(client.deadline_s),
+    ]
     if client.attester.kind == "simulated":
         args += ["--compose-hash", client.attester.compose_hash.hex()]
     for key in client.trusted_keys:
@@ -164,8 +242,9 @@ def _public_key(text: str) -> bytes:
     try:
         return strict.hex_bytes(text, 32, 32)
     except ValueError:
-        raise UsageError(f"--kms-public-key {text!r} is not an Ed25519 public key (64 hex "
-                         "digits)") from None
+        raise UsageError(
+            f"--kms-public-key {text!r} is not an Ed25519 public key (64 hex digits)"
+        ) from None
 
 
 def _hex_option(option: str, text: str) -> bytes:
@@ -187,9 +266,9 @@ def _slot_app_id(backing: str | None) -> str | None:
     return slot.kms["app_id"] if slot is not None and slot.kms else None
 
 
-def resolve_credential(key_file: str | None, passphrase_file: str | None,
-                       ask_passphrase: bool,
-                       confirm: bool = False) -> KeyFileCredential | PassphraseCredential:
+def resolve_credential(
+    key_file: str | None, passphrase_file: str | None, ask_passphrase: bool, confirm: bool = False
+) -> KeyFileCredential | PassphraseCredential:
     given = [x for x in (key_file, passphrase_file, ask_passphrase) if x]
     if len(given) != 1:
         raise UsageError("give exactly one of --key-file, --passphrase-file, --passphrase")
@@ -220,5 +299,3 @@ def _checked(data: bytes) -> Secret:
     if len(data) < 8:
         raise UsageError("a passphrase must be at least 8 characters long")
     return Secret(data)
-
-

@@ -35,16 +35,30 @@ def _run(*args: str, input: bytes | None = None) -> str:
     res = subprocess.run(cmd, input=input, capture_output=True)
     out = res.stdout.decode(errors="replace").strip()
     if res.returncode != 0:
-        raise DemoFailed(f"step 'sealfs {args[0]}' failed ({res.returncode}): "
-                         f"{res.stderr.decode(errors='replace').strip()}")
+        raise DemoFailed(
+            f"step 'sealfs {args[0]}' failed ({res.returncode}): "
+            f"{res.stderr.decode(errors='replace').strip()}"
+        )
     if out:
         click.echo("  " + out.replace("\n", "\n  "), err=True)
     return out
 
 
 def _start_kms(work: Path) -> tuple[subprocess.Popen[bytes], str]:
-    args = [sys.executable, "-m", "sealfs", "kms", "serve", "--state", str(work / "kms.db"),
-            "--secret-file", str(work / "operator.secret"), "--port", "0", "--allow-simulated"]
+    args = [
+        sys.executable,
+        "-m",
+        "sealfs",
+        "kms",
+        "serve",
+        "--state",
+        str(work / "kms.db"),
+        "--secret-file",
+        str(work / "operator.secret"),
+        "--port",
+        "0",
+        "--allow-simulated",
+    ]
     click.echo("$ sealfs kms serve --allow-simulated (background)", err=True)
     log = open(work / "kms.log", "wb")  # noqa: SIM115 - handed to the child
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL)
@@ -59,11 +73,18 @@ def _start_kms(work: Path) -> tuple[subprocess.Popen[bytes], str]:
 
 
 @click.command()
-@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path),
-              help="Where to put the KMS state, the backing directory and the mountpoint "
-                   "(default: a new temporary directory, removed afterwards).")
-@click.option("--size-mib", default=64, show_default=True,
-              help="Size of the random file written and read back.")
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where to put the KMS state, the backing directory and the mountpoint "
+    "(default: a new temporary directory, removed afterwards).",
+)
+@click.option(
+    "--size-mib",
+    default=64,
+    show_default=True,
+    help="Size of the random file written and read back.",
+)
 @click.option("--keep", is_flag=True, help="Keep the work directory for inspection.")
 def demo(workdir: Path | None, size_mib: int, keep: bool) -> None:
     """Run the whole life of a volume on embedded defaults.
@@ -81,16 +102,42 @@ def demo(workdir: Path | None, size_mib: int, keep: bool) -> None:
         secret = work / "operator.secret"
         secret.write_bytes(os.urandom(32).hex().encode() + b"\n")
         secret.chmod(0o600)
-        init = _run("kms", "init", "--state", str(work / "kms.db"), "--secret-file",
-                    str(secret), "--kdf-memory-kib", "8192")
+        init = _run(
+            "kms",
+            "init",
+            "--state",
+            str(work / "kms.db"),
+            "--secret-file",
+            str(secret),
+            "--kdf-memory-kib",
+            "8192",
+        )
         kms_public_key = init.rsplit("KMS public key: ", 1)[-1].strip()
-        _run("kms", "policy", "set", APP_ID, "--state", str(work / "kms.db"), "--secret-file",
-             str(secret), "--simulated", "--compose-hash", COMPOSE)
+        _run(
+            "kms",
+            "policy",
+            "set",
+            APP_ID,
+            "--state",
+            str(work / "kms.db"),
+            "--secret-file",
+            str(secret),
+            "--simulated",
+            "--compose-hash",
+            COMPOSE,
+        )
         kms, url = _start_kms(work)
-        kms_args = ["--kms", url, "--kms-public-key", kms_public_key, "--attester",
-                    "simulated", "--app-id", APP_ID]
-        _run("create", str(backing), *kms_args, "--new-key-file", str(key),
-             "--compression", "lz4")
+        kms_args = [
+            "--kms",
+            url,
+            "--kms-public-key",
+            kms_public_key,
+            "--attester",
+            "simulated",
+            "--app-id",
+            APP_ID,
+        ]
+        _run("create", str(backing), *kms_args, "--new-key-file", str(key), "--compression", "lz4")
         _run("info", str(backing))
         mnt.mkdir(exist_ok=True)
         log = str(work / "sealfs.log")
@@ -107,19 +154,25 @@ def demo(workdir: Path | None, size_mib: int, keep: bool) -> None:
         click.echo(f"  wrote {size_mib} MiB + 200 small files in {written:.1f}s", err=True)
         _run("umount", str(mnt))
         _run("mount", str(backing), str(mnt), *kms_args, "--log-file", log)
-        ok = (hashlib.sha256((mnt / "data.bin").read_bytes()).digest()
-              == hashlib.sha256(payload).digest()
-              and all((mnt / "docs" / f"note-{i}.txt").read_text() == f"note {i}\n" * 50
-                      for i in range(200))
-              and (mnt / "latest").read_text() == "note 1\n" * 50
-              and os.getxattr(mnt / "data.bin", "user.origin") == b"sealfs demo")
+        ok = (
+            hashlib.sha256((mnt / "data.bin").read_bytes()).digest()
+            == hashlib.sha256(payload).digest()
+            and all(
+                (mnt / "docs" / f"note-{i}.txt").read_text() == f"note {i}\n" * 50
+                for i in range(200)
+            )
+            and (mnt / "latest").read_text() == "note 1\n" * 50
+            and os.getxattr(mnt / "data.bin", "user.origin") == b"sealfs demo"
+        )
         if not ok:
             raise DemoFailed("data read back after remount differs from what was written")
         click.echo("  read back: identical", err=True)
         _run("umount", str(mnt))
         _run("check", str(backing), *kms_args)
-        click.echo(f"demo finished: volume {backing} created, mounted, written, read back, "
-                   "checked and unmounted")
+        click.echo(
+            f"demo finished: volume {backing} created, mounted, written, read back, "
+            "checked and unmounted"
+        )
     finally:
         if is_mounted(mnt):
             subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)

@@ -26,14 +26,22 @@ MIN_SECRET_BYTES = 16
 MAX_SECRET_BYTES = 4096
 
 state_option = click.option(
-    "--state", "state", required=True, envvar="SEALFS_KMS_STATE", show_envvar=True,
+    "--state",
+    "state",
+    required=True,
+    envvar="SEALFS_KMS_STATE",
+    show_envvar=True,
     type=click.Path(dir_okay=False, path_type=Path),
-    help="KMS state file (SQLite): sealed root key, policies, volume epochs.")
+    help="KMS state file (SQLite): sealed root key, policies, volume epochs.",
+)
 secret_option = click.option(
-    "--secret-file", "secret_file", type=click.Path(dir_okay=False, path_type=Path),
+    "--secret-file",
+    "secret_file",
+    type=click.Path(dir_okay=False, path_type=Path),
     help="File holding the operator secret (must not be accessible by group or others). "
-         "Without this option the secret is read from standard input. It is never taken "
-         "from the command line or the environment.")
+    "Without this option the secret is read from standard input. It is never taken "
+    "from the command line or the environment.",
+)
 
 
 def read_operator_secret(path: Path | None, confirm: bool = False) -> Secret:
@@ -88,8 +96,13 @@ def kms() -> None:
 @kms.command("init")
 @state_option
 @secret_option
-@click.option("--kdf-memory-kib", type=click.IntRange(8192, 4 * 1024 * 1024), default=65536,
-              show_default=True, help="argon2id memory cost for sealing the root key.")
+@click.option(
+    "--kdf-memory-kib",
+    type=click.IntRange(8192, 4 * 1024 * 1024),
+    default=65536,
+    show_default=True,
+    help="argon2id memory cost for sealing the root key.",
+)
 @json_option
 def init(state: Path, secret_file: Path | None, kdf_memory_kib: int, as_json: bool) -> None:
     """Create a new KMS state file with a fresh random root key.
@@ -103,8 +116,11 @@ def init(state: Path, secret_file: Path | None, kdf_memory_kib: int, as_json: bo
     secret = read_operator_secret(secret_file, confirm=True)
     _, root = KmsStore.initialize(state, secret, KdfParams.default(memory_kib=kdf_memory_kib))
     pub = identity_key(root).public_bytes.hex()
-    emit({"ok": True, "state": str(state), "kms_public_key": pub}, as_json,
-         f"created KMS state {state}\nKMS public key: {pub}")
+    emit(
+        {"ok": True, "state": str(state), "kms_public_key": pub},
+        as_json,
+        f"created KMS state {state}\nKMS public key: {pub}",
+    )
 
 
 @kms.command("info")
@@ -124,54 +140,121 @@ def info(state: Path, secret_file: Path | None, as_json: bool) -> None:
     version = store.verify(macs).version
     apps = [p.app_id.hex() for p in store.list_policies(macs)]
     pub = identity_key(root).public_bytes.hex()
-    emit({"ok": True, "kms_public_key": pub, "state_version": version, "apps": apps}, as_json,
-         f"KMS public key: {pub}\nstate table version: {version}\n"
-         f"apps with a policy: {len(apps)}" + "".join(f"\n  {a}" for a in apps))
+    emit(
+        {"ok": True, "kms_public_key": pub, "state_version": version, "apps": apps},
+        as_json,
+        f"KMS public key: {pub}\nstate table version: {version}\n"
+        f"apps with a policy: {len(apps)}" + "".join(f"\n  {a}" for a in apps),
+    )
 
 
 @kms.command("serve")
 @state_option
 @secret_option
-@click.option("--host", default="127.0.0.1", show_default=True,
-              help="Address to listen on. Anything but loopback exposes the KMS to the network.")
-@click.option("--port", type=click.IntRange(0, 65535), default=8750, show_default=True,
-              help="TCP port; 0 picks a free one (printed on startup).")
-@click.option("--allow-simulated", is_flag=True,
-              help="DANGEROUS: accept simulated (software-signed) quotes for apps whose policy "
-                   "opts in (policy set --simulated). Only for development and CI; anyone can "
-                   "forge them.")
-@click.option("--collateral", "collateral_file", type=click.Path(dir_okay=False, path_type=Path),
-              help="DCAP collateral (JSON) used for TDX quotes whose request carries none.")
-@click.option("--nonce-ttl", type=click.IntRange(5, 600), default=60, show_default=True,
-              help="Seconds a key-release nonce stays valid.")
-@click.option("--header-timeout", type=click.FloatRange(0.5, 300), default=5.0,
-              show_default=True,
-              help="Seconds a client has to send its request headers; idle and slow-loris "
-                   "connections get 408 and are closed (never more than --request-timeout).")
-@click.option("--request-timeout", type=click.FloatRange(0.5, 300), default=10.0,
-              show_default=True,
-              help="Seconds a client has to send one whole request (slow senders get 408); "
-                   "also the longest a connection waits in the queue for a free slot.")
-@click.option("--max-connections", type=click.IntRange(1, 4096), default=128,
-              show_default=True,
-              help="Connections served at once; more wait in a fair queue (the next free slot "
-                   "goes to the waiting peer holding the fewest).")
-@click.option("--max-connections-per-peer", type=click.IntRange(1, 4096), default=16,
-              show_default=True,
-              help="Open connections (served or queued) per peer address (IPv4 address or "
-                   "IPv6 /64); one more gets 429 and is closed. CVMs behind one NAT share it.")
-@click.option("--max-queued", type=click.IntRange(0, 65536), default=512, show_default=True,
-              help="Connections that may wait for a slot; beyond that new ones get 503.")
-@click.option("--min-state-version", type=click.IntRange(0), default=0, show_default=True,
-              help="Refuse to start if the state file's table version (logged at every "
-                   "start) is lower: pass the last version you recorded to catch a state "
-                   "file restored from an older copy.")
-@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
-              default="info", show_default=True, help="Log verbosity (logs go to stderr).")
-def serve(state: Path, secret_file: Path | None, host: str, port: int, allow_simulated: bool,
-          collateral_file: Path | None, nonce_ttl: int, header_timeout: float,
-          request_timeout: float, max_connections: int, max_connections_per_peer: int,
-          max_queued: int, min_state_version: int, log_level: str) -> None:
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on. Anything but loopback exposes the KMS to the network.",
+)
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=8750,
+    show_default=True,
+    help="TCP port; 0 picks a free one (printed on startup).",
+)
+@click.option(
+    "--allow-simulated",
+    is_flag=True,
+    help="DANGEROUS: accept simulated (software-signed) quotes for apps whose policy "
+    "opts in (policy set --simulated). Only for development and CI; anyone can "
+    "forge them.",
+)
+@click.option(
+    "--collateral",
+    "collateral_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="DCAP collateral (JSON) used for TDX quotes whose request carries none.",
+)
+@click.option(
+    "--nonce-ttl",
+    type=click.IntRange(5, 600),
+    default=60,
+    show_default=True,
+    help="Seconds a key-release nonce stays valid.",
+)
+@click.option(
+    "--header-timeout",
+    type=click.FloatRange(0.5, 300),
+    default=5.0,
+    show_default=True,
+    help="Seconds a client has to send its request headers; idle and slow-loris "
+    "connections get 408 and are closed (never more than --request-timeout).",
+)
+@click.option(
+    "--request-timeout",
+    type=click.FloatRange(0.5, 300),
+    default=10.0,
+    show_default=True,
+    help="Seconds a client has to send one whole request (slow senders get 408); "
+    "also the longest a connection waits in the queue for a free slot.",
+)
+@click.option(
+    "--max-connections",
+    type=click.IntRange(1, 4096),
+    default=128,
+    show_default=True,
+    help="Connections served at once; more wait in a fair queue (the next free slot "
+    "goes to the waiting peer holding the fewest).",
+)
+@click.option(
+    "--max-connections-per-peer",
+    type=click.IntRange(1, 4096),
+    default=16,
+    show_default=True,
+    help="Open connections (served or queued) per peer address (IPv4 address or "
+    "IPv6 /64); one more gets 429 and is closed. CVMs behind one NAT share it.",
+)
+@click.option(
+    "--max-queued",
+    type=click.IntRange(0, 65536),
+    default=512,
+    show_default=True,
+    help="Connections that may wait for a slot; beyond that new ones get 503.",
+)
+@click.option(
+    "--min-state-version",
+    type=click.IntRange(0),
+    default=0,
+    show_default=True,
+    help="Refuse to start if the state file's table version (logged at every "
+    "start) is lower: pass the last version you recorded to catch a state "
+    "file restored from an older copy.",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="info",
+    show_default=True,
+    help="Log verbosity (logs go to stderr).",
+)
+def serve(
+    state: Path,
+    secret_file: Path | None,
+    host: str,
+    port: int,
+    allow_simulated: bool,
+    collateral_file: Path | None,
+    nonce_ttl: int,
+    header_timeout: float,
+    request_timeout: float,
+    max_connections: int,
+    max_connections_per_peer: int,
+    max_queued: int,
+    min_state_version: int,
+    log_level: str,
+) -> None:
     """Run the KMS HTTP service until interrupted.
 
     Unlocks the root key with the operator secret, then serves GET /v1/info, POST /v1/nonce,
@@ -202,24 +285,40 @@ def serve(state: Path, secret_file: Path | None, host: str, port: int, allow_sim
             raise UsageError("collateral file must hold a JSON object")
     store = KmsStore(state)
     root = store.unlock(read_operator_secret(secret_file))
-    service = KmsService(store, root, ServiceConfig(allow_simulated=allow_simulated,
-                                                    nonce_ttl_s=float(nonce_ttl),
-                                                    default_collateral=collateral))
+    service = KmsService(
+        store,
+        root,
+        ServiceConfig(
+            allow_simulated=allow_simulated,
+            nonce_ttl_s=float(nonce_ttl),
+            default_collateral=collateral,
+        ),
+    )
     if service.state_version < min_state_version:
-        raise IntegrityError(f"KMS state table version {service.state_version} is below "
-                             f"--min-state-version {min_state_version}: the state file was "
-                             "rolled back")
+        raise IntegrityError(
+            f"KMS state table version {service.state_version} is below "
+            f"--min-state-version {min_state_version}: the state file was "
+            "rolled back"
+        )
     if allow_simulated:
-        banner = ("*** --allow-simulated: this KMS releases keys to SIMULATED TEEs whose quotes "
-                  "anyone can forge. NEVER use it for real data. ***")
+        banner = (
+            "*** --allow-simulated: this KMS releases keys to SIMULATED TEEs whose quotes "
+            "anyone can forge. NEVER use it for real data. ***"
+        )
         click.echo(banner, err=True)
         log.warning(banner)
     if host not in ("127.0.0.1", "::1", "localhost"):
         log.warning("listening on %s: the KMS is reachable from the network", host)
-    server = KmsHttpServer(service, HttpLimits(
-        header_timeout_s=min(header_timeout, request_timeout), read_timeout_s=request_timeout,
-        max_connections=max_connections, max_connections_per_peer=max_connections_per_peer,
-        max_queued=max_queued))
+    server = KmsHttpServer(
+        service,
+        HttpLimits(
+            header_timeout_s=min(header_timeout, request_timeout),
+            read_timeout_s=request_timeout,
+            max_connections=max_connections,
+            max_connections_per_peer=max_connections_per_peer,
+            max_queued=max_queued,
+        ),
+    )
 
     async def main() -> None:
         try:
@@ -228,8 +327,9 @@ def serve(state: Path, secret_file: Path | None, host: str, port: int, allow_sim
             raise UsageError(f"cannot listen on {host}:{port}: {e.strerror}") from None
         bound = listeners[0].socket.getsockname()[1]
         shown = f"[{host}]" if ":" in host else host
-        click.echo(f"listening on http://{shown}:{bound} "
-                   f"(KMS public key {service.public_key.hex()})")
+        click.echo(
+            f"listening on http://{shown}:{bound} (KMS public key {service.public_key.hex()})"
+        )
         sys.stdout.flush()
         await server.serve_listeners(listeners)
 
@@ -250,38 +350,74 @@ def policy() -> None:
 @click.argument("app_id")
 @state_option
 @secret_option
-@click.option("--file", "policy_file", type=click.File("rb"),
-              help="A policy as JSON ('-' for stdin): app_id, measurements "
-                   "[{mrtd, rtmr0, rtmr1, rtmr2}], compose_hashes, tcb_statuses, allow_debug, "
-                   "allow_simulated, require_sept_ve_disable, allow_reserved_td_attributes, "
-                   "allow_service_td (docs/attestation.md). Flags below add to it.")
+@click.option(
+    "--file",
+    "policy_file",
+    type=click.File("rb"),
+    help="A policy as JSON ('-' for stdin): app_id, measurements "
+    "[{mrtd, rtmr0, rtmr1, rtmr2}], compose_hashes, tcb_statuses, allow_debug, "
+    "allow_simulated, require_sept_ve_disable, allow_reserved_td_attributes, "
+    "allow_service_td (docs/attestation.md). Flags below add to it.",
+)
 @click.option("--mrtd", help="MRTD (48-byte hex) of one allowed image; needs --rtmr0..2.")
 @click.option("--rtmr0", help="RTMR0 (48-byte hex) of that image.")
 @click.option("--rtmr1", help="RTMR1 (48-byte hex) of that image.")
 @click.option("--rtmr2", help="RTMR2 (48-byte hex) of that image.")
-@click.option("--simulated", is_flag=True,
-              help="Development only: accept simulated TEEs for this app (the KMS must also "
-                   "run with --allow-simulated) and allow their default measurements.")
-@click.option("--compose-hash", "compose_hashes", multiple=True,
-              help="Allowed compose hash (32-byte hex); repeatable.")
-@click.option("--tcb-status", "tcb_statuses", multiple=True,
-              help="Allowed TCB status; repeatable (default: UpToDate).")
+@click.option(
+    "--simulated",
+    is_flag=True,
+    help="Development only: accept simulated TEEs for this app (the KMS must also "
+    "run with --allow-simulated) and allow their default measurements.",
+)
+@click.option(
+    "--compose-hash",
+    "compose_hashes",
+    multiple=True,
+    help="Allowed compose hash (32-byte hex); repeatable.",
+)
+@click.option(
+    "--tcb-status",
+    "tcb_statuses",
+    multiple=True,
+    help="Allowed TCB status; repeatable (default: UpToDate).",
+)
 @click.option("--allow-debug", is_flag=True, help="Allow debug TDs (the host can read them).")
-@click.option("--allow-sept-ve", is_flag=True,
-              help="Allow TDs without SEPT_VE_DISABLE (TD attribute bit 28), in which the host "
-                   "can make EPT violations raise #VE inside the guest. Default: refused.")
-@click.option("--allow-reserved-td-attributes", is_flag=True,
-              help="Allow TD attribute bits this verifier does not know. Default: refused.")
-@click.option("--allow-service-td", is_flag=True,
-              help="Allow a non-zero MRSERVICETD (a service TD bound to this TD, e.g. a "
-                   "migration TD). Default: refused.")
+@click.option(
+    "--allow-sept-ve",
+    is_flag=True,
+    help="Allow TDs without SEPT_VE_DISABLE (TD attribute bit 28), in which the host "
+    "can make EPT violations raise #VE inside the guest. Default: refused.",
+)
+@click.option(
+    "--allow-reserved-td-attributes",
+    is_flag=True,
+    help="Allow TD attribute bits this verifier does not know. Default: refused.",
+)
+@click.option(
+    "--allow-service-td",
+    is_flag=True,
+    help="Allow a non-zero MRSERVICETD (a service TD bound to this TD, e.g. a "
+    "migration TD). Default: refused.",
+)
 @json_option
-def policy_set(app_id: str, state: Path, secret_file: Path | None, policy_file: Any,
-               mrtd: str | None, rtmr0: str | None, rtmr1: str | None, rtmr2: str | None,
-               simulated: bool, compose_hashes: tuple[str, ...],
-               tcb_statuses: tuple[str, ...], allow_debug: bool, allow_sept_ve: bool,
-               allow_reserved_td_attributes: bool, allow_service_td: bool,
-               as_json: bool) -> None:
+def policy_set(
+    app_id: str,
+    state: Path,
+    secret_file: Path | None,
+    policy_file: Any,
+    mrtd: str | None,
+    rtmr0: str | None,
+    rtmr1: str | None,
+    rtmr2: str | None,
+    simulated: bool,
+    compose_hashes: tuple[str, ...],
+    tcb_statuses: tuple[str, ...],
+    allow_debug: bool,
+    allow_sept_ve: bool,
+    allow_reserved_td_attributes: bool,
+    allow_service_td: bool,
+    as_json: bool,
+) -> None:
     """Create or replace the policy of APP_ID (hex). The key version is kept."""
     from sealfs.attest import simulated as sim
     from sealfs.kms.policy import AppPolicy
@@ -306,13 +442,21 @@ def policy_set(app_id: str, state: Path, secret_file: Path | None, policy_file: 
     if any(regs):
         if not all(regs):
             raise UsageError("--mrtd, --rtmr0, --rtmr1 and --rtmr2 go together")
-        doc["measurements"] = [*doc["measurements"],
-                               dict(zip(("mrtd", "rtmr0", "rtmr1", "rtmr2"), regs, strict=True))]
+        doc["measurements"] = [
+            *doc["measurements"],
+            dict(zip(("mrtd", "rtmr0", "rtmr1", "rtmr2"), regs, strict=True)),
+        ]
     if simulated:
         doc["allow_simulated"] = True
-        doc["measurements"] = [*doc["measurements"], {
-            "mrtd": sim.DEFAULT_MRTD.hex(), "rtmr0": sim.DEFAULT_RTMR0.hex(),
-            "rtmr1": sim.DEFAULT_RTMR1.hex(), "rtmr2": sim.DEFAULT_RTMR2.hex()}]
+        doc["measurements"] = [
+            *doc["measurements"],
+            {
+                "mrtd": sim.DEFAULT_MRTD.hex(),
+                "rtmr0": sim.DEFAULT_RTMR0.hex(),
+                "rtmr1": sim.DEFAULT_RTMR1.hex(),
+                "rtmr2": sim.DEFAULT_RTMR2.hex(),
+            },
+        ]
     doc["compose_hashes"] = [*doc["compose_hashes"], *compose_hashes]
     if tcb_statuses:
         doc["tcb_statuses"] = list(tcb_statuses)
@@ -332,8 +476,11 @@ def policy_set(app_id: str, state: Path, secret_file: Path | None, policy_file: 
     if old is not None:
         new = new.with_version(old.key_version)
     store.put_policy(macs, new)
-    emit({"ok": True, "policy": new.to_dict()}, as_json,
-         f"policy for app {app.hex()} saved (key version {new.key_version})")
+    emit(
+        {"ok": True, "policy": new.to_dict()},
+        as_json,
+        f"policy for app {app.hex()} saved (key version {new.key_version})",
+    )
 
 
 @policy.command("show")
@@ -341,8 +488,7 @@ def policy_set(app_id: str, state: Path, secret_file: Path | None, policy_file: 
 @state_option
 @secret_option
 @json_option
-def policy_show(app_id: str | None, state: Path, secret_file: Path | None,
-                as_json: bool) -> None:
+def policy_show(app_id: str | None, state: Path, secret_file: Path | None, as_json: bool) -> None:
     """Show the policy of APP_ID, or of every app (MACs are verified)."""
     store, macs, _ = _open(state, secret_file)
     if app_id is not None:
@@ -353,8 +499,11 @@ def policy_show(app_id: str | None, state: Path, secret_file: Path | None,
     else:
         policies = store.list_policies(macs)
     docs = [p.to_dict() for p in policies]
-    emit({"ok": True, "policies": docs}, as_json,
-         "\n".join(json.dumps(d, indent=2) for d in docs) or "no policies")
+    emit(
+        {"ok": True, "policies": docs},
+        as_json,
+        "\n".join(json.dumps(d, indent=2) for d in docs) or "no policies",
+    )
 
 
 @policy.command("remove")
@@ -383,6 +532,8 @@ def policy_rotate(app_id: str, state: Path, secret_file: Path | None, as_json: b
     """
     store, macs, _ = _open(state, secret_file)
     new = store.rotate_policy(macs, _app_id(app_id))
-    emit({"ok": True, "app_id": app_id, "key_version": new.key_version}, as_json,
-         f"app {app_id} now at key version {new.key_version}")
-
+    emit(
+        {"ok": True, "app_id": app_id, "key_version": new.key_version},
+        as_json,
+        f"app {app_id} now at key version {new.key_version}",
+    )

@@ -32,11 +32,14 @@ FC = Callable[..., Any]
 
 def _profile_options(fn: FC) -> FC:
     fn = click.option(
-        "--recovery-slot", is_flag=True,
+        "--recovery-slot",
+        is_flag=True,
         help="The volume has a recovery key slot (slot 1) besides the KMS slot.",
     )(fn)
     return click.option(
-        "--integrity", type=click.Choice(sorted(P.INTEGRITY_MODES)), default=None,
+        "--integrity",
+        type=click.Choice(sorted(P.INTEGRITY_MODES)),
+        default=None,
         help="The volume uses dm-integrity with this MAC (authenticated sectors).",
     )(fn)
 
@@ -47,18 +50,21 @@ def _key_options(fn: FC) -> FC:
 
     @kms_options
     @click.option(
-        "--key-file", type=str,
+        "--key-file",
+        type=str,
         help="File holding the passphrase (used verbatim; mode 0600). Alternative to --kms.",
     )
     @click.option(
-        "--volume-id", metavar="ID",
+        "--volume-id",
+        metavar="ID",
         help="Volume id the key is bound to (KMS purpose luks-passphrase). Required with "
-             "--kms; trusted configuration, never read from the disk. Default with "
-             "--key-file: 'default'.",
+        "--kms; trusted configuration, never read from the disk. Default with "
+        "--key-file: 'default'.",
     )
     @functools.wraps(fn)
-    def wrapper(*args: Any, key_file: str | None, volume_id: str | None,
-                kms: KmsOptions, **kwargs: Any) -> Any:
+    def wrapper(
+        *args: Any, key_file: str | None, volume_id: str | None, kms: KmsOptions, **kwargs: Any
+    ) -> Any:
         kwargs["keys"], kwargs["binding"] = _key_source(key_file, volume_id, kms)
         return fn(*args, **kwargs)
 
@@ -66,10 +72,10 @@ def _key_options(fn: FC) -> FC:
     # the options mean for a LUKS volume instead.
     helps = {
         "kms_url": "Get the passphrase from the KMS at URL (http://host:port): this CVM proves "
-                   "itself with a quote and receives the key for --app-id and --volume-id. "
-                   "Alternative to --key-file.",
+        "itself with a quote and receives the key for --app-id and --volume-id. "
+        "Alternative to --key-file.",
         "app_id": "App id the key is bound to: hex, required with --kms (the app id this CVM "
-                  "attests as). Default with --key-file: 'local'.",
+        "attests as). Default with --key-file: 'local'.",
     }
     for param in getattr(wrapper, "__click_params__", []):
         if param.name in helps:
@@ -77,8 +83,9 @@ def _key_options(fn: FC) -> FC:
     return wrapper
 
 
-def _key_source(key_file: str | None, volume_id: str | None,
-                kms: KmsOptions) -> tuple[KeySource, KeyBinding]:
+def _key_source(
+    key_file: str | None, volume_id: str | None, kms: KmsOptions
+) -> tuple[KeySource, KeyBinding]:
     """The key source and what the key is bound to; nothing is fetched or read yet."""
     from sealfs.luks.keys import KeyBinding, KeyFileSource, KmsKeySource
 
@@ -86,33 +93,41 @@ def _key_source(key_file: str | None, volume_id: str | None,
         raise UsageError("give exactly one of --kms URL or --key-file PATH")
     if not kms.url:
         assert key_file is not None
-        return KeyFileSource(key_file), KeyBinding(app_id=kms.app_id or "local",
-                                                    volume_id=volume_id or "default")
+        return KeyFileSource(key_file), KeyBinding(
+            app_id=kms.app_id or "local", volume_id=volume_id or "default"
+        )
     if not kms.app_id:
         raise UsageError("--kms needs --app-id (the app id this CVM attests as)")
     if not volume_id:
-        raise UsageError("--kms needs --volume-id: every volume gets its own key, and the id "
-                         "is configuration, never read from the disk")
+        raise UsageError(
+            "--kms needs --volume-id: every volume gets its own key, and the id "
+            "is configuration, never read from the disk"
+        )
     log_warnings()
     source = KmsKeySource(kms_client(kms))
     return source, source.binding(volume_id)
 
 
-def _slot_key(keys: KeySource, binding: KeyBinding,
-              use_recovery: bool) -> Callable[[HeaderInfo], Secret]:
+def _slot_key(
+    keys: KeySource, binding: KeyBinding, use_recovery: bool
+) -> Callable[[HeaderInfo], Secret]:
     """The passphrase for the slot being opened, chosen from the validated header."""
     from sealfs.luks.keys import KeyFileSource
 
     if use_recovery and not isinstance(keys, KeyFileSource):
-        raise UsageError("--use-recovery takes the recovery passphrase from --key-file, not "
-                         "from the KMS")
+        raise UsageError(
+            "--use-recovery takes the recovery passphrase from --key-file, not from the KMS"
+        )
     return lambda info: keys.existing_key(binding, info.kms_key_version)
 
 
 def _recovery_cost_option(fn: FC) -> FC:
     return click.option(
-        "--recovery-iter-time", type=click.IntRange(100, 60_000), default=2000,
-        show_default=True, metavar="MS",
+        "--recovery-iter-time",
+        type=click.IntRange(100, 60_000),
+        default=2000,
+        show_default=True,
+        metavar="MS",
         help="argon2id cost of the recovery slot, as cryptsetup's benchmarked unlock time.",
     )(fn)
 
@@ -141,15 +156,28 @@ def luks() -> None:
 @luks.command("format")
 @click.argument("device", type=str)
 @_key_options
-@click.option("--recovery-key-file", type=str,
-              help="Also add a recovery key slot unlocked by this passphrase file (mode 0600).")
+@click.option(
+    "--recovery-key-file",
+    type=str,
+    help="Also add a recovery key slot unlocked by this passphrase file (mode 0600).",
+)
 @_recovery_cost_option
-@click.option("--integrity", type=click.Choice(sorted(P.INTEGRITY_MODES)), default=None,
-              help="Authenticate every sector with dm-integrity (wipes the device; slow).")
+@click.option(
+    "--integrity",
+    type=click.Choice(sorted(P.INTEGRITY_MODES)),
+    default=None,
+    help="Authenticate every sector with dm-integrity (wipes the device; slow).",
+)
 @json_option
-def format_cmd(device: str, keys: KeySource, binding: KeyBinding,
-               recovery_key_file: str | None, recovery_iter_time: int, integrity: str | None,
-               as_json: bool) -> None:
+def format_cmd(
+    device: str,
+    keys: KeySource,
+    binding: KeyBinding,
+    recovery_key_file: str | None,
+    recovery_iter_time: int,
+    integrity: str | None,
+    as_json: bool,
+) -> None:
     """Format a blank DEVICE (block device or image file) as a sealfs LUKS2 volume.
 
     Refuses anything that is not blank. A format interrupted by a crash is finished. With
@@ -162,13 +190,27 @@ def format_cmd(device: str, keys: KeySource, binding: KeyBinding,
     recovery = read_key_file(recovery_key_file) if recovery_key_file else None
     profile = _profile(integrity, recovery is not None)
     new = keys.new_key(binding)
-    info = format_volume(device, new.passphrase, profile, recovery=recovery,
-                         recovery_cost=_recovery_cost(recovery_iter_time),
-                         key_version=new.key_version)
-    emit({"ok": True, "device": device, "uuid": info.uuid, "profile": profile.describe(),
-          "app_id": binding.app_id, "volume_id": binding.volume_id,
-          "kms_key_version": info.kms_key_version},
-         as_json, f"formatted {device} (LUKS2 {info.uuid}; {profile.describe()})")
+    info = format_volume(
+        device,
+        new.passphrase,
+        profile,
+        recovery=recovery,
+        recovery_cost=_recovery_cost(recovery_iter_time),
+        key_version=new.key_version,
+    )
+    emit(
+        {
+            "ok": True,
+            "device": device,
+            "uuid": info.uuid,
+            "profile": profile.describe(),
+            "app_id": binding.app_id,
+            "volume_id": binding.volume_id,
+            "kms_key_version": info.kms_key_version,
+        },
+        as_json,
+        f"formatted {device} (LUKS2 {info.uuid}; {profile.describe()})",
+    )
 
 
 def _keyslot(use_recovery: bool, recovery_slot: bool) -> int:
@@ -184,31 +226,59 @@ def _keyslot(use_recovery: bool, recovery_slot: bool) -> int:
 @click.argument("name")
 @_key_options
 @_profile_options
-@click.option("--use-recovery", is_flag=True,
-              help="The key file holds the recovery passphrase: unlock key slot 1.")
+@click.option(
+    "--use-recovery",
+    is_flag=True,
+    help="The key file holds the recovery passphrase: unlock key slot 1.",
+)
 @json_option
-def open_cmd(device: str, name: str, keys: KeySource, binding: KeyBinding,
-             integrity: str | None, recovery_slot: bool, use_recovery: bool,
-             as_json: bool) -> None:
+def open_cmd(
+    device: str,
+    name: str,
+    keys: KeySource,
+    binding: KeyBinding,
+    integrity: str | None,
+    recovery_slot: bool,
+    use_recovery: bool,
+    as_json: bool,
+) -> None:
     """Validate DEVICE's header, then map it as /dev/mapper/NAME (from the validated copy)."""
     from sealfs.luks.volume import mapper_path, open_volume
 
     keyslot = _keyslot(use_recovery, recovery_slot)
-    info = open_volume(device, name, _slot_key(keys, binding, use_recovery),
-                       _profile(integrity, recovery_slot), keyslot=keyslot)
-    emit({"ok": True, "device": device, "mapper": mapper_path(name), "uuid": info.uuid},
-         as_json, f"opened {device} as {mapper_path(name)}")
+    info = open_volume(
+        device,
+        name,
+        _slot_key(keys, binding, use_recovery),
+        _profile(integrity, recovery_slot),
+        keyslot=keyslot,
+    )
+    emit(
+        {"ok": True, "device": device, "mapper": mapper_path(name), "uuid": info.uuid},
+        as_json,
+        f"opened {device} as {mapper_path(name)}",
+    )
 
 
 @luks.command("check-key")
 @click.argument("device", type=str)
 @_key_options
 @_profile_options
-@click.option("--use-recovery", is_flag=True,
-              help="The key file holds the recovery passphrase: check key slot 1.")
+@click.option(
+    "--use-recovery",
+    is_flag=True,
+    help="The key file holds the recovery passphrase: check key slot 1.",
+)
 @json_option
-def check_key_cmd(device: str, keys: KeySource, binding: KeyBinding, integrity: str | None,
-                  recovery_slot: bool, use_recovery: bool, as_json: bool) -> None:
+def check_key_cmd(
+    device: str,
+    keys: KeySource,
+    binding: KeyBinding,
+    integrity: str | None,
+    recovery_slot: bool,
+    use_recovery: bool,
+    as_json: bool,
+) -> None:
     """Validate DEVICE's header and check that the key opens it, without mapping anything.
 
     Works without device-mapper (cryptsetup --test-passphrase): e.g. to check, before a
@@ -218,11 +288,23 @@ def check_key_cmd(device: str, keys: KeySource, binding: KeyBinding, integrity: 
     from sealfs.luks.volume import check_volume_key
 
     keyslot = _keyslot(use_recovery, recovery_slot)
-    info = check_volume_key(device, _slot_key(keys, binding, use_recovery),
-                            _profile(integrity, recovery_slot), keyslot=keyslot)
-    emit({"ok": True, "device": device, "uuid": info.uuid, "keyslot": keyslot,
-          "kms_key_version": info.kms_key_version},
-         as_json, f"{device}: the key opens key slot {keyslot} of {info.uuid}")
+    info = check_volume_key(
+        device,
+        _slot_key(keys, binding, use_recovery),
+        _profile(integrity, recovery_slot),
+        keyslot=keyslot,
+    )
+    emit(
+        {
+            "ok": True,
+            "device": device,
+            "uuid": info.uuid,
+            "keyslot": keyslot,
+            "kms_key_version": info.kms_key_version,
+        },
+        as_json,
+        f"{device}: the key opens key slot {keyslot} of {info.uuid}",
+    )
 
 
 @luks.command("up")
@@ -230,20 +312,41 @@ def check_key_cmd(device: str, keys: KeySource, binding: KeyBinding, integrity: 
 @click.argument("name")
 @_key_options
 @_profile_options
-@click.option("--recovery-key-file", type=str,
-              help="On first boot, add the recovery slot with this passphrase (implies "
-                   "--recovery-slot).")
+@click.option(
+    "--recovery-key-file",
+    type=str,
+    help="On first boot, add the recovery slot with this passphrase (implies --recovery-slot).",
+)
 @_recovery_cost_option
-@click.option("--fs", "fs_type", type=click.Choice(["ext4", "none"]), default="ext4",
-              show_default=True, help="File system created on first use ('none': raw device).")
-@click.option("--mountpoint", type=click.Path(file_okay=False),
-              help="Where to mount the file system (required unless --fs none).")
+@click.option(
+    "--fs",
+    "fs_type",
+    type=click.Choice(["ext4", "none"]),
+    default="ext4",
+    show_default=True,
+    help="File system created on first use ('none': raw device).",
+)
+@click.option(
+    "--mountpoint",
+    type=click.Path(file_okay=False),
+    help="Where to mount the file system (required unless --fs none).",
+)
 @click.option("--mount-options", default="nodev,nosuid", show_default=True)
 @json_option
-def up_cmd(device: str, name: str, keys: KeySource, binding: KeyBinding,
-           integrity: str | None, recovery_slot: bool, recovery_key_file: str | None,
-           recovery_iter_time: int, fs_type: str, mountpoint: str | None, mount_options: str,
-           as_json: bool) -> None:
+def up_cmd(
+    device: str,
+    name: str,
+    keys: KeySource,
+    binding: KeyBinding,
+    integrity: str | None,
+    recovery_slot: bool,
+    recovery_key_file: str | None,
+    recovery_iter_time: int,
+    fs_type: str,
+    mountpoint: str | None,
+    mount_options: str,
+    as_json: bool,
+) -> None:
     """Boot-time bring-up: format if blank, open, create the file system once, mount.
 
     Safe to rerun after a crash at any point; never formats or runs mkfs on a volume that
@@ -253,15 +356,24 @@ def up_cmd(device: str, name: str, keys: KeySource, binding: KeyBinding,
     from sealfs.luks.keys import read_key_file
 
     recovery = read_key_file(recovery_key_file) if recovery_key_file else None
-    spec = VolumeSpec(device=device, name=name, binding=binding,
-                      profile=_profile(integrity, recovery_slot or recovery is not None),
-                      fs=fs_type, mountpoint=os.path.abspath(mountpoint) if mountpoint else None,
-                      mount_options=mount_options)
-    result = bring_up(spec, keys, recovery=recovery,
-                      recovery_cost=_recovery_cost(recovery_iter_time))
+    spec = VolumeSpec(
+        device=device,
+        name=name,
+        binding=binding,
+        profile=_profile(integrity, recovery_slot or recovery is not None),
+        fs=fs_type,
+        mountpoint=os.path.abspath(mountpoint) if mountpoint else None,
+        mount_options=mount_options,
+    )
+    result = bring_up(
+        spec, keys, recovery=recovery, recovery_cost=_recovery_cost(recovery_iter_time)
+    )
     where = f" on {result.mountpoint}" if result.mountpoint else ""
-    emit({"ok": True, **result.as_dict()}, as_json,
-         f"{device} is up as {result.mapper}{where} ({', '.join(result.steps)})")
+    emit(
+        {"ok": True, **result.as_dict()},
+        as_json,
+        f"{device} is up as {result.mapper}{where} ({', '.join(result.steps)})",
+    )
 
 
 @luks.command("close")
@@ -302,8 +414,11 @@ def status_cmd(target: str, integrity: str | None, recovery_slot: bool, as_json:
     from sealfs.luks.firstboot import mapping_state
 
     st = mapping_state(target)
-    emit({"ok": st["active"], **st}, as_json,
-         f"{target}: " + (f"active, {st.get('state')}" if st["active"] else "not active"))
+    emit(
+        {"ok": st["active"], **st},
+        as_json,
+        f"{target}: " + (f"active, {st.get('state')}" if st["active"] else "not active"),
+    )
     if not st["active"]:
         fail_with(LuksError)
 
@@ -313,28 +428,39 @@ def status_cmd(target: str, integrity: str | None, recovery_slot: bool, as_json:
 @click.argument("backup", type=str)
 @_profile_options
 @json_option
-def header_backup_cmd(device: str, backup: str, integrity: str | None, recovery_slot: bool,
-                      as_json: bool) -> None:
+def header_backup_cmd(
+    device: str, backup: str, integrity: str | None, recovery_slot: bool, as_json: bool
+) -> None:
     """Save DEVICE's validated header region (16 MiB: both copies and key slots) to BACKUP."""
     from sealfs.luks.volume import header_backup
 
     info = header_backup(device, backup, _profile(integrity, recovery_slot))
-    emit({"ok": True, "device": device, "backup": backup, "uuid": info.uuid}, as_json,
-         f"saved header {info.uuid} of {device} to {backup}")
+    emit(
+        {"ok": True, "device": device, "backup": backup, "uuid": info.uuid},
+        as_json,
+        f"saved header {info.uuid} of {device} to {backup}",
+    )
 
 
 @luks.command("header-restore")
 @click.argument("device", type=str)
 @click.argument("backup", type=str)
 @_profile_options
-@click.option("--force", is_flag=True,
-              help="Replace a header that still validates or belongs to another volume.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replace a header that still validates or belongs to another volume.",
+)
 @json_option
-def header_restore_cmd(device: str, backup: str, integrity: str | None, recovery_slot: bool,
-                       force: bool, as_json: bool) -> None:
+def header_restore_cmd(
+    device: str, backup: str, integrity: str | None, recovery_slot: bool, force: bool, as_json: bool
+) -> None:
     """Validate BACKUP, then write it onto DEVICE (crash-safe, magic last)."""
     from sealfs.luks.volume import header_restore
 
     info = header_restore(device, backup, _profile(integrity, recovery_slot), force=force)
-    emit({"ok": True, "device": device, "backup": backup, "uuid": info.uuid}, as_json,
-         f"restored header {info.uuid} onto {device}")
+    emit(
+        {"ok": True, "device": device, "backup": backup, "uuid": info.uuid},
+        as_json,
+        f"restored header {info.uuid} onto {device}",
+    )

@@ -26,31 +26,57 @@ ERROR_CLASSES = {cls.kind: cls for cls in SealfsError.__subclasses__()}
 @click.argument("backing_dir", type=click.Path(file_okay=False))
 @click.argument("mountpoint", type=click.Path(file_okay=False))
 @credential_options
-@click.option("-f", "--foreground", is_flag=True,
-              help="Stay in the foreground and log to standard error.")
-@click.option("--log-file", type=click.Path(dir_okay=False),
-              help="Daemon log (default /run/sealfs/<volume-id>.log). Integrity failures are "
-                   "logged here with the plaintext path.")
-@click.option("--allow-other/--no-allow-other", default=None,
-              help="Let other users (e.g. container processes) use the mount; permissions "
-                   "are still enforced. Default: on when running as root.")
-@click.option("--commit-interval", default=5.0, show_default=True,
-              help="Seconds between automatic commits; a crash loses at most this much "
-                   "unsynced work. fsync(2) always commits at once.")
-@click.option("--writeback-cache", is_flag=True,
-              help="Let the kernel buffer and merge writes (FUSE writeback cache): faster for "
-                   "many tiny writes (e.g. dd bs=512), slower for streaming writes and many "
-                   "small files on the machines measured (docs/benchmarks.md).")
-@click.option("--allow-rollback", is_flag=True,
-              help="Mount even if the volume is older than (or forked from) the state "
-                   "anchored at the KMS. Dangerous: this accepts a host's replay of old data. "
-                   "The override is logged.")
+@click.option(
+    "-f", "--foreground", is_flag=True, help="Stay in the foreground and log to standard error."
+)
+@click.option(
+    "--log-file",
+    type=click.Path(dir_okay=False),
+    help="Daemon log (default /run/sealfs/<volume-id>.log). Integrity failures are "
+    "logged here with the plaintext path.",
+)
+@click.option(
+    "--allow-other/--no-allow-other",
+    default=None,
+    help="Let other users (e.g. container processes) use the mount; permissions "
+    "are still enforced. Default: on when running as root.",
+)
+@click.option(
+    "--commit-interval",
+    default=5.0,
+    show_default=True,
+    help="Seconds between automatic commits; a crash loses at most this much "
+    "unsynced work. fsync(2) always commits at once.",
+)
+@click.option(
+    "--writeback-cache",
+    is_flag=True,
+    help="Let the kernel buffer and merge writes (FUSE writeback cache): faster for "
+    "many tiny writes (e.g. dd bs=512), slower for streaming writes and many "
+    "small files on the machines measured (docs/benchmarks.md).",
+)
+@click.option(
+    "--allow-rollback",
+    is_flag=True,
+    help="Mount even if the volume is older than (or forked from) the state "
+    "anchored at the KMS. Dangerous: this accepts a host's replay of old data. "
+    "The override is logged.",
+)
 @click.option("--debug", is_flag=True, help="Log every commit and recovery step.")
 @click.option("--ready-fd", type=int, hidden=True)
-def mount(backing_dir: str, mountpoint: str, cred: Credential, foreground: bool,
-          log_file: str | None, allow_other: bool | None, commit_interval: float,
-          writeback_cache: bool, allow_rollback: bool, debug: bool,
-          ready_fd: int | None) -> None:
+def mount(
+    backing_dir: str,
+    mountpoint: str,
+    cred: Credential,
+    foreground: bool,
+    log_file: str | None,
+    allow_other: bool | None,
+    commit_interval: float,
+    writeback_cache: bool,
+    allow_rollback: bool,
+    debug: bool,
+    ready_fd: int | None,
+) -> None:
     """Mount the volume in BACKING_DIR on MOUNTPOINT.
 
     Unlocks the volume, verifies and replays its metadata (repairing a torn last commit left
@@ -63,13 +89,22 @@ def mount(backing_dir: str, mountpoint: str, cred: Credential, foreground: bool,
     if allow_other is None:
         allow_other = os.geteuid() == 0
     if foreground or ready_fd is not None:
-        log_service(_private_log(Path(log_file)) if log_file else sys.stderr,
-                    logging.DEBUG if debug else logging.INFO)
+        log_service(
+            _private_log(Path(log_file)) if log_file else sys.stderr,
+            logging.DEBUG if debug else logging.INFO,
+        )
         ready = _ready_writer(ready_fd)
         try:
-            serve(Path(backing_dir), Path(mountpoint), cred, allow_other=allow_other,
-                  allow_rollback=allow_rollback, writeback_cache=writeback_cache,
-                  limits=Limits(commit_interval=commit_interval), ready=ready)
+            serve(
+                Path(backing_dir),
+                Path(mountpoint),
+                cred,
+                allow_other=allow_other,
+                allow_rollback=allow_rollback,
+                writeback_cache=writeback_cache,
+                limits=Limits(commit_interval=commit_interval),
+                ready=ready,
+            )
         except SealfsError as e:
             if ready_fd is not None:
                 _report(ready_fd, {"ok": False, "kind": e.kind, "message": e.message})
@@ -109,11 +144,19 @@ def _ready_writer(fd: int | None):  # type: ignore[no-untyped-def]
     def ready() -> None:
         if fd is not None:
             _report(fd, {"ok": True, "pid": os.getpid()})
+
     return ready
 
 
-def _daemonize(backing_dir: str, mountpoint: str, cred: Credential, log_file: str | None,
-               allow_other: bool, commit_interval: float, extra: list[str]) -> None:
+def _daemonize(
+    backing_dir: str,
+    mountpoint: str,
+    cred: Credential,
+    log_file: str | None,
+    allow_other: bool,
+    commit_interval: float,
+    extra: list[str],
+) -> None:
     """Start ``mount --ready-fd`` detached and wait until it reports the mount ready.
 
     The credential travels to the child on its standard input (a passphrase) or as the key
@@ -124,10 +167,22 @@ def _daemonize(backing_dir: str, mountpoint: str, cred: Credential, log_file: st
         vid = load_header(Path(backing_dir)).volume_id.hex()
         log_file = f"/run/sealfs/{vid}.log"
     read_fd, write_fd = os.pipe()
-    args = [sys.executable, "-m", "sealfs", "mount", backing_dir, mountpoint,
-            "--ready-fd", str(write_fd), "--log-file", log_file,
-            "--commit-interval", str(commit_interval),
-            "--allow-other" if allow_other else "--no-allow-other", *extra]
+    args = [
+        sys.executable,
+        "-m",
+        "sealfs",
+        "mount",
+        backing_dir,
+        mountpoint,
+        "--ready-fd",
+        str(write_fd),
+        "--log-file",
+        log_file,
+        "--commit-interval",
+        str(commit_interval),
+        "--allow-other" if allow_other else "--no-allow-other",
+        *extra,
+    ]
     stdin_data = b""
     if isinstance(cred, KeyFileCredential):
         args += ["--key-file", "-"]
@@ -137,9 +192,14 @@ def _daemonize(backing_dir: str, mountpoint: str, cred: Credential, log_file: st
     else:
         args.append("--passphrase")
         stdin_data = cred.secret.reveal() + b"\n"
-    proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, pass_fds=(write_fd,),
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        args,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        pass_fds=(write_fd,),
+        start_new_session=True,
+    )
     os.close(write_fd)
     assert proc.stdin is not None
     proc.stdin.write(stdin_data)
@@ -150,19 +210,25 @@ def _daemonize(backing_dir: str, mountpoint: str, cred: Credential, log_file: st
         message = json.loads(line)
     except ValueError:
         code = proc.wait()
-        raise BusyError(f"the sealfs daemon exited (status {code}) before the mount was ready;"
-                        f" see {log_file}") from None
+        raise BusyError(
+            f"the sealfs daemon exited (status {code}) before the mount was ready; see {log_file}"
+        ) from None
     if not message.get("ok"):
         cls = ERROR_CLASSES.get(message.get("kind"), SealfsError)
         raise cls(message.get("message", "mount failed"))
-    click.echo(f"mounted {backing_dir} on {mountpoint} (daemon pid {message['pid']}, "
-               f"log {log_file})")
+    click.echo(
+        f"mounted {backing_dir} on {mountpoint} (daemon pid {message['pid']}, log {log_file})"
+    )
 
 
 @click.command()
 @click.argument("mountpoint", type=click.Path(file_okay=False))
-@click.option("--timeout", default=120.0, show_default=True,
-              help="Seconds to wait for the daemon's final commit.")
+@click.option(
+    "--timeout",
+    default=120.0,
+    show_default=True,
+    help="Seconds to wait for the daemon's final commit.",
+)
 def umount(mountpoint: str, timeout: float) -> None:
     """Unmount MOUNTPOINT and wait until the daemon has committed everything and exited.
 

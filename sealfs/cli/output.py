@@ -37,8 +37,11 @@ class SealfsGroup(click.Group):
         except Exception as e:  # a bug: say so in one line unless asked for the traceback
             if os.environ.get("SEALFS_DEBUG"):
                 raise
-            click.echo(f"sealfs: internal error: {type(e).__name__}: {e} "
-                       "(run with SEALFS_DEBUG=1 for a traceback)", err=True)
+            click.echo(
+                f"sealfs: internal error: {type(e).__name__}: {e} "
+                "(run with SEALFS_DEBUG=1 for a traceback)",
+                err=True,
+            )
             ctx.exit(INTERNAL_ERROR)
 
 

@@ -42,35 +42,76 @@ def parse_size(text: str) -> int:
 
 @click.command()
 @click.argument("backing_dir", type=click.Path(file_okay=False))
-@click.option("--key-file", type=click.Path(dir_okay=False),
-              help="Add a key-file slot unlocked by this existing file (mode 0600, at least "
-                   "32 random bytes).")
-@click.option("--new-key-file", type=click.Path(dir_okay=False),
-              help="Generate a fresh random key file at this path (mode 0600) and add a slot "
-                   "for it. Refuses to overwrite an existing file.")
-@click.option("--passphrase-file", type=click.Path(dir_okay=False),
-              help="Add a recovery-passphrase slot with the passphrase in this file (0600).")
-@click.option("--passphrase", "ask_passphrase", is_flag=True,
-              help="Add a recovery-passphrase slot; asks twice on a terminal, else reads one "
-                   "line from standard input.")
+@click.option(
+    "--key-file",
+    type=click.Path(dir_okay=False),
+    help="Add a key-file slot unlocked by this existing file (mode 0600, at least "
+    "32 random bytes).",
+)
+@click.option(
+    "--new-key-file",
+    type=click.Path(dir_okay=False),
+    help="Generate a fresh random key file at this path (mode 0600) and add a slot "
+    "for it. Refuses to overwrite an existing file.",
+)
+@click.option(
+    "--passphrase-file",
+    type=click.Path(dir_okay=False),
+    help="Add a recovery-passphrase slot with the passphrase in this file (0600).",
+)
+@click.option(
+    "--passphrase",
+    "ask_passphrase",
+    is_flag=True,
+    help="Add a recovery-passphrase slot; asks twice on a terminal, else reads one "
+    "line from standard input.",
+)
 @kms_options
-@click.option("--kdf", type=click.Choice(["argon2id", "scrypt"]), default="argon2id",
-              show_default=True, help="Passphrase KDF for the recovery slot.")
-@click.option("--kdf-memory", default="64M", show_default=True,
-              help="Memory cost of the passphrase KDF (e.g. 64M, 1G).")
-@click.option("--kdf-iterations", default=3, show_default=True,
-              help="Time cost (passes) of argon2id.")
-@click.option("--compression", type=click.Choice(["none", "lz4"]), default="none",
-              show_default=True,
-              help="Compress blocks with lz4 before sealing. Leaks how compressible each "
-                   "block is through its size (see docs/threat-model.md).")
-@click.option("--block-size", default=str(DEFAULT_BLOCK_SIZE), show_default=True,
-              help="Block size: a power of two from 4K to 4M.")
+@click.option(
+    "--kdf",
+    type=click.Choice(["argon2id", "scrypt"]),
+    default="argon2id",
+    show_default=True,
+    help="Passphrase KDF for the recovery slot.",
+)
+@click.option(
+    "--kdf-memory",
+    default="64M",
+    show_default=True,
+    help="Memory cost of the passphrase KDF (e.g. 64M, 1G).",
+)
+@click.option(
+    "--kdf-iterations", default=3, show_default=True, help="Time cost (passes) of argon2id."
+)
+@click.option(
+    "--compression",
+    type=click.Choice(["none", "lz4"]),
+    default="none",
+    show_default=True,
+    help="Compress blocks with lz4 before sealing. Leaks how compressible each "
+    "block is through its size (see docs/threat-model.md).",
+)
+@click.option(
+    "--block-size",
+    default=str(DEFAULT_BLOCK_SIZE),
+    show_default=True,
+    help="Block size: a power of two from 4K to 4M.",
+)
 @json_option
-def create(backing_dir: str, key_file: str | None, new_key_file: str | None,
-           passphrase_file: str | None, ask_passphrase: bool, kdf: str, kdf_memory: str,
-           kdf_iterations: int, compression: str, block_size: str, kms: KmsOptions,
-           as_json: bool) -> None:
+def create(
+    backing_dir: str,
+    key_file: str | None,
+    new_key_file: str | None,
+    passphrase_file: str | None,
+    ask_passphrase: bool,
+    kdf: str,
+    kdf_memory: str,
+    kdf_iterations: int,
+    compression: str,
+    block_size: str,
+    kms: KmsOptions,
+    as_json: bool,
+) -> None:
     """Create a new sealed volume in BACKING_DIR (an empty or absent directory).
 
     A random volume id and master key are generated; the master key is wrapped in one key
@@ -92,17 +133,24 @@ def create(backing_dir: str, key_file: str | None, new_key_file: str | None,
     if new_key_file:
         creds.append((generate_key_file(new_key_file), None))
     if passphrase_file or ask_passphrase:
-        secret = (read_passphrase_file(passphrase_file) if passphrase_file
-                  else prompt_passphrase(confirm=True))
-        params = KdfParams.default(kdf, memory_kib=parse_size(kdf_memory) // 1024,
-                                   iterations=kdf_iterations)
+        secret = (
+            read_passphrase_file(passphrase_file)
+            if passphrase_file
+            else prompt_passphrase(confirm=True)
+        )
+        params = KdfParams.default(
+            kdf, memory_kib=parse_size(kdf_memory) // 1024, iterations=kdf_iterations
+        )
         creds.append((PassphraseCredential(secret), params))
     header = create_volume(Path(backing_dir), creds, parse_size(block_size), compression)
     info = header.public_info()
-    emit({"ok": True, **info}, as_json,
-         f"created volume {info['uuid']} in {backing_dir} "
-         f"({len(info['slots'])} key slot(s), block size {header.block_size}, "
-         f"compression {header.compression})")
+    emit(
+        {"ok": True, **info},
+        as_json,
+        f"created volume {info['uuid']} in {backing_dir} "
+        f"({len(info['slots'])} key slot(s), block size {header.block_size}, "
+        f"compression {header.compression})",
+    )
 
 
 @click.command()
@@ -116,11 +164,13 @@ def info(backing_dir: str, as_json: bool) -> None:
     """
     header = load_header(Path(backing_dir))
     data = header.public_info()
-    lines = [f"volume:        {data['uuid']}",
-             f"format:        sealfs v{data['format_version']}",
-             f"cipher:        {data['cipher']}",
-             f"block size:    {data['block_size']}",
-             f"compression:   {data['compression']}",
-             f"key slots:     {len(data['slots'])}"]
+    lines = [
+        f"volume:        {data['uuid']}",
+        f"format:        sealfs v{data['format_version']}",
+        f"cipher:        {data['cipher']}",
+        f"block size:    {data['block_size']}",
+        f"compression:   {data['compression']}",
+        f"key slots:     {len(data['slots'])}",
+    ]
     lines += [f"  slot {s['id']}: {s['type']}" for s in data["slots"]]
     emit({"ok": True, **data}, as_json, "\n".join(lines))

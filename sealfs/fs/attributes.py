@@ -1,5 +1,4 @@
-"""Attributes and extended attributes of inodes (what stat, chmod, utimens and xattrs change).
-"""
+"""Attributes and extended attributes of inodes (what stat, chmod, utimens and xattrs change)."""
 
 from __future__ import annotations
 
@@ -30,9 +29,17 @@ class Attributes:
     def __init__(self, nodes: InodeTable) -> None:
         self.nodes = nodes
 
-    def change(self, node: Inode, *, mode: int | None = None, uid: int | None = None,
-               gid: int | None = None, atime_ns: int | None = None,
-               mtime_ns: int | None = None, ctime_ns: int | None = None) -> Inode:
+    def change(
+        self,
+        node: Inode,
+        *,
+        mode: int | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
+        atime_ns: int | None = None,
+        mtime_ns: int | None = None,
+        ctime_ns: int | None = None,
+    ) -> Inode:
         """Set the given attributes (times clamped to what a record holds); ctime is now
         unless given."""
         if mode is not None:
@@ -58,8 +65,7 @@ class Attributes:
         total = sum(len(k) + 1 for k in node.xattrs) + len(name) + 1
         if total > XATTR_LIST_MAX:
             raise FsError(errno.ENOSPC)
-        others = sum(XATTR_OVERHEAD + len(k) + len(v) for k, v in node.xattrs.items()
-                     if k != name)
+        others = sum(XATTR_OVERHEAD + len(k) + len(v) for k, v in node.xattrs.items() if k != name)
         if others + XATTR_OVERHEAD + len(name) + len(value) > XATTR_RECORD_MAX:
             raise FsError(errno.ENOSPC)
         node.xattrs[name] = bytes(value)

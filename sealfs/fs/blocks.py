@@ -34,8 +34,14 @@ from sealfs.store import DamagedFile, MissingObject, ObjectStore
 class BlockCache:
     """The current plaintext of file blocks, and the cache of clean ones."""
 
-    def __init__(self, store: ObjectStore, objects: SealedObjects, workers: Workers,
-                 nodes: InodeTable, limits: Limits) -> None:
+    def __init__(
+        self,
+        store: ObjectStore,
+        objects: SealedObjects,
+        workers: Workers,
+        nodes: InodeTable,
+        limits: Limits,
+    ) -> None:
         self.store = store
         self.objects = objects
         self.workers = workers
@@ -143,8 +149,11 @@ class BlockCache:
         wanted = []
         for idx in range(start, stop):
             oid = node.blocks.get(idx)
-            if (oid is not None and (node.ino, idx) not in self._loading
-                    and self.in_memory(node, idx) is None):
+            if (
+                oid is not None
+                and (node.ino, idx) not in self._loading
+                and self.in_memory(node, idx) is None
+            ):
                 wanted.append((idx, oid))
         if not wanted:
             return
@@ -153,8 +162,9 @@ class BlockCache:
             self._loading[(node.ino, idx)] = done
         nursery.start_soon(self._run_prefetch, node, wanted, done)
 
-    async def _run_prefetch(self, node: Inode, wanted: list[tuple[int, int]],
-                            done: trio.Event) -> None:
+    async def _run_prefetch(
+        self, node: Inode, wanted: list[tuple[int, int]], done: trio.Event
+    ) -> None:
         try:
             loaded = await self.workers.run(self._load, node.ino, wanted)
         finally:
@@ -163,20 +173,26 @@ class BlockCache:
                     del self._loading[(node.ino, idx)]
             done.set()
         for idx, oid, result in loaded:
-            if (not isinstance(result, Exception) and not node.dead
-                    and node.blocks.get(idx) == oid and idx not in node.dirty_blocks
-                    and idx not in node.flushing):
+            if (
+                not isinstance(result, Exception)
+                and not node.dead
+                and node.blocks.get(idx) == oid
+                and idx not in node.dirty_blocks
+                and idx not in node.flushing
+            ):
                 self.keep(node.ino, idx, result)
 
-    def _load(self, ino: int, wanted: list[tuple[int, int]]
-              ) -> list[tuple[int, int, bytes | Exception]]:
+    def _load(
+        self, ino: int, wanted: list[tuple[int, int]]
+    ) -> list[tuple[int, int, bytes | Exception]]:
         """(Worker thread.) Read and open the given block objects."""
         res: list[tuple[int, int, bytes | Exception]] = []
         limit = block_object_max(self.block_size)
         for idx, oid in wanted:
             try:
-                res.append((idx, oid, self.objects.open_block(ino, idx, oid,
-                                                              self.store.get(oid, limit))))
+                res.append(
+                    (idx, oid, self.objects.open_block(ino, idx, oid, self.store.get(oid, limit)))
+                )
             except (AuthError, CodecError, MissingObject, DamagedFile) as e:
                 res.append((idx, oid, e))
         return res

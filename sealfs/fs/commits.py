@@ -44,9 +44,17 @@ class _Snapshot:
 class CommitPipeline:
     """Commits the inode table's changes through the metadata log."""
 
-    def __init__(self, store: ObjectStore, objects: SealedObjects, metalog: MetaLog,
-                 nodes: InodeTable, data: DataPath, refs: References, workers: Workers,
-                 limits: Limits) -> None:
+    def __init__(
+        self,
+        store: ObjectStore,
+        objects: SealedObjects,
+        metalog: MetaLog,
+        nodes: InodeTable,
+        data: DataPath,
+        refs: References,
+        workers: Workers,
+        limits: Limits,
+    ) -> None:
         self.store = store
         self.objects = objects
         self.metalog = metalog
@@ -87,8 +95,9 @@ class CommitPipeline:
                     self.refs.release_if_unused(node)
             if self.checkpoint_due():  # needs no KMS: it keeps the unanchored heads
                 await self.deletions_done()  # none may race with writing carried records out
-                await self.workers.run(self.metalog.write_checkpoint, dict(self.nodes.table),
-                                       self.nodes.next_ino)
+                await self.workers.run(
+                    self.metalog.write_checkpoint, dict(self.nodes.table), self.nodes.next_ino
+                )
 
     def _take(self) -> _Snapshot:
         """Take the commit's snapshot, on the trio thread without awaiting. Records are
@@ -113,8 +122,12 @@ class CommitPipeline:
     async def _write(self, snap: _Snapshot) -> None:
         """Seal the records (small ones ride in the commit, large ones become files), make
         the files durable, and append the commit to the journal."""
-        commit = Commit(self.metalog.seq + 1, self.nodes.next_ino,
-                        {ino: oid for ino, (oid, _) in snap.updates.items()}, snap.deletes)
+        commit = Commit(
+            self.metalog.seq + 1,
+            self.nodes.next_ino,
+            {ino: oid for ino, (oid, _) in snap.updates.items()},
+            snap.deletes,
+        )
         sealed = [(oid, ino, rec) for ino, (oid, rec) in snap.updates.items()]
         limit = self.limits.carried_record_max
 
@@ -150,8 +163,7 @@ class CommitPipeline:
         self.nodes.dirty |= snap.dirty
         self.data.superseded[:0] = snap.garbage
         self.data.untake_carried(snap.blocks)
-        await trio.to_thread.run_sync(self._delete_all,
-                                      [oid for oid, _ in snap.updates.values()])
+        await trio.to_thread.run_sync(self._delete_all, [oid for oid, _ in snap.updates.values()])
 
     def _apply(self, snap: _Snapshot) -> None:
         """The commit is durable: point the table at the new records; what they replace
@@ -174,8 +186,7 @@ class CommitPipeline:
         relative = min(4 * self.metalog.checkpoint_size, JOURNAL_MAX // 2)  # the reader's cap
         if journal <= max(limits.checkpoint_min_journal, relative):
             return False
-        return self.store.carried_bytes > limits.carried_in_memory or \
-            journal > limits.journal_max
+        return self.store.carried_bytes > limits.carried_in_memory or journal > limits.journal_max
 
     async def _delete_later(self, garbage: list[int], done: trio.Event) -> None:
         try:

@@ -67,8 +67,9 @@ log = logging.getLogger("sealfs.fs")
 class Filesystem:
     """One mounted (or repaired) volume. :meth:`load` it first, finish with :meth:`close`."""
 
-    def __init__(self, store: ObjectStore, header: Header, master: Secret,
-                 limits: Limits | None = None) -> None:
+    def __init__(
+        self, store: ObjectStore, header: Header, master: Secret, limits: Limits | None = None
+    ) -> None:
         self.store = store
         self.header = header
         self.objects = volume_objects(header, master)
@@ -83,8 +84,16 @@ class Filesystem:
         self.refs = References(self.inodes, self.data)
         self.namespace = Namespace(self.inodes, self.refs)
         self.attributes = Attributes(self.inodes)
-        self.commits = CommitPipeline(store, self.objects, self.metalog, self.inodes,
-                                      self.data, self.refs, self.workers, limits)
+        self.commits = CommitPipeline(
+            store,
+            self.objects,
+            self.metalog,
+            self.inodes,
+            self.data,
+            self.refs,
+            self.workers,
+            limits,
+        )
         self.freshness = Freshness(self.metalog, self.workers, limits.anchor_interval)
         self.state: MetaState | None = None
 
@@ -110,12 +119,15 @@ class Filesystem:
         if writable:
             if self.header.format_version == 1:  # before the first format-2 object
                 self.header.upgrade_format_1(self.objects.keys)
-                await self.workers.run(self.store.replace_file, HEADER_NAME,
-                                       self.header.to_bytes())
+                await self.workers.run(self.store.replace_file, HEADER_NAME, self.header.to_bytes())
             await self.workers.run(self.metalog.open_for_append, state)
             if overridden is not None:
-                await self.workers.run(self.metalog.skip_to, state.table, state.next_ino,
-                                       max(overridden, state.seq) + 1)
+                await self.workers.run(
+                    self.metalog.skip_to,
+                    state.table,
+                    state.next_ino,
+                    max(overridden, state.seq) + 1,
+                )
             if self.anchor is not None:
                 await trio.to_thread.run_sync(self.freshness.anchor_root)
         self.inodes.install(state.table, state.next_ino)
@@ -128,8 +140,9 @@ class Filesystem:
         await self.freshness.advance()
         self.metalog.close()
 
-    async def commit_loop(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-                          ) -> None:
+    async def commit_loop(
+        self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         """Write back and commit periodically, so a crash loses at most a few seconds; the
         anchor advances beside it (:meth:`Freshness.loop`), so a slow KMS delays neither."""
         async with trio.open_nursery() as nursery:
@@ -160,8 +173,16 @@ class Filesystem:
     async def lookup(self, parent: int, name: bytes) -> Inode:
         return await self.namespace.lookup(parent, name)
 
-    async def create(self, parent: int, name: bytes, mode: int, uid: int, gid: int,
-                     rdev: int = 0, target: bytes = b"") -> Inode:
+    async def create(
+        self,
+        parent: int,
+        name: bytes,
+        mode: int,
+        uid: int,
+        gid: int,
+        rdev: int = 0,
+        target: bytes = b"",
+    ) -> Inode:
         return await self.namespace.create(parent, name, mode, uid, gid, rdev, target)
 
     async def link(self, ino: int, new_parent: int, new_name: bytes) -> Inode:
@@ -170,10 +191,16 @@ class Filesystem:
     async def unlink(self, parent: int, name: bytes, want_dir: bool) -> None:
         await self.namespace.unlink(parent, name, want_dir)
 
-    async def rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes,
-                     noreplace: bool = False, exchange: bool = False) -> None:
-        await self.namespace.rename(old_parent, old_name, new_parent, new_name, noreplace,
-                                    exchange)
+    async def rename(
+        self,
+        old_parent: int,
+        old_name: bytes,
+        new_parent: int,
+        new_name: bytes,
+        noreplace: bool = False,
+        exchange: bool = False,
+    ) -> None:
+        await self.namespace.rename(old_parent, old_name, new_parent, new_name, noreplace, exchange)
 
     def entries_after(self, node: Inode, cookie: int) -> Iterator[tuple[int, bytes, int]]:
         return self.namespace.entries_after(node, cookie)
@@ -187,17 +214,32 @@ class Filesystem:
 
     # --- attributes ----------------------------------------------------------------------
 
-    async def setattr(self, ino: int, *, size: int | None = None, mode: int | None = None,
-                      uid: int | None = None, gid: int | None = None,
-                      atime_ns: int | None = None, mtime_ns: int | None = None,
-                      ctime_ns: int | None = None) -> Inode:
+    async def setattr(
+        self,
+        ino: int,
+        *,
+        size: int | None = None,
+        mode: int | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
+        atime_ns: int | None = None,
+        mtime_ns: int | None = None,
+        ctime_ns: int | None = None,
+    ) -> Inode:
         node = await self.inodes.node(ino)
         if size is not None:
             if not node.is_file:
                 raise FsError(errno.EISDIR if node.is_dir else errno.EINVAL)
             await self.truncate(node, size)
-        return self.attributes.change(node, mode=mode, uid=uid, gid=gid, atime_ns=atime_ns,
-                                      mtime_ns=mtime_ns, ctime_ns=ctime_ns)
+        return self.attributes.change(
+            node,
+            mode=mode,
+            uid=uid,
+            gid=gid,
+            atime_ns=atime_ns,
+            mtime_ns=mtime_ns,
+            ctime_ns=ctime_ns,
+        )
 
     async def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
         await self.attributes.setxattr(ino, name, value)
@@ -220,8 +262,7 @@ class Filesystem:
             await self.truncate(node, 0)
         return node
 
-    async def create_open(self, parent: int, name: bytes, mode: int, uid: int,
-                          gid: int) -> Inode:
+    async def create_open(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> Inode:
         """Create a file and open it (open(2) with ``O_CREAT``)."""
         node = await self.namespace.create(parent, name, mode, uid, gid)
         self.refs.opened(node)
@@ -317,12 +358,19 @@ class Filesystem:
     def stats(self) -> dict[str, int]:
         """Sizes of everything the daemon keeps in memory (logged on SIGUSR1)."""
         inodes, data = self.inodes, self.data
-        return {"nodes": len(inodes.nodes), "table": len(inodes.table),
-                "dirty_nodes": len(inodes.dirty), "dirty_blocks": data.dirty_count,
-                "clean_blocks": self.cache.clean_blocks, "superseded": len(data.superseded),
-                "doomed": len(inodes.doomed), "carried": len(self.store.carried),
-                "carried_bytes": self.store.carried_bytes,
-                "journal_bytes": self.metalog.journal_length, "seq": self.metalog.seq}
+        return {
+            "nodes": len(inodes.nodes),
+            "table": len(inodes.table),
+            "dirty_nodes": len(inodes.dirty),
+            "dirty_blocks": data.dirty_count,
+            "clean_blocks": self.cache.clean_blocks,
+            "superseded": len(data.superseded),
+            "doomed": len(inodes.doomed),
+            "carried": len(self.store.carried),
+            "carried_bytes": self.store.carried_bytes,
+            "journal_bytes": self.metalog.journal_length,
+            "seq": self.metalog.seq,
+        }
 
     def statfs(self) -> os.statvfs_result:
         return self.store.statvfs()

@@ -50,8 +50,15 @@ INLINE_MAX = 4096  # files up to this size keep their data in their inode record
 class DataPath:
     """Writes, truncates and writes back file blocks for the filesystem core."""
 
-    def __init__(self, store: ObjectStore, objects: SealedObjects, workers: Workers,
-                 nodes: InodeTable, cache: BlockCache, limits: Limits) -> None:
+    def __init__(
+        self,
+        store: ObjectStore,
+        objects: SealedObjects,
+        workers: Workers,
+        nodes: InodeTable,
+        cache: BlockCache,
+        limits: Limits,
+    ) -> None:
         self.store = store
         self.objects = objects
         self.workers = workers
@@ -103,9 +110,12 @@ class DataPath:
     def _partial(self, node: Inode, off: int, end: int) -> list[int]:
         """Blocks only partly overwritten by ``[off, end)``: they need their content first."""
         bs = self.block_size
-        return [idx for idx in {off // bs, (end - 1) // bs}
-                if idx not in node.dirty_blocks
-                and not (off <= idx * bs and end >= min((idx + 1) * bs, node.size))]
+        return [
+            idx
+            for idx in {off // bs, (end - 1) // bs}
+            if idx not in node.dirty_blocks
+            and not (off <= idx * bs and end >= min((idx + 1) * bs, node.size))
+        ]
 
     def _partial_in_memory(self, node: Inode, off: int, end: int) -> dict[int, bytes] | None:
         """The current content of the partly overwritten blocks, or None if one must be read
@@ -118,8 +128,9 @@ class DataPath:
             current[idx] = data
         return current
 
-    def _copy_in(self, node: Inode, off: int, buf: bytes, current: dict[int, bytes]
-                 ) -> tuple[list[int], bool]:
+    def _copy_in(
+        self, node: Inode, off: int, buf: bytes, current: dict[int, bytes]
+    ) -> tuple[list[int], bool]:
         """Copy ``buf`` into the node's dirty blocks (no await: atomic). Return the blocks to
         write back now, and whether that is because of the dirty budget: all of the node's
         dirty blocks then, else the blocks this write filled up to their end (a streaming
@@ -135,7 +146,7 @@ class DataPath:
             block = node.dirty_blocks.get(idx)
             if block is None:
                 if lo == 0 and hi == bs:
-                    block = bytearray(view[base - off:base - off + bs])
+                    block = bytearray(view[base - off : base - off + bs])
                 else:
                     block = bytearray(current.get(idx, b""))
                 node.dirty_blocks[idx] = block
@@ -144,14 +155,17 @@ class DataPath:
                     continue
             if len(block) < lo:
                 block.extend(bytes(lo - len(block)))
-            block[lo:hi] = view[base + lo - off:base + hi - off]
+            block[lo:hi] = view[base + lo - off : base + hi - off]
         if end > node.size:
             node.size = end
         self.nodes.mark(node)
         if self.dirty_count > self.dirty_limit:
             return list(node.dirty_blocks), True
-        return [idx for idx in range(first, last + 1) if end >= (idx + 1) * bs
-                and len(node.dirty_blocks.get(idx, b"")) == bs], False
+        return [
+            idx
+            for idx in range(first, last + 1)
+            if end >= (idx + 1) * bs and len(node.dirty_blocks.get(idx, b"")) == bs
+        ], False
 
     async def truncate(self, node: Inode, size: int) -> None:
         async with self.lock(node):
@@ -202,8 +216,12 @@ class DataPath:
         when it grows past that, its inline data becomes dirty block 0 and is written back
         with the rest.
         """
-        if (node.size <= INLINE_MAX and not node.blocks and not node.flushing
-                and node.dirty_blocks.keys() <= {0}):
+        if (
+            node.size <= INLINE_MAX
+            and not node.blocks
+            and not node.flushing
+            and node.dirty_blocks.keys() <= {0}
+        ):
             if 0 in node.dirty_blocks:
                 node.inline = bytes(node.dirty_blocks.pop(0)) or None
                 self.dirty_count -= 1
@@ -229,16 +247,20 @@ class DataPath:
         """A commit failed: its carried blocks go into the next one."""
         self._carry.update(blocks)
 
-    async def _start_flush(self, node: Inode, indexes: list[int], carry: bool = False,
-                           cache: bool = True) -> None:
+    async def _start_flush(
+        self, node: Inode, indexes: list[int], carry: bool = False, cache: bool = True
+    ) -> None:
         """Hand dirty blocks to one background job (one thread hop for the whole batch).
         With ``carry`` (an fsync is waiting), a batch that fits the commit's carry budget is
         sealed for the next commit's journal frame instead of written as files. Without
         ``cache`` (a streaming writer filled them) the blocks are not kept in the clean cache
         afterwards: they would only push out blocks that are read again."""
         indexes = self._inline(node, indexes)
-        batch = [(idx, bytes(node.dirty_blocks.pop(idx))) for idx in indexes
-                 if idx in node.dirty_blocks and idx not in node.flushing]
+        batch = [
+            (idx, bytes(node.dirty_blocks.pop(idx)))
+            for idx in indexes
+            if idx in node.dirty_blocks and idx not in node.flushing
+        ]
         if not batch:
             return  # one flush per block at a time; the rest stays dirty for the next round
         self.dirty_count -= len(batch)
@@ -256,8 +278,14 @@ class DataPath:
         else:
             nursery.start_soon(self._flush_batch, node, batch, done, carry, cache)
 
-    async def _flush_batch(self, node: Inode, batch: list[tuple[int, bytes]],
-                           done: trio.Event, carry: bool, cache: bool) -> None:
+    async def _flush_batch(
+        self,
+        node: Inode,
+        batch: list[tuple[int, bytes]],
+        done: trio.Event,
+        carry: bool,
+        cache: bool,
+    ) -> None:
         ino = node.ino
         jobs = [(idx, new_object_id(), data) for idx, data in batch]
 

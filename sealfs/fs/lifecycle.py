@@ -22,13 +22,23 @@ from sealfs.volume.header import Credential, Header, load_header, new_header
 DEFAULT_BLOCK_SIZE = 128 * 1024
 #: What an interrupted ``create`` leaves (besides journals); the store replaces each of them
 #: without following or reusing what is there.
-_CREATE_LEFTOVERS = (OBJECTS_DIR, LOCK_NAME, CHECKPOINT_NAME, f".{CHECKPOINT_NAME}.tmp",
-                     f".{HEADER_NAME}.tmp")
+_CREATE_LEFTOVERS = (
+    OBJECTS_DIR,
+    LOCK_NAME,
+    CHECKPOINT_NAME,
+    f".{CHECKPOINT_NAME}.tmp",
+    f".{HEADER_NAME}.tmp",
+)
 
 
-def create_volume(backing: Path, creds: list[tuple[Credential, KdfParams | None]],
-                  block_size: int = DEFAULT_BLOCK_SIZE, compression: str = "none",
-                  uid: int | None = None, gid: int | None = None) -> Header:
+def create_volume(
+    backing: Path,
+    creds: list[tuple[Credential, KdfParams | None]],
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    compression: str = "none",
+    uid: int | None = None,
+    gid: int | None = None,
+) -> Header:
     """Initialise an empty backing directory as a new volume.
 
     The header is written last: until it exists the directory is not a volume, so a crash
@@ -43,11 +53,15 @@ def create_volume(backing: Path, creds: list[tuple[Credential, KdfParams | None]
     if backing.is_dir():
         if store.exists(HEADER_NAME):
             raise UsageError(f"{backing} already holds a sealfs volume")
-        leftovers = [name for name in store.names() if name not in _CREATE_LEFTOVERS
-                     and not name.startswith("journal.")]
+        leftovers = [
+            name
+            for name in store.names()
+            if name not in _CREATE_LEFTOVERS and not name.startswith("journal.")
+        ]
         if leftovers:
-            raise UsageError(f"{backing} is not empty (found {leftovers[0]!r}); "
-                             "use an empty directory")
+            raise UsageError(
+                f"{backing} is not empty (found {leftovers[0]!r}); use an empty directory"
+            )
     header, master = new_header(block_size, compression)
     for cred, kdf in creds:  # first: a credential that fails (a KMS refusal) leaves no trace
         header.add_slot(master, cred, kdf)
@@ -59,8 +73,19 @@ def create_volume(backing: Path, creds: list[tuple[Credential, KdfParams | None]
                 store.remove_file(name)
         objects = volume_objects(header, master)
         now = time.time_ns()
-        root = Inode(ROOT_INO, stat.S_IFDIR | 0o755, os.getuid() if uid is None else uid,
-                     os.getgid() if gid is None else gid, 2, 0, now, now, now, 0, ROOT_INO)
+        root = Inode(
+            ROOT_INO,
+            stat.S_IFDIR | 0o755,
+            os.getuid() if uid is None else uid,
+            os.getgid() if gid is None else gid,
+            2,
+            0,
+            now,
+            now,
+            now,
+            0,
+            ROOT_INO,
+        )
         oid = new_object_id()
         store.put(oid, objects.seal_record(ROOT_INO, oid, root.to_record()))
         store.sync()
@@ -74,8 +99,7 @@ def create_volume(backing: Path, creds: list[tuple[Credential, KdfParams | None]
 
 def volume_objects(header: Header, master: Secret) -> SealedObjects:
     """The sealed objects of the volume ``header`` describes, under its unlocked master."""
-    return SealedObjects(header.volume_keys(master), header.block_size,
-                         header.compression == "lz4")
+    return SealedObjects(header.volume_keys(master), header.block_size, header.compression == "lz4")
 
 
 def unlock_volume(backing: Path, cred: Credential) -> tuple[ObjectStore, Header, Secret]:

@@ -74,18 +74,18 @@ class Heads:
         if not self.first <= seq <= self.last:
             return None
         i = (seq - self.first) * 32
-        return bytes(self._data[i:i + 32])
+        return bytes(self._data[i : i + 32])
 
     def append(self, head: bytes) -> None:
         self._data += head
 
     def between(self, start: int, end: int) -> bytes:
         """The heads of commits ``start .. end - 1``, concatenated."""
-        return bytes(self._data[(start - self.first) * 32:(end - self.first) * 32])
+        return bytes(self._data[(start - self.first) * 32 : (end - self.first) * 32])
 
     def drop_before(self, seq: int) -> None:
         if seq > self.first:
-            del self._data[:(seq - self.first) * 32]
+            del self._data[: (seq - self.first) * 32]
             self.first = seq
 
 
@@ -147,20 +147,29 @@ class MetaLog:
         try:
             blob = self.store.read_file(CHECKPOINT_NAME, CHECKPOINT_MAX)
         except MissingObject:
-            raise IntegrityError("the metadata checkpoint is missing from the backing "
-                                 "directory") from None
+            raise IntegrityError(
+                "the metadata checkpoint is missing from the backing directory"
+            ) from None
         try:
             cp = self.objects.open_checkpoint(blob)
         except (AuthError, CodecError) as e:
             raise IntegrityError(f"the metadata checkpoint failed verification ({e})") from None
         self.checkpoint_size = len(blob)
-        state = MetaState(dict(cp.table), cp.next_ino, cp.seq, cp.head, cp.gen, 0,
-                          heads=Heads(cp.seq - len(cp.chain) // 32, cp.chain + cp.head))
+        state = MetaState(
+            dict(cp.table),
+            cp.next_ino,
+            cp.seq,
+            cp.head,
+            cp.gen,
+            0,
+            heads=Heads(cp.seq - len(cp.chain) // 32, cp.chain + cp.head),
+        )
         try:
             data = JournalFile(self.store, cp.gen).read_all()
         except MissingObject:
-            raise IntegrityError(f"the metadata journal of generation {cp.gen} is "
-                                 "missing") from None
+            raise IntegrityError(
+                f"the metadata journal of generation {cp.gen} is missing"
+            ) from None
         frames, end, bad_header = split_frames(data)
         carried: dict[int, tuple[int, bytes]] = {}
         valid = 0
@@ -174,8 +183,9 @@ class MetaLog:
                     # the bytes were not). Anything after a bad frame would be tampering.
                     state.notes.append(f"discarded a torn journal record at offset {offset}")
                     break
-                raise IntegrityError(f"metadata journal record {expected} failed "
-                                     f"verification ({e})") from None
+                raise IntegrityError(
+                    f"metadata journal record {expected} failed verification ({e})"
+                ) from None
             state.table.update(commit.updates)
             carried.update(commit.carried)
             for ino in commit.deletes:
@@ -197,8 +207,9 @@ class MetaLog:
         self.store.set_carried(self._referenced(carried, state.table))
         return state
 
-    def _referenced(self, carried: dict[int, tuple[int, bytes]], table: dict[int, int]
-                    ) -> dict[int, bytes]:
+    def _referenced(
+        self, carried: dict[int, tuple[int, bytes]], table: dict[int, int]
+    ) -> dict[int, bytes]:
         """The carried objects the replayed state still uses: current records, and blocks in
         the current block map of their inode. A carried object is superseded when a later
         commit replaced it (possibly by an object file, which the journal does not show), so
@@ -232,20 +243,25 @@ class MetaLog:
         for pos, sealed in frames_after(data, offset):
             budget -= len(sealed)
             if budget < 0:
-                raise IntegrityError(f"metadata journal record {state.seq + 1} is damaged (bad "
-                                     f"frame header at offset {offset}, followed by "
-                                     "overlapping frame headers)")
+                raise IntegrityError(
+                    f"metadata journal record {state.seq + 1} is damaged (bad "
+                    f"frame header at offset {offset}, followed by "
+                    "overlapping frame headers)"
+                )
             try:
                 self.objects.open_commit(state.gen, later, sealed)
             except AuthError:
                 continue
             except CodecError:
                 pass  # authentic as commit ``later``: a genuine commit, whatever it says
-            raise IntegrityError(f"metadata journal record {state.seq + 1} is damaged (bad "
-                                 f"frame header at offset {offset}; commit {later} follows "
-                                 f"at {pos})")
-        state.notes.append(f"discarded unreadable bytes after the last journal record at "
-                           f"offset {offset}")
+            raise IntegrityError(
+                f"metadata journal record {state.seq + 1} is damaged (bad "
+                f"frame header at offset {offset}; commit {later} follows "
+                f"at {pos})"
+            )
+        state.notes.append(
+            f"discarded unreadable bytes after the last journal record at offset {offset}"
+        )
 
     # --- writing -------------------------------------------------------------------------
 
@@ -296,10 +312,14 @@ class MetaLog:
         seq, head = self.root
         floor = self.floor if self.anchorable else seq
         if seq - floor > MAX_CHAIN:
-            log.warning("%d commits since the last one known anchored at the KMS: the "
-                        "checkpoint keeps the last %d; the next KMS mount cannot verify an "
-                        "older anchor (mount with --allow-rollback after checking this is "
-                        "the newest copy)", seq - floor, MAX_CHAIN)
+            log.warning(
+                "%d commits since the last one known anchored at the KMS: the "
+                "checkpoint keeps the last %d; the next KMS mount cannot verify an "
+                "older anchor (mount with --allow-rollback after checking this is "
+                "the newest copy)",
+                seq - floor,
+                MAX_CHAIN,
+            )
             floor = self.floor = seq - MAX_CHAIN
         cp = Checkpoint(new_gen, seq, next_ino, head, table, self.heads.between(floor, seq))
         blob = self.objects.seal_checkpoint(cp)
@@ -319,8 +339,9 @@ class MetaLog:
         """Continue this volume's history at ``epoch`` (after an operator's rollback override:
         the anchor cannot go back, so the accepted old state is re-issued as a new commit
         number). Done as a checkpoint, so the journal stays gap-free."""
-        head = hashlib.sha256(self.head + b"sealfs rollback override" +
-                              epoch.to_bytes(8, "big")).digest()
+        head = hashlib.sha256(
+            self.head + b"sealfs rollback override" + epoch.to_bytes(8, "big")
+        ).digest()
         self.root, self.heads, self.floor = (epoch, head), Heads(epoch, head), epoch
         self.write_checkpoint(table, next_ino)
 
@@ -329,8 +350,9 @@ class MetaLog:
             self.journal.close()
 
     @classmethod
-    def initialize(cls, store: ObjectStore, objects: SealedObjects, table: dict[int, int],
-                   next_ino: int) -> None:
+    def initialize(
+        cls, store: ObjectStore, objects: SealedObjects, table: dict[int, int], next_ino: int
+    ) -> None:
         """Write generation 1 of a brand new volume."""
         JournalFile(store, 1).create()
         cp = Checkpoint(1, 0, next_ino, ZERO_HEAD, table)

@@ -57,8 +57,16 @@ class Namespace:
             raise FsError(errno.ENOENT)
         return await self.nodes.node(ino, (parent, name))
 
-    async def create(self, parent: int, name: bytes, mode: int, uid: int, gid: int,
-                     rdev: int = 0, target: bytes = b"") -> Inode:
+    async def create(
+        self,
+        parent: int,
+        name: bytes,
+        mode: int,
+        uid: int,
+        gid: int,
+        rdev: int = 0,
+        target: bytes = b"",
+    ) -> Inode:
         self._check_name(name)
         pnode = await self._dir(parent)
         assert pnode.entries is not None
@@ -120,8 +128,15 @@ class Namespace:
         self.nodes.mark(pnode)
         self.refs.release_if_unused(node)
 
-    async def rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes,
-                     noreplace: bool = False, exchange: bool = False) -> None:
+    async def rename(
+        self,
+        old_parent: int,
+        old_name: bytes,
+        new_parent: int,
+        new_name: bytes,
+        noreplace: bool = False,
+        exchange: bool = False,
+    ) -> None:
         self._check_name(new_name)
         src = await self._dir(old_parent)
         dst = await self._dir(new_parent)
@@ -207,4 +222,3 @@ def _check_room(directory: Inode, name: bytes) -> None:
     assert directory.entries is not None
     if directory.entries.record_bytes + ENTRY_OVERHEAD + len(name) > DIR_ENTRIES_MAX:
         raise FsError(errno.ENOSPC)
-

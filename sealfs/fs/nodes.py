@@ -29,8 +29,9 @@ log = logging.getLogger("sealfs.fs")
 class InodeTable:
     """The table, the node cache and the set of inodes the next commit writes."""
 
-    def __init__(self, store: ObjectStore, objects: SealedObjects, workers: Workers,
-                 cache_size: int) -> None:
+    def __init__(
+        self, store: ObjectStore, objects: SealedObjects, workers: Workers, cache_size: int
+    ) -> None:
         self.store = store
         self.objects = objects
         self.workers = workers
@@ -102,8 +103,9 @@ class InodeTable:
         """Load the records of many inodes (a directory listing's children) with one
         worker-thread hop per half, instead of one per inode. Failures are left for
         :meth:`node` to report."""
-        wanted = [(ino, self.table[ino]) for ino in inos
-                  if ino not in self.nodes and ino in self.table]
+        wanted = [
+            (ino, self.table[ino]) for ino in inos if ino not in self.nodes and ino in self.table
+        ]
         if not wanted:
             return
 
@@ -111,8 +113,9 @@ class InodeTable:
             out = []
             for ino, oid in batch:
                 with contextlib.suppress(AuthError, RecordError, MissingObject, DamagedFile):
-                    out.append(self.objects.open_record(
-                        ino, oid, self.store.get(oid, RECORD_OBJECT_MAX)))
+                    out.append(
+                        self.objects.open_record(ino, oid, self.store.get(oid, RECORD_OBJECT_MAX))
+                    )
             return out
 
         for node in await self.workers.halves(load, wanted):
@@ -132,8 +135,9 @@ class InodeTable:
         self.nodes.pop(ino, None)
         self.dirty.add(ino)
 
-    def allocate(self, mode: int, uid: int, gid: int, parent: Inode, name: bytes,
-                 rdev: int = 0) -> Inode:
+    def allocate(
+        self, mode: int, uid: int, gid: int, parent: Inode, name: bytes, rdev: int = 0
+    ) -> Inode:
         """A new inode named ``name`` in ``parent`` (set-group-ID directories pass on their
         group); ENOSPC once a checkpoint could not hold one more."""
         if len(self.table) + len(self.dirty) >= MAX_INODES - 1:
@@ -145,8 +149,19 @@ class InodeTable:
             gid = parent.gid
             if stat.S_ISDIR(mode):
                 mode |= stat.S_ISGID
-        node = Inode(ino, mode, uid, gid, 2 if stat.S_ISDIR(mode) else 1, 0, now, now, now,
-                     rdev, parent.ino if stat.S_ISDIR(mode) else 0)
+        node = Inode(
+            ino,
+            mode,
+            uid,
+            gid,
+            2 if stat.S_ISDIR(mode) else 1,
+            0,
+            now,
+            now,
+            now,
+            rdev,
+            parent.ino if stat.S_ISDIR(mode) else 0,
+        )
         node.name_hint = (parent.ino, name)
         self.nodes[ino] = node
         self.mark(node)
@@ -155,9 +170,12 @@ class InodeTable:
     def evict_if_clean(self, node: Inode) -> None:
         """Drop an unreferenced node from memory once the cache is full, unless it holds
         changes or data in use."""
-        if (not node.meta_dirty and not node.dirty_blocks
-                and len(self.nodes) > self.cache_size
-                and (node.lock is None or not node.lock.locked())):
+        if (
+            not node.meta_dirty
+            and not node.dirty_blocks
+            and len(self.nodes) > self.cache_size
+            and (node.lock is None or not node.lock.locked())
+        ):
             del self.nodes[node.ino]
 
     def destroy(self, node: Inode) -> None:

@@ -41,8 +41,10 @@ def runtime_file(mountpoint: Path) -> Path:
 def check_mountpoint(mountpoint: Path) -> Path:
     mp = Path(mountpoint).absolute()
     if is_mounted(mp):  # first: a dead FUSE mount cannot even be stat'ed (ENOTCONN, EIO)
-        raise BusyError(f"mountpoint {mp} is busy: something is already mounted there (if "
-                        f"its daemon died, `fusermount3 -u {mp}` clears it)")
+        raise BusyError(
+            f"mountpoint {mp} is busy: something is already mounted there (if "
+            f"its daemon died, `fusermount3 -u {mp}` clears it)"
+        )
     try:
         st = mp.stat()
     except FileNotFoundError:
@@ -59,15 +61,24 @@ def require_fallocate() -> None:
     the kernel would then answer every fallocate(2) with EOPNOTSUPP, and programs that reserve
     space (databases, package managers) would fail or quietly fall back, on this mount only."""
     if not hasattr(pyfuse3.Operations, "fallocate"):
-        raise SealfsError("the installed pyfuse3 has no fallocate support; sealfs needs pyfuse3 "
-                          "3.5.0 with tools/pyfuse3-patches/ applied: run "
-                          "tools/install-pyfuse3.sh /path/to/python")
+        raise SealfsError(
+            "the installed pyfuse3 has no fallocate support; sealfs needs pyfuse3 "
+            "3.5.0 with tools/pyfuse3-patches/ applied: run "
+            "tools/install-pyfuse3.sh /path/to/python"
+        )
 
 
-def serve(backing: Path, mountpoint: Path, cred: Credential, *, allow_other: bool = False,
-          allow_rollback: bool = False, writeback_cache: bool = False,
-          limits: Limits | None = None,
-          ready: Callable[[], None] = lambda: None) -> None:
+def serve(
+    backing: Path,
+    mountpoint: Path,
+    cred: Credential,
+    *,
+    allow_other: bool = False,
+    allow_rollback: bool = False,
+    writeback_cache: bool = False,
+    limits: Limits | None = None,
+    ready: Callable[[], None] = lambda: None,
+) -> None:
     """Mount and serve until unmounted or signalled; commit everything before returning.
 
     With a KMS credential the volume's freshness anchor is checked before mounting and
@@ -82,16 +93,24 @@ def serve(backing: Path, mountpoint: Path, cred: Credential, *, allow_other: boo
         if isinstance(cred, KmsCredential):
             fs.anchor = KmsAnchor(cred.client, header.volume_id)
         elif header.kms_slot() is not None:
-            log.warning("volume has a KMS slot but was unlocked without the KMS: whole-volume "
-                        "rollback is not checked on this mount")
+            log.warning(
+                "volume has a KMS slot but was unlocked without the KMS: whole-volume "
+                "rollback is not checked on this mount"
+            )
         trio.run(_serve, fs, mp, backing, allow_other, allow_rollback, writeback_cache, ready)
     finally:
         store.unlock()
 
 
-async def _serve(fs: Filesystem, mp: Path, backing: Path, allow_other: bool,
-                 allow_rollback: bool, writeback_cache: bool,
-                 ready: Callable[[], None]) -> None:
+async def _serve(
+    fs: Filesystem,
+    mp: Path,
+    backing: Path,
+    allow_other: bool,
+    allow_rollback: bool,
+    writeback_cache: bool,
+    ready: Callable[[], None],
+) -> None:
     await fs.load(allow_rollback=allow_rollback)
     source = str(Path(backing).absolute()).replace("\\", "\\\\").replace(",", "\\,")
     options = set(pyfuse3.default_options) | {f"fsname=sealfs:{source}", "subtype=sealfs"}
@@ -104,8 +123,15 @@ async def _serve(fs: Filesystem, mp: Path, backing: Path, allow_other: bool,
     record = runtime_file(mp)
     try:
         RUN_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
-        record.write_text(json.dumps({"pid": os.getpid(), "mountpoint": str(mp),
-                                      "backing": str(Path(backing).absolute())}))
+        record.write_text(
+            json.dumps(
+                {
+                    "pid": os.getpid(),
+                    "mountpoint": str(mp),
+                    "backing": str(Path(backing).absolute()),
+                }
+            )
+        )
     except OSError as e:
         log.warning("cannot write %s: %s", record, e)
     log.info("mounted volume %s on %s", fs.vid.hex(), mp)
@@ -118,8 +144,9 @@ async def _serve(fs: Filesystem, mp: Path, backing: Path, allow_other: bool,
 
             async def on_signal() -> None:
                 nonlocal terminated
-                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT,
-                                               signal.SIGHUP, signal.SIGUSR1) as signals:
+                with trio.open_signal_receiver(
+                    signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1
+                ) as signals:
                     async for signum in signals:
                         if signum == signal.SIGUSR1:  # operators: what is held in memory
                             log.info("stats: %s", fs.stats())
@@ -141,8 +168,12 @@ async def _serve(fs: Filesystem, mp: Path, backing: Path, allow_other: bool,
             await fs.close()
             log.info("unmounted %s; all data committed", mp)
         except SealfsError as e:
-            log.error("unmounted %s, but the final commit FAILED (%s): changes made since the "
-                      "last successful commit or fsync are lost", mp, e)
+            log.error(
+                "unmounted %s, but the final commit FAILED (%s): changes made since the "
+                "last successful commit or fsync are lost",
+                mp,
+                e,
+            )
             raise
         finally:
             pyfuse3.close(unmount=terminated)
@@ -157,8 +188,9 @@ def tune_readahead(mp: Path, kib: int = 1024) -> None:
     itself a FUSE request that this process must answer."""
     try:
         dev = os.stat(mp).st_dev
-        (Path("/sys/class/bdi") / f"{os.major(dev)}:{os.minor(dev)}" / "read_ahead_kb"
-         ).write_text(str(kib))
+        (Path("/sys/class/bdi") / f"{os.major(dev)}:{os.minor(dev)}" / "read_ahead_kb").write_text(
+            str(kib)
+        )
     except OSError as e:
         log.debug("cannot tune readahead: %s", e)
 

@@ -94,8 +94,9 @@ class SealfsOperations(pyfuse3.Operations):
     # --- namespace -----------------------------------------------------------------------
 
     @_guard
-    async def lookup(self, parent_inode: int, name: bytes,
-                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         try:
             node = await self.fs.lookup(parent_inode, name)
         except FsError as e:
@@ -119,9 +120,14 @@ class SealfsOperations(pyfuse3.Operations):
         return self._attrs(await self.fs.node(inode))
 
     @_guard
-    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
-                      fields: pyfuse3.SetattrFields, fh: int | None,
-                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def setattr(
+        self,
+        inode: int,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
         node = await self.fs.setattr(
             inode,
             size=attr.st_size if fields.update_size else None,
@@ -130,7 +136,8 @@ class SealfsOperations(pyfuse3.Operations):
             gid=attr.st_gid if fields.update_gid else None,
             atime_ns=attr.st_atime_ns if fields.update_atime else None,
             mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
-            ctime_ns=attr.st_ctime_ns if fields.update_ctime else None)
+            ctime_ns=attr.st_ctime_ns if fields.update_ctime else None,
+        )
         return self._attrs(node)
 
     @_guard
@@ -140,24 +147,34 @@ class SealfsOperations(pyfuse3.Operations):
             raise FsError(errno.EINVAL)
         return node.target
 
-    async def _make(self, parent: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext,
-                    rdev: int = 0, target: bytes = b"") -> pyfuse3.EntryAttributes:
+    async def _make(
+        self,
+        parent: int,
+        name: bytes,
+        mode: int,
+        ctx: pyfuse3.RequestContext,
+        rdev: int = 0,
+        target: bytes = b"",
+    ) -> pyfuse3.EntryAttributes:
         node = await self.fs.create(parent, name, mode, ctx.uid, ctx.gid, rdev, target)
         return self._entry(node)
 
     @_guard
-    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
-                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         return await self._make(parent_inode, name, mode, ctx, rdev)
 
     @_guard
-    async def mkdir(self, parent_inode: int, name: bytes, mode: int,
-                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         return await self._make(parent_inode, name, (mode & 0o7777) | 0o040000, ctx)
 
     @_guard
-    async def symlink(self, parent_inode: int, name: bytes, target: bytes,
-                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         if len(target) > 4095:
             raise FsError(errno.ENAMETOOLONG)
         return await self._make(parent_inode, name, 0o120777, ctx, target=target)
@@ -171,18 +188,32 @@ class SealfsOperations(pyfuse3.Operations):
         await self.fs.unlink(parent_inode, name, want_dir=True)
 
     @_guard
-    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
-                     name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
+    async def rename(
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
         if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == (
-                RENAME_NOREPLACE | RENAME_EXCHANGE):
+            RENAME_NOREPLACE | RENAME_EXCHANGE
+        ):
             raise FsError(errno.EINVAL)
-        await self.fs.rename(parent_inode_old, name_old, parent_inode_new, name_new,
-                             noreplace=bool(flags & RENAME_NOREPLACE),
-                             exchange=bool(flags & RENAME_EXCHANGE))
+        await self.fs.rename(
+            parent_inode_old,
+            name_old,
+            parent_inode_new,
+            name_new,
+            noreplace=bool(flags & RENAME_NOREPLACE),
+            exchange=bool(flags & RENAME_EXCHANGE),
+        )
 
     @_guard
-    async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
-                   ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def link(
+        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         return self._entry(await self.fs.link(inode, new_parent_inode, new_name))
 
     # --- files ---------------------------------------------------------------------------
@@ -193,9 +224,9 @@ class SealfsOperations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
 
     @_guard
-    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
-                     ctx: pyfuse3.RequestContext
-                     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         node = await self.fs.create_open(parent_inode, name, mode, ctx.uid, ctx.gid)
         return pyfuse3.FileInfo(fh=node.ino, keep_cache=True), self._entry(node)
 
@@ -282,8 +313,9 @@ class SealfsOperations(pyfuse3.Operations):
     # --- xattrs --------------------------------------------------------------------------
 
     @_guard
-    async def setxattr(self, inode: int, name: bytes, value: bytes,
-                       ctx: pyfuse3.RequestContext) -> None:
+    async def setxattr(
+        self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
+    ) -> None:
         await self.fs.setxattr(inode, name, value)
 
     @_guard

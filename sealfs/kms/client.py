@@ -66,8 +66,13 @@ log = logging.getLogger("sealfs.kms.client")
 T = TypeVar("T")
 
 MAX_RESPONSE_BYTES = 1 << 20
-_ATTESTATION_CODES = {"attestation_failed", "policy_denied", "unknown_app", "app_id_mismatch",
-                      "simulated_disabled"}
+_ATTESTATION_CODES = {
+    "attestation_failed",
+    "policy_denied",
+    "unknown_app",
+    "app_id_mismatch",
+    "simulated_disabled",
+}
 
 
 class Attester(Protocol):
@@ -93,8 +98,9 @@ class KeyProvider(Protocol):
     @property
     def answering_key(self) -> bytes | None: ...
 
-    def get_key(self, purpose: str, volume_id: bytes,
-                key_version: int | None = None) -> tuple[Secret, int]: ...
+    def get_key(
+        self, purpose: str, volume_id: bytes, key_version: int | None = None
+    ) -> tuple[Secret, int]: ...
 
 
 class EpochStore(Protocol):
@@ -103,8 +109,9 @@ class EpochStore(Protocol):
 
     def get_epoch(self, volume_id: bytes) -> tuple[int, bytes]: ...
 
-    def advance_epoch(self, volume_id: bytes, epoch: int,
-                      root_digest: bytes) -> tuple[int, bytes]: ...
+    def advance_epoch(
+        self, volume_id: bytes, epoch: int, root_digest: bytes
+    ) -> tuple[int, bytes]: ...
 
 
 class VolumeKms(KeyProvider, EpochStore, Protocol):
@@ -124,9 +131,17 @@ class _Retry(Exception):
 
 
 class KmsClient:
-    def __init__(self, url: str, app_id: bytes | str, attester: Attester, *,
-                 trusted_keys: Sequence[bytes] = (), trust_on_first_use: bool = False,
-                 deadline_s: float = 60.0, request_timeout_s: float = 15.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        app_id: bytes | str,
+        attester: Attester,
+        *,
+        trusted_keys: Sequence[bytes] = (),
+        trust_on_first_use: bool = False,
+        deadline_s: float = 60.0,
+        request_timeout_s: float = 15.0,
+    ) -> None:
         parsed = urllib.parse.urlsplit(url)
         if parsed.scheme not in ("http", "https") or not parsed.hostname:
             raise KmsError(f"KMS URL must be http(s)://host[:port], not {url!r}")
@@ -160,8 +175,9 @@ class KmsClient:
 
     # --- public operations -------------------------------------------------------------------
 
-    def get_key(self, purpose: str, volume_id: bytes,
-                key_version: int | None = None) -> tuple[Secret, int]:
+    def get_key(
+        self, purpose: str, volume_id: bytes, key_version: int | None = None
+    ) -> tuple[Secret, int]:
         """The app key for ``purpose`` on ``volume_id``, and its version."""
         if purpose not in P.PURPOSES:
             raise KmsError(f"unknown key purpose {purpose!r}")
@@ -211,19 +227,22 @@ class KmsClient:
             except _Retry as e:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise KmsError(f"KMS at {self.url} not available after "
-                                   f"{self.deadline_s:g} s: {e}") from None
+                    raise KmsError(
+                        f"KMS at {self.url} not available after {self.deadline_s:g} s: {e}"
+                    ) from None
                 log.info("KMS at %s: %s; retrying", self.url, e)
                 time.sleep(min(remaining, delay * random.uniform(0.75, 1.25)))
                 delay = min(delay * 2, 5.0)
 
-    def _attempt(self, params: P.Params,
-                 deadline: float) -> tuple[dict[str, Any], EphemeralKeyPair, bytes]:
+    def _attempt(
+        self, params: P.Params, deadline: float
+    ) -> tuple[dict[str, Any], EphemeralKeyPair, bytes]:
         events = _attesting(self.attester.event_log)
         identity = identity_from_log(events)
         if not ct_equal(identity.app_id, self.app_id):
-            raise AttestationError(f"this CVM's measured app id is {identity.app_id.hex()}, "
-                                   f"not {self.app_id.hex()}")
+            raise AttestationError(
+                f"this CVM's measured app id is {identity.app_id.hex()}, not {self.app_id.hex()}"
+            )
         trusted = self._trusted_keys(events, deadline)
         nonce = _hex(self._http("POST", "/v1/nonce", {}, deadline), "nonce")
         if len(nonce) != P.NONCE_SIZE:
@@ -232,26 +251,36 @@ class KmsClient:
         report_data = P.report_data_for(nonce, eph.public_bytes, params)
         quote = _attesting(self.attester.quote, report_data)
         collateral = _attesting(self.attester.collateral)
-        body = {"version": P.PROTOCOL_VERSION, "tee": self.attester.kind,
-                "nonce": nonce.hex(), "public_key": eph.public_bytes.hex(),
-                "quote": base64.b64encode(quote).decode("ascii"),
-                "event_log": events_to_wire(events), "app_id": self.app_id.hex(),
-                "collateral": collateral, "params": params.to_wire()}
+        body = {
+            "version": P.PROTOCOL_VERSION,
+            "tee": self.attester.kind,
+            "nonce": nonce.hex(),
+            "public_key": eph.public_bytes.hex(),
+            "quote": base64.b64encode(quote).decode("ascii"),
+            "event_log": events_to_wire(events),
+            "app_id": self.app_id.hex(),
+            "collateral": collateral,
+            "params": params.to_wire(),
+        }
         resp = self._http("POST", P.OP_PATHS[params.op], body, deadline)
         result = resp.get("result")
         if resp.get("op") != params.op or not isinstance(result, dict):
             raise KmsError("KMS answer is malformed")
         signer = _hex(resp, "kms_public_key")
         if not any(ct_equal(signer, key) for key in trusted):
-            raise KmsError(f"KMS at {self.url} answered as {signer.hex()[:16]}..., which is "
-                           "not a trusted KMS identity (redirected to another KMS?)")
+            raise KmsError(
+                f"KMS at {self.url} answered as {signer.hex()[:16]}..., which is "
+                "not a trusted KMS identity (redirected to another KMS?)"
+            )
         if not ct_equal(_hex(result, "app_id"), self.app_id):
             raise KmsError("KMS answered for another app id")
         if not isinstance(params, P.GetKey) and _hex(result, "volume_id") != params.volume_id:
             raise KmsError("KMS answered for another volume")
-        if not verify_signature(signer, _hex(resp, "signature"),
-                                P.response_message(params.op, report_data,
-                                                   _result_parts(params, result))):
+        if not verify_signature(
+            signer,
+            _hex(resp, "signature"),
+            P.response_message(params.op, report_data, _result_parts(params, result)),
+        ):
             raise KmsError("KMS answer signature is invalid (tampered in transit?)")
         self.answering_key = signer
         return result, eph, nonce
@@ -259,33 +288,43 @@ class KmsClient:
     def _trusted_keys(self, events: list[RuntimeEvent], deadline: float) -> tuple[bytes, ...]:
         """The KMS identities this client accepts; resolved once, never from the disk."""
         if not self.trusted_keys:
-            measured = tuple(k for k in (P.parse_key_provider(e.payload) for e in events
-                                         if e.name == EVENT_KEY_PROVIDER) if k is not None)
+            measured = tuple(
+                k
+                for k in (
+                    P.parse_key_provider(e.payload) for e in events if e.name == EVENT_KEY_PROVIDER
+                )
+                if k is not None
+            )
             if measured:
                 self.trusted_keys = measured
             elif self.trust_on_first_use:
-                announced = _hex(self._http("GET", "/v1/info", None, deadline),
-                                 "kms_public_key")
+                announced = _hex(self._http("GET", "/v1/info", None, deadline), "kms_public_key")
                 if len(announced) != P.PUBLIC_KEY_SIZE:
                     raise KmsError("KMS announced a malformed public key")
-                log.warning("INSECURE: trusting KMS identity %s from %s on first use; the "
-                            "host controls the network and can answer in its place. Pin it "
-                            "with --kms-public-key %s", announced.hex(), self.url,
-                            announced.hex())
+                log.warning(
+                    "INSECURE: trusting KMS identity %s from %s on first use; the "
+                    "host controls the network and can answer in its place. Pin it "
+                    "with --kms-public-key %s",
+                    announced.hex(),
+                    self.url,
+                    announced.hex(),
+                )
                 self.trusted_keys = (announced,)
             else:
-                raise UsageError("no trusted KMS identity: give --kms-public-key HEX (the "
-                                 "key `sealfs kms init` printed; repeat it for each replica) "
-                                 "or measure a key-provider event; the volume on disk is "
-                                 "never trusted to name its KMS")
+                raise UsageError(
+                    "no trusted KMS identity: give --kms-public-key HEX (the "
+                    "key `sealfs kms init` printed; repeat it for each replica) "
+                    "or measure a key-provider event; the volume on disk is "
+                    "never trusted to name its KMS"
+                )
         return self.trusted_keys
 
     # --- HTTP --------------------------------------------------------------------------------
 
-    def _http(self, method: str, path: str, body: dict[str, Any] | None,
-              deadline: float) -> dict[str, Any]:
-        cls = (http.client.HTTPSConnection if self._scheme == "https"
-               else http.client.HTTPConnection)
+    def _http(
+        self, method: str, path: str, body: dict[str, Any] | None, deadline: float
+    ) -> dict[str, Any]:
+        cls = http.client.HTTPSConnection if self._scheme == "https" else http.client.HTTPConnection
         # One exchange may not outlive the caller's overall deadline.
         timeout = max(0.2, min(self.request_timeout_s, deadline - time.monotonic()))
         conn = cls(self._host, self._port, timeout=timeout)
@@ -342,13 +381,15 @@ def _checked(params: P.Params) -> P.Params:
 def _result_parts(params: P.Params, result: dict[str, Any]) -> tuple[Any, ...]:
     app_id = _hex(result, "app_id")
     if isinstance(params, P.GetKey):
-        return P.get_key_result_parts(app_id, _int(result, "key_version"),
-                                      _hex(result, "enc"), _hex(result, "ciphertext"))
+        return P.get_key_result_parts(
+            app_id, _int(result, "key_version"), _hex(result, "enc"), _hex(result, "ciphertext")
+        )
     known = result.get("known")
     if not isinstance(known, bool):
         raise KmsError("KMS answer is malformed (known)")
-    return P.epoch_result_parts(app_id, _hex(result, "volume_id"), _int(result, "epoch"),
-                                _hex(result, "root_digest"), known)
+    return P.epoch_result_parts(
+        app_id, _hex(result, "volume_id"), _int(result, "epoch"), _hex(result, "root_digest"), known
+    )
 
 
 def _hex(obj: dict[str, Any], name: str) -> bytes:

@@ -25,8 +25,9 @@ IDENTITY_KEY_VERSION = 1
 STORE_MAC_VERSION = 1
 
 
-def app_key(root: Secret, purpose: str, app_id: bytes, key_version: int,
-            volume_id: bytes) -> Secret:
+def app_key(
+    root: Secret, purpose: str, app_id: bytes, key_version: int, volume_id: bytes
+) -> Secret:
     """The key released to ``app_id`` for ``purpose`` on ``volume_id`` at ``key_version``."""
     if purpose not in PURPOSES:
         raise ValueError(f"unknown key purpose {purpose!r}")

@@ -42,12 +42,23 @@ from sealfs.errors import UsageError
 from sealfs.kms.protocol import MAX_ID_BYTES, MAX_KEY_VERSION
 
 MR_SIZE = 48
-TCB_STATUSES = ("UpToDate", "SWHardeningNeeded", "ConfigurationNeeded",
-                "ConfigurationAndSWHardeningNeeded", "OutOfDate", "OutOfDateConfigurationNeeded")
+TCB_STATUSES = (
+    "UpToDate",
+    "SWHardeningNeeded",
+    "ConfigurationNeeded",
+    "ConfigurationAndSWHardeningNeeded",
+    "OutOfDate",
+    "OutOfDateConfigurationNeeded",
+)
 MAX_ENTRIES = 256
 #: Yes/no fields of a policy document; each default is the dataclass default (the safe choice).
-_FLAGS = ("allow_debug", "allow_simulated", "require_sept_ve_disable",
-          "allow_reserved_td_attributes", "allow_service_td")
+_FLAGS = (
+    "allow_debug",
+    "allow_simulated",
+    "require_sept_ve_disable",
+    "allow_reserved_td_attributes",
+    "allow_service_td",
+)
 
 
 class PolicyDenied(Exception):
@@ -86,13 +97,21 @@ class Measurement:
 
     def matches(self, report: Report) -> bool:
         # Evaluate every comparison (no short-circuit) so timing says nothing about which one.
-        results = [ct_equal(self.mrtd, report.mrtd), ct_equal(self.rtmr0, report.rtmr0),
-                   ct_equal(self.rtmr1, report.rtmr1), ct_equal(self.rtmr2, report.rtmr2)]
+        results = [
+            ct_equal(self.mrtd, report.mrtd),
+            ct_equal(self.rtmr0, report.rtmr0),
+            ct_equal(self.rtmr1, report.rtmr1),
+            ct_equal(self.rtmr2, report.rtmr2),
+        ]
         return all(results)
 
     def to_dict(self) -> dict[str, str]:
-        return {"mrtd": self.mrtd.hex(), "rtmr0": self.rtmr0.hex(),
-                "rtmr1": self.rtmr1.hex(), "rtmr2": self.rtmr2.hex()}
+        return {
+            "mrtd": self.mrtd.hex(),
+            "rtmr0": self.rtmr0.hex(),
+            "rtmr1": self.rtmr1.hex(),
+            "rtmr2": self.rtmr2.hex(),
+        }
 
     @classmethod
     def from_dict(cls, d: Any) -> Measurement:
@@ -128,8 +147,10 @@ class AppPolicy:
             raise UsageError("key version out of range")
         for status in self.tcb_statuses:
             if status not in TCB_STATUSES:
-                raise UsageError(f"unknown or never-allowed TCB status {status!r} "
-                                 f"(known: {', '.join(TCB_STATUSES)})")
+                raise UsageError(
+                    f"unknown or never-allowed TCB status {status!r} "
+                    f"(known: {', '.join(TCB_STATUSES)})"
+                )
         for h in self.compose_hashes:
             if len(h) != 32:
                 raise UsageError("compose hashes are 32 bytes (SHA-256)")
@@ -137,12 +158,14 @@ class AppPolicy:
             raise UsageError(f"at most {MAX_ENTRIES} measurements and compose hashes")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"app_id": self.app_id.hex(),
-                "measurements": [m.to_dict() for m in self.measurements],
-                "compose_hashes": [h.hex() for h in self.compose_hashes],
-                "tcb_statuses": list(self.tcb_statuses),
-                **{flag: getattr(self, flag) for flag in _FLAGS},
-                "key_version": self.key_version}
+        return {
+            "app_id": self.app_id.hex(),
+            "measurements": [m.to_dict() for m in self.measurements],
+            "compose_hashes": [h.hex() for h in self.compose_hashes],
+            "tcb_statuses": list(self.tcb_statuses),
+            **{flag: getattr(self, flag) for flag in _FLAGS},
+            "key_version": self.key_version,
+        }
 
     def canonical(self) -> bytes:
         """The exact bytes stored and MACed."""
@@ -153,8 +176,14 @@ class AppPolicy:
         """Parse a policy document strictly (unknown fields are errors, not ignored)."""
         if not isinstance(d, dict):
             raise UsageError("a policy must be a JSON object")
-        allowed = {"app_id", "measurements", "compose_hashes", "tcb_statuses", "key_version",
-                   *_FLAGS}
+        allowed = {
+            "app_id",
+            "measurements",
+            "compose_hashes",
+            "tcb_statuses",
+            "key_version",
+            *_FLAGS,
+        }
         unknown = set(d) - allowed
         if unknown:
             raise UsageError(f"unknown policy field {sorted(unknown)[0]!r}")
@@ -173,11 +202,14 @@ class AppPolicy:
             raise UsageError("key_version must be an integer")
         if not all(isinstance(s, str) for s in statuses):
             raise UsageError("tcb_statuses must be strings")
-        return cls(app_id=_hex(d["app_id"], "app_id", 1, MAX_ID_BYTES),
-                   measurements=tuple(Measurement.from_dict(m) for m in lists["measurements"]),
-                   compose_hashes=tuple(_hex(h, "compose hash", 32, 32)
-                                        for h in lists["compose_hashes"]),
-                   tcb_statuses=tuple(statuses), key_version=version, **flags)
+        return cls(
+            app_id=_hex(d["app_id"], "app_id", 1, MAX_ID_BYTES),
+            measurements=tuple(Measurement.from_dict(m) for m in lists["measurements"]),
+            compose_hashes=tuple(_hex(h, "compose hash", 32, 32) for h in lists["compose_hashes"]),
+            tcb_statuses=tuple(statuses),
+            key_version=version,
+            **flags,
+        )
 
     def with_version(self, key_version: int) -> AppPolicy:
         return replace(self, key_version=key_version)
@@ -204,8 +236,7 @@ class AppPolicy:
         if self.require_sept_ve_disable and not attributes & TD_ATTR_SEPT_VE_DISABLE:
             raise PolicyDenied("TD attribute SEPT_VE_DISABLE is not set (required for this app)")
         if attributes & ~TD_ATTR_DEFINED and not self.allow_reserved_td_attributes:
-            raise PolicyDenied(f"reserved TD attribute bits are set "
-                               f"({report.td_attributes.hex()})")
+            raise PolicyDenied(f"reserved TD attribute bits are set ({report.td_attributes.hex()})")
         service_td = report.mr_servicetd is not None and any(report.mr_servicetd)
         if service_td and not self.allow_service_td:
             raise PolicyDenied("MRSERVICETD is not zero: a service TD is bound to this TD")

@@ -52,8 +52,11 @@ OP_GET_KEY = "get_key"
 OP_GET_EPOCH = "get_epoch"
 OP_ADVANCE_EPOCH = "advance_epoch"
 #: HTTP path of each operation.
-OP_PATHS = {OP_GET_KEY: "/v1/key", OP_GET_EPOCH: "/v1/epoch/get",
-            OP_ADVANCE_EPOCH: "/v1/epoch/advance"}
+OP_PATHS = {
+    OP_GET_KEY: "/v1/key",
+    OP_GET_EPOCH: "/v1/epoch/get",
+    OP_ADVANCE_EPOCH: "/v1/epoch/advance",
+}
 TEE_KINDS = ("tdx", "simulated")
 KEY_PROVIDER_NAME = "sealfs-kms"
 
@@ -78,6 +81,7 @@ def bad_request(message: str) -> ProtocolError:
 
 # --- field parsing ---------------------------------------------------------------------------
 
+
 def parse_json_object(body: bytes) -> dict[str, Any]:
     """Strict JSON (:func:`sealfs.strict.loads`): UTF-8, one object, no duplicate keys,
     no NaN, bounded nesting."""
@@ -90,8 +94,12 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
     return value
 
 
-def check_fields(obj: dict[str, Any], required: Set[str], optional: Set[str] = frozenset(),
-                 where: str = "request") -> None:
+def check_fields(
+    obj: dict[str, Any],
+    required: Set[str],
+    optional: Set[str] = frozenset(),
+    where: str = "request",
+) -> None:
     missing = required - obj.keys()
     if missing:
         raise bad_request(f"{where}: missing field {sorted(missing)[0]!r}")
@@ -129,6 +137,7 @@ def b64_field(obj: dict[str, Any], name: str, max_len: int) -> bytes:
 
 # --- operation parameters --------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class GetKey:
     """Release the app key for ``purpose`` and ``volume_id`` (``key_version`` None = current)."""
@@ -139,8 +148,11 @@ class GetKey:
     op = OP_GET_KEY
 
     def to_wire(self) -> dict[str, Any]:
-        return {"purpose": self.purpose, "volume_id": self.volume_id.hex(),
-                "key_version": self.key_version}
+        return {
+            "purpose": self.purpose,
+            "volume_id": self.volume_id.hex(),
+            "key_version": self.key_version,
+        }
 
     @classmethod
     def from_wire(cls, obj: dict[str, Any]) -> GetKey:
@@ -148,14 +160,16 @@ class GetKey:
         purpose = obj["purpose"]
         if purpose not in PURPOSES:
             raise bad_request(f"purpose must be one of {', '.join(PURPOSES)}")
-        version = None if obj["key_version"] is None else int_field(
-            obj, "key_version", 1, MAX_KEY_VERSION)
+        version = (
+            None
+            if obj["key_version"] is None
+            else int_field(obj, "key_version", 1, MAX_KEY_VERSION)
+        )
         return cls(purpose, hex_field(obj, "volume_id", 1, MAX_ID_BYTES), version)
 
     def binding_parts(self) -> tuple[bytes | str | int, ...]:
         # "absent" is the empty string, which no 8-byte integer encoding can equal.
-        return (self.purpose, self.volume_id,
-                b"" if self.key_version is None else self.key_version)
+        return (self.purpose, self.volume_id, b"" if self.key_version is None else self.key_version)
 
 
 @dataclass(frozen=True)
@@ -187,15 +201,20 @@ class AdvanceEpoch:
     op = OP_ADVANCE_EPOCH
 
     def to_wire(self) -> dict[str, Any]:
-        return {"volume_id": self.volume_id.hex(), "epoch": self.epoch,
-                "root_digest": self.root_digest.hex()}
+        return {
+            "volume_id": self.volume_id.hex(),
+            "epoch": self.epoch,
+            "root_digest": self.root_digest.hex(),
+        }
 
     @classmethod
     def from_wire(cls, obj: dict[str, Any]) -> AdvanceEpoch:
         check_fields(obj, {"volume_id", "epoch", "root_digest"}, where="params")
-        return cls(hex_field(obj, "volume_id", 1, MAX_ID_BYTES),
-                   int_field(obj, "epoch", 0, MAX_EPOCH),
-                   hex_field(obj, "root_digest", MIN_DIGEST_BYTES, MAX_DIGEST_BYTES))
+        return cls(
+            hex_field(obj, "volume_id", 1, MAX_ID_BYTES),
+            int_field(obj, "epoch", 0, MAX_EPOCH),
+            hex_field(obj, "root_digest", MIN_DIGEST_BYTES, MAX_DIGEST_BYTES),
+        )
 
     def binding_parts(self) -> tuple[bytes | str | int, ...]:
         return (self.volume_id, self.epoch, self.root_digest)
@@ -203,12 +222,16 @@ class AdvanceEpoch:
 
 Params = GetKey | GetEpoch | AdvanceEpoch
 PARAM_TYPES: dict[str, type[GetKey] | type[GetEpoch] | type[AdvanceEpoch]] = {
-    OP_GET_KEY: GetKey, OP_GET_EPOCH: GetEpoch, OP_ADVANCE_EPOCH: AdvanceEpoch}
+    OP_GET_KEY: GetKey,
+    OP_GET_EPOCH: GetEpoch,
+    OP_ADVANCE_EPOCH: AdvanceEpoch,
+}
 
 
 def request_binding(nonce: bytes, public_key: bytes, params: Params) -> bytes:
-    return label("kms-request", PROTOCOL_VERSION, nonce, public_key, params.op,
-                 *params.binding_parts())
+    return label(
+        "kms-request", PROTOCOL_VERSION, nonce, public_key, params.op, *params.binding_parts()
+    )
 
 
 def report_data_for(nonce: bytes, public_key: bytes, params: Params) -> bytes:
@@ -221,27 +244,34 @@ def response_message(op: str, report_data: bytes, parts: tuple[bytes | str | int
     return label("kms-response", PROTOCOL_VERSION, op, report_data, *parts)
 
 
-def key_release_info(app_id: bytes, purpose: str, volume_id: bytes, key_version: int,
-                     nonce: bytes) -> bytes:
+def key_release_info(
+    app_id: bytes, purpose: str, volume_id: bytes, key_version: int, nonce: bytes
+) -> bytes:
     """HPKE info/AD for a released key: the key only opens in the context it was asked for."""
-    return label("kms-key-release", PROTOCOL_VERSION, app_id, purpose, volume_id,
-                 key_version, nonce)
+    return label(
+        "kms-key-release", PROTOCOL_VERSION, app_id, purpose, volume_id, key_version, nonce
+    )
 
 
-def get_key_result_parts(app_id: bytes, key_version: int, enc: bytes,
-                         ciphertext: bytes) -> tuple[bytes | str | int, ...]:
+def get_key_result_parts(
+    app_id: bytes, key_version: int, enc: bytes, ciphertext: bytes
+) -> tuple[bytes | str | int, ...]:
     return (app_id, key_version, enc, ciphertext)
 
 
-def epoch_result_parts(app_id: bytes, volume_id: bytes, epoch: int, root_digest: bytes,
-                       known: bool) -> tuple[bytes | str | int, ...]:
+def epoch_result_parts(
+    app_id: bytes, volume_id: bytes, epoch: int, root_digest: bytes, known: bool
+) -> tuple[bytes | str | int, ...]:
     return (app_id, volume_id, epoch, root_digest, int(known))
 
 
 def key_provider_payload(kms_public_key: bytes) -> bytes:
     """The ``key-provider`` event payload that measures which KMS a CVM trusts."""
-    return json.dumps({"name": KEY_PROVIDER_NAME, "id": kms_public_key.hex()},
-                      separators=(",", ":"), sort_keys=True).encode()
+    return json.dumps(
+        {"name": KEY_PROVIDER_NAME, "id": kms_public_key.hex()},
+        separators=(",", ":"),
+        sort_keys=True,
+    ).encode()
 
 
 def parse_key_provider(payload: bytes) -> bytes | None:

@@ -164,11 +164,16 @@ async def read_request(stream: trio.abc.Stream, limits: HttpLimits) -> Request |
             buf += chunk
     if end > limits.max_header_bytes:
         raise HttpError(431, "headers_too_large", "request header block too large")
-    head, rest = bytes(buf[:end]), bytes(buf[end + 4:])
+    head, rest = bytes(buf[:end]), bytes(buf[end + 4 :])
     lines = head.split(b"\r\n")
     parts = lines[0].split(b" ")
-    if (len(parts) != 3 or not _TOKEN.fullmatch(parts[0]) or not parts[1].startswith(b"/")
-            or len(parts[1]) > 256 or parts[2] not in (b"HTTP/1.1", b"HTTP/1.0")):
+    if (
+        len(parts) != 3
+        or not _TOKEN.fullmatch(parts[0])
+        or not parts[1].startswith(b"/")
+        or len(parts[1]) > 256
+        or parts[2] not in (b"HTTP/1.1", b"HTTP/1.0")
+    ):
         raise HttpError(400, "bad_request", "malformed request line")
     if len(lines) - 1 > limits.max_headers:
         raise HttpError(431, "headers_too_large", "too many request headers")
@@ -182,8 +187,9 @@ async def read_request(stream: trio.abc.Stream, limits: HttpLimits) -> Request |
             raise HttpError(400, "bad_request", f"duplicate {key} header")
         headers[key] = value.strip(b" \t").decode("latin-1")
     if "transfer-encoding" in headers:
-        raise HttpError(411, "length_required", "Transfer-Encoding is not supported; "
-                        "send a Content-Length")
+        raise HttpError(
+            411, "length_required", "Transfer-Encoding is not supported; send a Content-Length"
+        )
     method = parts[0].decode("ascii")
     length = 0
     if "content-length" in headers:
@@ -194,8 +200,7 @@ async def read_request(stream: trio.abc.Stream, limits: HttpLimits) -> Request |
     elif method == "POST":
         raise HttpError(411, "length_required", "POST needs a Content-Length")
     if length > limits.max_body_bytes:
-        raise HttpError(413, "too_large", f"request body larger than {limits.max_body_bytes} "
-                        "bytes")
+        raise HttpError(413, "too_large", f"request body larger than {limits.max_body_bytes} bytes")
     if headers.get("expect", "").lower() == "100-continue" and len(rest) < length:
         await stream.send_all(b"HTTP/1.1 100 Continue\r\n\r\n")
     body = bytearray(rest[:length])
@@ -210,9 +215,11 @@ async def read_request(stream: trio.abc.Stream, limits: HttpLimits) -> Request |
 def render_response(status: int, payload: dict[str, Any]) -> bytes:
     body = json.dumps(payload, separators=(",", ":"), sort_keys=True).encode()
     reason = http.HTTPStatus(status).phrase
-    head = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\n"
-            "Connection: close\r\n\r\n")
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\n"
+        "Connection: close\r\n\r\n"
+    )
     return head.encode("ascii") + body
 
 
@@ -234,8 +241,13 @@ class KmsHttpServer:
         self._slots = FairGate(self.limits.max_connections)
         self._workers = FairGate(self.limits.worker_threads)
 
-    async def serve(self, host: str = "127.0.0.1", port: int = 0, *,
-                    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+    async def serve(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
         """Listen on ``host:port`` (port 0 = ephemeral) and serve until cancelled.
         ``task_status.started`` receives the bound port."""
         listeners = await self.listen(host, port)
@@ -299,8 +311,13 @@ class KmsHttpServer:
         if self._open[key] > self.limits.max_connections_per_peer:  # this one included
             quiet = key in self._refused
             self._refused.add(key)
-            return 429, error_payload("too_many_connections", "too many connections from "
-                                      "your address; retry later"), quiet
+            return (
+                429,
+                error_payload(
+                    "too_many_connections", "too many connections from your address; retry later"
+                ),
+                quiet,
+            )
         if self._open_total >= self.limits.max_connections + self.limits.max_queued:
             return 503, error_payload("busy", "too many connections; retry"), False
         return None
@@ -312,8 +329,9 @@ class KmsHttpServer:
             await self._slots.acquire(key)
             admitted = True
         if not admitted:
-            await self._send(stream, 503, error_payload("busy", "too many connections; retry"),
-                             peer, "-")
+            await self._send(
+                stream, 503, error_payload("busy", "too many connections; retry"), peer, "-"
+            )
             return
         try:
             await self._serve_one(stream, peer, key)
@@ -342,12 +360,25 @@ class KmsHttpServer:
             status, payload = 500, error_payload("internal", "KMS internal error")
         await self._send(stream, status, payload, peer, target)
 
-    async def _send(self, stream: trio.SocketStream, status: int, payload: dict[str, Any],
-                    peer: str, target: str, quiet: bool = False) -> None:
+    async def _send(
+        self,
+        stream: trio.SocketStream,
+        status: int,
+        payload: dict[str, Any],
+        peer: str,
+        target: str,
+        quiet: bool = False,
+    ) -> None:
         level = logging.DEBUG if quiet else logging.INFO if status < 400 else logging.WARNING
-        log.log(level, "%s %s -> %d %s%s", peer, target, status,
-                payload.get("error", "ok") if not payload.get("ok") else "ok",
-                f": {payload['message']}" if not payload.get("ok") else "")
+        log.log(
+            level,
+            "%s %s -> %d %s%s",
+            peer,
+            target,
+            status,
+            payload.get("error", "ok") if not payload.get("ok") else "ok",
+            f": {payload['message']}" if not payload.get("ok") else "",
+        )
         with trio.move_on_after(self.limits.write_timeout_s):
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 await stream.send_all(render_response(status, payload))

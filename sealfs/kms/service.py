@@ -113,12 +113,18 @@ class KmsService:
         self._root = root
         self._macs = StoreMac(root)
         found = store.verify(self._macs)  # refuse replayed or removed rows before serving
-        log.info("KMS state %s verified: table version %d, %d policies, %d volume epochs",
-                 store.path, found.version, found.policies, found.epochs)
+        log.info(
+            "KMS state %s verified: table version %d, %d policies, %d volume epochs",
+            store.path,
+            found.version,
+            found.policies,
+            found.epochs,
+        )
         self.state_version = found.version
         self._identity = identity_key(root)
-        self.nonces = NonceBook(self.config.nonce_ttl_s, self.config.max_outstanding_nonces,
-                                self.config.clock)
+        self.nonces = NonceBook(
+            self.config.nonce_ttl_s, self.config.max_outstanding_nonces, self.config.clock
+        )
 
     def __repr__(self) -> str:
         return f"<KmsService {self.store.path}>"
@@ -129,14 +135,20 @@ class KmsService:
         return self._identity.public_bytes
 
     def info(self) -> dict[str, Any]:
-        return {"ok": True, "protocol": P.PROTOCOL_VERSION,
-                "kms_public_key": self.public_key.hex(),
-                "simulated_allowed": self.config.allow_simulated,
-                "purposes": list(P.PURPOSES)}
+        return {
+            "ok": True,
+            "protocol": P.PROTOCOL_VERSION,
+            "kms_public_key": self.public_key.hex(),
+            "simulated_allowed": self.config.allow_simulated,
+            "purposes": list(P.PURPOSES),
+        }
 
     def new_nonce(self) -> dict[str, Any]:
-        return {"ok": True, "nonce": self.nonces.issue().hex(),
-                "expires_in": int(self.config.nonce_ttl_s)}
+        return {
+            "ok": True,
+            "nonce": self.nonces.issue().hex(),
+            "expires_in": int(self.config.nonce_ttl_s),
+        }
 
     # --- the attested operations -------------------------------------------------------------
 
@@ -151,22 +163,29 @@ class KmsService:
         else:
             parts, result = self._advance_epoch(att, params)
         signature = self._identity.sign(P.response_message(op, att.report_data, parts))
-        return {"ok": True, "op": op, "result": result,
-                "kms_public_key": self.public_key.hex(), "signature": signature.hex()}
+        return {
+            "ok": True,
+            "op": op,
+            "result": result,
+            "kms_public_key": self.public_key.hex(),
+            "signature": signature.hex(),
+        }
 
     def _parse(self, op: str, obj: dict[str, Any]) -> tuple[P.Params, tuple[Any, ...]]:
         P.check_fields(obj, _ENVELOPE_REQUIRED, _ENVELOPE_OPTIONAL)
         if obj["version"] != P.PROTOCOL_VERSION or isinstance(obj["version"], bool):
-            raise P.ProtocolError(400, "unsupported_version",
-                                  f"protocol version must be {P.PROTOCOL_VERSION}")
+            raise P.ProtocolError(
+                400, "unsupported_version", f"protocol version must be {P.PROTOCOL_VERSION}"
+            )
         tee = obj["tee"]
         if tee not in P.TEE_KINDS:
             raise P.bad_request(f"tee must be one of {', '.join(P.TEE_KINDS)}")
         nonce = P.hex_field(obj, "nonce", P.NONCE_SIZE, P.NONCE_SIZE)
         public_key = P.hex_field(obj, "public_key", P.PUBLIC_KEY_SIZE, P.PUBLIC_KEY_SIZE)
         quote = P.b64_field(obj, "quote", P.MAX_QUOTE_BYTES)
-        claimed = (P.hex_field(obj, "app_id", 1, P.MAX_ID_BYTES)
-                   if obj.get("app_id") is not None else None)
+        claimed = (
+            P.hex_field(obj, "app_id", 1, P.MAX_ID_BYTES) if obj.get("app_id") is not None else None
+        )
         collateral = obj.get("collateral")
         if collateral is not None and not isinstance(collateral, dict):
             raise P.bad_request("collateral must be a JSON object")
@@ -179,56 +198,84 @@ class KmsService:
             raise P.bad_request(e.message) from None
         return params, (tee, nonce, public_key, quote, claimed, collateral, events)
 
-    def _attest(self, params: P.Params, tee: str, nonce: bytes, public_key: bytes, quote: bytes,
-                claimed: bytes | None, collateral: Any, events: list[Any]) -> _Attested:
+    def _attest(
+        self,
+        params: P.Params,
+        tee: str,
+        nonce: bytes,
+        public_key: bytes,
+        quote: bytes,
+        claimed: bytes | None,
+        collateral: Any,
+        events: list[Any],
+    ) -> _Attested:
         if not self.nonces.consume(nonce):
-            raise P.ProtocolError(401, "bad_nonce", "nonce unknown, expired or already used; "
-                                  "fetch a new one")
+            raise P.ProtocolError(
+                401, "bad_nonce", "nonce unknown, expired or already used; fetch a new one"
+            )
         now = self.config.clock()
         try:
             if tee == "simulated":
                 if not self.config.allow_simulated:
-                    raise P.ProtocolError(403, "simulated_disabled",
-                                          "simulated attestation is disabled on this KMS")
+                    raise P.ProtocolError(
+                        403, "simulated_disabled", "simulated attestation is disabled on this KMS"
+                    )
                 report = verify_simulated(quote, collateral, now, self.config.simulated_keys)
             else:
                 report = verify_tdx(quote, collateral or self.config.default_collateral, now)
         except AttestationError as e:
-            raise P.ProtocolError(401, "attestation_failed", f"quote rejected: {e.message}") from None
+            raise P.ProtocolError(
+                401, "attestation_failed", f"quote rejected: {e.message}"
+            ) from None
         report_data = P.report_data_for(nonce, public_key, params)
         if not ct_equal(report.report_data, report_data):
-            raise P.ProtocolError(401, "attestation_failed", "report_data does not bind this "
-                                  "request (nonce, public key, operation and parameters)")
+            raise P.ProtocolError(
+                401,
+                "attestation_failed",
+                "report_data does not bind this "
+                "request (nonce, public key, operation and parameters)",
+            )
         if not ct_equal(replay(events), report.rtmr3):
-            raise P.ProtocolError(401, "attestation_failed",
-                                  "event log does not reproduce the quote's RTMR3")
+            raise P.ProtocolError(
+                401, "attestation_failed", "event log does not reproduce the quote's RTMR3"
+            )
         try:
             identity = identity_from_log(events)
         except AttestationError as e:
             raise P.ProtocolError(401, "attestation_failed", e.message) from None
         if claimed is not None and not ct_equal(claimed, identity.app_id):
-            raise P.ProtocolError(403, "app_id_mismatch",
-                                  "the attested app id is not the one requested")
+            raise P.ProtocolError(
+                403, "app_id_mismatch", "the attested app id is not the one requested"
+            )
         policy = self._store_call(self.store.get_policy, self._macs, identity.app_id)
         if policy is None:
             raise P.ProtocolError(403, "unknown_app", "no policy for the attested app id")
         try:
             policy.check(report, identity)
         except PolicyDenied as e:
-            log.warning("policy denied app=%s: %s (mrtd=%s compose=%s tcb=%s)",
-                        identity.app_id.hex(), e, report.mrtd.hex()[:16],
-                        identity.compose_hash.hex()[:16], report.tcb_status)
+            log.warning(
+                "policy denied app=%s: %s (mrtd=%s compose=%s tcb=%s)",
+                identity.app_id.hex(),
+                e,
+                report.mrtd.hex()[:16],
+                identity.compose_hash.hex()[:16],
+                report.tcb_status,
+            )
             raise P.ProtocolError(403, "policy_denied", f"policy denied: {e}") from None
         if report.tee == "simulated":
-            log.warning("accepted a SIMULATED quote for app %s: this KMS offers NO hardware "
-                        "protection (started with --allow-simulated)", identity.app_id.hex())
+            log.warning(
+                "accepted a SIMULATED quote for app %s: this KMS offers NO hardware "
+                "protection (started with --allow-simulated)",
+                identity.app_id.hex(),
+            )
         return _Attested(report, identity, policy, nonce, public_key, report_data)
 
     def _get_key(self, att: _Attested, p: P.GetKey) -> tuple[tuple[Any, ...], dict[str, Any]]:
         version = p.key_version if p.key_version is not None else att.policy.key_version
         if version > att.policy.key_version:
-            raise P.ProtocolError(403, "bad_key_version",
-                                  f"key version {version} does not exist for this app")
+            raise P.ProtocolError(
+                403, "bad_key_version", f"key version {version} does not exist for this app"
+            )
         app_id = att.identity.app_id
         key = app_key(self._root, p.purpose, app_id, version, p.volume_id)
         info = P.key_release_info(app_id, p.purpose, p.volume_id, version, att.nonce)
@@ -236,17 +283,37 @@ class KmsService:
             enc, ciphertext = seal_to_public(att.public_key, key, info)
         except (UsageError, AuthError, ValueError):
             raise P.bad_request("public_key is not a usable X25519 public key") from None
-        log.info("released %s key v%d for app %s volume %s (%s)", p.purpose, version,
-                 app_id.hex(), p.volume_id.hex(), att.report.tee)
-        return (P.get_key_result_parts(app_id, version, enc, ciphertext),
-                {"app_id": app_id.hex(), "key_version": version, "enc": enc.hex(),
-                 "ciphertext": ciphertext.hex()})
+        log.info(
+            "released %s key v%d for app %s volume %s (%s)",
+            p.purpose,
+            version,
+            app_id.hex(),
+            p.volume_id.hex(),
+            att.report.tee,
+        )
+        return (
+            P.get_key_result_parts(app_id, version, enc, ciphertext),
+            {
+                "app_id": app_id.hex(),
+                "key_version": version,
+                "enc": enc.hex(),
+                "ciphertext": ciphertext.hex(),
+            },
+        )
 
-    def _epoch_result(self, app_id: bytes, volume_id: bytes, epoch: int, digest: bytes,
-                      known: bool) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        return (P.epoch_result_parts(app_id, volume_id, epoch, digest, known),
-                {"app_id": app_id.hex(), "volume_id": volume_id.hex(), "epoch": epoch,
-                 "root_digest": digest.hex(), "known": known})
+    def _epoch_result(
+        self, app_id: bytes, volume_id: bytes, epoch: int, digest: bytes, known: bool
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        return (
+            P.epoch_result_parts(app_id, volume_id, epoch, digest, known),
+            {
+                "app_id": app_id.hex(),
+                "volume_id": volume_id.hex(),
+                "epoch": epoch,
+                "root_digest": digest.hex(),
+                "known": known,
+            },
+        )
 
     def _get_epoch(self, att: _Attested, p: P.GetEpoch) -> tuple[tuple[Any, ...], dict[str, Any]]:
         app_id = att.identity.app_id
@@ -255,18 +322,24 @@ class KmsService:
             return self._epoch_result(app_id, p.volume_id, 0, b"", False)
         return self._epoch_result(app_id, p.volume_id, rec.epoch, rec.root_digest, True)
 
-    def _advance_epoch(self, att: _Attested,
-                       p: P.AdvanceEpoch) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    def _advance_epoch(
+        self, att: _Attested, p: P.AdvanceEpoch
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
         app_id = att.identity.app_id
         try:
-            rec = self._store_call(self.store.advance_epoch, self._macs, app_id, p.volume_id,
-                                   p.epoch, p.root_digest)
+            rec = self._store_call(
+                self.store.advance_epoch, self._macs, app_id, p.volume_id, p.epoch, p.root_digest
+            )
         except EpochConflict as e:
-            log.warning("epoch %s refused for app %s volume %s: %s", e.reason, app_id.hex(),
-                        p.volume_id.hex(), e.message)
+            log.warning(
+                "epoch %s refused for app %s volume %s: %s",
+                e.reason,
+                app_id.hex(),
+                p.volume_id.hex(),
+                e.message,
+            )
             raise P.ProtocolError(409, e.reason, e.message) from None
-        log.info("epoch of app %s volume %s is now %d", app_id.hex(), p.volume_id.hex(),
-                 rec.epoch)
+        log.info("epoch of app %s volume %s is now %d", app_id.hex(), p.volume_id.hex(), rec.epoch)
         return self._epoch_result(app_id, p.volume_id, rec.epoch, rec.root_digest, True)
 
     @staticmethod

@@ -76,8 +76,10 @@ _SCHEMA_V2 = [
     "CREATE INDEX policies_bucket ON policies (bucket)",
     "CREATE INDEX epochs_bucket ON epochs (bucket)",
 ]
-_V1_COLUMNS = ["ALTER TABLE policies ADD COLUMN bucket INTEGER NOT NULL DEFAULT -1",
-               "ALTER TABLE epochs ADD COLUMN bucket INTEGER NOT NULL DEFAULT -1"]
+_V1_COLUMNS = [
+    "ALTER TABLE policies ADD COLUMN bucket INTEGER NOT NULL DEFAULT -1",
+    "ALTER TABLE epochs ADD COLUMN bucket INTEGER NOT NULL DEFAULT -1",
+]
 
 
 class EpochConflict(KmsError):
@@ -119,17 +121,23 @@ class _Snapshot:
         self.conn, self.macs = conn, macs
         self.version, self.digests = _read_head(conn, macs)
         if self.version < floor:
-            log.error("KMS state: table version went back from %d to %d (state file rolled "
-                      "back?)", floor, self.version)
-            raise IntegrityError(f"KMS state: table version went back from {floor} to "
-                                 f"{self.version} (the state file was rolled back)")
+            log.error(
+                "KMS state: table version went back from %d to %d (state file rolled back?)",
+                floor,
+                self.version,
+            )
+            raise IntegrityError(
+                f"KMS state: table version went back from {floor} to "
+                f"{self.version} (the state file was rolled back)"
+            )
         self._touched: set[tuple[str, int]] = set()
 
     def checked_bucket(self, table: str, *key: bytes) -> int:
         """The bucket of ``key``, after checking its rows are exactly the committed ones."""
         bucket = self.macs.bucket_of(table, *key)
-        if not ct_equal(_bucket_digest(self.conn, self.macs, table, bucket),
-                        self.digests[table, bucket]):
+        if not ct_equal(
+            _bucket_digest(self.conn, self.macs, table, bucket), self.digests[table, bucket]
+        ):
             _rows_replayed(f"{table} bucket {bucket}")
         return bucket
 
@@ -154,10 +162,15 @@ class _Snapshot:
 
 
 def _rows_replayed(where: str) -> NoReturn:
-    log.error("KMS state: %s does not match the table head (a row was replayed, added or "
-              "removed outside the KMS)", where)
-    raise IntegrityError("KMS state: the rows do not match the table head (a row was "
-                         "replayed, added or removed outside the KMS)")
+    log.error(
+        "KMS state: %s does not match the table head (a row was replayed, added or "
+        "removed outside the KMS)",
+        where,
+    )
+    raise IntegrityError(
+        "KMS state: the rows do not match the table head (a row was "
+        "replayed, added or removed outside the KMS)"
+    )
 
 
 def _bucket_digest(conn: sqlite3.Connection, macs: StoreMac, table: str, bucket: int) -> bytes:
@@ -182,11 +195,15 @@ def _ordered(digests: dict[tuple[str, int], bytes]) -> list[bytes]:
     return [digests[table, bucket] for table in TABLES for bucket in range(BUCKETS)]
 
 
-def _read_head(conn: sqlite3.Connection,
-               macs: StoreMac) -> tuple[int, dict[tuple[str, int], bytes]]:
+def _read_head(
+    conn: sqlite3.Connection, macs: StoreMac
+) -> tuple[int, dict[tuple[str, int], bytes]]:
     """The table version and bucket digests, after checking the head MAC over them."""
-    meta = dict(conn.execute("SELECT name, value FROM meta WHERE name IN "
-                             "('state_version', 'state_mac')").fetchall())
+    meta = dict(
+        conn.execute(
+            "SELECT name, value FROM meta WHERE name IN ('state_version', 'state_mac')"
+        ).fetchall()
+    )
     digests = {(t, b): d for t, b, d in conn.execute("SELECT tbl, bucket, digest FROM buckets")}
     try:
         version = int(meta["state_version"])
@@ -197,17 +214,29 @@ def _read_head(conn: sqlite3.Connection,
     if len(digests) != len(ordered) or not ct_equal(macs.head(version, ordered), tag):
         log.error("KMS state: the table head fails its MAC (tampered state file?)")
         raise IntegrityError("KMS state: the table head fails its MAC")
-    return version, dict(zip(((t, b) for t in TABLES for b in range(BUCKETS)), ordered,
-                             strict=True))
+    return version, dict(
+        zip(((t, b) for t in TABLES for b in range(BUCKETS)), ordered, strict=True)
+    )
 
 
-def _write_head(conn: sqlite3.Connection, macs: StoreMac, version: int,
-                digests: dict[tuple[str, int], bytes], changed: set[tuple[str, int]]) -> None:
-    conn.executemany("INSERT OR REPLACE INTO buckets VALUES (?, ?, ?)",
-                     [(t, b, digests[t, b]) for t, b in sorted(changed)])
-    conn.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", [
-        ("state_version", str(version).encode()),
-        ("state_mac", macs.head(version, _ordered(digests)))])
+def _write_head(
+    conn: sqlite3.Connection,
+    macs: StoreMac,
+    version: int,
+    digests: dict[tuple[str, int], bytes],
+    changed: set[tuple[str, int]],
+) -> None:
+    conn.executemany(
+        "INSERT OR REPLACE INTO buckets VALUES (?, ?, ?)",
+        [(t, b, digests[t, b]) for t, b in sorted(changed)],
+    )
+    conn.executemany(
+        "INSERT OR REPLACE INTO meta VALUES (?, ?)",
+        [
+            ("state_version", str(version).encode()),
+            ("state_mac", macs.head(version, _ordered(digests))),
+        ],
+    )
 
 
 class KmsStore:
@@ -216,12 +245,12 @@ class KmsStore:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         if not self.path.is_file():
-            raise UsageError(f"KMS state file {self.path} does not exist "
-                             "(create it with 'sealfs kms init')")
+            raise UsageError(
+                f"KMS state file {self.path} does not exist (create it with 'sealfs kms init')"
+            )
         mode = self.path.stat().st_mode
         if mode & (stat.S_IRWXG | stat.S_IRWXO):
-            log.warning("KMS state file %s is accessible by group/others; chmod 600 it",
-                        self.path)
+            log.warning("KMS state file %s is accessible by group/others; chmod 600 it", self.path)
         self._seen_version = 0  # the highest table version this process has seen
         self._seen_lock = threading.Lock()
 
@@ -232,8 +261,9 @@ class KmsStore:
     def _connect(self, write: bool = False) -> Iterator[sqlite3.Connection]:
         """One transaction: ``BEGIN IMMEDIATE`` to write, ``BEGIN`` (one snapshot) to read."""
         try:
-            conn = sqlite3.connect(f"file:{self.path}?mode=rw", uri=True, timeout=10,
-                                   isolation_level=None)
+            conn = sqlite3.connect(
+                f"file:{self.path}?mode=rw", uri=True, timeout=10, isolation_level=None
+            )
         except sqlite3.Error as e:
             raise KmsError(f"cannot open KMS state file: {e}") from None
         try:
@@ -267,8 +297,9 @@ class KmsStore:
     # --- creation, unlock, migration, verification -------------------------------------------
 
     @classmethod
-    def initialize(cls, path: str | os.PathLike[str], operator_secret: Secret,
-                   kdf: KdfParams | None = None) -> tuple[KmsStore, Secret]:
+    def initialize(
+        cls, path: str | os.PathLike[str], operator_secret: Secret, kdf: KdfParams | None = None
+    ) -> tuple[KmsStore, Secret]:
         """Create a new state file with a fresh random root key; refuse to overwrite one.
 
         Returns the store and the (unsealed) root key.
@@ -285,15 +316,24 @@ class KmsStore:
             kdf = kdf or KdfParams.default()
             kdf_json = json.dumps(kdf.to_dict(), sort_keys=True).encode()
             root = Secret.generate()
-            sealed = wrap_key(derive_from_passphrase(operator_secret, kdf), root,
-                              _root_ad(FORMAT_VERSION, kdf_json))
+            sealed = wrap_key(
+                derive_from_passphrase(operator_secret, kdf),
+                root,
+                _root_ad(FORMAT_VERSION, kdf_json),
+            )
             conn = sqlite3.connect(p, isolation_level=None)
             try:
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.executescript("BEGIN;" + _SCHEMA + ";".join(_SCHEMA_V2) + ";")
-                conn.executemany("INSERT INTO meta VALUES (?, ?)", [
-                    ("format", str(FORMAT_VERSION).encode()), ("kdf", kdf_json),
-                    ("sealed_root", sealed), ("created_at", str(int(time.time())).encode())])
+                conn.executemany(
+                    "INSERT INTO meta VALUES (?, ?)",
+                    [
+                        ("format", str(FORMAT_VERSION).encode()),
+                        ("kdf", kdf_json),
+                        ("sealed_root", sealed),
+                        ("created_at", str(int(time.time())).encode()),
+                    ],
+                )
                 _seal_all(conn, StoreMac(root), version=1)
                 conn.execute("COMMIT")
             finally:
@@ -321,8 +361,10 @@ class KmsStore:
             root = unwrap_key(kek, sealed, _root_ad(version, kdf_json))
         except AuthError:
             if version == 1 and _opens(kek, sealed, _root_ad(FORMAT_VERSION, kdf_json)):
-                raise IntegrityError("KMS state file claims format 1 but was written as "
-                                     f"format {FORMAT_VERSION} (downgrade refused)") from None
+                raise IntegrityError(
+                    "KMS state file claims format 1 but was written as "
+                    f"format {FORMAT_VERSION} (downgrade refused)"
+                ) from None
             raise UnlockError("wrong operator secret for this KMS state file") from None
         if version == 1:
             self._migrate_v1(kek, root, kdf_json)
@@ -343,21 +385,31 @@ class KmsStore:
                 conn.execute(statement)
             for app_id, body, tag in conn.execute("SELECT app_id, body, mac FROM policies"):
                 self._load_policy(macs, _blob(app_id), body, tag)
-            conn.executemany("UPDATE policies SET bucket = ? WHERE app_id = ?", [
-                (macs.bucket_of("policies", _blob(a)), a)
-                for (a,) in conn.execute("SELECT app_id FROM policies").fetchall()])
+            conn.executemany(
+                "UPDATE policies SET bucket = ? WHERE app_id = ?",
+                [
+                    (macs.bucket_of("policies", _blob(a)), a)
+                    for (a,) in conn.execute("SELECT app_id FROM policies").fetchall()
+                ],
+            )
             rows = conn.execute("SELECT app_id, volume_id FROM epochs").fetchall()
             for app_id, volume_id in rows:
                 self._read_epoch(conn, macs, _blob(app_id), _blob(volume_id))
-            conn.executemany("UPDATE epochs SET bucket = ? WHERE app_id = ? AND volume_id = ?",
-                             [(macs.bucket_of("epochs", _blob(a), _blob(v)), a, v)
-                              for a, v in rows])
+            conn.executemany(
+                "UPDATE epochs SET bucket = ? WHERE app_id = ? AND volume_id = ?",
+                [(macs.bucket_of("epochs", _blob(a), _blob(v)), a, v) for a, v in rows],
+            )
             _seal_all(conn, macs, version=1)
-            conn.executemany("UPDATE meta SET value = ? WHERE name = ?", [
-                (str(FORMAT_VERSION).encode(), "format"),
-                (wrap_key(kek, root, _root_ad(FORMAT_VERSION, kdf_json)), "sealed_root")])
-        log.warning("migrated KMS state file %s from format 1 to format %d", self.path,
-                    FORMAT_VERSION)
+            conn.executemany(
+                "UPDATE meta SET value = ? WHERE name = ?",
+                [
+                    (str(FORMAT_VERSION).encode(), "format"),
+                    (wrap_key(kek, root, _root_ad(FORMAT_VERSION, kdf_json)), "sealed_root"),
+                ],
+            )
+        log.warning(
+            "migrated KMS state file %s from format 1 to format %d", self.path, FORMAT_VERSION
+        )
 
     def verify(self, macs: StoreMac) -> StateSummary:
         """Check the whole state: the head, every bucket digest, every row's MAC and bucket.
@@ -366,8 +418,9 @@ class KmsStore:
         """
         with self._snapshot(macs) as snap:
             snap.check_all()
-            policies = self._policy_rows(snap, snap.conn.execute(
-                "SELECT app_id, body, mac, bucket FROM policies").fetchall())
+            policies = self._policy_rows(
+                snap, snap.conn.execute("SELECT app_id, body, mac, bucket FROM policies").fetchall()
+            )
             epochs = snap.conn.execute("SELECT app_id, volume_id, bucket FROM epochs").fetchall()
             for app_id, volume_id, bucket in epochs:
                 key = (_blob(app_id), _blob(volume_id))
@@ -381,8 +434,10 @@ class KmsStore:
         body = policy.canonical()
         with self._snapshot(macs, write=True) as snap:
             bucket = snap.checked_bucket("policies", policy.app_id)
-            snap.conn.execute("INSERT OR REPLACE INTO policies VALUES (?, ?, ?, ?)",
-                              (policy.app_id, body, macs.policy(policy.app_id, body), bucket))
+            snap.conn.execute(
+                "INSERT OR REPLACE INTO policies VALUES (?, ?, ?, ?)",
+                (policy.app_id, body, macs.policy(policy.app_id, body), bucket),
+            )
             snap.touched("policies", bucket)
 
     def get_policy(self, macs: StoreMac, app_id: bytes) -> AppPolicy | None:
@@ -392,14 +447,19 @@ class KmsStore:
     def list_policies(self, macs: StoreMac) -> list[AppPolicy]:
         with self._snapshot(macs) as snap:
             snap.check_all()
-            return self._policy_rows(snap, snap.conn.execute(
-                "SELECT app_id, body, mac, bucket FROM policies ORDER BY app_id").fetchall())
+            return self._policy_rows(
+                snap,
+                snap.conn.execute(
+                    "SELECT app_id, body, mac, bucket FROM policies ORDER BY app_id"
+                ).fetchall(),
+            )
 
     def delete_policy(self, macs: StoreMac, app_id: bytes) -> bool:
         with self._snapshot(macs, write=True) as snap:
             bucket = snap.checked_bucket("policies", app_id)
-            gone = snap.conn.execute("DELETE FROM policies WHERE app_id = ?",
-                                     (app_id,)).rowcount > 0
+            gone = (
+                snap.conn.execute("DELETE FROM policies WHERE app_id = ?", (app_id,)).rowcount > 0
+            )
             snap.touched("policies", bucket)
             return gone
 
@@ -411,15 +471,18 @@ class KmsStore:
                 raise UsageError(f"no policy for app id {app_id.hex()}")
             new = old.with_version(old.key_version + 1)
             body = new.canonical()
-            snap.conn.execute("UPDATE policies SET body = ?, mac = ? WHERE app_id = ?",
-                              (body, macs.policy(app_id, body), app_id))
+            snap.conn.execute(
+                "UPDATE policies SET body = ?, mac = ? WHERE app_id = ?",
+                (body, macs.policy(app_id, body), app_id),
+            )
             snap.touched("policies", macs.bucket_of("policies", app_id))
         return new
 
     def _policy_in(self, snap: _Snapshot, app_id: bytes) -> AppPolicy | None:
         bucket = snap.checked_bucket("policies", app_id)
-        row = snap.conn.execute("SELECT app_id, body, mac, bucket FROM policies "
-                                "WHERE app_id = ?", (app_id,)).fetchone()
+        row = snap.conn.execute(
+            "SELECT app_id, body, mac, bucket FROM policies WHERE app_id = ?", (app_id,)
+        ).fetchone()
         if row is None:
             return None
         _check_bucket_column(bucket, row[3])
@@ -437,8 +500,10 @@ class KmsStore:
     def _load_policy(macs: StoreMac, app_id: bytes, body: object, tag: object) -> AppPolicy:
         body, tag = _blob(body), _blob(tag)
         if not ct_equal(macs.policy(app_id, body), tag):
-            log.error("KMS state: policy row for app %s fails its MAC (tampered state file?)",
-                      app_id.hex())
+            log.error(
+                "KMS state: policy row for app %s fails its MAC (tampered state file?)",
+                app_id.hex(),
+            )
             raise IntegrityError(f"KMS state: policy for app {app_id.hex()} fails its MAC")
         policy = AppPolicy.from_dict(strict.loads(body))
         if policy.app_id != app_id:
@@ -452,8 +517,9 @@ class KmsStore:
             snap.checked_bucket("epochs", app_id, volume_id)
             return self._read_epoch(snap.conn, macs, app_id, volume_id)
 
-    def advance_epoch(self, macs: StoreMac, app_id: bytes, volume_id: bytes, epoch: int,
-                      root_digest: bytes) -> EpochRecord:
+    def advance_epoch(
+        self, macs: StoreMac, app_id: bytes, volume_id: bytes, epoch: int, root_digest: bytes
+    ) -> EpochRecord:
         """Atomically accept ``epoch`` if it moves forward (or repeats the same state).
 
         Same epoch and digest: idempotent, nothing changes. Same epoch, other digest: a fork
@@ -464,33 +530,55 @@ class KmsStore:
             current = self._read_epoch(snap.conn, macs, app_id, volume_id)
             if current is not None:
                 if epoch < current.epoch:
-                    raise EpochConflict("rollback", f"epoch {epoch} is older than the KMS epoch "
-                                        "for this volume (rollback refused)")
+                    raise EpochConflict(
+                        "rollback",
+                        f"epoch {epoch} is older than the KMS epoch "
+                        "for this volume (rollback refused)",
+                    )
                 if epoch == current.epoch:
                     if ct_equal(root_digest, current.root_digest):
                         return current
-                    raise EpochConflict("fork", f"epoch {epoch} already anchored with a "
-                                        "different root digest (fork refused)")
+                    raise EpochConflict(
+                        "fork",
+                        f"epoch {epoch} already anchored with a "
+                        "different root digest (fork refused)",
+                    )
             now = int(time.time())
-            snap.conn.execute("INSERT OR REPLACE INTO epochs VALUES (?, ?, ?, ?, ?, ?, ?)",
-                              (app_id, volume_id, epoch, root_digest, now,
-                               macs.epoch(app_id, volume_id, epoch, root_digest), bucket))
+            snap.conn.execute(
+                "INSERT OR REPLACE INTO epochs VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    app_id,
+                    volume_id,
+                    epoch,
+                    root_digest,
+                    now,
+                    macs.epoch(app_id, volume_id, epoch, root_digest),
+                    bucket,
+                ),
+            )
             snap.touched("epochs", bucket)
             return EpochRecord(epoch, root_digest, now)
 
     @staticmethod
-    def _read_epoch(conn: sqlite3.Connection, macs: StoreMac, app_id: bytes,
-                    volume_id: bytes) -> EpochRecord | None:
-        row = conn.execute("SELECT epoch, root_digest, updated_at, mac FROM epochs "
-                           "WHERE app_id = ? AND volume_id = ?", (app_id, volume_id)).fetchone()
+    def _read_epoch(
+        conn: sqlite3.Connection, macs: StoreMac, app_id: bytes, volume_id: bytes
+    ) -> EpochRecord | None:
+        row = conn.execute(
+            "SELECT epoch, root_digest, updated_at, mac FROM epochs "
+            "WHERE app_id = ? AND volume_id = ?",
+            (app_id, volume_id),
+        ).fetchone()
         if row is None:
             return None
         if not isinstance(row[0], int) or not isinstance(row[2], int):
             raise IntegrityError("KMS state: an epoch record is malformed")
         epoch, digest, updated, tag = row[0], _blob(row[1]), row[2], _blob(row[3])
         if not ct_equal(macs.epoch(app_id, volume_id, epoch, digest), tag):
-            log.error("KMS state: epoch row for app %s volume %s fails its MAC "
-                      "(tampered state file?)", app_id.hex(), volume_id.hex())
+            log.error(
+                "KMS state: epoch row for app %s volume %s fails its MAC (tampered state file?)",
+                app_id.hex(),
+                volume_id.hex(),
+            )
             raise IntegrityError("KMS state: an epoch record fails its MAC")
         return EpochRecord(epoch, digest, updated)
 

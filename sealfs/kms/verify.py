@@ -48,11 +48,13 @@ def verify_tdx(quote: bytes, collateral: dict[str, Any] | None, now: float) -> Q
     try:
         dcap = importlib.import_module("sealfs.attest.dcap")
     except ImportError:
-        raise AttestationError("TDX quote verification (sealfs.attest.dcap) is not available "
-                               "in this build") from None
+        raise AttestationError(
+            "TDX quote verification (sealfs.attest.dcap) is not available in this build"
+        ) from None
     if collateral is None:
-        raise AttestationError("TDX quote needs DCAP collateral (send it, or start the KMS "
-                               "with --collateral)")
+        raise AttestationError(
+            "TDX quote needs DCAP collateral (send it, or start the KMS with --collateral)"
+        )
     try:
         # tcb_info / qe_identity are JSON strings inside the object; re-encoding the outer
         # object leaves their exact (signed) text intact.
@@ -66,17 +68,34 @@ def verify_tdx(quote: bytes, collateral: dict[str, Any] | None, now: float) -> Q
     td = report.quote.report
     if report.tcb is None:  # verify_quote never returns this; fail closed regardless
         raise AttestationError("DCAP verification established no TCB status")
-    return QuoteReport(tee="tdx", mrtd=td.mr_td, rtmr0=td.rtmrs[0], rtmr1=td.rtmrs[1],
-                       rtmr2=td.rtmrs[2], rtmr3=td.rtmrs[3], report_data=td.report_data,
-                       tcb_status=report.tcb.status, td_attributes=td.td_attributes,
-                       mr_servicetd=td.mr_servicetd)
+    return QuoteReport(
+        tee="tdx",
+        mrtd=td.mr_td,
+        rtmr0=td.rtmrs[0],
+        rtmr1=td.rtmrs[1],
+        rtmr2=td.rtmrs[2],
+        rtmr3=td.rtmrs[3],
+        report_data=td.report_data,
+        tcb_status=report.tcb.status,
+        td_attributes=td.td_attributes,
+        mr_servicetd=td.mr_servicetd,
+    )
 
 
-def verify_simulated(quote: bytes, collateral: Any, now: float,
-                     trusted_keys: Sequence[bytes]) -> QuoteReport:
+def verify_simulated(
+    quote: bytes, collateral: Any, now: float, trusted_keys: Sequence[bytes]
+) -> QuoteReport:
     """Verify a simulated quote (only call when simulated TEEs are explicitly allowed)."""
     rep = simulated.verify_quote(quote, collateral, now, trusted_keys)
-    return QuoteReport(tee="simulated", mrtd=rep.mrtd, rtmr0=rep.rtmr0, rtmr1=rep.rtmr1,
-                       rtmr2=rep.rtmr2, rtmr3=rep.rtmr3, report_data=rep.report_data,
-                       tcb_status=rep.tcb_status, td_attributes=rep.td_attributes,
-                       mr_servicetd=rep.mr_servicetd)
+    return QuoteReport(
+        tee="simulated",
+        mrtd=rep.mrtd,
+        rtmr0=rep.rtmr0,
+        rtmr1=rep.rtmr1,
+        rtmr2=rep.rtmr2,
+        rtmr3=rep.rtmr3,
+        report_data=rep.report_data,
+        tcb_status=rep.tcb_status,
+        td_attributes=rep.td_attributes,
+        mr_servicetd=rep.mr_servicetd,
+    )

@@ -209,9 +209,7 @@ def check_key(snap: HeaderSnapshot, device: str, key: Secret, keyslot: int) -> N
     run(args, secret=key, pass_fds=[snap.fd], what="key check")
 
 
-def open_mapping(
-    snap: HeaderSnapshot, device: str, name: str, key: Secret, keyslot: int
-) -> None:
+def open_mapping(snap: HeaderSnapshot, device: str, name: str, key: Secret, keyslot: int) -> None:
     """Map ``device`` as /dev/mapper/``name`` using the validated in-memory header."""
     require_device_mapper()
     if not snap.sealed:
@@ -245,7 +243,9 @@ def mapping_status(name: str) -> dict[str, str] | None:
     env = {"PATH": _SBIN_PATH, "LC_ALL": "C"}
     info = subprocess.run(
         [dmsetup, "info", "--noheadings", "-c", "-o", "uuid", name],
-        capture_output=True, env=env, check=False,
+        capture_output=True,
+        env=env,
+        check=False,
     )
     if info.returncode != 0 or not info.stdout.decode().strip().startswith("CRYPT-LUKS2-"):
         return None

@@ -92,13 +92,22 @@ def bring_up(
         )
     if found in (DeviceState.BLANK, DeviceState.PENDING):
         new = keys.new_key(spec.binding)
-        format_volume(spec.device, new.passphrase, spec.profile, recovery=recovery,
-                      recovery_cost=recovery_cost, key_version=new.key_version)
+        format_volume(
+            spec.device,
+            new.passphrase,
+            spec.profile,
+            recovery=recovery,
+            recovery_cost=recovery_cost,
+            key_version=new.key_version,
+        )
         result.steps.append("formatted" if found is DeviceState.BLANK else "format-completed")
     # The key is chosen from the *validated* header (a KMS key by the version it records).
-    info = open_volume(spec.device, spec.name,
-                       lambda hdr: keys.existing_key(spec.binding, hdr.kms_key_version),
-                       spec.profile)
+    info = open_volume(
+        spec.device,
+        spec.name,
+        lambda hdr: keys.existing_key(spec.binding, hdr.kms_key_version),
+        spec.profile,
+    )
     result.uuid = info.uuid
     result.steps.append("opened")
     failpoints.reached("opened")

@@ -40,8 +40,11 @@ def _run(argv: Sequence[str], what: str) -> None:
         raise StorageError(f"{what}: {argv[0]} not found")
     try:
         proc = subprocess.run(
-            [tool, *argv[1:]], capture_output=True, env={"PATH": _PATH, "LC_ALL": "C"},
-            check=False, stdin=subprocess.DEVNULL,
+            [tool, *argv[1:]],
+            capture_output=True,
+            env={"PATH": _PATH, "LC_ALL": "C"},
+            check=False,
+            stdin=subprocess.DEVNULL,
         )
     except OSError as e:
         raise StorageError(f"{what}: cannot run {argv[0]}: {e.strerror}") from None
@@ -58,8 +61,21 @@ def mkfs(device: str, fs: str, size_bytes: int, binding: KeyBinding) -> None:
     if fs == "ext4":
         blocks = size_bytes // 4096
         _run(
-            ["mkfs.ext4", "-q", "-F", "-b", "4096", "-U", fs_uuid(binding), "-L", "sealfs",
-             "-E", "nodiscard", device, str(blocks)],
+            [
+                "mkfs.ext4",
+                "-q",
+                "-F",
+                "-b",
+                "4096",
+                "-U",
+                fs_uuid(binding),
+                "-L",
+                "sealfs",
+                "-E",
+                "nodiscard",
+                device,
+                str(blocks),
+            ],
             "mkfs.ext4",
         )
     elif fs != "none":

@@ -314,7 +314,9 @@ def _check_segments(segments: dict[str, Any], profile: P.LuksProfile) -> None:
         raise HeaderRefused(f"{where}: sector size is not {P.SECTOR_SIZE}")
     if profile.integrity:
         integ = _obj(seg, "integrity", where)
-        _exact_keys(integ, {"type", "journal_encryption", "journal_integrity"}, f"{where}.integrity")
+        _exact_keys(
+            integ, {"type", "journal_encryption", "journal_integrity"}, f"{where}.integrity"
+        )
         if integ.get("type") != profile.integrity_json_name:
             raise HeaderRefused(
                 f"{where}: integrity {integ.get('type')!r}, expected {profile.integrity_json_name}"

@@ -134,12 +134,15 @@ class KmsKeySource:
         if binding.purpose != PURPOSE_LUKS_PASSPHRASE:
             raise UsageError(f"key purpose {binding.purpose!r} is not a LUKS passphrase")
         if binding.app_id.lower() != self.client.app_id.hex():
-            raise UsageError(f"key binding is for app {binding.app_id}, the KMS client for "
-                             f"app {self.client.app_id.hex()}")
+            raise UsageError(
+                f"key binding is for app {binding.app_id}, the KMS client for "
+                f"app {self.client.app_id.hex()}"
+            )
         volume = binding.volume_id.encode("ascii")
         if len(volume) > MAX_KMS_VOLUME_ID:
-            raise UsageError(f"volume id must be at most {MAX_KMS_VOLUME_ID} characters "
-                             "for the KMS")
+            raise UsageError(
+                f"volume id must be at most {MAX_KMS_VOLUME_ID} characters for the KMS"
+            )
         if key_version is not None:
             cached = self._keys.get((binding.app_id.lower(), binding.volume_id, key_version))
             if cached is not None:

@@ -245,7 +245,9 @@ def header_restore(
             pass
         else:
             raise LuksError(f"{device} has a valid header already; use --force to replace it")
-        on_disk_uuid = H.parse_binary_header(current, 0).uuid.rstrip(b"\0").decode("ascii", "replace")
+        on_disk_uuid = (
+            H.parse_binary_header(current, 0).uuid.rstrip(b"\0").decode("ascii", "replace")
+        )
         if on_disk_uuid != info.uuid:
             raise LuksError(
                 f"{device} header belongs to volume {on_disk_uuid}, the backup to {info.uuid}; "

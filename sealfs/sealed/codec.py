@@ -86,6 +86,7 @@ def _check_counters(what: str, *values: int) -> None:
 
 # --- data blocks -----------------------------------------------------------------------------
 
+
 def block_ad(volume_id: bytes, ino: int, index: int, oid: int) -> bytes:
     return label("block", volume_id, ino, index, oid)
 
@@ -93,8 +94,7 @@ def block_ad(volume_id: bytes, ino: int, index: int, oid: int) -> bytes:
 def block_overhead(codec: int | None) -> int:
     """Bytes a block object with this codec byte adds to its payload (an empty object,
     ``None``, counts as format 2)."""
-    return 1 + (AEAD_OVERHEAD if codec is not None and not codec & CODEC_KEYED
-                else SEAL_OVERHEAD)
+    return 1 + (AEAD_OVERHEAD if codec is not None and not codec & CODEC_KEYED else SEAL_OVERHEAD)
 
 
 def seal_block(sealer: ObjectSealer, ad: bytes, data: bytes, compress: bool) -> bytes:
@@ -132,11 +132,13 @@ def open_block(sealer: ObjectSealer, ad: bytes, blob: bytes, block_size: int) ->
 
 # --- inode records ---------------------------------------------------------------------------
 
+
 def inode_ad(volume_id: bytes, ino: int, oid: int) -> bytes:
     return label("inode", volume_id, ino, oid)
 
 
 # --- journal commit records ------------------------------------------------------------------
+
 
 @dataclass
 class Commit:
@@ -155,8 +157,7 @@ class Commit:
     carried: dict[int, tuple[int, bytes]] = field(default_factory=dict)
 
     def encode(self) -> bytes:
-        out = [_REC_HEAD.pack(COMMIT_RECORD_VERSION, self.seq, self.next_ino, 0,
-                              len(self.updates))]
+        out = [_REC_HEAD.pack(COMMIT_RECORD_VERSION, self.seq, self.next_ino, 0, len(self.updates))]
         out += [_PAIR.pack(ino, oid) for ino, oid in self.updates.items()]
         out.append(_U32.pack(len(self.deletes)))
         out += [_U64.pack(ino) for ino in self.deletes]
@@ -185,12 +186,14 @@ class Commit:
                 (nc,) = _U32.unpack_from(data, pos)
                 pos += 4
                 for _ in range(nc):
-                    (oid, ino), (size,) = _PAIR.unpack_from(data, pos), _U32.unpack_from(
-                        data, pos + 16)
+                    (oid, ino), (size,) = (
+                        _PAIR.unpack_from(data, pos),
+                        _U32.unpack_from(data, pos + 16),
+                    )
                     pos += 20
                     if not size or pos + size > len(data) or oid in carried:
                         raise CodecError("malformed carried object")
-                    carried[oid] = (ino, data[pos:pos + size])
+                    carried[oid] = (ino, data[pos : pos + size])
                     pos += size
             if pos != len(data):
                 raise CodecError("trailing bytes in commit record")
@@ -235,7 +238,7 @@ def split_frames(data: bytes) -> tuple[list[tuple[int, bytes]], int, bool]:
             return frames, pos, True
         if pos + FRAME_HEADER + n > len(data):
             break
-        frames.append((pos, data[pos + FRAME_HEADER:pos + FRAME_HEADER + n]))
+        frames.append((pos, data[pos + FRAME_HEADER : pos + FRAME_HEADER + n]))
         pos += FRAME_HEADER + n
     return frames, pos, False
 
@@ -255,10 +258,11 @@ def frames_after(data: bytes, start: int) -> Iterator[tuple[int, memoryview]]:
         pos = match.start()
         n, check = _FRAME_HEAD.unpack_from(data, pos)
         if n and pos + FRAME_HEADER + n <= len(data) and check == _length_check(n):
-            yield pos, view[pos + FRAME_HEADER:pos + FRAME_HEADER + n]
+            yield pos, view[pos + FRAME_HEADER : pos + FRAME_HEADER + n]
 
 
 # --- checkpoints -----------------------------------------------------------------------------
+
 
 @dataclass
 class Checkpoint:
@@ -274,8 +278,11 @@ class Checkpoint:
     chain: bytes = b""
 
     def encode(self) -> bytes:
-        out = [struct.pack(">QQQ", self.gen, self.seq, self.next_ino), self.head,
-               _U64.pack(len(self.table))]
+        out = [
+            struct.pack(">QQQ", self.gen, self.seq, self.next_ino),
+            self.head,
+            _U64.pack(len(self.table)),
+        ]
         out += [_PAIR.pack(ino, oid) for ino, oid in self.table.items()]
         out += [_U64.pack(len(self.chain) // 32), self.chain]
         return b"".join(out)
@@ -305,8 +312,11 @@ def checkpoint_ad(volume_id: bytes, version: int = CHECKPOINT_VERSION) -> bytes:
 
 
 def seal_checkpoint(sealer: ObjectSealer, volume_id: bytes, cp: Checkpoint) -> bytes:
-    return CHECKPOINT_MAGIC + bytes([CHECKPOINT_VERSION]) + sealer.seal(
-        cp.encode(), checkpoint_ad(volume_id))
+    return (
+        CHECKPOINT_MAGIC
+        + bytes([CHECKPOINT_VERSION])
+        + sealer.seal(cp.encode(), checkpoint_ad(volume_id))
+    )
 
 
 def open_checkpoint(sealer: ObjectSealer, volume_id: bytes, blob: bytes) -> Checkpoint:

@@ -50,8 +50,7 @@ class Entries:
     even while other entries are added or removed. Cookies are runtime-only (not stored).
     """
 
-    __slots__ = ("names", "record_bytes", "_cookie_of", "_name_of", "_cookies", "_next",
-                 "_dead")
+    __slots__ = ("names", "record_bytes", "_cookie_of", "_name_of", "_cookies", "_next", "_dead")
 
     def __init__(self) -> None:
         self.names: dict[bytes, int] = {}
@@ -110,15 +109,51 @@ class Entries:
 class Inode:
     """One inode. Attributes follow struct stat; times are nanoseconds since the epoch."""
 
-    __slots__ = ("ino", "mode", "uid", "gid", "nlink", "size", "atime_ns", "mtime_ns",
-                 "ctime_ns", "rdev", "parent", "xattrs", "blocks", "entries", "target",
-                 "meta_dirty", "dirty_blocks", "flushing", "write_error", "dead", "lookups",
-                 "opens", "name_hint", "lock", "damaged", "read_next",
-                 "prefetched", "inline")
+    __slots__ = (
+        "ino",
+        "mode",
+        "uid",
+        "gid",
+        "nlink",
+        "size",
+        "atime_ns",
+        "mtime_ns",
+        "ctime_ns",
+        "rdev",
+        "parent",
+        "xattrs",
+        "blocks",
+        "entries",
+        "target",
+        "meta_dirty",
+        "dirty_blocks",
+        "flushing",
+        "write_error",
+        "dead",
+        "lookups",
+        "opens",
+        "name_hint",
+        "lock",
+        "damaged",
+        "read_next",
+        "prefetched",
+        "inline",
+    )
 
-    def __init__(self, ino: int, mode: int, uid: int = 0, gid: int = 0, nlink: int = 1,
-                 size: int = 0, atime_ns: int = 0, mtime_ns: int = 0, ctime_ns: int = 0,
-                 rdev: int = 0, parent: int = 0) -> None:
+    def __init__(
+        self,
+        ino: int,
+        mode: int,
+        uid: int = 0,
+        gid: int = 0,
+        nlink: int = 1,
+        size: int = 0,
+        atime_ns: int = 0,
+        mtime_ns: int = 0,
+        ctime_ns: int = 0,
+        rdev: int = 0,
+        parent: int = 0,
+    ) -> None:
         self.ino = ino
         self.mode = mode
         self.uid = uid
@@ -167,10 +202,22 @@ class Inode:
     # --- record format -------------------------------------------------------------------
 
     def to_record(self) -> bytes:
-        out = [_ATTRS.pack(INODE_RECORD_VERSION, self.mode, self.uid, self.gid, self.nlink,
-                           self.size, self.atime_ns, self.mtime_ns, self.ctime_ns, self.rdev,
-                           self.parent),
-               _U32.pack(len(self.xattrs))]
+        out = [
+            _ATTRS.pack(
+                INODE_RECORD_VERSION,
+                self.mode,
+                self.uid,
+                self.gid,
+                self.nlink,
+                self.size,
+                self.atime_ns,
+                self.mtime_ns,
+                self.ctime_ns,
+                self.rdev,
+                self.parent,
+            ),
+            _U32.pack(len(self.xattrs)),
+        ]
         for name, value in self.xattrs.items():
             out += [_U16.pack(len(name)), name, _U32.pack(len(value)), value]
         if self.entries is not None:
@@ -195,8 +242,9 @@ class Inode:
 
     @classmethod
     def _parse(cls, ino: int, buf: memoryview) -> Inode:
-        (version, mode, uid, gid, nlink, size, atime, mtime, ctime, rdev,
-         parent) = _ATTRS.unpack_from(buf, 0)
+        (version, mode, uid, gid, nlink, size, atime, mtime, ctime, rdev, parent) = (
+            _ATTRS.unpack_from(buf, 0)
+        )
         if version not in (1, INODE_RECORD_VERSION):
             raise RecordError(f"inode record version {version} is not supported")
         node = cls(ino, mode, uid, gid, nlink, size, atime, mtime, ctime, rdev, parent)
@@ -204,18 +252,18 @@ class Inode:
         (count,), pos = _U32.unpack_from(buf, pos), pos + 4
         for _ in range(count):
             (nlen,), pos = _U16.unpack_from(buf, pos), pos + 2
-            name, pos = bytes(buf[pos:pos + nlen]), pos + nlen
+            name, pos = bytes(buf[pos : pos + nlen]), pos + nlen
             (vlen,), pos = _U32.unpack_from(buf, pos), pos + 4
-            node.xattrs[name], pos = bytes(buf[pos:pos + vlen]), pos + vlen
+            node.xattrs[name], pos = bytes(buf[pos : pos + vlen]), pos + vlen
         (count,), pos = _U32.unpack_from(buf, pos), pos + 4
         if node.entries is not None:
             for _ in range(count):
                 (nlen,), pos = _U16.unpack_from(buf, pos), pos + 2
-                name, pos = bytes(buf[pos:pos + nlen]), pos + nlen
+                name, pos = bytes(buf[pos : pos + nlen]), pos + nlen
                 (child,), pos = _U64.unpack_from(buf, pos), pos + 8
                 node.entries.add(name, child)
         elif node.is_symlink:
-            node.target, pos = bytes(buf[pos:pos + count]), pos + count
+            node.target, pos = bytes(buf[pos : pos + count]), pos + count
         else:
             for _ in range(count):
                 idx, oid = _PAIR.unpack_from(buf, pos)
@@ -226,7 +274,7 @@ class Inode:
                 if n:
                     if count or n > size or pos + n > len(buf):
                         raise RecordError("inline data with a block map, or beyond the size")
-                    node.inline, pos = bytes(buf[pos:pos + n]), pos + n
+                    node.inline, pos = bytes(buf[pos : pos + n]), pos + n
         if pos != len(buf):
             raise RecordError("trailing bytes in inode record")
         return node

@@ -36,14 +36,20 @@ class SealedObjects:
     # --- data blocks ---------------------------------------------------------------------
 
     def seal_block(self, ino: int, index: int, oid: int, data: bytes) -> bytes:
-        return codec.seal_block(self.keys.inode(ino),
-                                codec.block_ad(self.volume_id, ino, index, oid), data,
-                                self.compress)
+        return codec.seal_block(
+            self.keys.inode(ino),
+            codec.block_ad(self.volume_id, ino, index, oid),
+            data,
+            self.compress,
+        )
 
     def open_block(self, ino: int, index: int, oid: int, blob: bytes) -> bytes:
-        return codec.open_block(self.keys.inode(ino),
-                                codec.block_ad(self.volume_id, ino, index, oid), blob,
-                                self.block_size)
+        return codec.open_block(
+            self.keys.inode(ino),
+            codec.block_ad(self.volume_id, ino, index, oid),
+            blob,
+            self.block_size,
+        )
 
     # --- inode records -------------------------------------------------------------------
 
@@ -53,21 +59,24 @@ class SealedObjects:
         return self.keys.inode(ino).seal(record, codec.inode_ad(self.volume_id, ino, oid))
 
     def open_record(self, ino: int, oid: int, blob: bytes) -> Inode:
-        return Inode.from_record(ino, self.keys.inode(ino).open(
-            blob, codec.inode_ad(self.volume_id, ino, oid)))
+        return Inode.from_record(
+            ino, self.keys.inode(ino).open(blob, codec.inode_ad(self.volume_id, ino, oid))
+        )
 
     # --- journal commit records ----------------------------------------------------------
 
     def seal_commit(self, gen: int, commit: Commit) -> bytes:
         """The sealed commit record: what a journal frame holds and the head digests."""
-        return self.keys.journal.seal(commit.encode(),
-                                      codec.journal_ad(self.volume_id, gen, commit.seq))
+        return self.keys.journal.seal(
+            commit.encode(), codec.journal_ad(self.volume_id, gen, commit.seq)
+        )
 
     def open_commit(self, gen: int, seq: int, sealed: bytes | memoryview) -> Commit:
         """Open the sealed record of commit ``seq`` of journal generation ``gen``; a record of
         another number fails (authentication, or the decoded number)."""
-        commit = Commit.decode(self.keys.journal.open(
-            sealed, codec.journal_ad(self.volume_id, gen, seq)))
+        commit = Commit.decode(
+            self.keys.journal.open(sealed, codec.journal_ad(self.volume_id, gen, seq))
+        )
         if commit.seq != seq:
             raise codec.CodecError("sequence number mismatch")
         return commit

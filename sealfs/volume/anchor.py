@@ -61,12 +61,17 @@ class KmsAnchor:
         with self._lock:
             held_epoch, held_head = self.anchored
             if epoch < held_epoch:
-                raise RollbackError("rolled back", f"volume rolled back: commit {epoch} is "
-                                    f"older than the anchored commit {held_epoch}")
+                raise RollbackError(
+                    "rolled back",
+                    f"volume rolled back: commit {epoch} is "
+                    f"older than the anchored commit {held_epoch}",
+                )
             if epoch == held_epoch:  # already anchored (no head: the never-anchored 0)
                 if held_head and not ct_equal(head, held_head):
-                    raise RollbackError("forked", f"volume forked: commit {epoch} differs "
-                                        "from the one anchored at the KMS")
+                    raise RollbackError(
+                        "forked",
+                        f"volume forked: commit {epoch} differs from the one anchored at the KMS",
+                    )
                 return
             self.anchored = self.client.advance_epoch(self.volume_id, epoch, head)
             log.debug("anchored epoch %d", epoch)
@@ -90,14 +95,23 @@ def verify_fresh(last_seq: int, heads: KnownHeads, anchored: tuple[int, bytes]) 
     if epoch == 0 and not head:
         return  # never anchored (a new volume, or its first mount with a KMS)
     if epoch > last_seq:
-        raise RollbackError("rolled back", f"volume rolled back: the disk ends at commit "
-                            f"{last_seq} but the KMS anchored commit {epoch}")
+        raise RollbackError(
+            "rolled back",
+            f"volume rolled back: the disk ends at commit "
+            f"{last_seq} but the KMS anchored commit {epoch}",
+        )
     ours = heads.get(epoch)
     if ours is None:
-        raise RollbackError("rolled back", f"cannot verify freshness: anchored commit {epoch} "
-                            f"predates the oldest commit the checkpoint keeps "
-                            f"({heads.first})")
+        raise RollbackError(
+            "rolled back",
+            f"cannot verify freshness: anchored commit {epoch} "
+            f"predates the oldest commit the checkpoint keeps "
+            f"({heads.first})",
+        )
     if not ct_equal(ours, head):
-        raise RollbackError("forked", f"volume forked: commit {epoch} on disk differs from "
-                            "the one anchored at the KMS (a copy of this volume has been "
-                            "used elsewhere)")
+        raise RollbackError(
+            "forked",
+            f"volume forked: commit {epoch} on disk differs from "
+            "the one anchored at the KMS (a copy of this volume has been "
+            "used elsewhere)",
+        )

@@ -60,6 +60,7 @@ MAX_CANONICAL_BODY = 0xFFFF  # the MAC takes the body as one label part (u16 len
 
 # --- credentials -----------------------------------------------------------------------------
 
+
 @dataclass(frozen=True, repr=False)
 class KeyFileCredential:
     """The contents of a key file; unlocks slots of type ``keyfile``.
@@ -120,14 +121,17 @@ def read_key_file(path: str | os.PathLike[str]) -> KeyFileCredential:
         if len(data) > KEYFILE_MAX_BYTES:
             raise UsageError(f"standard input holds more than {KEYFILE_MAX_BYTES} bytes")
         return _checked_key(data, "standard input")
-    return _checked_key(strict.read_secret_file(path, "key file", KEYFILE_MAX_BYTES),
-                        f"key file {path}")
+    return _checked_key(
+        strict.read_secret_file(path, "key file", KEYFILE_MAX_BYTES), f"key file {path}"
+    )
 
 
 def _checked_key(data: bytes, source: str) -> KeyFileCredential:
     if len(data) < KEYFILE_MIN_BYTES:
-        raise UsageError(f"{source} holds {len(data)} bytes; at least "
-                         f"{KEYFILE_MIN_BYTES} random bytes are required")
+        raise UsageError(
+            f"{source} holds {len(data)} bytes; at least "
+            f"{KEYFILE_MIN_BYTES} random bytes are required"
+        )
     return KeyFileCredential(Secret(data))
 
 
@@ -149,6 +153,7 @@ def new_key_file(path: str | os.PathLike[str]) -> KeyFileCredential:
 
 
 # --- slots -----------------------------------------------------------------------------------
+
 
 @dataclass
 class Slot:
@@ -182,17 +187,25 @@ class Slot:
         kdf = KdfParams.from_dict(d["kdf"]) if "kdf" in d else None
         kms = d.get("kms")
         if kms is not None and not (
-                isinstance(kms, dict) and kms.keys() == KMS_SLOT_FIELDS
-                and isinstance(kms.get("url"), str)
-                and isinstance(kms.get("app_id"), str)
-                and strict.integer_in(kms.get("key_version"), 1, MAX_KEY_VERSION)
-                and isinstance(kms.get("kms_public_key"), str)):
+            isinstance(kms, dict)
+            and kms.keys() == KMS_SLOT_FIELDS
+            and isinstance(kms.get("url"), str)
+            and isinstance(kms.get("app_id"), str)
+            and strict.integer_in(kms.get("key_version"), 1, MAX_KEY_VERSION)
+            and isinstance(kms.get("kms_public_key"), str)
+        ):
             raise ValueError("malformed kms slot")
         if kms is not None:
             _hex_field(kms, "app_id", 1, MAX_ID_BYTES)
             _hex_field(kms, "kms_public_key", 0, 32)
-        return cls(d["id"], d["type"], _hex_field(d, "wrapped"),
-                   _hex_field(d, "salt") if "salt" in d else b"", kdf, kms)
+        return cls(
+            d["id"],
+            d["type"],
+            _hex_field(d, "wrapped"),
+            _hex_field(d, "salt") if "salt" in d else b"",
+            kdf,
+            kms,
+        )
 
     def public_info(self) -> dict[str, Any]:
         info: dict[str, Any] = {"id": self.id, "type": self.type}
@@ -203,8 +216,9 @@ class Slot:
         return info
 
 
-def _hex_field(obj: dict[str, Any], name: str, min_len: int = 0,
-               max_len: int | None = None) -> bytes:
+def _hex_field(
+    obj: dict[str, Any], name: str, min_len: int = 0, max_len: int | None = None
+) -> bytes:
     """A hex field of the header (KeyError if absent, ValueError naming it if malformed)."""
     try:
         return strict.hex_bytes(obj[name], min_len, max_len)
@@ -235,11 +249,13 @@ def _kek(cred: Credential, slot: Slot, volume_id: bytes) -> Secret:
 
 # --- header ----------------------------------------------------------------------------------
 
+
 def canonical_json(value: Any) -> bytes:
     """The canonical serialisation of docs/format.md ("Canonical body"): sorted keys, no
     whitespace, ASCII only (every other character a ``\\uXXXX`` escape, lower-case hex)."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
-                      allow_nan=False).encode("ascii")
+    return json.dumps(
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+    ).encode("ascii")
 
 
 @dataclass
@@ -285,16 +301,19 @@ class Header:
         try:
             doc = strict.loads(data)
         except ValueError:  # UnicodeDecodeError, duplicate keys, too deep: all ValueError
-            raise FormatError("volume header is not valid JSON (corrupt or not a sealfs "
-                              "volume)") from None
+            raise FormatError(
+                "volume header is not valid JSON (corrupt or not a sealfs volume)"
+            ) from None
         if not isinstance(doc, dict) or doc.get("magic") != MAGIC:
             raise FormatError("not a sealfs volume header")
         version = doc.get("format_version")
         if type(version) is not int:  # not a bool either
             raise FormatError("volume header has no format version")
         if version > FORMAT_VERSION:
-            raise FormatError(f"volume format version {version} is newer than this sealfs "
-                              f"supports ({FORMAT_VERSION}); upgrade sealfs")
+            raise FormatError(
+                f"volume format version {version} is newer than this sealfs "
+                f"supports ({FORMAT_VERSION}); upgrade sealfs"
+            )
         if version < 1:
             raise FormatError(f"volume format version {version} is not valid")
         format1_objects = doc.get("format1_objects", False)
@@ -305,19 +324,24 @@ class Header:
                 raise FormatError(f"unsupported cipher {doc['cipher']!r}")
             for name in ("block_size", "created"):
                 if not strict.integer_in(doc[name], 0, MAX_HEADER_INT):
-                    raise FormatError(f"volume header field {name} is not an integer in "
-                                      f"[0, {MAX_HEADER_INT}]")
+                    raise FormatError(
+                        f"volume header field {name} is not an integer in [0, {MAX_HEADER_INT}]"
+                    )
             if not isinstance(doc["slots"], list) or len(doc["slots"]) > MAX_SLOTS:
-                raise FormatError(f"volume header slots are not a list of at most "
-                                  f"{MAX_SLOTS}")
+                raise FormatError(f"volume header slots are not a list of at most {MAX_SLOTS}")
             slots = [Slot.from_dict(s) for s in doc["slots"]]
             if len({s.id for s in slots}) != len(slots):
                 raise FormatError("volume header has two key slots with the same id")
-            header = cls(volume_id=_hex_field(doc, "volume_id", 16, 16),
-                         block_size=doc["block_size"], compression=str(doc["compression"]),
-                         created=doc["created"], slots=slots,
-                         mac=_hex_field(doc, "mac", MAC_BYTES, MAC_BYTES),
-                         format_version=version, format1_objects=format1_objects)
+            header = cls(
+                volume_id=_hex_field(doc, "volume_id", 16, 16),
+                block_size=doc["block_size"],
+                compression=str(doc["compression"]),
+                created=doc["created"],
+                slots=slots,
+                mac=_hex_field(doc, "mac", MAC_BYTES, MAC_BYTES),
+                format_version=version,
+                format1_objects=format1_objects,
+            )
         except FormatError:
             raise
         except (KeyError, TypeError, ValueError, UsageError) as e:
@@ -327,8 +351,10 @@ class Header:
         # fields kept must be exactly that document, or an unknown field, a "salt": "" or an
         # upper-case hex digit would pass unauthenticated.
         if canonical_json(doc) != canonical_json(header.document()):
-            raise FormatError("volume header holds a field or spelling sealfs does not write "
-                              "(edited outside sealfs)")
+            raise FormatError(
+                "volume header holds a field or spelling sealfs does not write "
+                "(edited outside sealfs)"
+            )
         if len(header.canonical_body()) > MAX_CANONICAL_BODY:
             raise FormatError("volume header is too large to authenticate")
         return header
@@ -338,8 +364,9 @@ class Header:
             raise FormatError("volume id must be 16 bytes")
         bs = self.block_size
         if not (MIN_BLOCK <= bs <= MAX_BLOCK) or bs & (bs - 1):
-            raise FormatError(f"block size {bs} is not a power of two in "
-                              f"[{MIN_BLOCK}, {MAX_BLOCK}]")
+            raise FormatError(
+                f"block size {bs} is not a power of two in [{MIN_BLOCK}, {MAX_BLOCK}]"
+            )
         if self.compression not in ("none", "lz4"):
             raise FormatError(f"unknown compression {self.compression!r}")
 
@@ -353,34 +380,42 @@ class Header:
             raise UnlockError(f"volume has no {cred.slot_type} key slot")
         for slot in candidates:
             try:
-                master = unwrap_key(_kek(cred, slot, self.volume_id), slot.wrapped,
-                                    _slot_ad(self.volume_id, slot))
+                master = unwrap_key(
+                    _kek(cred, slot, self.volume_id), slot.wrapped, _slot_ad(self.volume_id, slot)
+                )
             except AuthError:
                 continue
-            if not ct_equal(VolumeKeys(master, self.volume_id).header_mac(
-                    self.canonical_body()), self.mac):
-                raise IntegrityError("volume header failed authentication: it was modified "
-                                     "outside sealfs")
+            if not ct_equal(
+                VolumeKeys(master, self.volume_id).header_mac(self.canonical_body()), self.mac
+            ):
+                raise IntegrityError(
+                    "volume header failed authentication: it was modified outside sealfs"
+                )
             return master
         if isinstance(cred, KmsCredential):
-            raise UnlockError("the key released by the KMS does not open the kms slot (wrong "
-                              "app id, or the slot belongs to another KMS root)")
-        raise UnlockError(f"wrong {cred.slot_type.replace('keyfile', 'key file')}: no "
-                          f"{cred.slot_type} slot opens with it")
+            raise UnlockError(
+                "the key released by the KMS does not open the kms slot (wrong "
+                "app id, or the slot belongs to another KMS root)"
+            )
+        raise UnlockError(
+            f"wrong {cred.slot_type.replace('keyfile', 'key file')}: no "
+            f"{cred.slot_type} slot opens with it"
+        )
 
     def _check_expected(self, expected: bytes | None) -> None:
         """Refuse a swapped-in volume: one with valid slots for the same credential (e.g.
         another volume of the same app) is authentic, but not the volume that was asked for."""
         if expected is not None and not ct_equal(expected, self.volume_id):
-            raise IntegrityError(f"the backing directory holds volume "
-                                 f"{uuid.UUID(bytes=self.volume_id)}, not the expected "
-                                 f"{format_volume_id(expected)}: refusing a swapped-in volume")
+            raise IntegrityError(
+                f"the backing directory holds volume "
+                f"{uuid.UUID(bytes=self.volume_id)}, not the expected "
+                f"{format_volume_id(expected)}: refusing a swapped-in volume"
+            )
 
     def kms_slot(self) -> Slot | None:
         return next((s for s in self.slots if s.type == "kms"), None)
 
-    def add_slot(self, master: Secret, cred: Credential,
-                 kdf: KdfParams | None = None) -> Slot:
+    def add_slot(self, master: Secret, cred: Credential, kdf: KdfParams | None = None) -> Slot:
         if len(self.slots) >= MAX_SLOTS:
             raise UsageError(f"a volume holds at most {MAX_SLOTS} key slots")
         slot_id = max((s.id for s in self.slots), default=-1) + 1
@@ -390,9 +425,17 @@ class Header:
         elif isinstance(cred, KmsCredential):
             client = cred.client
             key, version = client.get_key(KMS_PURPOSE, self.volume_id)  # current version
-            slot = Slot(slot_id, "kms", b"", kms={
-                "url": client.url, "app_id": client.app_id.hex(), "key_version": version,
-                "kms_public_key": (client.answering_key or b"").hex()})
+            slot = Slot(
+                slot_id,
+                "kms",
+                b"",
+                kms={
+                    "url": client.url,
+                    "app_id": client.app_id.hex(),
+                    "key_version": version,
+                    "kms_public_key": (client.answering_key or b"").hex(),
+                },
+            )
             kek = _kms_kek(key)
         else:
             slot = Slot(slot_id, "keyfile", b"", salt=random_bytes(16))
@@ -408,8 +451,9 @@ class Header:
     def volume_keys(self, master: Secret) -> VolumeKeys:
         """The keys of this volume's objects: a volume that was format 1 may hold objects
         sealed with format 1's single keys, so those open too."""
-        return VolumeKeys(master, self.volume_id,
-                          legacy=self.format_version < 2 or self.format1_objects)
+        return VolumeKeys(
+            master, self.volume_id, legacy=self.format_version < 2 or self.format1_objects
+        )
 
     def upgrade_format_1(self, keys: VolumeKeys) -> None:
         """Make a format-1 header format 2 (to be written before anything format 2 is): its
@@ -436,8 +480,9 @@ def parse_volume_id(text: str) -> bytes:
     try:
         return uuid.UUID(text.strip()).bytes
     except ValueError:
-        raise UsageError(f"not a volume id: {text!r} (a UUID or 32 hex digits, as `sealfs "
-                         "info` shows it)") from None
+        raise UsageError(
+            f"not a volume id: {text!r} (a UUID or 32 hex digits, as `sealfs info` shows it)"
+        ) from None
 
 
 def format_volume_id(volume_id: bytes) -> str:
@@ -445,8 +490,12 @@ def format_volume_id(volume_id: bytes) -> str:
 
 
 def new_header(block_size: int, compression: str) -> tuple[Header, Secret]:
-    header = Header(volume_id=random_bytes(16), block_size=block_size,
-                    compression=compression, created=int(time.time()))
+    header = Header(
+        volume_id=random_bytes(16),
+        block_size=block_size,
+        compression=compression,
+        created=int(time.time()),
+    )
     header.validate()
     return header, Secret.generate()
 

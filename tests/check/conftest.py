@@ -39,8 +39,6 @@ FILES: dict[str, int] = {
 REPLAY = "/r.txt"
 
 
-
-
 @dataclass
 class Template:
     vol: Volume
@@ -83,8 +81,9 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Template:
     finally:
         force_unmount(vol)
         force_unmount(other)
-    return Template(vol, layout(vol.backing, vol.key), old, old_paths, other,
-                    layout(other.backing, other.key))
+    return Template(
+        vol, layout(vol.backing, vol.key), old, old_paths, other, layout(other.backing, other.key)
+    )
 
 
 @pytest.fixture
@@ -107,8 +106,7 @@ def at(template: Template, victim: Volume) -> Callable[[Path], Path]:
 
 
 def run_check(vol: Volume, **opts: object) -> CheckResult:
-    result, store, _, _ = open_and_check(vol.backing, read_key_file(vol.key),
-                                         CheckOptions(**opts))  # type: ignore[arg-type]
+    result, store, _, _ = open_and_check(vol.backing, read_key_file(vol.key), CheckOptions(**opts))  # type: ignore[arg-type]
     store.unlock()
     return result
 

@@ -20,16 +20,24 @@ from .conftest import Template, rebase, run_check
 pytestmark = [pytest.mark.mount]
 
 
-def check(vol: Volume, *args: str, key: Path | None = None
-          ) -> subprocess.CompletedProcess[str]:
-    return sealfs("check", str(vol.backing), "--key-file", str(key or vol.key), *args,
-                  check=False)
+def check(vol: Volume, *args: str, key: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return sealfs("check", str(vol.backing), "--key-file", str(key or vol.key), *args, check=False)
 
 
 def test_help_documents_kinds_and_exit_codes() -> None:
     out = sealfs("check", "--help").stdout
-    for word in ("tampered", "rolled-back", "swapped", "orphaned", "--repair", "--quick",
-                 "--path", "--read-only", "Exit codes", "5  corruption found"):
+    for word in (
+        "tampered",
+        "rolled-back",
+        "swapped",
+        "orphaned",
+        "--repair",
+        "--quick",
+        "--path",
+        "--read-only",
+        "Exit codes",
+        "5  corruption found",
+    ):
         assert word in out, word
 
 
@@ -42,8 +50,9 @@ def test_exit_codes(template: Template, victim: Volume, tmp_path: Path) -> None:
     wrong.chmod(0o600)
     assert check(victim, key=wrong).returncode == 3
     assert check(victim, "--dry-run").returncode == 2
-    assert sealfs("check", str(tmp_path), "--key-file", str(victim.key),
-                  check=False).returncode == 4
+    assert (
+        sealfs("check", str(tmp_path), "--key-file", str(victim.key), check=False).returncode == 4
+    )
     flip_bit(rebase(victim, template, template.layout["/a.txt"].blocks[0]))
     res = check(victim, "--json")
     assert res.returncode == 5
@@ -61,8 +70,7 @@ def test_progress_line_renders() -> None:
     assert "256.0 MiB/s" in line and "ETA 0:06" in line
 
 
-def test_mounted_volume_is_refused_unless_read_only(template: Template,
-                                                   victim: Volume) -> None:
+def test_mounted_volume_is_refused_unless_read_only(template: Template, victim: Volume) -> None:
     victim.mount()
     try:
         res = check(victim)
@@ -95,8 +103,9 @@ def test_objects_carried_in_the_journal_check_clean(tmp_path: Path, full: bool) 
     assert result.report.clean and not result.report.findings, result.report.human()
     assert result.tree is not None
     blocks = {o for n in result.tree.nodes.values() if n.is_file for o in n.blocks.values()}
-    assert blocks - set(object_store(vol.backing).list_objects()), \
+    assert blocks - set(object_store(vol.backing).list_objects()), (
         "no block is carried in the journal: this test would check nothing"
+    )
 
 
 @pytest.mark.slow
@@ -104,18 +113,19 @@ def test_sigkill_during_writes_checks_clean(tmp_path: Path) -> None:
     """No false alarm after a crash: kill -9 the daemon mid-write, several times; the check
     reports at most orphans and a torn journal tail, and exits 0."""
     vol = new_volume(tmp_path, "--block-size", "16384")
-    writer = ("import os,sys\nm=sys.argv[1]\ni=0\nwhile True:\n"
-              " p=os.path.join(m,'f%d'%(i%7))\n"
-              " with open(p,'wb') as f:\n  f.write(os.urandom(40000+i*313%90000))\n"
-              "  f.flush()\n  os.fsync(f.fileno()) if i%2 else None\n"
-              " os.makedirs(os.path.join(m,'d%d'%(i%3)),exist_ok=True)\n"
-              " os.replace(p,os.path.join(m,'d%d'%(i%3),'g%d'%(i%5))) if i%3==0 else None\n"
-              " i+=1\n")
+    writer = (
+        "import os,sys\nm=sys.argv[1]\ni=0\nwhile True:\n"
+        " p=os.path.join(m,'f%d'%(i%7))\n"
+        " with open(p,'wb') as f:\n  f.write(os.urandom(40000+i*313%90000))\n"
+        "  f.flush()\n  os.fsync(f.fileno()) if i%2 else None\n"
+        " os.makedirs(os.path.join(m,'d%d'%(i%3)),exist_ok=True)\n"
+        " os.replace(p,os.path.join(m,'d%d'%(i%3),'g%d'%(i%5))) if i%3==0 else None\n"
+        " i+=1\n"
+    )
     try:
         for round_ in range(3):
             vol.mount()
-            w = subprocess.Popen(["python3", "-c", writer, str(vol.mnt)],
-                                 stderr=subprocess.DEVNULL)
+            w = subprocess.Popen(["python3", "-c", writer, str(vol.mnt)], stderr=subprocess.DEVNULL)
             time.sleep(0.6 + 0.3 * round_)
             pid = vol.daemon_pid()
             os.kill(pid, signal.SIGKILL)

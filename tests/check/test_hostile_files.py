@@ -32,22 +32,26 @@ TARGETS: dict[str, Callable[[Template, Volume], Path]] = {
     "record": lambda t, v: rebase(v, t, t.layout["/dir/x.txt"].record),
 }
 #: what the report says for each target: (plaintext path, what)
-EXPECTED = {"checkpoint": (None, "checkpoint"), "journal": (None, "journal"),
-            "block": ("/a.txt", "block 1"), "record": ("/dir/x.txt", "record")}
+EXPECTED = {
+    "checkpoint": (None, "checkpoint"),
+    "journal": (None, "journal"),
+    "block": ("/a.txt", "block 1"),
+    "record": ("/dir/x.txt", "record"),
+}
 
 
 def check_json(vol: Volume, *args: str) -> tuple[int, dict, str, float]:
     """(exit code, the JSON report, all output, peak MiB) of ``sealfs check --json``."""
-    res = sealfs_measured("check", str(vol.backing), "--key-file", str(vol.key), "--json",
-                          *args)
+    res = sealfs_measured("check", str(vol.backing), "--key-file", str(vol.key), "--json", *args)
     out = json.loads(res.stdout) if res.stdout.strip() else {}
     return res.returncode, out, res.stdout + res.stderr, res.max_rss_mib
 
 
 @pytest.mark.parametrize("kind", PLANTED_KINDS)
 @pytest.mark.parametrize("target", list(TARGETS))
-def test_planted_file_is_reported_not_followed(template: Template, victim: Volume,
-                                               tmp_path: Path, target: str, kind: str) -> None:
+def test_planted_file_is_reported_not_followed(
+    template: Template, victim: Volume, tmp_path: Path, target: str, kind: str
+) -> None:
     path = TARGETS[target](template, victim)
     # the symlink points at a byte-exact copy of the genuine file: a checker that followed it
     # would find nothing wrong
@@ -70,10 +74,13 @@ def test_planted_file_is_reported_not_followed(template: Template, victim: Volum
     assert ("tampered", want_path, want_what, rel) in found, found
 
 
-@pytest.mark.parametrize("name", [f".{CHECKPOINT_NAME}.tmp", "next-journal", "stale-journal",
-                                  "orphan", "lock", "objects/*"])
-def test_repair_never_writes_through_a_planted_symlink(template: Template, victim: Volume,
-                                                       tmp_path: Path, name: str) -> None:
+@pytest.mark.parametrize(
+    "name",
+    [f".{CHECKPOINT_NAME}.tmp", "next-journal", "stale-journal", "orphan", "lock", "objects/*"],
+)
+def test_repair_never_writes_through_a_planted_symlink(
+    template: Template, victim: Volume, tmp_path: Path, name: str
+) -> None:
     """Repair commits (so it writes a checkpoint, a new journal and objects) and deletes
     leftovers: a symlink at any of those names is replaced or unlinked, never written
     through; the canary it points at keeps its bytes."""
@@ -82,8 +89,11 @@ def test_repair_never_writes_through_a_planted_symlink(template: Template, victi
     canary_dir.mkdir()
     gen = template.layout.gen
     fanout = template.layout["/a.txt"].blocks[0].parent.name
-    names = {"next-journal": journal_name(gen + 1), "stale-journal": journal_name(gen - 1),
-             "orphan": f"objects/{fanout}/{fanout}00000000dead00"}
+    names = {
+        "next-journal": journal_name(gen + 1),
+        "stale-journal": journal_name(gen - 1),
+        "orphan": f"objects/{fanout}/{fanout}00000000dead00",
+    }
     if name == "objects/*":  # every fan-out directory not there yet: new objects go there
         for i in range(256):
             sub = victim.backing / "objects" / f"{i:02x}"

@@ -77,8 +77,7 @@ def test_swap_blocks_within_file(template: Template, victim: Volume) -> None:
     result = run_check(victim)
     assert_only(result, {("/a.txt", "swapped")})
     assert sorted(f.index for f in result.report.problems) == [0, 2]
-    assert {f.belongs_to for f in result.report.problems} == {"/a.txt block 0",
-                                                              "/a.txt block 2"}
+    assert {f.belongs_to for f in result.report.problems} == {"/a.txt block 0", "/a.txt block 2"}
 
 
 def test_swap_blocks_between_files(template: Template, victim: Volume) -> None:
@@ -100,15 +99,18 @@ def test_replayed_old_block(template: Template, victim: Volume) -> None:
     assert_only(run_check(victim), {(REPLAY, "rolled-back")})
 
 
-def test_replayed_old_block_without_its_old_name_is_tampered(template: Template,
-                                                             victim: Volume) -> None:
+def test_replayed_old_block_without_its_old_name_is_tampered(
+    template: Template, victim: Volume
+) -> None:
     rebase(victim, template, template.layout[REPLAY].blocks[0]).write_bytes(template.old["0"])
     assert_only(run_check(victim), {(REPLAY, "tampered")})
 
 
 def test_block_from_another_volume(template: Template, victim: Volume) -> None:
-    shutil.copyfile(template.other_layout["/a.txt"].blocks[0],
-                    rebase(victim, template, template.layout["/a.txt"].blocks[0]))
+    shutil.copyfile(
+        template.other_layout["/a.txt"].blocks[0],
+        rebase(victim, template, template.layout["/a.txt"].blocks[0]),
+    )
     assert_only(run_check(victim), {("/a.txt", "tampered")})
 
 
@@ -153,15 +155,25 @@ def test_replayed_old_record(template: Template, victim: Volume) -> None:
 
 
 def test_record_from_another_volume(template: Template, victim: Volume) -> None:
-    shutil.copyfile(template.other_layout["/dir2/z.txt"].record,
-                    rebase(victim, template, template.layout["/dir2/z.txt"].record))
+    shutil.copyfile(
+        template.other_layout["/dir2/z.txt"].record,
+        rebase(victim, template, template.layout["/dir2/z.txt"].record),
+    )
     assert_only(run_check(victim), {("/dir2/z.txt", "tampered")})
 
 
 # --- volume-level metadata ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("attack,kind", [("bitflip", "tampered"), ("truncate", "truncated"),
-                                         ("delete", "missing"), ("other", "tampered")])
+
+@pytest.mark.parametrize(
+    "attack,kind",
+    [
+        ("bitflip", "tampered"),
+        ("truncate", "truncated"),
+        ("delete", "missing"),
+        ("other", "tampered"),
+    ],
+)
 def test_checkpoint(template: Template, victim: Volume, attack: str, kind: str) -> None:
     cp = rebase(victim, template, template.layout.checkpoint)
     if attack == "bitflip":
@@ -194,8 +206,9 @@ def test_deleted_journal(template: Template, victim: Volume) -> None:
     assert_only(run_check(victim), {(None, "missing")})
 
 
-def test_zeros_after_journal_are_a_torn_tail_not_an_alarm(template: Template,
-                                                          victim: Volume) -> None:
+def test_zeros_after_journal_are_a_torn_tail_not_an_alarm(
+    template: Template, victim: Volume
+) -> None:
     """What a crash leaves when the journal grew before its data reached the disk."""
     extend(rebase(victim, template, template.layout.journal), bytes(90))
     result = run_check(victim)
@@ -229,7 +242,9 @@ def test_rollback_against_anchor(template: Template, victim: Volume) -> None:
 
 
 def test_orphans_are_noted_not_alarmed(template: Template, victim: Volume) -> None:
-    stray = rebase(victim, template, template.layout["/a.txt"].blocks[0]).parent / "00000000deadbeef"
+    stray = (
+        rebase(victim, template, template.layout["/a.txt"].blocks[0]).parent / "00000000deadbeef"
+    )
     stray.write_bytes(b"x" * 100)
     result = run_check(victim)
     assert result.report.clean

@@ -21,9 +21,14 @@ pytestmark = [pytest.mark.mount]
 def cli_check(vol: Volume, *args: str, env: dict[str, str] | None = None) -> tuple[int, dict]:
     import subprocess
 
-    res = subprocess.run([*SEALFS, "check", str(vol.backing), "--key-file", str(vol.key),
-                          "--json", *args], capture_output=True, text=True, cwd=REPO,
-                         env={**os.environ, **(env or {})}, timeout=120)
+    res = subprocess.run(
+        [*SEALFS, "check", str(vol.backing), "--key-file", str(vol.key), "--json", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+        timeout=120,
+    )
     try:
         return res.returncode, json.loads(res.stdout) if res.stdout else {}
     except ValueError:
@@ -31,8 +36,11 @@ def cli_check(vol: Volume, *args: str, env: dict[str, str] | None = None) -> tup
 
 
 def snapshot(backing: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(backing)): p.read_bytes() for p in backing.rglob("*")
-            if p.is_file() and p.name != "lock"}
+    return {
+        str(p.relative_to(backing)): p.read_bytes()
+        for p in backing.rglob("*")
+        if p.is_file() and p.name != "lock"
+    }
 
 
 def test_dry_run_changes_nothing(template: Template, victim: Volume) -> None:
@@ -61,8 +69,7 @@ def test_swaps_are_healed(template: Template, victim: Volume) -> None:
         force_unmount(victim)
 
 
-def test_quarantine_keeps_intact_blocks_and_says_why(template: Template,
-                                                     victim: Volume) -> None:
+def test_quarantine_keeps_intact_blocks_and_says_why(template: Template, victim: Volume) -> None:
     flip_bit(rebase(victim, template, template.layout["/a.txt"].blocks[1]))
     rebase(victim, template, template.layout["/dir/y.txt"].record).unlink()
     code, out = cli_check(victim, "--repair")
@@ -73,21 +80,22 @@ def test_quarantine_keeps_intact_blocks_and_says_why(template: Template,
         ino = template.layout["/a.txt"].ino
         q = mnt / "lost+found" / f"{ino}-a.txt"
         data, want = q.read_bytes(), make_content("/a.txt", FILES["/a.txt"])
-        assert data[:BS] == want[:BS] and data[BS:2 * BS] == bytes(BS)
-        assert data[2 * BS:] == want[2 * BS:]
+        assert data[:BS] == want[:BS] and data[BS : 2 * BS] == bytes(BS)
+        assert data[2 * BS :] == want[2 * BS :]
         why = json.loads(os.getxattr(q, "user.sealfs.damage"))
         assert why["path"] == "/a.txt" and why["dropped_blocks"][0]["block"] == 1
         assert not (mnt / "a.txt").exists() and not (mnt / "dir" / "y.txt").exists()
         report = (mnt / "lost+found" / "REPORT").read_text()
         assert "/a.txt" in report and "/dir/y.txt" in report
-        assert (mnt / "dir" / "x.txt").read_bytes() == make_content("/dir/x.txt", FILES["/dir/x.txt"])
+        assert (mnt / "dir" / "x.txt").read_bytes() == make_content(
+            "/dir/x.txt", FILES["/dir/x.txt"]
+        )
     finally:
         unmount(victim)
         force_unmount(victim)
 
 
-def test_damaged_directory_contents_are_reattached(template: Template,
-                                                   victim: Volume) -> None:
+def test_damaged_directory_contents_are_reattached(template: Template, victim: Volume) -> None:
     flip_bit(rebase(victim, template, template.layout["/dir/sub"].record), offset=40)
     code, out = cli_check(victim, "--repair")
     assert code == 5 and out["repair"]["clean_after"], out
@@ -112,8 +120,9 @@ def test_orphans_are_deleted(template: Template, victim: Volume) -> None:
 
 
 @pytest.mark.parametrize("point", ["before-commit", "after-commit", "mid-orphans"])
-def test_killed_repair_leaves_a_repairable_volume(template: Template, victim: Volume,
-                                                  point: str) -> None:
+def test_killed_repair_leaves_a_repairable_volume(
+    template: Template, victim: Volume, point: str
+) -> None:
     flip_bit(rebase(victim, template, template.layout["/a.txt"].blocks[1]))
     e = template.layout["/b.txt"]
     swap_files(rebase(victim, template, e.blocks[0]), rebase(victim, template, e.blocks[1]))

@@ -74,8 +74,16 @@ def test_no_matching_tcb_level_exits_9():
 
 
 def test_failure_in_json_mode_is_one_document_with_the_report():
-    result = sealfs("attest", "verify", OUTDATED, "--collateral", OUTDATED_COLLATERAL,
-                    "--now", NOW_OUTDATED, "--json")
+    result = sealfs(
+        "attest",
+        "verify",
+        OUTDATED,
+        "--collateral",
+        OUTDATED_COLLATERAL,
+        "--now",
+        NOW_OUTDATED,
+        "--json",
+    )
     assert result.returncode == 9
     doc = json.loads(result.stdout)
     assert (doc["ok"], doc["error"]) == (False, "attestation")
@@ -85,8 +93,9 @@ def test_failure_in_json_mode_is_one_document_with_the_report():
 
 
 def test_expired_collateral_exits_9():
-    result = sealfs("attest", "verify", QUOTE, "--collateral", COLLATERAL,
-                    "--now", "2025-07-19T10:00:36Z")
+    result = sealfs(
+        "attest", "verify", QUOTE, "--collateral", COLLATERAL, "--now", "2025-07-19T10:00:36Z"
+    )
     assert_clean_failure(result, 9)
     assert "not valid at 2025-07-19T10:00:36Z" in result.stderr
 
@@ -137,8 +146,9 @@ def test_bad_input_in_json_mode_is_a_json_error():
     result = sealfs("attest", "verify", "/nonexistent/quote", "--json")
     assert result.returncode == 2
     assert json.loads(result.stdout) == {
-        "ok": False, "error": "usage", "message": "cannot read quote file /nonexistent/quote: "
-        "No such file or directory",
+        "ok": False,
+        "error": "usage",
+        "message": "cannot read quote file /nonexistent/quote: No such file or directory",
     }
 
 

@@ -40,9 +40,23 @@ def test_mount_refuses_a_pyfuse3_without_fallocate(tmp_path: Path) -> None:
     key.write_bytes(os.urandom(64))
     key.chmod(0o600)
     (tmp_path / "mnt").mkdir()
-    res = subprocess.run([sys.executable, "-c", _STOCK_PYFUSE3, "mount", str(tmp_path),
-                          str(tmp_path / "mnt"), "--foreground", "--key-file", str(key)],
-                         capture_output=True, text=True, cwd=REPO, timeout=60)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _STOCK_PYFUSE3,
+            "mount",
+            str(tmp_path),
+            str(tmp_path / "mnt"),
+            "--foreground",
+            "--key-file",
+            str(key),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
     assert res.returncode == 1, res.stderr
     lines = res.stderr.splitlines()
     assert len(lines) == 1 and "tools/install-pyfuse3.sh" in lines[0], res.stderr

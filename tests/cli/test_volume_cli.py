@@ -31,31 +31,63 @@ def test_passphrase_slot_unlocks_mount(tmp_path: Path) -> None:
     pw.chmod(0o600)
     vol = Volume(tmp_path / "b", tmp_path / "unused", tmp_path / "m", tmp_path / "log")
     vol.mnt.mkdir()
-    sealfs("create", str(vol.backing), "--passphrase-file", str(pw), "--kdf-memory", "8M",
-           "--kdf-iterations", "1")
+    sealfs(
+        "create",
+        str(vol.backing),
+        "--passphrase-file",
+        str(pw),
+        "--kdf-memory",
+        "8M",
+        "--kdf-iterations",
+        "1",
+    )
     sealfs("mount", str(vol.backing), str(vol.mnt), "--passphrase-file", str(pw))
     try:
         (vol.mnt / "f").write_text("via passphrase")
     finally:
         sealfs("umount", str(vol.mnt))
     # the passphrase can also come on standard input (not a terminal)
-    sealfs("mount", str(vol.backing), str(vol.mnt), "--passphrase",
-           input=b"correct horse battery staple\n")
+    sealfs(
+        "mount",
+        str(vol.backing),
+        str(vol.mnt),
+        "--passphrase",
+        input=b"correct horse battery staple\n",
+    )
     try:
         assert (vol.mnt / "f").read_text() == "via passphrase"
     finally:
         sealfs("umount", str(vol.mnt))
-    res = sealfs("mount", str(vol.backing), str(vol.mnt), "--passphrase",
-                 input=b"wrong horse battery staple\n", check=False)
+    res = sealfs(
+        "mount",
+        str(vol.backing),
+        str(vol.mnt),
+        "--passphrase",
+        input=b"wrong horse battery staple\n",
+        check=False,
+    )
     assert res.returncode == 3 and "wrong passphrase" in res.stderr
     no_traceback(res)
 
 
-@pytest.mark.parametrize("case", ["wrong-key", "group-readable", "short-key", "missing-key",
-                                  "no-volume", "missing-mountpoint", "corrupt-header",
-                                  "newer-version", "no-credential", "not-empty"])
-def test_user_mistakes_get_one_line_and_exit_code(volume: Volume, tmp_path: Path,
-                                                  case: str) -> None:
+@pytest.mark.parametrize(
+    "case",
+    [
+        "wrong-key",
+        "group-readable",
+        "short-key",
+        "missing-key",
+        "no-volume",
+        "missing-mountpoint",
+        "corrupt-header",
+        "newer-version",
+        "no-credential",
+        "not-empty",
+    ],
+)
+def test_user_mistakes_get_one_line_and_exit_code(
+    volume: Volume, tmp_path: Path, case: str
+) -> None:
     key, backing, mnt = str(volume.key), str(volume.backing), str(volume.mnt)
     bad = tmp_path / "bad.key"
     args: list[str]
@@ -76,8 +108,11 @@ def test_user_mistakes_get_one_line_and_exit_code(volume: Volume, tmp_path: Path
     elif case == "no-volume":
         args, code, words = ["mount", str(tmp_path), mnt, "--key-file", key], 4, "not a sealfs"
     elif case == "missing-mountpoint":
-        args, code, words = ["mount", backing, str(tmp_path / "nope"), "--key-file", key], 2, \
-            "does not exist"
+        args, code, words = (
+            ["mount", backing, str(tmp_path / "nope"), "--key-file", key],
+            2,
+            "does not exist",
+        )
     elif case == "corrupt-header":
         (volume.backing / "sealfs.header").write_text("{not json")
         args, code, words = ["mount", backing, mnt, "--key-file", key], 4, "not valid JSON"
@@ -89,8 +124,11 @@ def test_user_mistakes_get_one_line_and_exit_code(volume: Volume, tmp_path: Path
     elif case == "no-credential":
         args, code, words = ["mount", backing, mnt], 2, "exactly one of"
     else:
-        args, code, words = ["create", str(volume.backing / "objects"), "--key-file", key], 2, \
-            "not empty"
+        args, code, words = (
+            ["create", str(volume.backing / "objects"), "--key-file", key],
+            2,
+            "not empty",
+        )
     res = sealfs(*args, check=False)
     assert res.returncode == code, (res.returncode, res.stderr)
     assert words in res.stderr, res.stderr
@@ -112,8 +150,7 @@ HOSTILE_HEADER_EDITS = {
 
 @pytest.mark.parametrize("case", sorted(HOSTILE_HEADER_EDITS))
 @pytest.mark.parametrize("command", ["info", "mount"])
-def test_hostile_header_values_are_format_errors(volume: Volume, case: str,
-                                                 command: str) -> None:
+def test_hostile_header_values_are_format_errors(volume: Volume, case: str, command: str) -> None:
     """Values a host can write into the unauthenticated header (issue 10, item 8) are a
     one-line format error (exit 4), never an internal error (exit 1 with a traceback)."""
     path = volume.backing / "sealfs.header"
@@ -121,8 +158,11 @@ def test_hostile_header_values_are_format_errors(volume: Volume, case: str,
     HOSTILE_HEADER_EDITS[case](h)
     text = json.dumps(h).replace("[[[]]]", "[" * 2000 + "]" * 2000)
     path.write_text(text)
-    args = ["info", str(volume.backing)] if command == "info" else [
-        "mount", str(volume.backing), str(volume.mnt), "--key-file", str(volume.key)]
+    args = (
+        ["info", str(volume.backing)]
+        if command == "info"
+        else ["mount", str(volume.backing), str(volume.mnt), "--key-file", str(volume.key)]
+    )
     res = sealfs(*args, check=False)
     assert res.returncode == 4, (res.returncode, res.stderr)
     no_traceback(res)
@@ -138,8 +178,9 @@ def test_json_errors_are_machine_readable(tmp_path: Path) -> None:
 def test_create_refuses_existing_volume_and_key_overwrite(volume: Volume) -> None:
     res = sealfs("create", str(volume.backing), "--key-file", str(volume.key), check=False)
     assert res.returncode == 2 and "already holds a sealfs volume" in res.stderr
-    res = sealfs("create", str(volume.backing.parent / "new"), "--new-key-file",
-                 str(volume.key), check=False)
+    res = sealfs(
+        "create", str(volume.backing.parent / "new"), "--new-key-file", str(volume.key), check=False
+    )
     assert res.returncode == 2 and "refusing to overwrite" in res.stderr
 
 

@@ -26,8 +26,7 @@ def open_fs(backing: Path, commit_interval: float = 3600, **limits: int) -> File
     if not backing.exists():
         create_volume(backing, [(CRED, None)])
     store, header, master = unlock_volume(backing, CRED)
-    return Filesystem(store, header, master,
-                      Limits(commit_interval=commit_interval, **limits))
+    return Filesystem(store, header, master, Limits(commit_interval=commit_interval, **limits))
 
 
 @asynccontextmanager

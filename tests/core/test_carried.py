@@ -81,7 +81,10 @@ def test_large_records_are_still_files(tmp_path: Path) -> None:
         for i in range(100):
             await fs.create(d.ino, b"entry-with-a-long-name-%03d" % i, 0o100644, 0, 0)
         await fs.sync()
-        assert fs.inodes.table[d.ino] in object_files(fs) and fs.inodes.table[d.ino] not in fs.store.carried
+        assert (
+            fs.inodes.table[d.ino] in object_files(fs)
+            and fs.inodes.table[d.ino] not in fs.store.carried
+        )
         await fs.close()
 
     trio.run(main)
@@ -124,12 +127,17 @@ def test_replay_keeps_only_carried_objects_still_in_use(tmp_path: Path) -> None:
 
 
 def test_checkpoints_come_when_carried_objects_pile_up_not_when_they_replace_each_other(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     """An fsync'ed append log carries its growing tail in every commit, each replacing the
     last: the journal may grow to journal_max. Many live carried records force a checkpoint
     as soon as the journal is past its minimum, bounding what is held in memory."""
-    fs = open_fs(tmp_path / "b", checkpoint_min_journal=64 << 10, journal_max=16 << 20,
-                 carried_in_memory=300 << 10)
+    fs = open_fs(
+        tmp_path / "b",
+        checkpoint_min_journal=64 << 10,
+        journal_max=16 << 20,
+        carried_in_memory=300 << 10,
+    )
 
     async def main() -> None:
         await fs.load()

@@ -10,8 +10,7 @@ from sealfs.sealed.inode import ROOT_INO
 from tests.core.harness import loaded, object_files
 
 
-async def test_small_files_live_in_their_record_and_move_out_when_they_grow(
-        tmp_path: Path) -> None:
+async def test_small_files_live_in_their_record_and_move_out_when_they_grow(tmp_path: Path) -> None:
     small = os.urandom(1000)
     grown = small + os.urandom(200_000)
 
@@ -21,7 +20,9 @@ async def test_small_files_live_in_their_record_and_move_out_when_they_grow(
         await fs.write(node, 0, small)
         await fs.fsync(node)
         assert node.inline == small and node.blocks == {}
-        assert object_files(fs) <= set(fs.inodes.table.values()), "a small file wrote a block object"
+        assert object_files(fs) <= set(fs.inodes.table.values()), (
+            "a small file wrote a block object"
+        )
         # Overwrite inside, extend up to the limit: still inline.
         await fs.write(node, 10, b"XY")
         await fs.fsync(node)
@@ -60,7 +61,8 @@ async def test_small_files_live_in_their_record_and_move_out_when_they_grow(
 
 
 async def test_inline_data_survives_a_remount_and_sparse_tails_read_as_zeros(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     async with loaded(tmp_path / "b") as fs:
         node = await fs.create(ROOT_INO, b"s", 0o100644, 0, 0)
         fs.remember(node)

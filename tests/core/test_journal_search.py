@@ -96,14 +96,15 @@ def test_crafted_frame_headers_cost_linear_work(tmp_path: Path, craft) -> None: 
     assert decrypted - honest <= TORN_SEARCH_FACTOR * (GARBAGE + len(BAD_HEADER)), decrypted
 
 
-def test_stale_frames_after_a_bad_header_are_searched_once_and_discarded(
-        tmp_path: Path) -> None:
+def test_stale_frames_after_a_bad_header_are_searched_once_and_discarded(tmp_path: Path) -> None:
     """What a crash can leave (old frames of another generation, not overlapping) is still a
     harmless torn tail: searched once, discarded, no damage reported."""
     store, keys, journal = _volume(tmp_path)
     _, honest = _load(store, keys)
-    stale = b"".join(frame(keys.journal.seal(os.urandom(64 << 10), journal_ad(
-        keys.volume_id, 99, seq))) for seq in range(GARBAGE // (64 << 10)))
+    stale = b"".join(
+        frame(keys.journal.seal(os.urandom(64 << 10), journal_ad(keys.volume_id, 99, seq)))
+        for seq in range(GARBAGE // (64 << 10))
+    )
     with journal.open("ab") as f:
         f.write(BAD_HEADER + stale)
     state, decrypted = _load(store, keys)
@@ -112,8 +113,7 @@ def test_stale_frames_after_a_bad_header_are_searched_once_and_discarded(
     assert decrypted - honest <= len(stale)
 
 
-def test_damaged_header_with_a_genuine_commit_behind_it_is_still_damage(
-        tmp_path: Path) -> None:
+def test_damaged_header_with_a_genuine_commit_behind_it_is_still_damage(tmp_path: Path) -> None:
     store, keys, journal = _volume(tmp_path)
     data = bytearray(journal.read_bytes())
     first = struct.unpack_from(">I", data, 0)[0] + 8

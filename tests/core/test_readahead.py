@@ -15,7 +15,6 @@ from tests.core.harness import loaded
 MiB = 1 << 20
 
 
-
 async def prefetches_done(fs: Filesystem) -> None:
     """Wait for the prefetches in flight (and what they put in the cache): the test then does
     not depend on how fast this machine loads blocks."""
@@ -27,7 +26,7 @@ async def write_file(fs: Filesystem, name: bytes, data: bytes) -> Inode:
     node = await fs.create(ROOT_INO, name, 0o100644, 0, 0)
     fs.remember(node)
     for off in range(0, len(data), MiB):
-        await fs.write(node, off, data[off:off + MiB])
+        await fs.write(node, off, data[off : off + MiB])
     await fs.fsync(node)
     return node
 
@@ -65,7 +64,8 @@ async def test_sequential_reads_load_ahead_and_return_the_right_bytes(tmp_path: 
 
 
 async def test_a_write_during_a_prefetch_is_not_overwritten_by_the_old_block(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     data = os.urandom(6 * MiB)
 
     async with loaded(tmp_path / "b", readahead=4 * MiB) as fs, trio.open_nursery() as nursery:
@@ -81,15 +81,16 @@ async def test_a_write_during_a_prefetch_is_not_overwritten_by_the_old_block(
             await fs.flush_file(node)
             await prefetches_done(fs)
             assert await fs.read(node, 3 * MiB, MiB) == b"N" * MiB
-            assert await fs.read(node, 2 * MiB, MiB) == data[2 * MiB:3 * MiB]
-            await fs.write(node, 3 * MiB, data[3 * MiB:4 * MiB])
+            assert await fs.read(node, 2 * MiB, MiB) == data[2 * MiB : 3 * MiB]
+            await fs.write(node, 3 * MiB, data[3 * MiB : 4 * MiB])
             await fs.flush_file(node)
         nursery.cancel_scope.cancel()
         fs.workers.nursery = None
 
 
 async def test_a_streaming_overwrite_of_a_cached_block_never_reads_back_the_old_version(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     """Blocks a streaming writer fills are not put into the clean cache; an older cached
     version of such a block must not be served afterwards."""
     old, new = os.urandom(2 * MiB), os.urandom(2 * MiB)
@@ -99,7 +100,7 @@ async def test_a_streaming_overwrite_of_a_cached_block_never_reads_back_the_old_
         node = await write_file(fs, b"f", old)
         assert await fs.read(node, 0, 2 * MiB) == old  # cached now
         for off in range(0, 2 * MiB, 64 << 10):
-            await fs.write(node, off, new[off:off + (64 << 10)])
+            await fs.write(node, off, new[off : off + (64 << 10)])
         await fs.flush_file(node)
         assert not node.dirty_blocks and not node.flushing
         assert await fs.read(node, 0, 2 * MiB) == new
@@ -116,7 +117,7 @@ async def test_random_small_writes_to_one_block_are_written_back_once(tmp_path: 
         fs.store.put = lambda oid, blob: (puts.append(oid), real_put(oid, blob))[1]  # type: ignore[method-assign]
         for off in (4096, 40_000, 9000, 70_000):  # inside block 0, never reaching its end
             await fs.write(node, off, b"Z" * 100)
-            data[off:off + 100] = b"Z" * 100
+            data[off : off + 100] = b"Z" * 100
         assert puts == [] and list(node.dirty_blocks) == [0]
         assert await fs.read(node, 0, MiB) == bytes(data)
 

@@ -53,8 +53,9 @@ def test_xattrs_stop_at_their_share_of_the_record(tmp_path: Path) -> None:
     trio.run(reopen)
 
 
-def test_a_directory_stops_at_the_record_limit(tmp_path: Path,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_directory_stops_at_the_record_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """With the limit lowered to 4 KiB (the real one needs ~1 Mi long names): create, link and
     rename into the full directory are ENOSPC; removing an entry makes room again."""
     monkeypatch.setattr(namespace, "DIR_ENTRIES_MAX", 4096)
@@ -75,8 +76,10 @@ def test_a_directory_stops_at_the_record_limit(tmp_path: Path,
         _enospc(e)
         assert made == 4096 // (ENTRY_OVERHEAD + len(name) + 3)
         assert d.entries is not None and d.entries.record_bytes <= 4096
-        for attempt in (fs.link(other.ino, d.ino, b"x" * 103),
-                        fs.rename(ROOT_INO, b"other", d.ino, b"x" * 103)):
+        for attempt in (
+            fs.link(other.ino, d.ino, b"x" * 103),
+            fs.rename(ROOT_INO, b"other", d.ino, b"x" * 103),
+        ):
             with pytest.raises(FsError) as e:
                 await attempt
             _enospc(e)
@@ -88,8 +91,9 @@ def test_a_directory_stops_at_the_record_limit(tmp_path: Path,
     trio.run(main)
 
 
-def test_no_more_inodes_than_a_checkpoint_holds(tmp_path: Path,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_no_more_inodes_than_a_checkpoint_holds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(nodes, "MAX_INODES", 10)
     fs = open_fs(tmp_path / "b")
 

@@ -10,8 +10,7 @@ from sealfs.sealed.inode import ROOT_INO
 from tests.core.harness import open_fs
 
 
-def test_deleting_a_file_while_it_is_written_back_does_not_stall_commits(
-        tmp_path: Path) -> None:
+def test_deleting_a_file_while_it_is_written_back_does_not_stall_commits(tmp_path: Path) -> None:
     """A write-back job finishing after its file was deleted once left a 'flushing' entry
     behind; a sync() that had picked up the file then waited on it forever, and periodic
     commits stopped for good (unbounded memory, nothing durable without fsync)."""

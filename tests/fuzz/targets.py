@@ -68,7 +68,7 @@ def _sections(data: bytes) -> tuple[list[bytes], bytes]:
         if pos + 2 > len(data):
             break
         (n,) = struct.unpack_from(">H", data, pos)
-        out.append(data[pos + 2:pos + 2 + n])
+        out.append(data[pos + 2 : pos + 2 + n])
         pos += 2 + n
     return out, data[pos:]
 
@@ -87,6 +87,7 @@ def volume_header(data: bytes) -> None:
 
 
 # --- journal, checkpoint and commit records --------------------------------------------------
+
 
 class _Scratch:
     """One real backing directory per process, rewritten for every input."""
@@ -118,8 +119,11 @@ def _store() -> _Scratch:
 
 
 def _sealed_checkpoint(body: bytes) -> bytes:
-    return codec.CHECKPOINT_MAGIC + bytes([codec.CHECKPOINT_VERSION]) + KEYS.journal.seal(
-        body, codec.checkpoint_ad(VOLUME_ID))
+    return (
+        codec.CHECKPOINT_MAGIC
+        + bytes([codec.CHECKPOINT_VERSION])
+        + KEYS.journal.seal(body, codec.checkpoint_ad(VOLUME_ID))
+    )
 
 
 _DEFAULT_CP = codec.Checkpoint(1, 0, 2, bytes(32), {1: 7})
@@ -142,8 +146,10 @@ def journal(data: bytes) -> None:
             gen, seq = cp.gen, cp.seq
         except codec.CodecError:
             gen, seq = 1, 0
-        frames = [codec.frame(KEYS.journal.seal(record, codec.journal_ad(VOLUME_ID, gen, s)))
-                  for s, record in enumerate(parts[1:], seq + 1)]
+        frames = [
+            codec.frame(KEYS.journal.seal(record, codec.journal_ad(VOLUME_ID, gen, s)))
+            for s, record in enumerate(parts[1:], seq + 1)
+        ]
         scratch.write(_sealed_checkpoint(body), gen, b"".join(frames) + tail)
     else:
         scratch.write(rest, 1, b"")
@@ -151,6 +157,7 @@ def journal(data: bytes) -> None:
 
 
 # --- inode records and data blocks -----------------------------------------------------------
+
 
 def record(data: bytes) -> None:
     """An authenticated inode record (first byte: the inode number), parsed and re-encoded."""
@@ -178,13 +185,13 @@ _UUID = str(uuid.UUID(int=0x5EA1F5)).encode()
 def _binary_header(magic: bytes, offset: int, json_area: bytes, subsystem: bytes) -> bytes:
     head = bytearray(luks.BINARY_HEADER_SIZE)
     struct.pack_into(">6sHQQ", head, 0, magic, 2, P.HDR_SIZE, 7)
-    head[72:72 + 6] = b"sha256"
-    head[104:104 + 64] = bytes(range(64))
-    head[168:168 + len(_UUID)] = _UUID
-    head[208:208 + len(subsystem)] = subsystem
+    head[72 : 72 + 6] = b"sha256"
+    head[104 : 104 + 64] = bytes(range(64))
+    head[168 : 168 + len(_UUID)] = _UUID
+    head[208 : 208 + len(subsystem)] = subsystem
     struct.pack_into(">Q", head, 256, offset)
     copy = bytes(head) + json_area
-    head[448:448 + 32] = luks.header_checksum(copy)
+    head[448 : 448 + 32] = luks.header_checksum(copy)
     return bytes(head)
 
 
@@ -193,15 +200,16 @@ def luks_header(data: bytes) -> None:
     field checks run), in two variants: 0: the input is the JSON area text; 1: the input is
     the start of the raw region (binary headers included, checksums as given)."""
     mode, rest = _mode(data, 2)
-    _AREA[:2 * P.HDR_SIZE] = bytes(2 * P.HDR_SIZE)
+    _AREA[: 2 * P.HDR_SIZE] = bytes(2 * P.HDR_SIZE)
     if mode == 0:
-        json_area = rest[:P.JSON_SIZE].ljust(P.JSON_SIZE, b"\0")
+        json_area = rest[: P.JSON_SIZE].ljust(P.JSON_SIZE, b"\0")
         subsystem = b"sealfs-kms-v1" if len(rest) % 2 else b""
         for magic, offset in ((luks.MAGIC_PRIMARY, 0), (luks.MAGIC_SECONDARY, P.HDR_SIZE)):
-            _AREA[offset:offset + P.HDR_SIZE] = _binary_header(
-                magic, offset, json_area, subsystem) + json_area
+            _AREA[offset : offset + P.HDR_SIZE] = (
+                _binary_header(magic, offset, json_area, subsystem) + json_area
+            )
     else:
-        _AREA[:len(rest[:2 * P.HDR_SIZE])] = rest[:2 * P.HDR_SIZE]
+        _AREA[: len(rest[: 2 * P.HDR_SIZE])] = rest[: 2 * P.HDR_SIZE]
     for profile in _PROFILES:
         with contextlib.suppress(luks.HeaderRefused):
             luks.validate_header_area(_AREA, P.DATA_OFFSET + (1 << 20), profile)
@@ -232,7 +240,8 @@ def kms_request(data: bytes) -> None:
     mode, body = _mode(data, len(_OPS))
     obj = protocol.parse_json_object(body)
     params, (tee, nonce, public_key, quote_bytes, _, collateral, events) = _kms()._parse(
-        _OPS[mode], obj)
+        _OPS[mode], obj
+    )
     replay(events)
     identity = identity_from_log(events)
     if identity.key_provider is not None:
@@ -243,6 +252,7 @@ def kms_request(data: bytes) -> None:
 
 
 # --- DCAP quote and collateral ---------------------------------------------------------------
+
 
 def dcap_quote(data: bytes) -> None:
     """A quote file (binary or hex text) as ``sealfs attest verify`` and the KMS read it."""

@@ -38,9 +38,22 @@ def test_short_fuzz_run_finds_nothing(name: str, tmp_path: Path) -> None:
     work = tmp_path / "corpus"
     shutil.copytree(CORPUS / name, work)
     res = subprocess.run(
-        [sys.executable, "-m", "tests.fuzz.driver", name, f"-runs={RUNS}", "-seed=1",
-         "-max_len=16384", "-rss_limit_mb=2048", f"-artifact_prefix={tmp_path}/", str(work)],
-        cwd=REPO, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "tests.fuzz.driver",
+            name,
+            f"-runs={RUNS}",
+            "-seed=1",
+            "-max_len=16384",
+            "-rss_limit_mb=2048",
+            f"-artifact_prefix={tmp_path}/",
+            str(work),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     crashes = sorted(p.name for p in tmp_path.glob("crash-*"))
-    assert res.returncode == 0 and not crashes, (
-        f"{name}: finding {crashes}\n{res.stderr[-4000:]}")
+    assert res.returncode == 0 and not crashes, f"{name}: finding {crashes}\n{res.stderr[-4000:]}"

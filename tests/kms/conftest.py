@@ -71,8 +71,9 @@ def make_state(tmp: Path) -> KmsState:
     secret_file.write_bytes(SECRET + b"\n")
     secret_file.chmod(0o600)
     path = tmp / "kms.db"
-    store, root = KmsStore.initialize(path, Secret(SECRET),
-                                      KdfParams.default(memory_kib=FAST_KDF_KIB))
+    store, root = KmsStore.initialize(
+        path, Secret(SECRET), KdfParams.default(memory_kib=FAST_KDF_KIB)
+    )
     state = KmsState(path, secret_file, store, StoreMac(root), root)
     state.put(sim_policy(APP_A, COMPOSE_A))
     state.put(sim_policy(APP_B, COMPOSE_B))
@@ -106,14 +107,26 @@ class KmsProcess:
                 self.proc.wait(5)
 
 
-def start_kms(state: KmsState, *extra: str, log_name: str = "kms.log",
-              port: int = 0) -> KmsProcess:
+def start_kms(state: KmsState, *extra: str, log_name: str = "kms.log", port: int = 0) -> KmsProcess:
     log_path = state.path.parent / log_name
-    args = [sys.executable, "-m", "sealfs", "kms", "serve", "--state", str(state.path),
-            "--secret-file", str(state.secret_file), "--port", str(port), *extra]
+    args = [
+        sys.executable,
+        "-m",
+        "sealfs",
+        "kms",
+        "serve",
+        "--state",
+        str(state.path),
+        "--secret-file",
+        str(state.secret_file),
+        "--port",
+        str(port),
+        *extra,
+    ]
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL,
-                                cwd=REPO)
+        proc = subprocess.Popen(
+            args, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, cwd=REPO
+        )
     assert proc.stdout is not None
     deadline = time.monotonic() + 20
     line = b""
@@ -148,11 +161,13 @@ def kms(state: KmsState) -> Iterator[KmsProcess]:
 
 # --- raw HTTP helpers --------------------------------------------------------------------------
 
+
 def connect_from(source: str, port: int, timeout: float = 60.0) -> socket.socket:
     """A connection to the KMS on 127.0.0.1 from loopback address ``source``: all of
     127.0.0.0/8 is loopback on Linux, so tests can play several peers."""
-    return socket.create_connection(("127.0.0.1", port), timeout=timeout,
-                                    source_address=(source, 0))
+    return socket.create_connection(
+        ("127.0.0.1", port), timeout=timeout, source_address=(source, 0)
+    )
 
 
 def read_answer(s: socket.socket) -> tuple[int, dict[str, Any]]:
@@ -168,8 +183,13 @@ def read_answer(s: socket.socket) -> tuple[int, dict[str, Any]]:
     return status, json.loads(body) if body else {}
 
 
-def raw_http(port: int, data: bytes, timeout: float = 10.0, half_close: bool = True,
-             source: str = "127.0.0.1") -> tuple[int, dict[str, Any]]:
+def raw_http(
+    port: int,
+    data: bytes,
+    timeout: float = 10.0,
+    half_close: bool = True,
+    source: str = "127.0.0.1",
+) -> tuple[int, dict[str, Any]]:
     """Send raw bytes from loopback address ``source``, return (status, JSON body)."""
     with connect_from(source, port, timeout) as s:
         s.sendall(data)
@@ -178,8 +198,9 @@ def raw_http(port: int, data: bytes, timeout: float = 10.0, half_close: bool = T
         return read_answer(s)
 
 
-def post(port: int, path: str, body: bytes | dict[str, Any],
-         headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
+def post(
+    port: int, path: str, body: bytes | dict[str, Any], headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, Any]]:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(data)}\r\n"
     for k, v in (headers or {}).items():
@@ -202,11 +223,13 @@ def wait_for(condition: Callable[[], bool], what: str, guard_s: float = 60.0) ->
 
 # --- an in-process server, for tests that need to control the KMS clock ------------------------
 
+
 class InProcessKms:
     """A KmsHttpServer run by trio in a background thread (same code as `kms serve`)."""
 
-    def __init__(self, state: KmsState, config: ServiceConfig,
-                 limits: HttpLimits | None = None) -> None:
+    def __init__(
+        self, state: KmsState, config: ServiceConfig, limits: HttpLimits | None = None
+    ) -> None:
         self.service = KmsService(state.store, state.root, config)
         self.server = KmsHttpServer(self.service, limits)
         self._ready = threading.Event()
@@ -240,24 +263,40 @@ class InProcessKms:
 
 # --- hand-built protocol requests (for tampering and replay tests) -----------------------------
 
+
 def fresh_nonce(port: int) -> bytes:
     status, body = post(port, "/v1/nonce", b"")
     assert status == 200, body
     return bytes.fromhex(body["nonce"])
 
 
-def envelope(port: int, att: SimulatedAttester, params: Any, *, nonce: bytes | None = None,
-             report_data: bytes | None = None, events: list[Any] | None = None,
-             app_id: bytes | None = None) -> tuple[dict[str, Any], EphemeralKeyPair, bytes]:
+def envelope(
+    port: int,
+    att: SimulatedAttester,
+    params: Any,
+    *,
+    nonce: bytes | None = None,
+    report_data: bytes | None = None,
+    events: list[Any] | None = None,
+    app_id: bytes | None = None,
+) -> tuple[dict[str, Any], EphemeralKeyPair, bytes]:
     """A complete, valid request body for ``params`` (override parts to make it invalid)."""
     nonce = nonce if nonce is not None else fresh_nonce(port)
     eph = EphemeralKeyPair()
-    rd = report_data if report_data is not None else P.report_data_for(
-        nonce, eph.public_bytes, params)
-    body = {"version": P.PROTOCOL_VERSION, "tee": "simulated", "nonce": nonce.hex(),
-            "public_key": eph.public_bytes.hex(),
-            "quote": base64.b64encode(att.quote(rd)).decode(),
-            "event_log": events_to_wire(events if events is not None else att.event_log()),
-            "app_id": (app_id or att.app_id).hex(), "collateral": att.collateral(),
-            "params": params.to_wire()}
+    rd = (
+        report_data
+        if report_data is not None
+        else P.report_data_for(nonce, eph.public_bytes, params)
+    )
+    body = {
+        "version": P.PROTOCOL_VERSION,
+        "tee": "simulated",
+        "nonce": nonce.hex(),
+        "public_key": eph.public_bytes.hex(),
+        "quote": base64.b64encode(att.quote(rd)).decode(),
+        "event_log": events_to_wire(events if events is not None else att.event_log()),
+        "app_id": (app_id or att.app_id).hex(),
+        "collateral": att.collateral(),
+        "params": params.to_wire(),
+    }
     return body, eph, nonce

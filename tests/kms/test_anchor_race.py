@@ -28,8 +28,11 @@ LIVES = 1000  # crash + KMS-checked remount this many times
 ADVANCES_PER_LIFE = 2  # the crash comes right after the last one, with commits in flight
 DATA = os.urandom(64 << 10)  # carried in the commit: hashing its frame takes a while
 #: checkpoints every few commits: short replays, and checkpoints race the anchor too
-SMALL_JOURNAL = {"checkpoint_min_journal": 256 << 10, "carried_in_memory": 128 << 10,
-                 "journal_max": 1 << 20}
+SMALL_JOURNAL = {
+    "checkpoint_min_journal": 256 << 10,
+    "carried_in_memory": 128 << 10,
+    "journal_max": 1 << 20,
+}
 
 
 def kms_client(kms: KmsProcess) -> KmsClient:
@@ -70,8 +73,9 @@ async def live_and_crash(fs: Filesystem, client: KmsClient, life: int) -> None:
 
 
 @pytest.mark.slow
-def test_anchor_never_pairs_a_commit_with_another_head(tmp_path: Path, kms: KmsProcess,
-                                                       fine_switching: None) -> None:
+def test_anchor_never_pairs_a_commit_with_another_head(
+    tmp_path: Path, kms: KmsProcess, fine_switching: None
+) -> None:
     client = kms_client(kms)
     backing = tmp_path / "vol"
     for life in range(LIVES):

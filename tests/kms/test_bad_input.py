@@ -54,25 +54,35 @@ def assert_error(resp: tuple[int, dict[str, Any]], status: int, code: str) -> di
 
 # --- HTTP framing ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("raw, status, code", [
-    (b"GARBAGE\r\n\r\n", 400, "bad_request"),
-    (b"GET /v1/info HTTP/2.0\r\n\r\n", 400, "bad_request"),
-    (b"GET /v1/info HTTP/1.1\r\n bad: fold\r\n\r\n", 400, "bad_request"),
-    (b"GET /v1/info HTTP/1.1\r\nName : space\r\n\r\n", 400, "bad_request"),
-    (b"POST /v1/key HTTP/1.1\r\nHost: x\r\n\r\n", 411, "length_required"),
-    (b"POST /v1/key HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 411,
-     "length_required"),
-    (b"POST /v1/key HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab", 400,
-     "bad_request"),
-    (b"POST /v1/key HTTP/1.1\r\nContent-Length: -1\r\n\r\n", 400, "bad_request"),
-    (b"POST /v1/key HTTP/1.1\r\nContent-Length: 999999999\r\n\r\n", 413, "too_large"),
-    (b"GET /v1/info HTTP/1.1\r\nX: " + b"a" * 20000 + b"\r\n\r\n", 431, "headers_too_large"),
-    (b"GET /v1/info HTTP/1.1\r\n" + b"X: y\r\n" * 100 + b"\r\n", 431, "headers_too_large"),
-    (b"GET /nowhere HTTP/1.1\r\n\r\n", 404, "not_found"),
-    (b"GET /v1/key HTTP/1.1\r\n\r\n", 405, "method_not_allowed"),
-    (b"DELETE /v1/info HTTP/1.1\r\n\r\n", 405, "method_not_allowed"),
-    (b"POST /v1/key HTTP/1.1\r\nContent-Length: 10\r\n\r\nabc", 400, "bad_request"),
-])
+
+@pytest.mark.parametrize(
+    "raw, status, code",
+    [
+        (b"GARBAGE\r\n\r\n", 400, "bad_request"),
+        (b"GET /v1/info HTTP/2.0\r\n\r\n", 400, "bad_request"),
+        (b"GET /v1/info HTTP/1.1\r\n bad: fold\r\n\r\n", 400, "bad_request"),
+        (b"GET /v1/info HTTP/1.1\r\nName : space\r\n\r\n", 400, "bad_request"),
+        (b"POST /v1/key HTTP/1.1\r\nHost: x\r\n\r\n", 411, "length_required"),
+        (
+            b"POST /v1/key HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            411,
+            "length_required",
+        ),
+        (
+            b"POST /v1/key HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
+            400,
+            "bad_request",
+        ),
+        (b"POST /v1/key HTTP/1.1\r\nContent-Length: -1\r\n\r\n", 400, "bad_request"),
+        (b"POST /v1/key HTTP/1.1\r\nContent-Length: 999999999\r\n\r\n", 413, "too_large"),
+        (b"GET /v1/info HTTP/1.1\r\nX: " + b"a" * 20000 + b"\r\n\r\n", 431, "headers_too_large"),
+        (b"GET /v1/info HTTP/1.1\r\n" + b"X: y\r\n" * 100 + b"\r\n", 431, "headers_too_large"),
+        (b"GET /nowhere HTTP/1.1\r\n\r\n", 404, "not_found"),
+        (b"GET /v1/key HTTP/1.1\r\n\r\n", 405, "method_not_allowed"),
+        (b"DELETE /v1/info HTTP/1.1\r\n\r\n", 405, "method_not_allowed"),
+        (b"POST /v1/key HTTP/1.1\r\nContent-Length: 10\r\n\r\nabc", 400, "bad_request"),
+    ],
+)
 def test_http_framing_errors(kms: KmsProcess, raw: bytes, status: int, code: str) -> None:
     assert_error(raw_http(kms.port, raw), status, code)
 
@@ -99,10 +109,18 @@ def test_silent_connection_is_closed(kms: KmsProcess) -> None:
 
 # --- JSON and protocol fields ------------------------------------------------------------------
 
-@pytest.mark.parametrize("body", [
-    b"{not json", b"[1, 2]", b'"text"', b"\xff\xfe", b"[" * 50000 + b"]" * 50000,
-    b'{"version": 1, "version": 1}',
-])
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"{not json",
+        b"[1, 2]",
+        b'"text"',
+        b"\xff\xfe",
+        b"[" * 50000 + b"]" * 50000,
+        b'{"version": 1, "version": 1}',
+    ],
+)
 def test_malformed_json(kms: KmsProcess, body: bytes) -> None:
     assert_error(post(kms.port, "/v1/key", body), 400, "bad_request")
 
@@ -117,50 +135,63 @@ def mutate(kms: KmsProcess, **changes: Any) -> dict[str, Any]:
     return body
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"version": 2}, "protocol version"),
-    ({"version": True}, "protocol version"),
-    ({"surprise": 1}, "unknown field"),
-    ({"quote": KeyError}, "missing field"),
-    ({"tee": "sgx"}, "tee must be"),
-    ({"nonce": "zz" * 32}, "nonce"),
-    ({"nonce": "00" * 31}, "nonce"),
-    ({"public_key": "00" * 33}, "public_key"),
-    ({"quote": "***"}, "quote"),
-    ({"quote": "A" * 200000}, "quote"),
-    ({"params": [1]}, "params"),
-    ({"params": {"purpose": "root", "volume_id": "00", "key_version": None}}, "purpose"),
-    ({"params": {"purpose": "volume-wrap", "volume_id": "00" * 65, "key_version": None}},
-     "volume_id"),
-    ({"params": {"purpose": "volume-wrap", "volume_id": "00", "key_version": 0}},
-     "key_version"),
-    ({"params": {"purpose": "volume-wrap", "volume_id": "00", "key_version": "1"}},
-     "key_version"),
-    ({"params": {"purpose": "volume-wrap", "volume_id": "00"}}, "missing field"),
-    ({"event_log": {"event": "x"}}, "event log"),
-    ({"event_log": [{"event": "a:b", "payload": ""}]}, "event name"),
-    ({"collateral": "text"}, "collateral"),
-    ({"app_id": "00" * 65}, "app_id"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"version": 2}, "protocol version"),
+        ({"version": True}, "protocol version"),
+        ({"surprise": 1}, "unknown field"),
+        ({"quote": KeyError}, "missing field"),
+        ({"tee": "sgx"}, "tee must be"),
+        ({"nonce": "zz" * 32}, "nonce"),
+        ({"nonce": "00" * 31}, "nonce"),
+        ({"public_key": "00" * 33}, "public_key"),
+        ({"quote": "***"}, "quote"),
+        ({"quote": "A" * 200000}, "quote"),
+        ({"params": [1]}, "params"),
+        ({"params": {"purpose": "root", "volume_id": "00", "key_version": None}}, "purpose"),
+        (
+            {"params": {"purpose": "volume-wrap", "volume_id": "00" * 65, "key_version": None}},
+            "volume_id",
+        ),
+        (
+            {"params": {"purpose": "volume-wrap", "volume_id": "00", "key_version": 0}},
+            "key_version",
+        ),
+        (
+            {"params": {"purpose": "volume-wrap", "volume_id": "00", "key_version": "1"}},
+            "key_version",
+        ),
+        ({"params": {"purpose": "volume-wrap", "volume_id": "00"}}, "missing field"),
+        ({"event_log": {"event": "x"}}, "event log"),
+        ({"event_log": [{"event": "a:b", "payload": ""}]}, "event name"),
+        ({"collateral": "text"}, "collateral"),
+        ({"app_id": "00" * 65}, "app_id"),
+    ],
+)
 def test_malformed_fields(kms: KmsProcess, changes: dict[str, Any], message: str) -> None:
     code = "unsupported_version" if "version" in changes else "bad_request"
     body = assert_error(post(kms.port, "/v1/key", mutate(kms, **changes)), 400, code)
     assert message in body["message"]
 
 
-@pytest.mark.parametrize("params", [
-    {"volume_id": "00", "epoch": -1, "root_digest": "00" * 32},
-    {"volume_id": "00", "epoch": 2**63, "root_digest": "00" * 32},
-    {"volume_id": "00", "epoch": True, "root_digest": "00" * 32},
-    {"volume_id": "00", "epoch": 1, "root_digest": "00" * 8},
-    {"volume_id": "", "epoch": 1, "root_digest": "00" * 32},
-])
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"volume_id": "00", "epoch": -1, "root_digest": "00" * 32},
+        {"volume_id": "00", "epoch": 2**63, "root_digest": "00" * 32},
+        {"volume_id": "00", "epoch": True, "root_digest": "00" * 32},
+        {"volume_id": "00", "epoch": 1, "root_digest": "00" * 8},
+        {"volume_id": "", "epoch": 1, "root_digest": "00" * 32},
+    ],
+)
 def test_malformed_epoch_params(kms: KmsProcess, params: dict[str, Any]) -> None:
     body = mutate(kms, params=params)
     assert_error(post(kms.port, "/v1/epoch/advance", body), 400, "bad_request")
 
 
 # --- attestation failures ----------------------------------------------------------------------
+
 
 def test_unknown_nonce(kms: KmsProcess) -> None:
     body, _, _ = envelope(kms.port, attester(), GETKEY, nonce=b"\x42" * 32)
@@ -239,9 +270,12 @@ def test_missing_collateral(kms: KmsProcess) -> None:
 
 def test_real_tdx_quote_with_expired_collateral(kms: KmsProcess) -> None:
     """A genuine TDX quote whose Intel collateral has expired is refused by DCAP."""
-    body = mutate(kms, tee="tdx",
-                  quote=base64.b64encode((TESTDATA / "tdx_quote").read_bytes()).decode(),
-                  collateral=json.loads((TESTDATA / "tdx_quote_collateral.json").read_text()))
+    body = mutate(
+        kms,
+        tee="tdx",
+        quote=base64.b64encode((TESTDATA / "tdx_quote").read_bytes()).decode(),
+        collateral=json.loads((TESTDATA / "tdx_quote_collateral.json").read_text()),
+    )
     msg = assert_error(post(kms.port, "/v1/key", body), 401, "attestation_failed")["message"]
     assert "not valid at" in msg or "expired" in msg
 
@@ -253,6 +287,7 @@ def test_refusals_are_logged(kms: KmsProcess) -> None:
 
 
 # --- limits that need a controllable server ----------------------------------------------------
+
 
 class Clock:
     def __init__(self) -> None:

@@ -18,9 +18,14 @@ COMPOSE = "7a" * 32
 
 
 def run(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "sealfs", "kms", *args], cwd=REPO,
-                          input=(stdin or b"").decode(), capture_output=True, text=True,
-                          timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "sealfs", "kms", *args],
+        cwd=REPO,
+        input=(stdin or b"").decode(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 @pytest.fixture
@@ -34,8 +39,16 @@ def secret_file(tmp_path: Path) -> Path:
 @pytest.fixture
 def state(tmp_path: Path, secret_file: Path) -> Path:
     path = tmp_path / "kms.db"
-    res = run("init", "--state", str(path), "--secret-file", str(secret_file),
-              "--kdf-memory-kib", "8192", "--json")
+    res = run(
+        "init",
+        "--state",
+        str(path),
+        "--secret-file",
+        str(secret_file),
+        "--kdf-memory-kib",
+        "8192",
+        "--json",
+    )
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
     assert out["ok"] and len(bytes.fromhex(out["kms_public_key"])) == 32
@@ -54,20 +67,30 @@ def test_init_from_stdin_and_refuse_overwrite(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr
     assert "KMS public key" in res.stdout
     assert path.stat().st_mode & 0o077 == 0
-    assert_fails(run("init", "--state", str(path), "--kdf-memory-kib", "8192", stdin=SECRET),
-                 2, "already exists")
+    assert_fails(
+        run("init", "--state", str(path), "--kdf-memory-kib", "8192", stdin=SECRET),
+        2,
+        "already exists",
+    )
 
 
 def test_secret_rules(tmp_path: Path) -> None:
     loose = tmp_path / "loose"
     loose.write_bytes(SECRET)
     loose.chmod(0o640)
-    assert_fails(run("init", "--state", str(tmp_path / "a.db"), "--secret-file", str(loose)),
-                 2, "accessible by group or others")
-    assert_fails(run("init", "--state", str(tmp_path / "b.db"), stdin=b"short"), 2,
-                 "at least 16 bytes")
-    assert_fails(run("init", "--state", str(tmp_path / "c.db"), "--secret-file",
-                     str(tmp_path / "missing")), 2, "secret file")
+    assert_fails(
+        run("init", "--state", str(tmp_path / "a.db"), "--secret-file", str(loose)),
+        2,
+        "accessible by group or others",
+    )
+    assert_fails(
+        run("init", "--state", str(tmp_path / "b.db"), stdin=b"short"), 2, "at least 16 bytes"
+    )
+    assert_fails(
+        run("init", "--state", str(tmp_path / "c.db"), "--secret-file", str(tmp_path / "missing")),
+        2,
+        "secret file",
+    )
     assert not (tmp_path / "a.db").exists() and not (tmp_path / "b.db").exists()
 
 
@@ -79,27 +102,51 @@ def test_wrong_secret_exits_with_unlock_code(state: Path) -> None:
 
 def test_policy_lifecycle(state: Path, secret_file: Path, tmp_path: Path) -> None:
     common = ["--state", str(state), "--secret-file", str(secret_file), "--json"]
-    res = run("policy", "set", APP, *common, "--simulated",
-              "--compose-hash", COMPOSE, "--tcb-status", "UpToDate",
-              "--tcb-status", "SWHardeningNeeded")
+    res = run(
+        "policy",
+        "set",
+        APP,
+        *common,
+        "--simulated",
+        "--compose-hash",
+        COMPOSE,
+        "--tcb-status",
+        "UpToDate",
+        "--tcb-status",
+        "SWHardeningNeeded",
+    )
     assert res.returncode == 0, res.stderr
     pol = json.loads(res.stdout)["policy"]
     assert pol["measurements"][0]["mrtd"] == simulated.DEFAULT_MRTD.hex()
     assert pol["tcb_statuses"] == ["UpToDate", "SWHardeningNeeded"] and pol["key_version"] == 1
     assert pol["allow_simulated"] is True
     assert pol["require_sept_ve_disable"] is True and pol["allow_service_td"] is False
-    res = run("policy", "set", APP, *common, "--simulated", "--compose-hash", COMPOSE,
-              "--allow-sept-ve", "--allow-reserved-td-attributes", "--allow-service-td")
+    res = run(
+        "policy",
+        "set",
+        APP,
+        *common,
+        "--simulated",
+        "--compose-hash",
+        COMPOSE,
+        "--allow-sept-ve",
+        "--allow-reserved-td-attributes",
+        "--allow-service-td",
+    )
     relaxed = json.loads(res.stdout)["policy"]
-    assert (relaxed["require_sept_ve_disable"], relaxed["allow_reserved_td_attributes"],
-            relaxed["allow_service_td"]) == (False, True, True)
+    assert (
+        relaxed["require_sept_ve_disable"],
+        relaxed["allow_reserved_td_attributes"],
+        relaxed["allow_service_td"],
+    ) == (False, True, True)
 
     res = run("policy", "rotate", APP, *common)
     assert json.loads(res.stdout)["key_version"] == 2
     # Replacing the policy keeps the rotated key version.
     doc = tmp_path / "policy.json"
-    doc.write_text(json.dumps({"measurements": pol["measurements"],
-                               "compose_hashes": [COMPOSE, "7b" * 32]}))
+    doc.write_text(
+        json.dumps({"measurements": pol["measurements"], "compose_hashes": [COMPOSE, "7b" * 32]})
+    )
     res = run("policy", "set", APP, *common, "--file", str(doc))
     assert res.returncode == 0, res.stderr
     shown = json.loads(run("policy", "show", APP, *common).stdout)["policies"][0]
@@ -113,27 +160,39 @@ def test_policy_lifecycle(state: Path, secret_file: Path, tmp_path: Path) -> Non
     assert_fails(run("policy", "rotate", APP, *common), 2, "no policy")
 
 
-@pytest.mark.parametrize("args, text", [
-    (["zz"], "APP_ID must be a string of hex digit pairs"),
-    ([APP], "at least one measurement"),
-    ([APP, "--simulated"], "at least one measurement and one compose hash"),
-    ([APP, "--simulated", "--compose-hash", "00"], "32 bytes"),
-    ([APP, "--mrtd", "00" * 48], "go together"),
-    ([APP, "--simulated", "--compose-hash", COMPOSE, "--tcb-status", "Revoked"],
-     "never-allowed"),
-])
-def test_policy_set_bad_input(state: Path, secret_file: Path, args: list[str],
-                              text: str) -> None:
+@pytest.mark.parametrize(
+    "args, text",
+    [
+        (["zz"], "APP_ID must be a string of hex digit pairs"),
+        ([APP], "at least one measurement"),
+        ([APP, "--simulated"], "at least one measurement and one compose hash"),
+        ([APP, "--simulated", "--compose-hash", "00"], "32 bytes"),
+        ([APP, "--mrtd", "00" * 48], "go together"),
+        (
+            [APP, "--simulated", "--compose-hash", COMPOSE, "--tcb-status", "Revoked"],
+            "never-allowed",
+        ),
+    ],
+)
+def test_policy_set_bad_input(state: Path, secret_file: Path, args: list[str], text: str) -> None:
     res = run("policy", "set", *args, "--state", str(state), "--secret-file", str(secret_file))
     assert_fails(res, 2, text)
 
 
-def test_policy_file_cannot_set_key_version(state: Path, secret_file: Path,
-                                            tmp_path: Path) -> None:
+def test_policy_file_cannot_set_key_version(state: Path, secret_file: Path, tmp_path: Path) -> None:
     doc = tmp_path / "p.json"
     doc.write_text(json.dumps({"key_version": 7}))
-    res = run("policy", "set", APP, "--state", str(state), "--secret-file", str(secret_file),
-              "--file", str(doc))
+    res = run(
+        "policy",
+        "set",
+        APP,
+        "--state",
+        str(state),
+        "--secret-file",
+        str(secret_file),
+        "--file",
+        str(doc),
+    )
     assert_fails(res, 2, "policy rotate")
 
 
@@ -149,8 +208,9 @@ def test_serve_on_a_busy_port(state: Path, secret_file: Path) -> None:
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        res = run("serve", "--state", str(state), "--secret-file", str(secret_file),
-                  "--port", str(port))
+        res = run(
+            "serve", "--state", str(state), "--secret-file", str(secret_file), "--port", str(port)
+        )
     assert_fails(res, 2, "cannot listen")
 
 
@@ -160,7 +220,16 @@ def test_help_for_every_command() -> None:
     from sealfs.cli import main
 
     runner = CliRunner()
-    for cmd in ([], ["init"], ["serve"], ["info"], ["policy"], ["policy", "set"],
-                ["policy", "show"], ["policy", "remove"], ["policy", "rotate"]):
+    for cmd in (
+        [],
+        ["init"],
+        ["serve"],
+        ["info"],
+        ["policy"],
+        ["policy", "set"],
+        ["policy", "show"],
+        ["policy", "remove"],
+        ["policy", "rotate"],
+    ):
         res = runner.invoke(main, ["kms", *cmd, "--help"])
         assert res.exit_code == 0 and "Usage:" in res.output and len(res.output) > 200, cmd

@@ -22,15 +22,17 @@ def free_port() -> int:
 
 def test_fails_clearly_after_the_deadline() -> None:
     port = free_port()
-    c = KmsClient(f"http://127.0.0.1:{port}", APP_A, attester(), deadline_s=1.0,
-                  trust_on_first_use=True)
+    c = KmsClient(
+        f"http://127.0.0.1:{port}", APP_A, attester(), deadline_s=1.0, trust_on_first_use=True
+    )
     start = time.monotonic()
     with pytest.raises(KmsError) as e:
         c.get_key("volume-wrap", b"v")
     elapsed = time.monotonic() - start
     assert 0.9 <= elapsed < 3
-    assert str(e.value) == (f"KMS at http://127.0.0.1:{port} not available after 1 s: "
-                            "connection refused")
+    assert str(e.value) == (
+        f"KMS at http://127.0.0.1:{port} not available after 1 s: connection refused"
+    )
 
 
 def test_retries_until_the_kms_comes_up(state: KmsState) -> None:
@@ -44,8 +46,9 @@ def test_retries_until_the_kms_comes_up(state: KmsState) -> None:
     t = threading.Thread(target=later)
     t.start()
     try:
-        c = KmsClient(f"http://127.0.0.1:{port}", APP_A, attester(), deadline_s=20,
-                      trust_on_first_use=True)
+        c = KmsClient(
+            f"http://127.0.0.1:{port}", APP_A, attester(), deadline_s=20, trust_on_first_use=True
+        )
         key, version = c.get_key("volume-wrap", b"v")
         assert version == 1 and len(key) == 32
     finally:
@@ -55,16 +58,22 @@ def test_retries_until_the_kms_comes_up(state: KmsState) -> None:
 
 
 def test_refusals_are_not_retried(kms: KmsProcess) -> None:
-    c = KmsClient(kms.url, APP_A, attester(tcb_status="OutOfDate"),
-                  trusted_keys=[kms.public_key], deadline_s=30)
+    c = KmsClient(
+        kms.url,
+        APP_A,
+        attester(tcb_status="OutOfDate"),
+        trusted_keys=[kms.public_key],
+        deadline_s=30,
+    )
     start = time.monotonic()
     with pytest.raises(AttestationError, match="policy_denied"):
         c.get_key("volume-wrap", b"v")
     assert time.monotonic() - start < 2
 
 
-@pytest.mark.parametrize("url", ["ftp://x", "http://", "http://h:99999", "http://h/path",
-                                 "http://h?q=1"])
+@pytest.mark.parametrize(
+    "url", ["ftp://x", "http://", "http://h:99999", "http://h/path", "http://h?q=1"]
+)
 def test_bad_urls(url: str) -> None:
     with pytest.raises(KmsError):
         KmsClient(url, APP_A, attester())
@@ -87,8 +96,14 @@ def test_a_hanging_kms_cannot_outlast_the_deadline() -> None:
         silent.bind(("127.0.0.1", 0))
         silent.listen(16)
         port = silent.getsockname()[1]
-        c = KmsClient(f"http://127.0.0.1:{port}", APP_A, attester(), deadline_s=1.0,
-                      request_timeout_s=30, trust_on_first_use=True)
+        c = KmsClient(
+            f"http://127.0.0.1:{port}",
+            APP_A,
+            attester(),
+            deadline_s=1.0,
+            request_timeout_s=30,
+            trust_on_first_use=True,
+        )
         start = time.monotonic()
         with pytest.raises(KmsError, match="not available after 1 s: timed out"):
             c.get_key("volume-wrap", b"v")

@@ -33,8 +33,7 @@ REPORT_DATA_OFFSET = 48 + 520
 
 
 class FakeTsm:
-    def __init__(self, root: Path, provider: str = "tdx_guest",
-                 extra_writes: int = 0) -> None:
+    def __init__(self, root: Path, provider: str = "tdx_guest", extra_writes: int = 0) -> None:
         self.root = root
         self.provider = provider
         self.extra_writes = extra_writes
@@ -82,7 +81,7 @@ class FakeTsm:
                 report_data = (entry / "inblob").read_bytes()
                 (entry / "generation").write_text(f"{1 + self.extra_writes}\n")
                 q = bytearray(self.template)
-                q[REPORT_DATA_OFFSET:REPORT_DATA_OFFSET + 64] = report_data
+                q[REPORT_DATA_OFFSET : REPORT_DATA_OFFSET + 64] = report_data
                 out.write(bytes(q))
         except OSError:
             pass
@@ -128,14 +127,18 @@ def test_measurements(tsm_root: Path, quiet_rmdir: None) -> None:
 
 
 def test_concurrent_inblob_write_is_detected(tsm_root: Path, quiet_rmdir: None) -> None:
-    with FakeTsm(tsm_root, extra_writes=1), pytest.raises(AttestationError,
-                                                          match="modified concurrently"):
+    with (
+        FakeTsm(tsm_root, extra_writes=1),
+        pytest.raises(AttestationError, match="modified concurrently"),
+    ):
         ConfigfsTsmAttester(tsm_root).quote(bytes(64))
 
 
 def test_wrong_provider(tsm_root: Path, quiet_rmdir: None) -> None:
-    with FakeTsm(tsm_root, provider="sev_guest"), pytest.raises(AttestationError,
-                                                                match="not tdx_guest"):
+    with (
+        FakeTsm(tsm_root, provider="sev_guest"),
+        pytest.raises(AttestationError, match="not tdx_guest"),
+    ):
         ConfigfsTsmAttester(tsm_root).quote(bytes(64))
 
 
@@ -155,8 +158,7 @@ def test_nothing_answers(tsm_root: Path) -> None:
 def test_event_log_and_collateral_files(tmp_path: Path) -> None:
     log = tmp_path / "runtime_events.log"
     events = [RuntimeEvent("app-id", APP_A), RuntimeEvent("compose-hash", COMPOSE_A)]
-    att = ConfigfsTsmAttester(tmp_path, event_log_path=log,
-                              collateral_path=tmp_path / "coll.json")
+    att = ConfigfsTsmAttester(tmp_path, event_log_path=log, collateral_path=tmp_path / "coll.json")
     assert att.event_log() == []
     log.write_text("".join(e.to_json_line() + "\n" for e in events))
     assert att.event_log() == events
@@ -168,17 +170,21 @@ def test_event_log_and_collateral_files(tmp_path: Path) -> None:
     assert ConfigfsTsmAttester(tmp_path).collateral() is None
 
 
-def test_kms_verifies_configfs_quotes_with_dcap(kms: KmsProcess, tsm_root: Path,
-                                               tmp_path: Path, quiet_rmdir: None) -> None:
+def test_kms_verifies_configfs_quotes_with_dcap(
+    kms: KmsProcess, tsm_root: Path, tmp_path: Path, quiet_rmdir: None
+) -> None:
     """The tdx path end to end: the KMS runs DCAP on the quote and refuses this one (its
     signature no longer covers the replaced report_data, and its collateral has expired)."""
     log = tmp_path / "runtime_events.log"
-    log.write_text(RuntimeEvent("app-id", APP_A).to_json_line() + "\n"
-                   + RuntimeEvent("compose-hash", COMPOSE_A).to_json_line() + "\n")
+    log.write_text(
+        RuntimeEvent("app-id", APP_A).to_json_line()
+        + "\n"
+        + RuntimeEvent("compose-hash", COMPOSE_A).to_json_line()
+        + "\n"
+    )
     coll = TDX_VECTORS / "tdx_quote_collateral.json"
     att = ConfigfsTsmAttester(tsm_root, event_log_path=log, collateral_path=coll)
     with FakeTsm(tsm_root):
         c = KmsClient(kms.url, APP_A, att, trusted_keys=[kms.public_key], deadline_s=5)
         with pytest.raises(AttestationError, match="attestation_failed"):
             c.get_key("volume-wrap", b"vol")
-

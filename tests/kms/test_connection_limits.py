@@ -43,8 +43,15 @@ INFO = b"GET /v1/info HTTP/1.1\r\nHost: x\r\n\r\n"
 def patient_kms(state: KmsState) -> Iterator[KmsProcess]:
     """A KMS with default connection limits that waits long for headers, so idle
     connections stay open for the whole test however slow the machine is."""
-    server = start_kms(state, "--allow-simulated", "--header-timeout", "300",
-                       "--request-timeout", "300", log_name="patient.log")
+    server = start_kms(
+        state,
+        "--allow-simulated",
+        "--header-timeout",
+        "300",
+        "--request-timeout",
+        "300",
+        log_name="patient.log",
+    )
     yield server
     server.stop()
 
@@ -74,8 +81,7 @@ def refused_until(socks: list[socket.socket], count: int) -> list[socket.socket]
     return refused
 
 
-def test_one_peer_with_many_idle_connections_cannot_starve_others(
-        patient_kms: KmsProcess) -> None:
+def test_one_peer_with_many_idle_connections_cannot_starve_others(patient_kms: KmsProcess) -> None:
     from sealfs.kms.client import KmsClient
 
     limit = HttpLimits().max_connections_per_peer
@@ -86,8 +92,9 @@ def test_one_peer_with_many_idle_connections_cannot_starve_others(
         assert len(held) == limit and not readable(held)
         # Another peer is served while the hog's connections are all still open: a full
         # attested key release (nonce + key) from 127.0.0.1, and /v1/info from 127.0.0.3.
-        client = KmsClient(patient_kms.url, APP_A, attester(), deadline_s=60,
-                           trusted_keys=[patient_kms.public_key])
+        client = KmsClient(
+            patient_kms.url, APP_A, attester(), deadline_s=60, trusted_keys=[patient_kms.public_key]
+        )
         key, version = client.get_key("volume-wrap", b"flooded")
         assert version == 1 and len(key) == 32
         assert get(patient_kms.port, "/v1/info", source=VICTIM)[0] == 200
@@ -121,8 +128,9 @@ def test_a_flood_of_refused_connections_holds_no_sockets(state: KmsState) -> Non
     hold more than twice its allowance of sockets, however many connections it opens (each
     would otherwise linger with its file descriptor, and exhaust the KMS's)."""
     limit = 4
-    limits = HttpLimits(max_connections_per_peer=limit, read_timeout_s=300,
-                        header_timeout_s=300, linger_s=300)
+    limits = HttpLimits(
+        max_connections_per_peer=limit, read_timeout_s=300, header_timeout_s=300, linger_s=300
+    )
     with InProcessKms(state, ServiceConfig(), limits) as srv:
         baseline = _socket_fds()
         hog = [connect_from(HOG, srv.port) for _ in range(limit)]
@@ -131,8 +139,10 @@ def test_a_flood_of_refused_connections_holds_no_sockets(state: KmsState) -> Non
             flood = [connect_from(HOG, srv.port) for _ in range(100)]
             hog += flood
             refused_until(flood, len(flood))
-            wait_for(lambda: server_sockets(hog, baseline) <= 2 * limit,
-                     "the KMS to hold at most twice the peer's allowance of sockets")
+            wait_for(
+                lambda: server_sockets(hog, baseline) <= 2 * limit,
+                "the KMS to hold at most twice the peer's allowance of sockets",
+            )
             assert get(srv.port, "/v1/info", source=VICTIM)[0] == 200
             assert not readable(hog[:limit]), "a held connection was answered or dropped"
         finally:
@@ -141,8 +151,15 @@ def test_a_flood_of_refused_connections_holds_no_sockets(state: KmsState) -> Non
 
 
 def test_idle_and_slow_header_connections_are_dropped(state: KmsState) -> None:
-    server = start_kms(state, "--allow-simulated", "--header-timeout", "0.5",
-                       "--request-timeout", "300", log_name="header-timeout.log")
+    server = start_kms(
+        state,
+        "--allow-simulated",
+        "--header-timeout",
+        "0.5",
+        "--request-timeout",
+        "300",
+        log_name="header-timeout.log",
+    )
     try:
         with connect_from(HOG, server.port) as idle, connect_from(OTHER, server.port) as slow:
             slow.sendall(b"GET /v1/info HTTP/1.1\r\nHost: x\r\nX-Slow: ")  # never finished
@@ -154,9 +171,11 @@ def test_idle_and_slow_header_connections_are_dropped(state: KmsState) -> None:
 
 
 def test_a_newcomer_gets_the_next_slot_before_the_hogs_queue(state: KmsState) -> None:
-    limits = HttpLimits(max_connections=2, max_connections_per_peer=8, read_timeout_s=300,
-                        header_timeout_s=300)
+    limits = HttpLimits(
+        max_connections=2, max_connections_per_peer=8, read_timeout_s=300, header_timeout_s=300
+    )
     with InProcessKms(state, ServiceConfig(), limits) as srv:
+
         def open_total() -> int:
             return srv.server._open_total
 
@@ -177,8 +196,7 @@ def test_a_newcomer_gets_the_next_slot_before_the_hogs_queue(state: KmsState) ->
 
 
 def test_queue_full_means_busy(state: KmsState) -> None:
-    limits = HttpLimits(max_connections=2, max_queued=0, read_timeout_s=300,
-                        header_timeout_s=300)
+    limits = HttpLimits(max_connections=2, max_queued=0, read_timeout_s=300, header_timeout_s=300)
     with InProcessKms(state, ServiceConfig(), limits) as srv:
         idle = [connect_from(HOG, srv.port), connect_from(OTHER, srv.port)]
         try:
@@ -230,12 +248,15 @@ def test_fair_gate_hands_freed_slots_to_the_peer_holding_fewest() -> None:
     trio.run(main)
 
 
-@pytest.mark.parametrize(("host", "key"), [
-    ("127.0.0.2", "127.0.0.2"),
-    ("::ffff:10.1.2.3", "10.1.2.3"),  # IPv4-mapped: the same peer as over IPv4
-    ("2001:db8:1:2:aaaa::1", "2001:db8:1:2::/64"),  # one /64 is one peer,
-    ("2001:db8:1:2:bbbb::9%eth0", "2001:db8:1:2::/64"),  # whatever address it picks
-    ("not an address", "?"),
-])
+@pytest.mark.parametrize(
+    ("host", "key"),
+    [
+        ("127.0.0.2", "127.0.0.2"),
+        ("::ffff:10.1.2.3", "10.1.2.3"),  # IPv4-mapped: the same peer as over IPv4
+        ("2001:db8:1:2:aaaa::1", "2001:db8:1:2::/64"),  # one /64 is one peer,
+        ("2001:db8:1:2:bbbb::9%eth0", "2001:db8:1:2::/64"),  # whatever address it picks
+        ("not an address", "?"),
+    ],
+)
 def test_peers_are_counted_by_ipv4_address_or_ipv6_64(host: str, key: str) -> None:
     assert peer_key_of(host) == key

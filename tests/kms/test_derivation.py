@@ -24,32 +24,40 @@ ROOT = Secret(bytes(range(32)))
 def test_app_keys_are_deterministic_and_separated() -> None:
     k = app_key(ROOT, "volume-wrap", APP_A, 1, b"vol")
     assert k == app_key(Secret(bytes(range(32))), "volume-wrap", APP_A, 1, b"vol")
-    others = [app_key(ROOT, "luks-passphrase", APP_A, 1, b"vol"),
-              app_key(ROOT, "epoch-signing", APP_A, 1, b"vol"),
-              app_key(ROOT, "volume-wrap", APP_B, 1, b"vol"),
-              app_key(ROOT, "volume-wrap", APP_A, 2, b"vol"),
-              app_key(ROOT, "volume-wrap", APP_A, 1, b"vol2"),
-              app_key(Secret(bytes(32)), "volume-wrap", APP_A, 1, b"vol")]
+    others = [
+        app_key(ROOT, "luks-passphrase", APP_A, 1, b"vol"),
+        app_key(ROOT, "epoch-signing", APP_A, 1, b"vol"),
+        app_key(ROOT, "volume-wrap", APP_B, 1, b"vol"),
+        app_key(ROOT, "volume-wrap", APP_A, 2, b"vol"),
+        app_key(ROOT, "volume-wrap", APP_A, 1, b"vol2"),
+        app_key(Secret(bytes(32)), "volume-wrap", APP_A, 1, b"vol"),
+    ]
     assert all(k != o for o in others)
     assert len({o.reveal() for o in others}) == len(others)
 
 
 def test_label_parts_cannot_be_shifted() -> None:
     # Plain concatenation would make (app "ab", volume "c") == (app "a", volume "bc").
-    assert app_key(ROOT, "volume-wrap", b"ab", 1, b"c") != app_key(ROOT, "volume-wrap", b"a", 1,
-                                                                   b"bc")
+    assert app_key(ROOT, "volume-wrap", b"ab", 1, b"c") != app_key(
+        ROOT, "volume-wrap", b"a", 1, b"bc"
+    )
 
 
 def test_documented_label_vector() -> None:
     # docs/kms-protocol.md gives this label; a change here changes every released key.
     assert app_key(ROOT, "volume-wrap", b"\x01", 1, b"\x02") == hkdf(
-        ROOT, "kms-app-key", "volume-wrap", b"\x01", 1, b"\x02")
+        ROOT, "kms-app-key", "volume-wrap", b"\x01", 1, b"\x02"
+    )
     assert identity_key(ROOT).public_bytes == identity_key(Secret(bytes(range(32)))).public_bytes
 
 
 def test_app_key_rejects_bad_arguments() -> None:
-    for args in (("nope", APP_A, 1, b"v"), ("volume-wrap", APP_A, 0, b"v"),
-                 ("volume-wrap", b"", 1, b"v"), ("volume-wrap", APP_A, 1, b"x" * 65)):
+    for args in (
+        ("nope", APP_A, 1, b"v"),
+        ("volume-wrap", APP_A, 0, b"v"),
+        ("volume-wrap", b"", 1, b"v"),
+        ("volume-wrap", APP_A, 1, b"x" * 65),
+    ):
         with pytest.raises(ValueError):
             app_key(ROOT, *args)  # type: ignore[arg-type]
 
@@ -62,21 +70,28 @@ def test_secrets_have_safe_reprs() -> None:
 
 def test_binding_distinguishes_absent_version_and_parameters() -> None:
     n, pk = bytes(32), bytes(32)
-    rds = {P.report_data_for(n, pk, P.GetKey("volume-wrap", b"v", None)),
-           P.report_data_for(n, pk, P.GetKey("volume-wrap", b"v", 1)),
-           P.report_data_for(n, pk, P.GetKey("luks-passphrase", b"v", None)),
-           P.report_data_for(n, pk, P.GetEpoch(b"v")),
-           P.report_data_for(n, pk, P.AdvanceEpoch(b"v", 1, bytes(32))),
-           P.report_data_for(n, pk, P.AdvanceEpoch(b"v", 2, bytes(32))),
-           P.report_data_for(bytes([1]) * 32, pk, P.GetEpoch(b"v"))}
+    rds = {
+        P.report_data_for(n, pk, P.GetKey("volume-wrap", b"v", None)),
+        P.report_data_for(n, pk, P.GetKey("volume-wrap", b"v", 1)),
+        P.report_data_for(n, pk, P.GetKey("luks-passphrase", b"v", None)),
+        P.report_data_for(n, pk, P.GetEpoch(b"v")),
+        P.report_data_for(n, pk, P.AdvanceEpoch(b"v", 1, bytes(32))),
+        P.report_data_for(n, pk, P.AdvanceEpoch(b"v", 2, bytes(32))),
+        P.report_data_for(bytes([1]) * 32, pk, P.GetEpoch(b"v")),
+    }
     assert len(rds) == 7 and all(len(r) == 64 for r in rds)
 
 
 # --- policy -----------------------------------------------------------------------------------
 
+
 def report_of(att: simulated.SimulatedAttester) -> object:
-    return verify_simulated(att.quote(bytes(64)), att.collateral(), __import__("time").time(),
-                            [simulated.DEV_PUBLIC_KEY])
+    return verify_simulated(
+        att.quote(bytes(64)),
+        att.collateral(),
+        __import__("time").time(),
+        [simulated.DEV_PUBLIC_KEY],
+    )
 
 
 def test_policy_checks() -> None:
@@ -100,21 +115,28 @@ def test_policy_checks() -> None:
 def test_policy_document_is_strict() -> None:
     good = sim_policy(APP_A, COMPOSE_A).to_dict()
     assert AppPolicy.from_dict(good) == sim_policy(APP_A, COMPOSE_A)
-    for bad in ({**good, "extra": 1}, {**good, "tcb_statuses": ["Revoked"]},
-                {**good, "compose_hashes": ["00"]}, {**good, "key_version": 0},
-                {**good, "allow_debug": "yes"}, {**good, "measurements": [{"mrtd": "00"}]},
-                {k: v for k, v in good.items() if k != "app_id"}):
+    for bad in (
+        {**good, "extra": 1},
+        {**good, "tcb_statuses": ["Revoked"]},
+        {**good, "compose_hashes": ["00"]},
+        {**good, "key_version": 0},
+        {**good, "allow_debug": "yes"},
+        {**good, "measurements": [{"mrtd": "00"}]},
+        {k: v for k, v in good.items() if k != "app_id"},
+    ):
         with pytest.raises(UsageError):
             AppPolicy.from_dict(bad)
 
 
 # --- simulated quotes ------------------------------------------------------------------------
 
+
 def test_simulated_quote_verification() -> None:
     att = attester()
     quote = att.quote(b"\x07" * 64)
-    rep = verify_simulated(quote, att.collateral(), __import__("time").time(),
-                           [simulated.DEV_PUBLIC_KEY])
+    rep = verify_simulated(
+        quote, att.collateral(), __import__("time").time(), [simulated.DEV_PUBLIC_KEY]
+    )
     assert rep.report_data == b"\x07" * 64 and rep.rtmr3 == att.rtmr3
     flipped = bytearray(quote)
     flipped[100] ^= 1
@@ -124,8 +146,12 @@ def test_simulated_quote_verification() -> None:
         verify_simulated(quote, att.collateral(), 0, [identity_key(ROOT).public_bytes])
     expired = attester(validity=(0, 10))
     with pytest.raises(AttestationError, match="expired"):
-        verify_simulated(expired.quote(bytes(64)), expired.collateral(),
-                         __import__("time").time(), [simulated.DEV_PUBLIC_KEY])
+        verify_simulated(
+            expired.quote(bytes(64)),
+            expired.collateral(),
+            __import__("time").time(),
+            [simulated.DEV_PUBLIC_KEY],
+        )
     forged = {**att.collateral(), "tcb_status": "UpToDate", "not_after": 2**40}
     with pytest.raises(AttestationError, match="collateral signature"):
         verify_simulated(quote, forged, 0, [simulated.DEV_PUBLIC_KEY])
@@ -133,15 +159,18 @@ def test_simulated_quote_verification() -> None:
 
 # --- state store -----------------------------------------------------------------------------
 
+
 def new_store(tmp_path: Path) -> tuple[KmsStore, StoreMac]:
-    store, root = KmsStore.initialize(tmp_path / "s.db", Secret(b"x" * 20),
-                                      KdfParams.default(memory_kib=8192))
+    store, root = KmsStore.initialize(
+        tmp_path / "s.db", Secret(b"x" * 20), KdfParams.default(memory_kib=8192)
+    )
     return store, StoreMac(root)
 
 
 def test_store_unlock_and_refuse_overwrite(tmp_path: Path) -> None:
-    store, root = KmsStore.initialize(tmp_path / "s.db", Secret(b"x" * 20),
-                                      KdfParams.default(memory_kib=8192))
+    store, root = KmsStore.initialize(
+        tmp_path / "s.db", Secret(b"x" * 20), KdfParams.default(memory_kib=8192)
+    )
     assert (tmp_path / "s.db").stat().st_mode & 0o077 == 0
     assert store.unlock(Secret(b"x" * 20)) == root
     with pytest.raises(UnlockError):

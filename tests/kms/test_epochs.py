@@ -14,8 +14,7 @@ D1, D2, D3 = b"\x01" * 32, b"\x02" * 32, b"\x03" * 32
 
 
 def client(kms: KmsProcess, app_id: bytes = APP_A) -> KmsClient:
-    return KmsClient(kms.url, app_id, attester(app_id), trusted_keys=[kms.public_key],
-                     deadline_s=5)
+    return KmsClient(kms.url, app_id, attester(app_id), trusted_keys=[kms.public_key], deadline_s=5)
 
 
 def test_advance_and_get(kms: KmsProcess) -> None:

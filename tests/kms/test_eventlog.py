@@ -17,8 +17,12 @@ COMPOSE = hashlib.sha256(b"compose").digest()
 
 
 def boot(*extra: E.RuntimeEvent) -> list[E.RuntimeEvent]:
-    return [E.RuntimeEvent("app-id", APP), E.RuntimeEvent("compose-hash", COMPOSE),
-            E.RuntimeEvent("boot-mr-done", b""), *extra]
+    return [
+        E.RuntimeEvent("app-id", APP),
+        E.RuntimeEvent("compose-hash", COMPOSE),
+        E.RuntimeEvent("boot-mr-done", b""),
+        *extra,
+    ]
 
 
 def test_digest_is_dstack_v1_layout() -> None:
@@ -49,15 +53,24 @@ def test_identity_from_log() -> None:
     assert ident.app_id == APP and ident.compose_hash == COMPOSE
 
 
-@pytest.mark.parametrize("events, reason", [
-    ([E.RuntimeEvent("compose-hash", COMPOSE)], "no app-id"),
-    ([E.RuntimeEvent("app-id", APP)], "no compose-hash"),
-    (boot(E.RuntimeEvent("app-id", bytes(20))), "after boot-mr-done"),
-    ([E.RuntimeEvent("app-id", APP), E.RuntimeEvent("app-id", bytes(20)),
-      E.RuntimeEvent("compose-hash", COMPOSE)], "more than once"),
-    ([E.RuntimeEvent("app-id", APP), E.RuntimeEvent("compose-hash", b"short")], "32 bytes"),
-    (boot(E.RuntimeEvent("boot-mr-done", b"")), "twice"),
-])
+@pytest.mark.parametrize(
+    "events, reason",
+    [
+        ([E.RuntimeEvent("compose-hash", COMPOSE)], "no app-id"),
+        ([E.RuntimeEvent("app-id", APP)], "no compose-hash"),
+        (boot(E.RuntimeEvent("app-id", bytes(20))), "after boot-mr-done"),
+        (
+            [
+                E.RuntimeEvent("app-id", APP),
+                E.RuntimeEvent("app-id", bytes(20)),
+                E.RuntimeEvent("compose-hash", COMPOSE),
+            ],
+            "more than once",
+        ),
+        ([E.RuntimeEvent("app-id", APP), E.RuntimeEvent("compose-hash", b"short")], "32 bytes"),
+        (boot(E.RuntimeEvent("boot-mr-done", b"")), "twice"),
+    ],
+)
 def test_identity_refuses_ambiguous_logs(events: list[E.RuntimeEvent], reason: str) -> None:
     with pytest.raises(AttestationError, match=reason):
         E.identity_from_log(events)
@@ -76,9 +89,14 @@ def test_names_with_colons_are_refused() -> None:
 def test_wire_roundtrip_and_strictness() -> None:
     events = boot()
     assert E.events_from_wire(E.events_to_wire(events)) == events
-    for bad in ({"x": 1}, [{"event": "a"}], [{"event": "a", "payload": "zz"}],
-                [{"event": "a", "payload": "00", "digest": "00"}], [{"event": 1, "payload": ""}],
-                [{"event": "a", "payload": ""}] * (E.MAX_EVENTS + 1)):
+    for bad in (
+        {"x": 1},
+        [{"event": "a"}],
+        [{"event": "a", "payload": "zz"}],
+        [{"event": "a", "payload": "00", "digest": "00"}],
+        [{"event": 1, "payload": ""}],
+        [{"event": "a", "payload": ""}] * (E.MAX_EVENTS + 1),
+    ):
         with pytest.raises(AttestationError):
             E.events_from_wire(bad)
 

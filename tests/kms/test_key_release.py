@@ -41,12 +41,17 @@ VOL = b"volume-0001"
 
 def client(kms: KmsProcess, app_id: bytes = APP_A, **kw: Any) -> KmsClient:
     att = kw.pop("att", None) or attester(app_id)
-    return KmsClient(kms.url, app_id, att, trusted_keys=[kms.public_key],
-                     deadline_s=kw.pop("deadline_s", 5), **kw)
+    return KmsClient(
+        kms.url,
+        app_id,
+        att,
+        trusted_keys=[kms.public_key],
+        deadline_s=kw.pop("deadline_s", 5),
+        **kw,
+    )
 
 
-def test_get_key_is_deterministic_and_matches_derivation(kms: KmsProcess,
-                                                         state: KmsState) -> None:
+def test_get_key_is_deterministic_and_matches_derivation(kms: KmsProcess, state: KmsState) -> None:
     c = client(kms)
     key, version = c.get_key("volume-wrap", VOL)
     assert version == 1 and len(key) == 32
@@ -59,8 +64,9 @@ def test_get_key_is_deterministic_and_matches_derivation(kms: KmsProcess,
     assert again.get_key("volume-wrap", VOL)[0] == key
 
 
-def test_replica_sharing_the_root_gives_the_same_keys(kms: KmsProcess, state: KmsState,
-                                                      tmp_path: Path) -> None:
+def test_replica_sharing_the_root_gives_the_same_keys(
+    kms: KmsProcess, state: KmsState, tmp_path: Path
+) -> None:
     replica_dir = tmp_path / "replica"
     replica_dir.mkdir()
     src = sqlite3.connect(state.path)
@@ -69,13 +75,15 @@ def test_replica_sharing_the_root_gives_the_same_keys(kms: KmsProcess, state: Km
     src.close()
     dst.close()
     (replica_dir / "kms.db").chmod(0o600)
-    replica_state = KmsState(replica_dir / "kms.db", state.secret_file, state.store, state.macs,
-                             state.root)
+    replica_state = KmsState(
+        replica_dir / "kms.db", state.secret_file, state.store, state.macs, state.root
+    )
     replica = start_kms(replica_state, "--allow-simulated", log_name="replica.log")
     try:
         assert replica.public_key == kms.public_key  # identity derives from the root too
         assert client(replica).get_key("volume-wrap", VOL) == client(kms).get_key(
-            "volume-wrap", VOL)
+            "volume-wrap", VOL
+        )
     finally:
         replica.stop()
 
@@ -88,7 +96,8 @@ def test_one_app_cannot_get_another_apps_key(kms: KmsProcess) -> None:
     # B's CVM asking as A: its own measured log says B, so the client refuses up front ...
     with pytest.raises(AttestationError, match="measured app id"):
         KmsClient(kms.url, APP_A, attester(APP_B), trusted_keys=[kms.public_key]).get_key(
-            "volume-wrap", VOL)
+            "volume-wrap", VOL
+        )
     # ... and a hand-made request that claims A is refused by the KMS.
     params = P.GetKey("volume-wrap", VOL)
     body, _, _ = envelope(kms.port, attester(APP_B), params, app_id=APP_A)
@@ -103,12 +112,10 @@ def test_one_app_cannot_get_another_apps_key(kms: KmsProcess) -> None:
     # An app with no policy gets nothing.
     stranger = bytes.fromhex("c3" * 20)
     with pytest.raises(AttestationError, match="unknown_app"):
-        client(kms, stranger, att=attester(stranger, compose=COMPOSE_A)).get_key(
-            "volume-wrap", VOL)
+        client(kms, stranger, att=attester(stranger, compose=COMPOSE_A)).get_key("volume-wrap", VOL)
 
 
-def test_recorded_exchange_is_useless_to_an_eavesdropper(kms: KmsProcess,
-                                                         state: KmsState) -> None:
+def test_recorded_exchange_is_useless_to_an_eavesdropper(kms: KmsProcess, state: KmsState) -> None:
     params = P.GetKey("volume-wrap", VOL)
     body, eph, nonce = envelope(kms.port, attester(), params)
     status, resp = post(kms.port, "/v1/key", body)
@@ -128,8 +135,9 @@ def test_recorded_exchange_is_useless_to_an_eavesdropper(kms: KmsProcess,
     status, again = post(kms.port, "/v1/key", body)
     assert (status, again["error"]) == (401, "bad_nonce")
     # ... and a nonce is only good at the KMS that issued it, so another replica refuses too.
-    other = start_kms(make_state(state.path.parent / "other"), "--allow-simulated",
-                      log_name="other.log")
+    other = start_kms(
+        make_state(state.path.parent / "other"), "--allow-simulated", log_name="other.log"
+    )
     try:
         status, again = post(other.port, "/v1/key", body)
         assert (status, again["error"]) == (401, "bad_nonce")
@@ -152,8 +160,12 @@ class TamperingProxy:
             def _forward(self, method: str) -> None:
                 n = int(self.headers.get("Content-Length") or 0)
                 data = self.rfile.read(n) if n else None
-                req = urllib.request.Request(upstream + self.path, data=data, method=method,
-                                             headers={"Content-Type": "application/json"})
+                req = urllib.request.Request(
+                    upstream + self.path,
+                    data=data,
+                    method=method,
+                    headers={"Content-Type": "application/json"},
+                )
                 try:
                     with urllib.request.urlopen(req, timeout=5) as r:
                         status, payload = r.status, json.loads(r.read())
@@ -180,20 +192,28 @@ class TamperingProxy:
         if path == "/v1/key" and payload.get("ok") and request:
             req = json.loads(request)
             r = payload["result"]
-            info = P.key_release_info(bytes.fromhex(r["app_id"]), req["params"]["purpose"],
-                                      bytes.fromhex(req["params"]["volume_id"]),
-                                      r["key_version"], bytes.fromhex(req["nonce"]))
+            info = P.key_release_info(
+                bytes.fromhex(r["app_id"]),
+                req["params"]["purpose"],
+                bytes.fromhex(req["params"]["volume_id"]),
+                r["key_version"],
+                bytes.fromhex(req["nonce"]),
+            )
             enc, ct = seal_to_public(bytes.fromhex(req["public_key"]), self.forged_key, info)
             r["enc"], r["ciphertext"] = enc.hex(), ct.hex()
             if self.mode == "resign":
                 payload["kms_public_key"] = self.attacker_key.public_bytes.hex()
-                rd = P.report_data_for(bytes.fromhex(req["nonce"]),
-                                       bytes.fromhex(req["public_key"]),
-                                       P.GetKey.from_wire(req["params"]))
-                parts = P.get_key_result_parts(bytes.fromhex(r["app_id"]), r["key_version"],
-                                               enc, ct)
+                rd = P.report_data_for(
+                    bytes.fromhex(req["nonce"]),
+                    bytes.fromhex(req["public_key"]),
+                    P.GetKey.from_wire(req["params"]),
+                )
+                parts = P.get_key_result_parts(
+                    bytes.fromhex(r["app_id"]), r["key_version"], enc, ct
+                )
                 payload["signature"] = self.attacker_key.sign(
-                    P.response_message("get_key", rd, parts)).hex()
+                    P.response_message("get_key", rd, parts)
+                ).hex()
         if path == "/v1/info" and self.mode == "resign":
             payload["kms_public_key"] = self.attacker_key.public_bytes.hex()
         return payload
@@ -223,7 +243,8 @@ def test_unpinned_client_fails_closed_before_any_request(kms: KmsProcess) -> Non
 
 
 def test_trust_on_first_use_is_explicit_and_logged_loudly(
-        kms: KmsProcess, caplog: pytest.LogCaptureFixture) -> None:
+    kms: KmsProcess, caplog: pytest.LogCaptureFixture
+) -> None:
     c = KmsClient(kms.url, APP_A, attester(), deadline_s=5, trust_on_first_use=True)
     with caplog.at_level(logging.WARNING, "sealfs.kms.client"):
         c.get_key("volume-wrap", VOL)
@@ -242,8 +263,9 @@ def test_key_provider_event_pins_the_kms(kms: KmsProcess) -> None:
 
 
 def test_any_of_several_pinned_replica_keys_is_accepted(kms: KmsProcess) -> None:
-    c = KmsClient(kms.url, APP_A, attester(), deadline_s=5,
-                  trusted_keys=[bytes(range(32)), kms.public_key])
+    c = KmsClient(
+        kms.url, APP_A, attester(), deadline_s=5, trusted_keys=[bytes(range(32)), kms.public_key]
+    )
     c.get_key("volume-wrap", VOL)
     assert c.answering_key == kms.public_key
 
@@ -256,8 +278,9 @@ def rotating_app(state: KmsState) -> Iterator[bytes]:
     state.store.delete_policy(state.macs, app)
 
 
-def test_rotation_keeps_old_versions_derivable(kms: KmsProcess, state: KmsState,
-                                               rotating_app: bytes) -> None:
+def test_rotation_keeps_old_versions_derivable(
+    kms: KmsProcess, state: KmsState, rotating_app: bytes
+) -> None:
     c = client(kms, rotating_app, att=attester(rotating_app, compose=COMPOSE_A))
     v1, n1 = c.get_key("volume-wrap", VOL)
     state.store.rotate_policy(state.macs, rotating_app)
@@ -268,13 +291,16 @@ def test_rotation_keeps_old_versions_derivable(kms: KmsProcess, state: KmsState,
         c.get_key("volume-wrap", VOL, key_version=3)
 
 
-@pytest.mark.parametrize("kw, reason", [
-    ({"compose": b"\x09" * 32}, "compose hash"),
-    ({"mrtd": b"\x09" * 48}, "MRTD"),
-    ({"rtmr1": b"\x09" * 48}, "MRTD/RTMR0-2"),
-    ({"tcb_status": "OutOfDate"}, "TCB status"),
-    ({"debug": True}, "debug"),
-])
+@pytest.mark.parametrize(
+    "kw, reason",
+    [
+        ({"compose": b"\x09" * 32}, "compose hash"),
+        ({"mrtd": b"\x09" * 48}, "MRTD"),
+        ({"rtmr1": b"\x09" * 48}, "MRTD/RTMR0-2"),
+        ({"tcb_status": "OutOfDate"}, "TCB status"),
+        ({"debug": True}, "debug"),
+    ],
+)
 def test_policy_denials(kms: KmsProcess, kw: dict[str, Any], reason: str) -> None:
     with pytest.raises(AttestationError, match=reason):
         client(kms, att=attester(APP_A, **kw)).get_key("volume-wrap", VOL)

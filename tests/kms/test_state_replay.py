@@ -48,8 +48,9 @@ REPLAYED = "a row was replayed, added or removed outside the KMS"
 
 
 def client(kms: KmsProcess, app_id: bytes = APP_A) -> KmsClient:
-    return KmsClient(kms.url, app_id, attester(app_id), trusted_keys=[kms.public_key],
-                     deadline_s=30)
+    return KmsClient(
+        kms.url, app_id, attester(app_id), trusted_keys=[kms.public_key], deadline_s=30
+    )
 
 
 def saved_row(path: Path, table: str, where: str, *args: Any) -> tuple[Any, ...]:
@@ -69,9 +70,27 @@ def put_back(path: Path, table: str, row: tuple[Any, ...]) -> None:
 def serve_refuses(state: KmsState, *extra: str) -> str:
     """Run `sealfs kms serve` and require it to refuse to start (exit 5); its stderr."""
     res = subprocess.run(
-        [sys.executable, "-m", "sealfs", "kms", "serve", "--state", str(state.path),
-         "--secret-file", str(state.secret_file), "--port", "0", "--allow-simulated", *extra],
-        capture_output=True, text=True, cwd=REPO, stdin=subprocess.DEVNULL, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "sealfs",
+            "kms",
+            "serve",
+            "--state",
+            str(state.path),
+            "--secret-file",
+            str(state.secret_file),
+            "--port",
+            "0",
+            "--allow-simulated",
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        stdin=subprocess.DEVNULL,
+        timeout=120,
+    )
     assert res.returncode == 5, (res.returncode, res.stderr)
     assert "Traceback" not in res.stderr, res.stderr
     return res.stderr
@@ -135,7 +154,8 @@ def test_replayed_policy_rows_are_refused_on_read_and_at_startup(tmp_path: Path)
 
 
 def test_whole_file_rollback_is_caught_while_running_and_by_min_state_version(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     state = make_state(tmp_path)
     old_copy = tmp_path / "old-copy.db"
     kms = start_kms(state, "--allow-simulated")
@@ -154,10 +174,10 @@ def test_whole_file_rollback_is_caught_while_running_and_by_min_state_version(
     finally:
         kms.stop()
     # Stopped, the file alone cannot tell; the version recorded outside it can.
-    assert "below --min-state-version" in serve_refuses(state, "--min-state-version",
-                                                        str(recorded))
-    kms = start_kms(state, "--allow-simulated", "--min-state-version", str(old_version),
-                    log_name="restart.log")
+    assert "below --min-state-version" in serve_refuses(state, "--min-state-version", str(recorded))
+    kms = start_kms(
+        state, "--allow-simulated", "--min-state-version", str(old_version), log_name="restart.log"
+    )
     kms.stop()
 
 
@@ -186,14 +206,29 @@ def make_v1_state(tmp: Path) -> KmsState:
     policy = sim_policy(APP_A, COMPOSE_A).canonical()
     with sqlite3.connect(path) as conn:
         conn.executescript(V1_SCHEMA)
-        conn.executemany("INSERT INTO meta VALUES (?, ?)", [
-            ("format", b"1"), ("kdf", kdf_json), ("created_at", b"1700000000"),
-            ("sealed_root", wrap_key(derive_from_passphrase(Secret(SECRET), kdf), root,
-                                     label("kms-root-seal", 1, kdf_json)))])
-        conn.execute("INSERT INTO policies VALUES (?, ?, ?)",
-                     (APP_A, policy, macs.policy(APP_A, policy)))
-        conn.execute("INSERT INTO epochs VALUES (?, ?, ?, ?, ?, ?)",
-                     (APP_A, VOL, 7, D1, 1700000000, macs.epoch(APP_A, VOL, 7, D1)))
+        conn.executemany(
+            "INSERT INTO meta VALUES (?, ?)",
+            [
+                ("format", b"1"),
+                ("kdf", kdf_json),
+                ("created_at", b"1700000000"),
+                (
+                    "sealed_root",
+                    wrap_key(
+                        derive_from_passphrase(Secret(SECRET), kdf),
+                        root,
+                        label("kms-root-seal", 1, kdf_json),
+                    ),
+                ),
+            ],
+        )
+        conn.execute(
+            "INSERT INTO policies VALUES (?, ?, ?)", (APP_A, policy, macs.policy(APP_A, policy))
+        )
+        conn.execute(
+            "INSERT INTO epochs VALUES (?, ?, ?, ?, ?, ?)",
+            (APP_A, VOL, 7, D1, 1700000000, macs.epoch(APP_A, VOL, 7, D1)),
+        )
     path.chmod(0o600)
     return KmsState(path, secret_file, KmsStore(path), macs, root)
 
@@ -246,6 +281,7 @@ def test_every_way_of_editing_the_tables_is_caught(tmp_path: Path) -> None:
                 state.store.get_epoch(state.macs, APP_A, VOL)
         with sqlite3.connect(state.path) as conn:
             conn.execute(f"DELETE FROM {table}")
-            conn.executemany(f"INSERT INTO {table} VALUES ({', '.join('?' * len(saved[0]))})",
-                             saved)
+            conn.executemany(
+                f"INSERT INTO {table} VALUES ({', '.join('?' * len(saved[0]))})", saved
+            )
         assert state.store.verify(state.macs).epochs == 1

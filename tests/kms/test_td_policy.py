@@ -30,11 +30,21 @@ RELAXED_APP = bytes.fromhex("d7" * 20)
 # (attester keywords, reason the KMS gives, the policy option that lets it through)
 VIOLATIONS = [
     ({"td_attributes": 0}, "SEPT_VE_DISABLE is not set", "require_sept_ve_disable"),
-    ({"td_attributes": SEPT | 1 << 1}, "reserved TD attribute bits", "allow_reserved_td_attributes"),
-    ({"td_attributes": SEPT | 1 << 29}, "reserved TD attribute bits",
-     "allow_reserved_td_attributes"),
-    ({"td_attributes": SEPT | 1 << 40}, "reserved TD attribute bits",
-     "allow_reserved_td_attributes"),
+    (
+        {"td_attributes": SEPT | 1 << 1},
+        "reserved TD attribute bits",
+        "allow_reserved_td_attributes",
+    ),
+    (
+        {"td_attributes": SEPT | 1 << 29},
+        "reserved TD attribute bits",
+        "allow_reserved_td_attributes",
+    ),
+    (
+        {"td_attributes": SEPT | 1 << 40},
+        "reserved TD attribute bits",
+        "allow_reserved_td_attributes",
+    ),
     ({"mr_servicetd": b"\x01" + bytes(47)}, "MRSERVICETD is not zero", "allow_service_td"),
 ]
 
@@ -62,8 +72,12 @@ def relaxed_app(state: KmsState) -> Iterator[bytes]:
 
 @pytest.mark.parametrize(("attester_kw", "reason", "option"), VIOLATIONS)
 def test_each_option_lets_only_its_own_violation_through(
-    kms: KmsProcess, state: KmsState, relaxed_app: bytes, attester_kw: dict[str, Any],
-    reason: str, option: str
+    kms: KmsProcess,
+    state: KmsState,
+    relaxed_app: bytes,
+    attester_kw: dict[str, Any],
+    reason: str,
+    option: str,
 ) -> None:
     relaxed = {option: option != "require_sept_ve_disable"}  # the non-default value
     state.put(sim_policy(relaxed_app, COMPOSE_A, **relaxed))
@@ -90,10 +104,21 @@ def test_policy_documents_default_to_the_secure_choice() -> None:
 def test_real_tdx_quotes_meet_the_default_policy(name: str) -> None:
     """Every real quote at hand sets SEPT_VE_DISABLE only and binds no service TD."""
     td = parse_quote(decode_quote_input((TESTDATA / name).read_bytes())).report
-    report = QuoteReport(tee="tdx", mrtd=td.mr_td, rtmr0=td.rtmrs[0], rtmr1=td.rtmrs[1],
-                         rtmr2=td.rtmrs[2], rtmr3=td.rtmrs[3], report_data=td.report_data,
-                         tcb_status="UpToDate", td_attributes=td.td_attributes,
-                         mr_servicetd=td.mr_servicetd)
-    policy = AppPolicy(app_id=b"app", compose_hashes=(COMPOSE_A,),
-                       measurements=(Measurement(td.mr_td, *td.rtmrs[:3]),))
+    report = QuoteReport(
+        tee="tdx",
+        mrtd=td.mr_td,
+        rtmr0=td.rtmrs[0],
+        rtmr1=td.rtmrs[1],
+        rtmr2=td.rtmrs[2],
+        rtmr3=td.rtmrs[3],
+        report_data=td.report_data,
+        tcb_status="UpToDate",
+        td_attributes=td.td_attributes,
+        mr_servicetd=td.mr_servicetd,
+    )
+    policy = AppPolicy(
+        app_id=b"app",
+        compose_hashes=(COMPOSE_A,),
+        measurements=(Measurement(td.mr_td, *td.rtmrs[:3]),),
+    )
     policy.check(report, AppIdentity(b"app", COMPOSE_A))

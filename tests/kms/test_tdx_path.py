@@ -27,8 +27,10 @@ IN_WINDOW = dt.datetime(2025, 7, 1, tzinfo=dt.UTC).timestamp()
 
 
 def quote_and_collateral() -> tuple[bytes, dict[str, object]]:
-    return ((TESTDATA / "tdx_quote").read_bytes(),
-            json.loads((TESTDATA / "tdx_quote_collateral.json").read_text()))
+    return (
+        (TESTDATA / "tdx_quote").read_bytes(),
+        json.loads((TESTDATA / "tdx_quote_collateral.json").read_text()),
+    )
 
 
 def test_verify_tdx_maps_the_dcap_report() -> None:

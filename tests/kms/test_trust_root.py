@@ -87,8 +87,18 @@ def net(kms: KmsProcess) -> Iterator[Redirector]:
 
 def cvm_args(url: str, *pins: bytes) -> list[str]:
     """The KMS options of the CVM's own (measured) configuration."""
-    args = ["--kms", url, "--app-id", APP_A.hex(), "--attester", "simulated",
-            "--compose-hash", COMPOSE_A.hex(), "--kms-deadline", "5"]
+    args = [
+        "--kms",
+        url,
+        "--app-id",
+        APP_A.hex(),
+        "--attester",
+        "simulated",
+        "--compose-hash",
+        COMPOSE_A.hex(),
+        "--kms-deadline",
+        "5",
+    ]
     for pin in pins:
         args += ["--kms-public-key", pin.hex()]
     return args
@@ -109,11 +119,19 @@ def swap_in(victim: Path, replacement: Path) -> None:
 
 
 def test_lookalike_volume_and_redirected_kms_are_refused(
-        tmp_path: Path, kms: KmsProcess, evil: KmsProcess, net: Redirector) -> None:
-    vol, vid = new_kms_volume(tmp_path / "app", net.url, "--kms-public-key",
-                              kms.public_key.hex())
-    sealfs("mount", str(vol.backing), str(vol.mnt), *cvm_args(net.url, kms.public_key),
-           "--volume-id", vid, "--log-file", str(vol.log))
+    tmp_path: Path, kms: KmsProcess, evil: KmsProcess, net: Redirector
+) -> None:
+    vol, vid = new_kms_volume(tmp_path / "app", net.url, "--kms-public-key", kms.public_key.hex())
+    sealfs(
+        "mount",
+        str(vol.backing),
+        str(vol.mnt),
+        *cvm_args(net.url, kms.public_key),
+        "--volume-id",
+        vid,
+        "--log-file",
+        str(vol.log),
+    )
     (vol.mnt / "data").write_text("the app's data")
     vol.umount()
 
@@ -123,22 +141,39 @@ def test_lookalike_volume_and_redirected_kms_are_refused(
     swap_in(vol.backing, fake.backing)
     net.target = evil.port
     pinned = cvm_args(net.url, kms.public_key)
-    res = sealfs("mount", str(vol.backing), str(vol.mnt), *pinned, "--log-file", str(vol.log),
-                 check=False)
+    res = sealfs(
+        "mount", str(vol.backing), str(vol.mnt), *pinned, "--log-file", str(vol.log), check=False
+    )
     assert res.returncode == 8 and "not a trusted KMS identity" in res.stderr, res.stderr
     assert not os.path.ismount(vol.mnt)
     res = sealfs("check", str(vol.backing), *pinned, check=False)
     assert res.returncode == 8 and "not a trusted KMS identity" in res.stderr, res.stderr
     # with the volume pinned too, it is refused before the KMS is even asked
-    res = sealfs("mount", str(vol.backing), str(vol.mnt), *pinned, "--volume-id", vid,
-                 "--log-file", str(vol.log), check=False)
+    res = sealfs(
+        "mount",
+        str(vol.backing),
+        str(vol.mnt),
+        *pinned,
+        "--volume-id",
+        vid,
+        "--log-file",
+        str(vol.log),
+        check=False,
+    )
     assert res.returncode == 5 and "swapped-in" in res.stderr, res.stderr
     assert not os.path.ismount(vol.mnt)
 
     # Control: the attack is real - a CVM that trusts whatever answers mounts the host's
     # volume (whose master key the host knows) in place of its own.
-    sealfs("mount", str(vol.backing), str(vol.mnt), *cvm_args(net.url),
-           "--trust-on-first-use", "--log-file", str(vol.log))
+    sealfs(
+        "mount",
+        str(vol.backing),
+        str(vol.mnt),
+        *cvm_args(net.url),
+        "--trust-on-first-use",
+        "--log-file",
+        str(vol.log),
+    )
     try:
         assert not (vol.mnt / "data").exists()
     finally:
@@ -147,13 +182,16 @@ def test_lookalike_volume_and_redirected_kms_are_refused(
 
 
 def test_without_a_pinned_kms_identity_nothing_is_asked(
-        tmp_path: Path, kms: KmsProcess, net: Redirector) -> None:
-    vol, _ = new_kms_volume(tmp_path / "app", net.url, "--kms-public-key",
-                            kms.public_key.hex())
+    tmp_path: Path, kms: KmsProcess, net: Redirector
+) -> None:
+    vol, _ = new_kms_volume(tmp_path / "app", net.url, "--kms-public-key", kms.public_key.hex())
     info = json.loads(sealfs("info", str(vol.backing), "--json").stdout)
     assert info["slots"][0]["kms"]["kms_public_key"] == kms.public_key.hex()
-    for cmd in (["mount", str(vol.backing), str(vol.mnt)], ["check", str(vol.backing)],
-                ["create", str(tmp_path / "other")]):
+    for cmd in (
+        ["mount", str(vol.backing), str(vol.mnt)],
+        ["check", str(vol.backing)],
+        ["create", str(tmp_path / "other")],
+    ):
         res = sealfs(*cmd, *cvm_args(net.url), check=False)
         assert res.returncode == 2, res.stderr
         assert "no trusted KMS identity" in res.stderr and "--kms-public-key" in res.stderr
@@ -161,38 +199,61 @@ def test_without_a_pinned_kms_identity_nothing_is_asked(
 
 
 def test_swapped_in_volume_of_the_same_app_is_refused_by_volume_id(
-        tmp_path: Path, kms: KmsProcess, net: Redirector) -> None:
+    tmp_path: Path, kms: KmsProcess, net: Redirector
+) -> None:
     """Another authentic volume of the same app (and the same KMS) is not the one asked for."""
-    vol, vid = new_kms_volume(tmp_path / "app", net.url, "--kms-public-key",
-                              kms.public_key.hex(), "--new-key-file", str(tmp_path / "app.key"))
-    other, other_vid = new_kms_volume(tmp_path / "other", net.url, "--kms-public-key",
-                                      kms.public_key.hex())
+    vol, vid = new_kms_volume(
+        tmp_path / "app",
+        net.url,
+        "--kms-public-key",
+        kms.public_key.hex(),
+        "--new-key-file",
+        str(tmp_path / "app.key"),
+    )
+    other, other_vid = new_kms_volume(
+        tmp_path / "other", net.url, "--kms-public-key", kms.public_key.hex()
+    )
     swap_in(vol.backing, other.backing)
     args = cvm_args(net.url, kms.public_key)
-    res = sealfs("mount", str(vol.backing), str(vol.mnt), *args, "--volume-id", vid,
-                 "--log-file", str(vol.log), check=False)
+    res = sealfs(
+        "mount",
+        str(vol.backing),
+        str(vol.mnt),
+        *args,
+        "--volume-id",
+        vid,
+        "--log-file",
+        str(vol.log),
+        check=False,
+    )
     assert res.returncode == 5, res.stderr
     assert f"holds volume {other_vid}, not the expected {vid}" in res.stderr
     assert not os.path.ismount(vol.mnt)
-    res = sealfs("check", str(vol.backing), *args, "--volume-id", vid.replace("-", ""),
-                 check=False)
+    res = sealfs("check", str(vol.backing), *args, "--volume-id", vid.replace("-", ""), check=False)
     assert res.returncode == 5 and "swapped-in" in res.stdout, res.stdout
     res = sealfs("check", str(vol.backing), *args, "--volume-id", "not-a-uuid", check=False)
     assert res.returncode == 2 and "not a volume id" in res.stderr, res.stderr
     # the pin applies to every credential, before any key is tried
-    res = sealfs("check", str(vol.backing), "--key-file", str(tmp_path / "app.key"),
-                 "--volume-id", vid, check=False)
+    res = sealfs(
+        "check",
+        str(vol.backing),
+        "--key-file",
+        str(tmp_path / "app.key"),
+        "--volume-id",
+        vid,
+        check=False,
+    )
     assert res.returncode == 5 and "swapped-in" in res.stdout, res.stdout
     res = sealfs("check", str(vol.backing), *args, "--volume-id", other_vid, check=False)
     assert res.returncode == 0, res.stdout  # its own id: fine
 
 
 def test_check_compares_the_unlocked_volume_with_its_own_anchor(
-        tmp_path: Path, kms: KmsProcess, net: Redirector) -> None:
+    tmp_path: Path, kms: KmsProcess, net: Redirector
+) -> None:
     """The host serves a throwaway header first and the real (rolled-back) one from the
     moment the CVM talks to the KMS: the anchor check must use the volume it unlocked."""
-    vol, vid = new_kms_volume(tmp_path / "app", net.url, "--kms-public-key",
-                              kms.public_key.hex())
+    vol, vid = new_kms_volume(tmp_path / "app", net.url, "--kms-public-key", kms.public_key.hex())
     args = [*cvm_args(net.url, kms.public_key), "--volume-id", vid]
     sealfs("mount", str(vol.backing), str(vol.mnt), *args, "--log-file", str(vol.log))
     (vol.mnt / "balance").write_text("100")
@@ -215,8 +276,9 @@ def test_check_compares_the_unlocked_volume_with_its_own_anchor(
     net.on_request = swap_back
     for pin in (args[-2:], []):  # with and without --volume-id
         header.write_text(json.dumps(decoy))
-        res = sealfs("check", str(vol.backing), *cvm_args(net.url, kms.public_key), *pin,
-                     check=False)
+        res = sealfs(
+            "check", str(vol.backing), *cvm_args(net.url, kms.public_key), *pin, check=False
+        )
         assert res.returncode in (3, 5), res.stdout  # never "clean"
     header.write_bytes(authentic)
     res = sealfs("check", str(vol.backing), *args, check=False)

@@ -17,11 +17,23 @@ from .conftest import APP_A, APP_B, COMPOSE_A, KmsProcess, KmsState, start_kms
 pytestmark = pytest.mark.mount
 
 
-def kms_args(kms: KmsProcess, app: bytes = APP_A, compose: bytes = COMPOSE_A,
-             deadline: float = 5) -> list[str]:
-    return ["--kms", kms.url, "--app-id", app.hex(), "--attester", "simulated",
-            "--compose-hash", compose.hex(), "--kms-deadline", str(deadline),
-            "--kms-public-key", kms.public_key.hex()]
+def kms_args(
+    kms: KmsProcess, app: bytes = APP_A, compose: bytes = COMPOSE_A, deadline: float = 5
+) -> list[str]:
+    return [
+        "--kms",
+        kms.url,
+        "--app-id",
+        app.hex(),
+        "--attester",
+        "simulated",
+        "--compose-hash",
+        compose.hex(),
+        "--kms-deadline",
+        str(deadline),
+        "--kms-public-key",
+        kms.public_key.hex(),
+    ]
 
 
 @pytest.fixture
@@ -38,8 +50,16 @@ def kvol(tmp_path: Path, kms: KmsProcess):  # type: ignore[no-untyped-def]
 
 
 def kmount(vol: Volume, kms: KmsProcess, *extra: str, check: bool = True):  # type: ignore[no-untyped-def]
-    return sealfs("mount", str(vol.backing), str(vol.mnt), *kms_args(kms), "--log-file",
-                  str(vol.log), *extra, check=check)
+    return sealfs(
+        "mount",
+        str(vol.backing),
+        str(vol.mnt),
+        *kms_args(kms),
+        "--log-file",
+        str(vol.log),
+        *extra,
+        check=check,
+    )
 
 
 def test_kms_slot_unlocks_and_info_shows_it(kvol: Volume, kms: KmsProcess) -> None:
@@ -55,14 +75,14 @@ def test_kms_slot_unlocks_and_info_shows_it(kvol: Volume, kms: KmsProcess) -> No
 
 
 def test_other_app_cannot_unlock(kvol: Volume, kms: KmsProcess) -> None:
-    res = sealfs("mount", str(kvol.backing), str(kvol.mnt),
-                 *kms_args(kms, APP_B, bytes(32)), check=False)
+    res = sealfs(
+        "mount", str(kvol.backing), str(kvol.mnt), *kms_args(kms, APP_B, bytes(32)), check=False
+    )
     assert res.returncode in (3, 9), res.stderr
     assert not os.path.ismount(kvol.mnt)
 
 
-def test_whole_volume_rollback_is_refused(kvol: Volume, kms: KmsProcess,
-                                          tmp_path: Path) -> None:
+def test_whole_volume_rollback_is_refused(kvol: Volume, kms: KmsProcess, tmp_path: Path) -> None:
     kmount(kvol, kms)
     (kvol.mnt / "balance").write_text("100")
     kvol.umount()
@@ -109,16 +129,31 @@ def test_forked_clone_is_refused(kvol: Volume, kms: KmsProcess, tmp_path: Path) 
 
 
 def test_kms_down_fails_with_clear_message(kvol: Volume, tmp_path: Path) -> None:
-    res = sealfs("mount", str(kvol.backing), str(kvol.mnt), "--kms", "http://127.0.0.1:9",
-                 "--app-id", APP_A.hex(), "--attester", "simulated", "--compose-hash",
-                 COMPOSE_A.hex(), "--kms-deadline", "1", "--kms-public-key", "ab" * 32,
-                 check=False)
+    res = sealfs(
+        "mount",
+        str(kvol.backing),
+        str(kvol.mnt),
+        "--kms",
+        "http://127.0.0.1:9",
+        "--app-id",
+        APP_A.hex(),
+        "--attester",
+        "simulated",
+        "--compose-hash",
+        COMPOSE_A.hex(),
+        "--kms-deadline",
+        "1",
+        "--kms-public-key",
+        "ab" * 32,
+        check=False,
+    )
     assert res.returncode == 8, res.stderr
     assert "not available" in res.stderr and "Traceback" not in res.stderr
 
 
 def test_recovery_mount_leaves_the_volume_mountable_through_the_kms(
-        kvol: Volume, kms: KmsProcess, tmp_path: Path) -> None:
+    kvol: Volume, kms: KmsProcess, tmp_path: Path
+) -> None:
     """A key-file mount (no KMS) writes checkpoints past the anchored commit; they keep the
     heads back to it, so the next KMS mount and `check` both accept the volume; a rollback
     after that is still refused by both."""
@@ -159,8 +194,7 @@ def test_fsync_never_waits_for_an_unreachable_kms(kvol: Volume, state: KmsState)
         gen = journal_generation(kvol.backing)
         assert force_checkpoints(kvol.mnt, kvol.backing, count=2)  # all while the KMS is down
         assert journal_generation(kvol.backing) >= gen + 2
-        server = start_kms(state, "--allow-simulated", log_name="kms-back.log",
-                           port=server.port)
+        server = start_kms(state, "--allow-simulated", log_name="kms-back.log", port=server.port)
         kvol.umount()
         sealfs("check", str(kvol.backing), *args)
         sealfs("mount", str(kvol.backing), str(kvol.mnt), *args)

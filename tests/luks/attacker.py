@@ -90,9 +90,7 @@ def edit_binary(path: Path, offset: int, data: bytes, copies: tuple[int, ...] = 
 
 
 def cryptsetup(*args: str, key: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run(
-        ["cryptsetup", *args], input=key or b"", capture_output=True, check=False
-    )
+    return subprocess.run(["cryptsetup", *args], input=key or b"", capture_output=True, check=False)
 
 
 def cryptsetup_accepts(path: Path) -> bool:
@@ -103,7 +101,12 @@ def cryptsetup_accepts(path: Path) -> bool:
 def cryptsetup_unlocks(path: Path, key: bytes, keyslot: int = 0) -> bool:
     """The key opens the key slot and matches the digest: cryptsetup would activate it."""
     res = cryptsetup(
-        "open", "--test-passphrase", "--key-file=-", "--key-slot", str(keyslot), str(path),
+        "open",
+        "--test-passphrase",
+        "--key-file=-",
+        "--key-slot",
+        str(keyslot),
+        str(path),
         key=key,
     )
     return res.returncode == 0

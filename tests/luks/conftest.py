@@ -54,14 +54,20 @@ def write_key(path: Path, data: bytes, mode: int = 0o600) -> Path:
     return path
 
 
-def sealfs_cli(*args: str, input: bytes | None = None, env: dict[str, str] | None = None,
-               timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def sealfs_cli(
+    *args: str, input: bytes | None = None, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
     """Run the real ``python -m sealfs`` command line."""
     full_env = dict(os.environ)
     full_env.update(env or {})
     return subprocess.run(
-        [sys.executable, "-m", "sealfs", *args], input=input.decode() if input else None,
-        capture_output=True, text=True, timeout=timeout, cwd=REPO, env=full_env,
+        [sys.executable, "-m", "sealfs", *args],
+        input=input.decode() if input else None,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        env=full_env,
     )
 
 
@@ -78,8 +84,9 @@ def golden_recovery(tmp_path_factory: pytest.TempPathFactory) -> Golden:
     path = new_image(tmp_path_factory.mktemp("golden") / "recovery.img")
     key, recovery = os.urandom(32), b"correct horse battery staple\n"
     profile = P.LuksProfile(recovery_slot=True)
-    format_volume(str(path), Secret(key), profile, recovery=Secret(recovery),
-                  recovery_cost=FAST_RECOVERY)
+    format_volume(
+        str(path), Secret(key), profile, recovery=Secret(recovery), recovery_cost=FAST_RECOVERY
+    )
     return Golden(path, key, recovery, profile)
 
 
@@ -97,8 +104,14 @@ def cryptsetup_calls(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     real_run = subprocess.run
 
     def spy(argv: list[str], **kw: Any) -> subprocess.CompletedProcess[bytes]:
-        calls.append({"argv": list(argv), "env": dict(kw.get("env") or {}),
-                      "input": kw.get("input"), "pass_fds": kw.get("pass_fds")})
+        calls.append(
+            {
+                "argv": list(argv),
+                "env": dict(kw.get("env") or {}),
+                "input": kw.get("input"),
+                "pass_fds": kw.get("pass_fds"),
+            }
+        )
         return real_run(argv, **kw)
 
     monkeypatch.setattr(cs.subprocess, "run", spy)

@@ -56,8 +56,17 @@ def test_format_with_recovery_slot(tmp_path: Path) -> None:
     key = write_key(tmp_path / "kms.key", os.urandom(32))
     rec = write_key(tmp_path / "recovery", b"a long recovery passphrase\n")
     # The recovery slot gets cryptsetup's benchmarked argon2id cost (shortened here).
-    res = sealfs_cli("luks", "format", str(img), "--key-file", str(key),
-                     "--recovery-key-file", str(rec), "--recovery-iter-time", "200")
+    res = sealfs_cli(
+        "luks",
+        "format",
+        str(img),
+        "--key-file",
+        str(key),
+        "--recovery-key-file",
+        str(rec),
+        "--recovery-iter-time",
+        "200",
+    )
     assert res.returncode == 0, res.stderr
     assert sealfs_cli("luks", "status", str(img)).returncode == 10
     assert sealfs_cli("luks", "status", str(img), "--recovery-slot").returncode == 0
@@ -92,7 +101,8 @@ def test_key_file_rules(tmp_path: Path) -> None:
     finally:
         os.close(fd)
     secret = KeyFileSource(str(write_key(tmp_path / "ok", b"pass\n"))).luks_passphrase(
-        KeyBinding("app", "vol"))
+        KeyBinding("app", "vol")
+    )
     assert secret.reveal() == b"pass\n"  # verbatim: the newline is part of the passphrase
     assert "pass" not in repr(secret) and "pass" not in str(secret)
 
@@ -112,8 +122,10 @@ def test_bad_input_is_one_line_no_traceback(tmp_path: Path, golden_plain: Golden
         (["luks", "status", str(tmp_path / "nope.img")], 2),
         (["luks", "open", str(golden_plain.path), "bad/name", "--key-file", str(key)], 2),
         (["luks", "header-restore", str(golden_plain.path), str(key)], 10),
-        (["luks", "open", str(golden_plain.path), "x", "--key-file", str(key),
-          "--use-recovery"], 2),
+        (
+            ["luks", "open", str(golden_plain.path), "x", "--key-file", str(key), "--use-recovery"],
+            2,
+        ),
     ]
     for args, code in cases:
         res = sealfs_cli(*args)
@@ -122,18 +134,17 @@ def test_bad_input_is_one_line_no_traceback(tmp_path: Path, golden_plain: Golden
         assert len(lines) == 1 and lines[0].startswith("sealfs: error:"), (args, res.stderr)
 
 
-def test_open_without_device_mapper_is_one_clear_line(tmp_path: Path,
-                                                      golden_plain: Golden) -> None:
+def test_open_without_device_mapper_is_one_clear_line(tmp_path: Path, golden_plain: Golden) -> None:
     if cs.device_mapper_available():
         pytest.skip("this kernel has device-mapper (the VM tests cover open)")
     key = write_key(tmp_path / "k", golden_plain.key)
-    for args in (["open", str(golden_plain.path), "data"],
-                 ["up", str(golden_plain.path), "data", "--mountpoint", str(tmp_path / "m")]):
+    for args in (
+        ["open", str(golden_plain.path), "data"],
+        ["up", str(golden_plain.path), "data", "--mountpoint", str(tmp_path / "m")],
+    ):
         res = sealfs_cli("luks", *args, "--key-file", str(key))
         assert res.returncode == 10
-        assert res.stderr.strip().splitlines() == [
-            "sealfs: error: " + cs.NO_DEVICE_MAPPER
-        ]
+        assert res.stderr.strip().splitlines() == ["sealfs: error: " + cs.NO_DEVICE_MAPPER]
     res = sealfs_cli("luks", "close", "data")
     assert res.returncode == 10 and "device-mapper is not available" in res.stderr
 
@@ -149,16 +160,18 @@ def assert_secrets_only_on_stdin(calls: list[dict[str, Any]], needles: list[byte
         assert "--key-file=-" in call["argv"]
 
 
-def test_secrets_never_in_argv_or_environment(tmp_path: Path,
-                                              cryptsetup_calls: list[dict[str, Any]]) -> None:
+def test_secrets_never_in_argv_or_environment(
+    tmp_path: Path, cryptsetup_calls: list[dict[str, Any]]
+) -> None:
     """Spy on every cryptsetup invocation (the real binary still runs): keys travel only on
     stdin or through a pipe, never in argv or the environment. (The KMS path: test_kms.py.)"""
     calls = cryptsetup_calls
     key, recovery = os.urandom(32), b"recovery-passphrase-for-the-spy-test"
     img = new_image(tmp_path / "vol.img")
     profile = P.LuksProfile(recovery_slot=True)
-    format_volume(str(img), Secret(key), profile, recovery=Secret(recovery),
-                  recovery_cost=FAST_RECOVERY)
+    format_volume(
+        str(img), Secret(key), profile, recovery=Secret(recovery), recovery_cost=FAST_RECOVERY
+    )
     check_volume_key(str(img), Secret(key), profile)
     assert len(calls) == 3
     needles = [key, key.hex().encode(), recovery]
@@ -175,27 +188,35 @@ def run_tool(*args: str, env: dict[str, str] | None = None) -> subprocess.Comple
 
     full = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "SEALFS_PYTHON": sys.executable}
     full.update(env or {})
-    return subprocess.run(["sh", str(TOOL), *args], capture_output=True, text=True, env=full,
-                          timeout=120, check=False)
+    return subprocess.run(
+        ["sh", str(TOOL), *args], capture_output=True, text=True, env=full, timeout=120, check=False
+    )
 
 
 def test_shell_entry_point(tmp_path: Path, golden_plain: Golden, golden_recovery: Golden) -> None:
     res = run_tool("check", str(golden_plain.path))
     assert res.returncode == 0 and "valid sealfs LUKS2 header" in res.stdout
     assert run_tool("check", str(golden_recovery.path)).returncode == 10
-    assert run_tool("check", str(golden_recovery.path),
-                    env={"SEALFS_RECOVERY_SLOT": "1"}).returncode == 0
+    assert (
+        run_tool("check", str(golden_recovery.path), env={"SEALFS_RECOVERY_SLOT": "1"}).returncode
+        == 0
+    )
     res = run_tool("check", str(golden_plain.path), env={"SEALFS_INTEGRITY": "hmac-sha256"})
     assert res.returncode == 10 and "no integrity" in res.stdout
     res = run_tool("up", str(golden_plain.path), "data", str(tmp_path / "m"))
     assert res.returncode == 2 and res.stderr.strip() == (
-        "sealfs: error: set SEALFS_KMS (with SEALFS_APP_ID and SEALFS_VOLUME_ID) or "
-        "SEALFS_KEY_FILE")
+        "sealfs: error: set SEALFS_KMS (with SEALFS_APP_ID and SEALFS_VOLUME_ID) or SEALFS_KEY_FILE"
+    )
     assert run_tool().returncode == 2
     assert run_tool("frobnicate").returncode == 2
     if not cs.device_mapper_available():
         key = write_key(tmp_path / "k", golden_plain.key)
-        res = run_tool("up", str(golden_plain.path), "data", str(tmp_path / "m"),
-                       env={"SEALFS_KEY_FILE": str(key)})
+        res = run_tool(
+            "up",
+            str(golden_plain.path),
+            "data",
+            str(tmp_path / "m"),
+            env={"SEALFS_KEY_FILE": str(key)},
+        )
         assert res.returncode == 10
         assert res.stderr.strip() == "sealfs: error: " + cs.NO_DEVICE_MAPPER

@@ -77,13 +77,19 @@ def _flags(meta: Meta) -> None:
 
 def _integrity_added(meta: Meta) -> None:
     seg(meta)["integrity"] = {
-        "type": "hmac(sha256)", "journal_encryption": "none", "journal_integrity": "none"
+        "type": "hmac(sha256)",
+        "journal_encryption": "none",
+        "journal_integrity": "none",
     }
 
 
 def _pbkdf2_kdf(meta: Meta) -> None:
-    ks(meta)["kdf"] = {"type": "pbkdf2", "hash": "sha256", "iterations": 1000,
-                       "salt": ks(meta)["kdf"]["salt"]}
+    ks(meta)["kdf"] = {
+        "type": "pbkdf2",
+        "hash": "sha256",
+        "iterations": 1000,
+        "salt": ks(meta)["kdf"]["salt"],
+    }
 
 
 def _second_digest(meta: Meta) -> None:
@@ -106,12 +112,17 @@ class Attack:
 ATTACKS = [
     # The dstack advisory (CVE-2025-59054 class): data cipher set to cipher_null. The key slot
     # is untouched, so the CVM's real key still unlocks it and the volume would map plaintext.
-    Attack("segment-cipher-null", _set(seg, "encryption", "cipher_null-ecb"), "cipher_null",
-           True, True),
+    Attack(
+        "segment-cipher-null", _set(seg, "encryption", "cipher_null-ecb"), "cipher_null", True, True
+    ),
     # Key slot encrypted with cipher_null: with an empty passphrase (and with any passphrase
     # before cryptsetup 2.8.1) it opens without the real key.
-    Attack("keyslot-cipher-null",
-           _set(lambda m: ks(m)["area"], "encryption", "cipher_null-ecb"), "cipher_null", True),
+    Attack(
+        "keyslot-cipher-null",
+        _set(lambda m: ks(m)["area"], "encryption", "cipher_null-ecb"),
+        "cipher_null",
+        True,
+    ),
     Attack("segment-linear-plaintext", _linear_segment, "type 'linear'", True),
     Attack("extra-plaintext-segment", _extra_plain_segment, "exactly one segment", True),
     Attack("segment-offset-into-header", _set(seg, "offset", "0"), "data offset", True),
@@ -119,20 +130,33 @@ ATTACKS = [
     Attack("segment-fixed-size", _set(seg, "size", "4096"), "size is fixed", True),
     Attack("segment-iv-tweak", _set(seg, "iv_tweak", "7"), "iv_tweak", True),
     Attack("segment-sector-512", _set(seg, "sector_size", 512), "sector size", True, True),
-    Attack("segment-cbc-essiv", _set(seg, "encryption", "aes-cbc-essiv:sha256"), "cipher", True,
-           True),
+    Attack(
+        "segment-cbc-essiv", _set(seg, "encryption", "aes-cbc-essiv:sha256"), "cipher", True, True
+    ),
     Attack("segment-xts-plain32", _set(seg, "encryption", "aes-xts-plain"), "cipher", True, True),
     Attack("segment-integrity-added", _integrity_added, "has integrity", True, True),
     Attack("segment-flags", _set(seg, "flags", ["backup-final"]), "segment flags", False),
     Attack("extra-keyslot", _extra_keyslot, "keyslots", True, True),
-    Attack("keyslot-area-into-header", _set(lambda m: ks(m)["area"], "offset", "4096"),
-           "outside", False),
-    Attack("keyslot-area-into-data", _set(lambda m: ks(m)["area"], "offset", "16777216"),
-           "outside", False),
+    Attack(
+        "keyslot-area-into-header",
+        _set(lambda m: ks(m)["area"], "offset", "4096"),
+        "outside",
+        False,
+    ),
+    Attack(
+        "keyslot-area-into-data",
+        _set(lambda m: ks(m)["area"], "offset", "16777216"),
+        "outside",
+        False,
+    ),
     Attack("keyslot-area-shrunk", _set(lambda m: ks(m)["area"], "size", "4096"), "size", True),
     Attack("keyslot-kdf-pbkdf2", _pbkdf2_kdf, "argon2id", True),
-    Attack("keyslot-kdf-memory-dos", _set(lambda m: ks(m)["kdf"], "memory", 64 * 1024 * 1024),
-           "memory outside", True),
+    Attack(
+        "keyslot-kdf-memory-dos",
+        _set(lambda m: ks(m)["kdf"], "memory", 64 * 1024 * 1024),
+        "memory outside",
+        True,
+    ),
     Attack("keyslot-priority", _set(ks, "priority", 2), "unexpected field", True, True),
     Attack("keyslot-type-reencrypt", _set(ks, "type", "reencrypt"), "type", False),
     Attack("keyslot-af-stripes", _set(lambda m: ks(m)["af"], "stripes", 1), "stripes", True),
@@ -142,10 +166,10 @@ ATTACKS = [
     Attack("persistent-flags-discards", _flags, "flags", True, True),
     Attack("second-digest", _second_digest, "exactly one digest", False),
     Attack("digest-without-segment", _digest_without_segment, "segment 0", False),
-    Attack("json-size-claim", _set(lambda m: m["config"], "json_size", "4096"), "json_size",
-           False),
-    Attack("unknown-top-level", _set(lambda m: m, "sealfs", {"x": 1}), "unexpected field", True,
-           True),
+    Attack("json-size-claim", _set(lambda m: m["config"], "json_size", "4096"), "json_size", False),
+    Attack(
+        "unknown-top-level", _set(lambda m: m, "sealfs", {"x": 1}), "unexpected field", True, True
+    ),
     Attack("type-confusion-bool", _set(seg, "sector_size", True), "not an integer", False),
 ]
 
@@ -250,8 +274,16 @@ def test_data_hidden_after_json_refused(disk: Path) -> None:
         (300, b"\x01", "reserved bytes"),
         (168, b"not-a-uuid".ljust(40, b"\0"), "malformed UUID"),
     ],
-    ids=["label", "subsystem", "kms-v0", "kms-leading-zero", "kms-too-big", "kms-hidden-bytes",
-         "reserved", "uuid"],
+    ids=[
+        "label",
+        "subsystem",
+        "kms-v0",
+        "kms-leading-zero",
+        "kms-too-big",
+        "kms-hidden-bytes",
+        "reserved",
+        "uuid",
+    ],
 )
 def test_binary_header_fields_refused(disk: Path, offset: int, data: bytes, reason: str) -> None:
     A.edit_binary(disk, offset, data)
@@ -263,8 +295,10 @@ def test_kms_key_version_field(disk: Path) -> None:
     """The one subsystem value sealfs writes is read back as the KMS key version; copies that
     disagree on it are refused like any other disagreement."""
     size = disk.stat().st_size
-    assert H.validate_header_area(bytes(A.read_region(disk)), size, P.LuksProfile()) \
-        .kms_key_version is None
+    assert (
+        H.validate_header_area(bytes(A.read_region(disk)), size, P.LuksProfile()).kms_key_version
+        is None
+    )
     A.edit_binary(disk, 208, b"sealfs-kms-v7")
     info = H.validate_header_area(bytes(A.read_region(disk)), size, P.LuksProfile())
     assert info.kms_key_version == 7
@@ -295,5 +329,6 @@ def test_overlapping_keyslot_areas_refused(golden_recovery: Golden, tmp_path: Pa
     disk = clone(golden_recovery, tmp_path / "r.img")
     A.edit_json(disk, lambda m: ks(m, "1")["area"].update(offset=ks(m, "0")["area"]["offset"]))
     with pytest.raises(H.HeaderRefused, match="overlap"):
-        H.validate_header_area(bytes(A.read_region(disk)), disk.stat().st_size,
-                               golden_recovery.profile)
+        H.validate_header_area(
+            bytes(A.read_region(disk)), disk.stat().st_size, golden_recovery.profile
+        )

@@ -60,8 +60,11 @@ def kms(kms_state: KmsState) -> Iterator[KmsProcess]:
 
 
 def source(kms: KmsProcess, app: bytes = APP_A, compose: bytes | None = None) -> K.KmsKeySource:
-    return K.KmsKeySource(KmsClient(kms.url, app, attester(app, compose), deadline_s=10,
-                                    trusted_keys=[kms.public_key]))
+    return K.KmsKeySource(
+        KmsClient(
+            kms.url, app, attester(app, compose), deadline_s=10, trusted_keys=[kms.public_key]
+        )
+    )
 
 
 def fetch(kms: KmsProcess, app: bytes = APP_A, volume: str = VOLUME, version: int = 1) -> bytes:
@@ -70,12 +73,24 @@ def fetch(kms: KmsProcess, app: bytes = APP_A, volume: str = VOLUME, version: in
     return src.existing_key(src.binding(volume), version).reveal()
 
 
-def kms_args(kms: KmsProcess, app: bytes = APP_A, compose: bytes | None = None,
-             volume: str | None = VOLUME) -> list[str]:
+def kms_args(
+    kms: KmsProcess, app: bytes = APP_A, compose: bytes | None = None, volume: str | None = VOLUME
+) -> list[str]:
     compose = compose if compose is not None else (COMPOSE_A if app == APP_A else COMPOSE_B)
-    args = ["--kms", kms.url, "--app-id", app.hex(), "--attester", "simulated",
-            "--compose-hash", compose.hex(), "--kms-deadline", "5",
-            "--kms-public-key", kms.public_key.hex()]
+    args = [
+        "--kms",
+        kms.url,
+        "--app-id",
+        app.hex(),
+        "--attester",
+        "simulated",
+        "--compose-hash",
+        compose.hex(),
+        "--kms-deadline",
+        "5",
+        "--kms-public-key",
+        kms.public_key.hex(),
+    ]
     return args + (["--volume-id", volume] if volume else [])
 
 
@@ -88,8 +103,9 @@ def one_error_line(stderr: str) -> str:
     return errors[0]
 
 
-def test_format_with_kms_key_opens_only_for_its_app_and_volume(tmp_path: Path,
-                                                                kms: KmsProcess) -> None:
+def test_format_with_kms_key_opens_only_for_its_app_and_volume(
+    tmp_path: Path, kms: KmsProcess
+) -> None:
     img = new_image(tmp_path / "vol.img")
     res = sealfs_cli("luks", "format", str(img), *kms_args(kms), "--json")
     assert res.returncode == 0, res.stderr
@@ -99,7 +115,7 @@ def test_format_with_kms_key_opens_only_for_its_app_and_volume(tmp_path: Path,
     # The key version is recorded in the subsystem field of both header copies.
     region = A.read_region(img)
     for copy in (0, P.HDR_SIZE):
-        field = bytes(region[copy + SUBSYSTEM_OFFSET:copy + SUBSYSTEM_OFFSET + 48])
+        field = bytes(region[copy + SUBSYSTEM_OFFSET : copy + SUBSYSTEM_OFFSET + 48])
         assert field.rstrip(b"\0") == b"sealfs-kms-v1"
     status = json.loads(sealfs_cli("luks", "status", str(img), "--json").stdout)
     assert status["valid"] and status["header"]["kms_key_version"] == 1
@@ -126,8 +142,9 @@ def test_format_with_kms_key_opens_only_for_its_app_and_volume(tmp_path: Path,
     assert sealfs_cli("luks", "check-key", str(img), "--key-file", str(keyfile)).returncode == 0
 
 
-def test_passphrase_is_the_kms_key_for_app_purpose_and_volume(kms_state: KmsState,
-                                                              kms: KmsProcess) -> None:
+def test_passphrase_is_the_kms_key_for_app_purpose_and_volume(
+    kms_state: KmsState, kms: KmsProcess
+) -> None:
     """The passphrase is the hex of HKDF(root, purpose luks-passphrase, app id, version,
     volume id): the KMS's own derivation, bound to exactly this app and volume."""
     assert K.PURPOSE_LUKS == PURPOSE_LUKS_PASSPHRASE
@@ -140,8 +157,11 @@ def test_passphrase_is_the_kms_key_for_app_purpose_and_volume(kms_state: KmsStat
 
 
 def test_kms_passphrase_never_in_argv_environment_or_files(
-        tmp_path: Path, kms: KmsProcess, cryptsetup_calls: list[dict[str, Any]],
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path,
+    kms: KmsProcess,
+    cryptsetup_calls: list[dict[str, Any]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """The whole CLI path (KMS exchange, format with a recovery slot, key check), run in this
     process so that every cryptsetup call is seen: the KMS passphrase goes in on stdin only,
     the recovery passphrase through a pipe; neither is in argv, the environment, or any file
@@ -153,11 +173,23 @@ def test_kms_passphrase_never_in_argv_environment_or_files(
     rec_bytes = b"recovery passphrase of the kms spy test"
     rec = write_key(tmp_path / "rec", rec_bytes)
     runner = CliRunner()
-    res = runner.invoke(main, ["luks", "format", str(img), *kms_args(kms, volume="spy"),
-                               "--recovery-key-file", str(rec), "--recovery-iter-time", "100"])
+    res = runner.invoke(
+        main,
+        [
+            "luks",
+            "format",
+            str(img),
+            *kms_args(kms, volume="spy"),
+            "--recovery-key-file",
+            str(rec),
+            "--recovery-iter-time",
+            "100",
+        ],
+    )
     assert res.exit_code == 0, res.output
-    res = runner.invoke(main, ["luks", "check-key", str(img), *kms_args(kms, volume="spy"),
-                               "--recovery-slot"])
+    res = runner.invoke(
+        main, ["luks", "check-key", str(img), *kms_args(kms, volume="spy"), "--recovery-slot"]
+    )
     assert res.exit_code == 0, res.output
     key = fetch(kms, volume="spy")
     raw = bytes.fromhex(key.decode())
@@ -185,9 +217,22 @@ def test_cli_key_options_are_one_line_errors(tmp_path: Path, kms: KmsProcess) ->
     img = new_image(tmp_path / "vol.img")
     key = write_key(tmp_path / "k", os.urandom(32))
     rec = write_key(tmp_path / "rec", b"recovery passphrase")
-    dead = ["--kms", "http://127.0.0.1:9", "--app-id", APP_A.hex(), "--attester", "simulated",
-            "--compose-hash", COMPOSE_A.hex(), "--volume-id", VOLUME, "--kms-deadline", "0.5",
-            "--kms-public-key", kms.public_key.hex()]
+    dead = [
+        "--kms",
+        "http://127.0.0.1:9",
+        "--app-id",
+        APP_A.hex(),
+        "--attester",
+        "simulated",
+        "--compose-hash",
+        COMPOSE_A.hex(),
+        "--volume-id",
+        VOLUME,
+        "--kms-deadline",
+        "0.5",
+        "--kms-public-key",
+        kms.public_key.hex(),
+    ]
     unpinned = dead[:-2]
     cases: list[tuple[list[str], int, str]] = [
         (["format", str(img), *dead], 8, "not available"),
@@ -198,14 +243,34 @@ def test_cli_key_options_are_one_line_errors(tmp_path: Path, kms: KmsProcess) ->
         (["format", str(img), *kms_args(kms), "--key-file", str(key)], 2, "exactly one"),
         (["format", str(img)], 2, "exactly one"),
         (["format", str(img), *kms_args(kms, app=b"\x01" * 65)], 8, "app id"),
-        (["check-key", str(img), *kms_args(kms), "--recovery-slot", "--use-recovery"], 2,
-         "from --key-file"),
-        (["open", str(img), "x", *kms_args(kms), "--recovery-slot", "--use-recovery"], 2,
-         "from --key-file"),
+        (
+            ["check-key", str(img), *kms_args(kms), "--recovery-slot", "--use-recovery"],
+            2,
+            "from --key-file",
+        ),
+        (
+            ["open", str(img), "x", *kms_args(kms), "--recovery-slot", "--use-recovery"],
+            2,
+            "from --key-file",
+        ),
     ]
     if not cs.device_mapper_available():
-        cases.append((["up", str(img), "x", "--fs", "none", *kms_args(kms),
-                       "--recovery-key-file", str(rec)], 10, "device-mapper"))
+        cases.append(
+            (
+                [
+                    "up",
+                    str(img),
+                    "x",
+                    "--fs",
+                    "none",
+                    *kms_args(kms),
+                    "--recovery-key-file",
+                    str(rec),
+                ],
+                10,
+                "device-mapper",
+            )
+        )
     for args, code, text in cases:
         res = sealfs_cli("luks", *args)
         assert res.returncode == code, (args, res.stderr)
@@ -217,13 +282,22 @@ def test_cli_key_options_are_one_line_errors(tmp_path: Path, kms: KmsProcess) ->
 def test_recovery_slot_next_to_the_kms_slot(tmp_path: Path, kms: KmsProcess) -> None:
     img = new_image(tmp_path / "vol.img")
     rec = write_key(tmp_path / "rec", b"a recovery passphrase for the kms volume\n")
-    res = sealfs_cli("luks", "format", str(img), *kms_args(kms), "--recovery-key-file",
-                     str(rec), "--recovery-iter-time", "100")
+    res = sealfs_cli(
+        "luks",
+        "format",
+        str(img),
+        *kms_args(kms),
+        "--recovery-key-file",
+        str(rec),
+        "--recovery-iter-time",
+        "100",
+    )
     assert res.returncode == 0, res.stderr
     ok = sealfs_cli("luks", "check-key", str(img), *kms_args(kms), "--recovery-slot")
     assert ok.returncode == 0, ok.stderr
-    res = sealfs_cli("luks", "check-key", str(img), "--key-file", str(rec), "--recovery-slot",
-                     "--use-recovery")
+    res = sealfs_cli(
+        "luks", "check-key", str(img), "--key-file", str(rec), "--recovery-slot", "--use-recovery"
+    )
     assert res.returncode == 0 and "key slot 1" in res.stdout, res.stderr
     # The recovery passphrase does not open the KMS slot, nor the KMS key the recovery slot.
     assert not A.cryptsetup_unlocks(img, rec.read_bytes(), keyslot=0)
@@ -266,8 +340,11 @@ def test_key_version_recorded_rotation_and_host_edits(tmp_path: Path) -> None:
         res = sealfs_cli("luks", "format", str(fresh), *kms_args(server), "--json")
         assert json.loads(res.stdout)["kms_key_version"] == 2, res.stderr
         assert opens(fresh) == 0
-        check_volume_key(str(fresh), lambda info: src.existing_key(binding, info.kms_key_version),
-                         P.LuksProfile())
+        check_volume_key(
+            str(fresh),
+            lambda info: src.existing_key(binding, info.kms_key_version),
+            P.LuksProfile(),
+        )
     finally:
         server.stop()
 
@@ -276,18 +353,26 @@ def test_shell_tool_with_kms(tmp_path: Path, kms: KmsProcess) -> None:
     img = new_image(tmp_path / "vol.img")
     res = sealfs_cli("luks", "format", str(img), *kms_args(kms))
     assert res.returncode == 0, res.stderr
-    env = {"SEALFS_KMS": kms.url, "SEALFS_APP_ID": APP_A.hex(), "SEALFS_ATTESTER": "simulated",
-           "SEALFS_COMPOSE_HASH": COMPOSE_A.hex(), "SEALFS_VOLUME_ID": VOLUME,
-           "SEALFS_KMS_DEADLINE": "5", "SEALFS_KMS_PUBLIC_KEY": kms.public_key.hex()}
+    env = {
+        "SEALFS_KMS": kms.url,
+        "SEALFS_APP_ID": APP_A.hex(),
+        "SEALFS_ATTESTER": "simulated",
+        "SEALFS_COMPOSE_HASH": COMPOSE_A.hex(),
+        "SEALFS_VOLUME_ID": VOLUME,
+        "SEALFS_KMS_DEADLINE": "5",
+        "SEALFS_KMS_PUBLIC_KEY": kms.public_key.hex(),
+    }
     res = run_tool("check-key", str(img), env=env)
     assert res.returncode == 0 and "opens key slot 0" in res.stdout, res.stderr
     res = run_tool("check-key", str(img), env={**env, "SEALFS_VOLUME_ID": "other"})
     assert res.returncode == 3, res.stderr
-    res = run_tool("check-key", str(img), env={k: v for k, v in env.items()
-                                                 if k != "SEALFS_VOLUME_ID"})
+    res = run_tool(
+        "check-key", str(img), env={k: v for k, v in env.items() if k != "SEALFS_VOLUME_ID"}
+    )
     assert res.returncode == 2 and "SEALFS_VOLUME_ID" in one_error_line(res.stderr)
-    res = run_tool("check-key", str(img), env={k: v for k, v in env.items()
-                                                 if k != "SEALFS_APP_ID"})
+    res = run_tool(
+        "check-key", str(img), env={k: v for k, v in env.items() if k != "SEALFS_APP_ID"}
+    )
     assert res.returncode == 2 and "SEALFS_APP_ID" in one_error_line(res.stderr)
     if not cs.device_mapper_available():
         res = run_tool("up", str(img), "data", str(tmp_path / "m"), env=env)

@@ -38,7 +38,10 @@ def test_sealfs_header_accepted(golden_plain: Golden) -> None:
     meta = A.cryptsetup_json(golden_plain.path)
     assert meta["segments"]["0"]["encryption"] == "aes-xts-plain64"
     assert meta["segments"]["0"]["sector_size"] == 4096
-    assert meta["keyslots"]["0"]["key_size"] == 64 and meta["keyslots"]["0"]["kdf"]["type"] == "argon2id"
+    assert (
+        meta["keyslots"]["0"]["key_size"] == 64
+        and meta["keyslots"]["0"]["kdf"]["type"] == "argon2id"
+    )
 
 
 def test_recovery_slot_accepted_and_both_keys_unlock(golden_recovery: Golden) -> None:
@@ -46,12 +49,12 @@ def test_recovery_slot_accepted_and_both_keys_unlock(golden_recovery: Golden) ->
     info = check_volume_key(str(golden_recovery.path), Secret(golden_recovery.key), profile)
     assert info.keyslots == (0, 1)
     assert golden_recovery.recovery is not None
-    check_volume_key(str(golden_recovery.path), Secret(golden_recovery.recovery), profile,
-                     keyslot=1)
+    check_volume_key(
+        str(golden_recovery.path), Secret(golden_recovery.recovery), profile, keyslot=1
+    )
     # Each key opens its own slot only.
     with pytest.raises(UnlockError):
-        check_volume_key(str(golden_recovery.path), Secret(golden_recovery.key), profile,
-                         keyslot=1)
+        check_volume_key(str(golden_recovery.path), Secret(golden_recovery.key), profile, keyslot=1)
 
 
 def test_wrong_key_is_an_unlock_error(golden_plain: Golden) -> None:
@@ -74,8 +77,18 @@ def test_wrong_key_is_an_unlock_error(golden_plain: Golden) -> None:
 def test_other_cryptsetup_shapes_refused(tmp_path: Path, extra: list[str]) -> None:
     """Real headers cryptsetup makes with other options are not sealfs's shape."""
     img = new_image(tmp_path / "other.img")
-    res = A.cryptsetup("luksFormat", "--type", "luks2", "--batch-mode", "--key-file=-",
-                       "--pbkdf", "argon2id", *extra, str(img), key=b"k" * 32)
+    res = A.cryptsetup(
+        "luksFormat",
+        "--type",
+        "luks2",
+        "--batch-mode",
+        "--key-file=-",
+        "--pbkdf",
+        "argon2id",
+        *extra,
+        str(img),
+        key=b"k" * 32,
+    )
     assert res.returncode == 0, res.stderr
     with pytest.raises(H.HeaderRefused):
         H.validate_header_area(bytes(A.read_region(img)), IMAGE_SIZE, P.LuksProfile())
@@ -83,8 +96,17 @@ def test_other_cryptsetup_shapes_refused(tmp_path: Path, extra: list[str]) -> No
 
 def test_luks1_refused(tmp_path: Path) -> None:
     img = new_image(tmp_path / "luks1.img")
-    res = A.cryptsetup("luksFormat", "--type", "luks1", "--batch-mode", "--key-file=-",
-                       "--pbkdf-force-iterations", "1000", str(img), key=b"k" * 32)
+    res = A.cryptsetup(
+        "luksFormat",
+        "--type",
+        "luks1",
+        "--batch-mode",
+        "--key-file=-",
+        "--pbkdf-force-iterations",
+        "1000",
+        str(img),
+        key=b"k" * 32,
+    )
     assert res.returncode == 0, res.stderr
     report = inspect_device(str(img), P.LuksProfile())
     assert report.state == "luks" and not report.valid
@@ -172,8 +194,9 @@ def test_header_backup_and_restore(disk: Path, golden_plain: Golden, tmp_path: P
     check_volume_key(str(disk), Secret(golden_plain.key), P.LuksProfile())
 
 
-def test_restore_refuses_to_replace_a_valid_header(disk: Path, tmp_path: Path,
-                                                   golden_recovery: Golden) -> None:
+def test_restore_refuses_to_replace_a_valid_header(
+    disk: Path, tmp_path: Path, golden_recovery: Golden
+) -> None:
     other = clone(golden_recovery, tmp_path / "other.img")
     backup = tmp_path / "other.backup"
     header_backup(str(other), str(backup), golden_recovery.profile)
@@ -200,8 +223,9 @@ def test_snapshot_from_bytes_rejects_wrong_size() -> None:
         HeaderSnapshot.from_bytes(b"short", 1 << 30)
 
 
-@pytest.mark.parametrize("point", ["header-body-written", "header-secondary-magic-written",
-                                   "header-committed"])
+@pytest.mark.parametrize(
+    "point", ["header-body-written", "header-secondary-magic-written", "header-committed"]
+)
 def test_format_crash_points(tmp_path: Path, point: str) -> None:
     """Kill a real format at each write of the header commit; the next run finishes or
     accepts it, and the key opens the result (the rest of first boot runs in the VM)."""

@@ -32,16 +32,22 @@ def _inner_tests() -> list[str]:
     names = []
     for path in sorted(DM_TESTS.glob("test_*.py")):
         tree = ast.parse(path.read_text())
-        names += [n.name for n in tree.body
-                  if isinstance(n, ast.FunctionDef) and n.name.startswith("test_")]
+        names += [
+            n.name
+            for n in tree.body
+            if isinstance(n, ast.FunctionDef) and n.name.startswith("test_")
+        ]
     return names
 
 
 def _why_not() -> str | None:
     if device_mapper_available():
         return "this kernel has device-mapper: tests/luks/dm runs directly, no VM needed"
-    for tool, package in (("qemu-system-x86_64", "qemu-system-x86"),
-                          ("busybox", "busybox-static"), ("dpkg-deb", "dpkg")):
+    for tool, package in (
+        ("qemu-system-x86_64", "qemu-system-x86"),
+        ("busybox", "busybox-static"),
+        ("dpkg-deb", "dpkg"),
+    ):
         if shutil.which(tool) is None:
             return f"{tool} not installed (apt-get install {package})"
     return None
@@ -88,9 +94,21 @@ def vm_run(tmp_path_factory: pytest.TempPathFactory) -> VmRun:
         f"--junitxml=/run/sealfs-vm/junit.xml {DM_TESTS}\n"
     )
     proc = subprocess.run(
-        ["bash", str(REPO / "tools" / "vm" / "run.sh"), "--timeout", str(VM_TIMEOUT),
-         "--disk", str(disk), "--work", str(work), str(job)],
-        capture_output=True, text=True, check=False, timeout=VM_TIMEOUT + 300,
+        [
+            "bash",
+            str(REPO / "tools" / "vm" / "run.sh"),
+            "--timeout",
+            str(VM_TIMEOUT),
+            "--disk",
+            str(disk),
+            "--work",
+            str(work),
+            str(job),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=VM_TIMEOUT + 300,
     )
     run = VmRun(proc.returncode, proc.stdout + proc.stderr)
     junit = work / "junit.xml"

@@ -26,18 +26,23 @@ def vol(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Volume]:
     v.unmount_after_test()
 
 
-def run(*args: str | Path, cwd: Path | None = None, env: dict[str, str] | None = None
-        ) -> str:
-    res = subprocess.run([str(a) for a in args], cwd=cwd, capture_output=True, text=True,
-                         timeout=300, env={**os.environ, **(env or {})})
-    assert res.returncode == 0, (f"{' '.join(map(str, args))} failed ({res.returncode}):\n"
-                                 f"{res.stdout}\n{res.stderr}")
+def run(*args: str | Path, cwd: Path | None = None, env: dict[str, str] | None = None) -> str:
+    res = subprocess.run(
+        [str(a) for a in args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **(env or {})},
+    )
+    assert res.returncode == 0, (
+        f"{' '.join(map(str, args))} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}"
+    )
     return res.stdout
 
 
 def clean_log(v: Volume) -> None:
-    bad = [line for line in v.log_text().splitlines()
-           if "Traceback" in line or " ERROR " in line]
+    bad = [line for line in v.log_text().splitlines() if "Traceback" in line or " ERROR " in line]
     assert not bad, "\n".join(bad)
 
 
@@ -48,7 +53,8 @@ def make_tree(root: Path) -> None:
     for i in range(50):
         (root / "dir" / f"file{i}.txt").write_text(f"file {i}\n" * (i * 37 + 1))
     (root / "dir" / "sub" / "binary").write_bytes(
-        b"".join(hashlib.sha256(str(i).encode()).digest() for i in range(40_000)))
+        b"".join(hashlib.sha256(str(i).encode()).digest() for i in range(40_000))
+    )
     with open(root / "sparse", "wb") as f:
         f.seek(20 << 20)
         f.write(b"end of sparse file")
@@ -82,15 +88,23 @@ def tree_digest(root: Path) -> dict[str, tuple]:
                 extra = os.readlink(p)
             xattrs = ()
             if not stat.S_ISLNK(kind):
-                xattrs = tuple(sorted((n, os.getxattr(p, n)) for n in os.listxattr(p)
-                                      if n.startswith("user.")))
+                xattrs = tuple(
+                    sorted((n, os.getxattr(p, n)) for n in os.listxattr(p) if n.startswith("user."))
+                )
             mtime = st.st_mtime_ns if not stat.S_ISDIR(kind) else None
-            out[rel] = (kind, stat.S_IMODE(st.st_mode), st.st_size if not stat.S_ISDIR(kind)
-                        else None, extra, mtime, xattrs)
+            out[rel] = (
+                kind,
+                stat.S_IMODE(st.st_mode),
+                st.st_size if not stat.S_ISDIR(kind) else None,
+                extra,
+                mtime,
+                xattrs,
+            )
     return out
 
 
 # --- SQLite ------------------------------------------------------------------------------
+
 
 def test_sqlite_wal(vol: Volume) -> None:
     db = vol.mnt / "app.db"
@@ -120,9 +134,13 @@ def test_sqlite_wal(vol: Volume) -> None:
         con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         con.execute("VACUUM")
         assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-        digest = hashlib.sha256(b"".join(
-            r[0] + r[1] for r in con.execute("SELECT k, hex(v) FROM t ORDER BY id")
-            .fetchall() for r in [(r[0].encode(), r[1].encode())])).hexdigest()
+        digest = hashlib.sha256(
+            b"".join(
+                r[0] + r[1]
+                for r in con.execute("SELECT k, hex(v) FROM t ORDER BY id").fetchall()
+                for r in [(r[0].encode(), r[1].encode())]
+            )
+        ).hexdigest()
     finally:
         con.close()
     vol.umount()
@@ -131,9 +149,13 @@ def test_sqlite_wal(vol: Volume) -> None:
     try:
         assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         assert con.execute("SELECT count(*) FROM t").fetchone()[0] == count
-        again = hashlib.sha256(b"".join(
-            r[0] + r[1] for r in con.execute("SELECT k, hex(v) FROM t ORDER BY id")
-            .fetchall() for r in [(r[0].encode(), r[1].encode())])).hexdigest()
+        again = hashlib.sha256(
+            b"".join(
+                r[0] + r[1]
+                for r in con.execute("SELECT k, hex(v) FROM t ORDER BY id").fetchall()
+                for r in [(r[0].encode(), r[1].encode())]
+            )
+        ).hexdigest()
         assert again == digest
     finally:
         con.close()
@@ -142,9 +164,14 @@ def test_sqlite_wal(vol: Volume) -> None:
 
 # --- git ---------------------------------------------------------------------------------
 
-GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com",
-           "GIT_CONFIG_NOSYSTEM": "1", "HOME": "/nonexistent"}
+GIT_ENV = {
+    "GIT_AUTHOR_NAME": "t",
+    "GIT_AUTHOR_EMAIL": "t@example.com",
+    "GIT_COMMITTER_NAME": "t",
+    "GIT_COMMITTER_EMAIL": "t@example.com",
+    "GIT_CONFIG_NOSYSTEM": "1",
+    "HOME": "/nonexistent",
+}
 
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
@@ -179,6 +206,7 @@ def test_git(vol: Volume) -> None:
 
 # --- tar ---------------------------------------------------------------------------------
 
+
 def test_tar(vol: Volume, tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()
@@ -206,8 +234,11 @@ def test_tar(vol: Volume, tmp_path: Path) -> None:
 
 # --- rsync -------------------------------------------------------------------------------
 
-@pytest.mark.skipif(shutil.which("rsync") is None,
-                    reason="rsync is not installed (add it to APT_PACKAGES in the Makefile)")
+
+@pytest.mark.skipif(
+    shutil.which("rsync") is None,
+    reason="rsync is not installed (add it to APT_PACKAGES in the Makefile)",
+)
 def test_rsync(vol: Volume, tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()

@@ -58,8 +58,6 @@ BS = 4096
 MARK = "QZXJ7"  # marker for the confidentiality scan; appears only in plaintext
 
 
-
-
 FILES: dict[str, int] = {
     "/a.txt": 3 * BS + 100,
     "/b.txt": 2 * BS + 10,
@@ -109,8 +107,9 @@ def _build_template(base: Path, comp: str) -> Template:
     files = expected_files()
     try:
         # The file to be replayed: version 1 committed, its objects saved, then version 2.
-        old_replay, old_paths = committed_version(vol, REPLAY,
-                                                  make_content(REPLAY + ":v1", 2 * BS + 7))
+        old_replay, old_paths = committed_version(
+            vol, REPLAY, make_content(REPLAY + ":v1", 2 * BS + 7)
+        )
         vol.mount()
         _populate(vol.mnt, files)
         unmount(vol)
@@ -122,8 +121,15 @@ def _build_template(base: Path, comp: str) -> Template:
     finally:
         for v in (vol, other):
             force_unmount(v)
-    return Template(vol, layout(vol.backing, vol.key), comp, old_replay, old_paths, other,
-                    layout(other.backing, other.key))
+    return Template(
+        vol,
+        layout(vol.backing, vol.key),
+        comp,
+        old_replay,
+        old_paths,
+        other,
+        layout(other.backing, other.key),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -140,8 +146,7 @@ def templates(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Templ
 
 
 @pytest.fixture
-def template(request: pytest.FixtureRequest,
-             templates: Callable[[str], Template]) -> Template:
+def template(request: pytest.FixtureRequest, templates: Callable[[str], Template]) -> Template:
     """The template volume; compression "none" unless parametrised indirectly."""
     return templates(getattr(request, "param", "none"))
 
@@ -150,6 +155,7 @@ both_compressions = pytest.mark.parametrize("template", ["none", "lz4"], indirec
 
 
 # --- helpers ---------------------------------------------------------------------------------
+
 
 @pytest.fixture
 def victim(template: Template, tmp_path: Path) -> Iterator[Volume]:
@@ -175,8 +181,11 @@ def where(vol: Volume, template: Template) -> Callable[[str], Entry]:
 
     def find(path: str) -> Entry:
         e = template.layout[path]
-        return replace(e, record=rebase(vol, template, e.record),
-                       blocks={i: rebase(vol, template, b) for i, b in e.blocks.items()})
+        return replace(
+            e,
+            record=rebase(vol, template, e.record),
+            blocks={i: rebase(vol, template, b) for i, b in e.blocks.items()},
+        )
 
     return find
 
@@ -210,7 +219,8 @@ def assert_log_names(vol: Volume, *paths: str) -> None:
     lines = [ln for ln in vol.log_text().splitlines() if "verification" in ln]
     for path in paths:
         assert any(f" {path} " in ln or f" {path}:" in ln for ln in lines), (
-            f"daemon log does not name {path} as damaged:\n" + vol.log_text())
+            f"daemon log does not name {path} as damaged:\n" + vol.log_text()
+        )
 
 
 def assert_log_only_names(vol: Volume, damaged: set[str]) -> None:
@@ -255,13 +265,22 @@ def mount_and_check(vol: Volume, damaged: dict[str, Callable[[Path], object]]) -
 
 
 def mount_refused(vol: Volume) -> subprocess.CompletedProcess[str]:
-    res = sealfs("mount", str(vol.backing), str(vol.mnt), "--key-file", str(vol.key),
-                 "--log-file", str(vol.log), check=False)
+    res = sealfs(
+        "mount",
+        str(vol.backing),
+        str(vol.mnt),
+        "--key-file",
+        str(vol.key),
+        "--log-file",
+        str(vol.log),
+        check=False,
+    )
     assert not is_mounted(vol.mnt), "a refused mount left a mount behind"
     return res
 
 
 # --- data blocks ------------------------------------------------------------------------------
+
 
 @both_compressions
 def test_bitflip_in_data_block(template: Template, victim: Volume) -> None:
@@ -331,15 +350,19 @@ def test_replay_old_copy_of_block(template: Template, victim: Volume) -> None:
 
 # --- inode records, directories, whole files --------------------------------------------------
 
+
 def _stat(p: Path) -> object:
     return os.stat(p)
 
 
-@pytest.mark.parametrize("target,probe", [
-    ("/c.txt", _stat), ("/dir", os.listdir), (LINK, os.readlink)],
-    ids=["file", "dir", "symlink"])
-def test_bitflip_in_inode_record(template: Template, victim: Volume, target: str,
-                                 probe: Callable[[Path], object]) -> None:
+@pytest.mark.parametrize(
+    "target,probe",
+    [("/c.txt", _stat), ("/dir", os.listdir), (LINK, os.readlink)],
+    ids=["file", "dir", "symlink"],
+)
+def test_bitflip_in_inode_record(
+    template: Template, victim: Volume, target: str, probe: Callable[[Path], object]
+) -> None:
     e = where(victim, template)(target)
     flip_bit(e.record, offset=40)
     mount_and_check(victim, {target: probe})
@@ -352,8 +375,7 @@ def test_delete_inode_record_of_file(template: Template, victim: Volume) -> None
     assert "missing" in victim.log_text()
 
 
-def test_delete_directory_record_fails_only_its_subtree(template: Template,
-                                                        victim: Volume) -> None:
+def test_delete_directory_record_fails_only_its_subtree(template: Template, victim: Volume) -> None:
     e = where(victim, template)("/dir")
     e.record.unlink()
     mnt = victim.mount()
@@ -405,6 +427,7 @@ def test_replay_old_copy_of_file(template: Template, victim: Volume) -> None:
 
 # --- other volumes -----------------------------------------------------------------------------
 
+
 @both_compressions
 def test_object_from_another_volume(template: Template, victim: Volume) -> None:
     """Block 0 of the other volume's /a.txt (same plaintext, same path) replaces ours."""
@@ -420,8 +443,9 @@ def test_record_from_another_volume(template: Template, victim: Volume) -> None:
 
 
 @pytest.mark.parametrize("what", ["checkpoint", "journal", "both"])
-def test_metadata_from_another_volume_is_refused(template: Template, victim: Volume,
-                                                 what: str) -> None:
+def test_metadata_from_another_volume_is_refused(
+    template: Template, victim: Volume, what: str
+) -> None:
     ol, ml = template.other_layout, template.layout
     if what in ("checkpoint", "both"):
         shutil.copyfile(ol.checkpoint, rebase(victim, template, ml.checkpoint))
@@ -438,12 +462,20 @@ def test_metadata_from_another_volume_is_refused(template: Template, victim: Vol
 
 # --- confidentiality ---------------------------------------------------------------------------
 
+
 def test_no_plaintext_in_backing_directory(template: Template) -> None:
     """Names, contents, xattr names/values and symlink targets never appear in the backing
     directory, neither in file names nor in file contents (raw, UTF-16 or hex)."""
-    needles = [MARK.encode(), LINK_TARGET.encode(), XATTR_VALUE, XATTR_NAME.encode(),
-               b"plain-name", b"secret-dir", make_content("/c.txt", 300)[:24],
-               make_content("/a.txt", BS)[:24]]
+    needles = [
+        MARK.encode(),
+        LINK_TARGET.encode(),
+        XATTR_VALUE,
+        XATTR_NAME.encode(),
+        b"plain-name",
+        b"secret-dir",
+        make_content("/c.txt", 300)[:24],
+        make_content("/a.txt", BS)[:24],
+    ]
     forms = set()
     for n in needles:
         forms |= {n, n.decode().encode("utf-16-le"), n.hex().encode()}
@@ -460,6 +492,7 @@ def test_no_plaintext_in_backing_directory(template: Template) -> None:
 
 # --- header ------------------------------------------------------------------------------------
 
+
 def _edit_header(vol: Volume, **changes: object) -> None:
     p = vol.backing / "sealfs.header"
     doc = json.loads(p.read_text())
@@ -468,8 +501,9 @@ def _edit_header(vol: Volume, **changes: object) -> None:
 
 
 @pytest.mark.parametrize("field,value", [("block_size", 2 * BS), ("compression", "toggle")])
-def test_header_parameter_edit_is_refused_as_tampering(template: Template, victim: Volume,
-                                                       field: str, value: object) -> None:
+def test_header_parameter_edit_is_refused_as_tampering(
+    template: Template, victim: Volume, field: str, value: object
+) -> None:
     if value == "toggle":
         value = "none" if template.compression == "lz4" else "lz4"
     _edit_header(victim, **{field: value})
@@ -486,8 +520,7 @@ def test_corrupt_header_json_is_a_format_error(template: Template, victim: Volum
     assert "JSON" in res.stderr or "header" in res.stderr, res.stderr
 
 
-def test_newer_header_format_version_is_refused_clearly(template: Template,
-                                                        victim: Volume) -> None:
+def test_newer_header_format_version_is_refused_clearly(template: Template, victim: Volume) -> None:
     _edit_header(victim, format_version=99)
     res = mount_refused(victim)
     assert res.returncode == 4, res.stderr
@@ -496,12 +529,12 @@ def test_newer_header_format_version_is_refused_clearly(template: Template,
 
 # --- checkpoint and journal --------------------------------------------------------------------
 
+
 def _need_frames(template: Template, n: int) -> None:
     assert len(template.layout.journal_frames) >= n, template.layout.journal_frames
 
 
-def test_bitflip_in_middle_journal_record_is_refused(template: Template,
-                                                    victim: Volume) -> None:
+def test_bitflip_in_middle_journal_record_is_refused(template: Template, victim: Volume) -> None:
     _need_frames(template, 3)
     off, length = template.layout.journal_frames[1]
     flip_bit(rebase(victim, template, template.layout.journal), off + FRAME_HEADER + length // 2)
@@ -512,15 +545,24 @@ def test_bitflip_in_middle_journal_record_is_refused(template: Template,
     assert f"journal record {second} failed verification" in res.stderr, res.stderr
 
 
-def test_bitflip_in_length_of_middle_journal_record_is_refused(template: Template,
-                                                              victim: Volume) -> None:
+def test_bitflip_in_length_of_middle_journal_record_is_refused(
+    template: Template, victim: Volume
+) -> None:
     """A flipped bit in the length prefix of a middle record is tampering too: a crash tears
     only the last append, so the records behind it must not silently vanish."""
     _need_frames(template, 3)
     off, _ = template.layout.journal_frames[1]
     flip_bit(rebase(victim, template, template.layout.journal), off + 1)  # length += 65536
-    res = sealfs("mount", str(victim.backing), str(victim.mnt), "--key-file", str(victim.key),
-                 "--log-file", str(victim.log), check=False)
+    res = sealfs(
+        "mount",
+        str(victim.backing),
+        str(victim.mnt),
+        "--key-file",
+        str(victim.key),
+        "--log-file",
+        str(victim.log),
+        check=False,
+    )
     if is_mounted(victim.mnt):
         try:
             os.listdir(victim.mnt)
@@ -536,7 +578,7 @@ def test_reordered_journal_records_are_refused(template: Template, victim: Volum
     j = rebase(victim, template, template.layout.journal)
     data = j.read_bytes()
     (o0, l0), (o1, l1) = template.layout.journal_frames[:2]
-    j.write_bytes(data[o1:o1 + l1] + data[o0:o0 + l0] + data[o1 + l1:])
+    j.write_bytes(data[o1 : o1 + l1] + data[o0 : o0 + l0] + data[o1 + l1 :])
     res = mount_refused(victim)
     assert res.returncode == 5, res.stderr
 
@@ -546,14 +588,13 @@ def test_deleted_middle_journal_record_is_refused(template: Template, victim: Vo
     j = rebase(victim, template, template.layout.journal)
     data = j.read_bytes()
     off, length = template.layout.journal_frames[0]
-    j.write_bytes(data[:off] + data[off + length:])
+    j.write_bytes(data[:off] + data[off + length :])
     res = mount_refused(victim)
     assert res.returncode == 5, res.stderr
 
 
 @pytest.mark.parametrize("attack", ["bitflip", "truncate", "delete"])
-def test_checkpoint_tampering_is_refused(template: Template, victim: Volume,
-                                         attack: str) -> None:
+def test_checkpoint_tampering_is_refused(template: Template, victim: Volume, attack: str) -> None:
     cp = rebase(victim, template, template.layout.checkpoint)
     if attack == "bitflip":
         flip_bit(cp)
@@ -573,8 +614,9 @@ def test_deleted_journal_is_refused(template: Template, victim: Volume) -> None:
     assert "journal" in res.stderr, res.stderr
 
 
-def test_garbage_appended_to_journal_is_a_harmless_torn_tail(template: Template,
-                                                             victim: Volume) -> None:
+def test_garbage_appended_to_journal_is_a_harmless_torn_tail(
+    template: Template, victim: Volume
+) -> None:
     """Extending the journal is indistinguishable from a torn append: it is cut off, nothing
     that was committed is lost, and no tamper alarm is raised."""
     extend(rebase(victim, template, template.layout.journal), b"\x00\x00\x01\x00" + bytes(90))
@@ -585,8 +627,10 @@ def test_garbage_appended_to_journal_is_a_harmless_torn_tail(template: Template,
 
 # --- documented non-detection (needs the KMS anchor, a later issue) ---------------------------
 
+
 def test_dropping_last_journal_record_is_not_detected_without_anchor(
-        template: Template, victim: Volume) -> None:
+    template: Template, victim: Volume
+) -> None:
     """CURRENT DOCUMENTED BEHAVIOUR, not a guarantee: a bad *last* journal record is treated
     as a torn append from a crash and discarded; the volume mounts at the previous commit
     with only a recovery warning, no integrity error. Only an external anchor of (seq, head)
@@ -598,8 +642,16 @@ def test_dropping_last_journal_record_is_not_detected_without_anchor(
     _need_frames(template, 2)
     off, length = template.layout.journal_frames[-1]
     flip_bit(rebase(victim, template, template.layout.journal), off + FRAME_HEADER + length // 2)
-    res = sealfs("mount", str(victim.backing), str(victim.mnt), "--key-file", str(victim.key),
-                 "--log-file", str(victim.log), check=False)
+    res = sealfs(
+        "mount",
+        str(victim.backing),
+        str(victim.mnt),
+        "--key-file",
+        str(victim.key),
+        "--log-file",
+        str(victim.log),
+        check=False,
+    )
     assert res.returncode == 0, res.stderr
     assert "discarded a torn journal record" in victim.log_text()
     assert "journal record" not in res.stderr
@@ -631,8 +683,8 @@ def test_whole_volume_rollback_is_not_detected_without_anchor(tmp_path: Path) ->
         force_unmount(vol)
 
 
-
 # --- writes over damaged data -----------------------------------------------------------------
+
 
 def test_writes_into_a_damaged_block_fail_instead_of_replacing_it(tmp_path: Path) -> None:
     """A write that covers only part of a tampered block needs the block's old content: it
@@ -654,8 +706,10 @@ def test_writes_into_a_damaged_block_fail_instead_of_replacing_it(tmp_path: Path
         fd = os.open(mnt / "w", os.O_WRONLY)
         try:
             # one whole page in the middle of block 1: no kernel read needed
-            assert_eio(lambda: (os.pwrite(fd, b"N" * 4096, bs + 4096), os.fsync(fd)),
-                       "partial write into damaged block 1 of /w")
+            assert_eio(
+                lambda: (os.pwrite(fd, b"N" * 4096, bs + 4096), os.fsync(fd)),
+                "partial write into damaged block 1 of /w",
+            )
         finally:
             with contextlib.suppress(OSError):
                 os.close(fd)
@@ -665,7 +719,7 @@ def test_writes_into_a_damaged_block_fail_instead_of_replacing_it(tmp_path: Path
         assert_eio(lambda: read(mnt / "w"), "/w after remount")
         fd = os.open(mnt / "w", os.O_RDONLY)
         try:
-            assert os.pread(fd, bs, 2 * bs) == data[2 * bs:]  # the other blocks still read
+            assert os.pread(fd, bs, 2 * bs) == data[2 * bs :]  # the other blocks still read
         finally:
             os.close(fd)
         assert_eio(lambda: read(mnt / "t"), "/t after remount")

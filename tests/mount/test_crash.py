@@ -46,7 +46,7 @@ pytestmark = [pytest.mark.mount, pytest.mark.slow]
 ITERATIONS = int(os.environ.get("SEALFS_CRASH_ITERATIONS", "12"))
 BS = 16384
 
-WRITER = r'''
+WRITER = r"""
 import hashlib, json, os, random, sys
 mnt, logpath, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
 rng = random.Random(seed)
@@ -133,7 +133,7 @@ while True:
         os.unlink(p)
         fsync_path(os.path.dirname(p), os.O_RDONLY | os.O_DIRECTORY)
         note(ev="done", name=name, sha=None)
-'''
+"""
 
 
 def sha(data: bytes) -> str:
@@ -208,8 +208,11 @@ def read_everything(mnt: Path) -> list[str]:
 
 
 def bad_log_lines(text: str) -> list[str]:
-    return [ln for ln in text.splitlines()
-            if " ERROR " in ln or "verification" in ln or "Traceback" in ln]
+    return [
+        ln
+        for ln in text.splitlines()
+        if " ERROR " in ln or "verification" in ln or "Traceback" in ln
+    ]
 
 
 def test_sigkill_during_heavy_writes(tmp_path: Path) -> None:
@@ -227,8 +230,17 @@ def test_sigkill_during_heavy_writes(tmp_path: Path) -> None:
             log_start = len(vol.log_text())
             wlog_start = wlog.stat().st_size
             writer = subprocess.Popen(
-                [sys.executable, "-c", WRITER, str(vol.mnt), str(wlog), str(rng.randrange(1 << 30))],
-                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                [
+                    sys.executable,
+                    "-c",
+                    WRITER,
+                    str(vol.mnt),
+                    str(wlog),
+                    str(rng.randrange(1 << 30)),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
             time.sleep(rng.uniform(0.4, 2.5))
             pid = vol.daemon_pid()
             os.kill(pid, signal.SIGKILL)

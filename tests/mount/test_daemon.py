@@ -32,6 +32,7 @@ pytestmark = pytest.mark.mount
 
 # --- the volume lock ---------------------------------------------------------------------
 
+
 def test_mount_on_a_dead_mount_says_what_to_do(volume: Volume) -> None:
     """A daemon killed without unmounting leaves a mount that fails every access (ENOTCONN);
     mounting there again must say so in one line, not crash."""
@@ -45,15 +46,28 @@ def test_mount_on_a_dead_mount_says_what_to_do(volume: Volume) -> None:
     try:
         with pytest.raises(OSError):  # ENOTCONN (stat may still answer from the kernel cache)
             os.listdir(volume.mnt)
-        res = sealfs("mount", str(volume.backing), str(volume.mnt), "--key-file",
-                     str(volume.key), check=False)
+        res = sealfs(
+            "mount",
+            str(volume.backing),
+            str(volume.mnt),
+            "--key-file",
+            str(volume.key),
+            check=False,
+        )
         assert res.returncode == 6, (res.returncode, res.stderr)
         assert "busy" in res.stderr and "fusermount3 -u" in res.stderr, res.stderr
         assert "internal error" not in res.stderr and "Traceback" not in res.stderr
     finally:
         subprocess.run(["fusermount3", "-u", "-z", str(volume.mnt)], capture_output=True)
-    sealfs("mount", str(volume.backing), str(volume.mnt), "--key-file", str(volume.key),
-           "--log-file", str(volume.log))  # usable again, and the volume is intact
+    sealfs(
+        "mount",
+        str(volume.backing),
+        str(volume.mnt),
+        "--key-file",
+        str(volume.key),
+        "--log-file",
+        str(volume.log),
+    )  # usable again, and the volume is intact
     volume.umount()
 
 
@@ -61,8 +75,16 @@ def test_second_mount_refused(mounted: Volume, tmp_path: Path) -> None:
     (mounted.mnt / "f").write_bytes(b"first mount")
     other = tmp_path / "other-mnt"
     other.mkdir()
-    res = sealfs("mount", str(mounted.backing), str(other), "--key-file", str(mounted.key),
-                 "--log-file", str(tmp_path / "second.log"), check=False)
+    res = sealfs(
+        "mount",
+        str(mounted.backing),
+        str(other),
+        "--key-file",
+        str(mounted.key),
+        "--log-file",
+        str(tmp_path / "second.log"),
+        check=False,
+    )
     assert res.returncode == 6, (res.returncode, res.stderr)
     msg = res.stderr.strip()
     assert "in use" in msg and str(mounted.backing) in msg, msg
@@ -72,21 +94,37 @@ def test_second_mount_refused(mounted: Volume, tmp_path: Path) -> None:
     # the same volume through another path (a symlink to the backing directory)
     alias = tmp_path / "alias"
     alias.symlink_to(mounted.backing)
-    res = sealfs("mount", str(alias), str(other), "--key-file", str(mounted.key),
-                 "--log-file", str(tmp_path / "second.log"), check=False)
+    res = sealfs(
+        "mount",
+        str(alias),
+        str(other),
+        "--key-file",
+        str(mounted.key),
+        "--log-file",
+        str(tmp_path / "second.log"),
+        check=False,
+    )
     assert res.returncode == 6 and "in use" in res.stderr, (res.returncode, res.stderr)
     assert not os.path.ismount(other)
     # the mountpoint itself is busy too
-    res = sealfs("mount", str(mounted.backing), str(mounted.mnt), "--key-file",
-                 str(mounted.key), check=False)
+    res = sealfs(
+        "mount", str(mounted.backing), str(mounted.mnt), "--key-file", str(mounted.key), check=False
+    )
     assert res.returncode == 6 and "busy" in res.stderr, (res.returncode, res.stderr)
     # the first mount is unaffected
     assert (mounted.mnt / "f").read_bytes() == b"first mount"
     (mounted.mnt / "g").write_bytes(b"still serving")
     mounted.umount()
     # once unmounted, the other mountpoint may have it
-    sealfs("mount", str(mounted.backing), str(other), "--key-file", str(mounted.key),
-           "--log-file", str(tmp_path / "second.log"))
+    sealfs(
+        "mount",
+        str(mounted.backing),
+        str(other),
+        "--key-file",
+        str(mounted.key),
+        "--log-file",
+        str(tmp_path / "second.log"),
+    )
     try:
         assert (other / "g").read_bytes() == b"still serving"
     finally:
@@ -94,6 +132,7 @@ def test_second_mount_refused(mounted: Volume, tmp_path: Path) -> None:
 
 
 # --- memory stays flat -------------------------------------------------------------------
+
 
 def rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -168,7 +207,7 @@ def test_memory_flat_over_create_delete_cycles(mounted: Volume) -> None:
 # hold (struct "q" nanoseconds) is accepted by setattr, and the next commit raises
 # struct.error inside the fsync handler.
 
-FAR_FUTURE = 2 ** 40  # seconds: year ~36812; in nanoseconds it does not fit in int64
+FAR_FUTURE = 2**40  # seconds: year ~36812; in nanoseconds it does not fit in int64
 
 
 def test_far_future_times_are_clamped_and_nothing_is_lost(mounted: Volume) -> None:
@@ -217,7 +256,8 @@ class ExplodingFilesystem(Filesystem):
 
 
 def test_every_handler_turns_unexpected_exceptions_into_eio(
-        volume: Volume, caplog: pytest.LogCaptureFixture) -> None:
+    volume: Volume, caplog: pytest.LogCaptureFixture
+) -> None:
     store, header, master = unlock_volume(volume.backing, read_key_file(volume.key))
 
     class Ctx:

@@ -32,8 +32,11 @@ BS = 16384
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     disk = tmp_path / "disk"
     disk.mkdir()
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m,mode=0700", "tmpfs",
-                          str(disk)], capture_output=True, text=True)
+    res = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=24m,mode=0700", "tmpfs", str(disk)],
+        capture_output=True,
+        text=True,
+    )
     if res.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {res.stderr.strip()}")
     try:
@@ -48,8 +51,16 @@ def make_volume(tmp_path: Path, disk: Path, compression: str) -> Volume:
     vol.mnt.mkdir()
     vol.key.write_bytes(os.urandom(64))
     vol.key.chmod(0o600)
-    sealfs("create", str(vol.backing), "--key-file", str(vol.key), "--block-size", str(BS),
-           "--compression", compression)
+    sealfs(
+        "create",
+        str(vol.backing),
+        "--key-file",
+        str(vol.key),
+        "--block-size",
+        str(BS),
+        "--compression",
+        compression,
+    )
     return vol
 
 
@@ -110,8 +121,9 @@ def mkdirs_until_full(mnt: Path) -> None:
 
 
 @pytest.mark.parametrize("compression", ["none", "lz4"])
-def test_full_disk_is_enospc_and_loses_nothing_committed(tmp_path: Path, small_disk: Path,
-                                                         compression: str) -> None:
+def test_full_disk_is_enospc_and_loses_nothing_committed(
+    tmp_path: Path, small_disk: Path, compression: str
+) -> None:
     vol = make_volume(tmp_path, small_disk, compression)
     committed = {f"d/f{i}": os.urandom(i * 5000 + 1) for i in range(8)}
     committed["small"] = b"hello"
@@ -126,12 +138,13 @@ def test_full_disk_is_enospc_and_loses_nothing_committed(tmp_path: Path, small_d
         filler = fill(small_disk)
         errors: list[str] = []
         hits = [
-            expect_enospc("write+fsync of a new multi-block file",
-                          lambda: write_big(mnt / "big", 64), errors),
-            expect_enospc("append+fsync to a committed file",
-                          lambda: write_big(mnt / "d" / "f1", 4), errors),
-            expect_enospc("mkdir+fsync of the parent", lambda: mkdirs_until_full(mnt),
-                          errors),
+            expect_enospc(
+                "write+fsync of a new multi-block file", lambda: write_big(mnt / "big", 64), errors
+            ),
+            expect_enospc(
+                "append+fsync to a committed file", lambda: write_big(mnt / "d" / "f1", 4), errors
+            ),
+            expect_enospc("mkdir+fsync of the parent", lambda: mkdirs_until_full(mnt), errors),
         ]
         assert not errors, "\n".join(errors)
         assert all(hits), f"expected ENOSPC from every step, got {hits}"
@@ -160,7 +173,7 @@ def test_full_disk_is_enospc_and_loses_nothing_committed(tmp_path: Path, small_d
         for name, data in committed.items():
             got = (mnt / name).read_bytes()
             if name == "d/f1":  # its append failed: old content, or a prefix of the append
-                assert got[:len(data)] == data, name
+                assert got[: len(data)] == data, name
             else:
                 assert got == data, name
         for p in mnt.rglob("*"):  # whatever the failed operations left reads cleanly
@@ -205,11 +218,16 @@ def test_failed_final_commit_on_full_disk_is_logged(tmp_path: Path, small_disk: 
         unmount(vol)
         # Write-back errors of single blocks ("writing /lost failed") are logged as the kernel
         # flushes at unmount; what must follow is a word about the unmount itself.
-        at_exit = [ln for ln in log.splitlines()
-                   if datetime.strptime(ln[:23], "%Y-%m-%d %H:%M:%S,%f") >= unmounted_at
-                   and " writing /" not in ln]
-        assert at_exit, ("the daemon exited after a failed final commit without a word about "
-                         "it in its log:\n" + log[-1500:])
+        at_exit = [
+            ln
+            for ln in log.splitlines()
+            if datetime.strptime(ln[:23], "%Y-%m-%d %H:%M:%S,%f") >= unmounted_at
+            and " writing /" not in ln
+        ]
+        assert at_exit, (
+            "the daemon exited after a failed final commit without a word about "
+            "it in its log:\n" + log[-1500:]
+        )
         assert any("ERROR" in ln for ln in at_exit), "\n".join(at_exit)
     finally:
         force_unmount(vol)

@@ -68,13 +68,22 @@ def plant_symlinks(backing: Path, name: str, canary: tuple[Path, Path]) -> None:
         plant(backing / name, "symlink", d if name == "objects" else f)
 
 
-CREATE_NAMES = [HEADER_NAME, f".{HEADER_NAME}.tmp", LOCK_NAME, CHECKPOINT_NAME,
-                f".{CHECKPOINT_NAME}.tmp", journal_name(1), "objects", "objects/*"]
+CREATE_NAMES = [
+    HEADER_NAME,
+    f".{HEADER_NAME}.tmp",
+    LOCK_NAME,
+    CHECKPOINT_NAME,
+    f".{CHECKPOINT_NAME}.tmp",
+    journal_name(1),
+    "objects",
+    "objects/*",
+]
 
 
 @pytest.mark.parametrize("name", CREATE_NAMES)
-def test_create_never_writes_through_a_planted_symlink(tmp_path: Path, name: str,
-                                                       canary: tuple[Path, Path]) -> None:
+def test_create_never_writes_through_a_planted_symlink(
+    tmp_path: Path, name: str, canary: tuple[Path, Path]
+) -> None:
     key = tmp_path / "key"
     key.write_bytes(os.urandom(64))
     key.chmod(0o600)
@@ -117,15 +126,15 @@ ROLLOVER_NAMES = [f".{CHECKPOINT_NAME}.tmp", "next-journal", "objects/*"]
 
 @pytest.mark.parametrize("name", ROLLOVER_NAMES)
 def test_mounted_volume_never_writes_through_a_planted_symlink(
-        tmp_path: Path, canary: tuple[Path, Path], name: str) -> None:
+    tmp_path: Path, canary: tuple[Path, Path], name: str
+) -> None:
     """Planted while mounted, before new objects and a checkpoint rollover (which writes the
     temporary checkpoint and the next journal): fsync'ed partial blocks are carried in the
     journal until a commit folds them into a checkpoint (past 8 MiB of them)."""
     vol = new_volume(tmp_path)  # 128 KiB blocks: a 100 KiB file is one partial block
     vol.mount()
     try:
-        plant_symlinks(vol.backing, journal_name(2) if name == "next-journal" else name,
-                       canary)
+        plant_symlinks(vol.backing, journal_name(2) if name == "next-journal" else name, canary)
         failures = 0
         for i in range(96):  # 96 x 100 KiB carried
             path = vol.mnt / f"f{i}"
@@ -158,8 +167,9 @@ def _daemon_hwm_mib(pid: int) -> float:
 
 @pytest.mark.parametrize("kind", PLANTED_KINDS)
 @pytest.mark.parametrize("what", ["block", "record"])
-def test_planted_object_reads_eio_without_hang_or_memory(victim: Volume, tmp_path: Path,
-                                                         what: str, kind: str) -> None:
+def test_planted_object_reads_eio_without_hang_or_memory(
+    victim: Volume, tmp_path: Path, what: str, kind: str
+) -> None:
     entry = layout(victim.backing, victim.key)[FILE]
     path = entry.block(1) if what == "block" else entry.record
     copy = tmp_path / "genuine-copy"  # a symlink to the right bytes is still refused
@@ -180,7 +190,8 @@ def test_planted_object_reads_eio_without_hang_or_memory(victim: Volume, tmp_pat
 @pytest.mark.parametrize("kind", PLANTED_KINDS)
 @pytest.mark.parametrize("name", [HEADER_NAME, CHECKPOINT_NAME, "journal"])
 def test_planted_metadata_file_refuses_mount_without_hang_or_memory(
-        victim: Volume, tmp_path: Path, name: str, kind: str) -> None:
+    victim: Volume, tmp_path: Path, name: str, kind: str
+) -> None:
     gen = layout(victim.backing, victim.key).gen
     path = victim.backing / (journal_name(gen) if name == "journal" else name)
     copy = tmp_path / "genuine-copy"
@@ -197,13 +208,21 @@ def test_planted_metadata_file_refuses_mount_without_hang_or_memory(
     assert not os.path.ismount(victim.mnt)
 
 
-def test_daemon_log_is_private_and_keys_stay_out_of_core_dumps(victim: Volume,
-                                                               tmp_path: Path) -> None:
+def test_daemon_log_is_private_and_keys_stay_out_of_core_dumps(
+    victim: Volume, tmp_path: Path
+) -> None:
     """The log names plaintext paths: a directory sealfs creates for it is 0700, the file
     0600. Processes holding keys cannot dump core (RLIMIT_CORE 0, not dumpable)."""
     log = tmp_path / "logs" / "sealfs" / "daemon.log"
-    sealfs("mount", str(victim.backing), str(victim.mnt), "--key-file", str(victim.key),
-           "--log-file", str(log))
+    sealfs(
+        "mount",
+        str(victim.backing),
+        str(victim.mnt),
+        "--key-file",
+        str(victim.key),
+        "--log-file",
+        str(log),
+    )
     try:
         assert stat.S_IMODE(log.parent.stat().st_mode) == 0o700
         assert stat.S_IMODE(log.stat().st_mode) == 0o600
@@ -213,11 +232,18 @@ def test_daemon_log_is_private_and_keys_stay_out_of_core_dumps(victim: Volume,
     finally:
         unmount(victim)
     # the dumpable flag can only be read by the process itself: run the CLI entry point in one
-    probe = ("import ctypes, sys\nfrom sealfs.cli import main\n"
-             "main(['info', sys.argv[1]], standalone_mode=False)\n"
-             "print('dumpable', ctypes.CDLL(None).prctl(3, 0, 0, 0, 0))")  # PR_GET_DUMPABLE
-    res = subprocess.run([sys.executable, "-c", probe, str(victim.backing)], cwd=REPO,
-                         capture_output=True, text=True, timeout=60)
+    probe = (
+        "import ctypes, sys\nfrom sealfs.cli import main\n"
+        "main(['info', sys.argv[1]], standalone_mode=False)\n"
+        "print('dumpable', ctypes.CDLL(None).prctl(3, 0, 0, 0, 0))"
+    )  # PR_GET_DUMPABLE
+    res = subprocess.run(
+        [sys.executable, "-c", probe, str(victim.backing)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert res.stdout.strip().endswith("dumpable 0"), res.stdout + res.stderr
 
 

@@ -48,14 +48,28 @@ def _formats(vol: Volume) -> tuple[dict[str, int], dict[str, list[int]], list[in
         return 2
 
     lay = layout(vol.backing, vol.key)
-    records = {p: fmt(current.inode(e.ino), store.get(e.record_oid, RECORD_OBJECT_MAX),
-                      inode_ad(vid, e.ino, e.record_oid)) for p, e in lay.entries.items()}
-    blocks = {p: [2 if store.get(o, RECORD_OBJECT_MAX)[0] & CODEC_KEYED else 1 for _, o in sorted(
-        e.block_oids.items())] for p, e in lay.entries.items() if e.block_oids}
+    records = {
+        p: fmt(
+            current.inode(e.ino),
+            store.get(e.record_oid, RECORD_OBJECT_MAX),
+            inode_ad(vid, e.ino, e.record_oid),
+        )
+        for p, e in lay.entries.items()
+    }
+    blocks = {
+        p: [
+            2 if store.get(o, RECORD_OBJECT_MAX)[0] & CODEC_KEYED else 1
+            for _, o in sorted(e.block_oids.items())
+        ]
+        for p, e in lay.entries.items()
+        if e.block_oids
+    }
     first = lay.seq - len(lay.journal_frames) + 1
     sealed, _, _ = split_frames((vol.backing / journal_name(lay.gen)).read_bytes())
-    frames = [fmt(current.journal, s, journal_ad(vid, lay.gen, first + i))
-              for i, (_, s) in enumerate(sealed)]
+    frames = [
+        fmt(current.journal, s, journal_ad(vid, lay.gen, first + i))
+        for i, (_, s) in enumerate(sealed)
+    ]
     return records, blocks, frames
 
 
@@ -85,10 +99,20 @@ def test_format_1_volume_mounts_reads_checks_then_writes_format_2(tmp_path: Path
     assert (header["format_version"], header["format1_objects"]) == (2, True)
     _check_clean(vol)
     records, blocks, frames = _formats(vol)
-    assert records == {"/": 1, "/small.txt": 1, "/link": 1, "/dir/carried.bin": 1,
-                       "/dir": 2, "/dir/files.bin": 2, "/dir/new.bin": 2}
-    assert blocks == {"/dir/carried.bin": [1, 1, 1], "/dir/files.bin": [1, 2, 1, 1, 1, 1],
-                      "/dir/new.bin": [2, 2, 2]}
+    assert records == {
+        "/": 1,
+        "/small.txt": 1,
+        "/link": 1,
+        "/dir/carried.bin": 1,
+        "/dir": 2,
+        "/dir/files.bin": 2,
+        "/dir/new.bin": 2,
+    }
+    assert blocks == {
+        "/dir/carried.bin": [1, 1, 1],
+        "/dir/files.bin": [1, 2, 1, 1, 1, 1],
+        "/dir/new.bin": [2, 2, 2],
+    }
     assert frames[:2] == [1, 1] and set(frames[2:]) == {2}
     # A checkpoint of the mixed volume is format 2; the volume still reads and checks clean.
     fold(vol)

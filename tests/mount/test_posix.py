@@ -34,8 +34,13 @@ XATTR_CREATE = os.XATTR_CREATE
 XATTR_REPLACE = os.XATTR_REPLACE
 
 _libc = ctypes.CDLL(None, use_errno=True)
-_libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
-                            ctypes.c_uint]
+_libc.renameat2.argtypes = [
+    ctypes.c_int,
+    ctypes.c_char_p,
+    ctypes.c_int,
+    ctypes.c_char_p,
+    ctypes.c_uint,
+]
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 
 
@@ -97,15 +102,20 @@ def remount(vol: Volume) -> None:
 
 
 def log_problems(vol: Volume) -> list[str]:
-    return [line for line in vol.log_text().splitlines()
-            if "Traceback" in line or "unexpected error" in line or " ERROR " in line]
+    return [
+        line
+        for line in vol.log_text().splitlines()
+        if "Traceback" in line or "unexpected error" in line or " ERROR " in line
+    ]
 
 
 # --- fixtures ---------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module", params=["none", "lz4"])
-def shared(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-           ) -> Iterator[Volume]:
+def shared(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Volume]:
     comp = request.param
     vol = new_volume(tmp_path_factory.mktemp(f"posix-{comp}"), "--compression", comp)
     vol.mount()
@@ -143,6 +153,7 @@ def own(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Volume]:
 
 # --- regular files ----------------------------------------------------------------------
 
+
 def test_file_roundtrip_sizes(d: Path) -> None:
     for size in [0, 1, 4095, 4096, 4097, 131071, 131072, 131073, 3 * 131072 + 5, 2_000_000]:
         data = pattern(size, size)
@@ -172,10 +183,10 @@ def test_overwrite_in_middle_and_random_io(d: Path) -> None:
             assert os.pwrite(fd, buf, off) == n
             if off > len(model):
                 model.extend(bytes(off - len(model)))
-            model[off:off + n] = buf
+            model[off : off + n] = buf
             if i % 7 == 0:
                 roff = rnd.randrange(0, len(model))
-                assert os.pread(fd, 30_000, roff) == bytes(model[roff:roff + 30_000])
+                assert os.pread(fd, 30_000, roff) == bytes(model[roff : roff + 30_000])
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -270,8 +281,9 @@ def test_o_append(d: Path) -> None:
     assert lines[0] == b"start" and lines[-1] == b""
     body = lines[1:-1]
     assert len(body) == 800
-    assert sorted(body) == sorted(f"writer{i} record{j:04d} ".encode() + b"x" * 40
-                                  for i in range(4) for j in range(200))
+    assert sorted(body) == sorted(
+        f"writer{i} record{j:04d} ".encode() + b"x" * 40 for i in range(4) for j in range(200)
+    )
     # O_APPEND ignores the seek position
     fd = os.open(p, os.O_RDWR | os.O_APPEND)
     try:
@@ -307,6 +319,7 @@ def test_unlink_open_file(d: Path) -> None:
 
 
 # --- directories, symlinks, hard links, special files ----------------------------------
+
 
 def test_directories(d: Path) -> None:
     (d / "a" / "b" / "c").mkdir(parents=True)
@@ -423,6 +436,7 @@ def test_special_files(d: Path) -> None:
 
 # --- renames ----------------------------------------------------------------------------
 
+
 def test_rename_basic_and_over_existing(d: Path) -> None:
     (d / "x").mkdir()
     (d / "a").write_bytes(b"A")
@@ -467,8 +481,7 @@ def test_rename_noreplace(d: Path) -> None:
     assert (d / "a").read_bytes() == b"A" and (d / "b").read_bytes() == b"B"
     renameat2(d / "a", d / "c", RENAME_NOREPLACE)
     assert not (d / "a").exists() and (d / "c").read_bytes() == b"A"
-    expect_errno(errno.EINVAL, renameat2, d / "c", d / "b",
-                 RENAME_NOREPLACE | RENAME_EXCHANGE)
+    expect_errno(errno.EINVAL, renameat2, d / "c", d / "b", RENAME_NOREPLACE | RENAME_EXCHANGE)
 
 
 def test_rename_exchange(d: Path) -> None:
@@ -491,15 +504,16 @@ def test_rename_exchange(d: Path) -> None:
     assert os.stat(d / "p1" / "f" / "..").st_ino == os.stat(d / "p1").st_ino
     assert os.stat(d / "p1").st_nlink == n1 + 1
     assert os.stat(d / "p2").st_nlink == n2 - 1
-    expect_errno(errno.ENOENT, renameat2, d / "p1" / "f", d / "p2" / "missing",
-                 RENAME_EXCHANGE)
+    expect_errno(errno.ENOENT, renameat2, d / "p1" / "f", d / "p2" / "missing", RENAME_EXCHANGE)
     # exchanging a directory with its own descendant is refused
     (d / "p1" / "f" / "deeper").mkdir()
-    expect_errno(errno.EINVAL, renameat2, d / "p1" / "f", d / "p1" / "f" / "deeper",
-                 RENAME_EXCHANGE)
+    expect_errno(
+        errno.EINVAL, renameat2, d / "p1" / "f", d / "p1" / "f" / "deeper", RENAME_EXCHANGE
+    )
 
 
 # --- names and paths --------------------------------------------------------------------
+
 
 def test_long_names(d: Path) -> None:
     n255 = "n" * 255
@@ -560,6 +574,7 @@ def test_deep_paths(d: Path) -> None:
 
 # --- fsync family -----------------------------------------------------------------------
 
+
 def test_fsync_fdatasync_fsyncdir(d: Path) -> None:
     p = d / "f"
     fd = os.open(p, os.O_CREAT | os.O_RDWR, 0o644)
@@ -615,6 +630,7 @@ def test_fsynced_data_survives_sigkill(own: Volume) -> None:
 
 # --- attributes -------------------------------------------------------------------------
 
+
 def test_chmod_chown_utimens(d: Path) -> None:
     p = d / "f"
     p.write_bytes(b"x")
@@ -655,6 +671,7 @@ def test_chmod_chown_utimens(d: Path) -> None:
 
 
 # --- xattrs -----------------------------------------------------------------------------
+
 
 def test_xattrs(d: Path) -> None:
     p = d / "f"
@@ -697,6 +714,7 @@ def test_xattrs(d: Path) -> None:
 
 # --- statfs -----------------------------------------------------------------------------
 
+
 def test_statfs(d: Path, shared: Volume) -> None:
     st = os.statvfs(d)
     back = os.statvfs(shared.backing)
@@ -710,6 +728,7 @@ def test_statfs(d: Path, shared: Volume) -> None:
 
 
 # --- mmap -------------------------------------------------------------------------------
+
 
 def test_mmap_read_and_shared_write(d: Path) -> None:
     p = d / "m"
@@ -735,6 +754,7 @@ def test_mmap_read_and_shared_write(d: Path) -> None:
 
 
 # --- fallocate --------------------------------------------------------------------------
+
 
 def test_posix_fallocate_mode0(d: Path) -> None:
     needs_fallocate()
@@ -775,6 +795,7 @@ def test_fallocate_keep_size(d: Path) -> None:
 
 # --- O_DIRECT ---------------------------------------------------------------------------
 
+
 def test_o_direct(d: Path) -> None:
     p = d / "direct"
     size = 1 << 20
@@ -796,7 +817,7 @@ def test_o_direct(d: Path) -> None:
     data = p.read_bytes()  # through the page cache: must agree with what O_DIRECT wrote
     assert len(data) == 2 * size + 4096
     assert data[:size] == buf[:]
-    assert data[2 * size:] == buf[:4096]
+    assert data[2 * size :] == buf[:4096]
 
 
 def test_o_direct_and_cached_io_agree(d: Path) -> None:
@@ -841,9 +862,10 @@ def _check_record(idx: int, rec: bytes, atomic: bool = True) -> int:
     unit = rec[:8]
     if atomic:
         assert rec == unit * (REC // 8), f"record {idx} is torn or mixed"
-    units = {rec[i:i + 8] for i in range(0, REC, 8)} - {bytes(8)}
-    assert all(int.from_bytes(u[:4], "little") == idx for u in units), \
+    units = {rec[i : i + 8] for i in range(0, REC, 8)} - {bytes(8)}
+    assert all(int.from_bytes(u[:4], "little") == idx for u in units), (
         f"record {idx} holds another record"
+    )
     return max(int.from_bytes(u[4:], "little") for u in units)
 
 
@@ -888,7 +910,7 @@ def _concurrent(path: Path, direct: bool, seconds: float = 3.0) -> None:
                     assert n == 16 * REC
                     for k in range(16):
                         idx = start + k
-                        g = _check_record(idx, buf[k * REC:(k + 1) * REC], direct)
+                        g = _check_record(idx, buf[k * REC : (k + 1) * REC], direct)
                         assert g >= seen[idx] or not direct, f"record {idx} went back in time"
                         seen[idx] = g
         except BaseException as e:  # noqa: BLE001
@@ -911,7 +933,7 @@ def _concurrent(path: Path, direct: bool, seconds: float = 3.0) -> None:
     assert len(data) == nrec * REC
     for idx in range(nrec):
         want = last_gen[idx % writers][idx]
-        assert _check_record(idx, data[idx * REC:(idx + 1) * REC]) == want
+        assert _check_record(idx, data[idx * REC : (idx + 1) * REC]) == want
 
 
 @pytest.mark.slow
@@ -920,9 +942,8 @@ def test_concurrent_readers_writers(d: Path, direct: bool) -> None:
     _concurrent(d / "shared", direct)
 
 
-
-
 # --- large files ------------------------------------------------------------------------
+
 
 def _backing_size(vol: Volume) -> int:
     """Bytes in the backing directory (superseded objects are deleted in the background, so
@@ -941,8 +962,12 @@ def _backing_files(backing: Path) -> Iterator[Path]:
 
 
 FOUR_GIB = 4 << 30
-LARGE_MARKS = {0: b"at zero", FOUR_GIB - 3: b"straddles 4 GiB",
-               FOUR_GIB + 12345: pattern(300_000, 15), (6 << 30) + 1: b"six GiB"}
+LARGE_MARKS = {
+    0: b"at zero",
+    FOUR_GIB - 3: b"straddles 4 GiB",
+    FOUR_GIB + 12345: pattern(300_000, 15),
+    (6 << 30) + 1: b"six GiB",
+}
 LARGE_END = (6 << 30) + 1 + len(b"six GiB")
 
 
@@ -983,9 +1008,16 @@ SECRET_CONTENT = b"SEALFS_CONTENT_MARKER_c0ffee " * 5000
 SECRET_TARGET = "SEALFS_SYMLINK_TARGET_MARKER_aa11"
 SECRET_XVALUE = b"SEALFS_XATTR_VALUE_MARKER_5e5e"
 SECRET_XNAME = "user.SEALFS_XATTR_NAME_MARKER_77"
-NEEDLES = [SECRET_NAME.encode(), SECRET_DIR.encode(), b"SEALFS_CONTENT_MARKER",
-           SECRET_TARGET.encode(), SECRET_XVALUE, SECRET_XNAME.encode(),
-           b"SEALFS_SPARSE_TAIL_MARKER", b"SEALFS_MMAP_MARKER"]
+NEEDLES = [
+    SECRET_NAME.encode(),
+    SECRET_DIR.encode(),
+    b"SEALFS_CONTENT_MARKER",
+    SECRET_TARGET.encode(),
+    SECRET_XVALUE,
+    SECRET_XNAME.encode(),
+    b"SEALFS_SPARSE_TAIL_MARKER",
+    b"SEALFS_MMAP_MARKER",
+]
 
 
 class Checks:
@@ -1006,6 +1038,7 @@ class Checks:
 
 def _populate(m: Path, ck: Checks) -> set[str]:
     """Phase 1 on a fresh volume; returns names of backing objects that must be gone later."""
+
     def objects() -> set[str]:
         return {p.name for p in _backing_files(m.parent / "backing" / "objects")}
 
@@ -1065,15 +1098,17 @@ def _populate(m: Path, ck: Checks) -> set[str]:
     os.write(fd, pattern(1_000_000, 12))
     os.utime(fd, ns=(1_000_000_000_123_456_789, 1_100_000_000_987_654_321))
     os.close(fd)
-    ck("mtime right after utime",
-       lambda: _eq(os.stat(m / "utime-after-write").st_mtime_ns, 1_100_000_000_987_654_321))
+    ck(
+        "mtime right after utime",
+        lambda: _eq(os.stat(m / "utime-after-write").st_mtime_ns, 1_100_000_000_987_654_321),
+    )
 
     # MAP_SHARED writes
     with open(m / "mapped", "wb") as f:
         f.truncate(1_000_000)
     with open(m / "mapped", "r+b") as f, mmap.mmap(f.fileno(), 0) as mm:
         for off in range(0, 1_000_000, 100_000):
-            mm[off:off + 18] = b"SEALFS_MMAP_MARKER"
+            mm[off : off + 18] = b"SEALFS_MMAP_MARKER"
         mm.flush()
 
     # fallocate
@@ -1101,8 +1136,10 @@ def _verify(m: Path, ck: Checks, doomed: set[str]) -> None:
     ck("content", lambda: _eq(sf.read_bytes(), SECRET_CONTENT))
     ck("symlink target", lambda: _eq(os.readlink(m / SECRET_DIR / "link"), SECRET_TARGET))
     ck("xattr", lambda: _eq(os.getxattr(sf, SECRET_XNAME), SECRET_XVALUE))
-    ck("trusted xattr on dir", lambda: _eq(os.getxattr(m / SECRET_DIR, "trusted.t"),
-                                           b"dir-trusted"))
+    ck(
+        "trusted xattr on dir",
+        lambda: _eq(os.getxattr(m / SECRET_DIR, "trusted.t"), b"dir-trusted"),
+    )
     ck("hard link count", lambda: _eq(os.stat(m / "hardlink").st_nlink, 2))
     ck("hard link inode", lambda: _eq(os.stat(m / "hardlink").st_ino, os.stat(sf).st_ino))
 
@@ -1111,6 +1148,7 @@ def _verify(m: Path, ck: Checks, doomed: set[str]) -> None:
             _eq(f.read(100), bytes(100))
             f.seek(5_000_000)
             _eq(f.read(), b"SEALFS_SPARSE_TAIL_MARKER")
+
     ck("sparse file", sparse)
 
     def trunc() -> None:
@@ -1120,6 +1158,7 @@ def _verify(m: Path, ck: Checks, doomed: set[str]) -> None:
         got = p.read_bytes()
         _eq(got[:1000], pattern(300_000, 9)[:1000])
         _eq(got[1000:], bytes(199_000))
+
     ck("truncate+extend after remount", trunc)
 
     def trunc2() -> None:
@@ -1127,6 +1166,7 @@ def _verify(m: Path, ck: Checks, doomed: set[str]) -> None:
         _eq(len(got), 200_000)
         _eq(got[:1000], pattern(300_000, 10)[:1000])
         _eq(got[1000:], bytes(199_000))
+
     ck("truncate+extend before remount", trunc2)
 
     def renames() -> None:
@@ -1136,17 +1176,18 @@ def _verify(m: Path, ck: Checks, doomed: set[str]) -> None:
         _eq((m / "new").exists(), False)
         _eq((os.stat(m / "p1").st_nlink, os.stat(m / "p2").st_nlink), (3, 2))
         _eq(os.stat(m / "p1" / "sub" / "..").st_ino, os.stat(m / "p1").st_ino)
+
     ck("renames", renames)
 
     def attrs() -> None:
         st = os.stat(m / "attrs")
         _eq(oct(stat.S_IMODE(st.st_mode)), oct(0o4750))
         _eq((st.st_uid, st.st_gid), (1000, 2000))
-        _eq((st.st_atime_ns, st.st_mtime_ns),
-            (123_456_789_012_345_678, 876_543_210_987_654_321))
+        _eq((st.st_atime_ns, st.st_mtime_ns), (123_456_789_012_345_678, 876_543_210_987_654_321))
         _eq(oct(stat.S_IMODE(os.stat(m / "dir700").st_mode)), oct(0o700))
         _eq(os.stat(m / "dir700").st_mtime_ns, 6)
         _eq(os.lstat(m / "sl").st_mtime_ns, 8)
+
     ck("attributes", attrs)
 
     def utime_after_write() -> None:
@@ -1155,18 +1196,19 @@ def _verify(m: Path, ck: Checks, doomed: set[str]) -> None:
         _eq(st.st_mtime_ns, 1_100_000_000_987_654_321)
         _eq(st.st_atime_ns, 1_000_000_000_123_456_789)
         _eq((m / "utime-after-write").read_bytes(), pattern(1_000_000, 12))
+
     ck("times set after an unsynced write", utime_after_write)
 
     def mapped() -> None:
         expected = bytearray(1_000_000)
         for off in range(0, 1_000_000, 100_000):
-            expected[off:off + 18] = b"SEALFS_MMAP_MARKER"
+            expected[off : off + 18] = b"SEALFS_MMAP_MARKER"
         _eq((m / "mapped").read_bytes() == bytes(expected), True)
+
     ck("MAP_SHARED writes", mapped)
 
     if (m / "falloc").exists():
-        ck("fallocate size", lambda: _eq((m / "falloc").read_bytes(),
-                                         b"xyz" + bytes(300_000 - 3)))
+        ck("fallocate size", lambda: _eq((m / "falloc").read_bytes(), b"xyz" + bytes(300_000 - 3)))
     ck("large sparse file", lambda: _check_large(m / "large"))
 
 

@@ -90,8 +90,12 @@ def test_passphrase_kdf(name: str) -> None:
 
 def test_hostile_kdf_parameters_refused() -> None:
     params = KdfParams.default("argon2id", memory_kib=1024, iterations=1, lanes=1).to_dict()
-    for field, value in [("memory_kib", 1 << 40), ("iterations", 10**6), ("name", "md5"),
-                         ("salt", "00")]:
+    for field, value in [
+        ("memory_kib", 1 << 40),
+        ("iterations", 10**6),
+        ("name", "md5"),
+        ("salt", "00"),
+    ]:
         with pytest.raises(UsageError):
             KdfParams.from_dict({**params, field: value})
 
@@ -144,8 +148,10 @@ def test_every_object_of_an_inode_has_its_own_key() -> None:
     base = hkdf(hkdf(master, "object", vid), "inode-base", 2)
     one = sealer.seal(b"same plaintext", inode_ad(vid, 2, 101))
     two = sealer.seal(b"same plaintext", inode_ad(vid, 2, 102))
-    key_of = [HKDFExpand(hashes.SHA256(), 32, label("message", b[:24])).derive(base.reveal())
-              for b in (one, two)]
+    key_of = [
+        HKDFExpand(hashes.SHA256(), 32, label("message", b[:24])).derive(base.reveal())
+        for b in (one, two)
+    ]
     assert key_of[0] != key_of[1]
     with pytest.raises(AuthError):  # object 1's ciphertext under object 2's key
         sealer.open(two[:24] + one[24:], inode_ad(vid, 2, 101))

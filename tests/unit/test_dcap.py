@@ -343,8 +343,14 @@ def _der_chain_flip(pem: str, cert_index: int, byte_index: int) -> str:
 @pytest.mark.filterwarnings("ignore:Attribute's length:UserWarning")  # cryptography on bad names
 @pytest.mark.parametrize(
     "field",
-    ["tcb_info", "qe_identity", "tcb_info_signature", "qe_identity_signature",
-     "pck_crl", "root_ca_crl"],
+    [
+        "tcb_info",
+        "qe_identity",
+        "tcb_info_signature",
+        "qe_identity_signature",
+        "pck_crl",
+        "root_ca_crl",
+    ],
 )
 def test_tampered_collateral_field_is_rejected(quote: bytes, collateral: Collateral, field: str):
     value = getattr(collateral, field)
@@ -461,9 +467,16 @@ def _td_report(svn: list[int], svn2: list[int] | None = None) -> TdReport:
     pad = [0] * 16
     return TdReport(
         tee_tcb_svn=bytes((svn + pad)[:16]),
-        mr_seam=bytes(48), mr_signer_seam=bytes(48), seam_attributes=bytes(8),
-        td_attributes=bytes(8), xfam=bytes(8), mr_td=bytes(48), mr_config_id=bytes(48),
-        mr_owner=bytes(48), mr_owner_config=bytes(48), rtmrs=(bytes(48),) * 4,
+        mr_seam=bytes(48),
+        mr_signer_seam=bytes(48),
+        seam_attributes=bytes(8),
+        td_attributes=bytes(8),
+        xfam=bytes(8),
+        mr_td=bytes(48),
+        mr_config_id=bytes(48),
+        mr_owner=bytes(48),
+        mr_owner_config=bytes(48),
+        rtmrs=(bytes(48),) * 4,
         report_data=bytes(64),
         tee_tcb_svn2=None if svn2 is None else bytes((svn2 + pad)[:16]),
         mr_servicetd=None if svn2 is None else bytes(48),
@@ -486,10 +499,10 @@ def _module(ident: str, *levels: IdentityLevel) -> TdxModuleIdentity:
 
 def _tcb_info(levels: list[TcbLevel], identities: list[TdxModuleIdentity] = ()) -> TcbInfo:
     now = datetime(2025, 1, 1, tzinfo=UTC)
-    ordered = sorted(levels, key=lambda lv: (lv.sgx_components, lv.pce_svn, lv.tdx_components),
-                     reverse=True)
-    return TcbInfo(now, now, b"\0" * 6, b"\0\0", 1, _module(""), tuple(identities),
-                   tuple(ordered))
+    ordered = sorted(
+        levels, key=lambda lv: (lv.sgx_components, lv.pce_svn, lv.tdx_components), reverse=True
+    )
+    return TcbInfo(now, now, b"\0" * 6, b"\0\0", 1, _module(""), tuple(identities), tuple(ordered))
 
 
 UP = IdentityLevel(0, "UpToDate", ())
@@ -503,11 +516,13 @@ def test_component_wise_comparison_not_one_number():
 
 
 def test_best_level_met_gives_status_and_advisories():
-    info = _tcb_info([
-        _level([5], [], "UpToDate"),
-        _level([3], [], "OutOfDate", "INTEL-SA-1"),
-        _level([1], [], "OutOfDate", "INTEL-SA-1", "INTEL-SA-2"),
-    ])
+    info = _tcb_info(
+        [
+            _level([5], [], "UpToDate"),
+            _level([3], [], "OutOfDate", "INTEL-SA-1"),
+            _level([1], [], "OutOfDate", "INTEL-SA-1", "INTEL-SA-2"),
+        ]
+    )
     verdict = dcap.evaluate_tcb(info, _pck([4]), _td_report([]), (info.tdx_module, None), UP)
     assert (verdict.status, verdict.advisory_ids) == ("OutOfDate", ("INTEL-SA-1",))
 
@@ -543,8 +558,9 @@ def test_status_convergence(platform: str, component: str, expected: str):
 
 
 def test_module_and_qe_statuses_fold_in_with_advisories():
-    module = _module("TDX_01", IdentityLevel(6, "UpToDate", ()),
-                     IdentityLevel(4, "OutOfDate", ("INTEL-SA-M",)))
+    module = _module(
+        "TDX_01", IdentityLevel(6, "UpToDate", ()), IdentityLevel(4, "OutOfDate", ("INTEL-SA-M",))
+    )
     info = _tcb_info([_level([], [], "UpToDate")], [module])
     report = _td_report([4, 1])
     matched = dcap.match_module(info, report)
@@ -553,15 +569,19 @@ def test_module_and_qe_statuses_fold_in_with_advisories():
     verdict = dcap.evaluate_tcb(info, _pck([]), report, matched, qe)
     assert verdict.status == "OutOfDate"
     assert (verdict.platform_status, verdict.module_status, verdict.qe_status) == (
-        "UpToDate", "OutOfDate", "OutOfDate")
+        "UpToDate",
+        "OutOfDate",
+        "OutOfDate",
+    )
     assert verdict.advisory_ids == ("INTEL-SA-M", "INTEL-SA-Q")
 
 
 def test_revoked_anywhere_fails():
     info = _tcb_info([_level([], [], "UpToDate")])
     with pytest.raises(AttestationError, match="Revoked"):
-        dcap.evaluate_tcb(info, _pck([]), _td_report([]), (info.tdx_module, None),
-                          IdentityLevel(0, "Revoked", ()))
+        dcap.evaluate_tcb(
+            info, _pck([]), _td_report([]), (info.tdx_module, None), IdentityLevel(0, "Revoked", ())
+        )
     info = _tcb_info([_level([], [], "Revoked")])
     with pytest.raises(AttestationError, match="Revoked"):
         dcap.evaluate_tcb(info, _pck([]), _td_report([]), (info.tdx_module, None), UP)
@@ -569,8 +589,9 @@ def test_revoked_anywhere_fails():
 
 def test_td15_relaunch_advised_when_host_already_has_the_fix():
     module = _module("TDX_01", IdentityLevel(6, "UpToDate", ()), IdentityLevel(4, "OutOfDate", ()))
-    info = _tcb_info([_level([], [0, 0, 3], "UpToDate"), _level([], [0, 0, 2], "OutOfDate")],
-                     [module])
+    info = _tcb_info(
+        [_level([], [0, 0, 3], "UpToDate"), _level([], [0, 0, 2], "OutOfDate")], [module]
+    )
 
     def status(svn2: list[int], qe: IdentityLevel = UP) -> str:
         report = _td_report([4, 1, 2], svn2)
@@ -626,8 +647,13 @@ def _level_date(levels: list[dict], value: str) -> None:
     levels[0]["tcbDate"] = value
 
 
-IMPOSSIBLE_TIMES = ["2025-02-30T00:00:00Z", "2025-01-01T24:00:00Z", "2025-01-01T00:00:60Z",
-                    "0000-01-01T00:00:00Z", "٢٠٢٥-01-01T00:00:00Z"]
+IMPOSSIBLE_TIMES = [
+    "2025-02-30T00:00:00Z",
+    "2025-01-01T24:00:00Z",
+    "2025-01-01T00:00:60Z",
+    "0000-01-01T00:00:00Z",
+    "٢٠٢٥-01-01T00:00:00Z",
+]
 
 
 @pytest.mark.parametrize("value", IMPOSSIBLE_TIMES)
@@ -654,9 +680,18 @@ def test_impossible_collateral_times_are_format_errors(
 
 def test_qe_levels_are_walked_in_document_order(quote: bytes, collateral: Collateral):
     """Intel's QVL takes the first QE level the ISVSVN meets, in document order, unsorted."""
-    out_of_order = _edited(collateral.qe_identity, lambda d: d["tcbLevels"].insert(
-        0, {"tcb": {"isvsvn": 2}, "tcbDate": "2023-01-01T00:00:00Z", "tcbStatus": "OutOfDate",
-            "advisoryIDs": ["INTEL-SA-00000"]}))
+    out_of_order = _edited(
+        collateral.qe_identity,
+        lambda d: d["tcbLevels"].insert(
+            0,
+            {
+                "tcb": {"isvsvn": 2},
+                "tcbDate": "2023-01-01T00:00:00Z",
+                "tcbStatus": "OutOfDate",
+                "advisoryIDs": ["INTEL-SA-00000"],
+            },
+        ),
+    )
     identity = dcap.parse_qe_identity(out_of_order)
     assert [lv.isv_svn for lv in identity.levels] == [2, 4]
     qe = parse_quote(quote).certification.qe_report
@@ -666,7 +701,8 @@ def test_qe_levels_are_walked_in_document_order(quote: bytes, collateral: Collat
     info = dcap.parse_tcb_info(collateral.tcb_info)
     report = parse_quote(quote).report
     pck = dcap.parse_pck_extension(
-        x509.load_pem_x509_certificates(parse_quote(quote).certification.pck_chain_pem[:-1])[0])
+        x509.load_pem_x509_certificates(parse_quote(quote).certification.pck_chain_pem[:-1])[0]
+    )
     verdict = dcap.evaluate_tcb(info, pck, report, dcap.match_module(info, report), level)
     assert (verdict.status, verdict.qe_status) == ("OutOfDate", "OutOfDate")
 
@@ -685,8 +721,10 @@ def _module_levels(d: dict) -> list:
         (lambda d: _swap_first_two(d["tcbLevels"]), "TCB info tcbLevels are not ordered best"),
         (lambda d: d["tcbLevels"].append(d["tcbLevels"][0]), "TCB info has duplicated"),
         # Same components, another status: still the same level to Intel's QVL.
-        (lambda d: d["tcbLevels"].append({**d["tcbLevels"][0], "tcbStatus": "OutOfDate"}),
-         "TCB info has duplicated"),
+        (
+            lambda d: d["tcbLevels"].append({**d["tcbLevels"][0], "tcbStatus": "OutOfDate"}),
+            "TCB info has duplicated",
+        ),
         (lambda d: d["tcbLevels"][1].pop("tcbDate"), "lacks tcbDate"),
         (lambda d: _swap_first_two(_module_levels(d)), "TDX module TDX_01 tcbLevels are not"),
         (lambda d: _module_levels(d).append(_module_levels(d)[0]), "TDX_01 has duplicated"),
@@ -706,9 +744,11 @@ def test_qe_level_without_tcb_date_is_refused(collateral: Collateral):
 
 @pytest.mark.parametrize(
     ("seam", "identity_attributes", "mask"),
-    [("0100000000000000", "0100000000000000", "FFFFFFFFFFFFFFFF"),
-     ("0000000000000080", "0000000000000000", "0000000000000000"),
-     ("0000000000000000", "0100000000000000", "0000000000000000")],
+    [
+        ("0100000000000000", "0100000000000000", "FFFFFFFFFFFFFFFF"),
+        ("0000000000000080", "0000000000000000", "0000000000000000"),
+        ("0000000000000000", "0100000000000000", "0000000000000000"),
+    ],
 )
 def test_seam_attributes_must_be_zero_whatever_the_identity_says(
     quote: bytes, collateral: Collateral, seam: str, identity_attributes: str, mask: str

@@ -16,8 +16,11 @@ from sealfs.volume.anchor import RollbackError
 
 
 def _error_types() -> list[type[errors.SealfsError]]:
-    return [t for _, t in inspect.getmembers(errors, inspect.isclass)
-            if issubclass(t, errors.SealfsError)]
+    return [
+        t
+        for _, t in inspect.getmembers(errors, inspect.isclass)
+        if issubclass(t, errors.SealfsError)
+    ]
 
 
 def test_every_error_kind_has_its_own_code() -> None:
@@ -26,15 +29,19 @@ def test_every_error_kind_has_its_own_code() -> None:
     assert 0 not in EXIT_CODES.values()
 
 
-@pytest.mark.parametrize(("error", "code"), [
-    (errors.UsageError("x"), 2),
-    (RollbackError("forked", "x"), 5),  # a subclass takes its ancestor's code
-    (errors.LuksError, 10),
-    (VerificationFailed, 9),
-    (type("Unlisted", (errors.SealfsError,), {})("x"), 1),
-])
-def test_code_of_an_error_or_its_type(error: errors.SealfsError | type[errors.SealfsError],
-                                      code: int) -> None:
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (errors.UsageError("x"), 2),
+        (RollbackError("forked", "x"), 5),  # a subclass takes its ancestor's code
+        (errors.LuksError, 10),
+        (VerificationFailed, 9),
+        (type("Unlisted", (errors.SealfsError,), {})("x"), 1),
+    ],
+)
+def test_code_of_an_error_or_its_type(
+    error: errors.SealfsError | type[errors.SealfsError], code: int
+) -> None:
     assert exit_code(error) == code
 
 

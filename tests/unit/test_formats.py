@@ -45,8 +45,7 @@ def test_file_record_roundtrip() -> None:
     node.blocks = {0: 11, 5: 12, 70000: 13}
     node.xattrs = {b"user.a": b"\x00\xff", b"security.selinux": b"x" * 300}
     back = Inode.from_record(7, node.to_record())
-    assert (back.mode, back.uid, back.gid, back.nlink, back.size) == (
-        node.mode, 1, 2, 3, 1 << 33)
+    assert (back.mode, back.uid, back.gid, back.nlink, back.size) == (node.mode, 1, 2, 3, 1 << 33)
     assert back.blocks == node.blocks and back.xattrs == node.xattrs
 
 
@@ -87,8 +86,16 @@ def test_bad_records_raise_record_error() -> None:
     rec3 = small.to_record()
     too_long = rec3[:17] + (2).to_bytes(8, "big") + rec3[25:]  # size 2, 3 inline bytes
     assert Inode.from_record(7, rec3[:17] + (3).to_bytes(8, "big") + rec3[25:]).inline
-    for bad in (rec[:-1], rec + b"x", b"\x03" + rec[1:], b"\x00" + rec[1:], b"",
-                small.to_record()[:-1], both.to_record(), too_long):
+    for bad in (
+        rec[:-1],
+        rec + b"x",
+        b"\x03" + rec[1:],
+        b"\x00" + rec[1:],
+        b"",
+        small.to_record()[:-1],
+        both.to_record(),
+        too_long,
+    ):
         with pytest.raises(RecordError):
             Inode.from_record(7, bad)
 
@@ -130,16 +137,22 @@ def test_checkpoint_keeps_a_chain_of_heads_and_version_1_is_still_read() -> None
     cp = Checkpoint(3, 10, 42, b"h" * 32, {1: 2, 3: 4}, b"a" * 32 + b"b" * 32)
     assert Checkpoint.decode(cp.encode()) == cp
     enc = cp.encode()
-    for bad in (enc[:-1], enc + b"\0",  # a chain cut short or extended
-                Checkpoint(3, 1, 42, b"h" * 32, {}, b"a" * 64).encode()):  # longer than seq
+    for bad in (
+        enc[:-1],
+        enc + b"\0",  # a chain cut short or extended
+        Checkpoint(3, 1, 42, b"h" * 32, {}, b"a" * 64).encode(),
+    ):  # longer than seq
         with pytest.raises(CodecError):
             Checkpoint.decode(bad)
     v1 = Checkpoint(3, 10, 42, b"h" * 32, {1: 2}).encode()[:-8]  # no chain count
     assert Checkpoint.decode(v1, 1) == Checkpoint(3, 10, 42, b"h" * 32, {1: 2})
     master, vid = Secret.generate(), os.urandom(16)
     keys = VolumeKeys(master, vid, legacy=True)  # version 1 is sealed under the format-1 key
-    old = CHECKPOINT_MAGIC + b"\x01" + Sealer(hkdf(master, "journal", vid)).seal(
-        v1, checkpoint_ad(vid, 1))
+    old = (
+        CHECKPOINT_MAGIC
+        + b"\x01"
+        + Sealer(hkdf(master, "journal", vid)).seal(v1, checkpoint_ad(vid, 1))
+    )
     assert open_checkpoint(keys.journal, vid, old).table == {1: 2}
     with pytest.raises(AuthError):  # the version is authenticated: no downgrade by relabelling
         open_checkpoint(keys.journal, vid, CHECKPOINT_MAGIC + b"\x02" + old[5:])
@@ -149,8 +162,11 @@ def test_commit_records_carry_objects_and_version_1_is_still_read() -> None:
     c = Commit(5, 99, {2: 3, 4: 5}, [6], {3: (2, b"sealed record"), 8: (4, b"x" * 70000)})
     assert Commit.decode(c.encode()) == c
     enc = c.encode()
-    for bad in (enc[:-1], enc + b"\0",
-                Commit(5, 99, {}, [], {3: (2, b"")}).encode()):  # an empty carried object
+    for bad in (
+        enc[:-1],
+        enc + b"\0",
+        Commit(5, 99, {}, [], {3: (2, b"")}).encode(),
+    ):  # an empty carried object
         with pytest.raises(CodecError):
             Commit.decode(bad)
     v1 = b"\x01" + Commit(5, 99, {2: 3}, [6]).encode()[1:-4]  # no carried section
@@ -180,8 +196,12 @@ def test_block_binding(compress: bool) -> None:
     if compress:
         assert len(blob) < len(data)
     assert open_block(sealer, block_ad(vid, 2, 0, 77), blob, 1 << 17) == data
-    for ad in (block_ad(vid, 3, 0, 77), block_ad(vid, 2, 1, 77), block_ad(vid, 2, 0, 78),
-               block_ad(b"w" * 16, 2, 0, 77)):
+    for ad in (
+        block_ad(vid, 3, 0, 77),
+        block_ad(vid, 2, 1, 77),
+        block_ad(vid, 2, 0, 78),
+        block_ad(b"w" * 16, 2, 0, 77),
+    ):
         with pytest.raises(AuthError):
             open_block(sealer, ad, blob, 1 << 17)
 
@@ -200,12 +220,14 @@ def test_format_1_blocks_and_checkpoints_open_only_on_format_1_volumes() -> None
     master, vid, data = Secret.generate(), b"v" * 16, b"old block " * 300
     old_inode = Sealer(hkdf(hkdf(master, "object", vid), "inode", 2))
     ad = block_ad(vid, 2, 0, 77)
-    old_blocks = [b"\x00" + old_inode.seal(data, ad + b"\x00"),
-                  b"\x01" + old_inode.seal(lz4.block.compress(data, store_size=True),
-                                          ad + b"\x01")]
+    old_blocks = [
+        b"\x00" + old_inode.seal(data, ad + b"\x00"),
+        b"\x01" + old_inode.seal(lz4.block.compress(data, store_size=True), ad + b"\x01"),
+    ]
     cp = Checkpoint(1, 3, 9, b"h" * 32, {1: 2})
     old_cp = b"SFCK\x01" + Sealer(hkdf(master, "journal", vid)).seal(
-        cp.encode()[:-8], checkpoint_ad(vid, 1))  # version 1 has no chain count
+        cp.encode()[:-8], checkpoint_ad(vid, 1)
+    )  # version 1 has no chain count
     legacy, current = VolumeKeys(master, vid, legacy=True), VolumeKeys(master, vid)
     for blob in old_blocks:
         assert open_block(legacy.inode(2), ad, blob, 4096) == data
@@ -233,8 +255,11 @@ def test_the_header_format_fields_are_authenticated() -> None:
     upgraded.add_slot(master, cred)
     upgraded.upgrade_format_1(upgraded.volume_keys(master))
     assert Header.from_bytes(upgraded.to_bytes()).unlock(cred) == master
-    for doc, edit in ((header, {"format_version": 1}), (header, {"format1_objects": True}),
-                      (upgraded, {"format_version": 1, "format1_objects": False})):
+    for doc, edit in (
+        (header, {"format_version": 1}),
+        (header, {"format1_objects": True}),
+        (upgraded, {"format_version": 1, "format1_objects": False}),
+    ):
         forged = json.loads(doc.to_bytes())
         forged.update(edit)
         if forged.get("format1_objects") is False:

@@ -24,8 +24,7 @@ from sealfs.volume.header import (
     new_header,
 )
 
-_SHORT = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f",
-          "\r": "\\r"}
+_SHORT = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
 
 
 def _string(text: str) -> str:
@@ -73,11 +72,23 @@ def _headers() -> list[Header]:
     wide.created = MAX_HEADER_INT
     wide.slots = [
         Slot(MAX_SLOT_ID, "keyfile", b"\x01" * 48, salt=b"\x02" * 16),
-        Slot(7, "passphrase", b"\x03" * 48, kdf=KdfParams("argon2id", b"\x04" * 16,
-                                                           4 * 1024 * 1024, 64, 16)),
-        Slot(3, "kms", b"\x05" * 48, kms={
-            "url": "https://bücher.example:8443\"\\\t\n\x7f\u2028é😀",
-            "app_id": "ab" * 64, "key_version": MAX_KEY_VERSION, "kms_public_key": ""}),
+        Slot(
+            7,
+            "passphrase",
+            b"\x03" * 48,
+            kdf=KdfParams("argon2id", b"\x04" * 16, 4 * 1024 * 1024, 64, 16),
+        ),
+        Slot(
+            3,
+            "kms",
+            b"\x05" * 48,
+            kms={
+                "url": 'https://bücher.example:8443"\\\t\n\x7f\u2028é😀',
+                "app_id": "ab" * 64,
+                "key_version": MAX_KEY_VERSION,
+                "kms_public_key": "",
+            },
+        ),
     ]
     wide.seal(master)
     upgraded, master = new_header(131072, "none")
@@ -116,8 +127,9 @@ def _edits() -> dict[str, Any]:
         "empty salt": lambda d: d["slots"].append({**slot(d), "id": 9, "salt": ""}),
         "upper-case volume id": lambda d: d.update(volume_id=d["volume_id"].upper()),
         "upper-case mac": lambda d: d.update(mac=d["mac"].upper()),
-        "spaced hex": lambda d: slot(d).update(wrapped=slot(d)["wrapped"][:2] + " " +
-                                               slot(d)["wrapped"][2:]),
+        "spaced hex": lambda d: slot(d).update(
+            wrapped=slot(d)["wrapped"][:2] + " " + slot(d)["wrapped"][2:]
+        ),
         "float member": lambda d: d.update(extra=1.5),
         "boolean version": lambda d: d.update(format_version=True),
     }
@@ -138,8 +150,14 @@ def test_a_header_that_is_not_its_canonical_form_is_refused(name: str) -> None:
 
 def test_kms_slot_members_are_exact() -> None:
     header, master = new_header(4096, "none")
-    header.slots = [Slot(0, "kms", b"\x05" * 48, kms={
-        "url": "http://kms:1", "app_id": "ab", "key_version": 1, "kms_public_key": ""})]
+    header.slots = [
+        Slot(
+            0,
+            "kms",
+            b"\x05" * 48,
+            kms={"url": "http://kms:1", "app_id": "ab", "key_version": 1, "kms_public_key": ""},
+        )
+    ]
     header.seal(master)
     Header.from_bytes(header.to_bytes())
     for edit in ({"extra": 1}, {"app_id": "a b"}, {"kms_public_key": "zz"}):
@@ -153,9 +171,19 @@ def test_a_body_too_large_for_its_label_is_refused_not_a_crash() -> None:
     """The MAC takes the canonical body as one label part (u16 length): a host that lengthens
     a kms slot's URL (outside the slot's associated data) must meet a format error."""
     header, _ = new_header(4096, "none")
-    header.slots = [Slot(0, "kms", b"\x05" * 48, kms={
-        "url": "http://" + "k" * 70000, "app_id": "ab", "key_version": 1,
-        "kms_public_key": ""})]
+    header.slots = [
+        Slot(
+            0,
+            "kms",
+            b"\x05" * 48,
+            kms={
+                "url": "http://" + "k" * 70000,
+                "app_id": "ab",
+                "key_version": 1,
+                "kms_public_key": "",
+            },
+        )
+    ]
     doc = {**header.body(), "mac": "00" * 32}
     with pytest.raises(FormatError, match="too large"):
         Header.from_bytes(json.dumps(doc).encode())

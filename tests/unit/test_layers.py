@@ -22,22 +22,35 @@ SEALFS = Path(__file__).resolve().parents[2] / "sealfs"
 #: lowest first: a row names only rows above it, so arrows point down and no cycle can form.
 #: "sealfs" is the package's own __init__ (the version).
 LAYERS: dict[str, set[str]] = {
-    "errors":      set(),
-    "sealfs":      set(),
-    "strict":      {"errors"},
-    "crypto":      {"errors", "strict"},  # all cryptography; the only module that holds raw keys
-    "store":       {"errors"},  # ciphertext objects in and out: no crypto, no keys
-    "sealed":      {"errors", "crypto", "store"},  # the one sealed-object layer
-    "attest":      {"errors", "sealfs", "strict", "crypto"},
-    "kms":         {"errors", "sealfs", "strict", "crypto", "attest"},
-    "volume":      {"errors", "sealfs", "strict", "crypto", "store", "sealed", "kms"},
-    "fs":          {"errors", "crypto", "store", "sealed", "volume"},
-    "check":       {"errors", "crypto", "store", "sealed", "volume", "fs"},
-    "fuse":        {"errors", "store", "sealed", "volume", "fs"},
-    "luks":        {"errors", "sealfs", "strict", "crypto", "kms"},
-    "cli":         {"errors", "sealfs", "strict", "crypto", "store", "sealed", "attest",
-                    "kms", "volume", "fs", "check", "fuse", "luks"},
-    "__main__":    {"cli"},
+    "errors": set(),
+    "sealfs": set(),
+    "strict": {"errors"},
+    "crypto": {"errors", "strict"},  # all cryptography; the only module that holds raw keys
+    "store": {"errors"},  # ciphertext objects in and out: no crypto, no keys
+    "sealed": {"errors", "crypto", "store"},  # the one sealed-object layer
+    "attest": {"errors", "sealfs", "strict", "crypto"},
+    "kms": {"errors", "sealfs", "strict", "crypto", "attest"},
+    "volume": {"errors", "sealfs", "strict", "crypto", "store", "sealed", "kms"},
+    "fs": {"errors", "crypto", "store", "sealed", "volume"},
+    "check": {"errors", "crypto", "store", "sealed", "volume", "fs"},
+    "fuse": {"errors", "store", "sealed", "volume", "fs"},
+    "luks": {"errors", "sealfs", "strict", "crypto", "kms"},
+    "cli": {
+        "errors",
+        "sealfs",
+        "strict",
+        "crypto",
+        "store",
+        "sealed",
+        "attest",
+        "kms",
+        "volume",
+        "fs",
+        "check",
+        "fuse",
+        "luks",
+    },
+    "__main__": {"cli"},
 }
 
 #: Who may import `cryptography`, and which parts of it. DCAP verifies Intel's public X.509
@@ -45,7 +58,9 @@ LAYERS: dict[str, set[str]] = {
 CRYPTOGRAPHY_USERS: dict[str, tuple[str, ...]] = {
     "sealfs/crypto.py": ("cryptography",),
     "sealfs/attest/dcap.py": (
-        "cryptography.x509", "cryptography.exceptions", "cryptography.hazmat.primitives.hashes",
+        "cryptography.x509",
+        "cryptography.exceptions",
+        "cryptography.hazmat.primitives.hashes",
         "cryptography.hazmat.primitives.asymmetric.ec",
         "cryptography.hazmat.primitives.asymmetric.utils",
         "cryptography.hazmat.primitives.serialization",
@@ -105,7 +120,7 @@ def imports(path: Path) -> Iterator[Import]:
                 yield Import(_rel(path), alias.name, node.lineno)
         elif isinstance(node, ast.ImportFrom):
             if node.level:
-                base = _package(path)[:len(_package(path)) - node.level + 1]
+                base = _package(path)[: len(_package(path)) - node.level + 1]
                 module = ".".join([*base, *([node.module] if node.module else [])])
             else:
                 module = node.module or ""
@@ -147,11 +162,13 @@ def test_the_readme_states_the_same_table() -> None:
     readme = (SEALFS.parent / "README.md").read_text()
     section = readme.split("### Layers", 1)[1]
     rows = re.findall(r"^\| ([a-z_]+) \|([a-z_, ]*)\|", section, re.M)
-    stated = {name: set(deps.replace(",", " ").split()) for name, deps in rows
-              if name != "package"}
+    stated = {name: set(deps.replace(",", " ").split()) for name, deps in rows if name != "package"}
     implied = {"errors", "sealfs"}
-    expected = {name: allowed - implied for name, allowed in LAYERS.items()
-                if name not in implied | {"__main__"}}
+    expected = {
+        name: allowed - implied
+        for name, allowed in LAYERS.items()
+        if name not in implied | {"__main__"}
+    }
     assert stated == expected
 
 
@@ -178,21 +195,31 @@ def test_only_crypto_uses_cryptography() -> None:
 
 def _calls(path: Path, attr: str) -> list[int]:
     tree = ast.parse(path.read_text(), str(path))
-    return [n.lineno for n in ast.walk(tree) if isinstance(n, ast.Call)
-            and isinstance(n.func, ast.Attribute) and n.func.attr == attr]
+    return [
+        n.lineno
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == attr
+    ]
 
 
 def test_raw_key_bytes_stay_in_crypto() -> None:
-    wrong = [f"{_rel(p)}:{line}: Secret.reveal()" for p in _files()
-             if _rel(p) not in REVEAL_USERS for line in _calls(p, "reveal")]
+    wrong = [
+        f"{_rel(p)}:{line}: Secret.reveal()"
+        for p in _files()
+        if _rel(p) not in REVEAL_USERS
+        for line in _calls(p, "reveal")
+    ]
     assert not wrong, "raw key bytes outside sealfs/crypto.py:\n" + "\n".join(wrong)
     stale = [f for f in REVEAL_USERS if not _calls(SEALFS.parent / f, "reveal")]
     assert not stale, f"REVEAL_USERS lists files that no longer reveal keys: {stale}"
 
 
 def test_store_knows_no_keys() -> None:
-    names = {n.id for n in ast.walk(ast.parse((SEALFS / "store.py").read_text()))
-             if isinstance(n, ast.Name)}
+    names = {
+        n.id
+        for n in ast.walk(ast.parse((SEALFS / "store.py").read_text()))
+        if isinstance(n, ast.Name)
+    }
     assert not names & {"Secret", "VolumeKeys", "ObjectSealer", "Sealer"}
 
 
@@ -204,8 +231,9 @@ def _exit_uses(path: Path) -> Iterator[tuple[int, str]]:
             yield node.lineno, node.attr
 
 
-@pytest.mark.parametrize("path", [p for p in _files() if _own_component(_rel(p)) != "cli"],
-                         ids=_rel)
+@pytest.mark.parametrize(
+    "path", [p for p in _files() if _own_component(_rel(p)) != "cli"], ids=_rel
+)
 def test_only_cli_ends_the_process(path: Path) -> None:
     uses = [f"{_rel(path)}:{line}: {name}" for line, name in _exit_uses(path)]
     assert not uses, "exit codes are chosen in sealfs/cli only:\n" + "\n".join(uses)

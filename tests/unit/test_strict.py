@@ -12,14 +12,31 @@ from sealfs.errors import UsageError
 from sealfs.kms import protocol as P
 
 
-@pytest.mark.parametrize("text,expected", [("", b""), ("dead", b"\xde\xad"),
-                                           ("DEad", b"\xde\xad"), ("00ff", b"\x00\xff")])
+@pytest.mark.parametrize(
+    "text,expected",
+    [("", b""), ("dead", b"\xde\xad"), ("DEad", b"\xde\xad"), ("00ff", b"\x00\xff")],
+)
 def test_hex_takes_exactly_pairs_of_hex_digits(text: str, expected: bytes) -> None:
     assert strict.hex_bytes(text) == expected
 
 
-@pytest.mark.parametrize("value", ["de ad", " dead", "dead\n", "dea", "0xde", "+dead", "de_ad",
-                                   "\u0660\u0660", "ｄｅ", b"de", None, 12])
+@pytest.mark.parametrize(
+    "value",
+    [
+        "de ad",
+        " dead",
+        "dead\n",
+        "dea",
+        "0xde",
+        "+dead",
+        "de_ad",
+        "\u0660\u0660",
+        "ｄｅ",
+        b"de",
+        None,
+        12,
+    ],
+)
 def test_hex_refuses_everything_else(value: object) -> None:
     """``bytes.fromhex`` takes the first two (whitespace between and around pairs)."""
     with pytest.raises(ValueError, match="hex digit pairs"):
@@ -28,9 +45,11 @@ def test_hex_refuses_everything_else(value: object) -> None:
 
 def test_hex_length_bounds() -> None:
     assert strict.hex_bytes("ab" * 32, 32, 32) == b"\xab" * 32
-    for text, lo, hi, words in (("ab" * 31, 32, 32, "must be 32 bytes"),
-                                ("ab" * 65, 1, 64, "must be 1-64 bytes"),
-                                ("ab", 2, None, "must be at least 2 bytes")):
+    for text, lo, hi, words in (
+        ("ab" * 31, 32, 32, "must be 32 bytes"),
+        ("ab" * 65, 1, 64, "must be 1-64 bytes"),
+        ("ab", 2, None, "must be at least 2 bytes"),
+    ):
         with pytest.raises(ValueError, match=words):
             strict.hex_bytes(text, lo, hi)
 
@@ -49,8 +68,7 @@ def _secret(path: Path, data: bytes, mode: int = 0o600) -> Path:
 
 
 def test_secret_file_is_read_when_private(tmp_path: Path) -> None:
-    assert strict.read_secret_file(_secret(tmp_path / "k", b"x" * 10), "key file", 10) == \
-        b"x" * 10
+    assert strict.read_secret_file(_secret(tmp_path / "k", b"x" * 10), "key file", 10) == b"x" * 10
 
 
 @pytest.mark.parametrize("mode", [0o640, 0o604, 0o620, 0o602, 0o660])
@@ -61,10 +79,12 @@ def test_secret_file_open_to_group_or_others_is_refused(tmp_path: Path, mode: in
 
 
 def test_secret_file_rules(tmp_path: Path) -> None:
-    cases = {"does not exist": tmp_path / "missing",
-             "is empty": _secret(tmp_path / "empty", b""),
-             "is larger than 4 bytes": _secret(tmp_path / "big", b"12345"),
-             "is not a regular file": tmp_path}
+    cases = {
+        "does not exist": tmp_path / "missing",
+        "is empty": _secret(tmp_path / "empty", b""),
+        "is larger than 4 bytes": _secret(tmp_path / "big", b"12345"),
+        "is not a regular file": tmp_path,
+    }
     for words, path in cases.items():
         with pytest.raises(UsageError, match=f"passphrase file {path} {words}"):
             strict.read_secret_file(path, "passphrase file", 4)

@@ -23,9 +23,19 @@ sys.exit(pytest.main(["-q", "-p", "no:cacheprovider", *sys.argv[1:]]))
 
 def test_unit_and_core_tests_run_without_pyfuse3() -> None:
     res = subprocess.run(
-        [sys.executable, "-c", _WITHOUT_PYFUSE3, "tests/unit/test_formats.py",
-         "tests/unit/test_layers.py", "tests/core/test_inline.py"],
-        capture_output=True, text=True, cwd=REPO, timeout=300)
+        [
+            sys.executable,
+            "-c",
+            _WITHOUT_PYFUSE3,
+            "tests/unit/test_formats.py",
+            "tests/unit/test_layers.py",
+            "tests/core/test_inline.py",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert " passed" in res.stdout and "skipped" not in res.stdout
 
@@ -33,6 +43,14 @@ def test_unit_and_core_tests_run_without_pyfuse3() -> None:
 def test_the_block_is_real() -> None:
     """The child's block does stop pyfuse3 (or the test above proves nothing)."""
     res = subprocess.run(
-        [sys.executable, "-c", 'import sys; sys.modules["pyfuse3"] = None; '
-         "import sealfs.fuse.mount"], capture_output=True, text=True, cwd=REPO, timeout=60)
+        [
+            sys.executable,
+            "-c",
+            'import sys; sys.modules["pyfuse3"] = None; import sealfs.fuse.mount',
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
     assert res.returncode != 0 and "pyfuse3" in res.stderr

@@ -147,8 +147,10 @@ class Gocryptfs(FileSystem):
         run(["gocryptfs", "-init", "-q", "-passfile", self.passfile, self.backing], timeout=120)
 
     def _mount(self) -> None:
-        run(["gocryptfs", "-q", "-nosyslog", "-passfile", self.passfile, self.backing, self.mnt],
-            timeout=120)
+        run(
+            ["gocryptfs", "-q", "-nosyslog", "-passfile", self.passfile, self.backing, self.mnt],
+            timeout=120,
+        )
 
 
 class Cryfs(FileSystem):
@@ -175,8 +177,12 @@ class Cryfs(FileSystem):
         # 16 KiB blocks); nothing to do here.
 
     def _mount(self) -> None:
-        run(["cryfs", self.backing, self.mnt], input=b"sealfs-bench-password\n", env=self.env,
-            timeout=300)
+        run(
+            ["cryfs", self.backing, self.mnt],
+            input=b"sealfs-bench-password\n",
+            env=self.env,
+            timeout=300,
+        )
 
 
 class Sealfs(FileSystem):
@@ -219,8 +225,7 @@ class Sealfs(FileSystem):
         run(cmd, timeout=120)
 
     def _mount(self) -> None:
-        run([self.binary, "mount", self.backing, self.mnt, "--key-file", self.keyfile],
-            timeout=120)
+        run([self.binary, "mount", self.backing, self.mnt, "--key-file", self.keyfile], timeout=120)
 
     def _unmount(self) -> None:
         run([self.binary, "umount", self.mnt], timeout=300)

@@ -27,8 +27,14 @@ def _short(frame: str) -> str:
 
 
 # Frames where a thread waits rather than works (py-spy's idle detection misses some of them).
-WAITS = ("WorkerThread._work (trio/_core/_thread_cache.py)", "EpollIOManager.get_events",
-         "EpollIOManager._epoll_wait", "Condition.wait", "Event.wait", "Thread.join")
+WAITS = (
+    "WorkerThread._work (trio/_core/_thread_cache.py)",
+    "EpollIOManager.get_events",
+    "EpollIOManager._epoll_wait",
+    "Condition.wait",
+    "Event.wait",
+    "Thread.join",
+)
 
 
 def _code_frames(frames: list[str]) -> list[str]:
@@ -36,8 +42,9 @@ def _code_frames(frames: list[str]) -> list[str]:
     return [_short(f) for f in frames if not f.startswith(("process ", "thread ("))]
 
 
-def summary(stacks: list[tuple[list[str], int]], top: int = 30,
-            expected_per_thread: float | None = None) -> str:
+def summary(
+    stacks: list[tuple[list[str], int]], top: int = 30, expected_per_thread: float | None = None
+) -> str:
     """Hottest functions. ``expected_per_thread`` (seconds sampled x rate) lets it say how busy
     each thread was."""
     total = sum(c for _, c in stacks) or 1
@@ -110,7 +117,7 @@ def svg(stacks: list[tuple[list[str], int]], title: str, width: int = 1600) -> s
             label = name
             pct = 100 * node["n"] / total
             out.append(
-                f'<g><title>{html.escape(label)}: {node["n"]} samples ({pct:.1f}%)</title>'
+                f"<g><title>{html.escape(label)}: {node['n']} samples ({pct:.1f}%)</title>"
                 f'<rect x="{x:.1f}" y="{y}" width="{w:.1f}" height="{row - 1}" '
                 f'fill="hsl({hue},80%,{60 + hue % 15}%)" rx="2"/>'
             )

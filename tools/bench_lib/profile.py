@@ -34,10 +34,11 @@ def ensure_py_spy() -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="tools/profile-sealfs", description=__doc__)
-    ap.add_argument("--workload", default="seqwrite",
-                    choices=[w.name for w in workloads.ALL])
+    ap.add_argument("--workload", default="seqwrite", choices=[w.name for w in workloads.ALL])
     ap.add_argument("--compression", choices=["lz4"], help="profile a compressed volume")
-    ap.add_argument("--quick", action="store_true", help="the smaller sizes of `tools/bench --quick`")
+    ap.add_argument(
+        "--quick", action="store_true", help="the smaller sizes of `tools/bench --quick`"
+    )
     ap.add_argument("--size", type=parse_size, help="sequential size (default 1G, quick 256M)")
     ap.add_argument("--rate", type=int, default=100, help="py-spy samples per second")
     ap.add_argument("--idle", action="store_true", help="include idle (waiting) threads")
@@ -80,8 +81,20 @@ def main(argv: list[str] | None = None) -> int:
         ctx.deadline = time.monotonic() + 3600
         wl.prepare(ctx)
         stacks = out / "stacks.txt"
-        cmd = [str(py_spy), "record", "--pid", str(fs.pid), "--rate", str(args.rate),
-               "--format", "raw", "--output", str(stacks), "--subprocesses", "--threads"]
+        cmd = [
+            str(py_spy),
+            "record",
+            "--pid",
+            str(fs.pid),
+            "--rate",
+            str(args.rate),
+            "--format",
+            "raw",
+            "--output",
+            str(stacks),
+            "--subprocesses",
+            "--threads",
+        ]
         cmd += ["--idle"] if args.idle else []
         cmd += ["--gil"] if args.gil else []
         cmd += ["--native"] if args.native else []
@@ -103,11 +116,22 @@ def main(argv: list[str] | None = None) -> int:
         (out / "flame.svg").write_text(flamegraph.svg(samples, title))
         (out / "summary.txt").write_text(
             f"{title}: {sampled:.1f}s sampled at {args.rate}/s; figures (slowed by sampling): "
-            + ", ".join(f"{k} {v:.3f}" for k, v in figures.items()) + "\n\n"
-            + flamegraph.summary(samples, expected_per_thread=sampled * args.rate))
-        (out / "figures.json").write_text(json.dumps(
-            {"workload": wl.name, "compression": args.compression, "figures": figures,
-             "params": params.describe()}, indent=2) + "\n")
+            + ", ".join(f"{k} {v:.3f}" for k, v in figures.items())
+            + "\n\n"
+            + flamegraph.summary(samples, expected_per_thread=sampled * args.rate)
+        )
+        (out / "figures.json").write_text(
+            json.dumps(
+                {
+                    "workload": wl.name,
+                    "compression": args.compression,
+                    "figures": figures,
+                    "params": params.describe(),
+                },
+                indent=2,
+            )
+            + "\n"
+        )
         print((out / "summary.txt").read_text())
         log(f"wrote {out}/flame.svg, summary.txt, stacks.txt")
         return 0

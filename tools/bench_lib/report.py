@@ -69,7 +69,8 @@ class Target:
         passed = all(verdicts)
         if self.kind == "cryfs":
             detail = f"{sum(verdicts)}/{len(verdicts)} ahead" + (
-                f" (behind: {'; '.join(parts)})" if parts else "")
+                f" (behind: {'; '.join(parts)})" if parts else ""
+            )
         else:
             detail = ", ".join(parts)
         return detail, passed
@@ -77,16 +78,26 @@ class Target:
 
 SMALL = ("small_create", "small_stat", "small_delete", "tree_total")
 TARGETS = [
-    Target("seq write & read ≥ 0.8x gocryptfs (target at 1 GiB)", ("seq_write", "seq_read"),
-           "ratio_min", 0.8),
-    Target("seq write & read ≥ 0.5x gocryptfs (core target at 512 MiB)",
-           ("seq_write", "seq_read"), "ratio_min", 0.5),
+    Target(
+        "seq write & read ≥ 0.8x gocryptfs (target at 1 GiB)",
+        ("seq_write", "seq_read"),
+        "ratio_min",
+        0.8,
+    ),
+    Target(
+        "seq write & read ≥ 0.5x gocryptfs (core target at 512 MiB)",
+        ("seq_write", "seq_read"),
+        "ratio_min",
+        0.5,
+    ),
     Target("small-file workloads ≤ 2x gocryptfs's time", SMALL, "ratio_max", 2.0),
-    Target("untar + ls -lR + rm -rf ≤ 3x gocryptfs's time (core)", ("tree_total",), "ratio_max",
-           3.0),
+    Target(
+        "untar + ls -lR + rm -rf ≤ 3x gocryptfs's time (core)", ("tree_total",), "ratio_max", 3.0
+    ),
     Target("daemon RSS < 200 MiB during the big write", ("rss_peak",), "abs_max", 200.0),
-    Target("ahead of CryFS on every workload", tuple(k for k in METRICS if k != "rss_peak"),
-           "cryfs"),
+    Target(
+        "ahead of CryFS on every workload", tuple(k for k in METRICS if k != "rss_peak"), "cryfs"
+    ),
 ]
 
 
@@ -101,8 +112,12 @@ def results_table(data: dict) -> str:
     errors = data["errors"]
     header = "| workload | unit | " + " | ".join(data["labels"][f] for f in fss) + " |"
     lines = [header, "|---|---|" + "---:|" * len(fss)]
-    shown = [k for k in METRICS if any(med.get(f, {}).get(k) is not None for f in fss)
-             or any(data["metric_workload"][k] in errors.get(f, {}) for f in fss)]
+    shown = [
+        k
+        for k in METRICS
+        if any(med.get(f, {}).get(k) is not None for f in fss)
+        or any(data["metric_workload"][k] in errors.get(f, {}) for f in fss)
+    ]
     for key in shown:
         m = METRICS[key]
         arrow = "↑" if m.higher_is_better else "↓"
@@ -134,8 +149,10 @@ def targets_table(data: dict) -> str:
     med = data["medians"]
     if not fss or not any(med.get(f) for f in fss):
         return "_No sealfs figures yet._"
-    lines = ["| target | " + " | ".join(data["labels"][f] for f in fss) + " |",
-             "|---|" + "---|" * len(fss)]
+    lines = [
+        "| target | " + " | ".join(data["labels"][f] for f in fss) + " |",
+        "|---|" + "---|" * len(fss),
+    ]
     for t in TARGETS:
         cells = []
         for f in fss:
@@ -160,8 +177,10 @@ def sizes_text(data: dict) -> str:
     if w & {"seqwrite", "seqread"}:
         parts.append(f"sequential {p['seq_size'] // MiB} MiB")
     if w & {"randread", "randwrite"}:
-        parts.append(f"random I/O {p['rand_io'] // MiB} MiB of 4 KiB requests on a "
-                     f"{p['rand_file'] // MiB} MiB file")
+        parts.append(
+            f"random I/O {p['rand_io'] // MiB} MiB of 4 KiB requests on a "
+            f"{p['rand_file'] // MiB} MiB file"
+        )
     if "smallfiles" in w:
         parts.append(f"{p['small_count']:,} small files of {p['small_size']} B")
     if "tree" in w:

@@ -62,12 +62,21 @@ def build_parser() -> argparse.ArgumentParser:
         description="Benchmark sealfs against a plain directory, gocryptfs and CryFS. "
         "See docs/benchmarks.md.",
     )
-    ap.add_argument("--fs", default=",".join(fs_names),
-                    help=f"comma-separated filesystems (default: all of {','.join(fs_names)})")
-    ap.add_argument("--workload", default=",".join(wl_names),
-                    help=f"comma-separated workloads (default: all of {','.join(wl_names)})")
-    ap.add_argument("--quick", action="store_true",
-                    help="smoke run: smaller sizes, 1 repetition (explicit options still win)")
+    ap.add_argument(
+        "--fs",
+        default=",".join(fs_names),
+        help=f"comma-separated filesystems (default: all of {','.join(fs_names)})",
+    )
+    ap.add_argument(
+        "--workload",
+        default=",".join(wl_names),
+        help=f"comma-separated workloads (default: all of {','.join(wl_names)})",
+    )
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: smaller sizes, 1 repetition (explicit options still win)",
+    )
     ap.add_argument("--size", type=parse_size, help="sequential write/read size (default 1G)")
     ap.add_argument("--reps", type=int, help="repetitions per measurement (default 3, quick 1)")
     ap.add_argument("--small-files", type=int, dest="small_count", help="default 10000")
@@ -77,23 +86,40 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--appends", type=int, dest="append_count", help="default 2000")
     ap.add_argument("--sqlite-commits", type=int, help="default 500")
     ap.add_argument("--tree-tar", help="tarball of the source tree (default: Django sdist)")
-    ap.add_argument("--timeout", type=float, default=900,
-                    help="seconds allowed per repetition of a workload (default 900)")
-    ap.add_argument("--scratch", type=Path, default=DEFAULT_SCRATCH,
-                    help=f"scratch directory, same disk as the repo (default {DEFAULT_SCRATCH})")
+    ap.add_argument(
+        "--timeout",
+        type=float,
+        default=900,
+        help="seconds allowed per repetition of a workload (default 900)",
+    )
+    ap.add_argument(
+        "--scratch",
+        type=Path,
+        default=DEFAULT_SCRATCH,
+        help=f"scratch directory, same disk as the repo (default {DEFAULT_SCRATCH})",
+    )
     ap.add_argument("--sealfs", type=Path, help="sealfs binary (default: the repo's .venv)")
     ap.add_argument("--json", type=Path, help="also write all figures (every repetition) here")
-    ap.add_argument("--doc", type=Path,
-                    help="Markdown file whose results section is replaced (default "
-                    "docs/benchmarks.md, but only for an unfiltered run or with --section)")
-    ap.add_argument("--section",
-                    help="name of the results section to replace (default: full, or quick "
-                    "with --quick); a new name adds a section")
+    ap.add_argument(
+        "--doc",
+        type=Path,
+        help="Markdown file whose results section is replaced (default "
+        "docs/benchmarks.md, but only for an unfiltered run or with --section)",
+    )
+    ap.add_argument(
+        "--section",
+        help="name of the results section to replace (default: full, or quick "
+        "with --quick); a new name adds a section",
+    )
     ap.add_argument("--no-doc", action="store_true", help="do not write docs/benchmarks.md")
-    ap.add_argument("--no-install", action="store_true",
-                    help="do not apt-get install missing tools")
-    ap.add_argument("--keep", action="store_true",
-                    help="keep this run's scratch directory (unmounted) for inspection")
+    ap.add_argument(
+        "--no-install", action="store_true", help="do not apt-get install missing tools"
+    )
+    ap.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep this run's scratch directory (unmounted) for inspection",
+    )
     return ap
 
 
@@ -106,8 +132,14 @@ def _on_signal(signum: int, _frame: object) -> None:
 
 
 class Runner:
-    def __init__(self, args: argparse.Namespace, fs_names: list[str], wls: list[Workload],
-                 params: Params, reps: int):
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        fs_names: list[str],
+        wls: list[Workload],
+        params: Params,
+        reps: int,
+    ):
         self.args = args
         self.params = params
         self.reps = reps
@@ -212,8 +244,9 @@ class Runner:
             self.dead.add(fs.name)
 
     def _ctx(self, fs: FileSystem, wl: Workload) -> Ctx:
-        return Ctx(fs=fs, dir=fs.data / f"bench-{wl.group}", params=self.params,
-                   scratch=self.run_dir)
+        return Ctx(
+            fs=fs, dir=fs.data / f"bench-{wl.group}", params=self.params, scratch=self.run_dir
+        )
 
     def _live(self) -> list[FileSystem]:
         return [f for f in self.fss if f.name not in self.dead]
@@ -258,7 +291,8 @@ class Runner:
                     self.results[fs.name].setdefault(key, []).append(value)
                 shown = ", ".join(
                     f"{k} {report.fmt(v, workloads.METRICS[k].unit)} {workloads.METRICS[k].unit}"
-                    for k, v in figures.items())
+                    for k, v in figures.items()
+                )
                 log(f"  {wl.name} [{rep + 1}/{self.reps}] {fs.name}: {shown}")
         if next_group != wl.group:
             for fs in self._live():
@@ -327,15 +361,22 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(str(e))
     wls = [w for w in workloads.ALL if w.name in wl_names]
     params = Params.quick() if args.quick else Params()
-    for opt in ("small_count", "rand_file", "rand_io", "dd_bytes", "append_count",
-                "sqlite_commits"):
+    for opt in (
+        "small_count",
+        "rand_file",
+        "rand_io",
+        "dd_bytes",
+        "append_count",
+        "sqlite_commits",
+    ):
         if getattr(args, opt) is not None:
             setattr(params, opt, getattr(args, opt))
     if args.size is not None:
         params.seq_size = args.size
     reps = args.reps or (1 if args.quick else 3)
-    filtered = args.fs != build_parser().get_default("fs") or \
-        args.workload != build_parser().get_default("workload")
+    filtered = args.fs != build_parser().get_default(
+        "fs"
+    ) or args.workload != build_parser().get_default("workload")
     if args.no_doc:
         doc = None
     elif args.doc or args.section or not filtered:
@@ -424,8 +465,8 @@ def main(argv: list[str] | None = None) -> int:
     metric_workload = {m: w.name for w in workloads.ALL for m in w.metrics}
     data = {
         "started": started,
-        "command": "tools/bench " + " ".join(shlex.quote(a) for a in
-                                             (argv if argv is not None else sys.argv[1:])),
+        "command": "tools/bench "
+        + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
         "quick": args.quick,
         "section": section,
         "reps": reps,

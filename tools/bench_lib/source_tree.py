@@ -43,13 +43,29 @@ def _from_sdist(cache: Path) -> Path | None:
     dl.mkdir(parents=True, exist_ok=True)
     log(f"source tree: pip download {SDIST} (sdist, once) into {dl}")
     try:
-        run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
-             "--no-build-isolation", "-d", dl, SDIST], timeout=600)
+        run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "-q",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                "--no-build-isolation",
+                "-d",
+                dl,
+                SDIST,
+            ],
+            timeout=600,
+        )
     except (CommandError, OSError) as e:
         log(f"source tree: pip download failed ({str(e)[:200]})")
         return None
-    found = [p for p in dl.iterdir() if p.name.lower().startswith(name) and
-             p.name.endswith(".tar.gz")]
+    found = [
+        p for p in dl.iterdir() if p.name.lower().startswith(name) and p.name.endswith(".tar.gz")
+    ]
     if not found:
         return None
     _decompress(found[0], tar)

@@ -268,10 +268,21 @@ class _Fio(Workload):
         system.drop_caches()
         out_json = ctx.scratch / f"fio-{ctx.fs.name}.json"
         cmd = [
-            "fio", f"--name={self.rw}", f"--filename={ctx.dir / 'rand'}", f"--rw={self.rw}",
-            "--bs=4k", f"--size={p.rand_file}", f"--io_size={p.rand_io}", "--ioengine=psync",
-            "--iodepth=1", "--numjobs=1", "--fallocate=none", "--randrepeat=1",
-            "--invalidate=1", "--output-format=json", f"--output={out_json}",
+            "fio",
+            f"--name={self.rw}",
+            f"--filename={ctx.dir / 'rand'}",
+            f"--rw={self.rw}",
+            "--bs=4k",
+            f"--size={p.rand_file}",
+            f"--io_size={p.rand_io}",
+            "--ioengine=psync",
+            "--iodepth=1",
+            "--numjobs=1",
+            "--fallocate=none",
+            "--randrepeat=1",
+            "--invalidate=1",
+            "--output-format=json",
+            f"--output={out_json}",
         ]
         if self.rw == "randwrite":
             cmd.append("--end_fsync=1")
@@ -322,7 +333,8 @@ class SmallFiles(Workload):
         payload = _RANDOM_BLOCK[: p.small_size]
         ndirs = (p.small_count + 99) // 100
         paths = [
-            os.path.join(base, f"d{i // 100:04d}", f"file-{i:06d}.dat") for i in range(p.small_count)
+            os.path.join(base, f"d{i // 100:04d}", f"file-{i:06d}.dat")
+            for i in range(p.small_count)
         ]
         system.drop_caches()
         t0 = time.perf_counter()
@@ -370,8 +382,10 @@ class Tree(Workload):
         dest.mkdir()
         system.drop_caches()
         t0 = time.perf_counter()
-        run(["tar", "-xf", ctx.params.tree_tar, "-C", dest, "--no-same-owner"],
-            timeout=ctx.remaining())
+        run(
+            ["tar", "-xf", ctx.params.tree_tar, "-C", dest, "--no-same-owner"],
+            timeout=ctx.remaining(),
+        )
         os.sync()
         t1 = time.perf_counter()
         system.drop_caches()
@@ -407,8 +421,18 @@ class Dd512(Workload):
         src = ctx.scratch / "dd-source"
         src.read_bytes()  # keep the source in the page cache
         t0 = time.perf_counter()
-        run(["dd", f"if={src}", f"of={dst}", "bs=512", f"count={count}", "conv=fsync",
-             "status=none"], timeout=ctx.remaining())
+        run(
+            [
+                "dd",
+                f"if={src}",
+                f"of={dst}",
+                "bs=512",
+                f"count={count}",
+                "conv=fsync",
+                "status=none",
+            ],
+            timeout=ctx.remaining(),
+        )
         elapsed = time.perf_counter() - t0
         if dst.stat().st_size != ctx.params.dd_bytes:
             raise RuntimeError(f"dd wrote {dst.stat().st_size} bytes")
@@ -420,9 +444,7 @@ class Appends(Workload):
     name = "appends"
     group = "appends"
     metrics = ("append_fdatasync",)
-    description = (
-        "Database-log pattern: open O_APPEND, then N times write 4 KiB and fdatasync."
-    )
+    description = "Database-log pattern: open O_APPEND, then N times write 4 KiB and fdatasync."
 
     def run(self, ctx: Ctx) -> dict[str, float]:
         path = ctx.dir / f"log-{ctx.rep}"
@@ -486,7 +508,14 @@ class Sqlite(Workload):
 
 
 ALL: list[Workload] = [
-    SeqWrite(), SeqRead(), RandRead(), RandWrite(), SmallFiles(), Tree(), Dd512(), Appends(),
+    SeqWrite(),
+    SeqRead(),
+    RandRead(),
+    RandWrite(),
+    SmallFiles(),
+    Tree(),
+    Dd512(),
+    Appends(),
     Sqlite(),
 ]
 BY_NAME = {w.name: w for w in ALL}

@@ -67,8 +67,9 @@ def active_cipher(name: str) -> str:
 # -- the headline attack -------------------------------------------------------------------
 
 
-def test_unvalidated_cipher_null_header_maps_plaintext(tmp_path: Path,
-                                                       mapping_names: list[str]) -> None:
+def test_unvalidated_cipher_null_header_maps_plaintext(
+    tmp_path: Path, mapping_names: list[str]
+) -> None:
     """What happens without validation: the host edits the segment cipher of the CVM's own
     volume to cipher_null; the CVM's real key still opens it; every write lands in plaintext.
     sealfs refuses the same header before cryptsetup sees it."""
@@ -115,13 +116,18 @@ def test_validated_copy_defeats_header_swap(tmp_path: Path, mapping_names: list[
     ("edit", "reason"),
     [
         (lambda m: m["segments"]["0"].update(encryption="cipher_null-ecb"), "cipher_null"),
-        (lambda m: m["tokens"].update({"0": {"type": "luks2-keyring", "keyslots": ["0"],
-                                             "key_description": "x"}}), "tokens"),
+        (
+            lambda m: m["tokens"].update(
+                {"0": {"type": "luks2-keyring", "keyslots": ["0"], "key_description": "x"}}
+            ),
+            "tokens",
+        ),
     ],
     ids=["cipher-null", "token"],
 )
-def test_crafted_headers_never_mapped(tmp_path: Path, edit: object, reason: str,
-                                      mapping_names: list[str]) -> None:
+def test_crafted_headers_never_mapped(
+    tmp_path: Path, edit: object, reason: str, mapping_names: list[str]
+) -> None:
     img = new_image(tmp_path / "c.img", VM_IMAGE)
     key = os.urandom(32)
     format_volume(str(img), Secret(key), P.LuksProfile())
@@ -160,8 +166,9 @@ def test_recovery_slot_opens_the_same_data(tmp_path: Path, mapping_names: list[s
     img = new_image(tmp_path / "r.img", VM_IMAGE)
     key, recovery = os.urandom(32), b"recovery words for the vm test"
     profile = P.LuksProfile(recovery_slot=True)
-    format_volume(str(img), Secret(key), profile, recovery=Secret(recovery),
-                  recovery_cost=FAST_RECOVERY)
+    format_volume(
+        str(img), Secret(key), profile, recovery=Secret(recovery), recovery_cost=FAST_RECOVERY
+    )
     mapping_names.append("r")
     open_volume(str(img), "r", Secret(key), profile)
     write_sector("/dev/mapper/r", MARKER)
@@ -190,8 +197,7 @@ def _flip_changed_blocks(img: Path, before: bytes) -> int:
 
 
 @pytest.mark.parametrize("integrity", ["hmac-sha256", None], ids=["integrity", "xts-only"])
-def test_tampered_sector(tmp_path: Path, integrity: str | None,
-                         mapping_names: list[str]) -> None:
+def test_tampered_sector(tmp_path: Path, integrity: str | None, mapping_names: list[str]) -> None:
     """With dm-integrity a modified sector reads as EIO; with XTS alone it reads as garbage
     (the documented limit of block mode without integrity)."""
     img = new_image(tmp_path / "t.img", VM_IMAGE)
@@ -233,8 +239,13 @@ def test_tampered_sector(tmp_path: Path, integrity: str | None,
 def test_integrity_with_ext4_roundtrip(tmp_path: Path, mapping_names: list[str]) -> None:
     img = new_image(tmp_path / "ie.img", VM_IMAGE)
     keys, _ = key_source(tmp_path)
-    spec = VolumeSpec(str(img), "ie", BINDING, P.LuksProfile(integrity="hmac-sha256"),
-                      mountpoint=str(tmp_path / "mnt"))
+    spec = VolumeSpec(
+        str(img),
+        "ie",
+        BINDING,
+        P.LuksProfile(integrity="hmac-sha256"),
+        mountpoint=str(tmp_path / "mnt"),
+    )
     mapping_names.append("ie")
     up = bring_up(spec, keys)
     assert up.steps == ["formatted", "opened", "mkfs", "mounted", "ready"]
@@ -298,8 +309,7 @@ def test_first_boot_crash_points(tmp_path: Path, point: str, mapping_names: list
         bring_down("fb")
 
 
-def test_initialized_volume_is_never_reformatted(tmp_path: Path,
-                                                  mapping_names: list[str]) -> None:
+def test_initialized_volume_is_never_reformatted(tmp_path: Path, mapping_names: list[str]) -> None:
     """A ready volume whose file system no longer mounts (here: superblock destroyed) is
     refused, not re-created: the data behind it stays for fsck."""
     img = new_image(tmp_path / "d.img", VM_IMAGE)
@@ -345,33 +355,64 @@ def test_volume_of_another_identity_refused(tmp_path: Path, mapping_names: list[
 # -- the real command line and the shell entry point on the virtio disk ----------------------
 
 
-def test_virtio_disk_with_shell_entry_point_and_cli(tmp_path: Path,
-                                                    mapping_names: list[str]) -> None:
+def test_virtio_disk_with_shell_entry_point_and_cli(
+    tmp_path: Path, mapping_names: list[str]
+) -> None:
     disk = os.environ.get("SEALFS_VM_DISK")
     if not disk:
         pytest.skip("no virtio disk given (SEALFS_VM_DISK)")
     key = write_key(tmp_path / "kms.key", os.urandom(32))
     mnt = tmp_path / "data"
-    env = {"PATH": os.environ["PATH"], "SEALFS_PYTHON": sys.executable,
-           "SEALFS_KEY_FILE": str(key), "SEALFS_VOLUME_ID": "db", "SEALFS_INTEGRITY": "none"}
+    env = {
+        "PATH": os.environ["PATH"],
+        "SEALFS_PYTHON": sys.executable,
+        "SEALFS_KEY_FILE": str(key),
+        "SEALFS_VOLUME_ID": "db",
+        "SEALFS_INTEGRITY": "none",
+    }
     tool = str(REPO / "tools" / "sealfs-luks")
     mapping_names.append("db")
     write_sector(disk, bytes(4096) * 8)  # a blank disk, even if this test ran before
 
-    res = subprocess.run(["sh", tool, "up", disk, "db", str(mnt)], env=env,
-                         capture_output=True, text=True, check=False)
+    res = subprocess.run(
+        ["sh", tool, "up", disk, "db", str(mnt)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert res.returncode == 0, res.stderr
     assert "formatted" in res.stdout and "mkfs" in res.stdout
     (mnt / "table").write_bytes(MARKER)
-    res = subprocess.run(["sh", tool, "down", "db"], env=env, capture_output=True, text=True,
-                         check=False)
+    res = subprocess.run(
+        ["sh", tool, "down", "db"], env=env, capture_output=True, text=True, check=False
+    )
     assert res.returncode == 0, res.stderr
     drop_caches()
     assert not raw_contains(disk, MARKER)
 
-    res = subprocess.run([sys.executable, "-m", "sealfs", "luks", "up", disk, "db",
-                          "--key-file", str(key), "--volume-id", "db", "--mountpoint", str(mnt),
-                          "--json"], capture_output=True, text=True, check=False, cwd=REPO)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sealfs",
+            "luks",
+            "up",
+            disk,
+            "db",
+            "--key-file",
+            str(key),
+            "--volume-id",
+            "db",
+            "--mountpoint",
+            str(mnt),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=REPO,
+    )
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["steps"] == ["opened", "mounted"]
     assert (mnt / "table").read_bytes() == MARKER
