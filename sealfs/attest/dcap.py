@@ -462,13 +462,29 @@ def _parse_module(doc: _Doc, ident: str, levels: tuple[IdentityLevel, ...]) -> T
 
 @dataclass(frozen=True)
 class PckInfo:
-    """Platform identity and TCB from the PCK certificate, the values matched against TCB info."""
+    """Platform identity and TCB from the PCK certificate, the values matched against TCB info.
+
+    ``ppid`` (Platform Provisioning ID, 16 bytes) names the physical CPU package the quote came
+    from; :attr:`device_id` is what a KMS policy pins hosts by.
+    """
 
     fmspc: bytes
     pce_id: bytes
     pce_svn: int
     cpu_svn: bytes
     sgx_components: tuple[int, ...]
+    ppid: bytes
+
+    @property
+    def device_id(self) -> bytes:
+        """SHA-256 of the PPID: the host's device id, derived as dstack derives it, so the
+        ids a dstack deployment lists are the ids a sealfs policy takes."""
+        return device_id_of_ppid(self.ppid)
+
+
+def device_id_of_ppid(ppid: bytes) -> bytes:
+    """The device id of a TDX host: SHA-256 of its PCK certificate's PPID."""
+    return sha256(ppid).digest()
 
 
 _DER_INTEGER, _DER_OCTETS, _DER_OID, _DER_SEQUENCE = 0x02, 0x04, 0x06, 0x30
@@ -539,7 +555,7 @@ def _der_uint(content: bytes, hi: int, what: str) -> int:
 
 
 def parse_pck_extension(cert: x509.Certificate) -> PckInfo:
-    """Extract FMSPC, PCE-ID, PCESVN, CPUSVN and the 16 SGX TCB component SVNs."""
+    """Extract PPID, FMSPC, PCE-ID, PCESVN, CPUSVN and the 16 SGX TCB component SVNs."""
     try:
         ext = cert.extensions.get_extension_for_oid(SGX_EXTENSION_OID).value
     except x509.ExtensionNotFound:
@@ -562,9 +578,11 @@ def parse_pck_extension(cert: x509.Certificate) -> PckInfo:
         pce_svn=_der_uint(pce_svn, 0xFFFF, "PCESVN"),
         cpu_svn=_der_field(tcb, f"{_SGX}.2.18", _DER_OCTETS, "CPUSVN"),
         sgx_components=components,
+        ppid=_der_field(fields, f"{_SGX}.1", _DER_OCTETS, "PPID"),
     )
-    if (len(info.fmspc), len(info.pce_id), len(info.cpu_svn)) != (6, 2, 16):
-        raise AttestationError("PCK SGX extension: FMSPC, PCE-ID or CPUSVN has a wrong size")
+    sizes = (len(info.fmspc), len(info.pce_id), len(info.cpu_svn), len(info.ppid))
+    if sizes != (6, 2, 16, 16):
+        raise AttestationError("PCK SGX extension: FMSPC, PCE-ID, CPUSVN or PPID has a wrong size")
     return info
 
 
@@ -887,6 +905,8 @@ class VerificationReport:
             "platform": None
             if self.pck is None
             else {
+                "device_id": self.pck.device_id.hex(),
+                "ppid": self.pck.ppid.hex(),
                 "fmspc": self.pck.fmspc.hex().upper(),
                 "pce_id": self.pck.pce_id.hex().upper(),
                 "pce_svn": self.pck.pce_svn,

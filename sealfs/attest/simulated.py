@@ -1,7 +1,8 @@
 """A simulated TEE for development and CI.  NOT SECURE: anyone can forge these quotes.
 
 A simulated quote carries the same fields a TDX quote proves (MRTD, RTMR0-3, report_data,
-TD attributes, MRSERVICETD) and is signed with Ed25519 by a *development key*. The default development key
+TD attributes, MRSERVICETD, and the host's device id, which a TDX quote proves through its PCK
+certificate) and is signed with Ed25519 by a *development key*. The default development key
 is derived from a published constant, so it protects nothing: it exists so the whole key-release
 path (report_data binding, RTMR3 replay, policy, key sealing) runs for real without TDX
 hardware. The KMS accepts simulated quotes only when started with ``--allow-simulated``, and
@@ -13,9 +14,13 @@ DCAP collateral.
 
 Quote layout (big-endian integers)::
 
-    magic "SEALFS-SIMQUOTE1" (16) | version u16 = 2 | reserved u16 = 0 | td_attributes (8)
+    magic "SEALFS-SIMQUOTE1" (16) | version u16 = 3 | reserved u16 = 0 | td_attributes (8)
     | mrtd (48) | rtmr0 (48) | rtmr1 (48) | rtmr2 (48) | rtmr3 (48) | mr_servicetd (48)
-    | report_data (64) | signature (64) = Ed25519(label("simulated-quote", everything before the signature))
+    | device_id (32) | report_data (64)
+    | signature (64) = Ed25519(label("simulated-quote", everything before the signature))
+
+Version 3 added ``device_id``; version 2 quotes are refused (quotes are made per request and
+never stored, so nothing older is left to read).
 """
 
 from __future__ import annotations
@@ -42,11 +47,12 @@ from sealfs.crypto import Secret, SigningKey, label, verify_signature
 from sealfs.errors import AttestationError
 
 MAGIC = b"SEALFS-SIMQUOTE1"
-VERSION = 2
+VERSION = 3
 MR_SIZE = 48
+DEVICE_ID_SIZE = 32
 REPORT_DATA_SIZE = 64
 SIG_SIZE = 64
-_BODY = struct.Struct(f">16sHH8s{MR_SIZE * 6}s{REPORT_DATA_SIZE}s")
+_BODY = struct.Struct(f">16sHH8s{MR_SIZE * 6}s{DEVICE_ID_SIZE}s{REPORT_DATA_SIZE}s")
 QUOTE_SIZE = _BODY.size + SIG_SIZE
 COLLATERAL_KIND = "sealfs-simulated-collateral"
 
@@ -71,6 +77,8 @@ DEFAULT_MRTD = _mr("mrtd")
 DEFAULT_RTMR0 = _mr("rtmr0")
 DEFAULT_RTMR1 = _mr("rtmr1")
 DEFAULT_RTMR2 = _mr("rtmr2")
+#: The device id of a simulated host that was given none (stands in for SHA-256 of a PPID).
+DEFAULT_DEVICE_ID = hashlib.sha256(b"sealfs simulated host device id").digest()
 
 
 @dataclass(frozen=True)
@@ -85,6 +93,7 @@ class SimulatedReport:
     report_data: bytes
     td_attributes: bytes
     mr_servicetd: bytes
+    device_id: bytes
     tcb_status: str
     signer: bytes
 
@@ -103,7 +112,7 @@ def verify_quote(
     if len(quote) != QUOTE_SIZE:
         raise AttestationError("simulated quote has the wrong length")
     body, sig = quote[: _BODY.size], quote[_BODY.size :]
-    magic, version, reserved, td_attr, mrs, report_data = _BODY.unpack(body)
+    magic, version, reserved, td_attr, mrs, device_id, report_data = _BODY.unpack(body)
     if magic != MAGIC or version != VERSION or reserved != 0:
         raise AttestationError("not a simulated quote of a known version")
     msg = label("simulated-quote", body)
@@ -121,6 +130,7 @@ def verify_quote(
         report_data=report_data,
         td_attributes=td_attr,
         mr_servicetd=m[5],
+        device_id=device_id,
         tcb_status=tcb_status,
         signer=signer,
     )
@@ -154,7 +164,9 @@ class SimulatedAttester:
     obtain another's keys. The event log is built like a dstack boot: app-id, compose-hash,
     [instance-id], [key-provider], boot-mr-done, then whatever :meth:`emit_event` adds.
     TD attributes default to SEPT_VE_DISABLE alone, as real TDX guests run (``debug`` adds
-    DEBUG); MRSERVICETD defaults to zeros (no service TD bound).
+    DEBUG); MRSERVICETD defaults to zeros (no service TD bound). ``device_id`` names the
+    simulated host (32 bytes, like a TDX host's SHA-256 of its PPID), so tests can play a
+    volume moving between hosts.
     """
 
     kind = "simulated"
@@ -173,6 +185,7 @@ class SimulatedAttester:
         debug: bool = False,
         td_attributes: int = TD_ATTR_SEPT_VE_DISABLE,
         mr_servicetd: bytes = bytes(MR_SIZE),
+        device_id: bytes = DEFAULT_DEVICE_ID,
         tcb_status: str = "UpToDate",
         validity: tuple[int, int] | None = None,
         signing_key: SigningKey | None = None,
@@ -181,11 +194,14 @@ class SimulatedAttester:
         for mr in (mrtd, rtmr0, rtmr1, rtmr2, mr_servicetd):
             if len(mr) != MR_SIZE:
                 raise ValueError("measurements are 48 bytes")
+        if len(device_id) != DEVICE_ID_SIZE:
+            raise ValueError("a device id is 32 bytes")
         self.app_id = app_id
         self.compose_hash = compose_hash
         self.mrtd, self.rtmr0, self.rtmr1, self.rtmr2 = mrtd, rtmr0, rtmr1, rtmr2
         self.td_attributes = struct.pack("<Q", td_attributes | (TD_ATTR_DEBUG if debug else 0))
         self.mr_servicetd = mr_servicetd
+        self.device_id = device_id
         self.tcb_status = tcb_status
         self._validity = validity
         self._key = signing_key or dev_signing_key()
@@ -222,7 +238,7 @@ class SimulatedAttester:
         if len(report_data) != REPORT_DATA_SIZE:
             raise ValueError("report_data is 64 bytes")
         mrs = self.mrtd + self.rtmr0 + self.rtmr1 + self.rtmr2 + self.rtmr3 + self.mr_servicetd
-        body = _BODY.pack(MAGIC, VERSION, 0, self.td_attributes, mrs, report_data)
+        body = _BODY.pack(MAGIC, VERSION, 0, self.td_attributes, mrs, self.device_id, report_data)
         return body + self._key.sign(label("simulated-quote", body))
 
     def collateral(self) -> dict[str, Any]:

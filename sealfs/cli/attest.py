@@ -164,6 +164,7 @@ def _human(report: VerificationReport) -> str:
             f"Platform: FMSPC {platform['fmspc']}, PCESVN {platform['pce_svn']}, "
             f"TDX module SVN {report.quote.report.tee_tcb_svn[0]}, QE SVN {quote['qe_svn']}"
         )
+        lines.append(f"Device id: {platform['device_id']} (SHA-256 of PPID {platform['ppid']})")
     lines.append(f"Checks at {data['now']}:")
     width = max(len(c.name) for c in report.checks)
     lines += [

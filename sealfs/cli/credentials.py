@@ -39,6 +39,7 @@ class KmsOptions:
     app_id: str | None
     attester: str
     compose_hash: str | None
+    device_id: str | None
     deadline: float
     public_keys: tuple[str, ...]
     trust_on_first_use: bool
@@ -95,6 +96,13 @@ def kms_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         "(default: sha256 of 'sealfs-dev').",
     )
     @click.option(
+        "--device-id",
+        metavar="HEX",
+        help="Simulated attester only: the device id (32-byte hex) of the host this "
+        "fake CVM runs on, as a KMS policy's --device names it (default: a fixed "
+        "development id). A real host's comes from its PCK certificate.",
+    )
+    @click.option(
         "--kms-deadline",
         default=60.0,
         show_default=True,
@@ -109,6 +117,7 @@ def kms_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         app_id: str | None,
         attester: str,
         compose_hash: str | None,
+        device_id: str | None,
         kms_deadline: float,
         **kwargs: Any,
     ) -> Any:
@@ -119,6 +128,7 @@ def kms_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             app_id,
             attester,
             compose_hash,
+            device_id,
             kms_deadline,
             kms_public_keys,
             trust_on_first_use,
@@ -193,16 +203,21 @@ def kms_client(kms: KmsOptions) -> KmsClient:
     compose = (
         _hex_option("--compose-hash", kms.compose_hash) if kms.compose_hash else DEV_COMPOSE_HASH
     )
-    keys = [_public_key(k) for k in kms.public_keys]
+    keys = [_hex32("--kms-public-key", k, "an Ed25519 public key") for k in kms.public_keys]
     if kms.attester == "simulated":
-        from sealfs.attest.simulated import SimulatedAttester
+        from sealfs.attest.simulated import DEFAULT_DEVICE_ID, SimulatedAttester
 
-        quoter: Attester = SimulatedAttester(app, compose)
+        device = (
+            _hex32("--device-id", kms.device_id, "a device id")
+            if kms.device_id
+            else DEFAULT_DEVICE_ID
+        )
+        quoter: Attester = SimulatedAttester(app, compose, device_id=device)
     else:
-        if kms.compose_hash:
+        if kms.compose_hash or kms.device_id:
             raise UsageError(
-                "--compose-hash only applies to --attester simulated; a real "
-                "CVM's compose hash is measured at boot"
+                "--compose-hash and --device-id only apply to --attester simulated; a "
+                "real CVM's compose hash is measured at boot, its device id is its host's"
             )
         from sealfs.attest.configfs_tsm import ConfigfsTsmAttester
 
@@ -231,6 +246,7 @@ def kms_client_args(client: Any) -> list[str]:
     ]
     if client.attester.kind == "simulated":
         args += ["--compose-hash", client.attester.compose_hash.hex()]
+        args += ["--device-id", client.attester.device_id.hex()]
     for key in client.trusted_keys:
         args += ["--kms-public-key", key.hex()]
     if client.trust_on_first_use:
@@ -238,13 +254,12 @@ def kms_client_args(client: Any) -> list[str]:
     return args
 
 
-def _public_key(text: str) -> bytes:
+def _hex32(option: str, text: str, what: str) -> bytes:
+    """A 32-byte value given as 64 hex digits, or a one-line error naming the option."""
     try:
         return strict.hex_bytes(text, 32, 32)
     except ValueError:
-        raise UsageError(
-            f"--kms-public-key {text!r} is not an Ed25519 public key (64 hex digits)"
-        ) from None
+        raise UsageError(f"{option} {text!r} is not {what} (64 hex digits)") from None
 
 
 def _hex_option(option: str, text: str) -> bytes:

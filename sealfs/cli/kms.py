@@ -341,7 +341,8 @@ def policy() -> None:
     """Manage per-app release policies (stored MACed in the state file).
 
     A policy lists the allowed (MRTD, RTMR0, RTMR1, RTMR2) image measurements, allowed compose
-    hashes and TCB statuses, whether debug TDs are allowed, and the app's current key version.
+    hashes and TCB statuses, whether debug TDs are allowed, optionally the hosts (device ids)
+    allowed to receive the keys, and the app's current key version.
     The KMS reads policies per request, so changes apply to a running server at once.
     """
 
@@ -357,7 +358,7 @@ def policy() -> None:
     help="A policy as JSON ('-' for stdin): app_id, measurements "
     "[{mrtd, rtmr0, rtmr1, rtmr2}], compose_hashes, tcb_statuses, allow_debug, "
     "allow_simulated, require_sept_ve_disable, allow_reserved_td_attributes, "
-    "allow_service_td (docs/attestation.md). Flags below add to it.",
+    "allow_service_td, devices (docs/attestation.md). Flags below add to it.",
 )
 @click.option("--mrtd", help="MRTD (48-byte hex) of one allowed image; needs --rtmr0..2.")
 @click.option("--rtmr0", help="RTMR0 (48-byte hex) of that image.")
@@ -380,6 +381,21 @@ def policy() -> None:
     "tcb_statuses",
     multiple=True,
     help="Allowed TCB status; repeatable (default: UpToDate).",
+)
+@click.option(
+    "--device",
+    "devices",
+    metavar="ID",
+    multiple=True,
+    help="Allow only hosts with this device id (32-byte hex: SHA-256 of the PPID of a "
+    "TDX host, as `sealfs attest verify` shows it); repeatable. Without any "
+    "--device (or a devices list in --file) every host is allowed.",
+)
+@click.option(
+    "--any-device",
+    is_flag=True,
+    help="Allow every host: no device list (clears one from --file). This is the "
+    "default when no --device is given.",
 )
 @click.option("--allow-debug", is_flag=True, help="Allow debug TDs (the host can read them).")
 @click.option(
@@ -412,6 +428,8 @@ def policy_set(
     simulated: bool,
     compose_hashes: tuple[str, ...],
     tcb_statuses: tuple[str, ...],
+    devices: tuple[str, ...],
+    any_device: bool,
     allow_debug: bool,
     allow_sept_ve: bool,
     allow_reserved_td_attributes: bool,
@@ -460,6 +478,9 @@ def policy_set(
     doc["compose_hashes"] = [*doc["compose_hashes"], *compose_hashes]
     if tcb_statuses:
         doc["tcb_statuses"] = list(tcb_statuses)
+    if devices and any_device:
+        raise UsageError("give --device or --any-device, not both")
+    doc["devices"] = [] if any_device else [*doc.get("devices", []), *devices]
     if allow_debug:
         doc["allow_debug"] = True
     if allow_sept_ve:

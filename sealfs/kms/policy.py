@@ -20,6 +20,11 @@ A policy is keyed by app id and lists what must hold for a verified quote:
 * ``allow_service_td`` (default no): whether MRSERVICETD (TD 1.5 quotes) may be non-zero, i.e.
   a service TD (such as a migration TD) bound to this TD, which can act on its behalf.
   Intel's QVL checks none of these three; they are deployment policy.
+* ``devices``: the hosts allowed to receive the app's keys, by device id (on TDX SHA-256 of
+  the PPID in the quote's PCK certificate, as dstack derives it; see docs/attestation.md).
+  Empty (the default, and what policies written before this field mean) allows any host.
+  Pinning hosts makes moving a volume an explicit act: allow the new host, move, remove the
+  old one.
 * ``allow_simulated``: whether this app accepts simulated TEEs at all (development apps
   only). Both this and the KMS-wide ``--allow-simulated`` are needed, so a production KMS
   started with the flag by mistake still refuses forged quotes for every production app.
@@ -51,6 +56,7 @@ TCB_STATUSES = (
     "OutOfDateConfigurationNeeded",
 )
 MAX_ENTRIES = 256
+DEVICE_ID_SIZE = 32
 #: Yes/no fields of a policy document; each default is the dataclass default (the safe choice).
 _FLAGS = (
     "allow_debug",
@@ -86,6 +92,8 @@ class Report(Protocol):
     def td_attributes(self) -> bytes: ...
     @property
     def mr_servicetd(self) -> bytes | None: ...  # None: a TD 1.0 quote (no service TD)
+    @property
+    def device_id(self) -> bytes: ...
 
 
 @dataclass(frozen=True)
@@ -133,6 +141,7 @@ class AppPolicy:
     measurements: tuple[Measurement, ...] = ()
     compose_hashes: tuple[bytes, ...] = ()
     tcb_statuses: tuple[str, ...] = ("UpToDate",)
+    devices: tuple[bytes, ...] = ()  # empty: any host
     allow_debug: bool = False
     allow_simulated: bool = False
     require_sept_ve_disable: bool = True
@@ -154,8 +163,11 @@ class AppPolicy:
         for h in self.compose_hashes:
             if len(h) != 32:
                 raise UsageError("compose hashes are 32 bytes (SHA-256)")
-        if max(len(self.measurements), len(self.compose_hashes)) > MAX_ENTRIES:
-            raise UsageError(f"at most {MAX_ENTRIES} measurements and compose hashes")
+        for d in self.devices:
+            if len(d) != DEVICE_ID_SIZE:
+                raise UsageError("device ids are 32 bytes (SHA-256 of the PPID)")
+        if max(len(self.measurements), len(self.compose_hashes), len(self.devices)) > MAX_ENTRIES:
+            raise UsageError(f"at most {MAX_ENTRIES} measurements, compose hashes and devices")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -163,6 +175,7 @@ class AppPolicy:
             "measurements": [m.to_dict() for m in self.measurements],
             "compose_hashes": [h.hex() for h in self.compose_hashes],
             "tcb_statuses": list(self.tcb_statuses),
+            "devices": [d.hex() for d in self.devices],
             **{flag: getattr(self, flag) for flag in _FLAGS},
             "key_version": self.key_version,
         }
@@ -181,6 +194,7 @@ class AppPolicy:
             "measurements",
             "compose_hashes",
             "tcb_statuses",
+            "devices",
             "key_version",
             *_FLAGS,
         }
@@ -189,10 +203,10 @@ class AppPolicy:
             raise UsageError(f"unknown policy field {sorted(unknown)[0]!r}")
         if "app_id" not in d:
             raise UsageError("policy needs an app_id")
-        lists = {k: d.get(k, []) for k in ("measurements", "compose_hashes")}
+        lists = {k: d.get(k, []) for k in ("measurements", "compose_hashes", "devices")}
         statuses = d.get("tcb_statuses", ["UpToDate"])
         if not all(isinstance(v, list) for v in (*lists.values(), statuses)):
-            raise UsageError("measurements, compose_hashes and tcb_statuses must be lists")
+            raise UsageError("measurements, compose_hashes, devices and tcb_statuses must be lists")
         flags = {flag: d.get(flag, getattr(cls, flag)) for flag in _FLAGS}
         for flag, value in flags.items():
             if not isinstance(value, bool):
@@ -207,6 +221,9 @@ class AppPolicy:
             measurements=tuple(Measurement.from_dict(m) for m in lists["measurements"]),
             compose_hashes=tuple(_hex(h, "compose hash", 32, 32) for h in lists["compose_hashes"]),
             tcb_statuses=tuple(statuses),
+            devices=tuple(
+                _hex(x, "device id", DEVICE_ID_SIZE, DEVICE_ID_SIZE) for x in lists["devices"]
+            ),
             key_version=version,
             **flags,
         )
@@ -227,6 +244,10 @@ class AppPolicy:
         if report.tcb_status not in self.tcb_statuses:
             raise PolicyDenied(f"TCB status {report.tcb_status} is not allowed for this app")
         self._check_td(report)
+        if self.devices and not any([ct_equal(d, report.device_id) for d in self.devices]):
+            raise PolicyDenied(
+                f"host device {report.device_id.hex()} is not among this app's allowed devices"
+            )
 
     def _check_td(self, report: Report) -> None:
         """TD attributes and MRSERVICETD: what a TDX deployment needs beyond Intel's QVL."""

@@ -254,12 +254,13 @@ class KmsService:
             policy.check(report, identity)
         except PolicyDenied as e:
             log.warning(
-                "policy denied app=%s: %s (mrtd=%s compose=%s tcb=%s)",
+                "policy denied app=%s: %s (mrtd=%s compose=%s tcb=%s device=%s)",
                 identity.app_id.hex(),
                 e,
                 report.mrtd.hex()[:16],
                 identity.compose_hash.hex()[:16],
                 report.tcb_status,
+                report.device_id.hex(),
             )
             raise P.ProtocolError(403, "policy_denied", f"policy denied: {e}") from None
         if report.tee == "simulated":

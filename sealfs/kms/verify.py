@@ -41,6 +41,7 @@ class QuoteReport:
     tcb_status: str
     td_attributes: bytes
     mr_servicetd: bytes | None  # None for a TD 1.0 quote (no such field)
+    device_id: bytes  # the host: SHA-256 of the PCK certificate's PPID (simulated: as given)
 
 
 def verify_tdx(quote: bytes, collateral: dict[str, Any] | None, now: float) -> QuoteReport:
@@ -66,8 +67,8 @@ def verify_tdx(quote: bytes, collateral: dict[str, Any] | None, now: float) -> Q
         # A verifier that lets a parsing error escape still means "not verified".
         raise AttestationError(f"TDX quote verification failed: {type(e).__name__}") from None
     td = report.quote.report
-    if report.tcb is None:  # verify_quote never returns this; fail closed regardless
-        raise AttestationError("DCAP verification established no TCB status")
+    if report.tcb is None or report.pck is None:  # never so once verified; fail closed anyway
+        raise AttestationError("DCAP verification established no TCB status or platform")
     return QuoteReport(
         tee="tdx",
         mrtd=td.mr_td,
@@ -79,6 +80,7 @@ def verify_tdx(quote: bytes, collateral: dict[str, Any] | None, now: float) -> Q
         tcb_status=report.tcb.status,
         td_attributes=td.td_attributes,
         mr_servicetd=td.mr_servicetd,
+        device_id=report.pck.device_id,
     )
 
 
@@ -98,4 +100,5 @@ def verify_simulated(
         tcb_status=rep.tcb_status,
         td_attributes=rep.td_attributes,
         mr_servicetd=rep.mr_servicetd,
+        device_id=rep.device_id,
     )

@@ -115,6 +115,7 @@ def test_real_tdx_quotes_meet_the_default_policy(name: str) -> None:
         tcb_status="UpToDate",
         td_attributes=td.td_attributes,
         mr_servicetd=td.mr_servicetd,
+        device_id=bytes(32),
     )
     policy = AppPolicy(
         app_id=b"app",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import hashlib
 import json
 import textwrap
 from datetime import UTC, datetime, timedelta
@@ -460,6 +461,39 @@ def test_pck_extension_values(quote: bytes):
     assert info.sgx_components == tuple(info.cpu_svn)
 
 
+# The PPID field of the SGX extension, DER: SEQUENCE { OID 1.2.840.113741.1.13.1.1, OCTET STRING
+# (16) }. Found by its exact bytes, not by the verifier's DER walk, so the two agree by evidence.
+_PPID_FIELD = bytes.fromhex("301e060a2a864886f84d010d01010410")
+
+
+def _ppid_from_certificate(cert: x509.Certificate) -> bytes:
+    ext = cert.extensions.get_extension_for_oid(x509.ObjectIdentifier("1.2.840.113741.1.13.1"))
+    assert isinstance(ext.value, x509.UnrecognizedExtension)
+    der = ext.value.value
+    at = der.find(_PPID_FIELD)
+    assert at > 0 and der.find(_PPID_FIELD, at + 1) == -1
+    return der[at + len(_PPID_FIELD) : at + len(_PPID_FIELD) + 16]
+
+
+@pytest.mark.parametrize("name", ["tdx_quote", "tdx_quote_outdated", "quote-from-tappd.hex"])
+def test_ppid_and_device_id_of_the_real_quotes(name: str):
+    parsed = parse_quote(decode_quote_input(vector(name).read_bytes()))
+    pem = parsed.certification.pck_chain_pem.rstrip(b"\0")
+    cert = x509.load_pem_x509_certificates(pem)[0]
+    expected = _ppid_from_certificate(cert)
+    info = dcap.parse_pck_extension(cert)
+    assert info.ppid == expected and any(expected)
+    assert info.device_id == hashlib.sha256(expected).digest()
+
+
+def test_verification_report_shows_the_device_id(quote: bytes, collateral: Collateral):
+    report = dcap.verify_quote(quote, collateral, NOW_UPTODATE)
+    assert report.pck is not None
+    platform = report.to_dict()["platform"]
+    assert platform["ppid"] == report.pck.ppid.hex()
+    assert platform["device_id"] == hashlib.sha256(report.pck.ppid).hexdigest()
+
+
 # ---------------------------------------------------------------------------- TCB evaluation logic
 
 
@@ -490,7 +524,7 @@ def _level(sgx: list[int], tdx: list[int], status: str, *advisories: str, pce: i
 
 def _pck(sgx: list[int], pce_svn: int = 0) -> PckInfo:
     comps = tuple((sgx + [0] * 16)[:16])
-    return PckInfo(b"\0" * 6, b"\0\0", pce_svn, bytes(comps), comps)
+    return PckInfo(b"\0" * 6, b"\0\0", pce_svn, bytes(comps), comps, bytes(16))
 
 
 def _module(ident: str, *levels: IdentityLevel) -> TdxModuleIdentity:
