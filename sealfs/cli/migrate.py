@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import sys
 from pathlib import Path
 
 import click
 
 from sealfs.cli.credentials import credential_options
 from sealfs.cli.output import SealfsGroup, emit, json_option
-from sealfs.migrate.export import Summary, export_volume
-from sealfs.migrate.importer import import_bundle
+from sealfs.migrate.export import Summary, export_stream, export_volume
+from sealfs.migrate.importer import import_bundle, import_stream
 from sealfs.volume.header import Credential
 
 _DRY_RUN = click.option("--dry-run", is_flag=True, help="Show what would be copied; write nothing.")
@@ -28,6 +30,8 @@ def migrate() -> None:
     On the new host, inside its CVM:
       sealfs migrate import /mnt/bundle /data/vol --kms ... --app-id HEX
       sealfs mount /data/vol /srv/app --kms ...
+    Or in one go, unmounted:
+      sealfs migrate export /data/vol - --kms ... | ssh newhost sealfs migrate import - ...
 
     Only ciphertext leaves the CVM. The bundle's manifest (every file's length and SHA-256,
     the volume id, the last commit and its head) is authenticated under a key derived from
@@ -51,7 +55,8 @@ def migrate() -> None:
 def export(
     backing_dir: str, dest: str, cred: Credential, final: bool, dry_run: bool, as_json: bool
 ) -> None:
-    """Copy the volume in BACKING_DIR into the bundle directory DEST.
+    """Copy the volume in BACKING_DIR into the bundle directory DEST (or, with DEST `-`,
+    write the final bundle as one byte stream on standard output; this implies --final).
 
     Unlocks like `sealfs mount` (the key proves the operator may move this volume). Without
     --final this is a pre-copy that may run while the volume is mounted and in use: objects
@@ -64,7 +69,11 @@ def export(
     Exit codes: 0 done, 2 usage, 3 cannot unlock, 4 bad header, 5 the volume is damaged
     (run `sealfs check`), 6 --final while the volume is mounted, 7 storage error.
     """
-    summary = export_volume(Path(backing_dir), Path(dest), cred, final, dry_run)
+    if dest == "-":
+        final = True
+        summary = export_stream(Path(backing_dir), sys.stdout.buffer, cred, dry_run)
+    else:
+        summary = export_volume(Path(backing_dir), Path(dest), cred, final, dry_run)
     verb = "would copy" if dry_run else "copied"
     lines = [f"{verb} {summary.objects_copied} object(s), {summary.bytes_copied} bytes to {dest}"]
     if final:
@@ -77,7 +86,7 @@ def export(
                 f"the copy in {backing_dir} becomes a fork once the new host commits: "
                 "do not mount it again (it will be refused with exit 5)"
             )
-    _report(summary, as_json, lines)
+    _report(summary, as_json, lines, to_stderr=dest == "-")
 
 
 @migrate.command("import")
@@ -87,7 +96,8 @@ def export(
 @_DRY_RUN
 @json_option
 def import_(source: str, backing_dir: str, cred: Credential, dry_run: bool, as_json: bool) -> None:
-    """Verify the bundle in SOURCE and install it as the volume in BACKING_DIR.
+    """Verify the bundle in SOURCE (a directory, or `-`: the byte stream of `export -` on
+    standard input) and install it as the volume in BACKING_DIR.
 
     Runs on the new host, inside its CVM, and unlocks like `sealfs mount` (through the KMS
     the same app id releases the same key on any allowed host; give --app-id, since the
@@ -103,7 +113,10 @@ def import_(source: str, backing_dir: str, cred: Credential, dry_run: bool, as_j
     4 bad header, 5 bundle refused: incomplete, tampered with, of another volume, or
     older than the KMS anchor (a stale export), 7 storage error, 8 KMS unreachable.
     """
-    summary = import_bundle(Path(source), Path(backing_dir), cred, dry_run)
+    if source == "-":
+        summary = import_stream(sys.stdin.buffer, Path(backing_dir), cred, dry_run)
+    else:
+        summary = import_bundle(Path(source), Path(backing_dir), cred, dry_run)
     verb = "verified" if dry_run else "imported"
     _report(
         summary,
@@ -116,5 +129,10 @@ def import_(source: str, backing_dir: str, cred: Credential, dry_run: bool, as_j
     )
 
 
-def _report(summary: Summary, as_json: bool, lines: list[str]) -> None:
-    emit({"ok": True, **dataclasses.asdict(summary)}, as_json, "\n".join(lines))
+def _report(summary: Summary, as_json: bool, lines: list[str], to_stderr: bool = False) -> None:
+    """Print the result; on standard error when standard output carries the bundle."""
+    data = {"ok": True, **dataclasses.asdict(summary)}
+    if to_stderr:
+        click.echo(json.dumps(data, sort_keys=True) if as_json else "\n".join(lines), err=True)
+    else:
+        emit(data, as_json, "\n".join(lines))

@@ -12,7 +12,7 @@ import contextlib
 import hashlib
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from sealfs.errors import StorageError
@@ -60,31 +60,41 @@ def size_under(root: Path, name: str) -> int | None:
 def copy_hashed(src_root: Path, dst_root: Path, name: str, write: bool = True) -> tuple[int, bytes]:
     """Copy ``src_root/name`` to ``dst_root/name`` (creating its directories), returning the
     length and SHA-256 of the bytes copied. Without ``write`` only hash the source."""
+    with open_under(src_root, name) as src:
+        return write_hashed(lambda n: os.read(src, n), dst_root if write else None, name)
+
+
+def write_hashed(
+    read: Callable[[int], bytes], dst_root: Path | None, name: str
+) -> tuple[int, bytes]:
+    """Write what ``read`` yields until it returns nothing to ``dst_root/name`` (through a
+    ``.part`` file renamed when complete; not at all if ``dst_root`` is None), returning the
+    length and SHA-256 of those bytes."""
     digest = hashlib.sha256()
     size = 0
-    target = dst_root / name
-    part = target.with_name(f".{target.name}.part")
-    with open_under(src_root, name) as src:
-        out = None
-        try:
-            if write:
-                target.parent.mkdir(parents=True, exist_ok=True)
-                out = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-            while chunk := os.read(src, CHUNK):
-                digest.update(chunk)
-                size += len(chunk)
-                if out is not None:
-                    view = memoryview(chunk)
-                    while view:
-                        view = view[os.write(out, view) :]
+    out = None
+    part = target = None
+    try:
+        if dst_root is not None:
+            target = dst_root / name
+            part = target.with_name(f".{target.name}.part")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            out = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        while chunk := read(CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
             if out is not None:
-                os.fsync(out)
-        except OSError as e:
-            raise StorageError(f"cannot copy {name}: {os.strerror(e.errno or 0)}") from None
-        finally:
-            if out is not None:
-                os.close(out)
-    if write:
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(out, view) :]
+        if out is not None:
+            os.fsync(out)
+    except OSError as e:
+        raise StorageError(f"cannot copy {name}: {os.strerror(e.errno or 0)}") from None
+    finally:
+        if out is not None:
+            os.close(out)
+    if part is not None and target is not None:
         os.rename(part, target)
     return size, digest.digest()
 

@@ -11,22 +11,26 @@ from __future__ import annotations
 
 import os
 import shutil
+import tarfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO, cast
 
 from sealfs.crypto import Secret, ct_equal
 from sealfs.errors import StorageError, UsageError
 from sealfs.store import HEADER_NAME, MissingObject, ObjectStore, read_bounded
 from sealfs.volume.anchor import KmsAnchor, verify_fresh
-from sealfs.volume.header import Credential, Header, KmsCredential, load_header
+from sealfs.volume.header import MAX_HEADER_BYTES, Credential, Header, KmsCredential, load_header
 
 from .export import Summary
-from .files import copy_hashed, fsync_dir, open_under
+from .files import copy_hashed, fsync_dir, open_under, write_hashed
 from .manifest import (
     MANIFEST_MAX,
     MANIFEST_NAME,
     BundleIncomplete,
     BundleTampered,
+    FileEntry,
     Manifest,
     parse_manifest,
 )
@@ -38,34 +42,36 @@ def staging_dir(backing: Path) -> Path:
     return backing.parent / f".{backing.name}.migrate-staging"
 
 
+Fill = Callable[[Path, Summary], tuple[Header, Secret, Manifest]]
+
+
 def import_bundle(source: Path, backing: Path, cred: Credential, dry_run: bool) -> Summary:
-    """Verify the bundle in ``source`` and install it as ``backing`` (unless ``dry_run``:
-    then verify only, in a staging directory removed afterwards)."""
-    t0 = time.monotonic()
+    """Verify the bundle directory ``source`` and install it as ``backing`` (unless
+    ``dry_run``: then verify only, in a staging directory removed afterwards)."""
     if not source.is_dir():
         raise UsageError(f"{source} is not a bundle directory")
+    return _import(backing, cred, dry_run, lambda stage, s: _from_dir(source, stage, cred, s))
+
+
+def import_stream(stream: BinaryIO, backing: Path, cred: Credential, dry_run: bool) -> Summary:
+    """Like :func:`import_bundle`, from the single byte stream ``export -`` writes."""
+    return _import(backing, cred, dry_run, lambda stage, s: _from_stream(stream, stage, cred, s))
+
+
+def _import(backing: Path, cred: Credential, dry_run: bool, fill: Fill) -> Summary:
+    t0 = time.monotonic()
     if backing.exists() and (not backing.is_dir() or any(backing.iterdir())):
         raise UsageError(f"{backing} exists and is not an empty directory: refusing to replace it")
-    header = load_header(source)
-    master = header.unlock(cred)  # also refuses another volume than --volume-id
-    keys = header.volume_keys(master)
-    try:
-        with open_under(source, MANIFEST_NAME) as fd:
-            data = read_bounded(fd, MANIFEST_NAME, MANIFEST_MAX)
-    except MissingObject:
-        raise BundleIncomplete(
-            f"{source} has no manifest: the export was not finished with `--final`"
-        ) from None
-    manifest = parse_manifest(data, keys)
-    if not ct_equal(manifest.volume_id, header.volume_id):
-        raise BundleTampered("the bundle manifest names another volume than its header")
-    summary = Summary(header.volume_id.hex(), True, dry_run)
-    summary.commit, summary.head = manifest.commit, manifest.head.hex()
+    summary = Summary("", True, dry_run)
     stage = staging_dir(backing)
     shutil.rmtree(stage, ignore_errors=True)  # a leftover of an interrupted import
     stage.mkdir(mode=0o700, parents=True)
     try:
-        _copy_verified(source, stage, manifest, summary)
+        header, master, manifest = fill(stage, summary)
+        summary.volume_id = header.volume_id.hex()
+        summary.commit, summary.head = manifest.commit, manifest.head.hex()
+        summary.objects = sum(e.name.startswith("objects/") for e in manifest.files)
+        summary.bytes_total = summary.bytes_copied
         _check_state(stage, header, master, manifest, cred)
         if not dry_run:
             _install(stage, backing)
@@ -75,7 +81,26 @@ def import_bundle(source: Path, backing: Path, cred: Credential, dry_run: bool) 
     return summary
 
 
-def _copy_verified(source: Path, stage: Path, manifest: Manifest, summary: Summary) -> None:
+def _verified_manifest(data: bytes, header: Header, master: Secret) -> Manifest:
+    manifest = parse_manifest(data, header.volume_keys(master))
+    if not ct_equal(manifest.volume_id, header.volume_id):
+        raise BundleTampered("the bundle manifest names another volume than its header")
+    return manifest
+
+
+def _from_dir(
+    source: Path, stage: Path, cred: Credential, summary: Summary
+) -> tuple[Header, Secret, Manifest]:
+    header = load_header(source)
+    master = header.unlock(cred)  # also refuses another volume than --volume-id
+    try:
+        with open_under(source, MANIFEST_NAME) as fd:
+            data = read_bounded(fd, MANIFEST_NAME, MANIFEST_MAX)
+    except MissingObject:
+        raise BundleIncomplete(
+            f"{source} has no manifest: the export was not finished with `--final`"
+        ) from None
+    manifest = _verified_manifest(data, header, master)
     for entry in manifest.files:
         try:
             size, digest = copy_hashed(source, stage, entry.name)
@@ -83,16 +108,69 @@ def _copy_verified(source: Path, stage: Path, manifest: Manifest, summary: Summa
             raise BundleIncomplete(
                 f"the bundle lacks {entry.name}, which its manifest lists"
             ) from None
-        if size != entry.size:
-            raise BundleTampered(
-                f"{entry.name} in the bundle is {size} bytes, not the {entry.size} of the manifest"
-            )
-        if not ct_equal(digest, entry.sha256):
-            raise BundleTampered(f"{entry.name} in the bundle does not match its manifest hash")
-        summary.objects_copied += entry.name.startswith("objects/")
-        summary.bytes_copied += size
-    summary.objects = summary.objects_copied
-    summary.bytes_total = summary.bytes_copied
+        _matches(entry, size, digest, summary)
+    return header, master, manifest
+
+
+def _from_stream(
+    stream: BinaryIO, stage: Path, cred: Credential, summary: Summary
+) -> tuple[Header, Secret, Manifest]:
+    """The stream is a tar of the header, the manifest, then every file it lists."""
+    try:
+        with tarfile.open(fileobj=stream, mode="r|") as tar:
+            members = iter(tar)
+            head = _member(tar, next(members, None), HEADER_NAME, MAX_HEADER_BYTES)
+            head_size, head_digest = write_hashed(head.read, stage, HEADER_NAME)
+            header = load_header(stage)
+            master = header.unlock(cred)
+            data = _member(tar, next(members, None), MANIFEST_NAME, MANIFEST_MAX).read()
+            manifest = _verified_manifest(data, header, master)
+            pending = {e.name: e for e in manifest.files}
+            _matches(pending.pop(HEADER_NAME), head_size, head_digest, summary)
+            for member in members:
+                entry = pending.pop(member.name, None)
+                if entry is None:
+                    raise BundleTampered(
+                        f"the stream holds {member.name!r}, which no manifest lists"
+                    )
+                size, digest = write_hashed(
+                    _member(tar, member, entry.name, entry.size).read, stage, entry.name
+                )
+                _matches(entry, size, digest, summary)
+    except (tarfile.TarError, EOFError) as e:
+        raise BundleIncomplete(f"the bundle stream is cut short or damaged ({e})") from None
+    except KeyError:
+        raise BundleIncomplete("the manifest does not list the volume header") from None
+    if pending:
+        raise BundleIncomplete(
+            f"the bundle stream ended before {len(pending)} listed file(s) arrived ({min(pending)})"
+        )
+    return header, master, manifest
+
+
+def _member(
+    tar: tarfile.TarFile, member: tarfile.TarInfo | None, name: str, limit: int
+) -> BinaryIO:
+    """The content of ``member``, which must be the regular file ``name`` of at most
+    ``limit`` bytes."""
+    if member is None:
+        raise BundleIncomplete(f"the bundle stream ended before {name}")
+    if member.name != name or not member.isfile() or member.size > limit:
+        raise BundleTampered(f"the bundle stream holds {member.name!r} where {name} belongs")
+    content = tar.extractfile(member)
+    assert content is not None  # a regular file
+    return cast(BinaryIO, content)
+
+
+def _matches(entry: FileEntry, size: int, digest: bytes, summary: Summary) -> None:
+    if size != entry.size:
+        raise BundleTampered(
+            f"{entry.name} in the bundle is {size} bytes, not the {entry.size} of the manifest"
+        )
+    if not ct_equal(digest, entry.sha256):
+        raise BundleTampered(f"{entry.name} in the bundle does not match its manifest hash")
+    summary.objects_copied += entry.name.startswith("objects/")
+    summary.bytes_copied += size
 
 
 def _check_state(

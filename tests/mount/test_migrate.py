@@ -7,11 +7,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import Volume, new_volume, sealfs
+from tests.conftest import REPO, SEALFS, Volume, new_volume, sealfs
 
 pytestmark = pytest.mark.mount
 
@@ -169,3 +170,48 @@ def test_import_refuses_a_nonempty_target(
     vol, dest, _ = bundle
     res = migrate("import", str(dest), str(vol.backing), vol=vol, check=False)
     assert res.returncode == 2 and "not an empty directory" in res.stderr
+
+
+def _stream(vol: Volume) -> bytes:
+    res = subprocess.run(
+        [*SEALFS, "migrate", "export", str(vol.backing), "-", "--key-file", str(vol.key)],
+        capture_output=True,
+        cwd=REPO,
+        timeout=120,
+        check=True,
+    )
+    assert b"fork" in res.stderr.strip().splitlines()[-1]
+    return res.stdout
+
+
+def _import_stream(data: bytes, target: Path, vol: Volume) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [*SEALFS, "migrate", "import", "-", str(target), "--key-file", str(vol.key)],
+        input=data,
+        capture_output=True,
+        cwd=REPO,
+        timeout=120,
+    )
+
+
+def test_stream_moves_intact_and_a_cut_stream_is_refused(
+    tmp_path: Path,
+    bundle: tuple[Volume, Path, dict],  # type: ignore[type-arg]
+) -> None:
+    vol, _, tree = bundle
+    data = _stream(vol)
+    target = tmp_path / "new-backing"
+    for cut in (700, len(data) // 3, len(data) // 2):
+        res = _import_stream(data[:cut], target, vol)
+        assert res.returncode == 5, res.stderr
+        assert b"cut short" in res.stderr or b"ended" in res.stderr
+        assert not target.exists()
+    new = Volume(target, vol.key, tmp_path / "new-mnt", tmp_path / "new.log")
+    new.mnt.mkdir()
+    res = _import_stream(data, target, vol)
+    assert res.returncode == 0, res.stderr
+    new.mount()
+    try:
+        assert snapshot(new.mnt) == tree
+    finally:
+        new.umount()
