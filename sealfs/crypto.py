@@ -363,7 +363,8 @@ class VolumeKeys:
     ``master -> HKDF("header")``        authenticates the volume header;
     ``master -> HKDF("journal-base")``  seals commit records and checkpoints;
     ``master -> HKDF("object") -> HKDF("inode-base", ino)`` seals an inode's metadata and
-    data blocks. Both sealers derive a fresh key per message (:class:`ObjectSealer`).
+    data blocks. Both sealers derive a fresh key per message (:class:`ObjectSealer`);
+    ``master -> HKDF("migrate-manifest")`` authenticates the manifest of a migration bundle.
 
     ``legacy`` (a format-1 volume) adds the single keys format 1 sealed with directly,
     ``HKDF("journal")`` and ``HKDF("object") -> HKDF("inode", ino)``, to open older objects.
@@ -374,6 +375,7 @@ class VolumeKeys:
     ) -> None:
         self.volume_id = volume_id
         self._header_key = hkdf(master, "header", volume_id)
+        self._manifest_key = hkdf(master, "migrate-manifest", volume_id)
         self.journal = ObjectSealer(
             hkdf(master, "journal-base", volume_id),
             Sealer(hkdf(master, "journal", volume_id)) if legacy else None,
@@ -389,6 +391,10 @@ class VolumeKeys:
 
     def header_mac(self, body: bytes) -> bytes:
         return mac(self._header_key, "header-mac", body)
+
+    def manifest_mac(self, body: bytes) -> bytes:
+        """The MAC of a migration bundle's manifest (docs/format.md, "Migration bundle")."""
+        return mac(self._manifest_key, "manifest-mac", body)
 
     def inode(self, ino: int) -> ObjectSealer:
         """The sealer for everything stored about inode ``ino``, from a cache of the

@@ -33,6 +33,7 @@ LAYERS: dict[str, set[str]] = {
     "volume": {"errors", "sealfs", "strict", "crypto", "store", "sealed", "kms"},
     "fs": {"errors", "crypto", "store", "sealed", "volume"},
     "check": {"errors", "crypto", "store", "sealed", "volume", "fs"},
+    "migrate": {"errors", "strict", "crypto", "store", "sealed", "volume", "fs"},
     "fuse": {"errors", "store", "sealed", "volume", "fs"},
     "luks": {"errors", "sealfs", "strict", "crypto", "kms"},
     "cli": {
@@ -47,6 +48,7 @@ LAYERS: dict[str, set[str]] = {
         "volume",
         "fs",
         "check",
+        "migrate",
         "fuse",
         "luks",
     },

@@ -1,0 +1,138 @@
+"""``sealfs migrate export`` and ``sealfs migrate import``: move a volume to another host."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from sealfs.cli.credentials import credential_options
+from sealfs.cli.output import SealfsGroup, emit, json_option
+from sealfs.migrate.export import Summary, export_stream, export_volume
+from sealfs.migrate.importer import import_bundle, import_stream
+from sealfs.volume.header import Credential
+
+_DRY_RUN = click.option("--dry-run", is_flag=True, help="Show what would be copied; write nothing.")
+
+
+@click.group(cls=SealfsGroup)
+def migrate() -> None:
+    """Move a volume to another host: export it into a bundle, import the bundle there.
+
+    \b
+    On the old host (the volume may stay mounted for the first passes):
+      sealfs migrate export /data/vol /mnt/bundle --kms ...          # repeat: incremental
+      sealfs umount /srv/app
+      sealfs migrate export /data/vol /mnt/bundle --kms ... --final
+    On the new host, inside its CVM:
+      sealfs migrate import /mnt/bundle /data/vol --kms ... --app-id HEX
+      sealfs mount /data/vol /srv/app --kms ...
+    Or in one go, unmounted:
+      sealfs migrate export /data/vol - --kms ... | ssh newhost sealfs migrate import - ...
+
+    Only ciphertext leaves the CVM. The bundle's manifest (every file's length and SHA-256,
+    the volume id, the last commit and its head) is authenticated under a key derived from
+    the volume master key, so whoever carries the bundle cannot alter it unseen. Once the
+    new host commits, the KMS anchor moves on and the old copy is refused as a fork.
+    """
+
+
+@migrate.command("export")
+@click.argument("backing_dir", type=click.Path(file_okay=False))
+@click.argument("dest", type=click.Path(file_okay=False))
+@credential_options
+@click.option(
+    "--final",
+    is_flag=True,
+    help="The last pass: needs the volume unmounted; copies the objects still missing, "
+    "the header, checkpoint and journal, and writes the manifest.",
+)
+@_DRY_RUN
+@json_option
+def export(
+    backing_dir: str, dest: str, cred: Credential, final: bool, dry_run: bool, as_json: bool
+) -> None:
+    """Copy the volume in BACKING_DIR into the bundle directory DEST (or, with DEST `-`,
+    write the final bundle as one byte stream on standard output; this implies --final).
+
+    Unlocks like `sealfs mount` (the key proves the operator may move this volume). Without
+    --final this is a pre-copy that may run while the volume is mounted and in use: objects
+    are never overwritten in place, so every object copied stays valid; a rerun copies only
+    the objects DEST lacks. With --final (volume unmounted) the remaining delta and the
+    metadata are copied and the manifest is written: the application's downtime is this
+    pass. A bundle without a manifest is refused by import.
+
+    \b
+    Exit codes: 0 done, 2 usage, 3 cannot unlock, 4 bad header, 5 the volume is damaged
+    (run `sealfs check`), 6 --final while the volume is mounted, 7 storage error.
+    """
+    if dest == "-":
+        final = True
+        summary = export_stream(Path(backing_dir), sys.stdout.buffer, cred, dry_run)
+    else:
+        summary = export_volume(Path(backing_dir), Path(dest), cred, final, dry_run)
+    verb = "would copy" if dry_run else "copied"
+    lines = [f"{verb} {summary.objects_copied} object(s), {summary.bytes_copied} bytes to {dest}"]
+    if final:
+        lines.append(
+            f"bundle of volume {summary.volume_id} at commit {summary.commit}: "
+            f"{summary.objects} object(s), {summary.bytes_total} bytes"
+        )
+        if not dry_run:
+            lines.append(
+                f"the copy in {backing_dir} becomes a fork once the new host commits: "
+                "do not mount it again (it will be refused with exit 5)"
+            )
+    _report(summary, as_json, lines, to_stderr=dest == "-")
+
+
+@migrate.command("import")
+@click.argument("source", type=click.Path(file_okay=False))
+@click.argument("backing_dir", type=click.Path(file_okay=False))
+@credential_options
+@_DRY_RUN
+@json_option
+def import_(source: str, backing_dir: str, cred: Credential, dry_run: bool, as_json: bool) -> None:
+    """Verify the bundle in SOURCE (a directory, or `-`: the byte stream of `export -` on
+    standard input) and install it as the volume in BACKING_DIR.
+
+    Runs on the new host, inside its CVM, and unlocks like `sealfs mount` (through the KMS
+    the same app id releases the same key on any allowed host; give --app-id, since the
+    volume is not there yet). BACKING_DIR must not exist or be empty. The bundle is copied
+    into a staging directory beside BACKING_DIR and verified there: the manifest's MAC,
+    every file's length and SHA-256, the metadata's last commit against the manifest,
+    every object the metadata refers to, and (with --kms) the freshness anchor. Only then
+    is it renamed to BACKING_DIR; a refused or interrupted import leaves nothing there.
+    With --dry-run the bundle is verified the same way and nothing is installed.
+
+    \b
+    Exit codes: 0 imported, 2 usage (BACKING_DIR not empty, ...), 3 cannot unlock,
+    4 bad header, 5 bundle refused: incomplete, tampered with, of another volume, or
+    older than the KMS anchor (a stale export), 7 storage error, 8 KMS unreachable.
+    """
+    if source == "-":
+        summary = import_stream(sys.stdin.buffer, Path(backing_dir), cred, dry_run)
+    else:
+        summary = import_bundle(Path(source), Path(backing_dir), cred, dry_run)
+    verb = "verified" if dry_run else "imported"
+    _report(
+        summary,
+        as_json,
+        [
+            f"{verb} volume {summary.volume_id} at commit {summary.commit}: "
+            f"{summary.objects} object(s), {summary.bytes_copied} bytes"
+            + ("" if dry_run else f" into {backing_dir}")
+        ],
+    )
+
+
+def _report(summary: Summary, as_json: bool, lines: list[str], to_stderr: bool = False) -> None:
+    """Print the result; on standard error when standard output carries the bundle."""
+    data = {"ok": True, **dataclasses.asdict(summary)}
+    if to_stderr:
+        click.echo(json.dumps(data, sort_keys=True) if as_json else "\n".join(lines), err=True)
+    else:
+        emit(data, as_json, "\n".join(lines))

@@ -1,0 +1,220 @@
+"""``sealfs migrate export``: copy a volume's ciphertext into a bundle directory.
+
+Objects are never overwritten in place (a new version gets a new random id), so a pass while
+the volume is mounted copies objects that stay valid; a rerun copies only the objects the
+bundle lacks. The final pass runs with the volume lock held (no mount can start), copies the
+objects the committed state refers to that are still missing, then the header, checkpoint and
+journal, and last the manifest: a bundle without a manifest is not importable. The same
+final pass can instead go out as one byte stream (:func:`export_stream`).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from sealfs.crypto import Secret
+from sealfs.errors import BusyError, IntegrityError, UsageError
+from sealfs.fs.metalog import MetaState
+from sealfs.store import HEADER_NAME, MissingObject, ObjectStore
+from sealfs.volume.header import Credential, Header, load_header
+
+from .files import copy_hashed, fsync_dir, hash_under, open_under, size_under
+from .manifest import MANIFEST_NAME, FileEntry, Manifest
+from .state import committed_state, metadata_names, object_name
+
+
+@dataclass
+class Summary:
+    """What one export or import run did (the ``--json`` output)."""
+
+    volume_id: str
+    final: bool
+    dry_run: bool
+    objects: int = 0  # objects in the bundle (final) or seen (live pass)
+    objects_copied: int = 0
+    bytes_copied: int = 0
+    bytes_total: int = 0
+    commit: int | None = None
+    head: str | None = None
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+
+def export_volume(
+    backing: Path, dest: Path, cred: Credential, final: bool, dry_run: bool
+) -> Summary:
+    """One export pass of the volume in ``backing`` into the bundle directory ``dest``."""
+    t0 = time.monotonic()
+    header = load_header(backing)
+    master = header.unlock(cred)
+    if dest.exists() and not dest.is_dir():
+        raise UsageError(f"{dest} exists and is not a directory")
+    if not dry_run:
+        dest.mkdir(parents=True, exist_ok=True)
+    summary = Summary(header.volume_id.hex(), final, dry_run)
+    store = ObjectStore(backing)
+    try:
+        if final:
+            _final_pass(store, backing, dest, header, master, summary)
+        else:
+            _live_pass(store, backing, dest, summary)
+    finally:
+        store.unlock()
+        store.close()
+    summary.seconds = round(time.monotonic() - t0, 3)
+    return summary
+
+
+def _live_pass(store: ObjectStore, backing: Path, dest: Path, summary: Summary) -> None:
+    """Copy every object file the bundle lacks (a mounted volume's too: objects stay valid
+    until deleted, and one deleted meanwhile is simply skipped)."""
+    for oid in store.list_objects():
+        name = object_name(oid)
+        size = size_under(backing, name)
+        if size is None:
+            continue  # superseded and deleted since the listing
+        summary.objects += 1
+        summary.bytes_total += size
+        if size_under(dest, name) == size:
+            continue
+        try:
+            copied, _ = copy_hashed(backing, dest, name, write=not summary.dry_run)
+        except MissingObject:
+            continue
+        summary.objects_copied += 1
+        summary.bytes_copied += copied
+
+
+def export_stream(backing: Path, out: BinaryIO, cred: Credential, dry_run: bool) -> Summary:
+    """The final export as one byte stream on ``out`` (a tar: the header, the manifest, then
+    every file it lists), for ``export - | ssh host sealfs migrate import -``. The volume must
+    be unmounted; each file is read twice (hashed for the manifest, then sent)."""
+    t0 = time.monotonic()
+    header = load_header(backing)
+    master = header.unlock(cred)
+    summary = Summary(header.volume_id.hex(), True, dry_run)
+    store = ObjectStore(backing)
+    try:
+        state, referenced = _locked_state(store, backing, header, master)
+        entries = _collect(backing, None, state, referenced, summary)
+        manifest = _manifest(header, state, entries)
+        if not dry_run:
+            with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+                _add(tar, backing, HEADER_NAME, None)
+                _add(tar, None, MANIFEST_NAME, manifest.to_bytes(header.volume_keys(master)))
+                for entry in entries:
+                    if entry.name != HEADER_NAME:
+                        _add(tar, backing, entry.name, None)
+                        summary.objects_copied += entry.name.startswith("objects/")
+                        summary.bytes_copied += entry.size
+            out.flush()
+    finally:
+        store.unlock()
+        store.close()
+    summary.seconds = round(time.monotonic() - t0, 3)
+    return summary
+
+
+def _add(tar: tarfile.TarFile, root: Path | None, name: str, data: bytes | None) -> None:
+    """Append one file to the stream: ``root/name``, or ``data`` under ``name``."""
+    info = tarfile.TarInfo(name)
+    info.mode = 0o600
+    if data is not None:
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+        return
+    assert root is not None
+    with open_under(root, name) as fd, os.fdopen(os.dup(fd), "rb") as f:
+        info.size = os.fstat(fd).st_size
+        tar.addfile(info, f)
+
+
+def _locked_state(
+    store: ObjectStore, backing: Path, header: Header, master: Secret
+) -> tuple[MetaState, set[int]]:
+    """Take the volume lock (shared: checks may run, no mount may start) and replay the
+    committed state."""
+    try:
+        store.lock(shared=True)
+    except BusyError:
+        raise BusyError(
+            f"volume {backing} is mounted (or being checked): unmount it before the final export"
+        ) from None
+    return committed_state(store, header, master)
+
+
+def _collect(
+    backing: Path, dest: Path | None, state: MetaState, referenced: set[int], summary: Summary
+) -> list[FileEntry]:
+    """The manifest entries of the metadata files and referenced objects, copying them into
+    ``dest`` (when given) as :func:`_copy` says."""
+    entries = [_copy(backing, dest, name, summary, always=True) for name in metadata_names(state)]
+    for oid in sorted(referenced):
+        try:
+            entries.append(_copy(backing, dest, object_name(oid), summary, always=False))
+        except MissingObject:
+            raise IntegrityError(
+                f"object {object_name(oid)} of the volume is missing: run `sealfs check` "
+                "before migrating"
+            ) from None
+    summary.objects = len(referenced)
+    summary.commit, summary.head = state.seq, state.head.hex()
+    return entries
+
+
+def _manifest(header: Header, state: MetaState, entries: list[FileEntry]) -> Manifest:
+    return Manifest(
+        header.volume_id,
+        state.seq,
+        state.head,
+        state.gen,
+        int(time.time()),
+        tuple(sorted(entries, key=lambda e: e.name)),
+    )
+
+
+def _final_pass(
+    store: ObjectStore,
+    backing: Path,
+    dest: Path,
+    header: Header,
+    master: Secret,
+    summary: Summary,
+) -> None:
+    """With the volume lock held: the objects the committed state refers to, the metadata
+    files, and the manifest over all of them (hashed from the bytes read from ``backing``:
+    a copy altered in the bundle since an earlier pass then fails the import)."""
+    state, referenced = _locked_state(store, backing, header, master)
+    if not summary.dry_run:
+        (dest / MANIFEST_NAME).unlink(missing_ok=True)  # the bundle is being changed
+    entries = _collect(backing, dest, state, referenced, summary)
+    if summary.dry_run:
+        return
+    manifest = _manifest(header, state, entries)
+    tmp = dest / f".{MANIFEST_NAME}.part"
+    tmp.write_bytes(manifest.to_bytes(header.volume_keys(master)))
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    tmp.rename(dest / MANIFEST_NAME)
+    fsync_dir(dest)
+
+
+def _copy(backing: Path, dest: Path | None, name: str, summary: Summary, always: bool) -> FileEntry:
+    """One file of the final bundle: hashed, and copied into ``dest`` (if given) unless
+    ``always`` is false and ``dest`` holds an object of the same length already (objects
+    never change under their name)."""
+    size = size_under(backing, name)
+    if dest is not None and (always or size is None or size_under(dest, name) != size):
+        size, digest = copy_hashed(backing, dest, name, write=not summary.dry_run)
+        summary.objects_copied += 0 if always else 1
+        summary.bytes_copied += size
+    else:
+        size, digest = hash_under(backing, name)
+    summary.bytes_total += size
+    return FileEntry(name, size, digest)

@@ -1,0 +1,113 @@
+"""Copying bundle files: never through a symlink, hashed while copied, made visible by rename.
+
+A bundle directory (and the backing directory it comes from) is the host's: every name in it
+is opened component by component with O_NOFOLLOW and must be a regular file. A file is written
+under a temporary name and renamed into place when complete, so a name that exists in a bundle
+or staging directory always holds a whole copy (an interrupted run leaves at most a ``.part``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import stat
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from sealfs.errors import StorageError
+from sealfs.store import MissingObject
+
+CHUNK = 1 << 20
+_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+@contextlib.contextmanager
+def open_under(root: Path, name: str) -> Iterator[int]:
+    """An fd of the regular file ``root/name``; MissingObject if there is none."""
+    parts = name.split("/")
+    fds: list[int] = []
+    try:
+        fds.append(os.open(root, _DIR))
+        for part in parts[:-1]:
+            fds.append(os.open(part, _DIR, dir_fd=fds[-1]))
+        fd = os.open(parts[-1], _READ, dir_fd=fds[-1])
+    except FileNotFoundError:
+        raise MissingObject(f"{name} is missing") from None
+    except OSError as e:
+        raise StorageError(f"cannot open {root / name}: {os.strerror(e.errno or 0)}") from None
+    finally:
+        for d in fds:
+            os.close(d)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise MissingObject(f"{name} is not a regular file")
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def size_under(root: Path, name: str) -> int | None:
+    """The size of ``root/name``, or None if it is not a regular file there."""
+    try:
+        with open_under(root, name) as fd:
+            return os.fstat(fd).st_size
+    except MissingObject:
+        return None
+
+
+def copy_hashed(src_root: Path, dst_root: Path, name: str, write: bool = True) -> tuple[int, bytes]:
+    """Copy ``src_root/name`` to ``dst_root/name`` (creating its directories), returning the
+    length and SHA-256 of the bytes copied. Without ``write`` only hash the source."""
+    with open_under(src_root, name) as src:
+        return write_hashed(lambda n: os.read(src, n), dst_root if write else None, name)
+
+
+def write_hashed(
+    read: Callable[[int], bytes], dst_root: Path | None, name: str
+) -> tuple[int, bytes]:
+    """Write what ``read`` yields until it returns nothing to ``dst_root/name`` (through a
+    ``.part`` file renamed when complete; not at all if ``dst_root`` is None), returning the
+    length and SHA-256 of those bytes."""
+    digest = hashlib.sha256()
+    size = 0
+    out = None
+    part = target = None
+    try:
+        if dst_root is not None:
+            target = dst_root / name
+            part = target.with_name(f".{target.name}.part")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            out = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        while chunk := read(CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+            if out is not None:
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(out, view) :]
+        if out is not None:
+            os.fsync(out)
+    except OSError as e:
+        raise StorageError(f"cannot copy {name}: {os.strerror(e.errno or 0)}") from None
+    finally:
+        if out is not None:
+            os.close(out)
+    if part is not None and target is not None:
+        os.rename(part, target)
+    return size, digest.digest()
+
+
+def hash_under(root: Path, name: str) -> tuple[int, bytes]:
+    """Length and SHA-256 of ``root/name``."""
+    return copy_hashed(root, root, name, write=False)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the names in directory ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,217 @@
+"""`sealfs migrate export/import` with real FUSE mounts: a tree moves intact (live pre-copy
+while mounted, final pass unmounted), and a bundle altered on the way is refused with the new
+backing directory left absent."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, SEALFS, Volume, new_volume, sealfs
+
+pytestmark = pytest.mark.mount
+
+MANIFEST = "sealfs-migrate.manifest"
+
+
+def write_tree(root: Path) -> None:
+    (root / "d" / "sub").mkdir(parents=True)
+    (root / "d" / "a.txt").write_text("alpha\n" * 1000)
+    (root / "d" / "sub" / "big").write_bytes(os.urandom(300_000))
+    os.link(root / "d" / "a.txt", root / "d" / "hard")
+    os.setxattr(root / "d" / "a.txt", "user.note", b"carried along")
+    with open(root / "sparse", "wb") as f:
+        f.seek(5 << 20)
+        f.write(b"end")
+    os.symlink("d/a.txt", root / "link")
+    os.chmod(root / "d" / "sub", 0o750)
+
+
+def snapshot(root: Path) -> dict[str, tuple[object, ...]]:
+    """What must survive the move, per path: type, mode, size, mtime, content, xattrs, and
+    which paths share an inode (hard links)."""
+    out: dict[str, tuple[object, ...]] = {}
+    inodes: dict[int, str] = {}
+    for path in sorted(root.rglob("*")):
+        st = path.lstat()
+        rel = str(path.relative_to(root))
+        if path.is_symlink():
+            out[rel] = ("link", os.readlink(path))
+            continue
+        content = path.read_bytes() if path.is_file() else None
+        xattrs = {n: os.getxattr(path, n) for n in sorted(os.listxattr(path))}
+        first = inodes.setdefault(st.st_ino, rel)
+        out[rel] = (st.st_mode, st.st_size, st.st_mtime_ns, content, xattrs, first, st.st_nlink)
+    return out
+
+
+def migrate(*args: str, vol: Volume, check: bool = True):  # type: ignore[no-untyped-def]
+    return sealfs("migrate", *args, "--key-file", str(vol.key), check=check)
+
+
+@pytest.fixture
+def bundle(tmp_path: Path, volume: Volume) -> tuple[Volume, Path, dict[str, tuple[object, ...]]]:
+    """Volume A with a tree, exported live (twice: the rerun copies nothing) and finally."""
+    volume.mount()
+    write_tree(volume.mnt)
+    os.sync()
+    dest = tmp_path / "bundle"
+    first = json.loads(
+        migrate("export", str(volume.backing), str(dest), "--json", vol=volume).stdout
+    )
+    assert first["objects_copied"] > 0 and not (dest / MANIFEST).exists()
+    again = json.loads(
+        migrate("export", str(volume.backing), str(dest), "--json", vol=volume).stdout
+    )
+    assert again["objects_copied"] == 0  # incremental: nothing new
+    refused = migrate("export", str(volume.backing), str(dest), "--final", vol=volume, check=False)
+    assert refused.returncode == 6 and "unmount" in refused.stderr
+    (volume.mnt / "after-precopy").write_text("written after the live pass")
+    tree = snapshot(volume.mnt)
+    volume.umount()
+    final = migrate("export", str(volume.backing), str(dest), "--final", vol=volume)
+    assert "fork" in final.stdout.strip().splitlines()[-1]
+    return volume, dest, tree
+
+
+def test_tree_moves_intact(tmp_path: Path, bundle: tuple[Volume, Path, dict]) -> None:  # type: ignore[type-arg]
+    vol, dest, tree = bundle
+    new = Volume(tmp_path / "new-backing", vol.key, tmp_path / "new-mnt", tmp_path / "new.log")
+    new.mnt.mkdir()
+    dry = migrate("import", str(dest), str(new.backing), "--dry-run", vol=vol)
+    assert "verified" in dry.stdout and not new.backing.exists()
+    out = json.loads(migrate("import", str(dest), str(new.backing), "--json", vol=vol).stdout)
+    assert out["ok"] and out["objects"] > 0
+    assert not any(p.name.endswith("migrate-staging") for p in tmp_path.iterdir())
+    sealfs("check", str(new.backing), "--key-file", str(vol.key))
+    new.mount()
+    try:
+        assert snapshot(new.mnt) == tree
+    finally:
+        new.umount()
+
+
+def _flip(path: Path, offset: int = 40) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset % len(data)] ^= 1
+    path.write_bytes(bytes(data))
+
+
+def _objects(dest: Path) -> list[Path]:
+    return sorted(p for p in (dest / "objects").rglob("*") if p.is_file())
+
+
+def _listed(dest: Path) -> set[str]:
+    return {f[0] for f in json.loads((dest / MANIFEST).read_text())["manifest"]["files"]}
+
+
+@pytest.mark.parametrize(
+    "attack",
+    ["object", "manifest", "journal", "drop-object", "truncate-checkpoint", "unlisted-manifest"],
+)
+def test_altered_bundle_refused(
+    tmp_path: Path,
+    bundle: tuple[Volume, Path, dict],  # type: ignore[type-arg]
+    attack: str,
+) -> None:
+    vol, dest, _ = bundle
+    listed = [p for p in _objects(dest) if str(p.relative_to(dest)) in _listed(dest)]
+    if attack == "object":
+        _flip(listed[0])
+    elif attack == "manifest":
+        doc = json.loads((dest / MANIFEST).read_text())
+        doc["manifest"]["commit"] += 1
+        (dest / MANIFEST).write_text(json.dumps(doc))
+    elif attack == "journal":
+        _flip(next(dest.glob("journal.*")), 10)
+    elif attack == "drop-object":
+        listed[-1].unlink()
+    elif attack == "truncate-checkpoint":
+        cp = dest / "checkpoint"
+        cp.write_bytes(cp.read_bytes()[:-1])
+    else:
+        (dest / MANIFEST).unlink()
+    target = tmp_path / "new-backing"
+    res = migrate("import", str(dest), str(target), vol=vol, check=False)
+    assert res.returncode == 5, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    assert not target.exists()
+    assert not any(p.name.endswith("migrate-staging") for p in tmp_path.iterdir())
+
+
+def test_bundle_of_another_volume_refused(
+    tmp_path: Path,
+    bundle: tuple[Volume, Path, dict],  # type: ignore[type-arg]
+) -> None:
+    vol, dest, _ = bundle
+    other = new_volume(tmp_path, name="other")
+    other_id = json.loads(sealfs("info", str(other.backing), "--json").stdout)["uuid"]
+    target = tmp_path / "new-backing"
+    res = migrate("import", str(dest), str(target), "--volume-id", other_id, vol=vol, check=False)
+    assert res.returncode == 5 and "not the expected" in res.stderr
+    # another volume's header put into the bundle: its manifest no longer authenticates
+    shutil.copy(other.backing / "sealfs.header", dest / "sealfs.header")
+    res = sealfs(
+        "migrate", "import", str(dest), str(target), "--key-file", str(other.key), check=False
+    )
+    assert res.returncode == 5 and "manifest" in res.stderr
+    assert not target.exists()
+
+
+def test_import_refuses_a_nonempty_target(
+    tmp_path: Path,
+    bundle: tuple[Volume, Path, dict],  # type: ignore[type-arg]
+) -> None:
+    vol, dest, _ = bundle
+    res = migrate("import", str(dest), str(vol.backing), vol=vol, check=False)
+    assert res.returncode == 2 and "not an empty directory" in res.stderr
+
+
+def _stream(vol: Volume) -> bytes:
+    res = subprocess.run(
+        [*SEALFS, "migrate", "export", str(vol.backing), "-", "--key-file", str(vol.key)],
+        capture_output=True,
+        cwd=REPO,
+        timeout=120,
+        check=True,
+    )
+    assert b"fork" in res.stderr.strip().splitlines()[-1]
+    return res.stdout
+
+
+def _import_stream(data: bytes, target: Path, vol: Volume) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [*SEALFS, "migrate", "import", "-", str(target), "--key-file", str(vol.key)],
+        input=data,
+        capture_output=True,
+        cwd=REPO,
+        timeout=120,
+    )
+
+
+def test_stream_moves_intact_and_a_cut_stream_is_refused(
+    tmp_path: Path,
+    bundle: tuple[Volume, Path, dict],  # type: ignore[type-arg]
+) -> None:
+    vol, _, tree = bundle
+    data = _stream(vol)
+    target = tmp_path / "new-backing"
+    for cut in (700, len(data) // 3, len(data) // 2):
+        res = _import_stream(data[:cut], target, vol)
+        assert res.returncode == 5, res.stderr
+        assert b"cut short" in res.stderr or b"ended" in res.stderr
+        assert not target.exists()
+    new = Volume(target, vol.key, tmp_path / "new-mnt", tmp_path / "new.log")
+    new.mnt.mkdir()
+    res = _import_stream(data, target, vol)
+    assert res.returncode == 0, res.stderr
+    new.mount()
+    try:
+        assert snapshot(new.mnt) == tree
+    finally:
+        new.umount()
