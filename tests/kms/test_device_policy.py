@@ -170,3 +170,74 @@ def test_mount_reaches_the_kms_with_its_device_id(
     tdx = [arg if arg != "simulated" else "tdx" for arg in args[:at] + args[at + 2 :]]
     res = sealfs("mount", str(vol.backing), str(vol.mnt), *tdx, check=False)
     assert res.returncode == 2 and "--device-id" in res.stderr, res.stderr
+
+
+# --- moving a volume between two pinned hosts ------------------------------------------------
+
+
+def _tree(root: Path) -> dict[str, tuple[int, int, int, bytes, dict[str, bytes]]]:
+    """What a reader sees: per path its mode, size, mtime, content (files) and xattrs."""
+    out = {}
+    for path in sorted(root.rglob("*")):
+        st = path.lstat()
+        data = path.read_bytes() if path.is_file() and not path.is_symlink() else b""
+        xattrs = {n: os.getxattr(path, n) for n in os.listxattr(path)} if path.is_file() else {}
+        out[str(path.relative_to(root))] = (st.st_mode, st.st_size, st.st_mtime_ns, data, xattrs)
+    return out
+
+
+@pytest.mark.mount
+def test_volume_moves_between_two_pinned_hosts(
+    kms: KmsProcess, state: KmsState, app: bytes, tmp_path: Path
+) -> None:
+    """Host A runs the app; the policy pins A. A live and a final export, then host B is
+    refused until the policy admits it, imports, mounts and sees the same tree; after B
+    commits, A's old copy is refused (exit 5)."""
+    allow(state, "--device", HOST_A.hex())
+    a = Volume(tmp_path / "a", tmp_path / "key", tmp_path / "a-mnt", tmp_path / "a.log")
+    b = Volume(tmp_path / "b", tmp_path / "key", tmp_path / "b-mnt", tmp_path / "b.log")
+    for vol in (a, b):
+        vol.mnt.mkdir()
+    a.key.write_bytes(os.urandom(64))
+    a.key.chmod(0o600)
+    on_a, on_b = mount_args(kms, HOST_A), mount_args(kms, HOST_B)
+    sealfs("create", str(a.backing), *on_a, "--compression", "lz4")
+    bundle = tmp_path / "bundle"
+    try:
+        sealfs("mount", str(a.backing), str(a.mnt), *on_a, "--log-file", str(a.log))
+        (a.mnt / "d").mkdir()
+        (a.mnt / "d" / "text").write_bytes(b"compressible " * 50_000)
+        os.link(a.mnt / "d" / "text", a.mnt / "hardlink")
+        os.setxattr(a.mnt / "d" / "text", "user.origin", b"host A")
+        with open(a.mnt / "sparse", "wb") as f:
+            f.truncate(3 << 20)
+            f.write(b"head")
+        sealfs("migrate", "export", str(a.backing), str(bundle), *on_a)  # live pre-copy
+        (a.mnt / "late").write_bytes(os.urandom(200_000))  # written after the pre-copy
+        want = _tree(a.mnt)
+        a.umount()
+        sealfs("migrate", "export", str(a.backing), str(bundle), "--final", *on_a)
+
+        res = sealfs("migrate", "import", str(bundle), str(b.backing), *on_b, check=False)
+        assert res.returncode == 9 and f"host device {HOST_B.hex()}" in res.stderr, res.stderr
+        assert not b.backing.exists()
+        allow(state, "--device", HOST_A.hex(), "--device", HOST_B.hex())
+        sealfs("migrate", "import", str(bundle), str(b.backing), *on_b)
+        allow(state, "--device", HOST_B.hex())  # the old host is retired
+
+        sealfs("mount", str(b.backing), str(b.mnt), *on_b, "--log-file", str(b.log))
+        assert _tree(b.mnt) == want
+        assert os.stat(b.mnt / "hardlink").st_ino == os.stat(b.mnt / "d" / "text").st_ino
+        (b.mnt / "new-host").write_bytes(b"B was here")
+        b.umount()
+        sealfs("check", str(b.backing), *on_b)
+
+        res = sealfs("mount", str(a.backing), str(a.mnt), *on_a, check=False)
+        assert res.returncode == 9, res.stderr  # A is no longer admitted at all
+        allow(state, "--device", HOST_A.hex(), "--device", HOST_B.hex())
+        res = sealfs("mount", str(a.backing), str(a.mnt), *on_a, check=False)
+        assert res.returncode == 5, res.stderr  # and its copy is behind the anchor anyway
+        assert not os.path.ismount(a.mnt)
+    finally:
+        a.force_unmount()
+        b.force_unmount()
