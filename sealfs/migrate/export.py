@@ -19,13 +19,21 @@ from pathlib import Path
 from typing import BinaryIO
 
 from sealfs.crypto import Secret
-from sealfs.errors import BusyError, IntegrityError, UsageError
+from sealfs.errors import BusyError, IntegrityError, StorageError, UsageError
 from sealfs.fs.metalog import MetaState
-from sealfs.store import HEADER_NAME, MissingObject, ObjectStore
+from sealfs.store import HEADER_NAME, DamagedFile, MissingObject, ObjectStore, read_bounded
 from sealfs.volume.header import Credential, Header, load_header
 
 from .files import copy_hashed, fsync_dir, hash_under, open_under, size_under
-from .manifest import MANIFEST_NAME, FileEntry, Manifest
+from .manifest import (
+    LEDGER_NAME,
+    MANIFEST_MAX,
+    MANIFEST_NAME,
+    FileEntry,
+    Manifest,
+    ledger_bytes,
+    parse_ledger,
+)
 from .state import committed_state, metadata_names, object_name
 
 
@@ -40,6 +48,7 @@ class Summary:
     objects_copied: int = 0
     bytes_copied: int = 0
     bytes_total: int = 0
+    bytes_hashed: int = 0  # read only to hash them (objects no live pass noted): downtime
     commit: int | None = None
     head: str | None = None
     seconds: float = 0.0
@@ -60,10 +69,17 @@ def export_volume(
     summary = Summary(header.volume_id.hex(), final, dry_run)
     store = ObjectStore(backing)
     try:
+        ledger = _read_ledger(dest, header, master)
         if final:
-            _final_pass(store, backing, dest, header, master, summary)
+            _final_pass(store, backing, dest, header, master, summary, ledger)
         else:
-            _live_pass(store, backing, dest, summary)
+            _live_pass(store, backing, dest, summary, ledger)
+            if not dry_run:
+                _write_atomically(
+                    dest,
+                    LEDGER_NAME,
+                    ledger_bytes(header.volume_id, ledger, header.volume_keys(master)),
+                )
     finally:
         store.unlock()
         store.close()
@@ -71,9 +87,12 @@ def export_volume(
     return summary
 
 
-def _live_pass(store: ObjectStore, backing: Path, dest: Path, summary: Summary) -> None:
+def _live_pass(
+    store: ObjectStore, backing: Path, dest: Path, summary: Summary, ledger: dict[str, FileEntry]
+) -> None:
     """Copy every object file the bundle lacks (a mounted volume's too: objects stay valid
-    until deleted, and one deleted meanwhile is simply skipped)."""
+    until deleted, and one deleted meanwhile is simply skipped), noting each one's hash in
+    ``ledger``."""
     for oid in store.list_objects():
         name = object_name(oid)
         size = size_under(backing, name)
@@ -84,9 +103,10 @@ def _live_pass(store: ObjectStore, backing: Path, dest: Path, summary: Summary) 
         if size_under(dest, name) == size:
             continue
         try:
-            copied, _ = copy_hashed(backing, dest, name, write=not summary.dry_run)
+            copied, digest = copy_hashed(backing, dest, name, write=not summary.dry_run)
         except MissingObject:
             continue
+        ledger[name] = FileEntry(name, copied, digest)
         summary.objects_copied += 1
         summary.bytes_copied += copied
 
@@ -102,7 +122,7 @@ def export_stream(backing: Path, out: BinaryIO, cred: Credential, dry_run: bool)
     store = ObjectStore(backing)
     try:
         state, referenced = _locked_state(store, backing, header, master)
-        entries = _collect(backing, None, state, referenced, summary)
+        entries = _collect(backing, None, state, referenced, summary, {})
         manifest = _manifest(header, state, entries)
         if not dry_run:
             with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
@@ -150,14 +170,20 @@ def _locked_state(
 
 
 def _collect(
-    backing: Path, dest: Path | None, state: MetaState, referenced: set[int], summary: Summary
+    backing: Path,
+    dest: Path | None,
+    state: MetaState,
+    referenced: set[int],
+    summary: Summary,
+    ledger: dict[str, FileEntry],
 ) -> list[FileEntry]:
     """The manifest entries of the metadata files and referenced objects, copying them into
     ``dest`` (when given) as :func:`_copy` says."""
-    entries = [_copy(backing, dest, name, summary, always=True) for name in metadata_names(state)]
+    entries = [_copy(backing, dest, name, summary, None) for name in metadata_names(state)]
     for oid in sorted(referenced):
+        name = object_name(oid)
         try:
-            entries.append(_copy(backing, dest, object_name(oid), summary, always=False))
+            entries.append(_copy(backing, dest, name, summary, ledger.get(name)))
         except MissingObject:
             raise IntegrityError(
                 f"object {object_name(oid)} of the volume is missing: run `sealfs check` "
@@ -186,35 +212,65 @@ def _final_pass(
     header: Header,
     master: Secret,
     summary: Summary,
+    ledger: dict[str, FileEntry],
 ) -> None:
     """With the volume lock held: the objects the committed state refers to, the metadata
-    files, and the manifest over all of them (hashed from the bytes read from ``backing``:
-    a copy altered in the bundle since an earlier pass then fails the import)."""
+    files, and the manifest over all of them. Each hash was taken from the bytes read from
+    ``backing`` (by this pass, or by the live pass that copied the object: objects never
+    change under their name), so a copy altered in the bundle since then fails the import,
+    and the app's downtime is the delta, not the volume."""
     state, referenced = _locked_state(store, backing, header, master)
     if not summary.dry_run:
         (dest / MANIFEST_NAME).unlink(missing_ok=True)  # the bundle is being changed
-    entries = _collect(backing, dest, state, referenced, summary)
+    entries = _collect(backing, dest, state, referenced, summary, ledger)
     if summary.dry_run:
         return
     manifest = _manifest(header, state, entries)
-    tmp = dest / f".{MANIFEST_NAME}.part"
-    tmp.write_bytes(manifest.to_bytes(header.volume_keys(master)))
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    tmp.rename(dest / MANIFEST_NAME)
+    _write_atomically(dest, MANIFEST_NAME, manifest.to_bytes(header.volume_keys(master)))
+
+
+def _write_atomically(dest: Path, name: str, data: bytes) -> None:
+    tmp = dest / f".{name}.part"
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    tmp.rename(dest / name)
     fsync_dir(dest)
 
 
-def _copy(backing: Path, dest: Path | None, name: str, summary: Summary, always: bool) -> FileEntry:
-    """One file of the final bundle: hashed, and copied into ``dest`` (if given) unless
-    ``always`` is false and ``dest`` holds an object of the same length already (objects
-    never change under their name)."""
+def _read_ledger(dest: Path, header: Header, master: Secret) -> dict[str, FileEntry]:
+    """What earlier live passes into ``dest`` hashed (nothing if absent or not authentic)."""
+    try:
+        with open_under(dest, LEDGER_NAME) as fd:
+            data = read_bounded(fd, LEDGER_NAME, MANIFEST_MAX)
+    except (MissingObject, DamagedFile, StorageError):
+        return {}
+    return parse_ledger(data, header.volume_id, header.volume_keys(master))
+
+
+def _copy(
+    backing: Path, dest: Path | None, name: str, summary: Summary, known: FileEntry | None
+) -> FileEntry:
+    """One file of the final bundle, copied into ``dest`` (if given) and hashed. An object
+    (``known`` is None for metadata files, which change) that ``dest`` already holds with the
+    length the source has is not copied again, and not even read if a live pass noted its
+    hash: objects never change under their name."""
     size = size_under(backing, name)
-    if dest is not None and (always or size is None or size_under(dest, name) != size):
+    is_object = name.startswith("objects/")
+    if dest is not None and (not is_object or size is None or size_under(dest, name) != size):
         size, digest = copy_hashed(backing, dest, name, write=not summary.dry_run)
-        summary.objects_copied += 0 if always else 1
+        summary.objects_copied += is_object
         summary.bytes_copied += size
+    elif known is not None and known.size == size:
+        digest = known.sha256
     else:
         size, digest = hash_under(backing, name)
+        summary.bytes_hashed += size
     summary.bytes_total += size
     return FileEntry(name, size, digest)

@@ -18,6 +18,10 @@ from sealfs.volume.header import canonical_json
 
 MANIFEST_NAME = "sealfs-migrate.manifest"
 FORMAT = "sealfs-migrate-1"
+#: The hashes live passes took of the objects they copied, so the final pass (the app's
+#: downtime) hashes only what is new. Same key as the manifest, another format name.
+LEDGER_NAME = "sealfs-migrate.precopy"
+LEDGER_FORMAT = "sealfs-migrate-precopy-1"
 #: a manifest names at most a few million files; anything larger is refused unread
 MANIFEST_MAX = 1 << 30
 #: the only names a bundle may hold (no path can leave the bundle or the new backing dir)
@@ -84,7 +88,7 @@ def parse_manifest(data: bytes, keys: VolumeKeys) -> Manifest:
     """The manifest in ``data``, after checking its MAC under ``keys`` (the unlocked volume's)
     and then its fields. Raises BundleTampered."""
     try:
-        doc = json.loads(data)
+        doc = strict.loads(data)
         body = canonical_json(doc["manifest"])
         tag = strict.hex_bytes(doc["mac"], 32, 32)
     except (ValueError, KeyError, TypeError):
@@ -115,3 +119,36 @@ def parse_manifest(data: bytes, keys: VolumeKeys) -> Manifest:
     if bad or len({f.name for f in files}) != len(files):
         raise BundleTampered(f"the bundle manifest names files sealfs never writes: {bad[:3]}")
     return manifest
+
+
+def ledger_bytes(volume_id: bytes, files: dict[str, FileEntry], keys: VolumeKeys) -> bytes:
+    """The pre-copy ledger: the entries of the objects live passes copied, authenticated."""
+    body = canonical_json(
+        {
+            "format": LEDGER_FORMAT,
+            "volume_id": volume_id.hex(),
+            "files": [[f.name, f.size, f.sha256.hex()] for f in sorted(files.values(), key=_name)],
+        }
+    )
+    return canonical_json({"ledger": json.loads(body), "mac": keys.manifest_mac(body).hex()})
+
+
+def parse_ledger(data: bytes, volume_id: bytes, keys: VolumeKeys) -> dict[str, FileEntry]:
+    """The entries of a ledger written for this volume, or none if it does not authenticate
+    (it only saves hashing: a final pass without it hashes everything)."""
+    try:
+        doc = strict.loads(data)
+        body = canonical_json(doc["ledger"])
+        if not ct_equal(keys.manifest_mac(body), strict.hex_bytes(doc["mac"], 32, 32)):
+            return {}
+        led = doc["ledger"]
+        if led["format"] != LEDGER_FORMAT or led["volume_id"] != volume_id.hex():
+            return {}
+        entries = [FileEntry(n, s, strict.hex_bytes(h, 32, 32)) for n, s, h in led["files"]]
+    except (ValueError, KeyError, TypeError):
+        return {}
+    return {e.name: e for e in entries if valid_name(e.name) and isinstance(e.size, int)}
+
+
+def _name(entry: FileEntry) -> str:
+    return entry.name

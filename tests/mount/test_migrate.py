@@ -215,3 +215,38 @@ def test_stream_moves_intact_and_a_cut_stream_is_refused(
         assert snapshot(new.mnt) == tree
     finally:
         new.umount()
+
+
+def test_final_pass_hashes_only_what_the_live_passes_did_not(
+    tmp_path: Path, volume: Volume
+) -> None:
+    """The live passes note each copied object's hash in an authenticated ledger, so the final
+    pass (the app's downtime) reads only new objects; a forged ledger is ignored, and an object
+    altered in the bundle after its live copy still fails the import."""
+    volume.mount()
+    (volume.mnt / "big").write_bytes(os.urandom(4 << 20))
+    os.sync()
+    dest = tmp_path / "bundle"
+    migrate("export", str(volume.backing), str(dest), vol=volume)
+    (volume.mnt / "delta").write_bytes(os.urandom(1 << 20))  # the downtime's delta
+    volume.umount()
+    final = json.loads(
+        migrate("export", str(volume.backing), str(dest), "--final", "--json", vol=volume).stdout
+    )
+    assert final["bytes_hashed"] == 0, final  # every old object came with its ledger hash
+    assert (1 << 20) <= final["bytes_copied"] < (2 << 20), final  # the delta and metadata
+
+    ledger = dest / "sealfs-migrate.precopy"
+    doc = json.loads(ledger.read_text())
+    doc["ledger"]["files"][0][2] = "00" * 32  # a forged hash: the MAC no longer holds
+    ledger.write_text(json.dumps(doc))
+    again = json.loads(
+        migrate("export", str(volume.backing), str(dest), "--final", "--json", vol=volume).stdout
+    )
+    assert again["bytes_hashed"] >= 4 << 20, again  # ignored: everything hashed from the source
+    new = tmp_path / "new"
+    migrate("import", str(dest), str(new), vol=volume)  # and the bundle is sound
+
+    _flip(max(_objects(dest), key=lambda p: p.stat().st_size))  # altered after its live copy
+    res = migrate("import", str(dest), str(tmp_path / "new2"), vol=volume, check=False)
+    assert res.returncode == 5 and not (tmp_path / "new2").exists(), res.stderr
