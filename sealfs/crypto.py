@@ -15,6 +15,7 @@ whose ``repr`` never shows key material. Primitives:
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import os
 import struct
@@ -393,8 +394,10 @@ class VolumeKeys:
         return mac(self._header_key, "header-mac", body)
 
     def manifest_mac(self, body: bytes) -> bytes:
-        """The MAC of a migration bundle's manifest (docs/format.md, "Migration bundle")."""
-        return mac(self._manifest_key, "manifest-mac", body)
+        """The MAC of a migration bundle's manifest or pre-copy ledger (docs/format.md,
+        "Migration bundle"), over the body's SHA-256: a label part holds at most 64 KiB, and a
+        manifest lists every object of the volume."""
+        return mac(self._manifest_key, "manifest-mac", hashlib.sha256(body).digest())
 
     def inode(self, ino: int) -> ObjectSealer:
         """The sealer for everything stored about inode ``ino``, from a cache of the
