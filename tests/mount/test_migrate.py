@@ -112,7 +112,16 @@ def _listed(dest: Path) -> set[str]:
 
 @pytest.mark.parametrize(
     "attack",
-    ["object", "manifest", "journal", "drop-object", "truncate-checkpoint", "unlisted-manifest"],
+    [
+        "object",
+        "manifest",
+        "journal",
+        "drop-object",
+        "swap-objects",
+        "reorder-listing",
+        "truncate-checkpoint",
+        "unlisted-manifest",
+    ],
 )
 def test_altered_bundle_refused(
     tmp_path: Path,
@@ -131,6 +140,14 @@ def test_altered_bundle_refused(
         _flip(next(dest.glob("journal.*")), 10)
     elif attack == "drop-object":
         listed[-1].unlink()
+    elif attack == "swap-objects":  # two authentic objects under each other's names
+        a, b = listed[0].read_bytes(), listed[-1].read_bytes()
+        listed[0].write_bytes(b)
+        listed[-1].write_bytes(a)
+    elif attack == "reorder-listing":  # the manifest's files listed in another order
+        doc = json.loads((dest / MANIFEST).read_text())
+        doc["manifest"]["files"].reverse()
+        (dest / MANIFEST).write_text(json.dumps(doc))
     elif attack == "truncate-checkpoint":
         cp = dest / "checkpoint"
         cp.write_bytes(cp.read_bytes()[:-1])
