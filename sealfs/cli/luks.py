@@ -464,3 +464,104 @@ def header_restore_cmd(
         as_json,
         f"restored header {info.uuid} onto {device}",
     )
+
+
+def _progress_option(fn: FC) -> FC:
+    return click.option(
+        "--progress/--no-progress",
+        default=None,
+        help="Progress line on standard error (default: only on a terminal).",
+    )(fn)
+
+
+@luks.command("export")
+@click.argument("device", type=str)
+@click.argument("dest", type=str)
+@_profile_options
+@click.option(
+    "--chunk-mib",
+    type=click.IntRange(1, 1024),
+    default=16,
+    show_default=True,
+    help="Size of the data chunks in MiB (each is hashed, stored and resumed as a unit).",
+)
+@_progress_option
+@json_option
+def export_cmd(
+    device: str,
+    dest: str,
+    integrity: str | None,
+    recovery_slot: bool,
+    chunk_mib: int,
+    progress: bool | None,
+    as_json: bool,
+) -> None:
+    """Copy DEVICE (not in use) into a new bundle directory DEST, to move it to another host.
+
+    The header is validated against the profile first. DEST gets header.bin, the data in
+    chunks (all-zero chunks take no space) and manifest.json with a SHA-256 per piece,
+    written last. The printed manifest SHA-256 is what to check on the other side
+    (import --manifest-sha256). The bundle holds only ciphertext and the key slots.
+    """
+    from sealfs.check.progress import Progress
+    from sealfs.luks.bundle import export_volume
+
+    result = export_volume(
+        device,
+        dest,
+        _profile(integrity, recovery_slot),
+        chunk_size=chunk_mib * 1024 * 1024,
+        meter=Progress(enabled=progress),
+    )
+    emit(
+        {"ok": True, **result.as_dict()},
+        as_json,
+        f"exported {device} ({result.uuid}, {result.chunks} chunks, {result.written} with data) "
+        f"to {dest}; manifest SHA-256 {result.manifest_sha256}",
+    )
+
+
+@luks.command("import")
+@click.argument("source", type=str)
+@click.argument("device", type=str)
+@_profile_options
+@click.option(
+    "--manifest-sha256",
+    metavar="HEX",
+    help="Refuse the bundle unless its manifest has this SHA-256 (as export printed it).",
+)
+@_progress_option
+@json_option
+def import_cmd(
+    source: str,
+    device: str,
+    integrity: str | None,
+    recovery_slot: bool,
+    manifest_sha256: str | None,
+    progress: bool | None,
+    as_json: bool,
+) -> None:
+    """Write the bundle SOURCE onto DEVICE (blank, same size) or a new image file DEVICE.
+
+    Everything is checked before the first write: the manifest, the header (validated against
+    the profile, like an open) and every chunk's SHA-256. Chunks are written next and the
+    header last, so an interrupted import leaves nothing that opens; rerun the same command
+    to resume (chunks already in place are skipped). Exit 5 if the bundle does not match its
+    manifest, 10 if the header or the target is refused.
+    """
+    from sealfs.check.progress import Progress
+    from sealfs.luks.bundle import import_volume
+
+    result = import_volume(
+        source,
+        device,
+        _profile(integrity, recovery_slot),
+        manifest_sha256=manifest_sha256,
+        meter=Progress(enabled=progress),
+    )
+    emit(
+        {"ok": True, **result.as_dict()},
+        as_json,
+        f"imported {result.uuid} onto {device}: {result.written} chunks written, "
+        f"{result.skipped} already in place; manifest SHA-256 {result.manifest_sha256}",
+    )
