@@ -25,7 +25,6 @@ import hashlib
 import json
 import os
 import stat
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -35,7 +34,15 @@ from sealfs.errors import IntegrityError, LuksError, StorageError, UsageError
 from . import failpoints
 from . import header as H
 from . import profile as P
-from .device import DeviceState, check_device_path, classify, commit_header, read_exact, with_magics
+from .device import (
+    DeviceState,
+    check_device_path,
+    classify,
+    commit_header,
+    pwrite_all,
+    read_exact,
+    with_magics,
+)
 from .device import device_size as get_device_size
 from .volume import validated_snapshot
 
@@ -179,10 +186,10 @@ def export_volume(
     digests: list[str | None] = []
     meter = meter or NoMeter()
     meter.start("export", size - P.DATA_OFFSET, chunk_count(size, chunk_size))
-    with _open_device(device, os.O_RDONLY) as fd:
+    with _open_device(device, os.O_RDONLY):  # held: keeps a block device from being mapped
         for index in range(chunk_count(size, chunk_size)):
             offset = P.DATA_OFFSET + index * chunk_size
-            data = _pread_exact(fd, device, offset, min(chunk_size, size - offset))
+            data = read_exact(device, offset, min(chunk_size, size - offset))
             if any(data):
                 digests.append(_sha256(data))
                 _write_new(os.path.join(dest, CHUNKS, _chunk_name(index)), data)
@@ -257,7 +264,7 @@ def import_volume(
     with _open_device(device, os.O_RDONLY if finished else os.O_RDWR) as fd:
         for index in range(count):
             offset, length = manifest.chunk_span(index)
-            if _sha256(_pread_exact(fd, device, offset, length)) == manifest.expected(index):
+            if _sha256(read_exact(device, offset, length)) == manifest.expected(index):
                 skipped += 1
             elif finished:
                 raise LuksError(
@@ -265,7 +272,7 @@ def import_volume(
                     "bundle (used since the import?); refusing to write into it"
                 )
             else:
-                _pwrite_all(fd, device, _bundle_chunk(source, manifest, index), offset)
+                _write_at(fd, device, _bundle_chunk(source, manifest, index), offset)
                 written += 1
                 failpoints.reached("bundle-chunk-written")
             meter.advance(length, 1)
@@ -342,9 +349,11 @@ def _digest(value: Any, name: str) -> str:
 def _bundle_chunk(source: str, manifest: Manifest, index: int) -> bytes:
     """Chunk ``index`` from the bundle, refused unless it has the manifest's size and hash."""
     length = manifest.chunk_span(index)[1]
-    if manifest.chunks[index] is None:
-        return bytes(length)
     path = os.path.join(source, CHUNKS, _chunk_name(index))
+    if manifest.chunks[index] is None:
+        if os.path.lexists(path):
+            raise IntegrityError(f"{path}: the manifest lists chunk {index} as all zero")
+        return bytes(length)
     data = _read_file(path, length, f"chunk {index}")
     if _sha256(data) != manifest.chunks[index]:
         raise IntegrityError(f"{path}: chunk {index} does not match the manifest")
@@ -419,30 +428,11 @@ class _open_device:
         os.close(self.fd)
 
 
-def _pread_exact(fd: int, device: str, offset: int, length: int) -> bytes:
-    return b"".join(_pread_pieces(fd, device, offset, length))
-
-
-def _pread_pieces(fd: int, device: str, offset: int, length: int) -> Iterator[bytes]:
-    done = 0
-    while done < length:
-        try:
-            piece = os.pread(fd, min(length - done, 1 << 24), offset + done)
-        except OSError as e:
-            raise StorageError(f"{device}: read failed at {offset + done}: {e.strerror}") from None
-        if not piece:
-            raise StorageError(f"{device}: unexpected end of device at {offset + done}")
-        yield piece
-        done += len(piece)
-
-
-def _pwrite_all(fd: int, device: str, data: bytes, offset: int) -> None:
-    view, done = memoryview(data), 0
+def _write_at(fd: int, path: str, data: bytes, offset: int) -> None:
     try:
-        while done < len(view):
-            done += os.pwrite(fd, view[done:], offset + done)
+        pwrite_all(fd, data, offset)
     except OSError as e:
-        raise StorageError(f"{device}: write failed at {offset + done}: {e.strerror}") from None
+        raise StorageError(f"{path}: write failed at {offset}: {e.strerror}") from None
 
 
 def _fsync(fd: int, path: str) -> None:
@@ -458,7 +448,7 @@ def _write_new(path: str, data: bytes) -> None:
     except OSError as e:
         raise StorageError(f"{path}: cannot create: {e.strerror}") from None
     try:
-        _pwrite_all(fd, path, data, 0)
+        _write_at(fd, path, data, 0)
         _fsync(fd, path)
     finally:
         os.close(fd)
