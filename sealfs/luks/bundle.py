@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import stat
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -99,7 +100,7 @@ class Manifest:
     def expected(self, index: int) -> str:
         """The SHA-256 chunk ``index`` must have (an all-zero chunk's is computed)."""
         digest = self.chunks[index]
-        return digest if digest is not None else _sha256(bytes(self.chunk_span(index)[1]))
+        return digest if digest is not None else sha256_hex(bytes(self.chunk_span(index)[1]))
 
     def to_json(self) -> bytes:
         return (
@@ -168,13 +169,7 @@ def export_volume(
     or mounted); an image file cannot be checked, so do not export one a VM is running on. The
     header is captured again at the end and must be unchanged.
     """
-    if not (CHUNK_SIZE_RANGE[0] <= chunk_size <= CHUNK_SIZE_RANGE[1]) or (
-        chunk_size % P.SECTOR_SIZE
-    ):
-        raise UsageError(f"chunk size {chunk_size}: use a multiple of {P.SECTOR_SIZE} up to 1 GiB")
-    snap, info = validated_snapshot(device, profile)
-    with snap:
-        region, size = snap.read(), snap.device_size
+    region, size, info = validated_source(device, profile, chunk_size)
     try:
         os.mkdir(dest, 0o700)
     except FileExistsError:
@@ -184,22 +179,12 @@ def export_volume(
     os.mkdir(os.path.join(dest, CHUNKS), 0o700)
     _write_new(os.path.join(dest, HEADER), region)
     digests: list[str | None] = []
-    meter = meter or NoMeter()
-    meter.start("export", size - P.DATA_OFFSET, chunk_count(size, chunk_size))
-    with _open_device(device, os.O_RDONLY):  # held: keeps a block device from being mapped
-        for index in range(chunk_count(size, chunk_size)):
-            offset = P.DATA_OFFSET + index * chunk_size
-            data = read_exact(device, offset, min(chunk_size, size - offset))
-            if any(data):
-                digests.append(_sha256(data))
-                _write_new(os.path.join(dest, CHUNKS, _chunk_name(index)), data)
-            else:
-                digests.append(None)
-            meter.advance(len(data), 1)
-    meter.finish()
-    if read_exact(device, 0, P.DATA_OFFSET) != region:
-        raise LuksError(f"{device}: the header changed during the export; is the volume in use?")
-    manifest = Manifest(info.uuid, size, chunk_size, _sha256(region), tuple(digests))
+    for index, data in device_chunks(device, size, chunk_size, meter or NoMeter(), "export"):
+        digests.append(sha256_hex(data) if any(data) else None)
+        if digests[-1] is not None:
+            _write_new(os.path.join(dest, CHUNKS, _chunk_name(index)), data)
+    check_header_unchanged(device, region)
+    manifest = Manifest(info.uuid, size, chunk_size, sha256_hex(region), tuple(digests))
     text = manifest.to_json()
     tmp = os.path.join(dest, MANIFEST + ".tmp")
     _write_new(tmp, text)
@@ -213,8 +198,42 @@ def export_volume(
         len(digests),
         sum(d is not None for d in digests),
         0,
-        _sha256(text),
+        sha256_hex(text),
     )
+
+
+def validated_source(
+    device: str, profile: P.LuksProfile, chunk_size: int
+) -> tuple[bytes, int, H.HeaderInfo]:
+    """The header region of the volume to export (validated for ``profile``), its size and
+    header facts; a chunk size export cannot use is refused first."""
+    if not (CHUNK_SIZE_RANGE[0] <= chunk_size <= CHUNK_SIZE_RANGE[1]) or (
+        chunk_size % P.SECTOR_SIZE
+    ):
+        raise UsageError(f"chunk size {chunk_size}: use a multiple of {P.SECTOR_SIZE} up to 1 GiB")
+    snap, info = validated_snapshot(device, profile)
+    with snap:
+        return snap.read(), snap.device_size, info
+
+
+def device_chunks(
+    device: str, size: int, chunk_size: int, meter: Meter, phase: str
+) -> Iterator[tuple[int, bytes]]:
+    """(index, bytes) of every data chunk, in order, with ``device`` held open exclusively
+    (a block device cannot be mapped or mounted meanwhile)."""
+    meter.start(phase, size - P.DATA_OFFSET, chunk_count(size, chunk_size))
+    with _open_device(device, os.O_RDONLY):
+        for index in range(chunk_count(size, chunk_size)):
+            offset = P.DATA_OFFSET + index * chunk_size
+            data = read_exact(device, offset, min(chunk_size, size - offset))
+            yield index, data
+            meter.advance(len(data), 1)
+    meter.finish()
+
+
+def check_header_unchanged(device: str, region: bytes) -> None:
+    if read_exact(device, 0, P.DATA_OFFSET) != region:
+        raise LuksError(f"{device}: the header changed during the export; is the volume in use?")
 
 
 # -- import ------------------------------------------------------------------------------------
@@ -238,49 +257,16 @@ def import_volume(
     if not os.path.isdir(source):
         raise UsageError(f"{source}: no such bundle directory")
     text = _read_file(os.path.join(source, MANIFEST), _MAX_MANIFEST_BYTES, "manifest")
-    text_sha = _sha256(text)
-    if manifest_sha256 is not None and text_sha != manifest_sha256.lower():
-        raise IntegrityError(
-            f"{source}: manifest SHA-256 is {text_sha}, not the expected {manifest_sha256}"
-        )
-    manifest = parse_manifest(text)
     region = _read_file(os.path.join(source, HEADER), P.DATA_OFFSET, "header")
-    if _sha256(region) != manifest.header_sha256:
-        raise IntegrityError(f"{source}: {HEADER} does not match the manifest")
-    info = H.validate_header_area(region, manifest.image_size, profile)
-    if info.uuid != manifest.uuid:
-        raise IntegrityError(
-            f"{source}: header is volume {info.uuid}, manifest says {manifest.uuid}"
-        )
+    manifest, info = verified_header(source, text, region, profile, manifest_sha256)
     meter = meter or NoMeter()
-    count = len(manifest.chunks)
-    meter.start("verify bundle", manifest.data_size, count)
-    for index in range(count):  # the whole bundle checks out before anything is written
+    meter.start("verify bundle", manifest.data_size, len(manifest.chunks))
+    for index in range(len(manifest.chunks)):  # all of it checks out before anything is written
         meter.advance(len(_bundle_chunk(source, manifest, index)), 1)
     meter.finish()
-    finished = _prepare_target(device, manifest, region, profile)
-    written = skipped = 0
-    meter.start("import", manifest.data_size, count)
-    with _open_device(device, os.O_RDONLY if finished else os.O_RDWR) as fd:
-        for index in range(count):
-            offset, length = manifest.chunk_span(index)
-            if _sha256(read_exact(device, offset, length)) == manifest.expected(index):
-                skipped += 1
-            elif finished:
-                raise LuksError(
-                    f"{device} already holds this volume, but chunk {index} differs from the "
-                    "bundle (used since the import?); refusing to write into it"
-                )
-            else:
-                _write_at(fd, device, _bundle_chunk(source, manifest, index), offset)
-                written += 1
-                failpoints.reached("bundle-chunk-written")
-            meter.advance(length, 1)
-        if not finished:
-            _fsync(fd, device)
-    meter.finish()
-    if not finished:
-        commit_header(device, region)
+    written, skipped = write_chunks(
+        device, manifest, region, profile, lambda i: _bundle_chunk(source, manifest, i), meter
+    )
     return BundleResult(
         device,
         source,
@@ -289,8 +275,70 @@ def import_volume(
         len(manifest.chunks),
         written,
         skipped,
-        text_sha,
+        sha256_hex(text),
     )
+
+
+def verified_header(
+    source: str,
+    text: bytes,
+    region: bytes,
+    profile: P.LuksProfile,
+    manifest_sha256: str | None,
+) -> tuple[Manifest, H.HeaderInfo]:
+    """The manifest and header of a bundle, refused unless the manifest has the pinned hash
+    (if given) and is well-formed, and the header matches it and validates for ``profile``."""
+    text_sha = sha256_hex(text)
+    if manifest_sha256 is not None and text_sha != manifest_sha256.lower():
+        raise IntegrityError(
+            f"{source}: manifest SHA-256 is {text_sha}, not the expected {manifest_sha256}"
+        )
+    manifest = parse_manifest(text)
+    if sha256_hex(region) != manifest.header_sha256:
+        raise IntegrityError(f"{source}: {HEADER} does not match the manifest")
+    info = H.validate_header_area(region, manifest.image_size, profile)
+    if info.uuid != manifest.uuid:
+        raise IntegrityError(
+            f"{source}: header is volume {info.uuid}, manifest says {manifest.uuid}"
+        )
+    return manifest, info
+
+
+def write_chunks(
+    device: str,
+    manifest: Manifest,
+    region: bytes,
+    profile: P.LuksProfile,
+    chunk: Callable[[int], bytes],
+    meter: Meter,
+) -> tuple[int, int]:
+    """Bring ``device`` to the bundle's contents: every chunk it lacks from ``chunk(index)``
+    (which returns verified bytes; called in index order, only for chunks the target lacks),
+    then the header, magic-last. Returns (chunks written, chunks already in place)."""
+    finished = _prepare_target(device, manifest, region, profile)
+    written = skipped = 0
+    meter.start("import", manifest.data_size, len(manifest.chunks))
+    with _open_device(device, os.O_RDONLY if finished else os.O_RDWR) as fd:
+        for index in range(len(manifest.chunks)):
+            offset, length = manifest.chunk_span(index)
+            if sha256_hex(read_exact(device, offset, length)) == manifest.expected(index):
+                skipped += 1
+            elif finished:
+                raise LuksError(
+                    f"{device} already holds this volume, but chunk {index} differs from the "
+                    "bundle (used since the import?); refusing to write into it"
+                )
+            else:
+                _write_at(fd, device, chunk(index), offset)
+                written += 1
+                failpoints.reached("bundle-chunk-written")
+            meter.advance(length, 1)
+        if not finished:
+            _fsync(fd, device)
+    meter.finish()
+    if not finished:
+        commit_header(device, region)
+    return written, skipped
 
 
 def parse_manifest(text: bytes) -> Manifest:
@@ -355,7 +403,7 @@ def _bundle_chunk(source: str, manifest: Manifest, index: int) -> bytes:
             raise IntegrityError(f"{path}: the manifest lists chunk {index} as all zero")
         return bytes(length)
     data = _read_file(path, length, f"chunk {index}")
-    if _sha256(data) != manifest.chunks[index]:
+    if sha256_hex(data) != manifest.chunks[index]:
         raise IntegrityError(f"{path}: chunk {index} does not match the manifest")
     return data
 
@@ -400,7 +448,7 @@ def _prepare_target(device: str, manifest: Manifest, region: bytes, profile: P.L
 # -- small file helpers ------------------------------------------------------------------------
 
 
-def _sha256(data: bytes) -> str:
+def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
