@@ -55,7 +55,7 @@ CHUNKS = "chunks"
 DEFAULT_CHUNK_SIZE = 16 * 1024 * 1024
 #: Chunk sizes a manifest may name: whole sectors, and small enough to hold one in memory.
 CHUNK_SIZE_RANGE = (P.SECTOR_SIZE, 1024 * 1024 * 1024)
-_MAX_MANIFEST_BYTES = 64 * 1024 * 1024
+MAX_MANIFEST_BYTES = 64 * 1024 * 1024
 
 
 class Meter(Protocol):
@@ -182,7 +182,7 @@ def export_volume(
     for index, data in device_chunks(device, size, chunk_size, meter or NoMeter(), "export"):
         digests.append(sha256_hex(data) if any(data) else None)
         if digests[-1] is not None:
-            _write_new(os.path.join(dest, CHUNKS, _chunk_name(index)), data)
+            _write_new(os.path.join(dest, CHUNKS, chunk_name(index)), data)
     check_header_unchanged(device, region)
     manifest = Manifest(info.uuid, size, chunk_size, sha256_hex(region), tuple(digests))
     text = manifest.to_json()
@@ -256,7 +256,7 @@ def import_volume(
     """
     if not os.path.isdir(source):
         raise UsageError(f"{source}: no such bundle directory")
-    text = _read_file(os.path.join(source, MANIFEST), _MAX_MANIFEST_BYTES, "manifest")
+    text = _read_file(os.path.join(source, MANIFEST), MAX_MANIFEST_BYTES, "manifest")
     region = _read_file(os.path.join(source, HEADER), P.DATA_OFFSET, "header")
     manifest, info = verified_header(source, text, region, profile, manifest_sha256)
     meter = meter or NoMeter()
@@ -397,7 +397,7 @@ def _digest(value: Any, name: str) -> str:
 def _bundle_chunk(source: str, manifest: Manifest, index: int) -> bytes:
     """Chunk ``index`` from the bundle, refused unless it has the manifest's size and hash."""
     length = manifest.chunk_span(index)[1]
-    path = os.path.join(source, CHUNKS, _chunk_name(index))
+    path = os.path.join(source, CHUNKS, chunk_name(index))
     if manifest.chunks[index] is None:
         if os.path.lexists(path):
             raise IntegrityError(f"{path}: the manifest lists chunk {index} as all zero")
@@ -452,7 +452,7 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _chunk_name(index: int) -> str:
+def chunk_name(index: int) -> str:
     return f"{index:08d}"
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,7 @@ from sealfs.luks import failpoints
 from sealfs.luks import profile as P
 
 from . import attacker as A
-from .conftest import IMAGE_SIZE, Golden, clone, new_image, sealfs_cli, write_key
+from .conftest import IMAGE_SIZE, REPO, Golden, clone, new_image, sealfs_cli, write_key
 
 MIB = 1024 * 1024
 CHUNKS = (IMAGE_SIZE - P.DATA_OFFSET) // MIB  # with --chunk-mib 1
@@ -240,3 +242,119 @@ def test_bundle_copied_elsewhere_still_imports(bundle: Path, volume: Path, tmp_p
     target = tmp_path / "t.img"
     import_json(copy, target)
     assert target.read_bytes() == volume.read_bytes()
+
+
+# -- the stream form (export DEVICE - | import - DEVICE) ---------------------------------------
+
+
+def stream_export(volume: Path, out: Path) -> subprocess.CompletedProcess[bytes]:
+    with open(out, "wb") as f:
+        return subprocess.run(
+            [sys.executable, "-m", "sealfs", "luks", "export", str(volume), "-"]
+            + ["--chunk-mib", "1", "--json"],
+            stdout=f,
+            stderr=subprocess.PIPE,
+            cwd=REPO,
+            timeout=120,
+            check=False,
+        )
+
+
+def stream_import(stream: Path, target: Path) -> subprocess.CompletedProcess[bytes]:
+    with open(stream, "rb") as f:
+        return subprocess.run(
+            [sys.executable, "-m", "sealfs", "luks", "import", "-", str(target), "--json"],
+            stdin=f,
+            capture_output=True,
+            cwd=REPO,
+            timeout=120,
+            check=False,
+        )
+
+
+def test_stream_roundtrip_same_manifest(volume: Path, bundle: Path, tmp_path: Path) -> None:
+    stream = tmp_path / "stream.tar"
+    res = stream_export(volume, stream)
+    assert res.returncode == 0, res.stderr
+    summary = json.loads(res.stderr)  # stdout carries the stream
+    assert (bundle / "manifest.json").read_bytes() == _stream_member(stream, "manifest.json")
+    target = tmp_path / "t.img"
+    res = stream_import(stream, target)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["manifest_sha256"] == summary["manifest_sha256"]
+    assert target.read_bytes() == volume.read_bytes()
+
+
+def _stream_member(stream: Path, name: str) -> bytes:
+    import tarfile
+
+    with tarfile.open(stream) as tar:
+        f = tar.extractfile(name)
+        assert f is not None
+        return f.read()
+
+
+def _member_offset(stream: Path, name: str) -> int:
+    import tarfile
+
+    with tarfile.open(stream) as tar:
+        return tar.getmember(name).offset_data
+
+
+def test_stream_damaged_midway_stops_before_the_header_and_resumes(
+    volume: Path, tmp_path: Path
+) -> None:
+    """A chunk that does not match, or a stream cut short: the chunks before it are written,
+    the header is not (nothing opens); a good stream then resumes."""
+    good = tmp_path / "good.tar"
+    assert stream_export(volume, good).returncode == 0
+    data = bytearray(good.read_bytes())
+    bad = tmp_path / "bad.tar"
+    data[_member_offset(good, "chunks/00000008") + 77] ^= 1
+    bad.write_bytes(data)
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(good.read_bytes()[: _member_offset(good, "chunks/00000010") + 1000])
+    target = tmp_path / "t.img"
+    for broken, message in ((bad, "chunk 8 does not match"), (cut, "cut short")):
+        res = stream_import(broken, target)
+        assert res.returncode == 5 and message in res.stdout.decode(), res.stdout  # --json
+        assert not any(A.read_region(target))  # no header: nothing opens
+    res = stream_import(good, target)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["skipped"] >= 8  # chunks 0-7 were already in place
+    assert target.read_bytes() == volume.read_bytes()
+
+
+def test_stream_crafted_header_refused_before_any_write(volume: Path, tmp_path: Path) -> None:
+    A.edit_json(volume, lambda m: m["segments"]["0"].update(encryption="cipher_null-ecb"))
+    # The exporting side refuses it too; build the stream the way a host would instead.
+    stream = tmp_path / "evil.tar"
+    res = stream_export(volume, stream)
+    assert res.returncode == 10
+    import hashlib
+    import io
+    import tarfile
+
+    region = bytes(A.read_region(volume))
+    manifest = {
+        "format": "sealfs-luks-bundle",
+        "version": 1,
+        "uuid": "refused before the uuid is compared",
+        "image_size": IMAGE_SIZE,
+        "chunk_size": MIB,
+        "header_sha256": hashlib.sha256(region).hexdigest(),
+        "chunks": [{"zero": True}] * CHUNKS,
+    }
+    with tarfile.open(stream, "w") as tar:
+        for name, blob in (
+            ("manifest.json", json.dumps(manifest).encode()),
+            ("header.bin", region),
+        ):
+            info = tarfile.TarInfo(name)
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    target = tmp_path / "t.img"
+    res = stream_import(stream, target)
+    assert res.returncode == 10 and "cipher_null" in res.stdout.decode()
+    assert not target.exists()
