@@ -135,6 +135,21 @@ class BundleResult:
     skipped: int
     manifest_sha256: str
 
+    @classmethod
+    def of_import(
+        cls, device: str, source: str, manifest: Manifest, written: int, skipped: int, sha: str
+    ) -> BundleResult:
+        return cls(
+            device,
+            source,
+            manifest.uuid,
+            manifest.image_size,
+            len(manifest.chunks),
+            written,
+            skipped,
+            sha,
+        )
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "device": self.device,
@@ -258,7 +273,7 @@ def import_volume(
         raise UsageError(f"{source}: no such bundle directory")
     text = _read_file(os.path.join(source, MANIFEST), MAX_MANIFEST_BYTES, "manifest")
     region = _read_file(os.path.join(source, HEADER), P.DATA_OFFSET, "header")
-    manifest, info = verified_header(source, text, region, profile, manifest_sha256)
+    manifest = verified_manifest(source, text, region, profile, manifest_sha256)
     meter = meter or NoMeter()
     meter.start("verify bundle", manifest.data_size, len(manifest.chunks))
     for index in range(len(manifest.chunks)):  # all of it checks out before anything is written
@@ -267,26 +282,17 @@ def import_volume(
     written, skipped = write_chunks(
         device, manifest, region, profile, lambda i: _bundle_chunk(source, manifest, i), meter
     )
-    return BundleResult(
-        device,
-        source,
-        info.uuid,
-        manifest.image_size,
-        len(manifest.chunks),
-        written,
-        skipped,
-        sha256_hex(text),
-    )
+    return BundleResult.of_import(device, source, manifest, written, skipped, sha256_hex(text))
 
 
-def verified_header(
+def verified_manifest(
     source: str,
     text: bytes,
     region: bytes,
     profile: P.LuksProfile,
     manifest_sha256: str | None,
-) -> tuple[Manifest, H.HeaderInfo]:
-    """The manifest and header of a bundle, refused unless the manifest has the pinned hash
+) -> Manifest:
+    """The manifest of a bundle, refused unless the manifest has the pinned hash
     (if given) and is well-formed, and the header matches it and validates for ``profile``."""
     text_sha = sha256_hex(text)
     if manifest_sha256 is not None and text_sha != manifest_sha256.lower():
@@ -301,7 +307,7 @@ def verified_header(
         raise IntegrityError(
             f"{source}: header is volume {info.uuid}, manifest says {manifest.uuid}"
         )
-    return manifest, info
+    return manifest
 
 
 def write_chunks(

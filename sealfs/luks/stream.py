@@ -33,7 +33,7 @@ from .bundle import (
     device_chunks,
     sha256_hex,
     validated_source,
-    verified_header,
+    verified_manifest,
     write_chunks,
 )
 
@@ -87,7 +87,7 @@ def import_stream(
         members = _Members(tar)
         text = members.next(MANIFEST, MAX_MANIFEST_BYTES, exact=False)
         region = members.next(HEADER, P.DATA_OFFSET)
-        manifest, info = verified_header(STDIO, text, region, profile, manifest_sha256)
+        manifest = verified_manifest(STDIO, text, region, profile, manifest_sha256)
         present = [i for i, d in enumerate(manifest.chunks) if d is not None]
         position = {index: n for n, index in enumerate(present)}
 
@@ -106,16 +106,7 @@ def import_stream(
         while members.chunks_read < len(present):  # the rest of the stream must be sound too
             members.next_chunk(manifest, present[members.chunks_read])
         members.end()
-    return BundleResult(
-        device,
-        STDIO,
-        info.uuid,
-        manifest.image_size,
-        len(manifest.chunks),
-        written,
-        skipped,
-        sha256_hex(text),
-    )
+    return BundleResult.of_import(device, STDIO, manifest, written, skipped, sha256_hex(text))
 
 
 class _Members:
