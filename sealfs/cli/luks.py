@@ -8,6 +8,7 @@ the header itself is untrusted and cannot be asked what it should look like.
 from __future__ import annotations
 
 import functools
+import json
 import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
     from sealfs.luks.keys import KeyBinding, KeySource
 
 FC = Callable[..., Any]
+MIB = 1024 * 1024
 
 
 def _profile_options(fn: FC) -> FC:
@@ -463,4 +465,123 @@ def header_restore_cmd(
         {"ok": True, "device": device, "backup": backup, "uuid": info.uuid},
         as_json,
         f"restored header {info.uuid} onto {device}",
+    )
+
+
+def _progress_option(fn: FC) -> FC:
+    return click.option(
+        "--progress/--no-progress",
+        default=None,
+        help="Progress line on standard error (default: only on a terminal).",
+    )(fn)
+
+
+@luks.command("export")
+@click.argument("device", type=str)
+@click.argument("dest", type=str)
+@_profile_options
+@click.option(
+    "--chunk-mib",
+    type=click.IntRange(1, 1024),
+    default=16,
+    show_default=True,
+    help="Size of the data chunks in MiB (each is hashed, stored and resumed as a unit).",
+)
+@_progress_option
+@json_option
+def export_cmd(
+    device: str,
+    dest: str,
+    integrity: str | None,
+    recovery_slot: bool,
+    chunk_mib: int,
+    progress: bool | None,
+    as_json: bool,
+) -> None:
+    """Copy DEVICE (not in use) into a new bundle directory DEST, to move it to another host.
+
+    DEST '-' writes the bundle as one tar stream to standard output instead (the summary then
+    goes to standard error), e.g. piped into ssh and 'sealfs luks import - DEVICE'.
+
+    The header is validated against the profile first. DEST gets header.bin, the data in
+    chunks (all-zero chunks take no space) and manifest.json with a SHA-256 per piece,
+    written last. The printed manifest SHA-256 is what to check on the other side
+    (import --manifest-sha256). The bundle holds only ciphertext and the key slots.
+    """
+    import sys
+
+    from sealfs.check.progress import Progress
+    from sealfs.luks.bundle import export_volume
+    from sealfs.luks.stream import STDIO, export_stream
+
+    profile, meter = _profile(integrity, recovery_slot), Progress(enabled=progress)
+    if dest == STDIO:
+        if sys.stdout.isatty():
+            raise UsageError("refusing to write a bundle stream to a terminal; redirect it")
+        result = export_stream(
+            device, sys.stdout.buffer, profile, chunk_size=chunk_mib * MIB, meter=meter
+        )
+    else:
+        result = export_volume(device, dest, profile, chunk_size=chunk_mib * MIB, meter=meter)
+    summary = (
+        f"exported {device} ({result.uuid}, {result.chunks} chunks, {result.written} with data) "
+        f"to {dest}; manifest SHA-256 {result.manifest_sha256}"
+    )
+    if dest == STDIO:  # standard output carries the stream: the summary goes to stderr
+        data = {"ok": True, **result.as_dict()}
+        click.echo(json.dumps(data, indent=2, sort_keys=True) if as_json else summary, err=True)
+    else:
+        emit({"ok": True, **result.as_dict()}, as_json, summary)
+
+
+@luks.command("import")
+@click.argument("source", type=str)
+@click.argument("device", type=str)
+@_profile_options
+@click.option(
+    "--manifest-sha256",
+    metavar="HEX",
+    help="Refuse the bundle unless its manifest has this SHA-256 (as export printed it).",
+)
+@_progress_option
+@json_option
+def import_cmd(
+    source: str,
+    device: str,
+    integrity: str | None,
+    recovery_slot: bool,
+    manifest_sha256: str | None,
+    progress: bool | None,
+    as_json: bool,
+) -> None:
+    """Write the bundle SOURCE onto DEVICE (blank, same size) or a new image file DEVICE.
+
+    Everything is checked before the first write: the manifest, the header (validated against
+    the profile, like an open) and every chunk's SHA-256. Chunks are written next and the
+    header last, so an interrupted import leaves nothing that opens; rerun the same command
+    to resume (chunks already in place are skipped). SOURCE '-' reads a bundle stream
+    (export DEVICE -) from standard input: the manifest and header are checked before the
+    first write, each chunk as it arrives. Exit 5 if the bundle does not match its
+    manifest, 10 if the header or the target is refused.
+    """
+    import sys
+
+    from sealfs.check.progress import Progress
+    from sealfs.luks.bundle import import_volume
+    from sealfs.luks.stream import STDIO, import_stream
+
+    profile, meter = _profile(integrity, recovery_slot), Progress(enabled=progress)
+    if source == STDIO:
+        result = import_stream(
+            sys.stdin.buffer, device, profile, manifest_sha256=manifest_sha256, meter=meter
+        )
+    else:
+        result = import_volume(
+            source, device, profile, manifest_sha256=manifest_sha256, meter=meter
+        )
+    emit(
+        {"ok": True, **result.as_dict()},
+        as_json,
+        f"imported {result.uuid} onto {device}: {result.written} chunks written, "
+        f"{result.skipped} already in place; manifest SHA-256 {result.manifest_sha256}",
     )

@@ -127,12 +127,12 @@ def commit_header(device: str, area: bytes) -> None:
     except OSError as e:
         raise StorageError(f"{device}: cannot open for writing: {e.strerror}") from None
     try:
-        _pwrite_all(fd, without_magics(area), 0)
+        pwrite_all(fd, without_magics(area), 0)
         os.fsync(fd)
         failpoints.reached("header-body-written")
-        _pwrite_all(fd, H.MAGIC_SECONDARY, P.HDR_SIZE)
+        pwrite_all(fd, H.MAGIC_SECONDARY, P.HDR_SIZE)
         failpoints.reached("header-secondary-magic-written")
-        _pwrite_all(fd, H.MAGIC_PRIMARY, 0)
+        pwrite_all(fd, H.MAGIC_PRIMARY, 0)
         os.fsync(fd)
     except OSError as e:
         raise StorageError(f"{device}: header write failed: {e.strerror}") from None
@@ -140,7 +140,8 @@ def commit_header(device: str, area: bytes) -> None:
         os.close(fd)
 
 
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+def pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    """Write all of ``data`` at ``offset`` (pwrite may write less); OSError to the caller."""
     view = memoryview(data)
     done = 0
     while done < len(view):

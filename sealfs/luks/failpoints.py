@@ -23,6 +23,9 @@ POINTS = (
     "ready-written",
 )
 
+#: Import of a bundle (sealfs.luks.bundle): after each data chunk written to the target.
+BUNDLE_POINTS = ("bundle-chunk-written",)
+
 
 def reached(name: str) -> None:
     if os.environ.get(ENV) == name:

@@ -258,6 +258,31 @@ def test_integrity_with_ext4_roundtrip(tmp_path: Path, mapping_names: list[str])
     bring_down("ie")
 
 
+def test_bundle_moves_a_volume(tmp_path: Path, mapping_names: list[str]) -> None:
+    """Export a used volume (ext4 with a file), import it as a new image on "the other host",
+    and bring that up with the same key: same file. The import never leaves a header before
+    the data (tests/luks/test_bundle.py covers the refusals on image files)."""
+    from sealfs.luks.bundle import export_volume, import_volume
+
+    img = new_image(tmp_path / "from.img", VM_IMAGE)
+    keys, _ = key_source(tmp_path)
+    spec = VolumeSpec(str(img), "mv", BINDING, mountpoint=str(tmp_path / "mnt"))
+    mapping_names.append("mv")
+    bring_up(spec, keys)
+    payload = os.urandom(300_000)
+    (tmp_path / "mnt" / "db").write_bytes(payload)
+    bring_down("mv")
+    export_volume(str(img), str(tmp_path / "bundle"), P.LuksProfile(), chunk_size=1024 * 1024)
+    moved = tmp_path / "to.img"
+    import_volume(str(tmp_path / "bundle"), str(moved), P.LuksProfile())
+    assert moved.read_bytes() == img.read_bytes()
+    drop_caches()
+    spec = VolumeSpec(str(moved), "mv", BINDING, mountpoint=str(tmp_path / "mnt"))
+    assert bring_up(spec, keys).steps == ["opened", "mounted"]
+    assert (tmp_path / "mnt" / "db").read_bytes() == payload
+    bring_down("mv")
+
+
 # -- first boot ------------------------------------------------------------------------------
 
 
