@@ -11,6 +11,8 @@ import click
 
 from sealfs.cli.credentials import credential_options
 from sealfs.cli.output import SealfsGroup, emit, json_option
+from sealfs.errors import UsageError
+from sealfs.fuse.mount import served_backing, unmount
 from sealfs.migrate.export import Summary, export_stream, export_volume
 from sealfs.migrate.importer import import_bundle, import_stream
 from sealfs.volume.header import Credential
@@ -50,10 +52,23 @@ def migrate() -> None:
     help="The last pass: needs the volume unmounted; copies the objects still missing, "
     "the header, checkpoint and journal, and writes the manifest.",
 )
+@click.option(
+    "--umount",
+    "mountpoint",
+    metavar="MOUNTPOINT",
+    help="With --final (implied): first unmount the volume from MOUNTPOINT (which must serve "
+    "BACKING_DIR), waiting for its final commit, then run the final pass at once.",
+)
 @_DRY_RUN
 @json_option
 def export(
-    backing_dir: str, dest: str, cred: Credential, final: bool, dry_run: bool, as_json: bool
+    backing_dir: str,
+    dest: str,
+    cred: Credential,
+    final: bool,
+    mountpoint: str | None,
+    dry_run: bool,
+    as_json: bool,
 ) -> None:
     """Copy the volume in BACKING_DIR into the bundle directory DEST (or, with DEST `-`,
     write the final bundle as one byte stream on standard output; this implies --final).
@@ -69,6 +84,9 @@ def export(
     Exit codes: 0 done, 2 usage, 3 cannot unlock, 4 bad header, 5 the volume is damaged
     (run `sealfs check`), 6 --final while the volume is mounted, 7 storage error.
     """
+    if mountpoint is not None:
+        final = True
+        _unmount_volume(Path(mountpoint), Path(backing_dir), dry_run)
     if dest == "-":
         final = True
         summary = export_stream(Path(backing_dir), sys.stdout.buffer, cred, dry_run)
@@ -136,3 +154,12 @@ def _report(summary: Summary, as_json: bool, lines: list[str], to_stderr: bool =
         click.echo(json.dumps(data, sort_keys=True) if as_json else "\n".join(lines), err=True)
     else:
         emit(data, as_json, "\n".join(lines))
+
+
+def _unmount_volume(mountpoint: Path, backing: Path, dry_run: bool) -> None:
+    """Unmount ``mountpoint`` for the final pass, refusing one that serves another volume."""
+    served = served_backing(mountpoint)
+    if served is None or served.resolve() != backing.resolve():
+        raise UsageError(f"{mountpoint} is not a sealfs mount of {backing}")
+    if not dry_run:
+        unmount(mountpoint)

@@ -195,15 +195,21 @@ def tune_readahead(mp: Path, kib: int = 1024) -> None:
         log.debug("cannot tune readahead: %s", e)
 
 
+def served_backing(mountpoint: Path) -> Path | None:
+    """The backing directory the sealfs daemon on ``mountpoint`` serves (its runtime record),
+    or None if none is known."""
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        return Path(json.loads(runtime_file(Path(mountpoint).absolute()).read_text())["backing"])
+    return None
+
+
 def unmount(mountpoint: Path, timeout: float = 120.0) -> None:
     """Unmount and wait for the daemon to finish its final commit (it releases the volume
     lock when it exits)."""
     mp = Path(mountpoint).absolute()
     if not is_mounted(mp):
         raise UsageError(f"{mp} is not mounted")
-    backing = None
-    with contextlib.suppress(OSError, ValueError, KeyError):
-        backing = Path(json.loads(runtime_file(mp).read_text())["backing"])
+    backing = served_backing(mp)
     res = subprocess.run(["fusermount3", "-u", str(mp)], capture_output=True, text=True)
     if res.returncode != 0:
         msg = res.stderr.strip().splitlines()[-1] if res.stderr.strip() else "failed"

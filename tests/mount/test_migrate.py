@@ -267,3 +267,40 @@ def test_final_pass_hashes_only_what_the_live_passes_did_not(
     _flip(max(_objects(dest), key=lambda p: p.stat().st_size))  # altered after its live copy
     res = migrate("import", str(dest), str(tmp_path / "new2"), vol=volume, check=False)
     assert res.returncode == 5 and not (tmp_path / "new2").exists(), res.stderr
+
+
+def test_final_pass_unmounts_the_volume_it_moves(tmp_path: Path, volume: Volume) -> None:
+    """`--umount MOUNTPOINT` unmounts (after the final commit) and runs the final pass at once;
+    a mountpoint serving another volume is refused and stays mounted."""
+    other = new_volume(tmp_path, name="other")
+    volume.mount()
+    other.mount()
+    try:
+        (volume.mnt / "last-write").write_text("committed by the unmount")
+        dest = tmp_path / "bundle"
+        res = migrate(
+            "export",
+            str(volume.backing),
+            str(dest),
+            "--umount",
+            str(other.mnt),
+            vol=volume,
+            check=False,
+        )
+        assert res.returncode == 2 and "not a sealfs mount of" in res.stderr, res.stderr
+        assert os.path.ismount(other.mnt) and os.path.ismount(volume.mnt)
+        out = migrate(
+            "export", str(volume.backing), str(dest), "--umount", str(volume.mnt), vol=volume
+        )
+        assert "becomes a fork" in out.stdout and not os.path.ismount(volume.mnt)
+    finally:
+        other.umount()
+    new = tmp_path / "new"
+    migrate("import", str(dest), str(new), vol=volume)
+    moved = Volume(new, volume.key, tmp_path / "new-mnt", tmp_path / "new.log")
+    moved.mnt.mkdir()
+    moved.mount()
+    try:
+        assert (moved.mnt / "last-write").read_text() == "committed by the unmount"
+    finally:
+        moved.umount()
