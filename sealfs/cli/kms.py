@@ -436,7 +436,8 @@ def policy_set(
     allow_service_td: bool,
     as_json: bool,
 ) -> None:
-    """Create or replace the policy of APP_ID (hex). The key version is kept."""
+    """Create or replace the policy of APP_ID (hex). The key versions (current and retired)
+    are kept."""
     from sealfs.attest import simulated as sim
     from sealfs.kms.policy import AppPolicy
 
@@ -453,6 +454,10 @@ def policy_set(
             raise UsageError("policy file must hold a JSON object")
         if "key_version" in loaded:
             raise UsageError("key_version cannot be set; use 'sealfs kms policy rotate'")
+        if "retired_versions" in loaded:
+            raise UsageError(
+                "retired_versions cannot be set; use 'sealfs kms policy retire-version'"
+            )
         if loaded.setdefault("app_id", app.hex()) != app.hex():
             raise UsageError("the policy file's app_id differs from APP_ID")
         doc.update(loaded)
@@ -495,7 +500,7 @@ def policy_set(
     store, macs, _ = _open(state, secret_file)
     old = store.get_policy(macs, app)
     if old is not None:
-        new = new.with_version(old.key_version)
+        new = new.with_versions_of(old)
     store.put_policy(macs, new)
     emit(
         {"ok": True, "policy": new.to_dict()},
@@ -510,7 +515,8 @@ def policy_set(
 @secret_option
 @json_option
 def policy_show(app_id: str | None, state: Path, secret_file: Path | None, as_json: bool) -> None:
-    """Show the policy of APP_ID, or of every app (MACs are verified)."""
+    """Show the policy of APP_ID, or of every app (MACs are verified), with the key
+    versions the KMS still releases (live_key_versions: 1 to key_version, less the retired)."""
     store, macs, _ = _open(state, secret_file)
     if app_id is not None:
         found = store.get_policy(macs, _app_id(app_id))
@@ -519,7 +525,7 @@ def policy_show(app_id: str | None, state: Path, secret_file: Path | None, as_js
         policies = [found]
     else:
         policies = store.list_policies(macs)
-    docs = [p.to_dict() for p in policies]
+    docs = [{**p.to_dict(), "live_key_versions": p.live_versions()} for p in policies]
     emit(
         {"ok": True, "policies": docs},
         as_json,
@@ -557,4 +563,31 @@ def policy_rotate(app_id: str, state: Path, secret_file: Path | None, as_json: b
         {"ok": True, "app_id": app_id, "key_version": new.key_version},
         as_json,
         f"app {app_id} now at key version {new.key_version}",
+    )
+
+
+@policy.command("retire-version")
+@click.argument("app_id")
+@click.argument("version", metavar="N", type=click.IntRange(1))
+@state_option
+@secret_option
+@json_option
+def policy_retire_version(
+    app_id: str, version: int, state: Path, secret_file: Path | None, as_json: bool
+) -> None:
+    """Stop releasing key version N of APP_ID, for good.
+
+    Do this once every volume has been re-wrapped to a newer version ('sealfs key rotate'):
+    a get_key for N is then refused (key_version_retired, exit 8 on the client) and a volume
+    still on N opens only with its recovery slot (key file or passphrase). The current
+    version cannot be retired: run 'sealfs kms policy rotate' first. Retiring does not
+    revoke: N stays derivable from the root key, and whoever already holds it keeps it.
+    """
+    store, macs, _ = _open(state, secret_file)
+    new = store.retire_version(macs, _app_id(app_id), version)
+    live = new.live_versions()
+    emit(
+        {"ok": True, "app_id": app_id, "retired": version, "live_key_versions": live},
+        as_json,
+        f"app {app_id}: key version {version} retired; live versions: " + ", ".join(map(str, live)),
     )

@@ -29,6 +29,10 @@ A policy is keyed by app id and lists what must hold for a verified quote:
   only). Both this and the KMS-wide ``--allow-simulated`` are needed, so a production KMS
   started with the flag by mistake still refuses forged quotes for every production app.
 * ``key_version``: the app's current key version; older versions stay derivable.
+* ``retired_versions``: older key versions the KMS no longer releases (``sealfs kms policy
+  retire-version``), once every volume has been re-wrapped to a newer one. Empty (the
+  default, and what policies written before this field mean) keeps every version live. The
+  current version can never be retired: a get_key without a version must always succeed.
 
 Policies are stored as canonical JSON with a MAC under the root key (see ``store.py``).
 """
@@ -128,6 +132,10 @@ class Measurement:
         return cls(*(_hex(d[k], k, MR_SIZE, MR_SIZE) for k in ("mrtd", "rtmr0", "rtmr1", "rtmr2")))
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _hex(value: Any, name: str, lo: int, hi: int) -> bytes:
     try:
         return strict.hex_bytes(value, lo, hi)
@@ -148,6 +156,7 @@ class AppPolicy:
     allow_reserved_td_attributes: bool = False
     allow_service_td: bool = False
     key_version: int = 1
+    retired_versions: tuple[int, ...] = ()  # sorted, each below key_version
 
     def __post_init__(self) -> None:
         if not 1 <= len(self.app_id) <= MAX_ID_BYTES:
@@ -166,6 +175,10 @@ class AppPolicy:
         for d in self.devices:
             if len(d) != DEVICE_ID_SIZE:
                 raise UsageError("device ids are 32 bytes (SHA-256 of the PPID)")
+        if list(self.retired_versions) != sorted(set(self.retired_versions)):
+            raise UsageError("retired_versions must be sorted and distinct")
+        if any(not 1 <= v < self.key_version for v in self.retired_versions):
+            raise UsageError("retired_versions must be older than the current key version")
         if max(len(self.measurements), len(self.compose_hashes), len(self.devices)) > MAX_ENTRIES:
             raise UsageError(f"at most {MAX_ENTRIES} measurements, compose hashes and devices")
 
@@ -178,6 +191,7 @@ class AppPolicy:
             "devices": [d.hex() for d in self.devices],
             **{flag: getattr(self, flag) for flag in _FLAGS},
             "key_version": self.key_version,
+            "retired_versions": list(self.retired_versions),
         }
 
     def canonical(self) -> bytes:
@@ -196,6 +210,7 @@ class AppPolicy:
             "tcb_statuses",
             "devices",
             "key_version",
+            "retired_versions",
             *_FLAGS,
         }
         unknown = set(d) - allowed
@@ -212,8 +227,11 @@ class AppPolicy:
             if not isinstance(value, bool):
                 raise UsageError(f"{flag} must be true or false")
         version = d.get("key_version", 1)
-        if not isinstance(version, int) or isinstance(version, bool):
+        if not _is_int(version):
             raise UsageError("key_version must be an integer")
+        retired = d.get("retired_versions", [])
+        if not isinstance(retired, list) or not all(_is_int(v) for v in retired):
+            raise UsageError("retired_versions must be a list of integers")
         if not all(isinstance(s, str) for s in statuses):
             raise UsageError("tcb_statuses must be strings")
         return cls(
@@ -225,11 +243,38 @@ class AppPolicy:
                 _hex(x, "device id", DEVICE_ID_SIZE, DEVICE_ID_SIZE) for x in lists["devices"]
             ),
             key_version=version,
+            retired_versions=tuple(sorted(retired)),
             **flags,
         )
 
     def with_version(self, key_version: int) -> AppPolicy:
         return replace(self, key_version=key_version)
+
+    def with_versions_of(self, old: AppPolicy) -> AppPolicy:
+        """This policy with ``old``'s key versions (current and retired): replacing a policy
+        must neither roll the key back nor bring a retired version back to life."""
+        return replace(self, key_version=old.key_version, retired_versions=old.retired_versions)
+
+    def retire(self, version: int) -> AppPolicy:
+        """This policy with key ``version`` retired; refuses what would break live volumes
+        or cannot be meant (the current version, one never issued, one already retired)."""
+        if version == self.key_version:
+            raise UsageError(
+                f"key version {version} is the current one and cannot be retired; "
+                "run 'sealfs kms policy rotate' first"
+            )
+        if not 1 <= version < self.key_version:
+            raise UsageError(
+                f"key version {version} does not exist for this app (versions 1-{self.key_version})"
+            )
+        if version in self.retired_versions:
+            raise UsageError(f"key version {version} is already retired")
+        return replace(self, retired_versions=tuple(sorted((*self.retired_versions, version))))
+
+    def live_versions(self) -> list[int]:
+        """The key versions the KMS still releases, oldest first."""
+        retired = set(self.retired_versions)
+        return [v for v in range(1, self.key_version + 1) if v not in retired]
 
     def check(self, report: Report, identity: AppIdentity) -> None:
         """Raise PolicyDenied unless the verified ``report`` and replayed ``identity`` fit."""

@@ -278,6 +278,14 @@ class KmsService:
                 403, "bad_key_version", f"key version {version} does not exist for this app"
             )
         app_id = att.identity.app_id
+        if version in att.policy.retired_versions:
+            log.warning("refused retired key v%d of app %s", version, app_id.hex())
+            raise P.ProtocolError(
+                403,
+                "key_version_retired",
+                f"key version {version} of this app is retired and no longer released; "
+                "open the volume with its recovery slot",
+            )
         key = app_key(self._root, p.purpose, app_id, version, p.volume_id)
         info = P.key_release_info(app_id, p.purpose, p.volume_id, version, att.nonce)
         try:

@@ -33,7 +33,7 @@ import sqlite3
 import stat
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -465,11 +465,22 @@ class KmsStore:
 
     def rotate_policy(self, macs: StoreMac, app_id: bytes) -> AppPolicy:
         """Bump an app's current key version (old versions stay derivable)."""
+        return self._update_policy(macs, app_id, lambda old: old.with_version(old.key_version + 1))
+
+    def retire_version(self, macs: StoreMac, app_id: bytes, version: int) -> AppPolicy:
+        """Stop releasing key ``version`` of an app (see :meth:`AppPolicy.retire`)."""
+        return self._update_policy(macs, app_id, lambda old: old.retire(version))
+
+    def _update_policy(
+        self, macs: StoreMac, app_id: bytes, change: Callable[[AppPolicy], AppPolicy]
+    ) -> AppPolicy:
+        """Replace an app's policy by ``change(policy)`` in one transaction, so two
+        administrators changing key versions at once never lose one of the changes."""
         with self._snapshot(macs, write=True) as snap:
             old = self._policy_in(snap, app_id)
             if old is None:
                 raise UsageError(f"no policy for app id {app_id.hex()}")
-            new = old.with_version(old.key_version + 1)
+            new = change(old)
             body = new.canonical()
             snap.conn.execute(
                 "UPDATE policies SET body = ?, mac = ? WHERE app_id = ?",

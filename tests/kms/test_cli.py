@@ -196,6 +196,42 @@ def test_policy_file_cannot_set_key_version(state: Path, secret_file: Path, tmp_
     assert_fails(res, 2, "policy rotate")
 
 
+def test_retire_version(state: Path, secret_file: Path, tmp_path: Path) -> None:
+    """Retire a rotated-out version: `show` lists the live ones, `set` keeps the retirement,
+    and the current, future, retired-again or malformed versions are refused (exit 2)."""
+    common = ["--state", str(state), "--secret-file", str(secret_file)]
+    assert (
+        run("policy", "set", APP, *common, "--simulated", "--compose-hash", COMPOSE).returncode == 0
+    )
+    assert_fails(run("policy", "retire-version", APP, "1", *common), 2, "rotate' first")
+    for _ in range(2):
+        assert run("policy", "rotate", APP, *common).returncode == 0
+    res = run("policy", "retire-version", APP, "1", *common, "--json")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout) == {
+        "ok": True,
+        "app_id": APP,
+        "retired": 1,
+        "live_key_versions": [2, 3],
+    }
+    shown = json.loads(run("policy", "show", APP, *common, "--json").stdout)["policies"][0]
+    assert shown["retired_versions"] == [1] and shown["live_key_versions"] == [2, 3]
+    text = run("policy", "show", APP, *common).stdout
+    assert '"live_key_versions": [\n    2,\n    3\n  ]' in text, text
+    res = run("policy", "set", APP, *common, "--simulated", "--compose-hash", COMPOSE, "--json")
+    assert json.loads(res.stdout)["policy"]["retired_versions"] == [1]  # replacing keeps it
+    assert_fails(run("policy", "retire-version", APP, "3", *common), 2, "rotate' first")
+    assert_fails(run("policy", "retire-version", APP, "4", *common), 2, "does not exist")
+    assert_fails(run("policy", "retire-version", APP, "1", *common), 2, "already retired")
+    assert_fails(run("policy", "retire-version", APP, "0", *common), 2, "N")
+    assert_fails(run("policy", "retire-version", APP, "x", *common), 2, "N")
+    assert_fails(run("policy", "retire-version", "e6" * 20, "1", *common), 2, "no policy")
+    doc = tmp_path / "p.json"
+    doc.write_text(json.dumps({"retired_versions": []}))
+    res = run("policy", "set", APP, *common, "--file", str(doc))
+    assert_fails(res, 2, "policy retire-version")
+
+
 def test_missing_state_file(tmp_path: Path, secret_file: Path) -> None:
     res = run("info", "--state", str(tmp_path / "none.db"), "--secret-file", str(secret_file))
     assert_fails(res, 2, "does not exist")
@@ -230,6 +266,7 @@ def test_help_for_every_command() -> None:
         ["policy", "show"],
         ["policy", "remove"],
         ["policy", "rotate"],
+        ["policy", "retire-version"],
     ):
         res = runner.invoke(main, ["kms", *cmd, "--help"])
         assert res.exit_code == 0 and "Usage:" in res.output and len(res.output) > 200, cmd

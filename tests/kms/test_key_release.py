@@ -291,6 +291,22 @@ def test_rotation_keeps_old_versions_derivable(
         c.get_key("volume-wrap", VOL, key_version=3)
 
 
+def test_retired_version_is_refused_and_the_rest_still_released(
+    kms: KmsProcess, state: KmsState, rotating_app: bytes
+) -> None:
+    """The running KMS reads the retirement at the next request; only that version stops."""
+    c = client(kms, rotating_app, att=attester(rotating_app, compose=COMPOSE_A))
+    state.store.rotate_policy(state.macs, rotating_app)
+    state.store.rotate_policy(state.macs, rotating_app)
+    v2 = c.get_key("volume-wrap", VOL, key_version=2)
+    state.store.retire_version(state.macs, rotating_app, 1)
+    with pytest.raises(KmsError, match="key_version_retired.*key version 1 .*recovery slot"):
+        c.get_key("volume-wrap", VOL, key_version=1)
+    assert c.get_key("volume-wrap", VOL, key_version=2) == v2
+    assert c.get_key("volume-wrap", VOL)[1] == 3
+    assert "refused retired key v1" in kms.log()
+
+
 @pytest.mark.parametrize(
     "kw, reason",
     [
