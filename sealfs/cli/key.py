@@ -14,7 +14,7 @@ from sealfs.cli.credentials import (
     read_passphrase_file,
 )
 from sealfs.cli.output import emit, json_option
-from sealfs.cli.volume import parse_size
+from sealfs.cli.volume import kdf_options
 from sealfs.crypto import KdfParams, Secret
 from sealfs.errors import UsageError
 from sealfs.volume.header import (
@@ -99,15 +99,7 @@ def key_list(backing_dir: str, as_json: bool) -> None:
 )
 @click.option("--new-compose-hash", metavar="HEX", help="With --new-attester simulated.")
 @click.option("--new-device-id", metavar="HEX", help="With --new-attester simulated.")
-@click.option(
-    "--kdf",
-    type=click.Choice(["argon2id", "scrypt"]),
-    default="argon2id",
-    show_default=True,
-    help="Passphrase KDF of a new passphrase slot.",
-)
-@click.option("--kdf-memory", default="64M", show_default=True, help="Its memory cost.")
-@click.option("--kdf-iterations", default=3, show_default=True, help="Its time cost (argon2id).")
+@kdf_options
 @json_option
 def key_add(
     backing_dir: str,
@@ -120,9 +112,7 @@ def key_add(
     new_attester: str,
     new_compose_hash: str | None,
     new_device_id: str | None,
-    kdf: str,
-    kdf_memory: str,
-    kdf_iterations: int,
+    kdf_params: KdfParams,
     as_json: bool,
 ) -> None:
     """Add a key slot to the volume in BACKING_DIR, unlocked with an existing credential.
@@ -135,7 +125,6 @@ def key_add(
     """
     if sum(1 for x in (new_key_file, new_passphrase_file, new_kms) if x) != 1:
         raise UsageError("give exactly one of --new-key-file, --new-passphrase-file, --new-kms")
-    params = None
     new: Credential
     if new_kms:
         opts = KmsOptions(
@@ -155,11 +144,8 @@ def key_add(
     else:
         assert new_passphrase_file is not None
         new = PassphraseCredential(read_passphrase_file(new_passphrase_file))
-        params = KdfParams.default(
-            kdf, memory_kib=parse_size(kdf_memory) // 1024, iterations=kdf_iterations
-        )
     slot = change_slots(
-        Path(backing_dir), cred, lambda header, master: header.add_slot(master, new, params)
+        Path(backing_dir), cred, lambda header, master: header.add_slot(master, new, kdf_params)
     )
     info = slot.public_info()
     emit({"ok": True, "slot": info}, as_json, f"added {_slot_line(info)}")
