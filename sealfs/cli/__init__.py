@@ -29,6 +29,7 @@ COMMANDS = {
     "attest": ("sealfs.cli.attest", "attest"),
     "luks": ("sealfs.cli.luks", "luks"),
     "kms": ("sealfs.cli.kms", "kms"),
+    "key": ("sealfs.cli.key", "key"),
     "migrate": ("sealfs.cli.migrate", "migrate"),
     "demo": ("sealfs.cli.demo", "demo"),
 }

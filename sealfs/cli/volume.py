@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -40,6 +43,36 @@ def parse_size(text: str) -> int:
         raise UsageError(f"not a size: {text!r} (examples: 131072, 128K, 1M)") from None
 
 
+def kdf_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Add --kdf / --kdf-memory / --kdf-iterations (the cost of a new passphrase slot) to a
+    command. The wrapped function receives ``kdf_params``."""
+
+    @click.option(
+        "--kdf",
+        type=click.Choice(["argon2id", "scrypt"]),
+        default="argon2id",
+        show_default=True,
+        help="Passphrase KDF of a new recovery-passphrase slot.",
+    )
+    @click.option(
+        "--kdf-memory",
+        default="64M",
+        show_default=True,
+        help="Memory cost of the passphrase KDF (e.g. 64M, 1G).",
+    )
+    @click.option(
+        "--kdf-iterations", default=3, show_default=True, help="Time cost (passes) of argon2id."
+    )
+    @functools.wraps(fn)
+    def wrapper(*args: Any, kdf: str, kdf_memory: str, kdf_iterations: int, **kwargs: Any) -> Any:
+        kwargs["kdf_params"] = KdfParams.default(
+            kdf, memory_kib=parse_size(kdf_memory) // 1024, iterations=kdf_iterations
+        )
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
 @click.command()
 @click.argument("backing_dir", type=click.Path(file_okay=False))
 @click.option(
@@ -67,22 +100,7 @@ def parse_size(text: str) -> int:
     "line from standard input.",
 )
 @kms_options
-@click.option(
-    "--kdf",
-    type=click.Choice(["argon2id", "scrypt"]),
-    default="argon2id",
-    show_default=True,
-    help="Passphrase KDF for the recovery slot.",
-)
-@click.option(
-    "--kdf-memory",
-    default="64M",
-    show_default=True,
-    help="Memory cost of the passphrase KDF (e.g. 64M, 1G).",
-)
-@click.option(
-    "--kdf-iterations", default=3, show_default=True, help="Time cost (passes) of argon2id."
-)
+@kdf_options
 @click.option(
     "--compression",
     type=click.Choice(["none", "lz4"]),
@@ -104,9 +122,7 @@ def create(
     new_key_file: str | None,
     passphrase_file: str | None,
     ask_passphrase: bool,
-    kdf: str,
-    kdf_memory: str,
-    kdf_iterations: int,
+    kdf_params: KdfParams,
     compression: str,
     block_size: str,
     kms: KmsOptions,
@@ -138,10 +154,7 @@ def create(
             if passphrase_file
             else prompt_passphrase(confirm=True)
         )
-        params = KdfParams.default(
-            kdf, memory_kib=parse_size(kdf_memory) // 1024, iterations=kdf_iterations
-        )
-        creds.append((PassphraseCredential(secret), params))
+        creds.append((PassphraseCredential(secret), kdf_params))
     header = create_volume(Path(backing_dir), creds, parse_size(block_size), compression)
     info = header.public_info()
     emit(

@@ -418,7 +418,48 @@ class Header:
     def add_slot(self, master: Secret, cred: Credential, kdf: KdfParams | None = None) -> Slot:
         if len(self.slots) >= MAX_SLOTS:
             raise UsageError(f"a volume holds at most {MAX_SLOTS} key slots")
-        slot_id = max((s.id for s in self.slots), default=-1) + 1
+        if isinstance(cred, KmsCredential) and self.kms_slot() is not None:
+            raise UsageError(
+                "the volume already has a kms slot (one KMS anchors a volume): rotate it, "
+                "or remove it first"
+            )
+        slot = self._wrapped_slot(
+            master, max((s.id for s in self.slots), default=-1) + 1, cred, kdf
+        )
+        self.slots.append(slot)
+        self.seal(master)
+        return slot
+
+    def remove_slot(self, master: Secret, slot_id: int) -> Slot:
+        """Drop one slot and seal again; the last slot never goes (nothing would open)."""
+        slot = next((s for s in self.slots if s.id == slot_id), None)
+        if slot is None:
+            raise UsageError(f"the volume has no key slot {slot_id}")
+        if len(self.slots) == 1:
+            raise UsageError(
+                f"refusing to remove slot {slot_id}: it is the volume's last key slot, and "
+                "without one nothing can ever open the volume again"
+            )
+        self.slots.remove(slot)
+        self.seal(master)
+        return slot
+
+    def rewrap_kms_slot(self, master: Secret, cred: KmsCredential) -> tuple[Slot, Slot]:
+        """Wrap the master key again under the app key's current version, in the kms slot's
+        place (same id); return the old and the new slot."""
+        old = self.kms_slot()
+        if old is None:
+            raise UsageError("the volume has no kms slot to rotate")
+        new = self._wrapped_slot(master, old.id, cred, None)
+        self.slots[self.slots.index(old)] = new
+        self.seal(master)
+        return old, new
+
+    def _wrapped_slot(
+        self, master: Secret, slot_id: int, cred: Credential, kdf: KdfParams | None
+    ) -> Slot:
+        """A new slot ``slot_id`` wrapping ``master`` under ``cred`` (a KMS: its current
+        key version)."""
         if isinstance(cred, PassphraseCredential):
             slot = Slot(slot_id, "passphrase", b"", kdf=kdf or KdfParams.default())
             kek = _kek(cred, slot, self.volume_id)
@@ -441,8 +482,6 @@ class Header:
             slot = Slot(slot_id, "keyfile", b"", salt=random_bytes(16))
             kek = _kek(cred, slot, self.volume_id)
         slot.wrapped = wrap_key(kek, master, _slot_ad(self.volume_id, slot))
-        self.slots.append(slot)
-        self.seal(master)
         return slot
 
     def seal(self, master: Secret) -> None:
