@@ -304,3 +304,26 @@ def test_final_pass_unmounts_the_volume_it_moves(tmp_path: Path, volume: Volume)
         assert (moved.mnt / "last-write").read_text() == "committed by the unmount"
     finally:
         moved.umount()
+
+
+def test_planted_staging_name_is_refused_without_following_it(
+    tmp_path: Path,
+    bundle: tuple[Volume, Path, dict],  # type: ignore[type-arg]
+) -> None:
+    """The host knows the staging name beside BACKING_DIR and plants it first: a symlink to a
+    directory of its choice or a file. The import refuses in one line (exit 7), touches
+    nothing through the link, and leaves the target absent."""
+    vol, dest, _ = bundle
+    target = tmp_path / "new-backing"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep").write_text("not the importer's")
+    stage = tmp_path / ".new-backing.migrate-staging"
+    for plant in (lambda: stage.symlink_to(elsewhere), lambda: stage.write_text("x")):
+        plant()
+        res = migrate("import", str(dest), str(target), vol=vol, check=False)
+        assert res.returncode == 7 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+        assert "staging" in res.stderr
+        assert not target.exists() and sorted(os.listdir(elsewhere)) == ["keep"]
+        stage.unlink()
+    migrate("import", str(dest), str(target), vol=vol)  # the operator removed it: it works
