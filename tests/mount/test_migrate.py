@@ -327,3 +327,23 @@ def test_planted_staging_name_is_refused_without_following_it(
         assert not target.exists() and sorted(os.listdir(elsewhere)) == ["keep"]
         stage.unlink()
     migrate("import", str(dest), str(target), vol=vol)  # the operator removed it: it works
+
+
+def test_export_never_writes_through_a_symlink_planted_in_dest(
+    tmp_path: Path, volume: Volume
+) -> None:
+    """DEST is the host's: an objects/ subdirectory it turned into a symlink must not lead
+    the exporter (root in the CVM) to write files elsewhere."""
+    volume.mount()
+    write_tree(volume.mnt)
+    volume.umount()
+    prefix = sorted(p.name for p in (volume.backing / "objects").iterdir())[0]
+    dest, outside = tmp_path / "bundle", tmp_path / "outside"
+    outside.mkdir()
+    (dest / "objects").mkdir(parents=True)
+    (dest / "objects" / prefix).symlink_to(outside)
+    for final in ((), ("--final",)):
+        res = migrate("export", str(volume.backing), str(dest), *final, vol=volume, check=False)
+        assert res.returncode == 7 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+        assert "not a directory" in res.stderr.lower(), res.stderr
+        assert list(outside.iterdir()) == []
