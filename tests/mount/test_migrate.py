@@ -4,10 +4,13 @@ backing directory left absent."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
 import subprocess
+import tarfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -347,3 +350,53 @@ def test_export_never_writes_through_a_symlink_planted_in_dest(
         assert res.returncode == 7 and len(res.stderr.strip().splitlines()) == 1, res.stderr
         assert "not a directory" in res.stderr.lower(), res.stderr
         assert list(outside.iterdir()) == []
+
+
+def _retar(data: bytes, edit: Callable[[list[tuple[tarfile.TarInfo, bytes]]], None]) -> bytes:
+    """The stream ``data`` rebuilt after ``edit`` changed its list of (member, content)."""
+    members: list[tuple[tarfile.TarInfo, bytes]] = []
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r|") as tar:
+        for m in tar:
+            f = tar.extractfile(m)
+            members.append((m, f.read() if f else b""))
+    edit(members)
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+        for m, content in members:
+            tar.addfile(m, io.BytesIO(content) if m.isfile() else None)
+    return out.getvalue()
+
+
+def _as_link(kind: bytes) -> Callable[[list[tuple[tarfile.TarInfo, bytes]]], None]:
+    def edit(members: list[tuple[tarfile.TarInfo, bytes]]) -> None:
+        m = members[-1][0]
+        m.type, m.linkname, m.size = kind, "/etc/passwd", 0
+        members[-1] = (m, b"")
+
+    return edit
+
+
+def _duplicate(members: list[tuple[tarfile.TarInfo, bytes]]) -> None:
+    members.insert(3, members[2])
+
+
+def _traversal(members: list[tuple[tarfile.TarInfo, bytes]]) -> None:
+    m, content = members[-1]
+    m.name = "../../escaped"
+    members[-1] = (m, content)
+
+
+def test_crafted_stream_members_refused(
+    tmp_path: Path,
+    bundle: tuple[Volume, Path, dict],  # type: ignore[type-arg]
+) -> None:
+    """Tar tricks in the stream (a listed name as a symlink or hard link, a member twice, a
+    path leaving the directory) are refused in one line; nothing lands anywhere."""
+    vol, _, _ = bundle
+    data = _stream(vol)
+    target = tmp_path / "new-backing"
+    for edit in (_as_link(tarfile.SYMTYPE), _as_link(tarfile.LNKTYPE), _duplicate, _traversal):
+        res = _import_stream(_retar(data, edit), target, vol)
+        assert res.returncode == 5 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+        assert not target.exists() and not (tmp_path.parent / "escaped").exists()
+    assert _import_stream(_retar(data, lambda m: None), target, vol).returncode == 0
