@@ -21,6 +21,7 @@ A rerun skips chunks the target already holds (same SHA-256), so an interrupted 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -517,14 +518,25 @@ def _fsync_dir(path: str) -> None:
 
 
 def _read_file(path: str, length: int, what: str) -> bytes:
-    """A bundle file of exactly ``length`` bytes (at most, for the manifest)."""
+    """A bundle file of exactly ``length`` bytes (at most, for the manifest). The bundle is
+    the host's: a symlink, FIFO or device in it is refused, never followed or waited on."""
     try:
-        with open(path, "rb") as f:
-            data = f.read(length + 1)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise IntegrityError(f"{path}: {what} is missing from the bundle") from None
     except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise IntegrityError(f"{path}: {what} is not a regular file") from None
         raise StorageError(f"{path}: {e.strerror}") from None
+    try:
+        with open(fd, "rb", closefd=False) as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise IntegrityError(f"{path}: {what} is not a regular file")
+            data = f.read(length + 1)
+    except OSError as e:
+        raise StorageError(f"{path}: {e.strerror}") from None
+    finally:
+        os.close(fd)
     if len(data) > length or (len(data) < length and what != "manifest"):
         raise IntegrityError(f"{path}: {what} is {len(data)} bytes, expected {length}")
     return data

@@ -20,6 +20,7 @@ from sealfs.store import MissingObject
 
 CHUNK = 1 << 20
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_WRITE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
@@ -72,14 +73,13 @@ def write_hashed(
     length and SHA-256 of those bytes."""
     digest = hashlib.sha256()
     size = 0
-    out = None
-    part = target = None
+    out = parent = None
+    *dirs, base = name.split("/")
+    part = f".{base}.part"
     try:
         if dst_root is not None:
-            target = dst_root / name
-            part = target.with_name(f".{target.name}.part")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            out = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+            parent = _make_dirs_under(dst_root, dirs)
+            out = os.open(part, _WRITE, 0o600, dir_fd=parent)
         while chunk := read(CHUNK):
             digest.update(chunk)
             size += len(chunk)
@@ -87,16 +87,32 @@ def write_hashed(
                 view = memoryview(chunk)
                 while view:
                     view = view[os.write(out, view) :]
-        if out is not None:
+        if out is not None and parent is not None:
             os.fsync(out)
+            os.rename(part, base, src_dir_fd=parent, dst_dir_fd=parent)
     except OSError as e:
         raise StorageError(f"cannot copy {name}: {os.strerror(e.errno or 0)}") from None
     finally:
-        if out is not None:
-            os.close(out)
-    if part is not None and target is not None:
-        os.rename(part, target)
+        for fd in (out, parent):
+            if fd is not None:
+                os.close(fd)
     return size, digest.digest()
+
+
+def _make_dirs_under(root: Path, dirs: list[str]) -> int:
+    """An fd of the directory ``root/dirs...``, creating what is missing; a component that
+    is a symlink (planted by the host, perhaps between two passes) is refused (ENOTDIR)."""
+    fd = os.open(root, _DIR)
+    try:
+        for part in dirs:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(part, 0o700, dir_fd=fd)
+            fd, parent = os.open(part, _DIR, dir_fd=fd), fd
+            os.close(parent)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def hash_under(root: Path, name: str) -> tuple[int, bytes]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import tarfile
 import time
 from collections.abc import Callable
@@ -63,9 +64,7 @@ def _import(backing: Path, cred: Credential, dry_run: bool, fill: Fill) -> Summa
     if backing.exists() and (not backing.is_dir() or any(backing.iterdir())):
         raise UsageError(f"{backing} exists and is not an empty directory: refusing to replace it")
     summary = Summary("", True, dry_run)
-    stage = staging_dir(backing)
-    shutil.rmtree(stage, ignore_errors=True)  # a leftover of an interrupted import
-    stage.mkdir(mode=0o700, parents=True)
+    stage = _fresh_stage(backing)
     try:
         header, master, manifest = fill(stage, summary)
         summary.volume_id = header.volume_id.hex()
@@ -79,6 +78,26 @@ def _import(backing: Path, cred: Credential, dry_run: bool, fill: Fill) -> Summa
         shutil.rmtree(stage, ignore_errors=True)
     summary.seconds = round(time.monotonic() - t0, 3)
     return summary
+
+
+def _fresh_stage(backing: Path) -> Path:
+    """An empty staging directory for ``backing``, created by this import. A leftover
+    directory of an interrupted import is removed; anything else under that name (a symlink
+    or file the host planted) is refused, never followed or deleted."""
+    stage = staging_dir(backing)
+    try:
+        if stat.S_ISDIR(os.lstat(stage).st_mode):
+            shutil.rmtree(stage)
+    except FileNotFoundError:
+        pass
+    try:
+        stage.mkdir(mode=0o700, parents=True)
+    except OSError as e:
+        raise StorageError(
+            f"cannot create the staging directory {stage}: {e.strerror} "
+            "(remove it if no import is running)"
+        ) from None
+    return stage
 
 
 def _verified_manifest(data: bytes, header: Header, master: Secret) -> Manifest:

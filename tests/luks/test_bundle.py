@@ -138,7 +138,23 @@ def _cipher_null_header(b: Path) -> None:
     _rehash_manifest(b)
 
 
+def _fifo_chunk(b: Path) -> None:
+    """A chunk replaced by a FIFO nobody writes to: opening it must not wait forever."""
+    path = b / "chunks" / "00000002"
+    path.unlink()
+    os.mkfifo(path)
+
+
+def _symlinked_manifest(b: Path) -> None:
+    """The manifest replaced by a symlink out of the bundle (to a FIFO, which would hang)."""
+    os.mkfifo(b.parent / "outside")
+    (b / "manifest.json").unlink()
+    (b / "manifest.json").symlink_to(b.parent / "outside")
+
+
 ATTACKS = {
+    "chunk is a FIFO": (_fifo_chunk, 5, "not a regular file"),
+    "manifest is a symlink": (_symlinked_manifest, 5, "not a regular file"),
     "flipped chunk byte": (_flip_chunk_byte, 5, "chunk 3 does not match"),
     "dropped chunk": (lambda b: (b / "chunks" / "00000007").unlink(), 5, "missing"),
     "truncated chunk": (lambda b: os.truncate(b / "chunks" / "00000004", 1000), 5, "1000 bytes"),

@@ -4,10 +4,13 @@ backing directory left absent."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
 import subprocess
+import tarfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -304,3 +307,96 @@ def test_final_pass_unmounts_the_volume_it_moves(tmp_path: Path, volume: Volume)
         assert (moved.mnt / "last-write").read_text() == "committed by the unmount"
     finally:
         moved.umount()
+
+
+def test_planted_staging_name_is_refused_without_following_it(
+    tmp_path: Path,
+    bundle: tuple[Volume, Path, dict],  # type: ignore[type-arg]
+) -> None:
+    """The host knows the staging name beside BACKING_DIR and plants it first: a symlink to a
+    directory of its choice or a file. The import refuses in one line (exit 7), touches
+    nothing through the link, and leaves the target absent."""
+    vol, dest, _ = bundle
+    target = tmp_path / "new-backing"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep").write_text("not the importer's")
+    stage = tmp_path / ".new-backing.migrate-staging"
+    for plant in (lambda: stage.symlink_to(elsewhere), lambda: stage.write_text("x")):
+        plant()
+        res = migrate("import", str(dest), str(target), vol=vol, check=False)
+        assert res.returncode == 7 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+        assert "staging" in res.stderr
+        assert not target.exists() and sorted(os.listdir(elsewhere)) == ["keep"]
+        stage.unlink()
+    migrate("import", str(dest), str(target), vol=vol)  # the operator removed it: it works
+
+
+def test_export_never_writes_through_a_symlink_planted_in_dest(
+    tmp_path: Path, volume: Volume
+) -> None:
+    """DEST is the host's: an objects/ subdirectory it turned into a symlink must not lead
+    the exporter (root in the CVM) to write files elsewhere."""
+    volume.mount()
+    write_tree(volume.mnt)
+    volume.umount()
+    prefix = sorted(p.name for p in (volume.backing / "objects").iterdir())[0]
+    dest, outside = tmp_path / "bundle", tmp_path / "outside"
+    outside.mkdir()
+    (dest / "objects").mkdir(parents=True)
+    (dest / "objects" / prefix).symlink_to(outside)
+    for final in ((), ("--final",)):
+        res = migrate("export", str(volume.backing), str(dest), *final, vol=volume, check=False)
+        assert res.returncode == 7 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+        assert "not a directory" in res.stderr.lower(), res.stderr
+        assert list(outside.iterdir()) == []
+
+
+def _retar(data: bytes, edit: Callable[[list[tuple[tarfile.TarInfo, bytes]]], None]) -> bytes:
+    """The stream ``data`` rebuilt after ``edit`` changed its list of (member, content)."""
+    members: list[tuple[tarfile.TarInfo, bytes]] = []
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r|") as tar:
+        for m in tar:
+            f = tar.extractfile(m)
+            members.append((m, f.read() if f else b""))
+    edit(members)
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+        for m, content in members:
+            tar.addfile(m, io.BytesIO(content) if m.isfile() else None)
+    return out.getvalue()
+
+
+def _as_link(kind: bytes) -> Callable[[list[tuple[tarfile.TarInfo, bytes]]], None]:
+    def edit(members: list[tuple[tarfile.TarInfo, bytes]]) -> None:
+        m = members[-1][0]
+        m.type, m.linkname, m.size = kind, "/etc/passwd", 0
+        members[-1] = (m, b"")
+
+    return edit
+
+
+def _duplicate(members: list[tuple[tarfile.TarInfo, bytes]]) -> None:
+    members.insert(3, members[2])
+
+
+def _traversal(members: list[tuple[tarfile.TarInfo, bytes]]) -> None:
+    m, content = members[-1]
+    m.name = "../../escaped"
+    members[-1] = (m, content)
+
+
+def test_crafted_stream_members_refused(
+    tmp_path: Path,
+    bundle: tuple[Volume, Path, dict],  # type: ignore[type-arg]
+) -> None:
+    """Tar tricks in the stream (a listed name as a symlink or hard link, a member twice, a
+    path leaving the directory) are refused in one line; nothing lands anywhere."""
+    vol, _, _ = bundle
+    data = _stream(vol)
+    target = tmp_path / "new-backing"
+    for edit in (_as_link(tarfile.SYMTYPE), _as_link(tarfile.LNKTYPE), _duplicate, _traversal):
+        res = _import_stream(_retar(data, edit), target, vol)
+        assert res.returncode == 5 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+        assert not target.exists() and not (tmp_path.parent / "escaped").exists()
+    assert _import_stream(_retar(data, lambda m: None), target, vol).returncode == 0
