@@ -6,6 +6,7 @@ full disk is never mistaken for tampering). Layout of a backing directory::
 
     sealfs.header            volume header (JSON, see docs/format.md)
     lock                     flock(2) target that keeps a second mount out
+    header.lock              flock(2) target that serialises changes of the header
     checkpoint               sealed metadata table snapshot (replaced by rename)
     journal.<gen:016x>       append-only sealed commit records after that checkpoint
     objects/<xx>/<id:016x>   sealed inode records and data blocks, xx = first id byte
@@ -30,12 +31,14 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+from sealfs import failpoints
 from sealfs.errors import BusyError, IntegrityError, SealfsError, StorageError
 
 HEADER_NAME = "sealfs.header"
 CHECKPOINT_NAME = "checkpoint"
 OBJECTS_DIR = "objects"
 LOCK_NAME = "lock"
+HEADER_LOCK_NAME = "header.lock"
 #: The largest journal file a reader accepts and a writer appends to (docs/format.md, "Size
 #: limits"); the writer folds the journal into a checkpoint long before.
 JOURNAL_MAX = 256 << 20
@@ -190,19 +193,30 @@ class ObjectStore:
 
     # --- locking -------------------------------------------------------------------------
 
-    def lock(self, shared: bool = False) -> None:
-        """Take the volume lock, or fail with BusyError if another process holds it."""
+    def _open_lock_file(self, name: str) -> int:
+        """Open the lock file ``name``, created if absent: never through a symlink, and only
+        if it is a regular file."""
+        what = f"lock file {self.root / name}"
         try:
             fd = os.open(
-                LOCK_NAME,
+                name,
                 os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
                 0o600,
                 dir_fd=self.root_fd(),
             )
         except OSError as e:
-            raise _kind_error(f"lock file {self.root / LOCK_NAME}", e) from None
+            raise _kind_error(what, e) from None
         try:
-            _check_regular(fd, f"lock file {self.root / LOCK_NAME}")
+            _check_regular(fd, what)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def lock(self, shared: bool = False) -> None:
+        """Take the volume lock, or fail with BusyError if another process holds it."""
+        fd = self._open_lock_file(LOCK_NAME)
+        try:
             fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
@@ -213,6 +227,19 @@ class ObjectStore:
             os.close(fd)
             raise
         self._lock_fd = fd
+
+    @contextlib.contextmanager
+    def header_lock(self) -> Iterator[None]:
+        """Hold the header lock for the duration, waiting while another process holds it, so
+        that header changes (read, change, replace) happen one at a time and none is lost.
+        It is not the volume lock: a mount holds that for its whole life, and the header of
+        a mounted volume may change too."""
+        fd = self._open_lock_file(HEADER_LOCK_NAME)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
 
     def unlock(self) -> None:
         if self._lock_fd is not None:
@@ -382,14 +409,19 @@ class ObjectStore:
         directory. A crash leaves either the old or the new content, never a mix."""
         tmp = f".{name}.tmp"
         fd = self.create_file(tmp)
+        failpoints.reached(f"{name}:after-create")
         try:
             try:
                 _write_all(fd, data)
+                failpoints.reached(f"{name}:after-write")
                 os.fsync(fd)
+                failpoints.reached(f"{name}:after-fsync")
             finally:
                 os.close(fd)
             os.rename(tmp, name, src_dir_fd=self.root_fd(), dst_dir_fd=self.root_fd())
+            failpoints.reached(f"{name}:after-rename")
             self.fsync_dir()
+            failpoints.reached(f"{name}:after-dir-fsync")
         except OSError as e:
             raise _storage_error(f"cannot write {name}", e) from None
 

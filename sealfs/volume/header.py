@@ -12,11 +12,13 @@ canonical bytes: docs/format.md.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -554,3 +556,32 @@ def load_header(backing: Path) -> Header:
     finally:
         store.close()
     return Header.from_bytes(data)
+
+
+@dataclass
+class HeaderChange:
+    """The header as read under the header lock, and the way to replace it while the lock
+    is held (see :func:`header_change`)."""
+
+    header: Header
+    store: ObjectStore
+
+    def replace(self, header: Header) -> None:
+        """Write ``header`` in place of the old one with one atomic replace (temporary file,
+        fsync, rename, fsync of the directory): a crash leaves the old or the new header."""
+        self.store.replace_file(HEADER_NAME, header.to_bytes())
+
+
+@contextlib.contextmanager
+def header_change(backing: Path) -> Iterator[HeaderChange]:
+    """Hold the volume's header lock and yield the header read under it: every change of an
+    existing header (read, change, replace) goes through here, so that two of them at once
+    (two ``sealfs key add``, a slot change during a re-key) never lose one. The lock is not
+    the volume lock, so this works while the volume is mounted."""
+    load_header(backing)  # a volume at all: no lock file is created anywhere else
+    store = ObjectStore(Path(backing))
+    try:
+        with store.header_lock():
+            yield HeaderChange(load_header(backing), store)
+    finally:
+        store.close()

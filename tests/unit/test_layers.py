@@ -26,7 +26,8 @@ LAYERS: dict[str, set[str]] = {
     "sealfs": set(),
     "strict": {"errors"},
     "crypto": {"errors", "strict"},  # all cryptography; the only module that holds raw keys
-    "store": {"errors"},  # ciphertext objects in and out: no crypto, no keys
+    "failpoints": set(),  # crash points for tests (SEALFS_FAILPOINT)
+    "store": {"errors", "failpoints"},  # ciphertext objects in and out: no crypto, no keys
     "sealed": {"errors", "crypto", "store"},  # the one sealed-object layer
     "attest": {"errors", "sealfs", "strict", "crypto"},
     "kms": {"errors", "sealfs", "strict", "crypto", "attest"},

@@ -1,0 +1,28 @@
+"""Crash points for tests only: kill this process at one named step of a multi-step change.
+
+Crash-safety claims ("a crash at any point leaves the old or the new header") are proved by
+crashing there for real. ``SEALFS_FAILPOINT=<point>`` in the environment, read once at import,
+arms one point; when the code reaches it, the process SIGKILLs itself (no cleanup, no
+``finally``, no buffered output flushed: what a crash leaves is what is on disk). Unset, a
+point costs one comparison with None. Operators have no use for it.
+
+Points: ``<file>:<step>`` for each atomic replace of a backing-directory file (the store's
+``replace_file``), e.g. ``sealfs.header:after-write``, with the steps of :data:`REPLACE_STEPS`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+ENV = "SEALFS_FAILPOINT"
+#: The steps of an atomic replace, in order (see ``ObjectStore.replace_file``).
+REPLACE_STEPS = ("after-create", "after-write", "after-fsync", "after-rename", "after-dir-fsync")
+
+_armed = os.environ.get(ENV) or None
+
+
+def reached(point: str) -> None:
+    """Die here if ``point`` is the armed one."""
+    if _armed is not None and point == _armed:
+        os.kill(os.getpid(), signal.SIGKILL)
