@@ -42,7 +42,7 @@ from collections.abc import Iterator
 import trio
 
 from sealfs.crypto import Secret
-from sealfs.errors import StorageError
+from sealfs.errors import BusyError, StorageError
 from sealfs.fs.attributes import Attributes
 from sealfs.fs.blocks import BlockCache
 from sealfs.fs.commits import CommitPipeline
@@ -57,9 +57,9 @@ from sealfs.fs.nodes import InodeTable
 from sealfs.fs.references import References
 from sealfs.fs.workers import Workers
 from sealfs.sealed.inode import Inode
-from sealfs.store import HEADER_NAME, ObjectStore
+from sealfs.store import ObjectStore
 from sealfs.volume.anchor import KmsAnchor
-from sealfs.volume.header import Header
+from sealfs.volume.header import Header, header_change
 
 log = logging.getLogger("sealfs.fs")
 
@@ -108,6 +108,17 @@ class Filesystem:
 
     # --- life cycle and the freshness anchor ---------------------------------------------
 
+    def _upgrade_format_1(self) -> None:
+        """Make the format-1 header format 2 under the header lock: a `sealfs key` change at
+        the same moment must neither be lost nor undo the upgrade."""
+        with header_change(self.store.root) as change:
+            if change.header.document() != self.header.document():
+                raise BusyError(
+                    "the volume header changed while the volume was being opened; try again"
+                )
+            self.header.upgrade_format_1(self.objects.keys)
+            change.replace(self.header)
+
     async def load(self, writable: bool = True, allow_rollback: bool = False) -> MetaState:
         """Verify and replay the metadata; with an anchor, refuse a stale or forked disk
         (unless ``allow_rollback``, which is logged) and advance the anchor to this disk."""
@@ -118,8 +129,7 @@ class Filesystem:
         overridden = await self.freshness.verify(state, allow_rollback and writable)
         if writable:
             if self.header.format_version == 1:  # before the first format-2 object
-                self.header.upgrade_format_1(self.objects.keys)
-                await self.workers.run(self.store.replace_file, HEADER_NAME, self.header.to_bytes())
+                await self.workers.run(self._upgrade_format_1)
             await self.workers.run(self.metalog.open_for_append, state)
             if overridden is not None:
                 await self.workers.run(
