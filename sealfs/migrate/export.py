@@ -28,6 +28,7 @@ from sealfs.volume.header import Credential, Header, load_header
 
 from .files import (
     copy_hashed,
+    failure,
     fsync_dir,
     hash_under,
     holds_copy,
@@ -274,7 +275,7 @@ def _write_atomically(dest: Path, name: str, data: bytes) -> None:
     except OSError as e:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        raise StorageError(f"cannot write {dest / name}: {e.strerror}") from None
+        raise StorageError(f"cannot write {dest / name}: {failure(e)}") from None
 
 
 def _read_ledger(dest: Path, header: Header, master: Secret) -> dict[str, FileEntry]:

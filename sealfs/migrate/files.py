@@ -96,12 +96,20 @@ def write_hashed(
         if out is not None and parent is not None:  # give back the space (a full disk)
             with contextlib.suppress(OSError):
                 os.unlink(part, dir_fd=parent)
-        raise StorageError(f"cannot copy {name}: {os.strerror(e.errno or 0)}") from None
+        raise StorageError(f"cannot copy {name}: {failure(e)}") from None
     finally:
         for fd in (out, parent):
             if fd is not None:
                 os.close(fd)
     return size, digest.digest()
+
+
+def failure(e: OSError) -> str:
+    """Why a copy failed, in words; for a full disk also what to do (nothing is lost)."""
+    reason = os.strerror(e.errno or 0)
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        reason += " (make room and run again: the copies made so far are kept)"
+    return reason
 
 
 def _make_dirs_under(root: Path, dirs: list[str]) -> int:
