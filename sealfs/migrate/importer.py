@@ -5,6 +5,10 @@ manifest's MAC under the unlocked volume's key, each file's length and SHA-256 (
 copied, not of a second read), the replayed metadata against the manifest's commit, every
 object it refers to, and, when unlocked through the KMS, the freshness anchor — and only then
 renamed to BACKING_DIR. A refused or interrupted import leaves BACKING_DIR as it was.
+
+An interrupted import keeps its staging directory, and a rerun keeps each staged copy that
+re-hashes to its manifest entry instead of copying it again (the staging directory is the
+host's: nothing in it is trusted unverified, and whatever the manifest does not list goes).
 """
 
 from __future__ import annotations
