@@ -128,10 +128,18 @@ def test_killed_export_and_import_resume(
     (dest / brake).rmdir()
     left = set(_objects(dest))
     assert len(left) >= k
+    # copies no ledger vouches for that are wrong: one cut short, one altered; a stale .part
+    damaged = rng.sample(sorted(left), min(2, len(left) - 1))
+    for n, name in enumerate(damaged):
+        data = bytearray((dest / name).read_bytes())
+        data[-1] ^= 1
+        (dest / name).write_bytes(bytes(data[:-1] if n == 0 else data))
+    stale = dest / sorted(left)[0]
+    stale.with_name(f".{stale.name}.part").write_bytes(b"half a copy")
     out = json.loads(
         _migrate(kms, "export", str(kvol.backing), str(dest), "--final", "--json").stdout
     )
-    reusable = left & _listed(dest)
+    reusable = (left - set(damaged)) & _listed(dest)
     assert reusable and out["files_reused"] == len(reusable), out  # re-hashed, not recopied
     assert out["bytes_copied"] < out["bytes_total"], out
     assert not [n for n in dest.rglob("*") if n.name.endswith(".part")]
