@@ -106,7 +106,10 @@ def _staging(backing: Path, dry_run: bool) -> Iterator[Path]:
     run removes a staging directory it created, and keeps one it found."""
     stage = staging_dir(backing)
     created = _make_stage(stage)
-    fd = os.open(stage, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        fd = os.open(stage, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:  # swapped for a link or file since it was made
+        raise StorageError(f"cannot use the staging directory {stage}: {e.strerror}") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -141,8 +144,9 @@ def _make_stage(stage: Path) -> bool:
         stage.mkdir(mode=0o700, parents=True)
         return True
     except FileExistsError:
-        if stat.S_ISDIR(os.lstat(stage).st_mode):
-            return False
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_ISDIR(os.lstat(stage).st_mode):
+                return False
         error = "it is not a directory"
     except OSError as e:
         error = e.strerror or str(e)
