@@ -80,6 +80,10 @@ def export(
     metadata are copied and the manifest is written: the application's downtime is this
     pass. A bundle without a manifest is refused by import.
 
+    An interrupted export (killed, a full disk) is simply run again: it removes the `.part`
+    file it was writing, keeps every whole copy a pass noted in its authenticated ledger,
+    re-hashes one no ledger notes (kept only if it matches the source), and copies the rest.
+
     \b
     Exit codes: 0 done, 2 usage, 3 cannot unlock, 4 bad header, 5 the volume is damaged
     (run `sealfs check`), 6 --final while the volume is mounted, 7 storage error.
@@ -93,7 +97,10 @@ def export(
     else:
         summary = export_volume(Path(backing_dir), Path(dest), cred, final, dry_run)
     verb = "would copy" if dry_run else "copied"
-    lines = [f"{verb} {summary.objects_copied} object(s), {summary.bytes_copied} bytes to {dest}"]
+    lines = [
+        f"{verb} {summary.objects_copied} object(s), {summary.bytes_copied} bytes to {dest}"
+        + _reused(summary)
+    ]
     if final:
         lines.append(
             f"bundle of volume {summary.volume_id} at commit {summary.commit}: "
@@ -126,10 +133,18 @@ def import_(source: str, backing_dir: str, cred: Credential, dry_run: bool, as_j
     is it renamed to BACKING_DIR; a refused or interrupted import leaves nothing there.
     With --dry-run the bundle is verified the same way and nothing is installed.
 
+    An interrupted import (killed, a full disk, the KMS unreachable, a bundle still
+    incomplete) keeps its staging directory `.BACKING_DIR.migrate-staging`; rerun the same
+    command and every staged file that still matches the manifest (re-hashed: the staging
+    directory is the host's) is kept instead of copied again. After a refusal for tampering,
+    staleness or another volume the staging directory is removed.
+
     \b
     Exit codes: 0 imported, 2 usage (BACKING_DIR not empty, ...), 3 cannot unlock,
     4 bad header, 5 bundle refused: incomplete, tampered with, of another volume, or
-    older than the KMS anchor (a stale export), 7 storage error, 8 KMS unreachable.
+    older than the KMS anchor (a stale export), 6 another import into
+    BACKING_DIR is running, 7 storage error (a full disk: free space, rerun), 8 KMS
+    unreachable.
     """
     if source == "-":
         summary = import_stream(sys.stdin.buffer, Path(backing_dir), cred, dry_run)
@@ -141,9 +156,20 @@ def import_(source: str, backing_dir: str, cred: Credential, dry_run: bool, as_j
         as_json,
         [
             f"{verb} volume {summary.volume_id} at commit {summary.commit}: "
-            f"{summary.objects} object(s), {summary.bytes_copied} bytes"
+            f"{summary.objects} object(s), {summary.bytes_total} bytes"
             + ("" if dry_run else f" into {backing_dir}")
+            + _reused(summary)
         ],
+    )
+
+
+def _reused(summary: Summary) -> str:
+    """What a rerun kept of the copies an interrupted run made (verified, not copied again)."""
+    if not summary.files_reused:
+        return ""
+    return (
+        f" ({summary.files_reused} file(s), {summary.bytes_reused} bytes left by an "
+        "interrupted run verified and kept)"
     )
 
 

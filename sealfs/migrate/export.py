@@ -10,8 +10,10 @@ final pass can instead go out as one byte stream (:func:`export_stream`).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import stat
 import tarfile
 import time
 from dataclasses import dataclass, field
@@ -24,7 +26,17 @@ from sealfs.fs.metalog import MetaState
 from sealfs.store import HEADER_NAME, DamagedFile, MissingObject, ObjectStore, read_bounded
 from sealfs.volume.header import Credential, Header, load_header
 
-from .files import copy_hashed, fsync_dir, hash_under, open_under, size_under
+from .files import (
+    copy_hashed,
+    failure,
+    fsync_dir,
+    hash_under,
+    holds_copy,
+    is_partial,
+    open_under,
+    remove_under,
+    size_under,
+)
 from .manifest import (
     LEDGER_NAME,
     MANIFEST_MAX,
@@ -49,6 +61,8 @@ class Summary:
     bytes_copied: int = 0
     bytes_total: int = 0
     bytes_hashed: int = 0  # read only to hash them (objects no live pass noted): downtime
+    files_reused: int = 0  # copies an interrupted run left, verified and kept (not copied)
+    bytes_reused: int = 0
     commit: int | None = None
     head: str | None = None
     seconds: float = 0.0
@@ -65,7 +79,12 @@ def export_volume(
     if dest.exists() and not dest.is_dir():
         raise UsageError(f"{dest} exists and is not a directory")
     if not dry_run:
-        dest.mkdir(parents=True, exist_ok=True)
+        try:
+            dest.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StorageError(f"cannot create {dest}: {e.strerror}") from None
+        # what an interrupted pass was writing; the whole copies it renamed into place stay
+        remove_under(dest, lambda name, mode: stat.S_ISREG(mode) and is_partial(name))
     summary = Summary(header.volume_id.hex(), final, dry_run)
     store = ObjectStore(backing)
     try:
@@ -92,7 +111,8 @@ def _live_pass(
 ) -> None:
     """Copy every object file the bundle lacks (a mounted volume's too: objects stay valid
     until deleted, and one deleted meanwhile is simply skipped), noting each one's hash in
-    ``ledger``."""
+    ``ledger``. A copy in ``dest`` that the ledger does not vouch for (its pass was killed
+    before it saved the ledger) is kept only if it hashes like the source."""
     for oid in store.list_objects():
         name = object_name(oid)
         size = size_under(backing, name)
@@ -101,7 +121,16 @@ def _live_pass(
         summary.objects += 1
         summary.bytes_total += size
         if size_under(dest, name) == size:
-            continue
+            known = ledger.get(name)
+            if known is not None and known.size == size:
+                continue
+            try:
+                held = _verified_copy(backing, dest, name, summary)
+            except MissingObject:
+                continue
+            if held is not None:
+                ledger[name] = held
+                continue
         try:
             copied, digest = copy_hashed(backing, dest, name, write=not summary.dry_run)
         except MissingObject:
@@ -231,17 +260,22 @@ def _final_pass(
 
 def _write_atomically(dest: Path, name: str, data: bytes) -> None:
     tmp = dest / f".{name}.part"
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    tmp.rename(dest / name)
-    fsync_dir(dest)
+        tmp.unlink(missing_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        tmp.rename(dest / name)
+        fsync_dir(dest)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise StorageError(f"cannot write {dest / name}: {failure(e)}") from None
 
 
 def _read_ledger(dest: Path, header: Header, master: Secret) -> dict[str, FileEntry]:
@@ -260,17 +294,34 @@ def _copy(
     """One file of the final bundle, copied into ``dest`` (if given) and hashed. An object
     (``known`` is None for metadata files, which change) that ``dest`` already holds with the
     length the source has is not copied again, and not even read if a live pass noted its
-    hash: objects never change under their name."""
+    hash (objects never change under their name); one no pass noted (its pass was
+    interrupted before it saved the ledger) is kept only if it hashes like the source."""
     size = size_under(backing, name)
-    is_object = name.startswith("objects/")
-    if dest is not None and (not is_object or size is None or size_under(dest, name) != size):
-        size, digest = copy_hashed(backing, dest, name, write=not summary.dry_run)
-        summary.objects_copied += is_object
-        summary.bytes_copied += size
-    elif known is not None and known.size == size:
-        digest = known.sha256
-    else:
-        size, digest = hash_under(backing, name)
-        summary.bytes_hashed += size
-    summary.bytes_total += size
+    entry: FileEntry | None = None
+    held = dest is not None and name.startswith("objects/") and size_under(dest, name) == size
+    if held and dest is not None and size is not None:
+        vouched = known is not None and known.size == size
+        entry = known if vouched else _verified_copy(backing, dest, name, summary)
+    if entry is None:
+        if dest is None:
+            size, digest = hash_under(backing, name)
+            summary.bytes_hashed += size
+        else:
+            size, digest = copy_hashed(backing, dest, name, write=not summary.dry_run)
+            summary.objects_copied += name.startswith("objects/")
+            summary.bytes_copied += size
+        entry = FileEntry(name, size, digest)
+    summary.bytes_total += entry.size
+    return entry
+
+
+def _verified_copy(backing: Path, dest: Path, name: str, summary: Summary) -> FileEntry | None:
+    """The entry of ``name`` if the copy ``dest`` holds (one no ledger vouches for) hashes
+    like the source; None if it must be copied again."""
+    size, digest = hash_under(backing, name)
+    summary.bytes_hashed += size
+    if not holds_copy(dest, name, size, digest):
+        return None
+    summary.files_reused += 1
+    summary.bytes_reused += size
     return FileEntry(name, size, digest)

@@ -9,12 +9,14 @@ or staging directory always holds a whole copy (an interrupted run leaves at mos
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from sealfs.crypto import ct_equal
 from sealfs.errors import StorageError
 from sealfs.store import MissingObject
 
@@ -91,12 +93,23 @@ def write_hashed(
             os.fsync(out)
             os.rename(part, base, src_dir_fd=parent, dst_dir_fd=parent)
     except OSError as e:
-        raise StorageError(f"cannot copy {name}: {os.strerror(e.errno or 0)}") from None
+        if out is not None and parent is not None:  # give back the space (a full disk)
+            with contextlib.suppress(OSError):
+                os.unlink(part, dir_fd=parent)
+        raise StorageError(f"cannot copy {name}: {failure(e)}") from None
     finally:
         for fd in (out, parent):
             if fd is not None:
                 os.close(fd)
     return size, digest.digest()
+
+
+def failure(e: OSError) -> str:
+    """Why a copy failed, in words; for a full disk also what to do (nothing is lost)."""
+    reason = os.strerror(e.errno or 0)
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        reason += " (make room and run again: the copies made so far are kept)"
+    return reason
 
 
 def _make_dirs_under(root: Path, dirs: list[str]) -> int:
@@ -118,6 +131,56 @@ def _make_dirs_under(root: Path, dirs: list[str]) -> int:
 def hash_under(root: Path, name: str) -> tuple[int, bytes]:
     """Length and SHA-256 of ``root/name``."""
     return copy_hashed(root, root, name, write=False)
+
+
+def holds_copy(root: Path, name: str, size: int, sha256: bytes) -> bool:
+    """Whether ``root/name`` is a regular file of exactly ``size`` bytes hashing to
+    ``sha256``: a copy an earlier, interrupted run left, re-read now because ``root`` is the
+    host's and nothing it holds is trusted unverified."""
+    try:
+        with open_under(root, name) as fd:
+            if os.fstat(fd).st_size != size:
+                return False
+            got, digest = write_hashed(lambda n: os.read(fd, n), None, name)
+    except MissingObject:
+        return False
+    return got == size and ct_equal(digest, sha256)
+
+
+def is_partial(name: str) -> bool:
+    """Whether ``name`` is the temporary name of a copy in progress (see :func:`write_hashed`)."""
+    base = name.rsplit("/", 1)[-1]
+    return base.startswith(".") and base.endswith(".part")
+
+
+def remove_under(root: Path, doomed: Callable[[str, int], bool]) -> int:
+    """Remove every entry of the tree ``root`` for which ``doomed(name, st_mode)`` holds
+    (``name`` relative to ``root``; a doomed directory only once it is empty), never
+    following a symlink; returns how many entries went. Used to clear what an interrupted
+    run left: ``.part`` files, and in a staging directory anything no manifest lists."""
+    removed = 0
+    try:
+        for dirpath, dirnames, filenames, dirfd in os.fwalk(
+            root, topdown=False, follow_symlinks=False
+        ):
+            rel = os.path.relpath(dirpath, root)
+            for entry in (*filenames, *dirnames):
+                name = entry if rel == "." else f"{rel}/{entry}"
+                try:
+                    mode = os.stat(entry, dir_fd=dirfd, follow_symlinks=False).st_mode
+                    if not doomed(name, mode):
+                        continue
+                    if stat.S_ISDIR(mode):
+                        os.rmdir(entry, dir_fd=dirfd)
+                    else:
+                        os.unlink(entry, dir_fd=dirfd)
+                    removed += 1
+                except OSError as e:
+                    if e.errno not in (errno.ENOENT, errno.ENOTEMPTY):
+                        raise
+    except OSError as e:
+        raise StorageError(f"cannot clean {root}: {os.strerror(e.errno or 0)}") from None
+    return removed
 
 
 def fsync_dir(path: Path) -> None:

@@ -5,27 +5,41 @@ manifest's MAC under the unlocked volume's key, each file's length and SHA-256 (
 copied, not of a second read), the replayed metadata against the manifest's commit, every
 object it refers to, and, when unlocked through the KMS, the freshness anchor — and only then
 renamed to BACKING_DIR. A refused or interrupted import leaves BACKING_DIR as it was.
+
+An interrupted import keeps its staging directory, and a rerun keeps each staged copy that
+re-hashes to its manifest entry instead of copying it again (the staging directory is the
+host's: nothing in it is trusted unverified, and whatever the manifest does not list goes).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import shutil
 import stat
 import tarfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO, cast
 
 from sealfs.crypto import Secret, ct_equal
-from sealfs.errors import StorageError, UsageError
+from sealfs.errors import BusyError, IntegrityError, StorageError, UsageError
 from sealfs.store import HEADER_NAME, MissingObject, ObjectStore, read_bounded
 from sealfs.volume.anchor import KmsAnchor, verify_fresh
 from sealfs.volume.header import MAX_HEADER_BYTES, Credential, Header, KmsCredential, load_header
 
 from .export import Summary
-from .files import copy_hashed, fsync_dir, open_under, write_hashed
+from .files import (
+    copy_hashed,
+    fsync_dir,
+    holds_copy,
+    is_partial,
+    open_under,
+    remove_under,
+    write_hashed,
+)
 from .manifest import (
     MANIFEST_MAX,
     MANIFEST_NAME,
@@ -64,40 +78,81 @@ def _import(backing: Path, cred: Credential, dry_run: bool, fill: Fill) -> Summa
     if backing.exists() and (not backing.is_dir() or any(backing.iterdir())):
         raise UsageError(f"{backing} exists and is not an empty directory: refusing to replace it")
     summary = Summary("", True, dry_run)
-    stage = _fresh_stage(backing)
-    try:
+    with _staging(backing, dry_run) as stage:
         header, master, manifest = fill(stage, summary)
+        listed = {e.name for e in manifest.files}
+        folders = {n.rsplit("/", i)[0] for n in listed for i in (1, 2) if n.count("/") >= i}
+        remove_under(stage, lambda name, _: name not in listed and name not in folders)
         summary.volume_id = header.volume_id.hex()
         summary.commit, summary.head = manifest.commit, manifest.head.hex()
         summary.objects = sum(e.name.startswith("objects/") for e in manifest.files)
-        summary.bytes_total = summary.bytes_copied
+        summary.bytes_total = summary.bytes_copied + summary.bytes_reused
         _check_state(stage, header, master, manifest, cred)
         if not dry_run:
             _install(stage, backing)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
     summary.seconds = round(time.monotonic() - t0, 3)
     return summary
 
 
-def _fresh_stage(backing: Path) -> Path:
-    """An empty staging directory for ``backing``, created by this import. A leftover
-    directory of an interrupted import is removed; anything else under that name (a symlink
-    or file the host planted) is refused, never followed or deleted."""
+@contextlib.contextmanager
+def _staging(backing: Path, dry_run: bool) -> Iterator[Path]:
+    """The staging directory for ``backing``, held (flock) for this import.
+
+    An interrupted import (killed, a full disk, the KMS unreachable, an incomplete bundle)
+    leaves it behind so that a rerun reuses the copies it verified; what cannot be reused (a
+    ``.part`` file, a symlink or other non-regular entry the host put there) is cleared
+    first. A bundle refused for its content (tampered with, stale, of another volume) gets
+    it removed: that bundle will never install, a new export must be carried anyway. A dry
+    run removes a staging directory it created, and keeps one it found."""
     stage = staging_dir(backing)
+    created = _make_stage(stage)
     try:
-        if stat.S_ISDIR(os.lstat(stage).st_mode):
-            shutil.rmtree(stage)
-    except FileNotFoundError:
-        pass
+        fd = os.open(stage, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:  # swapped for a link or file since it was made
+        raise StorageError(f"cannot use the staging directory {stage}: {e.strerror}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BusyError(
+                f"another import into {backing} is running (it holds {stage})"
+            ) from None
+        remove_under(stage, _unusable)
+        try:
+            yield stage
+        except IntegrityError as e:
+            if not isinstance(e, BundleIncomplete):
+                shutil.rmtree(stage, ignore_errors=True)
+            raise
+        if dry_run and created:
+            shutil.rmtree(stage, ignore_errors=True)
+    finally:
+        os.close(fd)
+
+
+def _unusable(name: str, mode: int) -> bool:
+    """What a rerun cannot reuse from a staging directory: a copy in progress, or an entry
+    that is neither a directory nor a regular file."""
+    return is_partial(name) or not (stat.S_ISDIR(mode) or stat.S_ISREG(mode))
+
+
+def _make_stage(stage: Path) -> bool:
+    """Create the staging directory (True) or find the one an interrupted import left
+    (False). Anything else under that name (a symlink or file the host planted) is refused,
+    never followed or deleted."""
     try:
         stage.mkdir(mode=0o700, parents=True)
+        return True
+    except FileExistsError:
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_ISDIR(os.lstat(stage).st_mode):
+                return False
+        error = "it is not a directory"
     except OSError as e:
-        raise StorageError(
-            f"cannot create the staging directory {stage}: {e.strerror} "
-            "(remove it if no import is running)"
-        ) from None
-    return stage
+        error = e.strerror or str(e)
+    raise StorageError(
+        f"cannot use the staging directory {stage}: {error} (remove it if no import is running)"
+    )
 
 
 def _verified_manifest(data: bytes, header: Header, master: Secret) -> Manifest:
@@ -121,6 +176,10 @@ def _from_dir(
         ) from None
     manifest = _verified_manifest(data, header, master)
     for entry in manifest.files:
+        if holds_copy(stage, entry.name, entry.size, entry.sha256):
+            summary.files_reused += 1  # verified by an interrupted run, and again now
+            summary.bytes_reused += entry.size
+            continue
         try:
             size, digest = copy_hashed(source, stage, entry.name)
         except MissingObject:

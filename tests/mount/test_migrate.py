@@ -4,6 +4,7 @@ backing directory left absent."""
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import os
@@ -161,7 +162,10 @@ def test_altered_bundle_refused(
     assert res.returncode == 5, res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
     assert not target.exists()
-    assert not any(p.name.endswith("migrate-staging") for p in tmp_path.iterdir())
+    # an incomplete bundle may still be arriving: its staging directory stays for the rerun;
+    # one refused for its content is removed
+    staged = any(p.name.endswith("migrate-staging") for p in tmp_path.iterdir())
+    assert staged == (attack in ("drop-object", "unlisted-manifest"))
 
 
 def test_bundle_of_another_volume_refused(
@@ -330,6 +334,30 @@ def test_planted_staging_name_is_refused_without_following_it(
         assert not target.exists() and sorted(os.listdir(elsewhere)) == ["keep"]
         stage.unlink()
     migrate("import", str(dest), str(target), vol=vol)  # the operator removed it: it works
+
+
+def test_second_import_into_the_same_target_is_refused_while_one_runs(
+    tmp_path: Path,
+    bundle: tuple[Volume, Path, dict],  # type: ignore[type-arg]
+) -> None:
+    """Two imports sharing one staging directory would mix their copies: the one that
+    finds it held (flock) is refused in one line (exit 6) and leaves it alone."""
+    vol, dest, _ = bundle
+    target = tmp_path / "new-backing"
+    stage = tmp_path / ".new-backing.migrate-staging"
+    stage.mkdir()
+    (stage / "checkpoint").write_text("the running import's copy")
+    fd = os.open(stage, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        res = migrate("import", str(dest), str(target), vol=vol, check=False)
+        assert res.returncode == 6 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+        assert "another import" in res.stderr and not target.exists()
+        assert (stage / "checkpoint").read_text() == "the running import's copy"
+    finally:
+        os.close(fd)
+    out = json.loads(migrate("import", str(dest), str(target), "--json", vol=vol).stdout)
+    assert out["files_reused"] == 0 and not stage.exists()  # the foreign copy was replaced
 
 
 def test_export_never_writes_through_a_symlink_planted_in_dest(
