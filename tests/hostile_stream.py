@@ -1,0 +1,55 @@
+"""Hostile byte streams for ``import -`` tests, made lazily: a stream claiming hundreds of MiB
+is produced by a feeder process as it is read, never held in memory by the test."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import IO
+
+from sealfs.tarstream import ustar_header
+
+#: Writes the hex header argv[1], then argv[2] zero bytes, to stdout; stops when the reader
+#: goes away (the broken pipe is the expected end).
+_FEED = """
+import os, sys
+out = sys.stdout.buffer
+left = int(sys.argv[2])
+try:
+    out.write(bytes.fromhex(sys.argv[1]))
+    zeros = bytes(1 << 20)
+    while left > 0:
+        out.write(zeros[:left])
+        left -= len(zeros)
+    out.flush()
+except BrokenPipeError:
+    os._exit(0)
+"""
+
+
+def pax_header_block(claimed: int) -> bytes:
+    """A valid ustar header block of type 'x' (pax extended header) of ``claimed`` bytes."""
+    block = bytearray(ustar_header("PaxHeaders.0/sealfs.header", 0))
+    block[124:136] = b"%011o\0" % claimed
+    block[156] = ord("x")
+    block[148:156] = b"        "
+    block[148:156] = b"%06o\0 " % sum(block)
+    return bytes(block)
+
+
+@contextlib.contextmanager
+def pax_bomb(claimed: int) -> Iterator[IO[bytes]]:
+    """A pipe carrying a stream whose first member is a pax header of ``claimed`` bytes,
+    followed by that many bytes of content, fed as the reader takes them."""
+    feeder = subprocess.Popen(
+        [sys.executable, "-c", _FEED, pax_header_block(claimed).hex(), str(claimed)],
+        stdout=subprocess.PIPE,
+    )
+    assert feeder.stdout is not None
+    try:
+        yield feeder.stdout
+    finally:
+        feeder.stdout.close()  # the feeder's next write fails: it ends
+        feeder.wait(timeout=60)

@@ -1,0 +1,208 @@
+"""`sealfs migrate export - | sealfs migrate import -`: the byte-stream path under a hostile or
+broken pipe. A real export is relayed into a real import and the pipe cut after N bytes (N
+from a seeded RNG): the import refuses in one line, leaves nothing that mounts, and a rerun
+with the whole stream installs the identical tree. Streams crafted to exhaust memory are
+refused from their first header, with the importer's peak memory measured."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from sealfs.tarstream import BLOCK, RECORD, ustar_header
+from tests.conftest import REPO, SEALFS, Volume, new_volume, sealfs, sealfs_measured
+from tests.hostile_stream import pax_bomb
+from tests.mount.test_migrate import snapshot, write_tree
+
+SEED = 12
+MIB = 1 << 20
+
+
+def _export(vol: Volume) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [*SEALFS, "migrate", "export", str(vol.backing), "-", "--key-file", str(vol.key)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=REPO,
+    )
+
+
+def _import(target: Path, key: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [*SEALFS, "migrate", "import", "-", str(target), "--key-file", str(key)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        cwd=REPO,
+    )
+
+
+def relay(vol: Volume, target: Path, limit: int | None) -> tuple[int, bytes, int]:
+    """Pipe a real export into a real import through this process, forwarding at most
+    ``limit`` bytes (all if None) and then closing the import's input. Returns the import's
+    exit code and stderr, and the bytes forwarded."""
+    exporter, importer = _export(vol), _import(target, vol.key)
+    assert exporter.stdout is not None and importer.stdin is not None
+    sent = 0
+    try:
+        while limit is None or sent < limit:
+            want = 64 * 1024 if limit is None else min(64 * 1024, limit - sent)
+            piece = exporter.stdout.read1(want)
+            if not piece:
+                break
+            importer.stdin.write(piece)
+            sent += len(piece)
+    except BrokenPipeError:
+        pass  # the importer stopped reading (it refused the stream)
+    finally:
+        for pipe in (importer.stdin, exporter.stdout):
+            with contextlib.suppress(BrokenPipeError):
+                pipe.close()
+    assert importer.stderr is not None and exporter.stderr is not None
+    err = importer.stderr.read()
+    exporter.stderr.read()
+    return importer.wait(timeout=120), err, sent
+
+
+@pytest.fixture
+def source(tmp_path: Path) -> tuple[Volume, dict[str, tuple[object, ...]]]:
+    vol = new_volume(tmp_path, name="a")
+    vol.mount()
+    try:
+        write_tree(vol.mnt)
+        tree = snapshot(vol.mnt)
+    finally:
+        vol.umount()
+    return vol, tree
+
+
+@pytest.mark.mount
+def test_cut_stream_leaves_nothing_that_mounts_and_a_rerun_installs_the_tree(
+    tmp_path: Path, source: tuple[Volume, dict[str, tuple[object, ...]]]
+) -> None:
+    vol, tree = source
+    target = tmp_path / "new-backing"
+    target.mkdir()  # an empty BACKING_DIR is a fine target and must stay empty
+    mnt = tmp_path / "new-mnt"
+    mnt.mkdir()
+    whole = subprocess.run(
+        [*SEALFS, "migrate", "export", str(vol.backing), "-", "--key-file", str(vol.key)],
+        capture_output=True,
+        cwd=REPO,
+        timeout=120,
+        check=True,
+    ).stdout
+    # Cuts before the end marker (which starts at most two blocks and a record's padding
+    # before the end; a cut in the padding after it loses nothing).
+    rng = random.Random(SEED)
+    cuts = sorted({BLOCK, *rng.sample(range(1, len(whole) - RECORD - 2 * BLOCK), 4)})
+    for cut in cuts:
+        code, err, sent = relay(vol, target, cut)
+        assert sent <= cut
+        assert code == 5 and len(err.strip().splitlines()) == 1, (cut, err)
+        assert b"cut short" in err or b"ended before" in err, (cut, err)
+        assert target.is_dir() and not any(target.iterdir()), cut
+        assert not any(p.name.endswith("migrate-staging") for p in tmp_path.iterdir())
+        refused = sealfs(
+            "mount", str(target), str(mnt), "--key-file", str(vol.key), check=False, timeout=60
+        )
+        assert refused.returncode != 0 and not os.path.ismount(mnt), cut
+    code, err, sent = relay(vol, target, None)
+    assert code == 0, err
+    assert sent == len(whole)
+    new = Volume(target, vol.key, mnt, tmp_path / "new.log")
+    new.mount()
+    try:
+        assert snapshot(new.mnt) == tree
+    finally:
+        new.umount()
+
+
+def _key(tmp_path: Path) -> Path:
+    key = tmp_path / "key"
+    key.write_bytes(os.urandom(64))
+    key.chmod(0o600)
+    return key
+
+
+def test_huge_pax_header_refused_with_bounded_memory(tmp_path: Path) -> None:
+    """A stream whose first member is a pax header claiming 300 MiB: refused from its
+    512-byte header, without reading the claim (tarfile read it whole into memory)."""
+    target = tmp_path / "new-backing"
+    with pax_bomb(300 * MIB) as stream:
+        res = sealfs_measured(
+            "migrate",
+            "import",
+            "-",
+            str(target),
+            "--key-file",
+            str(_key(tmp_path)),
+            stdin=stream,
+        )
+    assert res.returncode == 5 and res.stderr.count("\n") == 1, res.stderr
+    assert "pax header of 314572800 bytes" in res.stderr
+    assert res.max_rss_mib < 100, res.max_rss_mib
+    assert not target.exists()
+    assert not any(p.name.endswith("migrate-staging") for p in tmp_path.iterdir())
+
+
+def _typed(kind: bytes) -> bytes:
+    block = bytearray(ustar_header("sealfs.header", 0))
+    block[156:157] = kind
+    block[148:156] = b"        "
+    block[148:156] = b"%06o\0 " % sum(block)
+    return bytes(block) + bytes(2 * BLOCK)
+
+
+_HEADER = ustar_header("sealfs.header", 0)
+
+
+@pytest.mark.parametrize(
+    ("stream", "message"),
+    [
+        (_typed(b"2"), "symbolic link"),
+        (_typed(b"1"), "hard link"),
+        (_typed(b"3"), "character device"),
+        (_typed(b"4"), "block device"),
+        (_typed(b"L"), "GNU long name"),
+        (_HEADER[:148] + b"0001234\0" + _HEADER[156:] + bytes(2 * BLOCK), "checksum"),
+        (ustar_header("sealfs.header", 4000) + bytes(1000), "cut short"),
+        (b"", "cut short"),
+    ],
+)
+def test_hostile_stream_refused_in_one_line(tmp_path: Path, stream: bytes, message: str) -> None:
+    target = tmp_path / "new-backing"
+    res = subprocess.run(
+        [*SEALFS, "migrate", "import", "-", str(target), "--key-file", str(_key(tmp_path))],
+        input=stream,
+        capture_output=True,
+        cwd=REPO,
+        timeout=120,
+    )
+    err = res.stderr.decode()
+    assert res.returncode == 5 and err.count("\n") == 1 and message in err, err
+    assert not target.exists()
+    assert not any(p.name.endswith("migrate-staging") for p in tmp_path.iterdir())
+
+
+def test_passphrase_prompt_never_reads_the_stream(tmp_path: Path) -> None:
+    """With the stream on stdin, --passphrase must ask the terminal; without one (a new
+    session has no controlling terminal) it is refused before anything is read."""
+    target = tmp_path / "new-backing"
+    res = subprocess.run(
+        [*SEALFS, "migrate", "import", "-", str(target), "--passphrase"],
+        input=b"a passphrase line\n" + bytes(4 * BLOCK),
+        capture_output=True,
+        cwd=REPO,
+        timeout=120,
+        start_new_session=True,
+    )
+    err = res.stderr.decode()
+    assert res.returncode == 2 and err.count("\n") == 1, err
+    assert "--passphrase-file" in err
+    assert not target.exists()
