@@ -7,6 +7,7 @@ import contextlib
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import IO
 
 from sealfs.tarstream import ustar_header
@@ -53,3 +54,35 @@ def pax_bomb(claimed: int) -> Iterator[IO[bytes]]:
     finally:
         feeder.stdout.close()  # the feeder's next write fails: it ends
         feeder.wait(timeout=60)
+
+
+def relay(
+    export: list[str], import_: list[str], limit: int | None, cwd: Path
+) -> tuple[int, str, int]:
+    """Pipe the command ``export`` into ``import_`` through this process, forwarding at most
+    ``limit`` bytes (all if None) and then closing the import's input: a pipe cut after
+    ``limit`` bytes. Returns the import's exit code and stderr, and the bytes forwarded."""
+    exporter = subprocess.Popen(export, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=cwd)
+    importer = subprocess.Popen(
+        import_, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=cwd
+    )
+    assert exporter.stdout is not None and importer.stdin is not None
+    assert importer.stderr is not None
+    sent = 0
+    try:
+        while limit is None or sent < limit:
+            want = 64 * 1024 if limit is None else min(64 * 1024, limit - sent)
+            piece = exporter.stdout.read1(want)
+            if not piece:
+                break
+            importer.stdin.write(piece)
+            sent += len(piece)
+    except BrokenPipeError:
+        pass  # the importer stopped reading (it refused the stream)
+    finally:
+        for pipe in (importer.stdin, exporter.stdout):
+            with contextlib.suppress(BrokenPipeError):
+                pipe.close()
+    err = importer.stderr.read().decode()
+    exporter.wait(timeout=120)
+    return importer.wait(timeout=120), err, sent

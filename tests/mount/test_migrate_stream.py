@@ -6,7 +6,6 @@ refused from their first header, with the importer's peak memory measured."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 import subprocess
@@ -17,56 +16,23 @@ import pytest
 from sealfs.tarstream import BLOCK, RECORD, ustar_header
 from tests.conftest import REPO, SEALFS, Volume, new_volume, sealfs, sealfs_measured
 from tests.hostile_stream import pax_bomb
+from tests.hostile_stream import relay as cut_pipe
 from tests.mount.test_migrate import snapshot, write_tree
 
 SEED = 12
 MIB = 1 << 20
 
 
-def _export(vol: Volume) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [*SEALFS, "migrate", "export", str(vol.backing), "-", "--key-file", str(vol.key)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        cwd=REPO,
+def relay(vol: Volume, target: Path, limit: int | None) -> tuple[int, str, int]:
+    """A real export of ``vol`` piped into a real import into ``target``, cut after
+    ``limit`` bytes (see :func:`tests.hostile_stream.relay`)."""
+    key = ["--key-file", str(vol.key)]
+    return cut_pipe(
+        [*SEALFS, "migrate", "export", str(vol.backing), "-", *key],
+        [*SEALFS, "migrate", "import", "-", str(target), *key],
+        limit,
+        REPO,
     )
-
-
-def _import(target: Path, key: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [*SEALFS, "migrate", "import", "-", str(target), "--key-file", str(key)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        cwd=REPO,
-    )
-
-
-def relay(vol: Volume, target: Path, limit: int | None) -> tuple[int, bytes, int]:
-    """Pipe a real export into a real import through this process, forwarding at most
-    ``limit`` bytes (all if None) and then closing the import's input. Returns the import's
-    exit code and stderr, and the bytes forwarded."""
-    exporter, importer = _export(vol), _import(target, vol.key)
-    assert exporter.stdout is not None and importer.stdin is not None
-    sent = 0
-    try:
-        while limit is None or sent < limit:
-            want = 64 * 1024 if limit is None else min(64 * 1024, limit - sent)
-            piece = exporter.stdout.read1(want)
-            if not piece:
-                break
-            importer.stdin.write(piece)
-            sent += len(piece)
-    except BrokenPipeError:
-        pass  # the importer stopped reading (it refused the stream)
-    finally:
-        for pipe in (importer.stdin, exporter.stdout):
-            with contextlib.suppress(BrokenPipeError):
-                pipe.close()
-    assert importer.stderr is not None and exporter.stderr is not None
-    err = importer.stderr.read()
-    exporter.stderr.read()
-    return importer.wait(timeout=120), err, sent
 
 
 @pytest.fixture
@@ -105,7 +71,7 @@ def test_cut_stream_leaves_nothing_that_mounts_and_a_rerun_installs_the_tree(
         code, err, sent = relay(vol, target, cut)
         assert sent <= cut
         assert code == 5 and len(err.strip().splitlines()) == 1, (cut, err)
-        assert b"cut short" in err or b"ended before" in err, (cut, err)
+        assert "cut short" in err or "ended before" in err, (cut, err)
         assert target.is_dir() and not any(target.iterdir()), cut
         assert not any(p.name.endswith("migrate-staging") for p in tmp_path.iterdir())
         refused = sealfs(
