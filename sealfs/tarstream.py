@@ -17,7 +17,9 @@ header claims.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import IO
 
 from sealfs.errors import IntegrityError, StorageError
 
@@ -64,10 +66,10 @@ class StreamMalformed(IntegrityError):
 
 
 class TarWriter:
-    """Writes regular-file members, then the end marker (:meth:`close`), to ``write``."""
+    """Writes regular-file members, then the end marker (:meth:`close`), to ``out``."""
 
-    def __init__(self, write: Callable[[bytes], object]) -> None:
-        self._write = write
+    def __init__(self, out: IO[bytes]) -> None:
+        self._out = out
         self._written = 0
 
     def add(self, name: str, size: int, read: Read) -> None:
@@ -96,14 +98,29 @@ class TarWriter:
         self.add(name, len(data), read)
 
     def close(self) -> None:
-        """The end-of-archive marker: two zero blocks, padded to a whole record."""
+        """The end-of-archive marker: two zero blocks, padded to a whole record; flushed."""
         self._emit(bytes(2 * BLOCK))
         self._emit(bytes(-self._written % RECORD))
+        with _reader_gone():
+            self._out.flush()
 
     def _emit(self, data: bytes) -> None:
         if data:
-            self._write(data)
+            with _reader_gone():
+                self._out.write(data)
             self._written += len(data)
+
+
+@contextlib.contextmanager
+def _reader_gone() -> Iterator[None]:
+    """A closed pipe (the importer refused the stream, or the connection dropped) is the
+    export's one-line error, not a crash."""
+    try:
+        yield
+    except BrokenPipeError:
+        raise StorageError(
+            "the stream's reader went away (broken pipe): see the importing side's error"
+        ) from None
 
 
 def ustar_header(name: str, size: int) -> bytes:

@@ -55,7 +55,7 @@ def export_stream(
         for _, data in device_chunks(device, size, chunk_size, meter, "hash")
     )
     text = Manifest(info.uuid, size, chunk_size, sha256_hex(region), digests).to_json()
-    tar = TarWriter(out.write)
+    tar = TarWriter(out)
     tar.add_bytes(MANIFEST, text)
     tar.add_bytes(HEADER, region)
     for index, data in device_chunks(device, size, chunk_size, meter, "export"):
@@ -64,7 +64,6 @@ def export_stream(
         if digests[index] is not None:
             tar.add_bytes(f"{CHUNKS}/{chunk_name(index)}", data)
     tar.close()
-    out.flush()
     check_header_unchanged(device, region)
     written = sum(d is not None for d in digests)
     return BundleResult(device, STDIO, info.uuid, size, len(digests), written, 0, sha256_hex(text))

@@ -124,7 +124,7 @@ def export_stream(backing: Path, out: BinaryIO, cred: Credential, dry_run: bool)
         entries = _collect(backing, None, state, referenced, summary, {})
         manifest = _manifest(header, state, entries)
         if not dry_run:
-            tar = TarWriter(out.write)
+            tar = TarWriter(out)
             _add(tar, backing, HEADER_NAME)
             tar.add_bytes(MANIFEST_NAME, manifest.to_bytes(header.volume_keys(master)))
             for entry in entries:
@@ -133,7 +133,6 @@ def export_stream(backing: Path, out: BinaryIO, cred: Credential, dry_run: bool)
                     summary.objects_copied += entry.name.startswith("objects/")
                     summary.bytes_copied += entry.size
             tar.close()
-            out.flush()
     finally:
         store.unlock()
         store.close()

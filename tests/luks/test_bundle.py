@@ -390,7 +390,7 @@ def _stream_of(manifest: dict[str, Any], region: bytes, out: Path) -> Path:
     from sealfs.tarstream import TarWriter
 
     with open(out, "wb") as f:
-        tar = TarWriter(f.write)
+        tar = TarWriter(f)
         tar.add_bytes("manifest.json", json.dumps(manifest).encode())
         tar.add_bytes("header.bin", region)
         tar.close()

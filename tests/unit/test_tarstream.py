@@ -4,13 +4,16 @@ kind of member, damage, a cut, and oversized extended headers without reading th
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
 import subprocess
 import tarfile
 from collections.abc import Callable
 
 import pytest
 
+from sealfs.errors import StorageError
 from sealfs.tarstream import (
     BLOCK,
     MAX_PAX_BYTES,
@@ -31,7 +34,7 @@ FILES = [
 
 def written(files: list[tuple[str, bytes]] = FILES) -> bytes:
     out = io.BytesIO()
-    tar = TarWriter(out.write)
+    tar = TarWriter(out)
     for name, data in files:
         tar.add_bytes(name, data)
     tar.close()
@@ -198,3 +201,16 @@ def test_damage_and_cuts_refused(
 ) -> None:
     with pytest.raises(error, match=message):
         read_all(damage(written()))
+
+
+def test_writer_reports_a_reader_that_went_away() -> None:
+    """The importer refused the stream or the connection dropped: a one-line StorageError
+    for the exporter, not a BrokenPipeError."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    with os.fdopen(write_end, "wb") as out:
+        tar = TarWriter(out)
+        with pytest.raises(StorageError, match="went away"):
+            tar.add_bytes("sealfs.header", bytes(1 << 20))
+        with contextlib.suppress(BrokenPipeError):
+            out.close()
