@@ -7,7 +7,9 @@ refused from their first header, with the importer's peak memory measured."""
 from __future__ import annotations
 
 import os
+import pty
 import random
+import select
 import subprocess
 from pathlib import Path
 
@@ -172,3 +174,57 @@ def test_passphrase_prompt_never_reads_the_stream(tmp_path: Path) -> None:
     assert res.returncode == 2 and err.count("\n") == 1, err
     assert "--passphrase-file" in err
     assert not target.exists()
+
+
+def test_passphrase_asked_on_the_terminal_while_stdin_carries_the_stream(
+    tmp_path: Path,
+) -> None:
+    """With a controlling terminal (a pty here), --passphrase asks on it and the whole
+    stream on stdin is imported."""
+    phrase = b"correct horse battery staple"
+    pw = tmp_path / "pw"
+    pw.write_bytes(phrase + b"\n")
+    pw.chmod(0o600)
+    backing = tmp_path / "a"
+    cheap = ("--kdf-memory", "8M", "--kdf-iterations", "1")
+    sealfs("create", str(backing), "--passphrase-file", str(pw), *cheap)
+    stream = tmp_path / "stream.tar"
+    with open(stream, "wb") as out:
+        subprocess.run(
+            [*SEALFS, "migrate", "export", str(backing), "-", "--passphrase-file", str(pw)],
+            stdout=out,
+            stderr=subprocess.DEVNULL,
+            cwd=REPO,
+            timeout=120,
+            check=True,
+        )
+    target = tmp_path / "new-backing"
+    primary, secondary = pty.openpty()
+    terminal = os.ttyname(secondary)
+
+    def take_the_terminal() -> None:  # a new session whose controlling terminal is the pty
+        os.setsid()
+        os.close(os.open(terminal, os.O_RDWR))
+
+    with open(stream, "rb") as source:
+        proc = subprocess.Popen(
+            [*SEALFS, "migrate", "import", "-", str(target), "--passphrase"],
+            stdin=source,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=REPO,
+            preexec_fn=take_the_terminal,
+        )
+    seen = b""  # (the secondary stays open here too, so reads cannot fail with EIO)
+    while b"Passphrase:" not in seen:
+        if select.select([primary], [], [], 1.0)[0]:
+            seen += os.read(primary, 1024)
+        elif proc.poll() is not None:  # it ended without asking
+            raise AssertionError(proc.communicate()[1].decode())
+    os.write(primary, phrase + b"\n")
+    out, err = proc.communicate(timeout=120)
+    os.close(secondary)
+    os.close(primary)
+    assert proc.returncode == 0, err
+    assert b"imported volume" in out
+    sealfs("check", str(target), "--passphrase-file", str(pw))
