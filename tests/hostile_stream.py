@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-from sealfs.tarstream import ustar_header
+from sealfs.tarstream import BLOCK, ustar_header
 
 #: Writes the hex header argv[1], then argv[2] zero bytes, to stdout; stops when the reader
 #: goes away (the broken pipe is the expected end).
@@ -30,14 +30,35 @@ except BrokenPipeError:
 """
 
 
-def pax_header_block(claimed: int) -> bytes:
-    """A valid ustar header block of type 'x' (pax extended header) of ``claimed`` bytes."""
-    block = bytearray(ustar_header("PaxHeaders.0/sealfs.header", 0))
-    block[124:136] = b"%011o\0" % claimed
-    block[156] = ord("x")
+def header_block(kind: bytes, size: int = 0, name: str = "sealfs.header") -> bytes:
+    """A ustar header block with a right checksum, of any member type and size."""
+    block = bytearray(ustar_header(name, 0))
+    block[124:136] = b"%011o\0" % size
+    block[156:157] = kind
     block[148:156] = b"        "
     block[148:156] = b"%06o\0 " % sum(block)
     return bytes(block)
+
+
+def pax_header_block(claimed: int) -> bytes:
+    """A valid header block of a pax extended header of ``claimed`` bytes."""
+    return header_block(b"x", claimed, "PaxHeaders.0/sealfs.header")
+
+
+_END = bytes(2 * BLOCK)
+_REGULAR = header_block(b"0")
+
+#: Streams every ``import -`` must refuse from their first member, and a word of the message.
+HOSTILE = [
+    (header_block(b"2") + _END, "symbolic link"),
+    (header_block(b"1") + _END, "hard link"),
+    (header_block(b"3") + _END, "character device"),
+    (header_block(b"4") + _END, "block device"),
+    (header_block(b"L", 200) + bytes(BLOCK) + _END, "GNU long name"),
+    (_REGULAR[:148] + b"0001234\0" + _REGULAR[156:] + _END, "checksum"),
+    (header_block(b"0", 4000)[:300], "cut short"),
+    (b"", "cut short"),
+]
 
 
 @contextlib.contextmanager

@@ -483,3 +483,28 @@ def test_stream_cut_by_a_relay_resumes(volume: Path, tmp_path: Path) -> None:
     code, err, _ = relay(_export_argv(volume), _import_argv(target), None, REPO)
     assert code == 0, err
     assert target.read_bytes() == volume.read_bytes()
+
+
+def _hostile() -> list[tuple[bytes, str]]:
+    from tests.hostile_stream import HOSTILE
+
+    return HOSTILE
+
+
+@pytest.mark.parametrize(("stream", "message"), _hostile())
+def test_hostile_stream_refused_target_untouched(
+    stream: bytes, message: str, tmp_path: Path
+) -> None:
+    blank = new_image(tmp_path / "blank.img")
+    for target in (tmp_path / "new.img", blank):
+        res = subprocess.run(
+            [sys.executable, "-m", "sealfs", "luks", "import", "-", str(target)],
+            input=stream,
+            capture_output=True,
+            cwd=REPO,
+            timeout=120,
+        )
+        err = res.stderr.decode()
+        assert res.returncode == 5 and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "new.img").exists()
+    assert blank.stat().st_size == IMAGE_SIZE and not any(blank.read_bytes())

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from sealfs.tarstream import BLOCK, RECORD, ustar_header
+from sealfs.tarstream import BLOCK, RECORD
 from tests.conftest import REPO, SEALFS, Volume, new_volume, sealfs, sealfs_measured
-from tests.hostile_stream import pax_bomb
+from tests.hostile_stream import HOSTILE, pax_bomb
 from tests.hostile_stream import relay as cut_pipe
 from tests.mount.test_migrate import snapshot, write_tree
 
@@ -119,30 +119,7 @@ def test_huge_pax_header_refused_with_bounded_memory(tmp_path: Path) -> None:
     assert not any(p.name.endswith("migrate-staging") for p in tmp_path.iterdir())
 
 
-def _typed(kind: bytes) -> bytes:
-    block = bytearray(ustar_header("sealfs.header", 0))
-    block[156:157] = kind
-    block[148:156] = b"        "
-    block[148:156] = b"%06o\0 " % sum(block)
-    return bytes(block) + bytes(2 * BLOCK)
-
-
-_HEADER = ustar_header("sealfs.header", 0)
-
-
-@pytest.mark.parametrize(
-    ("stream", "message"),
-    [
-        (_typed(b"2"), "symbolic link"),
-        (_typed(b"1"), "hard link"),
-        (_typed(b"3"), "character device"),
-        (_typed(b"4"), "block device"),
-        (_typed(b"L"), "GNU long name"),
-        (_HEADER[:148] + b"0001234\0" + _HEADER[156:] + bytes(2 * BLOCK), "checksum"),
-        (ustar_header("sealfs.header", 4000) + bytes(1000), "cut short"),
-        (b"", "cut short"),
-    ],
-)
+@pytest.mark.parametrize(("stream", "message"), HOSTILE)
 def test_hostile_stream_refused_in_one_line(tmp_path: Path, stream: bytes, message: str) -> None:
     target = tmp_path / "new-backing"
     res = subprocess.run(
