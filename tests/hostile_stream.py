@@ -107,3 +107,11 @@ def relay(
     err = importer.stderr.read().decode()
     exporter.wait(timeout=120)
     return importer.wait(timeout=120), err, sent
+
+
+def assert_refused(argv: list[str], stream: bytes, message: str, cwd: Path) -> None:
+    """``argv`` (an ``import -``) refuses ``stream`` with exit 5 and one line naming
+    ``message``."""
+    res = subprocess.run(argv, input=stream, capture_output=True, cwd=cwd, timeout=120)
+    err = res.stderr.decode()
+    assert res.returncode == 5 and err.count("\n") == 1 and message in err, err

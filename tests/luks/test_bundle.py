@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -20,6 +21,9 @@ import pytest
 
 from sealfs.luks import failpoints
 from sealfs.luks import profile as P
+from sealfs.tarstream import RECORD, TarWriter
+from tests.conftest import sealfs_measured
+from tests.hostile_stream import HOSTILE, assert_refused, pax_bomb, relay
 
 from . import attacker as A
 from .conftest import IMAGE_SIZE, REPO, Golden, clone, new_image, sealfs_cli, write_key
@@ -387,8 +391,6 @@ def test_stream_is_standard_tar(volume: Path, tmp_path: Path) -> None:
 
 def _stream_of(manifest: dict[str, Any], region: bytes, out: Path) -> Path:
     """A stream holding ``manifest`` and the header ``region``, and no chunk."""
-    from sealfs.tarstream import TarWriter
-
     with open(out, "wb") as f:
         tar = TarWriter(f)
         tar.add_bytes("manifest.json", json.dumps(manifest).encode())
@@ -442,9 +444,6 @@ def _as_dir(manifest: dict[str, Any], region: bytes, tmp_path: Path) -> Path:
 
 
 def test_stream_pax_bomb_refused_with_bounded_memory(tmp_path: Path) -> None:
-    from tests.conftest import sealfs_measured
-    from tests.hostile_stream import pax_bomb
-
     target = tmp_path / "t.img"
     with pax_bomb(300 * MIB) as stream:
         res = sealfs_measured("luks", "import", "-", str(target), stdin=stream)
@@ -466,10 +465,6 @@ def test_stream_cut_by_a_relay_resumes(volume: Path, tmp_path: Path) -> None:
     """A real export piped into a real import through a relay that forwards N bytes and
     closes (N from a seeded RNG): refused in one line with no header written (nothing opens),
     and the whole stream then finishes the image."""
-    import random
-
-    from sealfs.tarstream import RECORD
-    from tests.hostile_stream import relay
 
     whole = tmp_path / "whole.tar"
     assert stream_export(volume, whole).returncode == 0
@@ -485,26 +480,12 @@ def test_stream_cut_by_a_relay_resumes(volume: Path, tmp_path: Path) -> None:
     assert target.read_bytes() == volume.read_bytes()
 
 
-def _hostile() -> list[tuple[bytes, str]]:
-    from tests.hostile_stream import HOSTILE
-
-    return HOSTILE
-
-
-@pytest.mark.parametrize(("stream", "message"), _hostile())
+@pytest.mark.parametrize(("stream", "message"), HOSTILE)
 def test_hostile_stream_refused_target_untouched(
     stream: bytes, message: str, tmp_path: Path
 ) -> None:
     blank = new_image(tmp_path / "blank.img")
     for target in (tmp_path / "new.img", blank):
-        res = subprocess.run(
-            [sys.executable, "-m", "sealfs", "luks", "import", "-", str(target)],
-            input=stream,
-            capture_output=True,
-            cwd=REPO,
-            timeout=120,
-        )
-        err = res.stderr.decode()
-        assert res.returncode == 5 and err.count("\n") == 1 and message in err, err
+        assert_refused(_import_argv(target), stream, message, REPO)
     assert not (tmp_path / "new.img").exists()
     assert blank.stat().st_size == IMAGE_SIZE and not any(blank.read_bytes())
