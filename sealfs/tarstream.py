@@ -18,6 +18,7 @@ header claims.
 from __future__ import annotations
 
 import contextlib
+import io
 from collections.abc import Callable, Iterator
 from typing import IO
 
@@ -87,15 +88,7 @@ class TarWriter:
 
     def add_bytes(self, name: str, data: bytes) -> None:
         """One member ``name`` holding ``data``."""
-        view = memoryview(data)
-        offset = [0]
-
-        def read(n: int) -> bytes:
-            piece = bytes(view[offset[0] : offset[0] + n])
-            offset[0] += len(piece)
-            return piece
-
-        self.add(name, len(data), read)
+        self.add(name, len(data), io.BytesIO(data).read)
 
     def close(self) -> None:
         """The end-of-archive marker: two zero blocks, padded to a whole record; flushed."""
@@ -250,7 +243,7 @@ class TarReader:
         and the end of the stream."""
         self._ended = True
         if any(self.read_exact(BLOCK, "in its end marker")):
-            raise StreamMalformed("the stream's end marker is followed by data")
+            raise StreamMalformed("the stream's end marker is broken (a lone zero block)")
         padding = 0
         while piece := self._read(BLOCK):
             padding += len(piece)

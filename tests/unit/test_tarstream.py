@@ -187,7 +187,7 @@ def _edit_header(data: bytes, offset: int, value: bytes) -> bytes:
         (lambda d: _edit(d, BLOCK + 700, b"\1"), StreamMalformed, "padding"),
         (lambda d: d + b"\0" * RECORD, StreamMalformed, "after its end"),
         (lambda d: _edit(d, len(d) - 10, b"\1"), StreamMalformed, "after its end"),
-        (lambda d: _edit(d, END + BLOCK + 3, b"\1"), StreamMalformed, "end marker"),
+        (lambda d: _edit(d, END + BLOCK + 3, b"\1"), StreamMalformed, "lone zero block"),
         (lambda d: d[:300], StreamCutShort, "cut short"),
         (lambda d: d[: BLOCK + 100], StreamCutShort, "inside sealfs.header"),
         (lambda d: d[: 4 * BLOCK], StreamCutShort, "cut short"),
