@@ -130,8 +130,9 @@ def import_(source: str, backing_dir: str, cred: Credential, dry_run: bool, as_j
 
     \b
     Exit codes: 0 imported, 2 usage (BACKING_DIR not empty, ...), 3 cannot unlock,
-    4 bad header, 5 bundle refused: incomplete, tampered with, of another volume, or
-    older than the KMS anchor (a stale export), 7 storage error, 8 KMS unreachable.
+    4 bad header, 5 bundle refused: incomplete or cut short, tampered with or a malformed
+    stream, of another volume, or older than the KMS anchor (a stale export), 7 storage
+    error, 8 KMS unreachable.
     """
     if source == "-":
         summary = import_stream(sys.stdin.buffer, Path(backing_dir), cred, dry_run)
