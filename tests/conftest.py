@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -63,15 +64,18 @@ sys.exit(os.waitstatus_to_exitcode(status))
 """
 
 
-def sealfs_measured(*args: str, timeout: float = 120) -> Measured:
-    """Run the real command line and measure its peak memory (wait4's ru_maxrss, which takes
-    in the children it reaped): a bound on what it allocated, whatever the machine's speed.
-    A command still running after ``timeout`` (hung on a FIFO, say) is killed and fails."""
+def sealfs_measured(
+    *args: str, timeout: float = 120, stdin: IO[bytes] | int = subprocess.DEVNULL
+) -> Measured:
+    """Run the real command line (its standard input from ``stdin``) and measure its peak
+    memory (wait4's ru_maxrss, which takes in the children it reaped): a bound on what it
+    allocated, whatever the machine's speed. A command still running after ``timeout`` (hung
+    on a FIFO, say) is killed and fails."""
     with tempfile.TemporaryDirectory() as tmp:
         rss = Path(tmp) / "maxrss"
         proc = subprocess.Popen(
             [sys.executable, "-c", _MEASURE, str(rss), *SEALFS, *args],
-            stdin=subprocess.DEVNULL,
+            stdin=stdin,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import getpass
 import hashlib
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -138,7 +139,17 @@ def kms_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def credential_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+def stream_credential_options(
+    argument: str,
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """:func:`credential_options` for a command whose ``argument`` may be ``-``: standard
+    input then carries a byte stream, so --passphrase asks on the terminal, never on stdin."""
+    return functools.partial(credential_options, stdin_argument=argument)
+
+
+def credential_options(
+    fn: Callable[..., Any], stdin_argument: str | None = None
+) -> Callable[..., Any]:
     """Add --key-file / --passphrase-file / --passphrase, --volume-id and the KMS options to
     a command. The wrapped function receives ``cred``."""
 
@@ -159,7 +170,8 @@ def credential_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         "ask_passphrase",
         is_flag=True,
         help="Unlock with the recovery passphrase, asked on the terminal (or read "
-        "as one line from standard input when it is not a terminal).",
+        "as one line from standard input when it is not a terminal and carries no "
+        "stream; with `-` as the source only the terminal is asked).",
     )
     @click.option(
         "--volume-id",
@@ -187,7 +199,10 @@ def credential_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                 kms = replace(kms, app_id=_slot_app_id(kwargs.get("backing_dir")))
             kwargs["cred"] = KmsCredential(kms_client(kms), expected)
         else:
-            cred = resolve_credential(key_file, passphrase_file, ask_passphrase)
+            stdin_busy = stdin_argument is not None and kwargs.get(stdin_argument) == "-"
+            cred = resolve_credential(
+                key_file, passphrase_file, ask_passphrase, stdin_busy=stdin_busy
+            )
             kwargs["cred"] = replace(cred, expected_volume=expected)
         return fn(*args, **kwargs)
 
@@ -282,7 +297,11 @@ def _slot_app_id(backing: str | None) -> str | None:
 
 
 def resolve_credential(
-    key_file: str | None, passphrase_file: str | None, ask_passphrase: bool, confirm: bool = False
+    key_file: str | None,
+    passphrase_file: str | None,
+    ask_passphrase: bool,
+    confirm: bool = False,
+    stdin_busy: bool = False,
 ) -> KeyFileCredential | PassphraseCredential:
     given = [x for x in (key_file, passphrase_file, ask_passphrase) if x]
     if len(given) != 1:
@@ -291,7 +310,23 @@ def resolve_credential(
         return read_key_file(key_file)
     if passphrase_file:
         return PassphraseCredential(read_passphrase_file(passphrase_file))
+    if stdin_busy:
+        return PassphraseCredential(_terminal_passphrase())
     return PassphraseCredential(prompt_passphrase(confirm))
+
+
+def _terminal_passphrase() -> Secret:
+    """The passphrase asked on the controlling terminal, for a command whose standard input
+    carries data. Without a terminal this is refused: getpass would fall back to reading
+    stdin, which would take the first line of the stream as the passphrase."""
+    try:
+        os.close(os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC))
+    except OSError:
+        raise UsageError(
+            "--passphrase: standard input carries the stream and there is no terminal to "
+            "ask on; use --passphrase-file"
+        ) from None
+    return _checked(getpass.getpass("Passphrase: ").encode())
 
 
 def read_passphrase_file(path: str) -> Secret:

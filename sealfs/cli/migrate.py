@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from sealfs.cli.credentials import credential_options
+from sealfs.cli.credentials import credential_options, stream_credential_options
 from sealfs.cli.output import SealfsGroup, emit, json_option
 from sealfs.errors import UsageError
 from sealfs.fuse.mount import served_backing, unmount
@@ -117,7 +117,7 @@ def export(
 @migrate.command("import")
 @click.argument("source", type=click.Path(file_okay=False))
 @click.argument("backing_dir", type=click.Path(file_okay=False))
-@credential_options
+@stream_credential_options("source")
 @_DRY_RUN
 @json_option
 def import_(source: str, backing_dir: str, cred: Credential, dry_run: bool, as_json: bool) -> None:
@@ -131,7 +131,9 @@ def import_(source: str, backing_dir: str, cred: Credential, dry_run: bool, as_j
     every file's length and SHA-256, the metadata's last commit against the manifest,
     every object the metadata refers to, and (with --kms) the freshness anchor. Only then
     is it renamed to BACKING_DIR; a refused or interrupted import leaves nothing there.
-    With --dry-run the bundle is verified the same way and nothing is installed.
+    With --dry-run the bundle is verified the same way and nothing is installed. With `-`
+    standard input is the stream's: --passphrase asks on the terminal (without one, use
+    --passphrase-file).
 
     An interrupted import (killed, a full disk, the KMS unreachable, a bundle still
     incomplete) keeps its staging directory `.BACKING_DIR.migrate-staging`; rerun the same
@@ -141,10 +143,10 @@ def import_(source: str, backing_dir: str, cred: Credential, dry_run: bool, as_j
 
     \b
     Exit codes: 0 imported, 2 usage (BACKING_DIR not empty, ...), 3 cannot unlock,
-    4 bad header, 5 bundle refused: incomplete, tampered with, of another volume, or
-    older than the KMS anchor (a stale export), 6 another import into
-    BACKING_DIR is running, 7 storage error (a full disk: free space, rerun), 8 KMS
-    unreachable.
+    4 bad header, 5 bundle refused: incomplete or cut short, tampered with or a malformed
+    stream, of another volume, or older than the KMS anchor (a stale export), 6 another
+    import into BACKING_DIR is running, 7 storage error (a full disk: free space, rerun),
+    8 KMS unreachable.
     """
     if source == "-":
         summary = import_stream(sys.stdin.buffer, Path(backing_dir), cred, dry_run)

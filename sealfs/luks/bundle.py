@@ -57,6 +57,9 @@ DEFAULT_CHUNK_SIZE = 16 * 1024 * 1024
 #: Chunk sizes a manifest may name: whole sectors, and small enough to hold one in memory.
 CHUNK_SIZE_RANGE = (P.SECTOR_SIZE, 1024 * 1024 * 1024)
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024
+#: The largest image a manifest may name (1 PiB): an unpinned manifest is the host's word,
+#: and import reads (and hashes) the whole image, zero chunks too.
+MAX_IMAGE_SIZE = 1 << 50
 
 
 class Meter(Protocol):
@@ -275,6 +278,7 @@ def import_volume(
     text = _read_file(os.path.join(source, MANIFEST), MAX_MANIFEST_BYTES, "manifest")
     region = _read_file(os.path.join(source, HEADER), P.DATA_OFFSET, "header")
     manifest = verified_manifest(source, text, region, profile, manifest_sha256)
+    _check_target_fits(device, manifest.image_size)
     meter = meter or NoMeter()
     meter.start("verify bundle", manifest.data_size, len(manifest.chunks))
     for index in range(len(manifest.chunks)):  # all of it checks out before anything is written
@@ -362,7 +366,7 @@ def parse_manifest(text: bytes) -> Manifest:
     if not isinstance(obj["uuid"], str) or not 0 < len(obj["uuid"]) <= 40:
         raise IntegrityError("manifest: bad uuid")
     size, chunk = obj["image_size"], obj["chunk_size"]
-    if not strict.integer_in(size, P.DATA_OFFSET + P.SECTOR_SIZE, 2**63 - 1) or (
+    if not strict.integer_in(size, P.DATA_OFFSET + P.SECTOR_SIZE, MAX_IMAGE_SIZE) or (
         (size - P.DATA_OFFSET) % P.SECTOR_SIZE
     ):
         raise IntegrityError("manifest: bad image_size")
@@ -420,7 +424,7 @@ def _prepare_target(device: str, manifest: Manifest, region: bytes, profile: P.L
     header. Blank, or this very header still without its magics (an import interrupted while
     committing it), are fine; True if the target already holds the committed header (a
     finished import, which is only verified, never written to)."""
-    if not os.path.lexists(device):
+    if not _check_target_fits(device, manifest.image_size):
         try:
             fd = os.open(device, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         except OSError as e:
@@ -432,22 +436,43 @@ def _prepare_target(device: str, manifest: Manifest, region: bytes, profile: P.L
         finally:
             os.close(fd)
         return False
-    check_device_path(device)
-    size = get_device_size(device)
-    if size != manifest.image_size:
-        raise UsageError(
-            f"{device} has {size} bytes, the exported volume {manifest.image_size}: "
-            "the target must be exactly the same size"
-        )
     current = read_exact(device, 0, P.DATA_OFFSET)
     if current == region:
         return True
     if with_magics(current) == region:
         return False
-    if classify(current, size, profile) is not DeviceState.BLANK:
+    if classify(current, manifest.image_size, profile) is not DeviceState.BLANK:
         raise LuksError(
             f"{device} is not blank and does not hold this volume's header; "
             "refusing to import over it"
+        )
+    return False
+
+
+def _check_target_fits(device: str, image_size: int) -> bool:
+    """Refuse, before anything is written, a target the bundle's image does not fit: an
+    existing device or image file must have exactly ``image_size`` bytes, and a new image
+    file must fit the free space of the filesystem it would be created on (the size is the
+    host's word unless the manifest is pinned, and an import fills the whole image in the
+    end). True if ``device`` exists."""
+    if os.path.lexists(device):
+        check_device_path(device)
+        size = get_device_size(device)
+        if size != image_size:
+            raise UsageError(
+                f"{device} has {size} bytes, the exported volume {image_size}: "
+                "the target must be exactly the same size"
+            )
+        return True
+    try:
+        st = os.statvfs(os.path.dirname(os.path.abspath(device)))
+    except OSError as e:
+        raise StorageError(f"{device}: cannot create: {e.strerror}") from None
+    free = st.f_bavail * st.f_frsize
+    if image_size > free:
+        raise StorageError(
+            f"{device}: the bundle's image is {image_size} bytes, its filesystem has {free} "
+            "bytes free; refusing before writing anything"
         )
     return False
 

@@ -1,7 +1,7 @@
 """A bundle as one stream (``sealfs luks export DEVICE -`` / ``import - DEVICE``): for a pipe
 such as ``ssh newhost sealfs luks import - /dev/vdb``, with no room for a bundle directory.
 
-The stream is a POSIX tar archive of the bundle's files in a fixed order: ``manifest.json``
+The stream is a POSIX tar archive (:mod:`sealfs.tarstream`) of the bundle's files in a fixed order: ``manifest.json``
 first, then ``header.bin``, then the non-zero ``chunks/NNNNNNNN`` in index order. The manifest
 comes first so that the importer knows every hash before any data arrives; export therefore
 reads the device twice (hash, then send), and refuses if a chunk changed in between. Import
@@ -12,11 +12,10 @@ the chunks before it written and no header (nothing opens), and a rerun resumes.
 
 from __future__ import annotations
 
-import io
-import tarfile
 from typing import IO
 
 from sealfs.errors import IntegrityError, LuksError
+from sealfs.tarstream import TarReader, TarWriter
 
 from . import profile as P
 from .bundle import (
@@ -56,15 +55,15 @@ def export_stream(
         for _, data in device_chunks(device, size, chunk_size, meter, "hash")
     )
     text = Manifest(info.uuid, size, chunk_size, sha256_hex(region), digests).to_json()
-    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-        _add(tar, MANIFEST, text)
-        _add(tar, HEADER, region)
-        for index, data in device_chunks(device, size, chunk_size, meter, "export"):
-            if (sha256_hex(data) if any(data) else None) != digests[index]:
-                raise LuksError(f"{device}: chunk {index} changed during the export; in use?")
-            if digests[index] is not None:
-                _add(tar, f"{CHUNKS}/{chunk_name(index)}", data)
-    out.flush()
+    tar = TarWriter(out)
+    tar.add_bytes(MANIFEST, text)
+    tar.add_bytes(HEADER, region)
+    for index, data in device_chunks(device, size, chunk_size, meter, "export"):
+        if (sha256_hex(data) if any(data) else None) != digests[index]:
+            raise LuksError(f"{device}: chunk {index} changed during the export; in use?")
+        if digests[index] is not None:
+            tar.add_bytes(f"{CHUNKS}/{chunk_name(index)}", data)
+    tar.close()
     check_header_unchanged(device, region)
     written = sum(d is not None for d in digests)
     return BundleResult(device, STDIO, info.uuid, size, len(digests), written, 0, sha256_hex(text))
@@ -79,61 +78,46 @@ def import_stream(
     meter: Meter | None = None,
 ) -> BundleResult:
     """Write a bundle stream onto ``device`` (same target rules as a bundle directory)."""
-    try:
-        tar = tarfile.open(fileobj=stream, mode="r|")  # noqa: SIM115 (closed by the with below)
-    except tarfile.TarError as e:
-        raise IntegrityError(f"not a bundle stream: {e}") from None
-    with tar:
-        members = _Members(tar)
-        text = members.next(MANIFEST, MAX_MANIFEST_BYTES, exact=False)
-        region = members.next(HEADER, P.DATA_OFFSET)
-        manifest = verified_manifest(STDIO, text, region, profile, manifest_sha256)
-        present = [i for i, d in enumerate(manifest.chunks) if d is not None]
-        position = {index: n for n, index in enumerate(present)}
+    members = _Members(TarReader(stream.read))
+    text = members.next(MANIFEST, MAX_MANIFEST_BYTES, exact=False)
+    region = members.next(HEADER, P.DATA_OFFSET)
+    manifest = verified_manifest(STDIO, text, region, profile, manifest_sha256)
+    present = [i for i, d in enumerate(manifest.chunks) if d is not None]
+    position = {index: n for n, index in enumerate(present)}
 
-        def chunk(index: int) -> bytes:
-            """Chunk ``index`` from the stream, checked (the ones before it are read and
-            checked on the way, also those the target holds already)."""
-            if index not in position:
-                return bytes(manifest.chunk_span(index)[1])
-            while members.chunks_read <= position[index]:
-                members.next_chunk(manifest, present[members.chunks_read])
-            return members.last
-
-        written, skipped = write_chunks(
-            device, manifest, region, profile, chunk, meter or NoMeter()
-        )
-        while members.chunks_read < len(present):  # the rest of the stream must be sound too
+    def chunk(index: int) -> bytes:
+        """Chunk ``index`` from the stream, checked (the ones before it are read and
+        checked on the way, also those the target holds already)."""
+        if index not in position:
+            return bytes(manifest.chunk_span(index)[1])
+        while members.chunks_read <= position[index]:
             members.next_chunk(manifest, present[members.chunks_read])
-        members.end()
+        return members.last
+
+    written, skipped = write_chunks(device, manifest, region, profile, chunk, meter or NoMeter())
+    while members.chunks_read < len(present):  # the rest of the stream must be sound too
+        members.next_chunk(manifest, present[members.chunks_read])
+    members.end()
     return BundleResult.of_import(device, STDIO, manifest, written, skipped, sha256_hex(text))
 
 
 class _Members:
-    """The archive's members in the one order export writes them; anything else is refused."""
+    """The stream's members in the one order export writes them; anything else is refused."""
 
-    def __init__(self, tar: tarfile.TarFile) -> None:
+    def __init__(self, tar: TarReader) -> None:
         self.tar = tar
         self.chunks_read = 0
         self.last = b""
 
     def next(self, name: str, length: int, *, exact: bool = True) -> bytes:
-        try:
-            member = self.tar.next()
-            if member is None:
-                raise IntegrityError(f"bundle stream ended before {name}")
-            if member.name != name or not member.isfile():
-                raise IntegrityError(f"bundle stream: expected {name}, found {member.name}")
-            if member.size > length or (exact and member.size != length):
-                raise IntegrityError(f"bundle stream: {name} is {member.size} bytes")
-            f = self.tar.extractfile(member)
-            assert f is not None
-            data = f.read()
-        except (tarfile.TarError, EOFError, OSError) as e:
-            raise IntegrityError(f"bundle stream is damaged or cut short ({e})") from None
-        if len(data) != member.size:
-            raise IntegrityError(f"bundle stream ended inside {name}")
-        return data
+        member = self.tar.next()
+        if member is None:
+            raise IntegrityError(f"bundle stream ended before {name}")
+        if member.name != name:
+            raise IntegrityError(f"bundle stream: expected {name}, found {member.name}")
+        if member.size > length or (exact and member.size != length):
+            raise IntegrityError(f"bundle stream: {name} is {member.size} bytes")
+        return member.read_all()
 
     def next_chunk(self, manifest: Manifest, index: int) -> None:
         data = self.next(f"{CHUNKS}/{chunk_name(index)}", manifest.chunk_span(index)[1])
@@ -143,15 +127,6 @@ class _Members:
         self.last = data
 
     def end(self) -> None:
-        try:
-            extra = self.tar.next()
-        except (tarfile.TarError, EOFError, OSError) as e:
-            raise IntegrityError(f"bundle stream is damaged at its end ({e})") from None
+        extra = self.tar.next()
         if extra is not None:
             raise IntegrityError(f"bundle stream: unexpected {extra.name} after the last chunk")
-
-
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mode = len(data), 0o600
-    tar.addfile(info, io.BytesIO(data))

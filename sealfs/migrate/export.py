@@ -11,10 +11,8 @@ final pass can instead go out as one byte stream (:func:`export_stream`).
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import stat
-import tarfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +22,7 @@ from sealfs.crypto import Secret
 from sealfs.errors import BusyError, IntegrityError, StorageError, UsageError
 from sealfs.fs.metalog import MetaState
 from sealfs.store import HEADER_NAME, DamagedFile, MissingObject, ObjectStore, read_bounded
+from sealfs.tarstream import TarWriter
 from sealfs.volume.header import Credential, Header, load_header
 
 from .files import (
@@ -141,8 +140,8 @@ def _live_pass(
 
 
 def export_stream(backing: Path, out: BinaryIO, cred: Credential, dry_run: bool) -> Summary:
-    """The final export as one byte stream on ``out`` (a tar: the header, the manifest, then
-    every file it lists), for ``export - | ssh host sealfs migrate import -``. The volume must
+    """The final export as one byte stream on ``out`` (a tar, :mod:`sealfs.tarstream`: the
+    header, the manifest, then every file it lists), for ``export - | ssh host sealfs migrate import -``. The volume must
     be unmounted; each file is read twice (hashed for the manifest, then sent)."""
     t0 = time.monotonic()
     header = load_header(backing)
@@ -154,15 +153,15 @@ def export_stream(backing: Path, out: BinaryIO, cred: Credential, dry_run: bool)
         entries = _collect(backing, None, state, referenced, summary, {})
         manifest = _manifest(header, state, entries)
         if not dry_run:
-            with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-                _add(tar, backing, HEADER_NAME, None)
-                _add(tar, None, MANIFEST_NAME, manifest.to_bytes(header.volume_keys(master)))
-                for entry in entries:
-                    if entry.name != HEADER_NAME:
-                        _add(tar, backing, entry.name, None)
-                        summary.objects_copied += entry.name.startswith("objects/")
-                        summary.bytes_copied += entry.size
-            out.flush()
+            tar = TarWriter(out)
+            _add(tar, backing, HEADER_NAME)
+            tar.add_bytes(MANIFEST_NAME, manifest.to_bytes(header.volume_keys(master)))
+            for entry in entries:
+                if entry.name != HEADER_NAME:
+                    _add(tar, backing, entry.name)
+                    summary.objects_copied += entry.name.startswith("objects/")
+                    summary.bytes_copied += entry.size
+            tar.close()
     finally:
         store.unlock()
         store.close()
@@ -170,18 +169,10 @@ def export_stream(backing: Path, out: BinaryIO, cred: Credential, dry_run: bool)
     return summary
 
 
-def _add(tar: tarfile.TarFile, root: Path | None, name: str, data: bytes | None) -> None:
-    """Append one file to the stream: ``root/name``, or ``data`` under ``name``."""
-    info = tarfile.TarInfo(name)
-    info.mode = 0o600
-    if data is not None:
-        info.size = len(data)
-        tar.addfile(info, io.BytesIO(data))
-        return
-    assert root is not None
-    with open_under(root, name) as fd, os.fdopen(os.dup(fd), "rb") as f:
-        info.size = os.fstat(fd).st_size
-        tar.addfile(info, f)
+def _add(tar: TarWriter, root: Path, name: str) -> None:
+    """Append the file ``root/name`` to the stream."""
+    with open_under(root, name) as fd:
+        tar.add(name, os.fstat(fd).st_size, lambda n: os.read(fd, n))
 
 
 def _locked_state(

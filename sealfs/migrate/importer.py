@@ -18,15 +18,15 @@ import fcntl
 import os
 import shutil
 import stat
-import tarfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO, cast
+from typing import BinaryIO
 
 from sealfs.crypto import Secret, ct_equal
 from sealfs.errors import BusyError, IntegrityError, StorageError, UsageError
 from sealfs.store import HEADER_NAME, MissingObject, ObjectStore, read_bounded
+from sealfs.tarstream import Member, TarReader
 from sealfs.volume.anchor import KmsAnchor, verify_fresh
 from sealfs.volume.header import MAX_HEADER_BYTES, Credential, Header, KmsCredential, load_header
 
@@ -193,32 +193,25 @@ def _from_dir(
 def _from_stream(
     stream: BinaryIO, stage: Path, cred: Credential, summary: Summary
 ) -> tuple[Header, Secret, Manifest]:
-    """The stream is a tar of the header, the manifest, then every file it lists."""
-    try:
-        with tarfile.open(fileobj=stream, mode="r|") as tar:
-            members = iter(tar)
-            head = _member(tar, next(members, None), HEADER_NAME, MAX_HEADER_BYTES)
-            head_size, head_digest = write_hashed(head.read, stage, HEADER_NAME)
-            header = load_header(stage)
-            master = header.unlock(cred)
-            data = _member(tar, next(members, None), MANIFEST_NAME, MANIFEST_MAX).read()
-            manifest = _verified_manifest(data, header, master)
-            pending = {e.name: e for e in manifest.files}
-            _matches(pending.pop(HEADER_NAME), head_size, head_digest, summary)
-            for member in members:
-                entry = pending.pop(member.name, None)
-                if entry is None:
-                    raise BundleTampered(
-                        f"the stream holds {member.name!r}, which no manifest lists"
-                    )
-                size, digest = write_hashed(
-                    _member(tar, member, entry.name, entry.size).read, stage, entry.name
-                )
-                _matches(entry, size, digest, summary)
-    except (tarfile.TarError, EOFError) as e:
-        raise BundleIncomplete(f"the bundle stream is cut short or damaged ({e})") from None
-    except KeyError:
-        raise BundleIncomplete("the manifest does not list the volume header") from None
+    """The stream (:mod:`sealfs.tarstream`) holds the header, the manifest, then every file
+    the manifest lists, then nothing more; it is read in bounded pieces as it arrives."""
+    tar = TarReader(stream.read)
+    head = _member(tar.next(), HEADER_NAME, MAX_HEADER_BYTES)
+    head_size, head_digest = write_hashed(head.read, stage, HEADER_NAME)
+    header = load_header(stage)
+    master = header.unlock(cred)
+    data = _member(tar.next(), MANIFEST_NAME, MANIFEST_MAX).read_all()
+    manifest = _verified_manifest(data, header, master)
+    pending = {e.name: e for e in manifest.files}
+    if HEADER_NAME not in pending:
+        raise BundleIncomplete("the manifest does not list the volume header")
+    _matches(pending.pop(HEADER_NAME), head_size, head_digest, summary)
+    while (member := tar.next()) is not None:
+        entry = pending.pop(member.name, None)
+        if entry is None:
+            raise BundleTampered(f"the stream holds {member.name!r}, which no manifest lists")
+        size, digest = write_hashed(_member(member, entry.name, entry.size).read, stage, entry.name)
+        _matches(entry, size, digest, summary)
     if pending:
         raise BundleIncomplete(
             f"the bundle stream ended before {len(pending)} listed file(s) arrived ({min(pending)})"
@@ -226,18 +219,13 @@ def _from_stream(
     return header, master, manifest
 
 
-def _member(
-    tar: tarfile.TarFile, member: tarfile.TarInfo | None, name: str, limit: int
-) -> BinaryIO:
-    """The content of ``member``, which must be the regular file ``name`` of at most
-    ``limit`` bytes."""
+def _member(member: Member | None, name: str, limit: int) -> Member:
+    """``member``, which must be the file ``name`` of at most ``limit`` bytes."""
     if member is None:
         raise BundleIncomplete(f"the bundle stream ended before {name}")
-    if member.name != name or not member.isfile() or member.size > limit:
+    if member.name != name or member.size > limit:
         raise BundleTampered(f"the bundle stream holds {member.name!r} where {name} belongs")
-    content = tar.extractfile(member)
-    assert content is not None  # a regular file
-    return cast(BinaryIO, content)
+    return member
 
 
 def _matches(entry: FileEntry, size: int, digest: bytes, summary: Summary) -> None:

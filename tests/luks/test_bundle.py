@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -20,6 +21,9 @@ import pytest
 
 from sealfs.luks import failpoints
 from sealfs.luks import profile as P
+from sealfs.tarstream import RECORD, TarWriter
+from tests.conftest import sealfs_measured
+from tests.hostile_stream import HOSTILE, assert_refused, pax_bomb, relay
 
 from . import attacker as A
 from .conftest import IMAGE_SIZE, REPO, Golden, clone, new_image, sealfs_cli, write_key
@@ -374,3 +378,114 @@ def test_stream_crafted_header_refused_before_any_write(volume: Path, tmp_path: 
     res = stream_import(stream, target)
     assert res.returncode == 10 and "cipher_null" in res.stdout.decode()
     assert not target.exists()
+
+
+def test_stream_is_standard_tar(volume: Path, tmp_path: Path) -> None:
+    stream = tmp_path / "stream.tar"
+    assert stream_export(volume, stream).returncode == 0
+    listing = subprocess.run(["tar", "-tf", str(stream)], capture_output=True, check=True)
+    names = listing.stdout.decode().split()
+    assert names[:2] == ["manifest.json", "header.bin"] and listing.stderr == b""
+    assert names[2:] == [f"chunks/{i:08d}" for i in range(CHUNKS) if i != ZERO_CHUNK]
+
+
+def _stream_of(manifest: dict[str, Any], region: bytes, out: Path) -> Path:
+    """A stream holding ``manifest`` and the header ``region``, and no chunk."""
+    with open(out, "wb") as f:
+        tar = TarWriter(f)
+        tar.add_bytes("manifest.json", json.dumps(manifest).encode())
+        tar.add_bytes("header.bin", region)
+        tar.close()
+    return out
+
+
+def test_claimed_image_size_bounded_before_any_write(bundle: Path, tmp_path: Path) -> None:
+    """Without --manifest-sha256 the image size is the host's word: a size beyond the sane
+    maximum, beyond the free space for a new image file, or other than an existing target's
+    is refused before anything is created or written."""
+    manifest = json.loads((bundle / "manifest.json").read_bytes())
+    region = (bundle / "header.bin").read_bytes()
+    gib = 1 << 30
+
+    def claiming(size: int) -> dict[str, Any]:
+        chunks = [{"zero": True}] * -(-(size - P.DATA_OFFSET) // gib)
+        return {**manifest, "image_size": size, "chunk_size": gib, "chunks": chunks}
+
+    free = os.statvfs(tmp_path).f_bavail * os.statvfs(tmp_path).f_frsize
+    target = tmp_path / "new.img"
+    for size, code, message in (
+        ((1 << 50) + gib, 5, "bad image_size"),
+        (P.DATA_OFFSET + (free // gib + 2) * gib, 7, "refusing before writing anything"),
+    ):
+        stream = _stream_of(claiming(size), region, tmp_path / "evil.tar")
+        res = stream_import(stream, target)
+        assert res.returncode == code and message in res.stdout.decode(), res.stdout
+        assert not target.exists()
+        res = sealfs_cli(
+            "luks", "import", str(_as_dir(claiming(size), region, tmp_path)), str(target)
+        )
+        assert res.returncode == code and message in res.stderr, res.stderr
+        assert not target.exists()
+    existing = new_image(tmp_path / "existing.img")
+    stream = _stream_of(claiming(IMAGE_SIZE + gib), region, tmp_path / "evil.tar")
+    res = stream_import(stream, existing)
+    assert res.returncode == 2 and "same size" in res.stdout.decode()
+    assert existing.stat().st_size == IMAGE_SIZE and not any(existing.read_bytes())
+
+
+def _as_dir(manifest: dict[str, Any], region: bytes, tmp_path: Path) -> Path:
+    """The same claim as a bundle directory."""
+    dest = tmp_path / "evil-bundle"
+    shutil.rmtree(dest, ignore_errors=True)
+    (dest / "chunks").mkdir(parents=True)
+    (dest / "manifest.json").write_bytes(json.dumps(manifest).encode())
+    (dest / "header.bin").write_bytes(region)
+    return dest
+
+
+def test_stream_pax_bomb_refused_with_bounded_memory(tmp_path: Path) -> None:
+    target = tmp_path / "t.img"
+    with pax_bomb(300 * MIB) as stream:
+        res = sealfs_measured("luks", "import", "-", str(target), stdin=stream)
+    assert res.returncode == 5 and res.stderr.count("\n") == 1, res.stderr
+    assert "pax header of 314572800 bytes" in res.stderr
+    assert res.max_rss_mib < 100, res.max_rss_mib
+    assert not target.exists()
+
+
+def _export_argv(volume: Path) -> list[str]:
+    return [sys.executable, "-m", "sealfs", "luks", "export", str(volume), "-", "--chunk-mib", "1"]
+
+
+def _import_argv(target: Path) -> list[str]:
+    return [sys.executable, "-m", "sealfs", "luks", "import", "-", str(target)]
+
+
+def test_stream_cut_by_a_relay_resumes(volume: Path, tmp_path: Path) -> None:
+    """A real export piped into a real import through a relay that forwards N bytes and
+    closes (N from a seeded RNG): refused in one line with no header written (nothing opens),
+    and the whole stream then finishes the image."""
+
+    whole = tmp_path / "whole.tar"
+    assert stream_export(volume, whole).returncode == 0
+    size = whole.stat().st_size
+    target = tmp_path / "t.img"
+    rng = random.Random(12)
+    for cut in sorted(rng.sample(range(1, size - RECORD - 1024), 4)):
+        code, err, _ = relay(_export_argv(volume), _import_argv(target), cut, REPO)
+        assert code == 5 and err.count("\n") == 1 and "cut short" in err, (cut, err)
+        assert not target.exists() or not any(A.read_region(target))
+    code, err, _ = relay(_export_argv(volume), _import_argv(target), None, REPO)
+    assert code == 0, err
+    assert target.read_bytes() == volume.read_bytes()
+
+
+@pytest.mark.parametrize(("stream", "message"), HOSTILE)
+def test_hostile_stream_refused_target_untouched(
+    stream: bytes, message: str, tmp_path: Path
+) -> None:
+    blank = new_image(tmp_path / "blank.img")
+    for target in (tmp_path / "new.img", blank):
+        assert_refused(_import_argv(target), stream, message, REPO)
+    assert not (tmp_path / "new.img").exists()
+    assert blank.stat().st_size == IMAGE_SIZE and not any(blank.read_bytes())

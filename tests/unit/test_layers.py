@@ -28,21 +28,23 @@ LAYERS: dict[str, set[str]] = {
     "crypto": {"errors", "strict"},  # all cryptography; the only module that holds raw keys
     "failpoints": set(),  # crash points for tests (SEALFS_FAILPOINT)
     "store": {"errors", "failpoints"},  # ciphertext objects in and out: no crypto, no keys
+    "tarstream": {"errors"},  # the bounded tar of export/import streams
     "sealed": {"errors", "crypto", "store"},  # the one sealed-object layer
     "attest": {"errors", "sealfs", "strict", "crypto"},
     "kms": {"errors", "sealfs", "strict", "crypto", "attest"},
     "volume": {"errors", "sealfs", "strict", "crypto", "store", "sealed", "kms"},
     "fs": {"errors", "crypto", "store", "sealed", "volume"},
     "check": {"errors", "crypto", "store", "sealed", "volume", "fs"},
-    "migrate": {"errors", "strict", "crypto", "store", "sealed", "volume", "fs"},
+    "migrate": {"errors", "strict", "crypto", "store", "tarstream", "sealed", "volume", "fs"},
     "fuse": {"errors", "store", "sealed", "volume", "fs"},
-    "luks": {"errors", "sealfs", "strict", "crypto", "kms"},
+    "luks": {"errors", "sealfs", "strict", "crypto", "tarstream", "kms"},
     "cli": {
         "errors",
         "sealfs",
         "strict",
         "crypto",
         "store",
+        "tarstream",
         "sealed",
         "attest",
         "kms",
