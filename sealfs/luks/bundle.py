@@ -28,10 +28,12 @@ import os
 import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from sealfs import strict
 from sealfs.errors import IntegrityError, LuksError, StorageError, UsageError
+from sealfs.meter import Meter as Meter  # luks.stream takes it from here
+from sealfs.meter import NoMeter as NoMeter
 
 from . import failpoints
 from . import header as H
@@ -57,25 +59,6 @@ DEFAULT_CHUNK_SIZE = 16 * 1024 * 1024
 #: Chunk sizes a manifest may name: whole sectors, and small enough to hold one in memory.
 CHUNK_SIZE_RANGE = (P.SECTOR_SIZE, 1024 * 1024 * 1024)
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024
-
-
-class Meter(Protocol):
-    """Where progress goes (the CLI's progress line; :class:`NoMeter` otherwise)."""
-
-    def start(self, phase: str, total_bytes: int, total_objects: int) -> None: ...
-    def advance(self, nbytes: int, nobjects: int) -> None: ...
-    def finish(self) -> None: ...
-
-
-class NoMeter:
-    def start(self, phase: str, total_bytes: int, total_objects: int) -> None:
-        pass
-
-    def advance(self, nbytes: int, nobjects: int) -> None:
-        pass
-
-    def finish(self) -> None:
-        pass
 
 
 @dataclass(frozen=True)

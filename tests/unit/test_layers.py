@@ -24,6 +24,7 @@ SEALFS = Path(__file__).resolve().parents[2] / "sealfs"
 LAYERS: dict[str, set[str]] = {
     "errors": set(),
     "sealfs": set(),
+    "meter": set(),  # how long work reports progress (drawn by cli)
     "strict": {"errors"},
     "crypto": {"errors", "strict"},  # all cryptography; the only module that holds raw keys
     "store": {"errors"},  # ciphertext objects in and out: no crypto, no keys
@@ -32,13 +33,14 @@ LAYERS: dict[str, set[str]] = {
     "kms": {"errors", "sealfs", "strict", "crypto", "attest"},
     "volume": {"errors", "sealfs", "strict", "crypto", "store", "sealed", "kms"},
     "fs": {"errors", "crypto", "store", "sealed", "volume"},
-    "check": {"errors", "crypto", "store", "sealed", "volume", "fs"},
-    "migrate": {"errors", "strict", "crypto", "store", "sealed", "volume", "fs"},
+    "check": {"errors", "meter", "crypto", "store", "sealed", "volume", "fs"},
+    "migrate": {"errors", "meter", "strict", "crypto", "store", "sealed", "volume", "fs", "check"},
     "fuse": {"errors", "store", "sealed", "volume", "fs"},
-    "luks": {"errors", "sealfs", "strict", "crypto", "kms"},
+    "luks": {"errors", "sealfs", "meter", "strict", "crypto", "kms"},
     "cli": {
         "errors",
         "sealfs",
+        "meter",
         "strict",
         "crypto",
         "store",
