@@ -11,10 +11,11 @@ import click
 
 from sealfs.cli.credentials import credential_options
 from sealfs.cli.output import SealfsGroup, emit, json_option
+from sealfs.cli.progress import Progress, progress_option
 from sealfs.errors import UsageError
 from sealfs.fuse.mount import served_backing, unmount
 from sealfs.migrate.export import Summary, export_stream, export_volume
-from sealfs.migrate.importer import import_bundle, import_stream
+from sealfs.migrate.importer import ImportOptions, import_bundle, import_stream
 from sealfs.volume.header import Credential
 
 _DRY_RUN = click.option("--dry-run", is_flag=True, help="Show what would be copied; write nothing.")
@@ -60,6 +61,7 @@ def migrate() -> None:
     "BACKING_DIR), waiting for its final commit, then run the final pass at once.",
 )
 @_DRY_RUN
+@progress_option
 @json_option
 def export(
     backing_dir: str,
@@ -68,6 +70,7 @@ def export(
     final: bool,
     mountpoint: str | None,
     dry_run: bool,
+    progress: bool | None,
     as_json: bool,
 ) -> None:
     """Copy the volume in BACKING_DIR into the bundle directory DEST (or, with DEST `-`,
@@ -80,6 +83,10 @@ def export(
     metadata are copied and the manifest is written: the application's downtime is this
     pass. A bundle without a manifest is refused by import.
 
+    On a terminal a progress line on standard error shows the bytes and objects done, the
+    rate and an estimate of the time left (from the objects: their sizes are not read ahead,
+    to keep the final pass short; a stream's send phase knows its bytes).
+
     \b
     Exit codes: 0 done, 2 usage, 3 cannot unlock, 4 bad header, 5 the volume is damaged
     (run `sealfs check`), 6 --final while the volume is mounted, 7 storage error.
@@ -87,11 +94,12 @@ def export(
     if mountpoint is not None:
         final = True
         _unmount_volume(Path(mountpoint), Path(backing_dir), dry_run)
+    meter = Progress.on_stderr(progress, as_json)
     if dest == "-":
         final = True
-        summary = export_stream(Path(backing_dir), sys.stdout.buffer, cred, dry_run)
+        summary = export_stream(Path(backing_dir), sys.stdout.buffer, cred, dry_run, meter)
     else:
-        summary = export_volume(Path(backing_dir), Path(dest), cred, final, dry_run)
+        summary = export_volume(Path(backing_dir), Path(dest), cred, final, dry_run, meter)
     verb = "would copy" if dry_run else "copied"
     lines = [f"{verb} {summary.objects_copied} object(s), {summary.bytes_copied} bytes to {dest}"]
     if final:
@@ -101,8 +109,8 @@ def export(
         )
         if not dry_run:
             lines.append(
-                f"the copy in {backing_dir} becomes a fork once the new host commits: "
-                "do not mount it again (it will be refused with exit 5)"
+                f"the copy in {backing_dir} becomes a stale fork once the new host commits: "
+                "do not mount it again (a mount or check of it is refused as stale, exit 5)"
             )
     _report(summary, as_json, lines, to_stderr=dest == "-")
 
@@ -111,9 +119,25 @@ def export(
 @click.argument("source", type=click.Path(file_okay=False))
 @click.argument("backing_dir", type=click.Path(file_okay=False))
 @credential_options
+@click.option(
+    "--verify-data",
+    is_flag=True,
+    help="Also decrypt every object of the staged volume before installing it (the full "
+    "`sealfs check` of the imported copy): refuses a bundle whose objects match the manifest "
+    "but were damaged on the old host before the export hashed them.",
+)
 @_DRY_RUN
+@progress_option
 @json_option
-def import_(source: str, backing_dir: str, cred: Credential, dry_run: bool, as_json: bool) -> None:
+def import_(
+    source: str,
+    backing_dir: str,
+    cred: Credential,
+    verify_data: bool,
+    dry_run: bool,
+    progress: bool | None,
+    as_json: bool,
+) -> None:
     """Verify the bundle in SOURCE (a directory, or `-`: the byte stream of `export -` on
     standard input) and install it as the volume in BACKING_DIR.
 
@@ -126,15 +150,25 @@ def import_(source: str, backing_dir: str, cred: Credential, dry_run: bool, as_j
     is it renamed to BACKING_DIR; a refused or interrupted import leaves nothing there.
     With --dry-run the bundle is verified the same way and nothing is installed.
 
+    The manifest proves the bundle holds what the exporter read, not that it was sound: an
+    object damaged on the old host's disk before the export is carried faithfully. With
+    --verify-data every record and data object of the staged volume is also decrypted and
+    checked against its file and position (as `sealfs check` does; it reads the volume once
+    more) and any problem refuses the bundle. On a terminal a progress line on standard
+    error shows the bytes and objects done (the totals come from the manifest), the rate and
+    an estimate of the time left.
+
     \b
     Exit codes: 0 imported, 2 usage (BACKING_DIR not empty, ...), 3 cannot unlock,
-    4 bad header, 5 bundle refused: incomplete, tampered with, of another volume, or
-    older than the KMS anchor (a stale export), 7 storage error, 8 KMS unreachable.
+    4 bad header, 5 bundle refused: incomplete, tampered with, of another volume, older
+    than the KMS anchor (a stale export), or (--verify-data) holding damaged data,
+    7 storage error, 8 KMS unreachable.
     """
+    opts = ImportOptions(dry_run, verify_data, Progress.on_stderr(progress, as_json))
     if source == "-":
-        summary = import_stream(sys.stdin.buffer, Path(backing_dir), cred, dry_run)
+        summary = import_stream(sys.stdin.buffer, Path(backing_dir), cred, opts)
     else:
-        summary = import_bundle(Path(source), Path(backing_dir), cred, dry_run)
+        summary = import_bundle(Path(source), Path(backing_dir), cred, opts)
     verb = "verified" if dry_run else "imported"
     _report(
         summary,

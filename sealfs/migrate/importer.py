@@ -15,11 +15,13 @@ import stat
 import tarfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, cast
 
 from sealfs.crypto import Secret, ct_equal
 from sealfs.errors import StorageError, UsageError
+from sealfs.meter import Meter, NoMeter, each
 from sealfs.store import HEADER_NAME, MissingObject, ObjectStore, read_bounded
 from sealfs.volume.anchor import KmsAnchor, verify_fresh
 from sealfs.volume.header import MAX_HEADER_BYTES, Credential, Header, KmsCredential, load_header
@@ -36,6 +38,7 @@ from .manifest import (
     parse_manifest,
 )
 from .state import committed_state, metadata_names, object_name
+from .verify import verify_data
 
 
 def staging_dir(backing: Path) -> Path:
@@ -46,24 +49,39 @@ def staging_dir(backing: Path) -> Path:
 Fill = Callable[[Path, Summary], tuple[Header, Secret, Manifest]]
 
 
-def import_bundle(source: Path, backing: Path, cred: Credential, dry_run: bool) -> Summary:
+@dataclass(frozen=True)
+class ImportOptions:
+    """How an import runs (the command line's flags)."""
+
+    dry_run: bool = False  # verify in the staging directory, install nothing
+    verify_data: bool = False  # also decrypt every object (:func:`.verify.verify_data`)
+    meter: Meter = field(default_factory=NoMeter)
+
+
+def import_bundle(source: Path, backing: Path, cred: Credential, opts: ImportOptions) -> Summary:
     """Verify the bundle directory ``source`` and install it as ``backing`` (unless
-    ``dry_run``: then verify only, in a staging directory removed afterwards)."""
+    ``opts.dry_run``: then verify only, in a staging directory removed afterwards)."""
     if not source.is_dir():
         raise UsageError(f"{source} is not a bundle directory")
-    return _import(backing, cred, dry_run, lambda stage, s: _from_dir(source, stage, cred, s))
+    return _import(
+        backing, cred, opts, lambda stage, s: _from_dir(source, stage, cred, s, opts.meter)
+    )
 
 
-def import_stream(stream: BinaryIO, backing: Path, cred: Credential, dry_run: bool) -> Summary:
+def import_stream(
+    stream: BinaryIO, backing: Path, cred: Credential, opts: ImportOptions
+) -> Summary:
     """Like :func:`import_bundle`, from the single byte stream ``export -`` writes."""
-    return _import(backing, cred, dry_run, lambda stage, s: _from_stream(stream, stage, cred, s))
+    return _import(
+        backing, cred, opts, lambda stage, s: _from_stream(stream, stage, cred, s, opts.meter)
+    )
 
 
-def _import(backing: Path, cred: Credential, dry_run: bool, fill: Fill) -> Summary:
+def _import(backing: Path, cred: Credential, opts: ImportOptions, fill: Fill) -> Summary:
     t0 = time.monotonic()
     if backing.exists() and (not backing.is_dir() or any(backing.iterdir())):
         raise UsageError(f"{backing} exists and is not an empty directory: refusing to replace it")
-    summary = Summary("", True, dry_run)
+    summary = Summary("", True, opts.dry_run)
     stage = _fresh_stage(backing)
     try:
         header, master, manifest = fill(stage, summary)
@@ -72,7 +90,10 @@ def _import(backing: Path, cred: Credential, dry_run: bool, fill: Fill) -> Summa
         summary.objects = sum(e.name.startswith("objects/") for e in manifest.files)
         summary.bytes_total = summary.bytes_copied
         _check_state(stage, header, master, manifest, cred)
-        if not dry_run:
+        if opts.verify_data:
+            verify_data(stage, header, master, opts.meter)
+            summary.data_verified = True
+        if not opts.dry_run:
             _install(stage, backing)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
@@ -108,7 +129,7 @@ def _verified_manifest(data: bytes, header: Header, master: Secret) -> Manifest:
 
 
 def _from_dir(
-    source: Path, stage: Path, cred: Credential, summary: Summary
+    source: Path, stage: Path, cred: Credential, summary: Summary, meter: Meter
 ) -> tuple[Header, Secret, Manifest]:
     header = load_header(source)
     master = header.unlock(cred)  # also refuses another volume than --volume-id
@@ -120,7 +141,8 @@ def _from_dir(
             f"{source} has no manifest: the export was not finished with `--final`"
         ) from None
     manifest = _verified_manifest(data, header, master)
-    for entry in manifest.files:
+    files, total = manifest.files, manifest.total_bytes
+    for entry in each(meter, "copying", files, len(files), total, summary.copied):
         try:
             size, digest = copy_hashed(source, stage, entry.name)
         except MissingObject:
@@ -132,7 +154,7 @@ def _from_dir(
 
 
 def _from_stream(
-    stream: BinaryIO, stage: Path, cred: Credential, summary: Summary
+    stream: BinaryIO, stage: Path, cred: Credential, summary: Summary, meter: Meter
 ) -> tuple[Header, Secret, Manifest]:
     """The stream is a tar of the header, the manifest, then every file it lists."""
     try:
@@ -146,7 +168,8 @@ def _from_stream(
             manifest = _verified_manifest(data, header, master)
             pending = {e.name: e for e in manifest.files}
             _matches(pending.pop(HEADER_NAME), head_size, head_digest, summary)
-            for member in members:
+            total = sum(e.size for e in pending.values())
+            for member in each(meter, "receiving", members, len(pending), total, summary.copied):
                 entry = pending.pop(member.name, None)
                 if entry is None:
                     raise BundleTampered(
