@@ -39,7 +39,8 @@ def migrate() -> None:
     Only ciphertext leaves the CVM. The bundle's manifest (every file's length and SHA-256,
     the volume id, the last commit and its head) is authenticated under a key derived from
     the volume master key, so whoever carries the bundle cannot alter it unseen. Once the
-    new host commits, the KMS anchor moves on and the old copy is refused as a fork.
+    new host commits, the KMS anchor moves on and a mount or check of the old copy is
+    refused as stale (a fork left behind, exit 5).
     """
 
 

@@ -23,7 +23,7 @@ from sealfs.crypto import Secret, ct_equal
 from sealfs.errors import StorageError, UsageError
 from sealfs.meter import Meter, NoMeter, each
 from sealfs.store import HEADER_NAME, MissingObject, ObjectStore, read_bounded
-from sealfs.volume.anchor import KmsAnchor, verify_fresh
+from sealfs.volume.anchor import KmsAnchor, RollbackError, verify_fresh
 from sealfs.volume.header import MAX_HEADER_BYTES, Credential, Header, KmsCredential, load_header
 
 from .export import Summary
@@ -239,7 +239,14 @@ def _check_state(
             )
         if isinstance(cred, KmsCredential):
             anchored = KmsAnchor(cred.client, header.volume_id).fetch()
-            verify_fresh(state.seq, state.heads, anchored)
+            try:
+                verify_fresh(state.seq, state.heads, anchored)
+            except RollbackError as e:
+                raise RollbackError(
+                    e.reason,
+                    "the bundle is a stale export (the volume committed after it was made: "
+                    f"export again with --final): {e}",
+                ) from None
     except MissingObject as e:
         raise BundleIncomplete(f"the bundle is incomplete: {e}") from None
     finally:
