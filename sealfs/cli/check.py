@@ -155,6 +155,7 @@ def check(
                 report.repair["remaining"] = [f.to_dict() for f in report.problems]
     finally:
         store.unlock()
+    meter.end()
     human = report.human()
     if report.repair and "clean_after" in report.repair:
         human += (

@@ -516,6 +516,7 @@ def export_cmd(
         )
     else:
         result = export_volume(device, dest, profile, chunk_size=chunk_mib * MIB, meter=meter)
+    meter.end()
     summary = (
         f"exported {device} ({result.uuid}, {result.chunks} chunks, {result.written} with data) "
         f"to {dest}; manifest SHA-256 {result.manifest_sha256}"
@@ -572,6 +573,7 @@ def import_cmd(
         result = import_volume(
             source, device, profile, manifest_sha256=manifest_sha256, meter=meter
         )
+    meter.end()
     emit(
         {"ok": True, **result.as_dict()},
         as_json,

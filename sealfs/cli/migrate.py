@@ -101,6 +101,7 @@ def export(
         summary = export_stream(Path(backing_dir), sys.stdout.buffer, cred, dry_run, meter)
     else:
         summary = export_volume(Path(backing_dir), Path(dest), cred, final, dry_run, meter)
+    meter.end()
     verb = "would copy" if dry_run else "copied"
     lines = [f"{verb} {summary.objects_copied} object(s), {summary.bytes_copied} bytes to {dest}"]
     if final:
@@ -165,11 +166,13 @@ def import_(
     than the KMS anchor (a stale export), or (--verify-data) holding damaged data,
     7 storage error, 8 KMS unreachable.
     """
-    opts = ImportOptions(dry_run, verify_data, Progress.on_stderr(progress, as_json))
+    meter = Progress.on_stderr(progress, as_json)
+    opts = ImportOptions(dry_run, verify_data, meter)
     if source == "-":
         summary = import_stream(sys.stdin.buffer, Path(backing_dir), cred, opts)
     else:
         summary = import_bundle(Path(source), Path(backing_dir), cred, opts)
+    meter.end()
     verb = "verified" if dry_run else "imported"
     _report(
         summary,

@@ -108,7 +108,7 @@ class Progress:
     def __exit__(
         self, kind: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self._end_line()
+        self.end()
 
     def start(self, phase: str, total_bytes: int | None, total_items: int) -> None:
         self.phase, self.total_bytes, self.total_items = phase, total_bytes, total_items
@@ -128,9 +128,11 @@ class Progress:
     def finish(self) -> None:
         if self.enabled and self._width:
             self._draw(force=True)
-        self._end_line()
+        self.end()
 
-    def _end_line(self) -> None:
+    def end(self) -> None:
+        """End the line if one is open (a note, or a phase cut short), so what the command
+        prints next starts on a line of its own."""
         if self._width:
             self.stream.write("\n")
             self.stream.flush()

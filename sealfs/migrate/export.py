@@ -111,6 +111,7 @@ def _live_pass(
     """Copy every object file the bundle lacks (a mounted volume's too: objects stay valid
     until deleted, and one deleted meanwhile is simply skipped), noting each one's hash in
     ``ledger``."""
+    meter.note("listing objects")
     oids = list(store.list_objects())
     for oid in each(meter, "pre-copy", oids, len(oids), None, summary.copied):
         name = object_name(oid)
@@ -143,6 +144,7 @@ def export_stream(
     summary = Summary(header.volume_id.hex(), True, dry_run)
     store = ObjectStore(backing)
     try:
+        meter.note("reading metadata")
         state, referenced = _locked_state(store, backing, header, master)
         entries = _collect(backing, None, state, referenced, summary, {}, meter, "hashing")
         manifest = _manifest(header, state, entries)
@@ -250,6 +252,7 @@ def _final_pass(
     ``backing`` (by this pass, or by the live pass that copied the object: objects never
     change under their name), so a copy altered in the bundle since then fails the import,
     and the app's downtime is the delta, not the volume."""
+    meter.note("reading metadata")
     state, referenced = _locked_state(store, backing, header, master)
     if not summary.dry_run:
         (dest / MANIFEST_NAME).unlink(missing_ok=True)  # the bundle is being changed

@@ -89,6 +89,7 @@ def _import(backing: Path, cred: Credential, opts: ImportOptions, fill: Fill) ->
         summary.commit, summary.head = manifest.commit, manifest.head.hex()
         summary.objects = sum(e.name.startswith("objects/") for e in manifest.files)
         summary.bytes_total = summary.bytes_copied
+        opts.meter.note("checking metadata")
         _check_state(stage, header, master, manifest, cred)
         if opts.verify_data:
             verify_data(stage, header, master, opts.meter)

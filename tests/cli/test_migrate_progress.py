@@ -15,8 +15,11 @@ from pathlib import Path
 from tests.conftest import REPO, SEALFS, Volume, new_volume, sealfs
 
 
-def on_terminal(*args: str, stdin: bytes | None = None) -> tuple[int, bytes, str]:
-    """Run sealfs with standard error on a pseudo-terminal: (exit code, stdout, terminal)."""
+def on_terminal(
+    *args: str, stdin: bytes | None = None, stdout_too: bool = False
+) -> tuple[int, bytes, str]:
+    """Run sealfs with standard error (and, ``stdout_too``, standard output) on a
+    pseudo-terminal: (exit code, what standard output got, what the terminal got)."""
     master, slave = pty.openpty()
     seen: list[bytes] = []
 
@@ -36,7 +39,7 @@ def on_terminal(*args: str, stdin: bytes | None = None) -> tuple[int, bytes, str
         proc = subprocess.Popen(
             [*SEALFS, *args],
             stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
+            stdout=slave if stdout_too else subprocess.PIPE,
             stderr=slave,
             cwd=REPO,
         )
@@ -77,6 +80,18 @@ def test_progress_on_a_terminal_and_never_otherwise(tmp_path: Path) -> None:
     size = sum(f[1] for f in total)
     assert last.startswith("copying: 100.0%") and f"{size} B / {size} B" in last, term
     assert f"{len(total)}/{len(total)} objects" in last
+
+    # the result printed after the progress starts on a line of its own
+    code, _, term = on_terminal(
+        "migrate",
+        "import",
+        str(bundle),
+        str(tmp_path / "dry"),
+        "--dry-run",
+        *key(vol),
+        stdout_too=True,
+    )
+    assert code == 0 and term.split("\r\n")[-2].startswith("verified volume"), term
 
     # --json: nothing but the JSON, even on a terminal
     code, out, term = on_terminal(

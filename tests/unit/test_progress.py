@@ -81,6 +81,14 @@ def test_a_failing_command_leaves_no_open_line() -> None:
     assert out.getvalue().endswith("\n")
 
 
+def test_a_note_left_open_is_ended_before_the_command_prints() -> None:
+    m, out, clock = meter()
+    m.note("checking metadata")
+    m.end()
+    m.end()
+    assert out.getvalue() == "\rchecking metadata...\n"
+
+
 def test_disabled_writes_nothing() -> None:
     m, out, clock = meter(enabled=False)
     with m:
