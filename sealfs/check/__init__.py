@@ -3,7 +3,7 @@
 Layers: :mod:`.meta` (header, checkpoint, journal, anchor), :mod:`.walk` (records, paths,
 link counts), :mod:`.verify` (every data object, in parallel), :mod:`.probe` (swapped versus
 rolled back versus tampered), :mod:`.run` (one check end to end), :mod:`.repair` (quarantine
-and heal through a normal commit), :mod:`.report` and :mod:`.progress` (output).
+and heal through a normal commit), :mod:`.report` (output).
 """
 
 from .report import KINDS, Finding, Report

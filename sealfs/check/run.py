@@ -16,6 +16,7 @@ from sealfs.crypto import Secret
 from sealfs.errors import BusyError, IntegrityError
 from sealfs.fs.lifecycle import volume_objects
 from sealfs.fs.metalog import MetaState
+from sealfs.meter import Meter, NoMeter
 from sealfs.sealed.codec import CODEC_LZ4, RECORD_OBJECT_MAX, block_object_max, block_overhead
 from sealfs.sealed.inode import ROOT_INO, Inode
 from sealfs.store import HEADER_NAME, ObjectStore
@@ -24,7 +25,6 @@ from sealfs.volume.header import Credential, Header, KmsCredential, load_header
 
 from .meta import check_anchor, check_header, load_metadata, stale_files
 from .probe import Prober
-from .progress import Progress
 from .report import ADVICE, Finding, Report
 from .verify import BlockFailure, Job, verify_blocks
 from .walk import RecordFailure, Tree, Walker, record_finding, structure_findings
@@ -40,7 +40,7 @@ class CheckOptions:
     anchor: tuple[int, bytes] | None = None  # (epoch, head) from the KMS, if configured
     live: bool = False  # the volume is mounted: check its last committed state
     workers: int | None = None
-    progress: Progress | None = None
+    progress: Meter | None = None
 
 
 @dataclass
@@ -70,7 +70,7 @@ def check_volume(
 ) -> CheckResult:
     """Check the committed state of an unlocked volume. Read-only."""
     t0 = time.monotonic()
-    progress = opts.progress or Progress(enabled=False)
+    progress = opts.progress or NoMeter()
     objects = volume_objects(header, master)
     report = Report(header.volume_id.hex(), "full" if opts.full else "quick", opts.path)
     result = CheckResult(report)

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import click
 
-from sealfs.check.progress import Progress
 from sealfs.check.repair import Plan, apply_repair, plan_repair
 from sealfs.check.report import Report
 from sealfs.check.run import CheckOptions, CheckResult, check_volume, open_and_check
 from sealfs.cli.credentials import credential_options
 from sealfs.cli.exit_codes import exit_code, fail_with
 from sealfs.cli.output import emit, json_option
+from sealfs.cli.progress import Progress, progress_option
 from sealfs.crypto import Secret
 from sealfs.errors import IntegrityError, UsageError
 from sealfs.store import ObjectStore
@@ -58,11 +58,7 @@ from sealfs.volume.header import Credential, Header
     default=None,
     help="Processes verifying data (default: one per CPU).",
 )
-@click.option(
-    "--progress/--no-progress",
-    default=None,
-    help="Progress line on standard error (default: only on a terminal).",
-)
+@progress_option
 @json_option
 def check(
     backing_dir: str,
@@ -122,7 +118,7 @@ def check(
         raise UsageError(
             "--repair needs the volume unmounted; it cannot be combined with --read-only"
         )
-    meter = Progress(enabled=progress)
+    meter = Progress.on_stderr(progress, as_json)
     opts = CheckOptions(
         full=not quick, path=subpath or "/", live=live, workers=workers, progress=meter
     )
@@ -159,6 +155,7 @@ def check(
                 report.repair["remaining"] = [f.to_dict() for f in report.problems]
     finally:
         store.unlock()
+    meter.end()
     human = report.human()
     if report.repair and "clean_after" in report.repair:
         human += (

@@ -22,6 +22,7 @@ from .credentials import KmsOptions, kms_client, kms_options
 from .exit_codes import fail_with
 from .logs import log_warnings
 from .output import SealfsGroup, emit, json_option
+from .progress import Progress, progress_option
 
 if TYPE_CHECKING:
     from sealfs.crypto import Secret
@@ -468,14 +469,6 @@ def header_restore_cmd(
     )
 
 
-def _progress_option(fn: FC) -> FC:
-    return click.option(
-        "--progress/--no-progress",
-        default=None,
-        help="Progress line on standard error (default: only on a terminal).",
-    )(fn)
-
-
 @luks.command("export")
 @click.argument("device", type=str)
 @click.argument("dest", type=str)
@@ -487,7 +480,7 @@ def _progress_option(fn: FC) -> FC:
     show_default=True,
     help="Size of the data chunks in MiB (each is hashed, stored and resumed as a unit).",
 )
-@_progress_option
+@progress_option
 @json_option
 def export_cmd(
     device: str,
@@ -510,11 +503,11 @@ def export_cmd(
     """
     import sys
 
-    from sealfs.check.progress import Progress
     from sealfs.luks.bundle import export_volume
     from sealfs.luks.stream import STDIO, export_stream
 
-    profile, meter = _profile(integrity, recovery_slot), Progress(enabled=progress)
+    profile = _profile(integrity, recovery_slot)
+    meter = Progress.on_stderr(progress, as_json, unit="chunks")
     if dest == STDIO:
         if sys.stdout.isatty():
             raise UsageError("refusing to write a bundle stream to a terminal; redirect it")
@@ -523,6 +516,7 @@ def export_cmd(
         )
     else:
         result = export_volume(device, dest, profile, chunk_size=chunk_mib * MIB, meter=meter)
+    meter.end()
     summary = (
         f"exported {device} ({result.uuid}, {result.chunks} chunks, {result.written} with data) "
         f"to {dest}; manifest SHA-256 {result.manifest_sha256}"
@@ -543,7 +537,7 @@ def export_cmd(
     metavar="HEX",
     help="Refuse the bundle unless its manifest has this SHA-256 (as export printed it).",
 )
-@_progress_option
+@progress_option
 @json_option
 def import_cmd(
     source: str,
@@ -566,11 +560,11 @@ def import_cmd(
     """
     import sys
 
-    from sealfs.check.progress import Progress
     from sealfs.luks.bundle import import_volume
     from sealfs.luks.stream import STDIO, import_stream
 
-    profile, meter = _profile(integrity, recovery_slot), Progress(enabled=progress)
+    profile = _profile(integrity, recovery_slot)
+    meter = Progress.on_stderr(progress, as_json, unit="chunks")
     if source == STDIO:
         result = import_stream(
             sys.stdin.buffer, device, profile, manifest_sha256=manifest_sha256, meter=meter
@@ -579,6 +573,7 @@ def import_cmd(
         result = import_volume(
             source, device, profile, manifest_sha256=manifest_sha256, meter=meter
         )
+    meter.end()
     emit(
         {"ok": True, **result.as_dict()},
         as_json,

@@ -11,10 +11,11 @@ import click
 
 from sealfs.cli.credentials import credential_options, stream_credential_options
 from sealfs.cli.output import SealfsGroup, emit, json_option
+from sealfs.cli.progress import Progress, progress_option
 from sealfs.errors import UsageError
 from sealfs.fuse.mount import served_backing, unmount
 from sealfs.migrate.export import Summary, export_stream, export_volume
-from sealfs.migrate.importer import import_bundle, import_stream
+from sealfs.migrate.importer import ImportOptions, import_bundle, import_stream
 from sealfs.volume.header import Credential
 
 _DRY_RUN = click.option("--dry-run", is_flag=True, help="Show what would be copied; write nothing.")
@@ -38,7 +39,8 @@ def migrate() -> None:
     Only ciphertext leaves the CVM. The bundle's manifest (every file's length and SHA-256,
     the volume id, the last commit and its head) is authenticated under a key derived from
     the volume master key, so whoever carries the bundle cannot alter it unseen. Once the
-    new host commits, the KMS anchor moves on and the old copy is refused as a fork.
+    new host commits, the KMS anchor moves on and a mount or check of the old copy is
+    refused as stale (a fork left behind, exit 5).
     """
 
 
@@ -60,6 +62,7 @@ def migrate() -> None:
     "BACKING_DIR), waiting for its final commit, then run the final pass at once.",
 )
 @_DRY_RUN
+@progress_option
 @json_option
 def export(
     backing_dir: str,
@@ -68,6 +71,7 @@ def export(
     final: bool,
     mountpoint: str | None,
     dry_run: bool,
+    progress: bool | None,
     as_json: bool,
 ) -> None:
     """Copy the volume in BACKING_DIR into the bundle directory DEST (or, with DEST `-`,
@@ -84,6 +88,10 @@ def export(
     file it was writing, keeps every whole copy a pass noted in its authenticated ledger,
     re-hashes one no ledger notes (kept only if it matches the source), and copies the rest.
 
+    On a terminal a progress line on standard error shows the bytes and objects done, the
+    rate and an estimate of the time left (from the objects: their sizes are not read ahead,
+    to keep the final pass short; a stream's send phase knows its bytes).
+
     \b
     Exit codes: 0 done, 2 usage, 3 cannot unlock, 4 bad header, 5 the volume is damaged
     (run `sealfs check`), 6 --final while the volume is mounted, 7 storage error.
@@ -91,11 +99,13 @@ def export(
     if mountpoint is not None:
         final = True
         _unmount_volume(Path(mountpoint), Path(backing_dir), dry_run)
+    meter = Progress.on_stderr(progress, as_json)
     if dest == "-":
         final = True
-        summary = export_stream(Path(backing_dir), sys.stdout.buffer, cred, dry_run)
+        summary = export_stream(Path(backing_dir), sys.stdout.buffer, cred, dry_run, meter)
     else:
-        summary = export_volume(Path(backing_dir), Path(dest), cred, final, dry_run)
+        summary = export_volume(Path(backing_dir), Path(dest), cred, final, dry_run, meter)
+    meter.end()
     verb = "would copy" if dry_run else "copied"
     lines = [
         f"{verb} {summary.objects_copied} object(s), {summary.bytes_copied} bytes to {dest}"
@@ -108,8 +118,8 @@ def export(
         )
         if not dry_run:
             lines.append(
-                f"the copy in {backing_dir} becomes a fork once the new host commits: "
-                "do not mount it again (it will be refused with exit 5)"
+                f"the copy in {backing_dir} becomes a stale fork once the new host commits: "
+                "do not mount it again (a mount or check of it is refused as stale, exit 5)"
             )
     _report(summary, as_json, lines, to_stderr=dest == "-")
 
@@ -118,9 +128,25 @@ def export(
 @click.argument("source", type=click.Path(file_okay=False))
 @click.argument("backing_dir", type=click.Path(file_okay=False))
 @stream_credential_options("source")
+@click.option(
+    "--verify-data",
+    is_flag=True,
+    help="Also decrypt every object of the staged volume before installing it (the full "
+    "`sealfs check` of the imported copy): refuses a bundle whose objects match the manifest "
+    "but were damaged on the old host before the export hashed them.",
+)
 @_DRY_RUN
+@progress_option
 @json_option
-def import_(source: str, backing_dir: str, cred: Credential, dry_run: bool, as_json: bool) -> None:
+def import_(
+    source: str,
+    backing_dir: str,
+    cred: Credential,
+    verify_data: bool,
+    dry_run: bool,
+    progress: bool | None,
+    as_json: bool,
+) -> None:
     """Verify the bundle in SOURCE (a directory, or `-`: the byte stream of `export -` on
     standard input) and install it as the volume in BACKING_DIR.
 
@@ -141,17 +167,28 @@ def import_(source: str, backing_dir: str, cred: Credential, dry_run: bool, as_j
     directory is the host's) is kept instead of copied again. After a refusal for tampering,
     staleness or another volume the staging directory is removed.
 
+    The manifest proves the bundle holds what the exporter read, not that it was sound: an
+    object damaged on the old host's disk before the export is carried faithfully. With
+    --verify-data every record and data object of the staged volume is also decrypted and
+    checked against its file and position (as `sealfs check` does; it reads the volume once
+    more) and any problem refuses the bundle. On a terminal a progress line on standard
+    error shows the bytes and objects done (the totals come from the manifest), the rate and
+    an estimate of the time left.
+
     \b
     Exit codes: 0 imported, 2 usage (BACKING_DIR not empty, ...), 3 cannot unlock,
     4 bad header, 5 bundle refused: incomplete or cut short, tampered with or a malformed
-    stream, of another volume, or older than the KMS anchor (a stale export), 6 another
-    import into BACKING_DIR is running, 7 storage error (a full disk: free space, rerun),
-    8 KMS unreachable.
+    stream, of another volume, older than the KMS anchor (a stale export), or
+    (--verify-data) holding damaged data, 6 another import into BACKING_DIR is running,
+    7 storage error (a full disk: free space, rerun), 8 KMS unreachable.
     """
+    meter = Progress.on_stderr(progress, as_json)
+    opts = ImportOptions(dry_run, verify_data, meter)
     if source == "-":
-        summary = import_stream(sys.stdin.buffer, Path(backing_dir), cred, dry_run)
+        summary = import_stream(sys.stdin.buffer, Path(backing_dir), cred, opts)
     else:
-        summary = import_bundle(Path(source), Path(backing_dir), cred, dry_run)
+        summary = import_bundle(Path(source), Path(backing_dir), cred, opts)
+    meter.end()
     verb = "verified" if dry_run else "imported"
     _report(
         summary,

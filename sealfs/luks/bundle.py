@@ -28,10 +28,12 @@ import os
 import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from sealfs import strict
 from sealfs.errors import IntegrityError, LuksError, StorageError, UsageError
+from sealfs.meter import Meter as Meter  # luks.stream takes it from here
+from sealfs.meter import NoMeter as NoMeter
 
 from . import failpoints
 from . import header as H
@@ -60,25 +62,6 @@ MAX_MANIFEST_BYTES = 64 * 1024 * 1024
 #: The largest image a manifest may name (1 PiB): an unpinned manifest is the host's word,
 #: and import reads (and hashes) the whole image, zero chunks too.
 MAX_IMAGE_SIZE = 1 << 50
-
-
-class Meter(Protocol):
-    """Where progress goes (the CLI's progress line; :class:`NoMeter` otherwise)."""
-
-    def start(self, phase: str, total_bytes: int, total_objects: int) -> None: ...
-    def advance(self, nbytes: int, nobjects: int) -> None: ...
-    def finish(self) -> None: ...
-
-
-class NoMeter:
-    def start(self, phase: str, total_bytes: int, total_objects: int) -> None:
-        pass
-
-    def advance(self, nbytes: int, nobjects: int) -> None:
-        pass
-
-    def finish(self) -> None:
-        pass
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from typing import BinaryIO
 from sealfs.crypto import Secret
 from sealfs.errors import BusyError, IntegrityError, StorageError, UsageError
 from sealfs.fs.metalog import MetaState
+from sealfs.meter import Meter, NoMeter, each
 from sealfs.store import HEADER_NAME, DamagedFile, MissingObject, ObjectStore, read_bounded
 from sealfs.tarstream import TarWriter
 from sealfs.volume.header import Credential, Header, load_header
@@ -62,17 +63,29 @@ class Summary:
     bytes_hashed: int = 0  # read only to hash them (objects no live pass noted): downtime
     files_reused: int = 0  # copies an interrupted run left, verified and kept (not copied)
     bytes_reused: int = 0
+    data_verified: bool = False  # import --verify-data: every object decrypted
     commit: int | None = None
     head: str | None = None
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
 
+    def copied(self) -> int:
+        """The bytes done so far, copied or reused (what a progress line counts)."""
+        return self.bytes_copied + self.bytes_reused
+
 
 def export_volume(
-    backing: Path, dest: Path, cred: Credential, final: bool, dry_run: bool
+    backing: Path,
+    dest: Path,
+    cred: Credential,
+    final: bool,
+    dry_run: bool,
+    meter: Meter | None = None,
 ) -> Summary:
-    """One export pass of the volume in ``backing`` into the bundle directory ``dest``."""
+    """One export pass of the volume in ``backing`` into the bundle directory ``dest``,
+    reporting its progress to ``meter``."""
     t0 = time.monotonic()
+    meter = meter or NoMeter()
     header = load_header(backing)
     master = header.unlock(cred)
     if dest.exists() and not dest.is_dir():
@@ -89,9 +102,9 @@ def export_volume(
     try:
         ledger = _read_ledger(dest, header, master)
         if final:
-            _final_pass(store, backing, dest, header, master, summary, ledger)
+            _final_pass(store, backing, dest, header, master, summary, ledger, meter)
         else:
-            _live_pass(store, backing, dest, summary, ledger)
+            _live_pass(store, backing, dest, summary, ledger, meter)
             if not dry_run:
                 _write_atomically(
                     dest,
@@ -106,13 +119,20 @@ def export_volume(
 
 
 def _live_pass(
-    store: ObjectStore, backing: Path, dest: Path, summary: Summary, ledger: dict[str, FileEntry]
+    store: ObjectStore,
+    backing: Path,
+    dest: Path,
+    summary: Summary,
+    ledger: dict[str, FileEntry],
+    meter: Meter,
 ) -> None:
     """Copy every object file the bundle lacks (a mounted volume's too: objects stay valid
     until deleted, and one deleted meanwhile is simply skipped), noting each one's hash in
     ``ledger``. A copy in ``dest`` that the ledger does not vouch for (its pass was killed
     before it saved the ledger) is kept only if it hashes like the source."""
-    for oid in store.list_objects():
+    meter.note("listing objects")
+    oids = list(store.list_objects())
+    for oid in each(meter, "pre-copy", oids, len(oids), None, summary.copied):
         name = object_name(oid)
         size = size_under(backing, name)
         if size is None:
@@ -139,24 +159,30 @@ def _live_pass(
         summary.bytes_copied += copied
 
 
-def export_stream(backing: Path, out: BinaryIO, cred: Credential, dry_run: bool) -> Summary:
+def export_stream(
+    backing: Path, out: BinaryIO, cred: Credential, dry_run: bool, meter: Meter | None = None
+) -> Summary:
     """The final export as one byte stream on ``out`` (a tar, :mod:`sealfs.tarstream`: the
-    header, the manifest, then every file it lists), for ``export - | ssh host sealfs migrate import -``. The volume must
+    header, the manifest, then every file it lists), for
+    ``export - | ssh host sealfs migrate import -``. The volume must
     be unmounted; each file is read twice (hashed for the manifest, then sent)."""
     t0 = time.monotonic()
+    meter = meter or NoMeter()
     header = load_header(backing)
     master = header.unlock(cred)
     summary = Summary(header.volume_id.hex(), True, dry_run)
     store = ObjectStore(backing)
     try:
+        meter.note("reading metadata")
         state, referenced = _locked_state(store, backing, header, master)
-        entries = _collect(backing, None, state, referenced, summary, {})
+        entries = _collect(backing, None, state, referenced, summary, {}, meter, "hashing")
         manifest = _manifest(header, state, entries)
         if not dry_run:
             tar = TarWriter(out)
             _add(tar, backing, HEADER_NAME)
             tar.add_bytes(MANIFEST_NAME, manifest.to_bytes(header.volume_keys(master)))
-            for entry in entries:
+            total = sum(e.size for e in entries if e.name != HEADER_NAME)
+            for entry in each(meter, "sending", entries, len(entries), total, summary.copied):
                 if entry.name != HEADER_NAME:
                     _add(tar, backing, entry.name)
                     summary.objects_copied += entry.name.startswith("objects/")
@@ -196,11 +222,17 @@ def _collect(
     referenced: set[int],
     summary: Summary,
     ledger: dict[str, FileEntry],
+    meter: Meter,
+    phase: str,
 ) -> list[FileEntry]:
     """The manifest entries of the metadata files and referenced objects, copying them into
     ``dest`` (when given) as :func:`_copy` says."""
     entries = [_copy(backing, dest, name, summary, None) for name in metadata_names(state)]
-    for oid in sorted(referenced):
+
+    def read() -> int:
+        return summary.bytes_copied + summary.bytes_hashed
+
+    for oid in each(meter, phase, sorted(referenced), len(referenced), None, read):
         name = object_name(oid)
         try:
             entries.append(_copy(backing, dest, name, summary, ledger.get(name)))
@@ -233,16 +265,18 @@ def _final_pass(
     master: Secret,
     summary: Summary,
     ledger: dict[str, FileEntry],
+    meter: Meter,
 ) -> None:
     """With the volume lock held: the objects the committed state refers to, the metadata
     files, and the manifest over all of them. Each hash was taken from the bytes read from
     ``backing`` (by this pass, or by the live pass that copied the object: objects never
     change under their name), so a copy altered in the bundle since then fails the import,
     and the app's downtime is the delta, not the volume."""
+    meter.note("reading metadata")
     state, referenced = _locked_state(store, backing, header, master)
     if not summary.dry_run:
         (dest / MANIFEST_NAME).unlink(missing_ok=True)  # the bundle is being changed
-    entries = _collect(backing, dest, state, referenced, summary, ledger)
+    entries = _collect(backing, dest, state, referenced, summary, ledger, meter, "final pass")
     if summary.dry_run:
         return
     manifest = _manifest(header, state, entries)

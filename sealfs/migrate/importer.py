@@ -20,14 +20,16 @@ import shutil
 import stat
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
 from sealfs.crypto import Secret, ct_equal
 from sealfs.errors import BusyError, IntegrityError, StorageError, UsageError
+from sealfs.meter import Meter, NoMeter, each
 from sealfs.store import HEADER_NAME, MissingObject, ObjectStore, read_bounded
 from sealfs.tarstream import Member, TarReader
-from sealfs.volume.anchor import KmsAnchor, verify_fresh
+from sealfs.volume.anchor import KmsAnchor, RollbackError, verify_fresh
 from sealfs.volume.header import MAX_HEADER_BYTES, Credential, Header, KmsCredential, load_header
 
 from .export import Summary
@@ -50,6 +52,7 @@ from .manifest import (
     parse_manifest,
 )
 from .state import committed_state, metadata_names, object_name
+from .verify import verify_data
 
 
 def staging_dir(backing: Path) -> Path:
@@ -60,25 +63,40 @@ def staging_dir(backing: Path) -> Path:
 Fill = Callable[[Path, Summary], tuple[Header, Secret, Manifest]]
 
 
-def import_bundle(source: Path, backing: Path, cred: Credential, dry_run: bool) -> Summary:
+@dataclass(frozen=True)
+class ImportOptions:
+    """How an import runs (the command line's flags)."""
+
+    dry_run: bool = False  # verify in the staging directory, install nothing
+    verify_data: bool = False  # also decrypt every object (:func:`.verify.verify_data`)
+    meter: Meter = field(default_factory=NoMeter)
+
+
+def import_bundle(source: Path, backing: Path, cred: Credential, opts: ImportOptions) -> Summary:
     """Verify the bundle directory ``source`` and install it as ``backing`` (unless
-    ``dry_run``: then verify only, in a staging directory removed afterwards)."""
+    ``opts.dry_run``: then verify only, in a staging directory removed afterwards)."""
     if not source.is_dir():
         raise UsageError(f"{source} is not a bundle directory")
-    return _import(backing, cred, dry_run, lambda stage, s: _from_dir(source, stage, cred, s))
+    return _import(
+        backing, cred, opts, lambda stage, s: _from_dir(source, stage, cred, s, opts.meter)
+    )
 
 
-def import_stream(stream: BinaryIO, backing: Path, cred: Credential, dry_run: bool) -> Summary:
+def import_stream(
+    stream: BinaryIO, backing: Path, cred: Credential, opts: ImportOptions
+) -> Summary:
     """Like :func:`import_bundle`, from the single byte stream ``export -`` writes."""
-    return _import(backing, cred, dry_run, lambda stage, s: _from_stream(stream, stage, cred, s))
+    return _import(
+        backing, cred, opts, lambda stage, s: _from_stream(stream, stage, cred, s, opts.meter)
+    )
 
 
-def _import(backing: Path, cred: Credential, dry_run: bool, fill: Fill) -> Summary:
+def _import(backing: Path, cred: Credential, opts: ImportOptions, fill: Fill) -> Summary:
     t0 = time.monotonic()
     if backing.exists() and (not backing.is_dir() or any(backing.iterdir())):
         raise UsageError(f"{backing} exists and is not an empty directory: refusing to replace it")
-    summary = Summary("", True, dry_run)
-    with _staging(backing, dry_run) as stage:
+    summary = Summary("", True, opts.dry_run)
+    with _staging(backing, opts.dry_run) as stage:
         header, master, manifest = fill(stage, summary)
         listed = {e.name for e in manifest.files}
         folders = {n.rsplit("/", i)[0] for n in listed for i in (1, 2) if n.count("/") >= i}
@@ -87,8 +105,12 @@ def _import(backing: Path, cred: Credential, dry_run: bool, fill: Fill) -> Summa
         summary.commit, summary.head = manifest.commit, manifest.head.hex()
         summary.objects = sum(e.name.startswith("objects/") for e in manifest.files)
         summary.bytes_total = summary.bytes_copied + summary.bytes_reused
+        opts.meter.note("checking metadata")
         _check_state(stage, header, master, manifest, cred)
-        if not dry_run:
+        if opts.verify_data:
+            verify_data(stage, header, master, opts.meter)
+            summary.data_verified = True
+        if not opts.dry_run:
             _install(stage, backing)
     summary.seconds = round(time.monotonic() - t0, 3)
     return summary
@@ -163,7 +185,7 @@ def _verified_manifest(data: bytes, header: Header, master: Secret) -> Manifest:
 
 
 def _from_dir(
-    source: Path, stage: Path, cred: Credential, summary: Summary
+    source: Path, stage: Path, cred: Credential, summary: Summary, meter: Meter
 ) -> tuple[Header, Secret, Manifest]:
     header = load_header(source)
     master = header.unlock(cred)  # also refuses another volume than --volume-id
@@ -175,7 +197,8 @@ def _from_dir(
             f"{source} has no manifest: the export was not finished with `--final`"
         ) from None
     manifest = _verified_manifest(data, header, master)
-    for entry in manifest.files:
+    files, total = manifest.files, manifest.total_bytes
+    for entry in each(meter, "copying", files, len(files), total, summary.copied):
         if holds_copy(stage, entry.name, entry.size, entry.sha256):
             summary.files_reused += 1  # verified by an interrupted run, and again now
             summary.bytes_reused += entry.size
@@ -191,7 +214,7 @@ def _from_dir(
 
 
 def _from_stream(
-    stream: BinaryIO, stage: Path, cred: Credential, summary: Summary
+    stream: BinaryIO, stage: Path, cred: Credential, summary: Summary, meter: Meter
 ) -> tuple[Header, Secret, Manifest]:
     """The stream (:mod:`sealfs.tarstream`) holds the header, the manifest, then every file
     the manifest lists, then nothing more; it is read in bounded pieces as it arrives."""
@@ -206,7 +229,8 @@ def _from_stream(
     if HEADER_NAME not in pending:
         raise BundleIncomplete("the manifest does not list the volume header")
     _matches(pending.pop(HEADER_NAME), head_size, head_digest, summary)
-    while (member := tar.next()) is not None:
+    total = sum(e.size for e in pending.values())
+    for member in each(meter, "receiving", _members(tar), len(pending), total, summary.copied):
         entry = pending.pop(member.name, None)
         if entry is None:
             raise BundleTampered(f"the stream holds {member.name!r}, which no manifest lists")
@@ -217,6 +241,12 @@ def _from_stream(
             f"the bundle stream ended before {len(pending)} listed file(s) arrived ({min(pending)})"
         )
     return header, master, manifest
+
+
+def _members(tar: TarReader) -> Iterator[Member]:
+    """The stream's remaining members, in order."""
+    while (member := tar.next()) is not None:
+        yield member
 
 
 def _member(member: Member | None, name: str, limit: int) -> Member:
@@ -263,7 +293,14 @@ def _check_state(
             )
         if isinstance(cred, KmsCredential):
             anchored = KmsAnchor(cred.client, header.volume_id).fetch()
-            verify_fresh(state.seq, state.heads, anchored)
+            try:
+                verify_fresh(state.seq, state.heads, anchored)
+            except RollbackError as e:
+                raise RollbackError(
+                    e.reason,
+                    "the bundle is a stale export (the volume committed after it was made: "
+                    f"export again with --final): {e}",
+                ) from None
     except MissingObject as e:
         raise BundleIncomplete(f"the bundle is incomplete: {e}") from None
     finally:

@@ -97,8 +97,9 @@ def verify_fresh(last_seq: int, heads: KnownHeads, anchored: tuple[int, bytes]) 
     if epoch > last_seq:
         raise RollbackError(
             "rolled back",
-            f"volume rolled back: the disk ends at commit "
-            f"{last_seq} but the KMS anchored commit {epoch}",
+            f"volume is stale: the disk ends at commit {last_seq} but the KMS anchored commit "
+            f"{epoch}; this copy was rolled back, or is an old copy left behind (a fork) when "
+            "the volume moved on, e.g. after a migration: do not use it",
         )
     ours = heads.get(epoch)
     if ours is None:

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from sealfs.check.progress import render
 from tests.backing import flip_bit, force_unmount, object_store, process_gone
 from tests.conftest import Volume, new_volume, sealfs
 
@@ -62,12 +61,6 @@ def test_exit_codes(template: Template, victim: Volume, tmp_path: Path) -> None:
     assert f["kind"] == "tampered" and f["object"].startswith("objects/") and f["advice"]
     assert check(victim, "--path", "/dir").returncode == 0
     assert check(victim, "--path", "/nope").returncode == 2
-
-
-def test_progress_line_renders() -> None:
-    line = render("verifying", 512 << 20, 2 << 30, 100, 400, 2.0)
-    assert "25.0%" in line and "512.0 MiB / 2.0 GiB" in line and "100/400" in line
-    assert "256.0 MiB/s" in line and "ETA 0:06" in line
 
 
 def test_mounted_volume_is_refused_unless_read_only(template: Template, victim: Volume) -> None:

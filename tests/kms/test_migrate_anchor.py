@@ -1,6 +1,7 @@
 """`sealfs migrate` through a real KMS on 127.0.0.1: the import unlocks through the KMS and
 checks the freshness anchor, so an older bundle of the same volume (a stale export) is refused,
-and once the imported copy commits, the old copy is refused (exit 5)."""
+and once the imported copy commits, a mount or check of the old copy is refused (exit 5) as a stale
+copy left behind by the migration."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def test_stale_bundle_refused_and_old_copy_forks(
     new = Volume(tmp_path / "b-backing", kvol.key, tmp_path / "b-mnt", tmp_path / "b.log")
     new.mnt.mkdir()
     res = sealfs("migrate", "import", str(old), str(new.backing), *kms_args(kms), check=False)
-    assert res.returncode == 5 and "rolled back" in res.stderr, res.stderr
+    assert res.returncode == 5 and "stale export" in res.stderr, res.stderr
     assert not new.backing.exists()
 
     fresh = tmp_path / "bundle"
@@ -48,5 +49,12 @@ def test_stale_bundle_refused_and_old_copy_forks(
     finally:
         new.umount()
     sealfs("check", str(new.backing), *kms_args(kms))
-    res = kmount(kvol, kms, check=False)  # the old copy is now behind the anchor
-    assert res.returncode == 5 and "rolled back" in res.stderr, res.stderr
+    # the old copy is now behind the anchor: named stale, left behind by the migration
+    res = kmount(kvol, kms, check=False)
+    assert res.returncode == 5 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    for words in ("stale", "old copy left behind", "a fork", "migration"):
+        assert words in res.stderr, res.stderr
+    res = sealfs("check", str(kvol.backing), *kms_args(kms), "--json", check=False)
+    (finding,) = json.loads(res.stdout)["findings"]
+    assert res.returncode == 5 and finding["kind"] == "rolled-back", res.stdout
+    assert "old copy left behind" in finding["detail"] and "migration" in finding["detail"]

@@ -24,6 +24,7 @@ SEALFS = Path(__file__).resolve().parents[2] / "sealfs"
 LAYERS: dict[str, set[str]] = {
     "errors": set(),
     "sealfs": set(),
+    "meter": set(),  # how long work reports progress (drawn by cli)
     "strict": {"errors"},
     "crypto": {"errors", "strict"},  # all cryptography; the only module that holds raw keys
     "failpoints": set(),  # crash points for tests (SEALFS_FAILPOINT)
@@ -34,13 +35,25 @@ LAYERS: dict[str, set[str]] = {
     "kms": {"errors", "sealfs", "strict", "crypto", "attest"},
     "volume": {"errors", "sealfs", "strict", "crypto", "store", "sealed", "kms"},
     "fs": {"errors", "crypto", "store", "sealed", "volume"},
-    "check": {"errors", "crypto", "store", "sealed", "volume", "fs"},
-    "migrate": {"errors", "strict", "crypto", "store", "tarstream", "sealed", "volume", "fs"},
+    "check": {"errors", "meter", "crypto", "store", "sealed", "volume", "fs"},
+    "migrate": {
+        "errors",
+        "meter",
+        "strict",
+        "crypto",
+        "store",
+        "tarstream",
+        "sealed",
+        "volume",
+        "fs",
+        "check",
+    },
     "fuse": {"errors", "store", "sealed", "volume", "fs"},
-    "luks": {"errors", "sealfs", "strict", "crypto", "tarstream", "kms"},
+    "luks": {"errors", "sealfs", "meter", "strict", "crypto", "tarstream", "kms"},
     "cli": {
         "errors",
         "sealfs",
+        "meter",
         "strict",
         "crypto",
         "store",
