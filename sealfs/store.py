@@ -318,6 +318,57 @@ class ObjectStore:
         except OSError as e:
             raise _storage_error(f"cannot delete object {name}", e) from None
 
+    # --- re-sealing objects in place (sealfs rekey) ---------------------------------------
+
+    def stage_object(self, oid: int, data: bytes) -> None:
+        """Write the next version of object ``oid`` beside it, as ``.<id>.new`` (created anew,
+        O_EXCL); :meth:`commit_staged` moves it over the object once it is durable (a
+        :meth:`sync`). Only a re-key does this: the new version has the same id and the same
+        contents, sealed under another key, so a reader sees one whole version or the other."""
+        name = f"{oid:016x}"
+        with self._fanout(name) as sub:
+            try:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(f".{name}.new", dir_fd=sub)
+                fd = os.open(f".{name}.new", _NEW, 0o600, dir_fd=sub)
+            except OSError as e:
+                raise _kind_error(f"object {name}", e) from None
+            try:
+                try:
+                    _write_all(fd, data)
+                finally:
+                    os.close(fd)
+                    self.unsynced = True
+            except OSError as e:
+                raise _storage_error(f"cannot write object {name}", e) from None
+
+    def commit_staged(self, oid: int) -> None:
+        """Rename the staged version of ``oid`` over the object (atomic; durable at the next
+        :meth:`sync`)."""
+        name = f"{oid:016x}"
+        with self._fanout(name) as sub:
+            try:
+                os.rename(f".{name}.new", name, src_dir_fd=sub, dst_dir_fd=sub)
+            except OSError as e:
+                raise _storage_error(f"cannot replace object {name}", e) from None
+            self.unsynced = True
+
+    def remove_staged(self) -> int:
+        """Unlink staged versions an interrupted re-key left behind; return how many."""
+        removed = 0
+        with contextlib.suppress(MissingObject):
+            top = self._objects_fd()
+            for sub in _entries(top):
+                if not sub.is_dir(follow_symlinks=False) or len(sub.name) != 2:
+                    continue
+                with self._fanout(sub.name) as fd:
+                    for entry in _entries(fd):
+                        if entry.name.startswith(".") and entry.name.endswith(".new"):
+                            with contextlib.suppress(FileNotFoundError):
+                                os.unlink(entry.name, dir_fd=fd)
+                                removed += 1
+        return removed
+
     def list_objects(self) -> Iterator[int]:
         """Every object id present (for checks and garbage collection): the names in the
         real fan-out directories; a symlinked ``objects`` or fan-out directory is not

@@ -1,0 +1,122 @@
+"""``sealfs rekey``: a new master key for every object of a volume (revokes old keys)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from sealfs.check.progress import Progress
+from sealfs.cli.credentials import credential_options, read_passphrase_file
+from sealfs.cli.output import emit, json_option
+from sealfs.fs.rekey import RekeyResult, rekey_volume
+from sealfs.volume.header import Credential, PassphraseCredential, read_key_file
+
+MIB = 1 << 20
+
+
+@click.command(
+    epilog="Compare `sealfs key rotate/add/remove`: those re-wrap the same master key in "
+    "other slots, touch no data and revoke nothing (an old header copy plus an old "
+    "credential still opens everything). Only a re-key revokes."
+)
+@click.argument("backing_dir", type=click.Path(file_okay=False))
+@credential_options
+@click.option(
+    "--keep-key-file",
+    type=click.Path(dir_okay=False),
+    multiple=True,
+    help="Also keep the key-file slot this file opens (re-wrapped for the new master key). "
+    "Repeatable.",
+)
+@click.option(
+    "--keep-passphrase-file",
+    type=click.Path(dir_okay=False),
+    multiple=True,
+    help="Also keep the passphrase slot the passphrase in this file opens (mode 0600; "
+    "same KDF and costs, a fresh salt). Repeatable.",
+)
+@click.option(
+    "--drop-other-slots",
+    is_flag=True,
+    help="Drop every slot that no credential given opens, instead of refusing. Whoever held "
+    "only those credentials loses access for good.",
+)
+@json_option
+def rekey(
+    backing_dir: str,
+    cred: Credential,
+    keep_key_file: tuple[str, ...],
+    keep_passphrase_file: tuple[str, ...],
+    drop_other_slots: bool,
+    as_json: bool,
+) -> None:
+    """Re-encrypt the volume in BACKING_DIR under a new random master key (revocation).
+
+    Every object (file data, inode records), the checkpoint and the journal is sealed again
+    under a fresh master key, and the new key is wrapped in the slots kept; the old master
+    key is then forgotten. Afterwards an old copy of the header, or an old credential, opens
+    nothing that remains: use it when a credential, a header copy or the master key may
+    have leaked, or when an operator with access leaves.
+
+    \b
+    Slots: every slot needs its secret to be re-wrapped. The slot the unlocking credential
+    opens is kept; a kms slot is kept when unlocking with --kms (wrapped under the app's
+    current key version); key-file and passphrase slots are kept with --keep-key-file and
+    --keep-passphrase-file. Any other slot makes the command refuse, listing it, unless
+    --drop-other-slots is given.
+
+    \b
+    The volume must not be mounted (the command takes the volume lock, as a mount does).
+    Interrupted (crash, kill, power loss), the volume still mounts and checks clean meanwhile
+    (objects open under the new key or the previous one; `sealfs check` notes "re-key in
+    progress"); run the same command again to finish: it continues where it stopped and
+    needs only a credential that opens the volume. With --kms the KMS freshness anchor
+    advances past the re-key, so a copy of the disk from before it is refused as rolled back.
+
+    \b
+    Examples:
+      sealfs rekey /data/vol --kms http://kms:8750 --keep-passphrase-file /root/recovery.pw
+      sealfs rekey /data/vol --key-file /root/vol.key --drop-other-slots
+    """
+    keep: list[Credential] = [read_key_file(path) for path in keep_key_file]
+    keep += [PassphraseCredential(read_passphrase_file(p)) for p in keep_passphrase_file]
+    progress = Progress()
+    try:
+        result = rekey_volume(Path(backing_dir), cred, keep, drop_other_slots, progress)
+    finally:
+        progress.finish()
+    emit(_summary(result), as_json, _human(result))
+
+
+def _summary(r: RekeyResult) -> dict[str, object]:
+    return {
+        "ok": True,
+        "resumed": r.resumed,
+        "objects_resealed": r.resealed,
+        "objects_already_current": r.current,
+        "orphans_removed": r.orphans_removed,
+        "bytes": r.resealed_bytes,
+        "seconds": round(r.seconds, 3),
+        "mib_per_second": round(r.resealed_bytes / MIB / r.seconds, 2) if r.seconds else 0.0,
+        "anchor": {"epoch": r.anchor[0], "head": r.anchor[1].hex()} if r.anchor else None,
+        "slots": r.slots,
+        "dropped_slots": r.dropped,
+    }
+
+
+def _human(r: RekeyResult) -> str:
+    rate = r.resealed_bytes / MIB / r.seconds if r.seconds else 0.0
+    lines = [
+        f"re-keyed: {r.resealed} objects ({r.resealed_bytes / MIB:.1f} MiB) sealed under the "
+        f"new master key in {r.seconds:.1f}s ({rate:.1f} MiB/s)"
+        + (f"; {r.current} were already (continued an interrupted re-key)" if r.resumed else "")
+    ]
+    if r.orphans_removed:
+        lines.append(f"removed {r.orphans_removed} orphaned objects")
+    lines.append("slots: " + ", ".join(f"{s['id']} ({s['type']})" for s in r.slots))
+    if r.dropped:
+        lines.append("dropped: " + ", ".join(f"{s['id']} ({s['type']})" for s in r.dropped))
+    if r.anchor:
+        lines.append(f"KMS anchor advanced to commit {r.anchor[0]}")
+    return "\n".join(lines)
