@@ -9,7 +9,7 @@ import click
 from sealfs.check.progress import Progress
 from sealfs.cli.credentials import credential_options, read_passphrase_file
 from sealfs.cli.output import emit, json_option
-from sealfs.fs.rekey import RekeyResult, rekey_volume
+from sealfs.fs.rekey import BATCH_OBJECTS, RekeyResult, rekey_volume
 from sealfs.volume.header import Credential, PassphraseCredential, read_key_file
 
 MIB = 1 << 20
@@ -42,6 +42,7 @@ MIB = 1 << 20
     help="Drop every slot that no credential given opens, instead of refusing. Whoever held "
     "only those credentials loses access for good.",
 )
+@click.option("--batch", type=click.IntRange(1), default=BATCH_OBJECTS, hidden=True)
 @json_option
 def rekey(
     backing_dir: str,
@@ -49,6 +50,7 @@ def rekey(
     keep_key_file: tuple[str, ...],
     keep_passphrase_file: tuple[str, ...],
     drop_other_slots: bool,
+    batch: int,
     as_json: bool,
 ) -> None:
     """Re-encrypt the volume in BACKING_DIR under a new random master key (revocation).
@@ -83,7 +85,9 @@ def rekey(
     keep += [PassphraseCredential(read_passphrase_file(p)) for p in keep_passphrase_file]
     progress = Progress()
     try:
-        result = rekey_volume(Path(backing_dir), cred, keep, drop_other_slots, progress)
+        result = rekey_volume(
+            Path(backing_dir), cred, keep, drop_other_slots, progress, batch=batch
+        )
     finally:
         progress.finish()
     emit(_summary(result), as_json, _human(result))

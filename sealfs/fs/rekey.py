@@ -48,7 +48,6 @@ log = logging.getLogger("sealfs.rekey")
 
 #: Objects staged before one ``syncfs`` makes them durable and they are renamed into place.
 BATCH_OBJECTS = 256
-BATCH_BYTES = 64 << 20
 
 
 class Progress(Protocol):
@@ -123,8 +122,10 @@ def rekey_volume(
     drop_others: bool = False,
     progress: Progress | None = None,
     threads: int | None = None,
+    batch: int = BATCH_OBJECTS,
 ) -> RekeyResult:
-    """Re-key the volume in ``backing`` (unmounted), or finish an interrupted re-key."""
+    """Re-key the volume in ``backing`` (unmounted), or finish an interrupted re-key.
+    ``batch``: objects staged per ``syncfs`` (tests use 1 to interrupt between objects)."""
     t0 = time.monotonic()
     progress = progress or _Silent()
     result = RekeyResult()
@@ -150,7 +151,7 @@ def rekey_volume(
             metalog.anchorable = anchor is not None or header.kms_slot() is not None
             metalog.open_for_append(state)
             metalog.write_checkpoint(state.table, state.next_ino)
-            _reseal_objects(store, objects, state.table, result, progress, threads)
+            _reseal_objects(store, objects, state.table, result, progress, threads, batch)
             metalog.append(Commit(metalog.seq + 1, state.next_ino))
             if anchor is not None:
                 anchor.advance(*metalog.root)
@@ -228,6 +229,7 @@ def _reseal_objects(
     result: RekeyResult,
     progress: Progress,
     threads: int | None,
+    batch: int,
 ) -> None:
     """Phase 3: every referenced object under the new key, orphans deleted."""
     store.remove_staged()
@@ -237,9 +239,9 @@ def _reseal_objects(
     sizes: dict[int, int] = {}
     with ThreadPoolExecutor(threads or min(4, os.cpu_count() or 1)) as pool:
         progress.note(f"re-keying {len(records)} inode records")
-        for batch in _batches(records):
-            nodes = list(pool.map(lambda job: _reseal_record(store, objects, job), batch))
-            _commit_batch(store, batch, nodes, result, progress)
+        for jobs in _batches(records, batch):
+            nodes = list(pool.map(lambda job: _reseal_record(store, objects, job), jobs))
+            _commit_batch(store, jobs, nodes, result, progress)
             for node, _, _ in nodes:
                 sizes[node.ino] = node.size
                 blocks += [_Job(oid, node.ino, index) for index, oid in node.blocks.items()]
@@ -255,9 +257,9 @@ def _reseal_objects(
             for job, node_size in ((j, sizes[j.ino]) for j in blocks)
         )
         progress.start("re-keying data", total, len(blocks))
-        for batch in _batches(blocks):
-            sealed = list(pool.map(lambda job: _reseal_block(store, objects, job), batch))
-            _commit_batch(store, batch, sealed, result, progress)
+        for jobs in _batches(blocks, batch):
+            sealed = list(pool.map(lambda job: _reseal_block(store, objects, job), jobs))
+            _commit_batch(store, jobs, sealed, result, progress)
         progress.finish()
     referenced = {job.oid for job in records} | {job.oid for job in blocks}
     for oid in present - referenced:
@@ -266,9 +268,9 @@ def _reseal_objects(
     store.sync()
 
 
-def _batches(jobs: list[_Job]) -> Iterator[list[_Job]]:
-    for i in range(0, len(jobs), BATCH_OBJECTS):
-        yield jobs[i : i + BATCH_OBJECTS]
+def _batches(jobs: list[_Job], size: int) -> Iterator[list[_Job]]:
+    for i in range(0, len(jobs), size):
+        yield jobs[i : i + size]
 
 
 def _commit_batch(
