@@ -247,12 +247,17 @@ class ObjectStore:
         """Write a new object. Ids are fresh, so this never overwrites a live object; whatever
         sits under the same id (an orphan left by a crash, or something planted) is unlinked
         first and the object is created anew (O_EXCL)."""
+        self._write_new(oid, f"{oid:016x}", data)
+
+    def _write_new(self, oid: int, filename: str, data: bytes) -> None:
+        """Create ``filename`` anew in ``oid``'s fan-out directory and write ``data`` to it
+        (removed again if the write fails)."""
         name = f"{oid:016x}"
         with self._fanout(name, create=True) as sub:
             try:
                 with contextlib.suppress(FileNotFoundError):
-                    os.unlink(name, dir_fd=sub)
-                fd = os.open(name, _NEW, 0o600, dir_fd=sub)
+                    os.unlink(filename, dir_fd=sub)
+                fd = os.open(filename, _NEW, 0o600, dir_fd=sub)
             except OSError as e:
                 raise _kind_error(f"object {name}", e) from None
             try:
@@ -263,7 +268,7 @@ class ObjectStore:
                     self.unsynced = True
             except OSError as e:
                 with contextlib.suppress(OSError):
-                    os.unlink(name, dir_fd=sub)
+                    os.unlink(filename, dir_fd=sub)
                 raise _storage_error(f"cannot write object {name}", e) from None
 
     def get(self, oid: int, limit: int) -> bytes:
@@ -325,22 +330,7 @@ class ObjectStore:
         O_EXCL); :meth:`commit_staged` moves it over the object once it is durable (a
         :meth:`sync`). Only a re-key does this: the new version has the same id and the same
         contents, sealed under another key, so a reader sees one whole version or the other."""
-        name = f"{oid:016x}"
-        with self._fanout(name) as sub:
-            try:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(f".{name}.new", dir_fd=sub)
-                fd = os.open(f".{name}.new", _NEW, 0o600, dir_fd=sub)
-            except OSError as e:
-                raise _kind_error(f"object {name}", e) from None
-            try:
-                try:
-                    _write_all(fd, data)
-                finally:
-                    os.close(fd)
-                    self.unsynced = True
-            except OSError as e:
-                raise _storage_error(f"cannot write object {name}", e) from None
+        self._write_new(oid, f".{oid:016x}.new", data)
 
     def commit_staged(self, oid: int) -> None:
         """Rename the staged version of ``oid`` over the object (atomic; durable at the next

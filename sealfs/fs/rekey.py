@@ -62,20 +62,6 @@ class Progress(Protocol):
     def finish(self) -> None: ...
 
 
-class _Silent:
-    def note(self, phase: str) -> None:
-        pass
-
-    def start(self, phase: str, total_bytes: int, total_objects: int) -> None:
-        pass
-
-    def advance(self, nbytes: int, nobjects: int) -> None:
-        pass
-
-    def finish(self) -> None:
-        pass
-
-
 @dataclass
 class RekeyResult:
     """What a re-key did (the ``--json`` summary)."""
@@ -119,15 +105,14 @@ def rekey_volume(
     backing: Path,
     cred: Credential,
     keep: list[Credential],
-    drop_others: bool = False,
-    progress: Progress | None = None,
+    drop_others: bool,
+    progress: Progress,
     threads: int | None = None,
     batch: int = BATCH_OBJECTS,
 ) -> RekeyResult:
     """Re-key the volume in ``backing`` (unmounted), or finish an interrupted re-key.
     ``batch``: objects staged per ``syncfs`` (tests use 1 to interrupt between objects)."""
     t0 = time.monotonic()
-    progress = progress or _Silent()
     result = RekeyResult()
     store = ObjectStore(Path(backing))
     try:

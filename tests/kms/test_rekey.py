@@ -1,0 +1,63 @@
+"""`sealfs rekey` through a real KMS on 127.0.0.1: the kms slot is re-wrapped, the freshness
+anchor advances past the re-key, and a copy of the disk from before it is refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from sealfs.kms.client import KmsClient
+from tests.backing import snapshot
+from tests.conftest import Volume, sealfs
+from tests.mount.test_rekey import write_tree
+
+from .conftest import APP_A, KmsProcess, attester
+from .test_volume_anchor import kmount, kms_args, kvol  # noqa: F401 - kvol is a fixture
+
+pytestmark = pytest.mark.mount
+
+
+def anchored(kms: KmsProcess, vol: Volume) -> tuple[int, bytes]:
+    vid = bytes.fromhex(json.loads(sealfs("info", str(vol.backing), "--json").stdout)["volume_id"])
+    client = KmsClient(kms.url, APP_A, attester(APP_A), trusted_keys=[kms.public_key])
+    return client.get_epoch(vid)
+
+
+def test_rekey_through_the_kms_advances_the_anchor(
+    kvol: Volume,  # noqa: F811 - the fixture
+    kms: KmsProcess,
+    tmp_path: Path,
+) -> None:
+    kmount(kvol, kms)
+    write_tree(kvol.mnt)
+    kvol.umount()
+    kmount(kvol, kms)
+    tree = snapshot(kvol.mnt)
+    kvol.umount()
+    before = anchored(kms, kvol)
+    old_disk = tmp_path / "before-rekey"
+    shutil.copytree(kvol.backing, old_disk)
+
+    res = sealfs(
+        "rekey", str(kvol.backing), *kms_args(kms), "--keep-key-file", str(kvol.key), "--json"
+    )
+    summary = json.loads(res.stdout)
+    assert [s["type"] for s in summary["slots"]] == ["kms", "keyfile"]
+    epoch, head = summary["anchor"]["epoch"], bytes.fromhex(summary["anchor"]["head"])
+    assert epoch > before[0] and anchored(kms, kvol) == (epoch, head)
+
+    sealfs("check", str(kvol.backing), *kms_args(kms))  # fresh and intact: exit 0
+    sealfs("check", str(kvol.backing), "--key-file", str(kvol.key))  # re-wrapped too
+    kmount(kvol, kms)
+    assert snapshot(kvol.mnt) == tree
+    kvol.umount()
+
+    # the host puts back the whole disk from before the re-key (old header, old objects):
+    # the KMS still releases the app key that opens its slot, but the anchor is past it
+    shutil.rmtree(kvol.backing)
+    shutil.copytree(old_disk, kvol.backing)
+    res = kmount(kvol, kms, check=False)
+    assert res.returncode == 5 and "rolled back" in res.stderr, res.stderr
