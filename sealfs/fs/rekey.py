@@ -84,7 +84,11 @@ def plan_slots(
     (dropped: only with ``drop_others``, else refused naming them)."""
     kept: dict[int, tuple[Slot, Credential]] = {}
     for cred in creds:
-        for slot in header.slots_opened_by(cred):
+        opened = header.slots_opened_by(cred)
+        if not opened:  # the unlocking credential opened one: this is a --keep-* one
+            kind = cred.slot_type.replace("keyfile", "key file")
+            raise UsageError(f"a {kind} given to keep opens no slot of this volume")
+        for slot in opened:
             kept.setdefault(slot.id, (slot, cred))
     dropped = [s for s in header.slots if s.id not in kept]
     if dropped and not drop_others:

@@ -150,6 +150,11 @@ def test_slots_need_their_secret_or_an_explicit_drop(tmp_path: Path) -> None:
         "--new-passphrase-file", str(pw), *CHEAP_KDF,
     )  # fmt: skip
     before = (vol.backing / HEADER_NAME).read_bytes()
+    stranger = tmp_path / "stranger"
+    stranger.write_bytes(os.urandom(64))
+    stranger.chmod(0o600)
+    res = rekey(vol, "--keep-key-file", str(stranger), "--drop-other-slots", check=False)
+    assert res.returncode == 2 and "key file given to keep opens no slot" in res.stderr
     res = rekey(vol, "--keep-key-file", str(key2), check=False)
     assert res.returncode == 2 and "slot 2 (passphrase)" in res.stderr
     assert "--drop-other-slots" in res.stderr
