@@ -21,7 +21,7 @@ from sealfs.sealed.codec import CodecError
 from sealfs.sealed.objects import SealedObjects
 from sealfs.store import CHECKPOINT_NAME, HEADER_NAME
 from sealfs.volume.header import Header, read_key_file
-from tests.backing import layout, snapshot
+from tests.backing import layout, legacy_contents, legacy_volume, snapshot
 from tests.conftest import REPO, SEALFS, Volume, new_volume, sealfs
 
 pytestmark = pytest.mark.mount
@@ -136,6 +136,24 @@ def test_rekey_keeps_the_tree_and_revokes_the_old_header(tmp_path: Path) -> None
     assert res.returncode == 5 and "checkpoint" in res.stdout + res.stderr
     res = sealfs("mount", str(vol.backing), str(vol.mnt), "--key-file", str(vol.key), check=False)
     assert res.returncode == 5 and "failed verification" in res.stderr
+
+
+def test_format_1_volume_is_rekeyed_to_format_2_objects_only(tmp_path: Path) -> None:
+    vol = legacy_volume(tmp_path)
+    old_header = (vol.backing / HEADER_NAME).read_bytes()
+    assert json.loads(old_header)["format_version"] == 1
+    rekey(vol)
+    header = json.loads((vol.backing / HEADER_NAME).read_bytes())
+    assert header["format_version"] == 2 and "format1_objects" not in header
+    assert check_clean(vol)["ok"]
+    assert old_key_openings(vol.backing, vol.key, old_header) == []
+    vol.mount()
+    try:
+        for path, data in legacy_contents().items():
+            assert (vol.mnt / path.lstrip("/")).read_bytes() == data
+        assert os.getxattr(vol.mnt / "dir", "user.legacy") == b"format-1 xattr"
+    finally:
+        vol.umount()
 
 
 def test_slots_need_their_secret_or_an_explicit_drop(tmp_path: Path) -> None:
