@@ -252,6 +252,7 @@ def test_sigkill_at_random_points_then_rerun(tmp_path: Path, seed: int) -> None:
     assert isinstance(notes, list) and any("rekey in progress" in n for n in notes)
     assert mounted_tree(vol) == tree
     assert "rekey in progress" in vol.log_text()
+    assert "rekey:         in progress" in sealfs("info", str(vol.backing)).stdout
     res = rekey(vol, "--json")
     assert json.loads(res.stdout)["resumed"]  # the first event is the new header
     assert "rekey" not in json.loads((vol.backing / HEADER_NAME).read_bytes())
