@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -48,6 +49,15 @@ log = logging.getLogger("sealfs.rekey")
 
 #: Objects staged before one ``syncfs`` makes them durable and they are renamed into place.
 BATCH_OBJECTS = 256
+#: Tests set this to a name of :data:`CRASH_POINTS` to SIGKILL the re-key when it gets there
+#: (like a crash: no clean-up). Unset outside tests; it grants nothing a caller could not do.
+CRASH_ENV = "SEALFS_REKEY_CRASH_AT"
+CRASH_POINTS = ("header-begun", "checkpoint-written", "objects-resealed", "committed")
+
+
+def _crash_point(name: str) -> None:
+    if os.environ.get(CRASH_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class Progress(Protocol):
@@ -128,6 +138,7 @@ def rekey_volume(
         ) from None
     try:
         header, master = _begin(Path(backing), cred, keep, drop_others, result)
+        _crash_point("header-begun")
         objects = volume_objects(header, master)
         metalog = MetaLog(store, objects)
         try:
@@ -140,7 +151,9 @@ def rekey_volume(
             metalog.anchorable = anchor is not None or header.kms_slot() is not None
             metalog.open_for_append(state)
             metalog.write_checkpoint(state.table, state.next_ino)
+            _crash_point("checkpoint-written")
             _reseal_objects(store, objects, state.table, result, progress, threads, batch)
+            _crash_point("objects-resealed")
             metalog.append(Commit(metalog.seq + 1, state.next_ino))
             if anchor is not None:
                 anchor.advance(*metalog.root)
@@ -153,6 +166,7 @@ def rekey_volume(
                 )
         finally:
             metalog.close()
+        _crash_point("committed")
         _finish(Path(backing), cred, master, result)
     finally:
         store.unlock()

@@ -17,6 +17,7 @@ import pytest
 from sealfs.crypto import AuthError
 from sealfs.fs.lifecycle import unlock_volume, volume_objects
 from sealfs.fs.metalog import MetaLog
+from sealfs.fs.rekey import CRASH_ENV, CRASH_POINTS
 from sealfs.sealed.codec import CodecError
 from sealfs.sealed.objects import SealedObjects
 from sealfs.store import CHECKPOINT_NAME, HEADER_NAME
@@ -238,6 +239,24 @@ def _kill_after(vol: Volume, events: int) -> int | None:
             break
     proc.wait()
     return None if proc.returncode == -signal.SIGKILL else proc.returncode
+
+
+@pytest.mark.parametrize("point", CRASH_POINTS)
+def test_crash_at_each_phase_boundary_then_rerun(tmp_path: Path, point: str) -> None:
+    """The phase boundaries the polled kills below may miss (the final commit and header)."""
+    vol, tree = filled(tmp_path)
+    old_header = (vol.backing / HEADER_NAME).read_bytes()
+    res = subprocess.run(
+        [*SEALFS, "rekey", str(vol.backing), "--key-file", str(vol.key)],
+        cwd=REPO,
+        capture_output=True,
+        env={**os.environ, CRASH_ENV: point},
+    )
+    assert res.returncode == -signal.SIGKILL
+    assert mounted_tree(vol) == tree and check_clean(vol)["ok"]
+    assert json.loads(rekey(vol, "--json").stdout)["resumed"]
+    assert check_clean(vol)["ok"] and mounted_tree(vol) == tree
+    assert old_key_openings(vol.backing, vol.key, old_header) == []
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3, 4])
