@@ -4,6 +4,7 @@ anchor advances past the re-key, and a copy of the disk from before it is refuse
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -11,10 +12,10 @@ import pytest
 
 from sealfs.kms.client import KmsClient
 from tests.backing import snapshot
-from tests.conftest import Volume, sealfs
+from tests.conftest import Volume, new_volume, sealfs
 from tests.mount.test_rekey import write_tree
 
-from .conftest import APP_A, KmsProcess, attester
+from .conftest import APP_A, COMPOSE_A, KmsProcess, KmsState, attester, sim_policy
 from .test_volume_anchor import kmount, kms_args, kvol  # noqa: F401 - kvol is a fixture
 
 pytestmark = pytest.mark.mount
@@ -61,3 +62,26 @@ def test_rekey_through_the_kms_advances_the_anchor(
     shutil.copytree(old_disk, kvol.backing)
     res = kmount(kvol, kms, check=False)
     assert res.returncode == 5 and "rolled back" in res.stderr, res.stderr
+
+
+def test_leaked_app_key_rotate_rekey_retire(
+    tmp_path: Path, kms: KmsProcess, state: KmsState
+) -> None:
+    """The runbook for a leaked KMS app key: rotate the app's key version, re-key every volume
+    through the KMS (the new master key wrapped under the new version), retire the old one."""
+    app = os.urandom(20)
+    state.put(sim_policy(app, COMPOSE_A))
+    try:
+        vol = new_volume(tmp_path, *kms_args(kms, app))
+        secrets = ["--state", str(state.path), "--secret-file", str(state.secret_file)]
+        sealfs("kms", "policy", "rotate", app.hex(), *secrets)
+        res = sealfs(
+            "rekey", str(vol.backing), *kms_args(kms, app), "--keep-key-file", str(vol.key),
+            "--json",
+        )  # fmt: skip
+        kms_slot = next(s for s in json.loads(res.stdout)["slots"] if s["type"] == "kms")
+        assert kms_slot["kms"]["key_version"] == 2
+        sealfs("kms", "policy", "retire-version", app.hex(), "1", *secrets)
+        sealfs("check", str(vol.backing), *kms_args(kms, app))  # opens under version 2
+    finally:
+        state.store.delete_policy(state.macs, app)
