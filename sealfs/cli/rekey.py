@@ -56,30 +56,37 @@ def rekey(
     """Re-encrypt the volume in BACKING_DIR under a new random master key (revocation).
 
     Every object (file data, inode records), the checkpoint and the journal is sealed again
-    under a fresh master key, and the new key is wrapped in the slots kept; the old master
-    key is then forgotten. Afterwards an old copy of the header, or an old credential, opens
-    nothing that remains: use it when a credential, a header copy or the master key may
-    have leaked, or when an operator with access leaves.
+    under a fresh master key, the new key is wrapped in the slots kept, and the old master
+    key is forgotten. Afterwards an old copy of the header plus an old credential opens
+    nothing that remains. Use it when a credential, a header copy or the master key may have
+    leaked, or when someone with access leaves. It rewrites the whole volume: about as long
+    as writing it (docs/benchmarks.md).
 
-    \b
-    Slots: every slot needs its secret to be re-wrapped. The slot the unlocking credential
-    opens is kept; a kms slot is kept when unlocking with --kms (wrapped under the app's
+    Slots: every slot needs its secret to be wrapped again. The slot the unlocking credential
+    opens is kept; the kms slot is kept when unlocking with --kms (wrapped under the app's
     current key version); key-file and passphrase slots are kept with --keep-key-file and
-    --keep-passphrase-file. Any other slot makes the command refuse, listing it, unless
-    --drop-other-slots is given.
+    --keep-passphrase-file. Any other slot makes the command refuse up front, naming it,
+    unless --drop-other-slots is given.
 
-    \b
-    The volume must not be mounted (the command takes the volume lock, as a mount does).
-    Interrupted (crash, kill, power loss), the volume still mounts and checks clean meanwhile
-    (objects open under the new key or the previous one; `sealfs check` notes "re-key in
-    progress"); run the same command again to finish: it continues where it stopped and
-    needs only a credential that opens the volume. With --kms the KMS freshness anchor
-    advances past the re-key, so a copy of the disk from before it is refused as rolled back.
+    Offline only: a mounted volume is refused (exit 6; the command takes the volume lock as a
+    mount does). With --kms the disk is checked against the KMS freshness anchor first, and
+    the anchor advances past the re-key, so a copy of the disk from before it is refused as
+    rolled back.
+
+    Interrupted (crash, kill, power loss, full disk), the volume still mounts and checks clean
+    meanwhile: objects open under the new key or the previous one, and the mount log, `sealfs
+    check` and `sealfs info` say "rekey in progress". Run the command again to finish: it
+    continues where it stopped and needs only a credential that opens the volume. The old key
+    is revoked only once it reports success. An object that opens under neither key (damage)
+    stops it (exit 5): run `sealfs check --repair`, then rekey again.
+
+    Progress is shown on a terminal; --json prints objects re-sealed, bytes, seconds, MiB/s,
+    the slots kept and dropped, and the commit anchored at the KMS.
 
     \b
     Examples:
       sealfs rekey /data/vol --kms http://kms:8750 --keep-passphrase-file /root/recovery.pw
-      sealfs rekey /data/vol --key-file /root/vol.key --drop-other-slots
+      sealfs rekey /data/vol --key-file /root/vol.key --drop-other-slots --json
     """
     keep: list[Credential] = [read_key_file(path) for path in keep_key_file]
     keep += [PassphraseCredential(read_passphrase_file(p)) for p in keep_passphrase_file]

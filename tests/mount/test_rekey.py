@@ -22,7 +22,7 @@ from sealfs.sealed.codec import CodecError
 from sealfs.sealed.objects import SealedObjects
 from sealfs.store import CHECKPOINT_NAME, HEADER_NAME
 from sealfs.volume.header import Header, read_key_file
-from tests.backing import layout, legacy_contents, legacy_volume, snapshot
+from tests.backing import flip_bit, layout, legacy_contents, legacy_volume, snapshot
 from tests.conftest import REPO, SEALFS, Volume, new_volume, sealfs
 
 pytestmark = pytest.mark.mount
@@ -192,6 +192,21 @@ def test_slots_need_their_secret_or_an_explicit_drop(tmp_path: Path) -> None:
     assert [s["id"] for s in json.loads(res.stdout)["dropped_slots"]] == [1, 2]
     assert sealfs("check", str(vol.backing), "--key-file", str(key2), check=False).returncode == 3
     assert mounted_tree(vol) == tree
+
+
+def test_damaged_object_stops_the_rekey_and_names_it(tmp_path: Path) -> None:
+    vol, _ = filled(tmp_path)
+    big = layout(vol.backing, vol.key).entries["/d/sub/big"]
+    flip_bit(big.block(3))
+    res = rekey(vol, check=False)
+    assert res.returncode == 5 and f"{big.block_oids[3]:016x}" in res.stderr
+    assert "sealfs check --repair" in res.stderr and res.stderr.count("\n") == 1
+    vol.mount()  # the rest still reads, under either key
+    try:
+        assert (vol.mnt / "small").read_bytes() == b"inline"
+        assert (vol.mnt / "d" / "a.txt").read_text() == "alpha\n" * 20000
+    finally:
+        vol.umount()
 
 
 def test_mounted_volume_is_refused(tmp_path: Path) -> None:
