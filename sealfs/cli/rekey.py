@@ -97,7 +97,13 @@ def rekey(
         )
     finally:
         progress.finish()
-    emit(_summary(result), as_json, _human(result))
+    human = _human(result)
+    if result.resumed and (keep or drop_other_slots):
+        human += (
+            "\nnote: the slots were re-wrapped when this re-key began; --keep-* and "
+            "--drop-other-slots were not used"
+        )
+    emit(_summary(result), as_json, human)
 
 
 def _summary(r: RekeyResult) -> dict[str, object]:
