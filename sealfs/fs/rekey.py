@@ -42,7 +42,7 @@ from sealfs.sealed.inode import Inode, RecordError
 from sealfs.sealed.objects import SealedObjects
 from sealfs.store import DamagedFile, MissingObject, ObjectStore
 from sealfs.volume.anchor import KmsAnchor, verify_fresh
-from sealfs.volume.header import Credential, Header, KmsCredential, Slot
+from sealfs.volume.header import Credential, Header, KmsCredential, Slot, load_header
 from sealfs.volume.slots import change_slots
 
 log = logging.getLogger("sealfs.rekey")
@@ -137,6 +137,7 @@ def rekey_volume(
             "works on an unmounted volume only (unmount it first)"
         ) from None
     try:
+        anchor = _fresh_anchor(store, cred)  # before anything is written
         header, master = _begin(Path(backing), cred, keep, drop_others, result)
         _crash_point("header-begun")
         objects = volume_objects(header, master)
@@ -144,10 +145,6 @@ def rekey_volume(
         try:
             progress.note("writing a checkpoint under the new key")
             state = metalog.load()
-            anchor = None
-            if isinstance(cred, KmsCredential):
-                anchor = KmsAnchor(cred.client, header.volume_id)
-                verify_fresh(state.seq, state.heads, anchor.fetch())
             metalog.anchorable = anchor is not None or header.kms_slot() is not None
             metalog.open_for_append(state)
             metalog.write_checkpoint(state.table, state.next_ino)
@@ -167,7 +164,7 @@ def rekey_volume(
         finally:
             metalog.close()
         _crash_point("committed")
-        _finish(Path(backing), cred, master, result)
+        _finish(Path(backing), cred, master)
     finally:
         store.unlock()
         store.close()
@@ -207,7 +204,19 @@ def _begin(
     return header, master
 
 
-def _finish(backing: Path, cred: Credential, master: Secret, result: RekeyResult) -> None:
+def _fresh_anchor(store: ObjectStore, cred: Credential) -> KmsAnchor | None:
+    """Unlocked through the KMS: the volume's anchor, once the disk was verified against it
+    (a re-key must not adopt a rolled-back disk, and its final commit advances the anchor)."""
+    if not isinstance(cred, KmsCredential):
+        return None
+    header = load_header(store.root)
+    state = MetaLog(store, volume_objects(header, header.unlock(cred))).load()
+    anchor = KmsAnchor(cred.client, header.volume_id)
+    verify_fresh(state.seq, state.heads, anchor.fetch())
+    return anchor
+
+
+def _finish(backing: Path, cred: Credential, master: Secret) -> None:
     """Phase 4's last step: the header without the previous key."""
 
     def finish(header: Header, unlocked: Secret) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from sealfs.kms.client import KmsClient
+from sealfs.store import HEADER_NAME
 from tests.backing import snapshot
 from tests.conftest import Volume, new_volume, sealfs
 from tests.mount.test_rekey import write_tree
@@ -62,6 +63,11 @@ def test_rekey_through_the_kms_advances_the_anchor(
     shutil.copytree(old_disk, kvol.backing)
     res = kmount(kvol, kms, check=False)
     assert res.returncode == 5 and "rolled back" in res.stderr, res.stderr
+    # and a re-key refuses to adopt it, before writing anything
+    header = (kvol.backing / HEADER_NAME).read_bytes()
+    res = sealfs("rekey", str(kvol.backing), *kms_args(kms), "--drop-other-slots", check=False)
+    assert res.returncode == 5 and "rolled back" in res.stderr, res.stderr
+    assert (kvol.backing / HEADER_NAME).read_bytes() == header
 
 
 def test_leaked_app_key_rotate_rekey_retire(
