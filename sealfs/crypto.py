@@ -162,18 +162,24 @@ class ObjectSealer:
     under one base key is unlimited. HKDF-Expand for one 32-byte block is a single HMAC, which
     keeps the per-message cost to about two microseconds (measured in docs/format.md).
 
-    On a format-1 volume ``legacy`` is the single-key sealer its older objects were sealed
-    with: :meth:`open` falls back to it, and :meth:`open_legacy` uses only it.
+    Older key generations a volume may still hold objects under are tried in order when the
+    newest fails, and only ever to open: ``legacy`` is the single-key sealer of format 1 under
+    the same master key (a format-1 volume), ``previous`` the sealer of the same object under
+    the master key a re-key is replacing (with its own ``legacy``, if that volume was format
+    1). :meth:`seal` always uses the newest.
     """
 
-    __slots__ = ("_expand", "_legacy")
+    __slots__ = ("_expand", "_legacy", "_previous")
 
-    def __init__(self, base: Secret, legacy: Sealer | None = None) -> None:
+    def __init__(
+        self, base: Secret, legacy: Sealer | None = None, previous: ObjectSealer | None = None
+    ) -> None:
         if len(base) != KEY_SIZE:
             raise ValueError("a message base key is 32 bytes")
         # HMAC keyed once with the base key; each message copies it (saves the key setup)
         self._expand = hmac.new(base.reveal(), _MESSAGE_INFO, "sha256")
         self._legacy = legacy
+        self._previous = previous
 
     def __repr__(self) -> str:
         return "<ObjectSealer AES-256-GCM, one key per message>"
@@ -188,20 +194,38 @@ class ObjectSealer:
         return r + self._aead(r).encrypt(r[NONCE_SIZE:], plaintext, ad)
 
     def open(self, blob: bytes | memoryview, ad: bytes) -> bytes:
-        """Open a blob of either format (format 2 first); format 1 only on a volume that
-        can hold it."""
+        """Open a blob of either format under any key generation the volume may hold."""
+        return self.open_aged(blob, ad)[0]
+
+    def open_aged(self, blob: bytes | memoryview, ad: bytes) -> tuple[bytes, bool]:
+        """Open as :meth:`open` does; also say whether the newest key opened it (a re-key
+        re-seals only what it did not)."""
         try:
-            return self._open(blob, ad)
+            return self._open(blob, ad), True
         except AuthError:
-            if self._legacy is None:
+            if self._legacy is None and self._previous is None:
                 raise
-        return self._legacy.open(blob, ad)
+        if self._legacy is not None:
+            try:
+                return self._legacy.open(blob, ad), False
+            except AuthError:
+                if self._previous is None:
+                    raise
+        assert self._previous is not None
+        return self._previous.open(blob, ad), False
 
     def open_legacy(self, blob: bytes | memoryview, ad: bytes) -> bytes:
-        """Open a blob marked as format 1 (single key): refused on a format-2 volume."""
-        if self._legacy is None:
+        """Open a blob marked as format 1 (single key): refused unless a key generation of
+        the volume was format 1."""
+        if self._legacy is not None:
+            try:
+                return self._legacy.open(blob, ad)
+            except AuthError:
+                if self._previous is None:
+                    raise
+        if self._previous is None:
             raise AuthError("a format-1 object in a format-2 volume")
-        return self._legacy.open(blob, ad)
+        return self._previous.open_legacy(blob, ad)
 
     def _open(self, blob: bytes | memoryview, ad: bytes) -> bytes:
         if len(blob) < SEAL_OVERHEAD:
@@ -365,21 +389,32 @@ class VolumeKeys:
     ``master -> HKDF("journal-base")``  seals commit records and checkpoints;
     ``master -> HKDF("object") -> HKDF("inode-base", ino)`` seals an inode's metadata and
     data blocks. Both sealers derive a fresh key per message (:class:`ObjectSealer`);
-    ``master -> HKDF("migrate-manifest")`` authenticates the manifest of a migration bundle.
+    ``master -> HKDF("migrate-manifest")`` authenticates the manifest of a migration bundle;
+    ``master -> HKDF("rekey-previous")`` wraps the master key a re-key replaces.
 
     ``legacy`` (a format-1 volume) adds the single keys format 1 sealed with directly,
     ``HKDF("journal")`` and ``HKDF("object") -> HKDF("inode", ino)``, to open older objects.
+    ``previous`` (a re-key in progress) is the replaced master's keys: objects not re-sealed
+    yet open under them; nothing is sealed under them.
     """
 
     def __init__(
-        self, master: Secret, volume_id: bytes, legacy: bool = False, cache_size: int = 4096
+        self,
+        master: Secret,
+        volume_id: bytes,
+        legacy: bool = False,
+        cache_size: int = 4096,
+        previous: VolumeKeys | None = None,
     ) -> None:
         self.volume_id = volume_id
+        self.previous = previous
         self._header_key = hkdf(master, "header", volume_id)
         self._manifest_key = hkdf(master, "migrate-manifest", volume_id)
-        self.journal = ObjectSealer(
+        self._rekey_key = hkdf(master, "rekey-previous", volume_id)
+        self.journal: ObjectSealer = ObjectSealer(
             hkdf(master, "journal-base", volume_id),
             Sealer(hkdf(master, "journal", volume_id)) if legacy else None,
+            None if previous is None else previous.journal,
         )
         self._object_key = hkdf(master, "object", volume_id)
         self._legacy = legacy
@@ -399,6 +434,16 @@ class VolumeKeys:
         manifest lists every object of the volume."""
         return mac(self._manifest_key, "manifest-mac", hashlib.sha256(body).digest())
 
+    def wrap_previous(self, previous: Secret) -> bytes:
+        """The master key a re-key replaces, wrapped under this (the new) master key for the
+        header's ``rekey`` field (docs/format.md)."""
+        return wrap_key(self._rekey_key, previous, label("rekey-previous", self.volume_id))
+
+    def unwrap_previous(self, wrapped: bytes) -> Secret:
+        """The replaced master key from the header's ``rekey`` field (AuthError if the field
+        is not one this master key wrapped)."""
+        return unwrap_key(self._rekey_key, wrapped, label("rekey-previous", self.volume_id))
+
     def inode(self, ino: int) -> ObjectSealer:
         """The sealer for everything stored about inode ``ino``, from a cache of the
         ``cache_size`` most recently used. Called from the trio thread and from worker threads
@@ -412,6 +457,7 @@ class VolumeKeys:
         sealer = ObjectSealer(
             hkdf(self._object_key, "inode-base", ino),
             Sealer(hkdf(self._object_key, "inode", ino)) if self._legacy else None,
+            self.previous.inode(ino) if self.previous is not None else None,
         )
         with self._inode_lock:
             self._inode_sealers[ino] = sealer

@@ -274,12 +274,17 @@ class ObjectStore:
         """Write a new object. Ids are fresh, so this never overwrites a live object; whatever
         sits under the same id (an orphan left by a crash, or something planted) is unlinked
         first and the object is created anew (O_EXCL)."""
+        self._write_new(oid, f"{oid:016x}", data)
+
+    def _write_new(self, oid: int, filename: str, data: bytes) -> None:
+        """Create ``filename`` anew in ``oid``'s fan-out directory and write ``data`` to it
+        (removed again if the write fails)."""
         name = f"{oid:016x}"
         with self._fanout(name, create=True) as sub:
             try:
                 with contextlib.suppress(FileNotFoundError):
-                    os.unlink(name, dir_fd=sub)
-                fd = os.open(name, _NEW, 0o600, dir_fd=sub)
+                    os.unlink(filename, dir_fd=sub)
+                fd = os.open(filename, _NEW, 0o600, dir_fd=sub)
             except OSError as e:
                 raise _kind_error(f"object {name}", e) from None
             try:
@@ -290,7 +295,7 @@ class ObjectStore:
                     self.unsynced = True
             except OSError as e:
                 with contextlib.suppress(OSError):
-                    os.unlink(name, dir_fd=sub)
+                    os.unlink(filename, dir_fd=sub)
                 raise _storage_error(f"cannot write object {name}", e) from None
 
     def get(self, oid: int, limit: int) -> bytes:
@@ -344,6 +349,42 @@ class ObjectStore:
             raise StorageError(f"cannot delete object {name}: {e}") from None
         except OSError as e:
             raise _storage_error(f"cannot delete object {name}", e) from None
+
+    # --- re-sealing objects in place (sealfs rekey) ---------------------------------------
+
+    def stage_object(self, oid: int, data: bytes) -> None:
+        """Write the next version of object ``oid`` beside it, as ``.<id>.new`` (created anew,
+        O_EXCL); :meth:`commit_staged` moves it over the object once it is durable (a
+        :meth:`sync`). Only a re-key does this: the new version has the same id and the same
+        contents, sealed under another key, so a reader sees one whole version or the other."""
+        self._write_new(oid, f".{oid:016x}.new", data)
+
+    def commit_staged(self, oid: int) -> None:
+        """Rename the staged version of ``oid`` over the object (atomic; durable at the next
+        :meth:`sync`)."""
+        name = f"{oid:016x}"
+        with self._fanout(name) as sub:
+            try:
+                os.rename(f".{name}.new", name, src_dir_fd=sub, dst_dir_fd=sub)
+            except OSError as e:
+                raise _storage_error(f"cannot replace object {name}", e) from None
+            self.unsynced = True
+
+    def remove_staged(self) -> int:
+        """Unlink staged versions an interrupted re-key left behind; return how many."""
+        removed = 0
+        with contextlib.suppress(MissingObject):
+            top = self._objects_fd()
+            for sub in _entries(top):
+                if not sub.is_dir(follow_symlinks=False) or len(sub.name) != 2:
+                    continue
+                with self._fanout(sub.name) as fd:
+                    for entry in _entries(fd):
+                        if entry.name.startswith(".") and entry.name.endswith(".new"):
+                            with contextlib.suppress(FileNotFoundError):
+                                os.unlink(entry.name, dir_fd=fd)
+                                removed += 1
+        return removed
 
     def list_objects(self) -> Iterator[int]:
         """Every object id present (for checks and garbage collection): the names in the

@@ -358,3 +358,21 @@ def plant(path: Path, kind: str, target: Path | None = None) -> None:
         with open(path, "wb"):
             pass
         os.truncate(path, SPARSE_SIZE)
+
+
+def snapshot(root: Path) -> dict[str, tuple[object, ...]]:
+    """What a mounted tree must keep through a move or a re-key, per path: type, mode, size,
+    mtime, content, xattrs, and which paths share an inode (hard links)."""
+    out: dict[str, tuple[object, ...]] = {}
+    inodes: dict[int, str] = {}
+    for path in sorted(root.rglob("*")):
+        st = path.lstat()
+        rel = str(path.relative_to(root))
+        if path.is_symlink():
+            out[rel] = ("link", os.readlink(path))
+            continue
+        content = path.read_bytes() if path.is_file() else None
+        xattrs = {n: os.getxattr(path, n) for n in sorted(os.listxattr(path))}
+        first = inodes.setdefault(st.st_ino, rel)
+        out[rel] = (st.st_mode, st.st_size, st.st_mtime_ns, content, xattrs, first, st.st_nlink)
+    return out

@@ -30,12 +30,18 @@ from .report import ADVICE, Finding, Report
 KNOWN_SLOT_TYPES = {"keyfile", "passphrase", "kms"}
 _WRAPPED_LEN = 32 + AEAD_OVERHEAD
 _CHECKPOINT_MIN = 5 + SEAL_OVERHEAD + 64
+REKEY_NOTE = (
+    "rekey in progress: objects open under the new master key or the previous one; run "
+    "`sealfs rekey` again to finish it (until then the previous key is not revoked)"
+)
 
 
 def check_header(header: Header, report: Report) -> None:
     """Key-slot sanity beyond what unlocking proved (the MAC over the header was verified by
     :meth:`Header.unlock`, so every field here is authentic; this catches our own bugs and
     slots from a newer version)."""
+    if header.rekey_in_progress:
+        report.notes.append(REKEY_NOTE)
     ids = [s.id for s in header.slots]
     if len(set(ids)) != len(ids):
         report.add(

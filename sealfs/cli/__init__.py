@@ -31,6 +31,7 @@ COMMANDS = {
     "kms": ("sealfs.cli.kms", "kms"),
     "key": ("sealfs.cli.key", "key"),
     "migrate": ("sealfs.cli.migrate", "migrate"),
+    "rekey": ("sealfs.cli.rekey", "rekey"),
     "demo": ("sealfs.cli.demo", "demo"),
 }
 

@@ -34,8 +34,8 @@ from sealfs.volume.slots import change_slots
 NOT_REVOKED = (
     "Re-wrapping does not revoke: the master key stays the same, so an old copy of the "
     "header plus a credential it held still opens all the data written before and after. "
-    "When a credential leaked, only a re-key (a new master key for every object; `sealfs "
-    "rekey`, not available yet) revokes it."
+    "When a credential leaked, only a re-key revokes it: `sealfs rekey` seals every object "
+    "again under a new master key (offline)."
 )
 
 

@@ -186,4 +186,6 @@ def info(backing_dir: str, as_json: bool) -> None:
         f"key slots:     {len(data['slots'])}",
     ]
     lines += [f"  slot {s['id']}: {s['type']}" for s in data["slots"]]
+    if data["rekey_in_progress"]:
+        lines.append("rekey:         in progress (run `sealfs rekey` again to finish it)")
     emit({"ok": True, **data}, as_json, "\n".join(lines))

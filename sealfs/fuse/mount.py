@@ -89,6 +89,11 @@ def serve(
     store, header, master = unlock_volume(backing, cred)
     store.lock()
     try:
+        if header.rekey_in_progress:
+            log.warning(
+                "rekey in progress (interrupted): objects open under the new master key or "
+                "the previous one; run `sealfs rekey` again to finish it"
+            )
         fs = Filesystem(store, header, master, limits)
         if isinstance(cred, KmsCredential):
             fs.anchor = KmsAnchor(cred.client, header.volume_id)

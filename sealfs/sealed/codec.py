@@ -130,6 +130,21 @@ def open_block(sealer: ObjectSealer, ad: bytes, blob: bytes, block_size: int) ->
     return data
 
 
+def reseal_block(sealer: ObjectSealer, ad: bytes, blob: bytes) -> bytes | None:
+    """The block object ``blob`` sealed again under the newest key of ``sealer``, with the
+    same payload (an lz4 block stays compressed; a format-1 block becomes format 2), or None
+    if the newest key already opens it (a re-key skips it)."""
+    codec = blob[:1]
+    if codec and codec[0] & CODEC_KEYED:
+        body, newest = sealer.open_aged(memoryview(blob)[1:], ad + codec)
+        if newest:
+            return None
+    else:
+        body = sealer.open_legacy(memoryview(blob)[1:], ad + codec)
+    keyed = _LZ4 if codec[0] & CODEC_LZ4 else _RAW  # authentic: no other bits are set
+    return keyed + sealer.seal(body, ad + keyed)
+
+
 # --- inode records ---------------------------------------------------------------------------
 
 

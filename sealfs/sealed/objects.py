@@ -51,6 +51,13 @@ class SealedObjects:
             self.block_size,
         )
 
+    def reseal_block(self, ino: int, index: int, oid: int, blob: bytes) -> bytes | None:
+        """The block under the newest key (same id and contents), or None if it is already
+        (a re-key, docs/format.md)."""
+        return codec.reseal_block(
+            self.keys.inode(ino), codec.block_ad(self.volume_id, ino, index, oid), blob
+        )
+
     # --- inode records -------------------------------------------------------------------
 
     def seal_record(self, ino: int, oid: int, record: bytes) -> bytes:
@@ -62,6 +69,13 @@ class SealedObjects:
         return Inode.from_record(
             ino, self.keys.inode(ino).open(blob, codec.inode_ad(self.volume_id, ino, oid))
         )
+
+    def reseal_record(self, ino: int, oid: int, blob: bytes) -> tuple[Inode, bytes | None]:
+        """The record and, unless the newest key already opens it, the same record sealed
+        under the newest key (same id: the associated data names it)."""
+        sealer, ad = self.keys.inode(ino), codec.inode_ad(self.volume_id, ino, oid)
+        record, newest = sealer.open_aged(blob, ad)
+        return Inode.from_record(ino, record), None if newest else sealer.seal(record, ad)
 
     # --- journal commit records ----------------------------------------------------------
 

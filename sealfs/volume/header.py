@@ -58,6 +58,9 @@ MAX_SLOT_ID = 2**32 - 1
 MAX_HEADER_INT = 2**63 - 1  # block size and creation time: what a u64 label part can carry
 MAC_BYTES = 32  # HMAC-SHA256
 MAX_CANONICAL_BODY = 0xFFFF  # the MAC takes the body as one label part (u16 length)
+#: Version of the header's ``rekey`` field (a re-key in progress, docs/format.md).
+REKEY_VERSION = 1
+REKEY_PREVIOUS_BYTES = 32 + 28  # a wrapped master key: AEAD of 32 bytes
 
 
 # --- credentials -----------------------------------------------------------------------------
@@ -270,10 +273,17 @@ class Header:
     mac: bytes = b""
     format_version: int = FORMAT_VERSION
     format1_objects: bool = False  # a format-1 volume made format 2: holds format-1 objects
+    #: during a re-key: the replaced master key, wrapped under the new one (docs/format.md)
+    rekey_previous: bytes | None = None
 
     def body(self) -> dict[str, Any]:
         return {
             **({"format1_objects": True} if self.format1_objects else {}),
+            **(
+                {"rekey": {"version": REKEY_VERSION, "previous": self.rekey_previous.hex()}}
+                if self.rekey_previous is not None
+                else {}
+            ),
             "magic": MAGIC,
             "format_version": self.format_version,
             "volume_id": self.volume_id.hex(),
@@ -321,6 +331,7 @@ class Header:
         format1_objects = doc.get("format1_objects", False)
         if not isinstance(format1_objects, bool) or (format1_objects and version != 2):
             raise FormatError("volume header has an invalid format1_objects field")
+        rekey_previous = _rekey_field(doc.get("rekey"), version)
         try:
             if doc["cipher"] != CIPHER or doc["kdf"] != "HKDF-SHA256":
                 raise FormatError(f"unsupported cipher {doc['cipher']!r}")
@@ -343,6 +354,7 @@ class Header:
                 mac=_hex_field(doc, "mac", MAC_BYTES, MAC_BYTES),
                 format_version=version,
                 format1_objects=format1_objects,
+                rekey_previous=rekey_previous,
             )
         except FormatError:
             raise
@@ -489,12 +501,74 @@ class Header:
     def seal(self, master: Secret) -> None:
         self.mac = VolumeKeys(master, self.volume_id).header_mac(self.canonical_body())
 
-    def volume_keys(self, master: Secret) -> VolumeKeys:
-        """The keys of this volume's objects: a volume that was format 1 may hold objects
-        sealed with format 1's single keys, so those open too."""
+    def volume_keys(self, master: Secret, older: bool = True) -> VolumeKeys:
+        """The keys of this volume's objects under the unlocked ``master``: a volume that was
+        format 1 may hold objects sealed with format 1's single keys, and a volume being
+        re-keyed objects sealed under the replaced master key (and, if that volume was format
+        1, its single keys), so those open too. ``older=False``: the newest keys only (what a
+        re-key tells apart from the rest)."""
+        legacy = self.format_version < 2 or self.format1_objects
+        if self.rekey_previous is None:
+            return VolumeKeys(master, self.volume_id, legacy=legacy and older)
+        newest = VolumeKeys(master, self.volume_id)
+        if not older:
+            return newest
+        try:
+            previous = newest.unwrap_previous(self.rekey_previous)
+        except AuthError:
+            raise IntegrityError(
+                "the volume header's re-key field does not open under its master key"
+            ) from None
         return VolumeKeys(
-            master, self.volume_id, legacy=self.format_version < 2 or self.format1_objects
+            master,
+            self.volume_id,
+            previous=VolumeKeys(previous, self.volume_id, legacy=legacy),
         )
+
+    @property
+    def rekey_in_progress(self) -> bool:
+        return self.rekey_previous is not None
+
+    def begin_rekey(self, previous: Secret, master: Secret, slots: list[Slot]) -> None:
+        """Make this header the first of a re-key: ``slots`` wrap the new ``master``, which
+        also wraps the ``previous`` one (objects not yet re-sealed open under it); a format-1
+        header becomes format 2 on the way (the new master seals only format 2)."""
+        if self.format_version < 2:
+            self.format_version, self.format1_objects = 2, True
+        self.slots = slots
+        self.rekey_previous = VolumeKeys(master, self.volume_id).wrap_previous(previous)
+        self.seal(master)
+
+    def end_rekey(self, master: Secret) -> None:
+        """Every object is sealed under ``master`` now: forget the previous master key (and
+        format-1 objects, which a re-key replaced too)."""
+        self.rekey_previous, self.format1_objects = None, False
+        self.seal(master)
+
+    def rewrapped_slot(self, master: Secret, slot: Slot, cred: Credential) -> Slot:
+        """A copy of ``slot`` (same id and type; a fresh salt, a passphrase's KDF costs, a
+        KMS's current key version) wrapping ``master`` under ``cred``."""
+        kdf = None
+        if slot.kdf is not None:
+            kdf = KdfParams.default(
+                slot.kdf.name, slot.kdf.memory_kib, slot.kdf.iterations, slot.kdf.lanes
+            )
+        return self._wrapped_slot(master, slot.id, cred, kdf)
+
+    def slots_opened_by(self, cred: Credential) -> list[Slot]:
+        """The slots ``cred`` opens (wrapping this header's master key)."""
+        opened = []
+        for slot in self.slots:
+            if slot.type != cred.slot_type:
+                continue
+            try:
+                unwrap_key(
+                    _kek(cred, slot, self.volume_id), slot.wrapped, _slot_ad(self.volume_id, slot)
+                )
+            except AuthError:
+                continue
+            opened.append(slot)
+        return opened
 
     def upgrade_format_1(self, keys: VolumeKeys) -> None:
         """Make a format-1 header format 2 (to be written before anything format 2 is): its
@@ -513,7 +587,25 @@ class Header:
             "compression": self.compression,
             "created": self.created,
             "slots": [s.public_info() for s in self.slots],
+            "rekey_in_progress": self.rekey_in_progress,
         }
+
+
+def _rekey_field(value: Any, version: int) -> bytes | None:
+    """The wrapped previous master key of a ``rekey`` field (None: no re-key in progress)."""
+    if value is None:
+        return None
+    if (
+        version != 2
+        or not isinstance(value, dict)
+        or value.keys() != {"version", "previous"}
+        or not strict.integer_in(value["version"], REKEY_VERSION, REKEY_VERSION)
+    ):
+        raise FormatError("volume header has an invalid rekey field")
+    try:
+        return strict.hex_bytes(value["previous"], REKEY_PREVIOUS_BYTES, REKEY_PREVIOUS_BYTES)
+    except ValueError:
+        raise FormatError("volume header has an invalid rekey field") from None
 
 
 def parse_volume_id(text: str) -> bytes:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.backing import snapshot
 from tests.conftest import REPO, SEALFS, Volume, new_volume, sealfs
 
 pytestmark = pytest.mark.mount
@@ -34,24 +35,6 @@ def write_tree(root: Path) -> None:
         f.write(b"end")
     os.symlink("d/a.txt", root / "link")
     os.chmod(root / "d" / "sub", 0o750)
-
-
-def snapshot(root: Path) -> dict[str, tuple[object, ...]]:
-    """What must survive the move, per path: type, mode, size, mtime, content, xattrs, and
-    which paths share an inode (hard links)."""
-    out: dict[str, tuple[object, ...]] = {}
-    inodes: dict[int, str] = {}
-    for path in sorted(root.rglob("*")):
-        st = path.lstat()
-        rel = str(path.relative_to(root))
-        if path.is_symlink():
-            out[rel] = ("link", os.readlink(path))
-            continue
-        content = path.read_bytes() if path.is_file() else None
-        xattrs = {n: os.getxattr(path, n) for n in sorted(os.listxattr(path))}
-        first = inodes.setdefault(st.st_ino, rel)
-        out[rel] = (st.st_mode, st.st_size, st.st_mtime_ns, content, xattrs, first, st.st_nlink)
-    return out
 
 
 def migrate(*args: str, vol: Volume, check: bool = True):  # type: ignore[no-untyped-def]
