@@ -7,7 +7,8 @@ arms one point; when the code reaches it, the process SIGKILLs itself (no cleanu
 point costs one comparison with None. Operators have no use for it.
 
 Points: ``<file>:<step>`` for each atomic replace of a backing-directory file (the store's
-``replace_file``), e.g. ``sealfs.header:after-write``, with the steps of :data:`REPLACE_STEPS`.
+``replace_file``), e.g. ``sealfs.header:after-write``, with the steps of :data:`REPLACE_STEPS`;
+``rekey:<phase>`` at the phase boundaries of a re-key (``sealfs.fs.rekey.CRASH_POINTS``).
 """
 
 from __future__ import annotations

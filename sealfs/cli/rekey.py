@@ -6,9 +6,9 @@ from pathlib import Path
 
 import click
 
-from sealfs.check.progress import Progress
 from sealfs.cli.credentials import credential_options, read_passphrase_file
 from sealfs.cli.output import emit, json_option
+from sealfs.cli.progress import Progress, progress_option
 from sealfs.fs.rekey import BATCH_OBJECTS, RekeyResult, rekey_volume
 from sealfs.volume.header import Credential, PassphraseCredential, read_key_file
 
@@ -43,6 +43,7 @@ MIB = 1 << 20
     "only those credentials loses access for good.",
 )
 @click.option("--batch", type=click.IntRange(1), default=BATCH_OBJECTS, hidden=True)
+@progress_option
 @json_option
 def rekey(
     backing_dir: str,
@@ -51,6 +52,7 @@ def rekey(
     keep_passphrase_file: tuple[str, ...],
     drop_other_slots: bool,
     batch: int,
+    progress: bool | None,
     as_json: bool,
 ) -> None:
     """Re-encrypt the volume in BACKING_DIR under a new random master key (revocation).
@@ -90,13 +92,8 @@ def rekey(
     """
     keep: list[Credential] = [read_key_file(path) for path in keep_key_file]
     keep += [PassphraseCredential(read_passphrase_file(p)) for p in keep_passphrase_file]
-    progress = Progress()
-    try:
-        result = rekey_volume(
-            Path(backing_dir), cred, keep, drop_other_slots, progress, batch=batch
-        )
-    finally:
-        progress.finish()
+    meter = Progress.on_stderr(progress, as_json)
+    result = rekey_volume(Path(backing_dir), cred, keep, drop_other_slots, meter, batch=batch)
     human = _human(result)
     if result.resumed and (keep or drop_other_slots):
         human += (

@@ -25,18 +25,19 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
+from sealfs import failpoints
 from sealfs.crypto import AuthError, Secret
 from sealfs.errors import BusyError, IntegrityError, UsageError
 from sealfs.fs.lifecycle import volume_objects
 from sealfs.fs.metalog import MetaLog
+from sealfs.meter import Meter
 from sealfs.sealed.codec import RECORD_OBJECT_MAX, CodecError, Commit, block_object_max
 from sealfs.sealed.inode import Inode, RecordError
 from sealfs.sealed.objects import SealedObjects
@@ -49,27 +50,9 @@ log = logging.getLogger("sealfs.rekey")
 
 #: Objects staged before one ``syncfs`` makes them durable and they are renamed into place.
 BATCH_OBJECTS = 256
-#: Tests set this to a name of :data:`CRASH_POINTS` to SIGKILL the re-key when it gets there
-#: (like a crash: no clean-up). Unset outside tests; it grants nothing a caller could not do.
-CRASH_ENV = "SEALFS_REKEY_CRASH_AT"
+#: The phase boundaries a test can crash the re-key at (``SEALFS_FAILPOINT=rekey:<point>``,
+#: :mod:`sealfs.failpoints`).
 CRASH_POINTS = ("header-begun", "checkpoint-written", "objects-resealed", "committed")
-
-
-def _crash_point(name: str) -> None:
-    if os.environ.get(CRASH_ENV) == name:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-class Progress(Protocol):
-    """What the command line shows while objects are re-sealed."""
-
-    def note(self, phase: str) -> None: ...
-
-    def start(self, phase: str, total_bytes: int, total_objects: int) -> None: ...
-
-    def advance(self, nbytes: int, nobjects: int) -> None: ...
-
-    def finish(self) -> None: ...
 
 
 @dataclass
@@ -120,7 +103,7 @@ def rekey_volume(
     cred: Credential,
     keep: list[Credential],
     drop_others: bool,
-    progress: Progress,
+    progress: Meter,
     threads: int | None = None,
     batch: int = BATCH_OBJECTS,
 ) -> RekeyResult:
@@ -139,7 +122,7 @@ def rekey_volume(
     try:
         anchor = _fresh_anchor(store, cred)  # before anything is written
         header, master = _begin(Path(backing), cred, keep, drop_others, result)
-        _crash_point("header-begun")
+        failpoints.reached("rekey:header-begun")
         objects = volume_objects(header, master)
         metalog = MetaLog(store, objects)
         try:
@@ -148,9 +131,9 @@ def rekey_volume(
             metalog.anchorable = anchor is not None or header.kms_slot() is not None
             metalog.open_for_append(state)
             metalog.write_checkpoint(state.table, state.next_ino)
-            _crash_point("checkpoint-written")
+            failpoints.reached("rekey:checkpoint-written")
             _reseal_objects(store, objects, state.table, result, progress, threads, batch)
-            _crash_point("objects-resealed")
+            failpoints.reached("rekey:objects-resealed")
             metalog.append(Commit(metalog.seq + 1, state.next_ino))
             if anchor is not None:
                 anchor.advance(*metalog.root)
@@ -163,7 +146,7 @@ def rekey_volume(
                 )
         finally:
             metalog.close()
-        _crash_point("committed")
+        failpoints.reached("rekey:committed")
         _finish(Path(backing), cred, master)
     finally:
         store.unlock()
@@ -239,7 +222,7 @@ def _reseal_objects(
     objects: SealedObjects,
     table: dict[int, int],
     result: RekeyResult,
-    progress: Progress,
+    progress: Meter,
     threads: int | None,
     batch: int,
 ) -> None:
@@ -290,7 +273,7 @@ def _commit_batch(
     batch: list[_Job],
     outcome: list[tuple[Any, int, bool]],
     result: RekeyResult,
-    progress: Progress,
+    progress: Meter,
 ) -> None:
     """The staged objects of one batch made durable, then renamed into place: a crash leaves
     each object whole, under one key or the other."""

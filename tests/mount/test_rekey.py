@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from sealfs import failpoints
 from sealfs.crypto import AuthError
 from sealfs.fs.lifecycle import unlock_volume, volume_objects
 from sealfs.fs.metalog import MetaLog
-from sealfs.fs.rekey import CRASH_ENV, CRASH_POINTS
+from sealfs.fs.rekey import CRASH_POINTS
 from sealfs.sealed.codec import CodecError
 from sealfs.sealed.objects import SealedObjects
 from sealfs.store import CHECKPOINT_NAME, HEADER_NAME
@@ -265,7 +266,7 @@ def test_crash_at_each_phase_boundary_then_rerun(tmp_path: Path, point: str) -> 
         [*SEALFS, "rekey", str(vol.backing), "--key-file", str(vol.key)],
         cwd=REPO,
         capture_output=True,
-        env={**os.environ, CRASH_ENV: point},
+        env={**os.environ, failpoints.ENV: f"rekey:{point}"},
     )
     assert res.returncode == -signal.SIGKILL
     assert mounted_tree(vol) == tree and check_clean(vol)["ok"]

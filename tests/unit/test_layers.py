@@ -34,7 +34,7 @@ LAYERS: dict[str, set[str]] = {
     "attest": {"errors", "sealfs", "strict", "crypto"},
     "kms": {"errors", "sealfs", "strict", "crypto", "attest"},
     "volume": {"errors", "sealfs", "strict", "crypto", "store", "sealed", "kms"},
-    "fs": {"errors", "crypto", "store", "sealed", "volume"},
+    "fs": {"errors", "failpoints", "meter", "crypto", "store", "sealed", "volume"},
     "check": {"errors", "meter", "crypto", "store", "sealed", "volume", "fs"},
     "migrate": {
         "errors",
