@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from sealfs.crypto import Secret
@@ -174,15 +174,8 @@ def add_recovery_slot(
     The existing key goes in on stdin; the new one through a pipe that cryptsetup opens as
     ``/proc/self/fd/N``, so neither is ever on disk or in argv.
     """
-    rfd, wfd = os.pipe()
-    try:
-        data = recovery.reveal()
-        if len(data) > 60000:  # stays far below the pipe buffer, so the write cannot block
-            raise UsageError("recovery passphrase too long")
-        os.write(wfd, data)
-        del data
-        os.close(wfd)
-        wfd = -1
+
+    def add(rfd: int) -> None:
         args = [
             "luksAddKey",
             "--batch-mode",
@@ -194,10 +187,8 @@ def add_recovery_slot(
             f"/proc/self/fd/{rfd}",
         ]  # fmt: skip
         run(args, secret=key, pass_fds=[snap.fd, rfd], what="luksAddKey")
-    finally:
-        os.close(rfd)
-        if wfd >= 0:
-            os.close(wfd)
+
+    _with_new_secret(recovery, add)
 
 
 def check_key(snap: HeaderSnapshot, device: str, key: Secret, keyslot: int) -> None:
@@ -274,3 +265,123 @@ def mapping_status(name: str) -> dict[str, str] | None:
     if fields[3].startswith("capi:authenc(hmac(sha256),"):
         out["integrity"] = f"hmac(sha256) {out['integrity']}"
     return out
+
+
+# -- key slots and re-encryption on the device itself -----------------------------------------
+#
+# These write the header on the device in place (cryptsetup's own two-copy update), because
+# a re-encryption must persist its progress there to be resumable. The callers validate the
+# header right before each call and again after it; see docs/luks.md, "Re-key".
+
+
+def _with_new_secret(new: Secret, fn: Callable[[int], None]) -> None:
+    """Call ``fn(rfd)`` with ``new`` readable from the pipe ``rfd`` (never on disk or argv)."""
+    rfd, wfd = os.pipe()
+    try:
+        data = new.reveal()
+        if len(data) > 60000:  # stays far below the pipe buffer, so the write cannot block
+            raise UsageError("passphrase too long")
+        os.write(wfd, data)
+        del data
+        os.close(wfd)
+        wfd = -1
+        fn(rfd)
+    finally:
+        os.close(rfd)
+        if wfd >= 0:
+            os.close(wfd)
+
+
+def add_key(device: str, key: Secret, new: Secret, keyslot: int, cost: KdfCost) -> None:
+    """Add ``new`` as ``keyslot`` of the device's header, unlocking with ``key``."""
+
+    def add(rfd: int) -> None:
+        args = [
+            "luksAddKey", "--batch-mode", "--key-file=-", "--key-slot", str(keyslot),
+            *cost.args(), device, f"/proc/self/fd/{rfd}",
+        ]  # fmt: skip
+        run(args, secret=key, pass_fds=[rfd], what="luksAddKey")
+
+    _with_new_secret(new, add)
+
+
+def kill_slot(device: str, key: Secret, keyslot: int) -> None:
+    """Wipe ``keyslot`` of the device's header; ``key`` must open one of the others."""
+    args = ["luksKillSlot", "--batch-mode", "--key-file=-", device, str(keyslot)]
+    run(args, secret=key, what="luksKillSlot")
+
+
+def set_subsystem(device: str, subsystem: str) -> None:
+    """Set the header's subsystem field (sealfs records the KMS key version there)."""
+    run(["config", "--subsystem", subsystem, device], what="config")
+
+
+@dataclass(frozen=True)
+class ReencryptProgress:
+    """One progress report of ``cryptsetup reencrypt --progress-json``."""
+
+    done_bytes: int
+    total_bytes: int
+
+
+def reencrypt(
+    device: str,
+    key: Secret,
+    *,
+    keyslot: int | None,
+    resume: bool,
+    offline_file: bool,
+    hotzone_bytes: int | None,
+    on_progress: Callable[[ReencryptProgress], None],
+) -> None:
+    """Start (``keyslot``: the slot ``key`` opens; the others are wiped at the end) or resume
+    a LUKS2 re-encryption under a new random volume key, reporting progress as it goes.
+
+    Forward direction, checksum resilience (the only shape the rekey validator accepts). A
+    mapped device is re-encrypted online by cryptsetup itself; ``offline_file`` is for image
+    files, which cryptsetup cannot check for active mappings.
+    """
+    args = ["reencrypt", "--batch-mode", "--key-file=-", "--disable-external-tokens"]
+    if resume:
+        args += ["--resume-only"]
+    else:
+        args += [
+            "--key-slot", str(keyslot), "--resilience", "checksum",
+            "--resilience-hash", P.AF_HASH, *KMS_SLOT_COST.args(),
+        ]  # fmt: skip
+    if hotzone_bytes is not None:
+        args += ["--hotzone-size", str(hotzone_bytes)]
+    if offline_file:
+        args += ["--force-offline-reencrypt"]
+    args += ["--progress-json", "--progress-frequency", "1", device]
+    argv = [binary(), *args]
+    env = {"PATH": _SBIN_PATH, "LC_ALL": "C"}
+    try:
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+        )
+    except OSError as e:
+        raise LuksError(f"reencrypt: cannot run cryptsetup: {e.strerror}") from None
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    try:
+        proc.stdin.write(key.reveal())
+        proc.stdin.close()
+        for line in proc.stdout:
+            report = _parse_progress(line)
+            if report is not None:
+                on_progress(report)
+        stderr = proc.stderr.read()
+    finally:
+        returncode = proc.wait()
+    if returncode != 0:
+        raise _error(subprocess.CompletedProcess(argv, returncode, b"", stderr), "reencrypt")
+
+
+def _parse_progress(line: bytes) -> ReencryptProgress | None:
+    import json
+
+    try:
+        data = json.loads(line)
+        return ReencryptProgress(int(data["device_bytes"]), int(data["device_size"]))
+    except (ValueError, KeyError, TypeError):
+        return None
