@@ -218,6 +218,32 @@ def close_mapping(name: str) -> None:
     run(["close", name], what="close")
 
 
+def active_mapping(uuid: str) -> str | None:
+    """The name of the active dm-crypt mapping of the LUKS2 volume ``uuid``, if any.
+
+    Found by the device-mapper UUID cryptsetup gives every LUKS2 mapping
+    (``CRYPT-LUKS2-<uuid without dashes>-<name>``), so it works for image files too.
+    """
+    if not device_mapper_available():
+        return None
+    dmsetup = shutil.which("dmsetup", path=_SBIN_PATH)
+    if dmsetup is None:
+        raise LuksError("dmsetup not found (it comes with libdevmapper)")
+    env = {"PATH": _SBIN_PATH, "LC_ALL": "C"}
+    proc = subprocess.run(
+        [dmsetup, "info", "--noheadings", "-c", "-o", "name,uuid", "--separator", " "],
+        capture_output=True,
+        env=env,
+        check=False,
+    )
+    prefix = f"CRYPT-LUKS2-{uuid.replace('-', '')}-"
+    for line in proc.stdout.decode("utf-8", "replace").splitlines():
+        fields = line.split()
+        if len(fields) == 2 and fields[1].startswith(prefix):
+            return fields[0]
+    return None
+
+
 def mapping_status(name: str) -> dict[str, str] | None:
     """The *kernel's* view of an active LUKS mapping, or None if there is none.
 
@@ -330,6 +356,7 @@ def reencrypt(
     *,
     keyslot: int | None,
     resume: bool,
+    active_name: str | None,
     offline_file: bool,
     hotzone_bytes: int | None,
     on_progress: Callable[[ReencryptProgress], None],
@@ -337,9 +364,10 @@ def reencrypt(
     """Start (``keyslot``: the slot ``key`` opens; the others are wiped at the end) or resume
     a LUKS2 re-encryption under a new random volume key, reporting progress as it goes.
 
-    Forward direction, checksum resilience (the only shape the rekey validator accepts). A
-    mapped device is re-encrypted online by cryptsetup itself; ``offline_file`` is for image
-    files, which cryptsetup cannot check for active mappings.
+    Forward direction, checksum resilience (the only shape the rekey validator accepts).
+    ``active_name``: the mapping of this volume, re-encrypted online (cryptsetup reloads its
+    table piece by piece). Otherwise offline; ``offline_file`` says the device is an image
+    file, for which cryptsetup cannot itself rule out an active mapping (the caller did).
     """
     args = ["reencrypt", "--batch-mode", "--key-file=-", "--disable-external-tokens"]
     if resume:
@@ -351,7 +379,9 @@ def reencrypt(
         ]  # fmt: skip
     if hotzone_bytes is not None:
         args += ["--hotzone-size", str(hotzone_bytes)]
-    if offline_file:
+    if active_name is not None:
+        args += ["--active-name", active_name]
+    elif offline_file:
         args += ["--force-offline-reencrypt"]
     args += ["--progress-json", "--progress-frequency", "1", device]
     argv = [binary(), *args]

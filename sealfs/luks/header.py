@@ -213,13 +213,30 @@ def validate_rekey_area(area: bytes, device_size: int, profile: P.LuksProfile) -
         raise HeaderRefused("a volume with dm-integrity cannot be re-encrypted by cryptsetup")
     primary = _check_binary(area, 0, MAGIC_PRIMARY, "primary header")
     secondary = _check_binary(area, P.HDR_SIZE, MAGIC_SECONDARY, "secondary header")
-    _check_copies_match(primary, secondary)
     json_primary = area[BINARY_HEADER_SIZE : P.HDR_SIZE]
-    if area[P.HDR_SIZE + BINARY_HEADER_SIZE : 2 * P.HDR_SIZE] != json_primary:
-        raise HeaderRefused("the two header copies carry different JSON metadata")
-    meta = load_json_area(json_primary, "primary header")
-    keyslots, reencrypting = _check_rekey_json(meta, profile)
-    return RekeyHeaderInfo(_info(primary, keyslots, device_size, profile), reencrypting)
+    json_secondary = area[P.HDR_SIZE + BINARY_HEADER_SIZE : 2 * P.HDR_SIZE]
+    if primary.uuid != secondary.uuid:
+        raise HeaderRefused("header copies disagree: UUID")
+    # cryptsetup rewrites the two copies one after the other at every step of a rekey, so a
+    # crash can leave them one update apart; it then uses the newer one and repairs the
+    # other. That is harmless here only because *both* must pass on their own.
+    copies = [(primary, json_primary, "primary header")]
+    if (primary.seqid, primary.subsystem, json_primary) != (
+        secondary.seqid,
+        secondary.subsystem,
+        json_secondary,
+    ):
+        if abs(primary.seqid - secondary.seqid) != 1:
+            raise HeaderRefused(
+                f"header copies disagree: seqid {primary.seqid} vs {secondary.seqid}"
+            )
+        copies.append((secondary, json_secondary, "secondary header"))
+    results = []
+    for binary, text, where in copies:
+        keyslots, reencrypting = _check_rekey_json(load_json_area(text, where), profile)
+        info = _info(binary, keyslots, device_size, profile)
+        results.append((binary.seqid, RekeyHeaderInfo(info, reencrypting)))
+    return max(results, key=lambda r: r[0])[1]
 
 
 def _info(

@@ -50,6 +50,8 @@ class RekeyResult:
     #: The run continued an interrupted one.
     resumed: bool
     steps: list[str] = field(default_factory=list)
+    #: The mapping the data was re-encrypted through (online), or None (offline).
+    online: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -96,11 +98,13 @@ def rekey_volume(
         state = _settle_staging(device, keys, binding, profile, state.info)
     if state.reencrypting or STAGING_KEYSLOT in state.info.keyslots:
         key = keys.existing_key(binding, state.info.kms_key_version)
+        result.online = cs.active_mapping(state.info.uuid)
         cs.reencrypt(
             device,
             key,
             keyslot=None if state.reencrypting else STAGING_KEYSLOT,
             resume=state.reencrypting,
+            active_name=result.online,
             offline_file=not is_block_device(device),
             hotzone_bytes=hotzone_bytes,
             on_progress=on_progress,

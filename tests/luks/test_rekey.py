@@ -260,3 +260,44 @@ def test_key_list_add_remove_keep_the_volume_key_and_the_last_slot(
     again = sealfs_cli("luks", "key", "add", img, "--key-file", key, "--recovery-slot",
                        "--new-key-file", str(typed))  # fmt: skip
     assert again.returncode == 2 and "already has a recovery slot" in again.stderr
+
+
+@pytest.mark.parametrize("newer", [0, 1])
+def test_rekey_continues_from_header_copies_one_update_apart(
+    vol: dict[str, Any], newer: int
+) -> None:
+    """A crash between cryptsetup's writes of the two header copies (either order): the rekey
+    accepts the pair because each copy passes alone, and cryptsetup continues from the newer."""
+    crashed = sealfs_cli("luks", *rekey_args(vol), env={"SEALFS_LUKS_CRASH_AT": "rekey-staged"})
+    assert crashed.returncode == -signal.SIGKILL
+    before = A.read_region(vol["img"])
+    subprocess.run(
+        ["cryptsetup", "config", "--subsystem", "sealfs-kms-v7", str(vol["img"])],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    after = A.read_region(vol["img"])
+    torn = bytearray(after)
+    stale = slice((1 - newer) * P.HDR_SIZE, (2 - newer) * P.HDR_SIZE)
+    torn[stale] = before[stale]
+    A.write_region(vol["img"], torn)
+    profile = P.LuksProfile(recovery_slot=True)
+    with pytest.raises(H.HeaderRefused, match="disagree"):
+        H.validate_header_area(bytes(torn), vol["img"].stat().st_size, profile)
+    assert read_rekey_state(str(vol["img"]), profile).info.kms_key_version == 7
+    out = run_ok(*rekey_args(vol))
+    assert out["resumed"] and out["online"] is None
+    assert_rekeyed(vol)
+
+
+def test_rekey_refuses_header_copies_further_apart(vol: dict[str, Any]) -> None:
+    before = A.read_region(vol["img"])
+    for version in (7, 8):
+        subprocess.run(
+            ["cryptsetup", "config", "--subsystem", f"sealfs-kms-v{version}", str(vol["img"])],
+            check=True, capture_output=True,
+        )  # fmt: skip
+    torn = A.read_region(vol["img"])
+    torn[P.HDR_SIZE : 2 * P.HDR_SIZE] = before[P.HDR_SIZE : 2 * P.HDR_SIZE]
+    A.write_region(vol["img"], torn)
+    refused = sealfs_cli("luks", *rekey_args(vol))
+    assert refused.returncode == 10 and "disagree: seqid" in refused.stderr
