@@ -119,6 +119,8 @@ def _error(proc: subprocess.CompletedProcess[bytes], what: str) -> SealfsError:
     detail = lines[-1] if lines else f"exit status {proc.returncode}"
     if "device-mapper" in detail.lower() or "dm_mod" in detail:
         return LuksError(f"{what}: {NO_DEVICE_MAPPER}")
+    if "requires reencryption recovery" in detail:
+        return ReencryptionCrashed(f"{what}: {detail}")
     if proc.returncode == 2:
         return UnlockError(f"{what}: no key slot opened with the key given ({detail})")
     if proc.returncode == 5:
@@ -340,6 +342,20 @@ def kill_slot(device: str, key: Secret, keyslot: int) -> None:
 def set_subsystem(device: str, subsystem: str) -> None:
     """Set the header's subsystem field (sealfs records the KMS key version there)."""
     run(["config", "--subsystem", subsystem, device], what="config")
+
+
+class ReencryptionCrashed(LuksError):
+    """A re-encryption stopped inside a hotzone: :func:`recover_reencryption` first."""
+
+
+def recover_reencryption(device: str, key: Secret) -> None:
+    """Restore the hotzone a crash interrupted, from the checksums in the reencrypt slot.
+
+    cryptsetup's ``repair`` on a LUKS2 re-encryption; it needs the volume keys, so it also
+    checks the reencryption metadata digest a forged state cannot carry.
+    """
+    args = ["repair", "--batch-mode", "--key-file=-", "--disable-external-tokens", device]
+    run(args, secret=key, what="reencryption recovery")
 
 
 @dataclass(frozen=True)

@@ -99,16 +99,27 @@ def rekey_volume(
     if state.reencrypting or STAGING_KEYSLOT in state.info.keyslots:
         key = keys.existing_key(binding, state.info.kms_key_version)
         result.online = cs.active_mapping(state.info.uuid)
-        cs.reencrypt(
-            device,
-            key,
-            keyslot=None if state.reencrypting else STAGING_KEYSLOT,
-            resume=state.reencrypting,
-            active_name=result.online,
-            offline_file=not is_block_device(device),
-            hotzone_bytes=hotzone_bytes,
-            on_progress=on_progress,
-        )
+
+        def run() -> None:
+            cs.reencrypt(
+                device,
+                key,
+                keyslot=None if state.reencrypting else STAGING_KEYSLOT,
+                resume=state.reencrypting,
+                active_name=result.online,
+                offline_file=not is_block_device(device),
+                hotzone_bytes=hotzone_bytes,
+                on_progress=on_progress,
+            )
+
+        try:
+            run()
+        except cs.ReencryptionCrashed:
+            # Killed inside a hotzone: cryptsetup restores it, then resumes.
+            cs.recover_reencryption(device, key)
+            result.steps.append("recovered")
+            state = read_rekey_state(device, profile)
+            run()
         result.steps.append("re-encrypted")
         failpoints.reached("rekey-reencrypted")
         state = read_rekey_state(device, profile)

@@ -155,7 +155,8 @@ def test_rekey_resumes_a_reencryption_killed_mid_way(vol: dict[str, Any]) -> Non
     state = read_rekey_state(str(vol["img"]), P.LuksProfile(recovery_slot=True))
     assert state.reencrypting
     out = run_ok(*rekey_args(vol))
-    assert out["resumed"] and out["steps"] == ["re-encrypted", "slots rewritten"]
+    assert out["resumed"] and out["steps"][-2:] == ["re-encrypted", "slots rewritten"]
+    assert out["steps"][:-2] in ([], ["recovered"])  # "recovered": killed inside a hotzone
     assert_rekeyed(vol)
 
 
