@@ -205,38 +205,56 @@ def validate_rekey_area(area: bytes, device_size: int, profile: P.LuksProfile) -
     and while cryptsetup re-encrypts, its ``online-reencrypt-v2`` requirement, one
     ``reencrypt`` key slot with checksum resilience, and crypt segments that tile the data
     area plus the two backup segments. Every segment still uses the one sealfs cipher, so
-    no accepted state writes plaintext or uses a weaker cipher.
+    no accepted state writes plaintext or uses a weaker cipher. It also accepts what a crash
+    inside one of cryptsetup's header updates leaves (see below).
     """
     if len(area) < P.DATA_OFFSET:
         raise HeaderRefused(f"header region is {len(area)} bytes, expected {P.DATA_OFFSET}")
     if profile.integrity:
         raise HeaderRefused("a volume with dm-integrity cannot be re-encrypted by cryptsetup")
-    primary = _check_binary(area, 0, MAGIC_PRIMARY, "primary header")
-    secondary = _check_binary(area, P.HDR_SIZE, MAGIC_SECONDARY, "secondary header")
-    json_primary = area[BINARY_HEADER_SIZE : P.HDR_SIZE]
-    json_secondary = area[P.HDR_SIZE + BINARY_HEADER_SIZE : 2 * P.HDR_SIZE]
-    if primary.uuid != secondary.uuid:
-        raise HeaderRefused("header copies disagree: UUID")
     # cryptsetup rewrites the two copies one after the other at every step of a rekey, so a
-    # crash can leave them one update apart; it then uses the newer one and repairs the
-    # other. That is harmless here only because *both* must pass on their own.
-    copies = [(primary, json_primary, "primary header")]
-    if (primary.seqid, primary.subsystem, json_primary) != (
-        secondary.seqid,
-        secondary.subsystem,
-        json_secondary,
+    # crash can leave one copy torn (its checksum wrong: cryptsetup ignores it too) or the two
+    # one update apart (cryptsetup uses the newer). It then repairs the other copy itself.
+    # That is harmless here only because every copy cryptsetup could use passes on its own.
+    copies = [_rekey_copy(area, n) for n in (0, 1)]
+    usable = [c for c in copies if c is not None]
+    if not usable:
+        raise HeaderRefused("neither header copy has a valid checksum")
+    if copies[0] is None and any(
+        area[off : off + 6] == MAGIC_SECONDARY for off in SECONDARY_OFFSETS if off != P.HDR_SIZE
     ):
-        if abs(primary.seqid - secondary.seqid) != 1:
-            raise HeaderRefused(
-                f"header copies disagree: seqid {primary.seqid} vs {secondary.seqid}"
-            )
-        copies.append((secondary, json_secondary, "secondary header"))
+        raise HeaderRefused("primary header torn and another secondary header present")
+    if len(usable) == 2:
+        (a, json_a), (b, json_b) = usable
+        if a.uuid != b.uuid:
+            raise HeaderRefused("header copies disagree: UUID")
+        if (a.seqid, a.subsystem, json_a) == (b.seqid, b.subsystem, json_b):
+            usable = usable[:1]
+        elif abs(a.seqid - b.seqid) != 1:
+            raise HeaderRefused(f"header copies disagree: seqid {a.seqid} vs {b.seqid}")
     results = []
-    for binary, text, where in copies:
+    for binary, text in usable:
+        where = "primary header" if binary.hdr_offset == 0 else "secondary header"
         keyslots, reencrypting = _check_rekey_json(load_json_area(text, where), profile)
         info = _info(binary, keyslots, device_size, profile)
         results.append((binary.seqid, RekeyHeaderInfo(info, reencrypting)))
     return max(results, key=lambda r: r[0])[1]
+
+
+def _rekey_copy(area: bytes, n: int) -> tuple[BinaryHeader, bytes] | None:
+    """Header copy ``n`` (0 primary, 1 secondary) and its JSON area, or None if it is torn.
+
+    Torn means exactly what makes cryptsetup ignore a copy: a checksum that does not match.
+    A copy with a good checksum that fails any other check is refused outright, since
+    cryptsetup would use it.
+    """
+    offset = n * P.HDR_SIZE
+    copy = area[offset : offset + P.HDR_SIZE]
+    stored = parse_binary_header(area, offset).checksum
+    if stored != header_checksum(copy).ljust(_CSUM_LEN, b"\0"):
+        return None
+    magic, where = (MAGIC_SECONDARY, "secondary header") if n else (MAGIC_PRIMARY, "primary header")
+    return _check_binary(area, offset, magic, where), copy[BINARY_HEADER_SIZE:]
 
 
 def _info(

@@ -302,3 +302,27 @@ def test_rekey_refuses_header_copies_further_apart(vol: dict[str, Any]) -> None:
     A.write_region(vol["img"], torn)
     refused = sealfs_cli("luks", *rekey_args(vol))
     assert refused.returncode == 10 and "disagree: seqid" in refused.stderr
+
+
+@pytest.mark.parametrize("torn", [0, 1], ids=["primary-torn", "secondary-torn"])
+def test_rekey_continues_from_a_torn_header_copy(vol: dict[str, Any], torn: int) -> None:
+    """A crash inside cryptsetup's write of one header copy leaves its checksum wrong (so
+    cryptsetup ignores that copy): the rekey goes on from the other one."""
+    crashed = sealfs_cli("luks", *rekey_args(vol), env={"SEALFS_LUKS_CRASH_AT": "rekey-staged"})
+    assert crashed.returncode == -signal.SIGKILL
+    region = A.read_region(vol["img"])
+    off = torn * P.HDR_SIZE + H.BINARY_HEADER_SIZE + 100
+    region[off : off + 8] = b"\xff" * 8  # half-written JSON, checksum left as it was
+    A.write_region(vol["img"], region)
+    out = run_ok(*rekey_args(vol))
+    assert out["resumed"]
+    assert_rekeyed(vol)
+
+
+def test_rekey_refuses_a_torn_primary_with_a_planted_secondary(vol: dict[str, Any]) -> None:
+    region = A.read_region(vol["img"])
+    region[H.BINARY_HEADER_SIZE + 100 : H.BINARY_HEADER_SIZE + 108] = b"\xff" * 8
+    region[4 * P.HDR_SIZE : 4 * P.HDR_SIZE + 6] = H.MAGIC_SECONDARY  # cryptsetup would scan it
+    A.write_region(vol["img"], region)
+    refused = sealfs_cli("luks", *rekey_args(vol))
+    assert refused.returncode == 10 and "another secondary header" in refused.stderr
