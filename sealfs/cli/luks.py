@@ -603,7 +603,7 @@ def import_cmd(
     type=click.IntRange(1, 1024),
     default=None,
     metavar="MIB",
-    help="Largest piece cryptsetup re-encrypts between two progress records (default: its own).",
+    help="Size of the piece cryptsetup re-encrypts per step, its 'hotzone' (default: its own).",
 )
 @_progress_option
 @json_option

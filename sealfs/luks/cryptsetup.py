@@ -228,22 +228,22 @@ def active_mapping(uuid: str) -> str | None:
     """
     if not device_mapper_available():
         return None
-    dmsetup = shutil.which("dmsetup", path=_SBIN_PATH)
-    if dmsetup is None:
-        raise LuksError("dmsetup not found (it comes with libdevmapper)")
-    env = {"PATH": _SBIN_PATH, "LC_ALL": "C"}
-    proc = subprocess.run(
-        [dmsetup, "info", "--noheadings", "-c", "-o", "name,uuid", "--separator", " "],
-        capture_output=True,
-        env=env,
-        check=False,
-    )
+    proc = _dmsetup("info", "--noheadings", "-c", "-o", "name,uuid", "--separator", " ")
     prefix = f"CRYPT-LUKS2-{uuid.replace('-', '')}-"
     for line in proc.stdout.decode("utf-8", "replace").splitlines():
         fields = line.split()
         if len(fields) == 2 and fields[1].startswith(prefix):
             return fields[0]
     return None
+
+
+def _dmsetup(*args: str) -> subprocess.CompletedProcess[bytes]:
+    """Run dmsetup (reads only, never a key) with the minimal environment."""
+    dmsetup = shutil.which("dmsetup", path=_SBIN_PATH)
+    if dmsetup is None:
+        raise LuksError("dmsetup not found (it comes with libdevmapper)")
+    env = {"PATH": _SBIN_PATH, "LC_ALL": "C"}
+    return subprocess.run([dmsetup, *args], capture_output=True, env=env, check=False)
 
 
 def mapping_status(name: str) -> dict[str, str] | None:
@@ -256,19 +256,10 @@ def mapping_status(name: str) -> dict[str, str] | None:
     """
     if not device_mapper_available():
         return None
-    dmsetup = shutil.which("dmsetup", path=_SBIN_PATH)
-    if dmsetup is None:
-        raise LuksError("dmsetup not found (it comes with libdevmapper)")
-    env = {"PATH": _SBIN_PATH, "LC_ALL": "C"}
-    info = subprocess.run(
-        [dmsetup, "info", "--noheadings", "-c", "-o", "uuid", name],
-        capture_output=True,
-        env=env,
-        check=False,
-    )
+    info = _dmsetup("info", "--noheadings", "-c", "-o", "uuid", name)
     if info.returncode != 0 or not info.stdout.decode().strip().startswith("CRYPT-LUKS2-"):
         return None
-    table = subprocess.run([dmsetup, "table", name], capture_output=True, env=env, check=False)
+    table = _dmsetup("table", name)
     lines = table.stdout.decode("utf-8", "replace").splitlines()
     if table.returncode != 0 or len(lines) != 1:
         return None

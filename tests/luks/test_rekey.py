@@ -25,7 +25,7 @@ from sealfs.luks import profile as P
 from sealfs.luks.rekey import STAGING_KEYSLOT, read_rekey_state
 
 from . import attacker as A
-from .conftest import new_image, sealfs_cli, write_key
+from .conftest import new_image, reencrypt_killed_after_progress, sealfs_cli, write_key
 
 DATA = 8 * 1024 * 1024
 SECTOR = P.SECTOR_SIZE
@@ -134,24 +134,7 @@ def test_rekey_resumes_a_reencryption_killed_mid_way(vol: dict[str, Any]) -> Non
     progress report, then `sealfs luks rekey` again: cryptsetup's resume finishes it."""
     crashed = sealfs_cli("luks", *rekey_args(vol), env={"SEALFS_LUKS_CRASH_AT": "rekey-staged"})
     assert crashed.returncode == -signal.SIGKILL
-    proc = subprocess.Popen(
-        ["cryptsetup", "reencrypt", "--batch-mode", "--key-file", str(vol["key"]),
-         "--key-slot", str(STAGING_KEYSLOT), "--resilience", "checksum", "--pbkdf", "argon2id",
-         "--pbkdf-force-iterations", "4", "--pbkdf-memory", "32", "--pbkdf-parallel", "1",
-         "--hotzone-size", "4096", "--force-offline-reencrypt", "--progress-json",
-         "--progress-frequency", "1", str(vol["img"])],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    assert proc.stdout is not None
-    done = total = 0
-    for line in proc.stdout:
-        report = json.loads(line)
-        done, total = int(report["device_bytes"]), int(report["device_size"])
-        if done > 0:
-            proc.send_signal(signal.SIGKILL)
-            break
-    proc.wait()
-    assert 0 < done < total, "cryptsetup finished before its first progress report"
+    reencrypt_killed_after_progress(str(vol["img"]), str(vol["key"]), "--force-offline-reencrypt")
     state = read_rekey_state(str(vol["img"]), P.LuksProfile(recovery_slot=True))
     assert state.reencrypting
     out = run_ok(*rekey_args(vol))

@@ -20,10 +20,10 @@ import pytest
 from sealfs.luks import profile as P
 from sealfs.luks.firstboot import VolumeSpec, bring_down, bring_up
 from sealfs.luks.keys import KeyBinding, KeyFileSource
-from sealfs.luks.rekey import STAGING_KEYSLOT, read_rekey_state
+from sealfs.luks.rekey import read_rekey_state
 from sealfs.luks.volume import header_backup
 
-from ..conftest import REPO, new_image, write_key
+from ..conftest import REPO, new_image, reencrypt_killed_after_progress, write_key
 from .conftest import HAVE_DM, SKIP_REASON, cleanup_mapping, drop_caches
 
 if not HAVE_DM:
@@ -104,29 +104,6 @@ def test_online_rekey_of_a_mounted_volume(tmp_path: Path, mapping_names: list[st
     _check_reopened(spec, keys, digest, backup)
 
 
-def _reencrypt_killed_after_progress(device: str, key_file: str, *extra: str) -> None:
-    """Run cryptsetup reencrypt as the rekey does, but with 4 KiB hotzones, and SIGKILL it
-    after its first progress report that shows work done (an event, not a delay)."""
-    proc = subprocess.Popen(
-        ["cryptsetup", "reencrypt", "--batch-mode", "--key-file", key_file,
-         "--key-slot", str(STAGING_KEYSLOT), "--resilience", "checksum", "--pbkdf", "argon2id",
-         "--pbkdf-force-iterations", "4", "--pbkdf-memory", "32", "--pbkdf-parallel", "1",
-         "--hotzone-size", "4096", "--progress-json", "--progress-frequency", "1", *extra,
-         device],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    assert proc.stdout is not None
-    done = total = 0
-    for line in proc.stdout:
-        report = json.loads(line)
-        done, total = int(report["device_bytes"]), int(report["device_size"])
-        if done > 0:
-            proc.send_signal(signal.SIGKILL)
-            break
-    proc.wait()
-    assert 0 < done < total, "cryptsetup finished before its first progress report"
-
-
 def test_rekey_killed_mid_reencryption_resumes(tmp_path: Path, mapping_names: list[str]) -> None:
     """cryptsetup reencrypt, as the rekey runs it but with 4 KiB hotzones, SIGKILLed after its
     first progress report; `sealfs luks rekey` again finishes it (cryptsetup's resume)."""
@@ -136,7 +113,7 @@ def test_rekey_killed_mid_reencryption_resumes(tmp_path: Path, mapping_names: li
     header_backup(spec.device, str(backup), spec.profile)
     crashed = _rekey(spec, keys, env={"SEALFS_LUKS_CRASH_AT": "rekey-staged"})
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr
-    _reencrypt_killed_after_progress(spec.device, keys.path, "--force-offline-reencrypt")
+    reencrypt_killed_after_progress(spec.device, keys.path, "--force-offline-reencrypt")
     assert read_rekey_state(spec.device, P.LuksProfile()).reencrypting
     with pytest.raises(Exception, match="LUKS header refused"):
         bring_up(spec, keys)  # nothing but the rekey opens a half re-encrypted volume
