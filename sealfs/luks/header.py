@@ -514,7 +514,10 @@ def _check_rekey_digests(
 
 def _check_config(config: dict[str, Any]) -> None:
     if "requirements" in config:
-        raise HeaderRefused("config.requirements present (e.g. reencryption); refused")
+        raise HeaderRefused(
+            "config.requirements present: a re-encryption in progress (if 'sealfs luks rekey' "
+            "was interrupted, rerun it to finish) or a forged header"
+        )
     if "flags" in config:
         raise HeaderRefused("config.flags present; sealfs sets no persistent flags")
     _exact_keys(config, {"json_size", "keyslots_size"}, "config")
@@ -567,7 +570,10 @@ def _check_segments(segments: dict[str, Any], profile: P.LuksProfile) -> None:
 def _check_keyslots(keyslots: dict[str, Any], profile: P.LuksProfile) -> tuple[int, ...]:
     expected = [str(n) for n in profile.keyslots]
     if sorted(keyslots) != expected:
-        raise HeaderRefused(f"keyslots {sorted(keyslots)}, expected exactly {expected}")
+        raise HeaderRefused(
+            f"keyslots {sorted(keyslots)}, expected exactly {expected} (an interrupted "
+            "'sealfs luks rekey' leaves others: rerun it to finish)"
+        )
     area_size = _round_up(profile.volume_key_bytes * P.AF_STRIPES, 4096)
     areas = [
         _check_luks2_slot(_obj(keyslots, name, "keyslots"), area_size, profile, f"keyslot {name}")
