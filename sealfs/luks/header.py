@@ -435,7 +435,7 @@ def _check_reencrypt_segments(segments: dict[str, Any]) -> None:
     Each is a crypt segment with the sealfs cipher and sector size whose IV tweak matches
     its offset: no plaintext, no weaker cipher, no data moved anywhere else.
     """
-    if not segments or sorted(segments, key=int) != [str(n) for n in range(len(segments))]:
+    if sorted(segments) != sorted(str(n) for n in range(len(segments))) or not segments:
         raise HeaderRefused(f"segments {sorted(segments)} are not numbered 0..n-1")
     tiles: list[tuple[int, str]] = []
     backups: list[str] = []
@@ -497,8 +497,8 @@ def _check_rekey_digests(
         where = f"digest {name}"
         dg = _check_pbkdf2_digest(_obj(digests, name, "digests"), where)
         slots, segs = dg.get("keyslots"), dg.get("segments")
-        if not isinstance(slots, list) or not isinstance(segs, list):
-            raise HeaderRefused(f"{where}: keyslots or segments is not a list")
+        if not _str_list(slots) or not _str_list(segs):
+            raise HeaderRefused(f"{where}: keyslots or segments is not a list of names")
         if slots == [reencrypt_slot]:
             if segs:
                 raise HeaderRefused(f"{where}: the reencrypt digest covers segments")
@@ -726,6 +726,10 @@ def _b64(obj: dict[str, Any], key: str, where: str) -> bytes:
         return base64.b64decode(value, validate=True)
     except (ValueError, binascii.Error):
         raise HeaderRefused(f"{where}.{key} is not base64") from None
+
+
+def _str_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
 
 
 def _round_up(n: int, k: int) -> int:
