@@ -27,7 +27,12 @@ POINTS = (
 BUNDLE_POINTS = ("bundle-chunk-written",)
 
 #: ``sealfs luks rekey`` (sealfs.luks.rekey): after each of its steps.
-REKEY_POINTS = ("rekey-staged", "rekey-reencrypted", "rekey-finishing")
+REKEY_POINTS = (
+    "rekey-staging-slot-added",
+    "rekey-staged",
+    "rekey-reencrypted",
+    "rekey-finishing",
+)
 
 
 def reached(name: str) -> None:

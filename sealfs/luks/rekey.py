@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from sealfs.crypto import Secret
-from sealfs.errors import LuksError, UsageError
+from sealfs.errors import LuksError, UnlockError, UsageError
 
 from . import cryptsetup as cs
 from . import failpoints
@@ -137,6 +137,7 @@ def _stage(device: str, keys: KeySource, binding: KeyBinding, info: H.HeaderInfo
     old = keys.existing_key(binding, info.kms_key_version)
     new = keys.new_key(binding)
     cs.add_key(device, old, new.passphrase, STAGING_KEYSLOT, cs.KMS_SLOT_COST)
+    failpoints.reached("rekey-staging-slot-added")
     if new.key_version is not None and new.key_version != info.kms_key_version:
         cs.set_subsystem(device, H.kms_subsystem(new.key_version))
 
@@ -158,7 +159,7 @@ def _settle_staging(
             try:
                 cs.check_key(snap, device, new.passphrase, STAGING_KEYSLOT)
                 staged = True
-            except LuksError:
+            except UnlockError:
                 staged = False
         if staged:
             cs.set_subsystem(device, H.kms_subsystem(new.key_version))
