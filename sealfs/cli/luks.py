@@ -580,3 +580,200 @@ def import_cmd(
         f"imported {result.uuid} onto {device}: {result.written} chunks written, "
         f"{result.skipped} already in place; manifest SHA-256 {result.manifest_sha256}",
     )
+
+
+@luks.command("rekey")
+@click.argument("device", type=str)
+@_key_options
+@_profile_options
+@click.option(
+    "--recovery-key-file",
+    type=str,
+    help="Recovery passphrase for the new recovery slot (required with --recovery-slot; the "
+    "same passphrase or a new one; mode 0600).",
+)
+@_recovery_cost_option
+@click.option(
+    "--hotzone-mib",
+    type=click.IntRange(1, 1024),
+    default=None,
+    metavar="MIB",
+    help="Size of the piece cryptsetup re-encrypts per step, its 'hotzone' (default: its own).",
+)
+@_progress_option
+@json_option
+def rekey_cmd(
+    device: str,
+    keys: KeySource,
+    binding: KeyBinding,
+    integrity: str | None,
+    recovery_slot: bool,
+    recovery_key_file: str | None,
+    recovery_iter_time: int,
+    hotzone_mib: int | None,
+    progress: bool | None,
+    as_json: bool,
+) -> None:
+    """Re-encrypt DEVICE under a new random volume key: this is what REVOKES old keys.
+
+    'sealfs luks key add/remove' only re-wrap the volume key: a copy of the header taken
+    before, plus a passphrase it held, still opens the data. After a rekey, nothing from
+    before opens what is on the disk: every sector is re-encrypted (cryptsetup reencrypt,
+    LUKS2) and every slot of the old key is wiped. Slot 0 gets the KMS key of the app's
+    current key version (run 'sealfs kms policy rotate' first if that key leaked); slot 1,
+    with --recovery-slot, the passphrase from --recovery-key-file.
+
+    Online when DEVICE is open (the mapping and its file system keep working), offline
+    otherwise. Interrupted (crash, SIGKILL, power loss): run the same command again, it
+    continues where it stopped (cryptsetup's own resume). A rerun after it finished re-keys
+    again. Not possible with --integrity (cryptsetup cannot re-encrypt dm-integrity).
+    Progress on standard error on a terminal (--progress to force it).
+    """
+    from sealfs.check.progress import Progress
+    from sealfs.luks.cryptsetup import ReencryptProgress
+    from sealfs.luks.keys import read_key_file
+    from sealfs.luks.rekey import rekey_volume
+
+    recovery = read_key_file(recovery_key_file) if recovery_key_file else None
+    meter, started = Progress(enabled=progress), [False]
+
+    def report(p: ReencryptProgress) -> None:
+        if not started[0]:
+            meter.start("re-encrypting", p.total_bytes, 0)
+            started[0] = True
+        meter.advance(p.done_bytes - meter.done_bytes, 0)
+
+    try:
+        result = rekey_volume(
+            device,
+            keys,
+            binding,
+            _profile(integrity, recovery_slot),
+            recovery=recovery,
+            recovery_cost=_recovery_cost(recovery_iter_time),
+            hotzone_bytes=hotzone_mib * MIB if hotzone_mib else None,
+            on_progress=report,
+        )
+    finally:
+        meter.finish()
+    how = "continued an interrupted rekey: " if result.resumed else ""
+    emit(
+        {"ok": True, **result.as_dict()},
+        as_json,
+        f"re-keyed {device} ({result.uuid}): {how}{', '.join(result.steps)}; the old volume "
+        "key no longer opens it",
+    )
+
+
+@luks.group("key", cls=SealfsGroup)
+def key_group() -> None:
+    """The recovery key slot: list, add, remove. These RE-WRAP, they do not revoke.
+
+    Adding or removing a slot changes which passphrases unwrap the volume key, not the key:
+    a header copy taken before (e.g. 'sealfs luks header-backup', or by the host) still opens
+    the data with any passphrase it held. To revoke, run 'sealfs luks rekey'.
+    """
+
+
+@key_group.command("list")
+@click.argument("device", type=str)
+@_profile_options
+@json_option
+def key_list_cmd(device: str, integrity: str | None, recovery_slot: bool, as_json: bool) -> None:
+    """List DEVICE's key slots (validated header; no key needed)."""
+    from sealfs.luks.slots import list_slots
+
+    info, slots = list_slots(device, _profile(integrity, recovery_slot))
+    lines = [f"{device} ({info.uuid}):"]
+    for s in slots:
+        version = f", KMS key version {s.kms_key_version}" if s.kms_key_version else ""
+        lines.append(
+            f"  slot {s.slot}: {s.role} ({s.kdf}, time {s.kdf_time}, "
+            f"memory {s.kdf_memory_kib} KiB{version})"
+        )
+    emit(
+        {"ok": True, "device": device, "uuid": info.uuid, "slots": [s.as_dict() for s in slots]},
+        as_json,
+        "\n".join(lines),
+    )
+
+
+@key_group.command("add")
+@click.argument("device", type=str)
+@_key_options
+@_profile_options
+@click.option("--new-key-file", type=str, help="New slot's key: this file's bytes, verbatim.")
+@click.option(
+    "--new-passphrase-file",
+    type=str,
+    help="New slot's passphrase as a person types it at a prompt: this file without one final newline.",
+)
+@_recovery_cost_option
+@json_option
+def key_add_cmd(
+    device: str,
+    keys: KeySource,
+    binding: KeyBinding,
+    integrity: str | None,
+    recovery_slot: bool,
+    new_key_file: str | None,
+    new_passphrase_file: str | None,
+    recovery_iter_time: int,
+    as_json: bool,
+) -> None:
+    """Add the recovery slot (slot 1) to DEVICE, unlocking with slot 0's key.
+
+    Re-wraps only: see 'sealfs luks key --help'. Afterwards every command needs
+    --recovery-slot for this volume.
+    """
+    from sealfs.luks.slots import add_recovery, read_new_secret
+
+    if bool(new_key_file) == bool(new_passphrase_file):
+        raise UsageError("give exactly one of --new-key-file or --new-passphrase-file")
+    path = new_key_file or new_passphrase_file
+    assert path is not None
+    new = read_new_secret(path, passphrase=new_passphrase_file is not None)
+    info = add_recovery(
+        device,
+        _slot_key(keys, binding, False),
+        _profile(integrity, recovery_slot),
+        new,
+        _recovery_cost(recovery_iter_time),
+    )
+    emit(
+        {"ok": True, "device": device, "uuid": info.uuid, "slot": P.RECOVERY_KEYSLOT},
+        as_json,
+        f"added recovery slot {P.RECOVERY_KEYSLOT} to {device}; from now on use --recovery-slot",
+    )
+
+
+@key_group.command("remove")
+@click.argument("device", type=str)
+@_key_options
+@_profile_options
+@click.option("--slot", type=int, required=True, help="The slot to wipe (1: the recovery slot).")
+@json_option
+def key_remove_cmd(
+    device: str,
+    keys: KeySource,
+    binding: KeyBinding,
+    integrity: str | None,
+    recovery_slot: bool,
+    slot: int,
+    as_json: bool,
+) -> None:
+    """Wipe key slot SLOT of DEVICE; refuses the last slot that opens it (slot 0).
+
+    Slot 0's key must open the volume first. Re-wraps only: a header copy taken before
+    still holds the removed slot (see 'sealfs luks key --help'); 'sealfs luks rekey' revokes.
+    """
+    from sealfs.luks.slots import remove_slot
+
+    info = remove_slot(
+        device, _slot_key(keys, binding, False), _profile(integrity, recovery_slot), slot
+    )
+    emit(
+        {"ok": True, "device": device, "uuid": info.uuid, "removed": slot},
+        as_json,
+        f"wiped key slot {slot} of {device}; from now on omit --recovery-slot",
+    )

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from sealfs.crypto import Secret
@@ -119,6 +119,8 @@ def _error(proc: subprocess.CompletedProcess[bytes], what: str) -> SealfsError:
     detail = lines[-1] if lines else f"exit status {proc.returncode}"
     if "device-mapper" in detail.lower() or "dm_mod" in detail:
         return LuksError(f"{what}: {NO_DEVICE_MAPPER}")
+    if "requires reencryption recovery" in detail:
+        return ReencryptionCrashed(f"{what}: {detail}")
     if proc.returncode == 2:
         return UnlockError(f"{what}: no key slot opened with the key given ({detail})")
     if proc.returncode == 5:
@@ -174,15 +176,8 @@ def add_recovery_slot(
     The existing key goes in on stdin; the new one through a pipe that cryptsetup opens as
     ``/proc/self/fd/N``, so neither is ever on disk or in argv.
     """
-    rfd, wfd = os.pipe()
-    try:
-        data = recovery.reveal()
-        if len(data) > 60000:  # stays far below the pipe buffer, so the write cannot block
-            raise UsageError("recovery passphrase too long")
-        os.write(wfd, data)
-        del data
-        os.close(wfd)
-        wfd = -1
+
+    def add(rfd: int) -> None:
         args = [
             "luksAddKey",
             "--batch-mode",
@@ -194,10 +189,8 @@ def add_recovery_slot(
             f"/proc/self/fd/{rfd}",
         ]  # fmt: skip
         run(args, secret=key, pass_fds=[snap.fd, rfd], what="luksAddKey")
-    finally:
-        os.close(rfd)
-        if wfd >= 0:
-            os.close(wfd)
+
+    _with_new_secret(recovery, add)
 
 
 def check_key(snap: HeaderSnapshot, device: str, key: Secret, keyslot: int) -> None:
@@ -227,6 +220,32 @@ def close_mapping(name: str) -> None:
     run(["close", name], what="close")
 
 
+def active_mapping(uuid: str) -> str | None:
+    """The name of the active dm-crypt mapping of the LUKS2 volume ``uuid``, if any.
+
+    Found by the device-mapper UUID cryptsetup gives every LUKS2 mapping
+    (``CRYPT-LUKS2-<uuid without dashes>-<name>``), so it works for image files too.
+    """
+    if not device_mapper_available():
+        return None
+    proc = _dmsetup("info", "--noheadings", "-c", "-o", "name,uuid", "--separator", " ")
+    prefix = f"CRYPT-LUKS2-{uuid.replace('-', '')}-"
+    for line in proc.stdout.decode("utf-8", "replace").splitlines():
+        fields = line.split()
+        if len(fields) == 2 and fields[1].startswith(prefix):
+            return fields[0]
+    return None
+
+
+def _dmsetup(*args: str) -> subprocess.CompletedProcess[bytes]:
+    """Run dmsetup (reads only, never a key) with the minimal environment."""
+    dmsetup = shutil.which("dmsetup", path=_SBIN_PATH)
+    if dmsetup is None:
+        raise LuksError("dmsetup not found (it comes with libdevmapper)")
+    env = {"PATH": _SBIN_PATH, "LC_ALL": "C"}
+    return subprocess.run([dmsetup, *args], capture_output=True, env=env, check=False)
+
+
 def mapping_status(name: str) -> dict[str, str] | None:
     """The *kernel's* view of an active LUKS mapping, or None if there is none.
 
@@ -237,19 +256,10 @@ def mapping_status(name: str) -> dict[str, str] | None:
     """
     if not device_mapper_available():
         return None
-    dmsetup = shutil.which("dmsetup", path=_SBIN_PATH)
-    if dmsetup is None:
-        raise LuksError("dmsetup not found (it comes with libdevmapper)")
-    env = {"PATH": _SBIN_PATH, "LC_ALL": "C"}
-    info = subprocess.run(
-        [dmsetup, "info", "--noheadings", "-c", "-o", "uuid", name],
-        capture_output=True,
-        env=env,
-        check=False,
-    )
+    info = _dmsetup("info", "--noheadings", "-c", "-o", "uuid", name)
     if info.returncode != 0 or not info.stdout.decode().strip().startswith("CRYPT-LUKS2-"):
         return None
-    table = subprocess.run([dmsetup, "table", name], capture_output=True, env=env, check=False)
+    table = _dmsetup("table", name)
     lines = table.stdout.decode("utf-8", "replace").splitlines()
     if table.returncode != 0 or len(lines) != 1:
         return None
@@ -274,3 +284,141 @@ def mapping_status(name: str) -> dict[str, str] | None:
     if fields[3].startswith("capi:authenc(hmac(sha256),"):
         out["integrity"] = f"hmac(sha256) {out['integrity']}"
     return out
+
+
+# -- key slots and re-encryption on the device itself -----------------------------------------
+#
+# These write the header on the device in place (cryptsetup's own two-copy update), because
+# a re-encryption must persist its progress there to be resumable. The callers validate the
+# header right before each call and again after it; see docs/luks.md, "Re-key".
+
+
+def _with_new_secret(new: Secret, fn: Callable[[int], None]) -> None:
+    """Call ``fn(rfd)`` with ``new`` readable from the pipe ``rfd`` (never on disk or argv)."""
+    rfd, wfd = os.pipe()
+    try:
+        data = new.reveal()
+        if len(data) > 60000:  # stays far below the pipe buffer, so the write cannot block
+            raise UsageError("passphrase too long")
+        os.write(wfd, data)
+        del data
+        os.close(wfd)
+        wfd = -1
+        fn(rfd)
+    finally:
+        os.close(rfd)
+        if wfd >= 0:
+            os.close(wfd)
+
+
+def add_key(device: str, key: Secret, new: Secret, keyslot: int, cost: KdfCost) -> None:
+    """Add ``new`` as ``keyslot`` of the device's header, unlocking with ``key``."""
+
+    def add(rfd: int) -> None:
+        args = [
+            "luksAddKey", "--batch-mode", "--key-file=-", "--key-slot", str(keyslot),
+            *cost.args(), device, f"/proc/self/fd/{rfd}",
+        ]  # fmt: skip
+        run(args, secret=key, pass_fds=[rfd], what="luksAddKey")
+
+    _with_new_secret(new, add)
+
+
+def kill_slot(device: str, key: Secret, keyslot: int) -> None:
+    """Wipe ``keyslot`` of the device's header; ``key`` must open one of the others."""
+    args = ["luksKillSlot", "--batch-mode", "--key-file=-", device, str(keyslot)]
+    run(args, secret=key, what="luksKillSlot")
+
+
+def set_subsystem(device: str, subsystem: str) -> None:
+    """Set the header's subsystem field (sealfs records the KMS key version there)."""
+    run(["config", "--subsystem", subsystem, device], what="config")
+
+
+class ReencryptionCrashed(LuksError):
+    """A re-encryption stopped inside a hotzone: :func:`recover_reencryption` first."""
+
+
+def recover_reencryption(device: str, key: Secret) -> None:
+    """Restore the hotzone a crash interrupted, from the checksums in the reencrypt slot.
+
+    cryptsetup's ``repair`` on a LUKS2 re-encryption; it needs the volume keys, so it also
+    checks the reencryption metadata digest a forged state cannot carry.
+    """
+    args = ["repair", "--batch-mode", "--key-file=-", "--disable-external-tokens", device]
+    run(args, secret=key, what="reencryption recovery")
+
+
+@dataclass(frozen=True)
+class ReencryptProgress:
+    """One progress report of ``cryptsetup reencrypt --progress-json``."""
+
+    done_bytes: int
+    total_bytes: int
+
+
+def reencrypt(
+    device: str,
+    key: Secret,
+    *,
+    keyslot: int | None,
+    resume: bool,
+    active_name: str | None,
+    offline_file: bool,
+    hotzone_bytes: int | None,
+    on_progress: Callable[[ReencryptProgress], None],
+) -> None:
+    """Start (``keyslot``: the slot ``key`` opens; the others are wiped at the end) or resume
+    a LUKS2 re-encryption under a new random volume key, reporting progress as it goes.
+
+    Forward direction, checksum resilience (the only shape the rekey validator accepts).
+    ``active_name``: the mapping of this volume, re-encrypted online (cryptsetup reloads its
+    table piece by piece). Otherwise offline; ``offline_file`` says the device is an image
+    file, for which cryptsetup cannot itself rule out an active mapping (the caller did).
+    """
+    args = ["reencrypt", "--batch-mode", "--key-file=-", "--disable-external-tokens"]
+    if resume:
+        args += ["--resume-only"]
+    else:
+        args += [
+            "--key-slot", str(keyslot), "--resilience", "checksum",
+            "--resilience-hash", P.AF_HASH, *KMS_SLOT_COST.args(),
+        ]  # fmt: skip
+    if hotzone_bytes is not None:
+        args += ["--hotzone-size", str(hotzone_bytes)]
+    if active_name is not None:
+        args += ["--active-name", active_name]
+    elif offline_file:
+        args += ["--force-offline-reencrypt"]
+    args += ["--progress-json", "--progress-frequency", "1", device]
+    argv = [binary(), *args]
+    env = {"PATH": _SBIN_PATH, "LC_ALL": "C"}
+    try:
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+        )
+    except OSError as e:
+        raise LuksError(f"reencrypt: cannot run cryptsetup: {e.strerror}") from None
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    try:
+        proc.stdin.write(key.reveal())
+        proc.stdin.close()
+        for line in proc.stdout:
+            report = _parse_progress(line)
+            if report is not None:
+                on_progress(report)
+        stderr = proc.stderr.read()
+    finally:
+        returncode = proc.wait()
+    if returncode != 0:
+        raise _error(subprocess.CompletedProcess(argv, returncode, b"", stderr), "reencrypt")
+
+
+def _parse_progress(line: bytes) -> ReencryptProgress | None:
+    import json
+
+    try:
+        data = json.loads(line)
+        return ReencryptProgress(int(data["device_bytes"]), int(data["device_size"]))
+    except (ValueError, KeyError, TypeError):
+        return None

@@ -26,6 +26,14 @@ POINTS = (
 #: Import of a bundle (sealfs.luks.bundle): after each data chunk written to the target.
 BUNDLE_POINTS = ("bundle-chunk-written",)
 
+#: ``sealfs luks rekey`` (sealfs.luks.rekey): after each of its steps.
+REKEY_POINTS = (
+    "rekey-staging-slot-added",
+    "rekey-staged",
+    "rekey-reencrypted",
+    "rekey-finishing",
+)
+
 
 def reached(name: str) -> None:
     if os.environ.get(ENV) == name:

@@ -184,6 +184,82 @@ def validate_header_area(area: bytes, device_size: int, profile: P.LuksProfile) 
         raise HeaderRefused("the two header copies carry different JSON metadata")
     meta = load_json_area(json_primary, "primary header")
     keyslots = _check_json(meta, profile)
+    return _info(primary, keyslots, device_size, profile)
+
+
+@dataclass(frozen=True)
+class RekeyHeaderInfo:
+    """An accepted header that may be part-way through ``sealfs luks rekey``."""
+
+    info: HeaderInfo
+    #: cryptsetup's reencryption is initialised and not finished (resume it).
+    reencrypting: bool
+
+
+def validate_rekey_area(area: bytes, device_size: int, profile: P.LuksProfile) -> RekeyHeaderInfo:
+    """Like :func:`validate_header_area`, but also accept the headers a rekey passes through.
+
+    Only ``sealfs luks rekey`` calls this, to continue where an interrupted run stopped. On
+    top of the final shape it accepts: luks2 key slots at numbers 0-7 (the rekey's staging
+    and new slots, before the slots are put back at 0 and 1), one digest per volume key,
+    and while cryptsetup re-encrypts, its ``online-reencrypt-v2`` requirement, one
+    ``reencrypt`` key slot with checksum resilience, and crypt segments that tile the data
+    area plus the two backup segments. Every segment still uses the one sealfs cipher, so
+    no accepted state writes plaintext or uses a weaker cipher. It also accepts what a crash
+    inside one of cryptsetup's header updates leaves (see below).
+    """
+    if len(area) < P.DATA_OFFSET:
+        raise HeaderRefused(f"header region is {len(area)} bytes, expected {P.DATA_OFFSET}")
+    if profile.integrity:
+        raise HeaderRefused("a volume with dm-integrity cannot be re-encrypted by cryptsetup")
+    # cryptsetup rewrites the two copies one after the other at every step of a rekey, so a
+    # crash can leave one copy torn (its checksum wrong: cryptsetup ignores it too) or the two
+    # one update apart (cryptsetup uses the newer). It then repairs the other copy itself.
+    # That is harmless here only because every copy cryptsetup could use passes on its own.
+    copies = [_rekey_copy(area, n) for n in (0, 1)]
+    usable = [c for c in copies if c is not None]
+    if not usable:
+        raise HeaderRefused("neither header copy has a valid checksum")
+    if copies[0] is None and any(
+        area[off : off + 6] == MAGIC_SECONDARY for off in SECONDARY_OFFSETS if off != P.HDR_SIZE
+    ):
+        raise HeaderRefused("primary header torn and another secondary header present")
+    if len(usable) == 2:
+        (a, json_a), (b, json_b) = usable
+        if a.uuid != b.uuid:
+            raise HeaderRefused("header copies disagree: UUID")
+        if (a.seqid, a.subsystem, json_a) == (b.seqid, b.subsystem, json_b):
+            usable = usable[:1]
+        elif abs(a.seqid - b.seqid) != 1:
+            raise HeaderRefused(f"header copies disagree: seqid {a.seqid} vs {b.seqid}")
+    results = []
+    for binary, text in usable:
+        where = "primary header" if binary.hdr_offset == 0 else "secondary header"
+        keyslots, reencrypting = _check_rekey_json(load_json_area(text, where), profile)
+        info = _info(binary, keyslots, device_size, profile)
+        results.append((binary.seqid, RekeyHeaderInfo(info, reencrypting)))
+    return max(results, key=lambda r: r[0])[1]
+
+
+def _rekey_copy(area: bytes, n: int) -> tuple[BinaryHeader, bytes] | None:
+    """Header copy ``n`` (0 primary, 1 secondary) and its JSON area, or None if it is torn.
+
+    Torn means exactly what makes cryptsetup ignore a copy: a checksum that does not match.
+    A copy with a good checksum that fails any other check is refused outright, since
+    cryptsetup would use it.
+    """
+    offset = n * P.HDR_SIZE
+    copy = area[offset : offset + P.HDR_SIZE]
+    stored = parse_binary_header(area, offset).checksum
+    if stored != header_checksum(copy).ljust(_CSUM_LEN, b"\0"):
+        return None
+    magic, where = (MAGIC_SECONDARY, "secondary header") if n else (MAGIC_PRIMARY, "primary header")
+    return _check_binary(area, offset, magic, where), copy[BINARY_HEADER_SIZE:]
+
+
+def _info(
+    primary: BinaryHeader, keyslots: tuple[int, ...], device_size: int, profile: P.LuksProfile
+) -> HeaderInfo:
     data_size = _check_device(device_size)
     return HeaderInfo(
         uuid=primary.uuid.rstrip(b"\0").decode("ascii"),
@@ -273,9 +349,175 @@ def _check_json(meta: dict[str, Any], profile: P.LuksProfile) -> tuple[int, ...]
     return keyslots
 
 
+# -- JSON metadata during a rekey --------------------------------------------------------------
+
+#: Key slot numbers a rekey may use: 0 and 1 (final), the staging slot and cryptsetup's picks.
+_REKEY_SLOTS = frozenset(str(n) for n in range(8))
+_REENCRYPT_REQUIREMENT = {"mandatory": ["online-reencrypt-v2"]}
+
+
+def _check_rekey_json(meta: dict[str, Any], profile: P.LuksProfile) -> tuple[tuple[int, ...], bool]:
+    _exact_keys(meta, {"keyslots", "tokens", "segments", "digests", "config"}, "metadata")
+    config = dict(_obj(meta, "config", "metadata"))
+    requirements = config.pop("requirements", None)
+    reencrypting = requirements is not None
+    if reencrypting and requirements != _REENCRYPT_REQUIREMENT:
+        raise HeaderRefused("config.requirements is not cryptsetup's online-reencrypt-v2")
+    _check_config(config)
+    tokens = _obj(meta, "tokens", "metadata")
+    if tokens:
+        raise HeaderRefused(f"tokens present ({len(tokens)}); sealfs uses none")
+    segments = _obj(meta, "segments", "metadata")
+    if reencrypting:
+        _check_reencrypt_segments(segments)
+    else:
+        _check_segments(segments, profile)
+    luks2, areas, reencrypt_slot = _check_rekey_keyslots(
+        _obj(meta, "keyslots", "metadata"), profile
+    )
+    if (reencrypt_slot is not None) != reencrypting:
+        raise HeaderRefused("a reencrypt key slot without the reencrypt requirement, or vice versa")
+    _check_areas_disjoint(areas)
+    _check_rekey_digests(_obj(meta, "digests", "metadata"), luks2, reencrypt_slot, segments)
+    return tuple(int(n) for n in luks2), reencrypting
+
+
+def _check_rekey_keyslots(
+    keyslots: dict[str, Any], profile: P.LuksProfile
+) -> tuple[list[str], list[tuple[int, int]], str | None]:
+    """luks2 slots at numbers 0-7 (at least one) and at most one reencrypt slot."""
+    if not keyslots or not set(keyslots) <= _REKEY_SLOTS:
+        raise HeaderRefused(f"keyslots {sorted(keyslots)}: a rekey uses only slots 0-7")
+    area_size = _round_up(profile.volume_key_bytes * P.AF_STRIPES, 4096)
+    luks2: list[str] = []
+    areas: list[tuple[int, int]] = []
+    reencrypt: str | None = None
+    for name in sorted(keyslots, key=int):
+        ks = _obj(keyslots, name, "keyslots")
+        if ks.get("type") == "reencrypt" and reencrypt is None:
+            areas.append(_check_reencrypt_slot(ks, f"keyslot {name}"))
+            reencrypt = name
+            continue
+        areas.append(_check_luks2_slot(ks, area_size, profile, f"keyslot {name}"))
+        luks2.append(name)
+    if not luks2:
+        raise HeaderRefused("no luks2 key slot")
+    return luks2, areas, reencrypt
+
+
+def _check_reencrypt_slot(ks: dict[str, Any], where: str) -> tuple[int, int]:
+    """cryptsetup's reencryption state: forward re-encryption, checksum resilience."""
+    _exact_keys(ks, {"type", "key_size", "area", "mode", "direction", "priority"}, where)
+    if ks.get("mode") != "reencrypt" or ks.get("direction") != "forward":
+        raise HeaderRefused(f"{where}: not a forward re-encryption")
+    if _int(ks, "key_size", where) != 1 or _int(ks, "priority", where) != 0:
+        raise HeaderRefused(f"{where}: unexpected key size or priority")
+    area = _obj(ks, "area", where)
+    _exact_keys(area, {"type", "offset", "size", "hash", "sector_size"}, f"{where}.area")
+    if area.get("type") != "checksum" or area.get("hash") != P.AF_HASH:
+        raise HeaderRefused(f"{where}: resilience is not checksum with {P.AF_HASH}")
+    if _int(area, "sector_size", f"{where}.area") != P.SECTOR_SIZE:
+        raise HeaderRefused(f"{where}: checksum sector size is not {P.SECTOR_SIZE}")
+    offset, length = _u64(area, "offset", f"{where}.area"), _u64(area, "size", f"{where}.area")
+    lo, hi = 2 * P.HDR_SIZE, 2 * P.HDR_SIZE + P.KEYSLOTS_SIZE
+    if offset % 4096 or length == 0 or offset < lo or offset + length > hi:
+        raise HeaderRefused(f"{where}: area [{offset}, {offset + length}) is outside [{lo}, {hi})")
+    return offset, length
+
+
+#: The flags cryptsetup gives the segments of a re-encryption in progress.
+_SEGMENT_FLAGS = (None, ["in-reencryption"], ["backup-previous"], ["backup-final"])
+
+
+def _check_reencrypt_segments(segments: dict[str, Any]) -> None:
+    """Segments that tile [DATA_OFFSET, end) plus one backup-previous and one backup-final.
+
+    Each is a crypt segment with the sealfs cipher and sector size whose IV tweak matches
+    its offset: no plaintext, no weaker cipher, no data moved anywhere else.
+    """
+    if sorted(segments) != sorted(str(n) for n in range(len(segments))) or not segments:
+        raise HeaderRefused(f"segments {sorted(segments)} are not numbered 0..n-1")
+    tiles: list[tuple[int, str]] = []
+    backups: list[str] = []
+    for name in segments:
+        where = f"segment {name}"
+        seg = _obj(segments, name, "segments")
+        flags = seg.get("flags")
+        if flags not in _SEGMENT_FLAGS:
+            raise HeaderRefused(f"{where}: flags {flags!r} are not cryptsetup's reencrypt flags")
+        keys = {"type", "offset", "size", "iv_tweak", "encryption", "sector_size"}
+        _exact_keys(seg, keys | ({"flags"} if flags else set()), where)
+        if seg.get("type") != "crypt":
+            raise HeaderRefused(f"{where}: type {seg.get('type')!r} is not 'crypt'")
+        _check_cipher(seg.get("encryption"), where, "would store data in plaintext")
+        if _int(seg, "sector_size", where) != P.SECTOR_SIZE:
+            raise HeaderRefused(f"{where}: sector size is not {P.SECTOR_SIZE}")
+        offset = _u64(seg, "offset", where)
+        if offset < P.DATA_OFFSET or (offset - P.DATA_OFFSET) % P.SECTOR_SIZE:
+            raise HeaderRefused(f"{where}: offset {offset} is not a data sector")
+        if _u64(seg, "iv_tweak", where) != (offset - P.DATA_OFFSET) // 512:
+            raise HeaderRefused(f"{where}: IV tweak does not match its offset")
+        size = seg.get("size")
+        if size != "dynamic" and (_u64(seg, "size", where) % P.SECTOR_SIZE or size == "0"):
+            raise HeaderRefused(f"{where}: size is not a positive multiple of {P.SECTOR_SIZE}")
+        if flags in (["backup-previous"], ["backup-final"]):
+            if offset != P.DATA_OFFSET or size != "dynamic":
+                raise HeaderRefused(f"{where}: a backup segment must cover the whole data area")
+            backups.append(flags[0])
+        else:
+            tiles.append((offset, name))
+    if sorted(backups) != ["backup-final", "backup-previous"]:
+        raise HeaderRefused("re-encryption without exactly one previous and one final backup")
+    expected = P.DATA_OFFSET
+    for i, (offset, name) in enumerate(sorted(tiles)):
+        if offset != expected:
+            raise HeaderRefused(f"segment {name}: data segments leave a gap or overlap")
+        size = segments[name]["size"]
+        if size == "dynamic":
+            if i != len(tiles) - 1:
+                raise HeaderRefused(f"segment {name}: only the last data segment is dynamic")
+            break
+        expected += int(size)
+    else:
+        raise HeaderRefused("the data segments do not reach the end of the device")
+
+
+def _check_rekey_digests(
+    digests: dict[str, Any],
+    luks2: list[str],
+    reencrypt_slot: str | None,
+    segments: dict[str, Any],
+) -> None:
+    """One digest per volume key: every luks2 slot in exactly one, segments that exist."""
+    covered: list[str] = []
+    limit = 2 if reencrypt_slot is None else 3
+    if not 1 <= len(digests) <= limit or not set(digests) <= {"0", "1", "2"}:
+        raise HeaderRefused(f"digests {sorted(digests)}: more than a rekey creates")
+    for name in digests:
+        where = f"digest {name}"
+        dg = _check_pbkdf2_digest(_obj(digests, name, "digests"), where)
+        slots, segs = dg.get("keyslots"), dg.get("segments")
+        if not _str_list(slots) or not _str_list(segs):
+            raise HeaderRefused(f"{where}: keyslots or segments is not a list of names")
+        if slots == [reencrypt_slot]:
+            if segs:
+                raise HeaderRefused(f"{where}: the reencrypt digest covers segments")
+            continue
+        if not slots or not set(slots) <= set(luks2) or not segs or not set(segs) <= set(segments):
+            raise HeaderRefused(f"{where}: refers to key slots or segments that do not exist")
+        covered += slots
+    if sorted(covered) != sorted(luks2):
+        raise HeaderRefused("a luks2 key slot is bound to no digest, or to two")
+    if reencrypt_slot is None and len(digests) != 1:
+        raise HeaderRefused("two volume keys outside a re-encryption")
+
+
 def _check_config(config: dict[str, Any]) -> None:
     if "requirements" in config:
-        raise HeaderRefused("config.requirements present (e.g. reencryption); refused")
+        raise HeaderRefused(
+            "config.requirements present: a re-encryption in progress (if 'sealfs luks rekey' "
+            "was interrupted, rerun it to finish) or a forged header"
+        )
     if "flags" in config:
         raise HeaderRefused("config.flags present; sealfs sets no persistent flags")
     _exact_keys(config, {"json_size", "keyslots_size"}, "config")
@@ -328,27 +570,36 @@ def _check_segments(segments: dict[str, Any], profile: P.LuksProfile) -> None:
 def _check_keyslots(keyslots: dict[str, Any], profile: P.LuksProfile) -> tuple[int, ...]:
     expected = [str(n) for n in profile.keyslots]
     if sorted(keyslots) != expected:
-        raise HeaderRefused(f"keyslots {sorted(keyslots)}, expected exactly {expected}")
+        raise HeaderRefused(
+            f"keyslots {sorted(keyslots)}, expected exactly {expected} (an interrupted "
+            "'sealfs luks rekey' leaves others: rerun it to finish)"
+        )
     area_size = _round_up(profile.volume_key_bytes * P.AF_STRIPES, 4096)
-    areas: list[tuple[int, int]] = []
-    for name in expected:
-        where = f"keyslot {name}"
-        ks = _obj(keyslots, name, "keyslots")
-        _exact_keys(ks, {"type", "key_size", "af", "area", "kdf"}, where)
-        if ks.get("type") != "luks2":
-            raise HeaderRefused(f"{where}: type {ks.get('type')!r} is not 'luks2'")
-        if _int(ks, "key_size", where) != profile.volume_key_bytes:
-            raise HeaderRefused(f"{where}: key size is not {profile.volume_key_bytes} bytes")
-        af = _obj(ks, "af", where)
-        _exact_keys(af, {"type", "stripes", "hash"}, f"{where}.af")
-        if af.get("type") != "luks1" or af.get("hash") != P.AF_HASH:
-            raise HeaderRefused(f"{where}: unexpected anti-forensic splitter")
-        if _int(af, "stripes", f"{where}.af") != P.AF_STRIPES:
-            raise HeaderRefused(f"{where}: AF stripes is not {P.AF_STRIPES}")
-        areas.append(_check_area(_obj(ks, "area", where), area_size, where))
-        _check_kdf(_obj(ks, "kdf", where), where)
+    areas = [
+        _check_luks2_slot(_obj(keyslots, name, "keyslots"), area_size, profile, f"keyslot {name}")
+        for name in expected
+    ]
     _check_areas_disjoint(areas)
     return tuple(int(n) for n in expected)
+
+
+def _check_luks2_slot(
+    ks: dict[str, Any], area_size: int, profile: P.LuksProfile, where: str
+) -> tuple[int, int]:
+    """One luks2 key slot as cryptsetup writes it for the sealfs profile; returns its area."""
+    _exact_keys(ks, {"type", "key_size", "af", "area", "kdf"}, where)
+    if ks.get("type") != "luks2":
+        raise HeaderRefused(f"{where}: type {ks.get('type')!r} is not 'luks2'")
+    if _int(ks, "key_size", where) != profile.volume_key_bytes:
+        raise HeaderRefused(f"{where}: key size is not {profile.volume_key_bytes} bytes")
+    af = _obj(ks, "af", where)
+    _exact_keys(af, {"type", "stripes", "hash"}, f"{where}.af")
+    if af.get("type") != "luks1" or af.get("hash") != P.AF_HASH:
+        raise HeaderRefused(f"{where}: unexpected anti-forensic splitter")
+    if _int(af, "stripes", f"{where}.af") != P.AF_STRIPES:
+        raise HeaderRefused(f"{where}: AF stripes is not {P.AF_STRIPES}")
+    _check_kdf(_obj(ks, "kdf", where), where)
+    return _check_area(_obj(ks, "area", where), area_size, where)
 
 
 def _check_cipher(cipher: Any, where: str, null_means: str) -> None:
@@ -400,22 +651,29 @@ def _check_kdf(kdf: dict[str, Any], where: str) -> None:
 
 
 def _check_digests(digests: dict[str, Any], keyslots: tuple[int, ...]) -> None:
-    if list(digests) != ["0"]:
-        raise HeaderRefused(f"expected exactly one digest '0', found {sorted(digests)}")
-    where = "digest 0"
-    dg = _obj(digests, "0", "digests")
-    _exact_keys(dg, {"type", "keyslots", "segments", "hash", "iterations", "salt", "digest"}, where)
-    if dg.get("type") != "pbkdf2" or dg.get("hash") != P.DIGEST_HASH:
-        raise HeaderRefused(f"{where}: not a pbkdf2-{P.DIGEST_HASH} digest")
+    # cryptsetup gives a new volume key the first free digest id, so after each
+    # `sealfs luks rekey` the one digest alternates between ids 0 and 1.
+    if len(digests) != 1 or not set(digests) <= {"0", "1"}:
+        raise HeaderRefused(f"expected exactly one digest '0' or '1', found {sorted(digests)}")
+    (name,) = digests
+    where = f"digest {name}"
+    dg = _check_pbkdf2_digest(_obj(digests, name, "digests"), where)
     if dg.get("keyslots") != [str(k) for k in keyslots]:
         raise HeaderRefused(f"{where}: does not cover exactly keyslots {list(keyslots)}")
     if dg.get("segments") != ["0"]:
         raise HeaderRefused(f"{where}: does not cover exactly segment 0")
+
+
+def _check_pbkdf2_digest(dg: dict[str, Any], where: str) -> dict[str, Any]:
+    _exact_keys(dg, {"type", "keyslots", "segments", "hash", "iterations", "salt", "digest"}, where)
+    if dg.get("type") != "pbkdf2" or dg.get("hash") != P.DIGEST_HASH:
+        raise HeaderRefused(f"{where}: not a pbkdf2-{P.DIGEST_HASH} digest")
     lo, hi = _DIGEST_ITERATIONS
     if not lo <= _int(dg, "iterations", where) <= hi:
         raise HeaderRefused(f"{where}: iterations outside [{lo}, {hi}]")
     if len(_b64(dg, "salt", where)) != 32 or len(_b64(dg, "digest", where)) != 32:
         raise HeaderRefused(f"{where}: salt or digest is not 32 bytes")
+    return dg
 
 
 def _check_device(device_size: int) -> int:
@@ -468,6 +726,10 @@ def _b64(obj: dict[str, Any], key: str, where: str) -> bytes:
         return base64.b64decode(value, validate=True)
     except (ValueError, binascii.Error):
         raise HeaderRefused(f"{where}.{key} is not base64") from None
+
+
+def _str_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
 
 
 def _round_up(n: int, k: int) -> int:

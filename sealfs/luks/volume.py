@@ -31,7 +31,8 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 KeyFor = Secret | Callable[[H.HeaderInfo], Secret]
 
 
-def _resolve(key: KeyFor, info: H.HeaderInfo) -> Secret:
+def resolve_key(key: KeyFor, info: H.HeaderInfo) -> Secret:
+    """The key itself, or the one ``key`` picks for the validated header ``info``."""
     return key if isinstance(key, Secret) else key(info)
 
 
@@ -140,7 +141,7 @@ def open_volume(
         raise LuksError(f"a mapping named {name} already exists")
     snap, info = validated_snapshot(device, profile)
     with snap:
-        cs.open_mapping(snap, device, name, _resolve(key, info), keyslot)
+        cs.open_mapping(snap, device, name, resolve_key(key, info), keyslot)
     return info
 
 
@@ -152,7 +153,7 @@ def check_volume_key(
         raise UsageError(f"key slot {keyslot} is not part of this volume's profile")
     snap, info = validated_snapshot(device, profile)
     with snap:
-        cs.check_key(snap, device, _resolve(key, info), keyslot)
+        cs.check_key(snap, device, resolve_key(key, info), keyslot)
     return info
 
 

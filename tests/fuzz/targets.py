@@ -196,9 +196,10 @@ def _binary_header(magic: bytes, offset: int, json_area: bytes, subsystem: bytes
 
 
 def luks_header(data: bytes) -> None:
-    """``validate_header_area`` on a header region whose checksums are right (so the JSON and
-    field checks run), in two variants: 0: the input is the JSON area text; 1: the input is
-    the start of the raw region (binary headers included, checksums as given)."""
+    """``validate_header_area`` and ``validate_rekey_area`` on a header region whose checksums
+    are right (so the JSON and field checks run), in two variants: 0: the input is the JSON
+    area text; 1: the input is the start of the raw region (binary headers included,
+    checksums as given)."""
     mode, rest = _mode(data, 2)
     _AREA[: 2 * P.HDR_SIZE] = bytes(2 * P.HDR_SIZE)
     if mode == 0:
@@ -213,6 +214,8 @@ def luks_header(data: bytes) -> None:
     for profile in _PROFILES:
         with contextlib.suppress(luks.HeaderRefused):
             luks.validate_header_area(_AREA, P.DATA_OFFSET + (1 << 20), profile)
+        with contextlib.suppress(luks.HeaderRefused):
+            luks.validate_rekey_area(_AREA, P.DATA_OFFSET + (1 << 20), profile)
 
 
 # --- KMS requests ----------------------------------------------------------------------------

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -16,6 +18,7 @@ from sealfs.crypto import Secret
 from sealfs.luks import cryptsetup as cs
 from sealfs.luks import profile as P
 from sealfs.luks.cryptsetup import KdfCost
+from sealfs.luks.rekey import STAGING_KEYSLOT
 from sealfs.luks.volume import format_volume
 
 REPO = Path(__file__).resolve().parents[2]
@@ -116,3 +119,27 @@ def cryptsetup_calls(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
 
     monkeypatch.setattr(cs.subprocess, "run", spy)
     return calls
+
+
+def reencrypt_killed_after_progress(device: str, key_file: str, *extra: str) -> None:
+    """Run ``cryptsetup reencrypt`` as ``sealfs luks rekey`` does after its staging step, but
+    with 4 KiB hotzones, and SIGKILL it on its first progress report that shows work done (an
+    event, not a delay: with thousands of hotzones it cannot finish in its first second)."""
+    proc = subprocess.Popen(
+        ["cryptsetup", "reencrypt", "--batch-mode", "--key-file", key_file,
+         "--key-slot", str(STAGING_KEYSLOT), "--resilience", "checksum", "--pbkdf", "argon2id",
+         "--pbkdf-force-iterations", "4", "--pbkdf-memory", "32", "--pbkdf-parallel", "1",
+         "--hotzone-size", "4096", "--progress-json", "--progress-frequency", "1", *extra,
+         device],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    done = total = 0
+    for line in proc.stdout:
+        report = json.loads(line)
+        done, total = int(report["device_bytes"]), int(report["device_size"])
+        if done > 0:
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait()
+    assert 0 < done < total, "cryptsetup finished before its first progress report"

@@ -378,3 +378,47 @@ def test_shell_tool_with_kms(tmp_path: Path, kms: KmsProcess) -> None:
         res = run_tool("up", str(img), "data", str(tmp_path / "m"), env=env)
         assert res.returncode == 10
         assert one_error_line(res.stderr) == "sealfs: error: " + cs.NO_DEVICE_MAPPER
+
+
+@pytest.mark.parametrize("crash", [None, "same-version", "rotated-again"])
+def test_rekey_moves_slot_0_to_the_current_kms_key_version(
+    tmp_path: Path, crash: str | None
+) -> None:
+    """After `kms policy rotate`, a rekey re-encrypts under a new volume key whose slot 0 is the
+    current version's passphrase; the old version's passphrase opens nothing any more. A run
+    killed between adding the staging slot and recording its version continues, also when the
+    KMS rotated once more in between (the staged slot is then wiped and staged again)."""
+    from .test_rekey import plaintext, volume_key
+
+    state = make_state(tmp_path / "kms")
+    server = start_kms(state, "--allow-simulated")
+    try:
+        img = new_image(tmp_path / "v.img", P.DATA_OFFSET + 4 * 1024 * 1024)
+        res = sealfs_cli("luks", "format", str(img), *kms_args(server), "--json")
+        assert json.loads(res.stdout)["kms_key_version"] == 1, res.stderr
+        with open(img, "r+b") as f:
+            f.seek(P.DATA_OFFSET)
+            f.write(os.urandom(4 * 1024 * 1024))
+        v1 = write_key(tmp_path / "v1", fetch(server, version=1))
+        before = plaintext(img, volume_key(img, v1))
+        state.put(sim_policy(APP_A, COMPOSE_A, key_version=2))  # sealfs kms policy rotate
+        rekey = ["luks", "rekey", str(img), *kms_args(server), "--json"]
+        expected = 2
+        if crash:
+            env = {"SEALFS_LUKS_CRASH_AT": "rekey-staging-slot-added"}
+            assert sealfs_cli(*rekey, env=env).returncode == -9
+            if crash == "rotated-again":
+                state.put(sim_policy(APP_A, COMPOSE_A, key_version=3))
+                expected = 3
+        res = sealfs_cli(*rekey)
+        assert res.returncode == 0, res.stderr
+        out = json.loads(res.stdout)
+        assert out["kms_key_version"] == expected and out["resumed"] == bool(crash)
+        assert sealfs_cli("luks", "check-key", str(img), *kms_args(server)).returncode == 0
+        assert sealfs_cli("luks", "check-key", str(img), "--key-file", str(v1)).returncode == 3
+        current = write_key(tmp_path / "cur", fetch(server, version=expected))
+        assert plaintext(img, volume_key(img, current)) == before
+        listed = json.loads(sealfs_cli("luks", "key", "list", str(img), "--json").stdout)
+        assert [s["kms_key_version"] for s in listed["slots"]] == [expected]
+    finally:
+        server.stop()
