@@ -600,7 +600,7 @@ def import_cmd(
     metavar="MIB",
     help="Size of the piece cryptsetup re-encrypts per step, its 'hotzone' (default: its own).",
 )
-@_progress_option
+@progress_option
 @json_option
 def rekey_cmd(
     device: str,
@@ -629,13 +629,12 @@ def rekey_cmd(
     again. Not possible with --integrity (cryptsetup cannot re-encrypt dm-integrity).
     Progress on standard error on a terminal (--progress to force it).
     """
-    from sealfs.check.progress import Progress
     from sealfs.luks.cryptsetup import ReencryptProgress
     from sealfs.luks.keys import read_key_file
     from sealfs.luks.rekey import rekey_volume
 
     recovery = read_key_file(recovery_key_file) if recovery_key_file else None
-    meter, started = Progress(enabled=progress), [False]
+    meter, started = Progress.on_stderr(progress, as_json, unit="steps"), [False]
 
     def report(p: ReencryptProgress) -> None:
         if not started[0]:
@@ -643,18 +642,17 @@ def rekey_cmd(
             started[0] = True
         meter.advance(p.done_bytes - meter.done_bytes, 0)
 
-    try:
-        result = rekey_volume(
-            device,
-            keys,
-            binding,
-            _profile(integrity, recovery_slot),
-            recovery=recovery,
-            recovery_cost=_recovery_cost(recovery_iter_time),
-            hotzone_bytes=hotzone_mib * MIB if hotzone_mib else None,
-            on_progress=report,
-        )
-    finally:
+    result = rekey_volume(
+        device,
+        keys,
+        binding,
+        _profile(integrity, recovery_slot),
+        recovery=recovery,
+        recovery_cost=_recovery_cost(recovery_iter_time),
+        hotzone_bytes=hotzone_mib * MIB if hotzone_mib else None,
+        on_progress=report,
+    )
+    if started[0]:
         meter.finish()
     how = "continued an interrupted rekey: " if result.resumed else ""
     emit(

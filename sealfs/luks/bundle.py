@@ -30,12 +30,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from sealfs import strict
+from sealfs import failpoints, strict
 from sealfs.errors import IntegrityError, LuksError, StorageError, UsageError
 from sealfs.meter import Meter as Meter  # luks.stream takes it from here
 from sealfs.meter import NoMeter as NoMeter
 
-from . import failpoints
 from . import header as H
 from . import profile as P
 from .device import (
@@ -325,7 +324,7 @@ def write_chunks(
             else:
                 _write_at(fd, device, chunk(index), offset)
                 written += 1
-                failpoints.reached("bundle-chunk-written")
+                failpoints.reached("luks:bundle-chunk-written")
             meter.advance(length, 1)
         if not finished:
             _fsync(fd, device)

@@ -14,9 +14,9 @@ import enum
 import os
 import stat
 
+from sealfs import failpoints
 from sealfs.errors import LuksError, StorageError, UsageError
 
-from . import failpoints
 from . import header as H
 from . import profile as P
 
@@ -129,9 +129,9 @@ def commit_header(device: str, area: bytes) -> None:
     try:
         pwrite_all(fd, without_magics(area), 0)
         os.fsync(fd)
-        failpoints.reached("header-body-written")
+        failpoints.reached("luks:header-body-written")
         pwrite_all(fd, H.MAGIC_SECONDARY, P.HDR_SIZE)
-        failpoints.reached("header-secondary-magic-written")
+        failpoints.reached("luks:header-secondary-magic-written")
         pwrite_all(fd, H.MAGIC_PRIMARY, 0)
         os.fsync(fd)
     except OSError as e:

@@ -25,16 +25,29 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from sealfs import failpoints
 from sealfs.crypto import Secret
 from sealfs.errors import BusyError, LuksError, SealfsError, StorageError, UsageError
 
 from . import cryptsetup as cs
-from . import failpoints, state
 from . import fs as F
 from . import profile as P
+from . import state
 from .device import DeviceState, probe
 from .keys import KeyBinding, KeySource
 from .volume import check_mapping_name, format_volume, mapper_path, open_volume
+
+#: The step boundaries of LUKS format and first boot a test can crash at
+#: (``SEALFS_FAILPOINT=luks:<point>``, :mod:`sealfs.failpoints`).
+CRASH_POINTS = (
+    "header-body-written",
+    "header-secondary-magic-written",
+    "header-committed",
+    "opened",
+    "mkfs-done",
+    "mounted",
+    "ready-written",
+)
 
 
 @dataclass(frozen=True)
@@ -110,7 +123,7 @@ def bring_up(
     )
     result.uuid = info.uuid
     result.steps.append("opened")
-    failpoints.reached("opened")
+    failpoints.reached("luks:opened")
     mounted = False
     try:
         record = state.read_record(result.mapper)
@@ -134,17 +147,17 @@ def _first_use(spec: VolumeSpec, result: UpResult) -> bool:
     if spec.fs != "none":
         F.mkfs(result.mapper, spec.fs, state.data_size(result.mapper), spec.binding)
         result.steps.append("mkfs")
-        failpoints.reached("mkfs-done")
+        failpoints.reached("luks:mkfs-done")
         assert spec.mountpoint is not None
         F.mount(result.mapper, spec.mountpoint, spec.fs, spec.mount_options)
         mounted = True
         result.steps.append("mounted")
-        failpoints.reached("mounted")
+        failpoints.reached("luks:mounted")
     record = state.StateRecord.ready(spec.binding.app_id, spec.binding.volume_id, spec.fs)
     state.write_record(result.mapper, record)
     result.initialized_at = record.initialized_at
     result.steps.append("ready")
-    failpoints.reached("ready-written")
+    failpoints.reached("luks:ready-written")
     return mounted
 
 

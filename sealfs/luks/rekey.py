@@ -26,11 +26,11 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from sealfs import failpoints
 from sealfs.crypto import Secret
 from sealfs.errors import LuksError, UnlockError, UsageError
 
 from . import cryptsetup as cs
-from . import failpoints
 from . import header as H
 from . import profile as P
 from .device import check_device_path, is_block_device, read_exact
@@ -92,7 +92,7 @@ def rekey_volume(
     if canonical:
         _stage(device, keys, binding, state.info)
         result.steps.append("staged")
-        failpoints.reached("rekey-staged")
+        failpoints.reached("luks:rekey-staged")
         state = read_rekey_state(device, profile)
     elif not state.reencrypting and STAGING_KEYSLOT in state.info.keyslots:
         state = _settle_staging(device, keys, binding, profile, state.info)
@@ -121,7 +121,7 @@ def rekey_volume(
             state = read_rekey_state(device, profile)
             run()
         result.steps.append("re-encrypted")
-        failpoints.reached("rekey-reencrypted")
+        failpoints.reached("luks:rekey-reencrypted")
         state = read_rekey_state(device, profile)
     if state.reencrypting:
         raise LuksError(f"{device}: cryptsetup left the re-encryption unfinished; rerun the rekey")
@@ -137,7 +137,7 @@ def _stage(device: str, keys: KeySource, binding: KeyBinding, info: H.HeaderInfo
     old = keys.existing_key(binding, info.kms_key_version)
     new = keys.new_key(binding)
     cs.add_key(device, old, new.passphrase, STAGING_KEYSLOT, cs.KMS_SLOT_COST)
-    failpoints.reached("rekey-staging-slot-added")
+    failpoints.reached("luks:rekey-staging-slot-added")
     if new.key_version is not None and new.key_version != info.kms_key_version:
         cs.set_subsystem(device, H.kms_subsystem(new.key_version))
 
@@ -191,7 +191,7 @@ def _finish(
     if recovery is not None and P.RECOVERY_KEYSLOT not in slots:
         cs.add_key(device, key, recovery, P.RECOVERY_KEYSLOT, recovery_cost)
     for slot in sorted(slots - set(profile.keyslots)):
-        failpoints.reached("rekey-finishing")
+        failpoints.reached("luks:rekey-finishing")
         cs.kill_slot(device, key, slot)
 
 

@@ -13,11 +13,11 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from sealfs import failpoints
 from sealfs.crypto import Secret
 from sealfs.errors import LuksError, StorageError, UsageError
 
 from . import cryptsetup as cs
-from . import failpoints
 from . import header as H
 from . import profile as P
 from .device import DeviceState, check_device_path, classify, commit_header, read_exact, with_magics
@@ -81,7 +81,7 @@ def format_volume(
         region = with_magics(area)
         info = H.validate_header_area(region, size, profile)
         commit_header(device, region)
-        failpoints.reached("header-committed")
+        failpoints.reached("luks:header-committed")
         return info
     with HeaderSnapshot.empty(size) as snap:
         subsystem = H.kms_subsystem(key_version) if key_version is not None else None
@@ -100,7 +100,7 @@ def format_volume(
     if info.kms_key_version != key_version:
         raise LuksError("internal: the new header does not record the KMS key version")
     commit_header(device, region)
-    failpoints.reached("header-committed")
+    failpoints.reached("luks:header-committed")
     return info
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from sealfs.luks import failpoints
+from sealfs import failpoints
 from sealfs.luks import profile as P
 from sealfs.tarstream import RECORD, TarWriter
 from tests.conftest import sealfs_measured
@@ -233,7 +233,7 @@ def test_interrupted_import_resumes(volume: Path, bundle: Path, tmp_path: Path) 
     """Kill the import after every chunk it writes: each rerun goes one chunk further, the
     target never holds a header before the end, and the last run finishes it."""
     target = tmp_path / "t.img"
-    crash = {failpoints.ENV: failpoints.BUNDLE_POINTS[0]}
+    crash = {failpoints.ENV: "luks:bundle-chunk-written"}
     for killed in range(CHUNKS - 1):
         res = sealfs_cli("luks", "import", str(bundle), str(target), env=crash)
         assert res.returncode == -9, (killed, res.stderr)

@@ -405,7 +405,7 @@ def test_rekey_moves_slot_0_to_the_current_kms_key_version(
         rekey = ["luks", "rekey", str(img), *kms_args(server), "--json"]
         expected = 2
         if crash:
-            env = {"SEALFS_LUKS_CRASH_AT": "rekey-staging-slot-added"}
+            env = {"SEALFS_FAILPOINT": "luks:rekey-staging-slot-added"}
             assert sealfs_cli(*rekey, env=env).returncode == -9
             if crash == "rotated-again":
                 state.put(sim_policy(APP_A, COMPOSE_A, key_version=3))

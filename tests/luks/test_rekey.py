@@ -118,7 +118,7 @@ def test_rekey_keeps_the_data_and_revokes_the_old_volume_key(vol: dict[str, Any]
 
 @pytest.mark.parametrize("point", ["rekey-staged", "rekey-reencrypted", "rekey-finishing"])
 def test_rekey_continues_after_a_crash_between_steps(vol: dict[str, Any], point: str) -> None:
-    crashed = sealfs_cli("luks", *rekey_args(vol), env={"SEALFS_LUKS_CRASH_AT": point})
+    crashed = sealfs_cli("luks", *rekey_args(vol), env={"SEALFS_FAILPOINT": f"luks:{point}"})
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr
     # Every other command refuses the half-done header; only the rekey itself continues.
     refused = sealfs_cli("luks", "check-key", str(vol["img"]), "--key-file", str(vol["key"]),
@@ -132,7 +132,7 @@ def test_rekey_continues_after_a_crash_between_steps(vol: dict[str, Any], point:
 def test_rekey_resumes_a_reencryption_killed_mid_way(vol: dict[str, Any]) -> None:
     """cryptsetup reencrypt (as the rekey runs it, 4 KiB hotzones) SIGKILLed after its first
     progress report, then `sealfs luks rekey` again: cryptsetup's resume finishes it."""
-    crashed = sealfs_cli("luks", *rekey_args(vol), env={"SEALFS_LUKS_CRASH_AT": "rekey-staged"})
+    crashed = sealfs_cli("luks", *rekey_args(vol), env={"SEALFS_FAILPOINT": "luks:rekey-staged"})
     assert crashed.returncode == -signal.SIGKILL
     reencrypt_killed_after_progress(str(vol["img"]), str(vol["key"]), "--force-offline-reencrypt")
     state = read_rekey_state(str(vol["img"]), P.LuksProfile(recovery_slot=True))
@@ -145,7 +145,7 @@ def test_rekey_resumes_a_reencryption_killed_mid_way(vol: dict[str, Any]) -> Non
 
 def _reencrypting_metadata(tmp_path: Path, vol: dict[str, Any]) -> Path:
     """An image paused inside a re-encryption (cryptsetup --init-only)."""
-    crashed = sealfs_cli("luks", *rekey_args(vol), env={"SEALFS_LUKS_CRASH_AT": "rekey-staged"})
+    crashed = sealfs_cli("luks", *rekey_args(vol), env={"SEALFS_FAILPOINT": "luks:rekey-staged"})
     assert crashed.returncode == -signal.SIGKILL
     subprocess.run(
         ["cryptsetup", "reencrypt", "--init-only", "--batch-mode", "--key-file", str(vol["key"]),
@@ -252,7 +252,7 @@ def test_rekey_continues_from_header_copies_one_update_apart(
 ) -> None:
     """A crash between cryptsetup's writes of the two header copies (either order): the rekey
     accepts the pair because each copy passes alone, and cryptsetup continues from the newer."""
-    crashed = sealfs_cli("luks", *rekey_args(vol), env={"SEALFS_LUKS_CRASH_AT": "rekey-staged"})
+    crashed = sealfs_cli("luks", *rekey_args(vol), env={"SEALFS_FAILPOINT": "luks:rekey-staged"})
     assert crashed.returncode == -signal.SIGKILL
     before = A.read_region(vol["img"])
     subprocess.run(
@@ -291,7 +291,7 @@ def test_rekey_refuses_header_copies_further_apart(vol: dict[str, Any]) -> None:
 def test_rekey_continues_from_a_torn_header_copy(vol: dict[str, Any], torn: int) -> None:
     """A crash inside cryptsetup's write of one header copy leaves its checksum wrong (so
     cryptsetup ignores that copy): the rekey goes on from the other one."""
-    crashed = sealfs_cli("luks", *rekey_args(vol), env={"SEALFS_LUKS_CRASH_AT": "rekey-staged"})
+    crashed = sealfs_cli("luks", *rekey_args(vol), env={"SEALFS_FAILPOINT": "luks:rekey-staged"})
     assert crashed.returncode == -signal.SIGKILL
     region = A.read_region(vol["img"])
     off = torn * P.HDR_SIZE + H.BINARY_HEADER_SIZE + 100

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from sealfs import failpoints
 from sealfs.crypto import Secret
 from sealfs.errors import LuksError, UnlockError, UsageError
-from sealfs.luks import failpoints
 from sealfs.luks import header as H
 from sealfs.luks import profile as P
 from sealfs.luks.cryptsetup import device_mapper_available
@@ -233,7 +233,7 @@ def test_format_crash_points(tmp_path: Path, point: str) -> None:
     key = os.urandom(32)
     pid = os.fork()
     if pid == 0:
-        os.environ[failpoints.ENV] = point
+        os.environ[failpoints.ENV] = f"luks:{point}"
         try:
             format_volume(str(img), Secret(key), P.LuksProfile())
         finally:

@@ -49,7 +49,7 @@ LAYERS: dict[str, set[str]] = {
         "check",
     },
     "fuse": {"errors", "store", "sealed", "volume", "fs"},
-    "luks": {"errors", "sealfs", "meter", "strict", "crypto", "tarstream", "kms"},
+    "luks": {"errors", "sealfs", "failpoints", "meter", "strict", "crypto", "tarstream", "kms"},
     "cli": {
         "errors",
         "sealfs",

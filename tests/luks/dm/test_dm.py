@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 
+from sealfs import failpoints
 from sealfs.crypto import Secret
 from sealfs.errors import LuksError, StorageError, UnlockError
 from sealfs.luks import cryptsetup as cs
-from sealfs.luks import failpoints
 from sealfs.luks import header as H
 from sealfs.luks import profile as P
-from sealfs.luks.firstboot import VolumeSpec, bring_down, bring_up, mapping_state
+from sealfs.luks.firstboot import CRASH_POINTS, VolumeSpec, bring_down, bring_up, mapping_state
 from sealfs.luks.keys import KeyBinding, KeyFileSource
 from sealfs.luks.state import read_record
 from sealfs.luks.volume import format_volume, open_volume, validated_snapshot
@@ -290,7 +290,7 @@ def _crash_at(point: str, spec: VolumeSpec, keys: KeyFileSource) -> None:
     """Run bring_up in a forked child that SIGKILLs itself at ``point``."""
     pid = os.fork()
     if pid == 0:  # child: crash at the named point (or exit 3 if it is never reached)
-        os.environ[failpoints.ENV] = point
+        os.environ[failpoints.ENV] = f"luks:{point}"
         try:
             bring_up(spec, keys)
         finally:
@@ -315,7 +315,7 @@ EXPECTED_AFTER_CRASH = {
 
 @pytest.mark.parametrize("point", list(EXPECTED_AFTER_CRASH))
 def test_first_boot_crash_points(tmp_path: Path, point: str, mapping_names: list[str]) -> None:
-    assert set(EXPECTED_AFTER_CRASH) == set(failpoints.POINTS)
+    assert set(EXPECTED_AFTER_CRASH) == set(CRASH_POINTS)
     img = new_image(tmp_path / "fb.img", VM_IMAGE)
     keys, _ = key_source(tmp_path)
     spec = VolumeSpec(str(img), "fb", BINDING, mountpoint=str(tmp_path / "mnt"))

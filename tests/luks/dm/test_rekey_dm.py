@@ -111,7 +111,7 @@ def test_rekey_killed_mid_reencryption_resumes(tmp_path: Path, mapping_names: li
     bring_down(spec.name)
     backup = tmp_path / "old-header"
     header_backup(spec.device, str(backup), spec.profile)
-    crashed = _rekey(spec, keys, env={"SEALFS_LUKS_CRASH_AT": "rekey-staged"})
+    crashed = _rekey(spec, keys, env={"SEALFS_FAILPOINT": "luks:rekey-staged"})
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr
     reencrypt_killed_after_progress(spec.device, keys.path, "--force-offline-reencrypt")
     assert read_rekey_state(spec.device, P.LuksProfile()).reencrypting
