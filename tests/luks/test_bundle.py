@@ -249,7 +249,9 @@ def test_import_killed_while_committing_the_header(
     volume: Path, bundle: Path, tmp_path: Path, point: str
 ) -> None:
     target = tmp_path / "t.img"
-    res = sealfs_cli("luks", "import", str(bundle), str(target), env={failpoints.ENV: point})
+    res = sealfs_cli(
+        "luks", "import", str(bundle), str(target), env={failpoints.ENV: f"luks:{point}"}
+    )
     assert res.returncode == -9
     import_json(bundle, target)
     assert target.read_bytes() == volume.read_bytes()
