@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import getpass
-import hashlib
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -14,6 +13,7 @@ from typing import Any
 import click
 
 from sealfs import strict
+from sealfs.attest.simulated import DEV_COMPOSE_HASH
 from sealfs.crypto import Secret
 from sealfs.errors import SealfsError, UsageError
 from sealfs.kms.client import Attester, KmsClient
@@ -26,7 +26,6 @@ from sealfs.volume.header import (
     read_key_file,
 )
 
-DEV_COMPOSE_HASH = hashlib.sha256(b"sealfs-dev").digest()
 MAX_PASSPHRASE_FILE_BYTES = 4096
 
 

@@ -36,6 +36,17 @@ LAYERS: dict[str, set[str]] = {
     "migrate": {"errors", "strict", "crypto", "store", "sealed", "volume", "fs"},
     "fuse": {"errors", "store", "sealed", "volume", "fs"},
     "luks": {"errors", "sealfs", "strict", "crypto", "kms"},
+    "init": {
+        "errors",
+        "strict",
+        "attest",
+        "kms",
+        "store",
+        "volume",
+        "fs",
+        "fuse",
+        "luks",
+    },  # CVM init: the volume list at boot
     "cli": {
         "errors",
         "sealfs",
@@ -51,6 +62,7 @@ LAYERS: dict[str, set[str]] = {
         "migrate",
         "fuse",
         "luks",
+        "init",
     },
     "__main__": {"cli"},
 }
