@@ -200,7 +200,10 @@ def load_config(path: str | Path) -> InitConfig:
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text") from None
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}:{getattr(e, 'lineno', 1)}: not valid TOML: {e}") from None
+        # Python < 3.14 has no e.lineno: the position is in the message's tail.
+        m = re.search(r"^(.*) \(at line (\d+), column \d+\)$", str(e))
+        line, why = (m[2], m[1]) if m else (getattr(e, "lineno", 1), str(e))
+        raise ConfigError(f"{path}:{line}: not valid TOML: {why}") from None
     lines = _Lines(path, text)
     for key in doc:
         if key not in ("kms", "init", "volume"):
