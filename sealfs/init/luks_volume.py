@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 
-from sealfs.errors import FormatError
+from sealfs.errors import FormatError, LuksError
 from sealfs.kms.client import KmsClient
 from sealfs.luks import cryptsetup as cs
 from sealfs.luks import profile as P
@@ -17,7 +17,7 @@ from sealfs.luks.device import DeviceState, probe, read_exact
 from sealfs.luks.firstboot import VolumeSpec, bring_down, bring_up
 from sealfs.luks.fs import mountpoints_of
 from sealfs.luks.keys import KmsKeySource
-from sealfs.luks.volume import mapper_path
+from sealfs.luks.volume import check_volume_key, mapper_path
 
 from .config import VolumeConfig
 from .mounted import Mounted
@@ -35,15 +35,28 @@ def _spec(vol: VolumeConfig, keys: KmsKeySource) -> VolumeSpec:
 
 
 def up_luks(vol: VolumeConfig, client: KmsClient) -> Mounted:
-    """Validate the header strictly, open, fsck/mkfs once, mount; nothing open on failure."""
+    """Validate the header strictly, open, fsck/mkfs once, mount; nothing open on failure.
+
+    Everything that needs no device-mapper comes first — the device's state, the strict
+    header validation and the KMS key against key slot 0 — so a host without dm-crypt (or a
+    header that would be refused) fails before anything is written, and says which."""
     keys = KmsKeySource(client)
     spec = _spec(vol, keys)
-    cs.require_device_mapper()
-    if not vol.create and probe(spec.device, spec.profile) in (
-        DeviceState.BLANK,
-        DeviceState.PENDING,
-    ):
+    found = probe(spec.device, spec.profile)
+    if found is DeviceState.FOREIGN:
+        raise LuksError(
+            f"{vol.source} holds data that is neither blank nor a sealfs LUKS header; "
+            "refusing to format over it"
+        )
+    if found is DeviceState.LUKS:
+        check_volume_key(
+            spec.device,
+            lambda hdr: keys.existing_key(spec.binding, hdr.kms_key_version),
+            spec.profile,
+        )
+    elif not vol.create:
         raise FormatError(f'{vol.source} is not formatted yet, and create = "never"')
+    cs.require_device_mapper()
     result = bring_up(spec, keys)
     header = read_exact(spec.device, 0, P.DATA_OFFSET)
     return Mounted(vol, result.uuid, hashlib.sha256(header).digest(), steps=result.steps)

@@ -41,9 +41,10 @@ def dead_url() -> str:
 @dataclass
 class Vol:
     name: str
-    backing: Path
+    backing: Path  # the backing directory, or the LUKS device (an image file)
     mnt: Path
     create: str = "first-boot"
+    kind: str = "sealfs"
 
 
 @dataclass
@@ -62,6 +63,11 @@ class Cvm:
 
     def add(self, name: str, create: str = "first-boot") -> Vol:
         vol = Vol(name, self.root / "disk" / name, self.root / "mnt" / name, create)
+        self.volumes.append(vol)
+        return vol
+
+    def add_luks(self, name: str, image: Path, create: str = "first-boot") -> Vol:
+        vol = Vol(name, image, self.root / "mnt" / name, create, "luks")
         self.volumes.append(vol)
         return vol
 
@@ -84,8 +90,8 @@ runtime_dir = "{self.runtime}"
             text += f"""
 [[volume]]
 name = "{v.name}"
-kind = "sealfs"
-backing = "{v.backing}"
+kind = "{v.kind}"
+{"backing" if v.kind == "sealfs" else "device"} = "{v.backing}"
 mountpoint = "{v.mnt}"
 create = "{v.create}"
 owner = "1000:1000"
@@ -133,6 +139,8 @@ mode = "0750"
     def power_loss(self) -> None:
         """Every daemon dies at once (SIGKILL), mounts are detached, /run is gone."""
         for v in self.volumes:
+            if v.kind != "sealfs":
+                continue
             try:
                 pid = json.loads(runtime_file(v.mnt.absolute()).read_text())["pid"]
                 os.kill(pid, signal.SIGKILL)
@@ -152,7 +160,7 @@ mode = "0750"
         from sealfs.store import ObjectStore
 
         for v in self.volumes:
-            if not (v.backing / "lock").exists():
+            if v.kind != "sealfs" or not (v.backing / "lock").exists():
                 continue
             store = ObjectStore(v.backing)
             guard = time.monotonic() + 60
