@@ -169,10 +169,13 @@ def _open_log(path: str | os.PathLike[str], flags: int) -> int:
     """Open the log without following a link and insist on a regular file: /run is the CVM's,
     but whatever runs in it before us (or the app, later) must not redirect our writes."""
     try:
-        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        # O_NONBLOCK: a FIFO planted there must not hang the boot (for files it is a no-op).
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o600)
     except OSError as e:
         if e.errno == errno.ELOOP:
             raise AttestationError(f"runtime event log {path} is a symbolic link") from None
+        if e.errno == errno.ENXIO:
+            raise AttestationError(f"runtime event log {path} is not a regular file") from None
         raise
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)

@@ -316,7 +316,7 @@ class PersistentSimulatedAttester(SimulatedAttester):
     @property
     def rtmr3(self) -> bytes:
         try:
-            fd = os.open(self.register, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fd = os.open(self.register, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
             with os.fdopen(fd, "rb") as f:
                 return strict.hex_bytes(f.read(2 * RTMR_SIZE + 1).decode("ascii"), 48, 48)
         except (OSError, ValueError, UnicodeDecodeError) as e:

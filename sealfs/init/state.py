@@ -22,7 +22,9 @@ MAX_STATE_BYTES = 1 << 20
 def load_state(runtime_dir: Path) -> dict[str, dict[str, Any]]:
     """Per volume name, the last recorded state (empty if none or unreadable)."""
     try:
-        fd = os.open(runtime_dir / STATE_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(
+            runtime_dir / STATE_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+        )
     except OSError:
         return {}
     try:
