@@ -7,15 +7,14 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from sealfs.luks.cryptsetup import device_mapper_available
-from tests.init.conftest import REPO, Cvm
-from tests.kms.conftest import APP_A, COMPOSE_A
+from tests.init.conftest import Cvm
+from tests.luks.conftest import sealfs_cli
+from tests.luks.test_kms import kms_args
 
 if shutil.which("cryptsetup", path="/usr/sbin:/usr/bin:/sbin:/bin") is None:
     pytest.skip("cryptsetup is not installed (package cryptsetup-bin)", allow_module_level=True)
@@ -37,31 +36,8 @@ def image(cvm: Cvm, name: str, content: bytes = b"") -> Path:
 
 
 def kms_format(cvm: Cvm, path: Path, volume_id: str) -> None:
-    res = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "sealfs",
-            "luks",
-            "format",
-            str(path),
-            "--kms",
-            cvm.kms.url,
-            "--kms-public-key",
-            cvm.kms.public_key.hex(),
-            "--app-id",
-            APP_A.hex(),
-            "--attester",
-            "simulated",
-            "--compose-hash",
-            COMPOSE_A.hex(),
-            "--volume-id",
-            volume_id,
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-    )
+    """Format as a CVM of app A would, for the KMS key of ``volume_id``."""
+    res = sealfs_cli("luks", "format", str(path), *kms_args(cvm.kms, volume=volume_id))
     assert res.returncode == 0, res.stderr
 
 

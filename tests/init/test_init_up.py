@@ -6,6 +6,7 @@ import base64
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -171,6 +172,26 @@ def test_a_volume_whose_header_is_gone_is_never_created_again(cvm: Cvm) -> None:
     (cvm.root / "saved.header").rename(data.backing / "sealfs.header")
     cvm.up()
     assert (data.mnt / "f").read_text() == "precious"
+
+
+def test_a_rolled_back_volume_is_never_mounted(cvm: Cvm) -> None:
+    """The host hands back an older copy of the whole backing directory: the KMS anchor
+    catches it, and init mounts nothing (not even read-only)."""
+    data = cvm.add("data")
+    cvm.up()
+    write(data.mnt / "f", "version 1")
+    cvm.shutdown()
+    old = cvm.root / "old-copy"
+    shutil.copytree(data.backing, old, symlinks=True)
+    cvm.up()
+    write(data.mnt / "f", "version 2")
+    cvm.shutdown()
+    shutil.rmtree(data.backing)
+    shutil.copytree(old, data.backing, symlinks=True)
+    res = cvm.init("up")
+    assert res.returncode == 5, res.stderr
+    assert "sealfs: error: volume data: volume rolled back" in res.stderr
+    assert cvm.mounted() == [] and "rolled back" in cvm.status()["data"]["error"]
 
 
 @pytest.mark.parametrize("point", CRASH_POINTS)
