@@ -70,7 +70,13 @@ def up_cmd(config: str, continue_on_error: bool, as_json: bool) -> None:
     Volumes already up are left alone. On a failure every volume this run mounted is
     unmounted again and the command exits non-zero with one line naming the volume and the
     cause. Safe to run again after any crash: an interrupted first boot resumes, an existing
-    volume is never re-created. Progress goes to standard error.
+    volume is never re-created. Progress goes to standard error; the state (for `status` and
+    `down`) to <runtime_dir>/state.json, each daemon's log to <runtime_dir>/<name>.log.
+
+    Exit codes: 0 every volume up; 2 a configuration mistake (file:line and field); 3 a key
+    that does not open; 4 no volume and create = "never"; 5 integrity, rollback or a volume
+    that must not be re-created; 6 busy; 8 KMS unreachable at the deadline or refusing;
+    9 attestation; 10 LUKS (header refused, no device-mapper).
     """
     from sealfs.init.run import up
 

@@ -72,8 +72,13 @@ def _set_root(vol: VolumeConfig) -> None:
         raise UsageError(f"cannot set owner/mode of {vol.mountpoint}: {e.strerror}") from None
 
 
+def _has_root(vol: VolumeConfig) -> bool:
+    """Whether the volume is mounted at all (a LUKS volume without file system is not)."""
+    return vol.kind == "sealfs" or vol.filesystem != "none"
+
+
 def _mountpoint(vol: VolumeConfig) -> None:
-    if not is_mounted(vol.mountpoint):
+    if _has_root(vol) and not is_mounted(vol.mountpoint):
         try:
             vol.mountpoint.mkdir(mode=0o755, parents=True, exist_ok=True)
         except OSError as e:
@@ -97,7 +102,8 @@ def _bring_up(
     else:
         mounted = sealfs_volume.up_sealfs(vol, client, start)
     try:
-        _set_root(vol)
+        if _has_root(vol):
+            _set_root(vol)
         measure(cfg.kms.event_log, register, volume_event(mounted))
         mounted.steps.append("measured")
         crash_point("measured")
