@@ -137,7 +137,11 @@ mode = "0750"
         self._clear_run()
 
     def power_loss(self) -> None:
-        """Every daemon dies at once (SIGKILL), mounts are detached, /run is gone."""
+        """Every daemon dies at once (SIGKILL), mounts are detached, /run is gone.
+
+        A daemon killed while one of its threads waits on a request to its own mount (the
+        readahead tuning stats it) cannot exit until the FUSE connection is aborted, which
+        a forced unmount does; a real power loss has no such afterlife."""
         for v in self.volumes:
             if v.kind != "sealfs":
                 continue
@@ -146,6 +150,8 @@ mode = "0750"
                 os.kill(pid, signal.SIGKILL)
             except (OSError, ValueError, KeyError):
                 pass
+            if is_mounted(v.mnt):
+                subprocess.run(["umount", "-f", str(v.mnt)], capture_output=True)
             if is_mounted(v.mnt):
                 subprocess.run(["fusermount3", "-u", "-z", str(v.mnt)], capture_output=True)
             guard = time.monotonic() + 60

@@ -223,3 +223,19 @@ def test_a_crash_at_each_step_of_first_boot_resumes(cvm: Cvm, point: str) -> Non
     cvm.up()
     assert (new.mnt / "g").read_text() == "new data"
     assert (old.mnt / "f").read_text() == "old data"
+
+
+def test_down_skips_a_busy_volume_and_takes_the_others_down(cvm: Cvm) -> None:
+    data = cvm.add("data")
+    cvm.add("logs")
+    cvm.up()
+    with open(data.mnt / "open-file", "w") as busy:
+        busy.write("held open")
+        res = cvm.init("down")
+        assert res.returncode == 6, res.stderr
+        assert "sealfs: error: volume data: cannot unmount" in res.stderr
+        assert cvm.mounted() == ["data"] and "volume logs: unmounted" in res.stderr
+    res = cvm.init("down", None, "--json")
+    assert res.returncode == 0, res.stderr
+    assert not any(v["mounted"] for v in json.loads(res.stdout)["volumes"].values())
+    assert cvm.mounted() == []
