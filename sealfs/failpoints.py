@@ -11,7 +11,8 @@ Points: ``<file>:<step>`` for each atomic replace of a backing-directory file (t
 ``replace_file``), e.g. ``sealfs.header:after-write``, with the steps of :data:`REPLACE_STEPS`;
 ``rekey:<phase>`` at the phase boundaries of a re-key (``sealfs.fs.rekey.CRASH_POINTS``);
 ``luks:<step>`` in LUKS format, first boot, bundle import and rekey
-(``sealfs.luks.firstboot.CRASH_POINTS`` and the calls in sealfs/luks).
+(``sealfs.luks.firstboot.CRASH_POINTS`` and the calls in sealfs/luks); ``init:<step>`` in
+``sealfs init up`` (``sealfs.init.mounted.CRASH_POINTS``).
 """
 
 from __future__ import annotations

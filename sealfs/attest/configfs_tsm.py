@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from sealfs import strict
-from sealfs.attest.eventlog import DEFAULT_RUNTIME_LOG, RuntimeEvent, parse_runtime_log
+from sealfs.attest.eventlog import DEFAULT_RUNTIME_LOG, RuntimeEvent, load_runtime_log
 from sealfs.attest.quote import parse_quote
 from sealfs.errors import AttestationError
 
@@ -126,13 +126,7 @@ class ConfigfsTsmAttester:
 
     def event_log(self) -> list[RuntimeEvent]:
         """The runtime events measured into RTMR3 (empty if the log does not exist yet)."""
-        try:
-            text = self.event_log_path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            return []
-        except (OSError, UnicodeDecodeError) as e:
-            raise AttestationError(f"cannot read runtime event log: {e}") from None
-        return parse_runtime_log(text)
+        return load_runtime_log(self.event_log_path)
 
     def collateral(self) -> dict[str, Any] | None:
         """DCAP collateral from ``collateral_path``, or None to let the KMS use its own."""

@@ -10,8 +10,9 @@ The format matches dstack's runtime events (its "v1" digest), so logs from a dst
 
 * digest(event) = SHA-384( u32le(0x08000001) || ":" || name || ":" || payload )
 * RTMR3 starts at 48 zero bytes; for each event, RTMR3 = SHA-384( RTMR3 || digest(event) )
-* on disk, one JSON object per line: ``{"event": name, "payload": base64(payload)}``
-  (dstack writes ``/run/log/dstack/runtime_events.log``); on the KMS wire, payload is hex.
+* on disk, one JSON object per line: ``{"event": name, "payload": base64(payload),
+  "version": 1}`` (dstack writes ``/run/log/dstack/runtime_events.log``; readers ignore
+  ``version``); on the KMS wire, payload is hex.
 
 Because the v1 digest joins name and payload with ":", a name containing ":" would make two
 different events hash the same. Names here are therefore restricted to printable ASCII without
@@ -23,8 +24,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import hashlib
 import json
+import os
+import stat
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -42,6 +46,10 @@ DEFAULT_RUNTIME_LOG = "/run/log/dstack/runtime_events.log"
 MAX_EVENTS = 512
 MAX_NAME_LEN = 64
 MAX_PAYLOAD_LEN = 8192
+#: The version of the log line format written here (the "version" field).
+LOG_LINE_VERSION = 1
+#: A log of MAX_EVENTS events of the largest size, base64 and JSON included, fits this.
+MAX_LOG_BYTES = MAX_EVENTS * (MAX_PAYLOAD_LEN * 4 // 3 + 256)
 
 EVENT_APP_ID = "app-id"
 EVENT_COMPOSE_HASH = "compose-hash"
@@ -88,7 +96,11 @@ class RuntimeEvent:
     def to_json_line(self) -> str:
         """The on-disk runtime-log form (payload as base64, like dstack)."""
         return json.dumps(
-            {"event": self.name, "payload": base64.b64encode(self.payload).decode("ascii")},
+            {
+                "event": self.name,
+                "payload": base64.b64encode(self.payload).decode("ascii"),
+                "version": LOG_LINE_VERSION,
+            },
             separators=(",", ":"),
         )
 
@@ -151,6 +163,81 @@ def parse_runtime_log(text: str) -> list[RuntimeEvent]:
         if len(events) > MAX_EVENTS:
             raise AttestationError(f"runtime event log has more than {MAX_EVENTS} events")
     return events
+
+
+def _open_log(path: str | os.PathLike[str], flags: int) -> int:
+    """Open the log without following a link and insist on a regular file: /run is the CVM's,
+    but whatever runs in it before us (or the app, later) must not redirect our writes."""
+    try:
+        # O_NONBLOCK: a FIFO planted there must not hang the boot (for files it is a no-op).
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o600)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise AttestationError(f"runtime event log {path} is a symbolic link") from None
+        if e.errno == errno.ENXIO:
+            raise AttestationError(f"runtime event log {path} is not a regular file") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise AttestationError(f"runtime event log {path} is not a regular file")
+    return fd
+
+
+def load_runtime_log(path: str | os.PathLike[str]) -> list[RuntimeEvent]:
+    """The events in the runtime log at ``path`` (none if it does not exist yet); read without
+    following links and refused beyond :data:`MAX_LOG_BYTES`."""
+    try:
+        fd = _open_log(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        raise AttestationError(f"cannot read runtime event log {path}: {e.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        raw = f.read(MAX_LOG_BYTES + 1)
+    if len(raw) > MAX_LOG_BYTES:
+        raise AttestationError(f"runtime event log {path} is larger than {MAX_LOG_BYTES} bytes")
+    try:
+        return parse_runtime_log(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise AttestationError(f"runtime event log {path} is not UTF-8") from None
+
+
+def append_runtime_event(
+    path: str | os.PathLike[str], event: RuntimeEvent, *, truncate: bool = False
+) -> int:
+    """Append ``event`` as one line (0600 file, parent made 0700 if missing, fsynced) and
+    return the file's size before it, so a caller whose RTMR extend then fails can cut the
+    line off again (:func:`truncate_runtime_log`). ``truncate`` starts a new log (a power-on)."""
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
+        fd = _open_log(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    except OSError as e:
+        raise AttestationError(f"cannot open runtime event log {path}: {e.strerror}") from None
+    try:
+        os.fchmod(fd, 0o600)
+        if truncate:
+            os.ftruncate(fd, 0)
+        before = os.fstat(fd).st_size
+        os.write(fd, event.to_json_line().encode("ascii") + b"\n")
+        os.fsync(fd)
+        return before
+    except OSError as e:
+        raise AttestationError(f"cannot write runtime event log {path}: {e.strerror}") from None
+    finally:
+        os.close(fd)
+
+
+def truncate_runtime_log(path: str | os.PathLike[str], size: int) -> None:
+    """Cut the log back to ``size`` bytes (undo an append whose extend failed)."""
+    try:
+        fd = _open_log(path, os.O_WRONLY)
+    except OSError as e:
+        raise AttestationError(f"cannot open runtime event log {path}: {e.strerror}") from None
+    try:
+        os.ftruncate(fd, size)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @dataclass(frozen=True)

@@ -25,11 +25,14 @@ never stored, so nothing older is left to read).
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
 import struct
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sealfs import strict
@@ -39,10 +42,15 @@ from sealfs.attest.eventlog import (
     EVENT_COMPOSE_HASH,
     EVENT_INSTANCE_ID,
     EVENT_KEY_PROVIDER,
+    RTMR_SIZE,
     RuntimeEvent,
+    append_runtime_event,
+    extend,
+    load_runtime_log,
     replay,
 )
 from sealfs.attest.quote import TD_ATTR_DEBUG, TD_ATTR_SEPT_VE_DISABLE
+from sealfs.attest.rtmr import measure
 from sealfs.crypto import Secret, SigningKey, label, verify_signature
 from sealfs.errors import AttestationError
 
@@ -55,6 +63,9 @@ SIG_SIZE = 64
 _BODY = struct.Struct(f">16sHH8s{MR_SIZE * 6}s{DEVICE_ID_SIZE}s{REPORT_DATA_SIZE}s")
 QUOTE_SIZE = _BODY.size + SIG_SIZE
 COLLATERAL_KIND = "sealfs-simulated-collateral"
+
+#: The compose hash a simulated CVM measures when given none.
+DEV_COMPOSE_HASH = hashlib.sha256(b"sealfs-dev").digest()
 
 #: The published development seed. Quotes signed with it prove nothing.
 _DEV_SEED = hashlib.sha256(b"sealfs simulated TEE development key v1 (public, not secret)").digest()
@@ -262,3 +273,78 @@ class SimulatedAttester:
             "rtmr1": self.rtmr1.hex(),
             "rtmr2": self.rtmr2.hex(),
         }
+
+
+class PersistentSimulatedAttester(SimulatedAttester):
+    """A simulated TEE whose RTMR3 outlives the process, like a real CVM's across its boot.
+
+    The register is a file (``register``, 0600: 48 bytes as hex) and the runtime event log a
+    second, independent file (``event_log``), as on TDX where the kernel holds the register
+    and a file the log: a measurement writes both (:func:`sealfs.attest.rtmr.measure`), and a
+    verifier that replays the log must reproduce the register. The first use (no register yet)
+    is a power-on: a new log is started with the boot events and the register set to their
+    replay. Quotes carry the register; :meth:`event_log` is the file's content.
+    """
+
+    def __init__(
+        self,
+        app_id: bytes,
+        compose_hash: bytes,
+        *,
+        register: Path,
+        event_log: Path,
+        **kw: Any,
+    ) -> None:
+        super().__init__(app_id, compose_hash, **kw)
+        self.register = Path(register)
+        self.event_log_path = Path(event_log)
+        if not self.register.exists():
+            self._power_on()
+
+    def _power_on(self) -> None:
+        boot = super().event_log()
+        for i, event in enumerate(boot):
+            append_runtime_event(self.event_log_path, event, truncate=i == 0)
+        self._store(replay(boot))
+
+    def event_log(self) -> list[RuntimeEvent]:
+        return load_runtime_log(self.event_log_path)
+
+    def emit_event(self, name: str, payload: bytes) -> None:
+        measure(self.event_log_path, self, RuntimeEvent(name, payload))
+
+    @property
+    def rtmr3(self) -> bytes:
+        try:
+            fd = os.open(self.register, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+            with os.fdopen(fd, "rb") as f:
+                return strict.hex_bytes(f.read(2 * RTMR_SIZE + 1).decode("ascii"), 48, 48)
+        except (OSError, ValueError, UnicodeDecodeError) as e:
+            raise AttestationError(f"simulated RTMR3 register {self.register}: {e}") from None
+
+    def extend(self, digest: bytes) -> None:
+        """Extend the simulated RTMR3 (the :class:`sealfs.attest.rtmr.Rtmr3` protocol)."""
+        self._store(extend(self.rtmr3, digest))
+
+    def _store(self, value: bytes) -> None:
+        """Replace the register atomically (temporary file, then rename)."""
+        tmp = self.register.with_name(f".{self.register.name}.tmp")
+        try:
+            self.register.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            with_tmp = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            try:
+                fd = os.open(tmp, with_tmp, 0o600)
+            except FileExistsError:
+                os.unlink(tmp)
+                fd = os.open(tmp, with_tmp, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(value.hex().encode("ascii"))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.register)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise AttestationError(f"{tmp} is a symbolic link") from None
+            raise AttestationError(
+                f"cannot write the simulated RTMR3 register {self.register}: {e.strerror}"
+            ) from None

@@ -33,6 +33,7 @@ COMMANDS = {
     "migrate": ("sealfs.cli.migrate", "migrate"),
     "rekey": ("sealfs.cli.rekey", "rekey"),
     "demo": ("sealfs.cli.demo", "demo"),
+    "init": ("sealfs.cli.init", "init"),
 }
 
 

@@ -14,6 +14,7 @@ from sealfs.attest.dcap import (
     load_collateral,
     verify_quote,
 )
+from sealfs.attest.eventlog import RTMR_SIZE, extend, load_runtime_log
 from sealfs.attest.quote import MAX_QUOTE_LEN, decode_quote_input
 from sealfs.cli.exit_codes import fail_with
 from sealfs.cli.output import SealfsGroup, emit, json_option
@@ -29,6 +30,51 @@ def attest() -> None:
     These commands run the same verifier the KMS uses before it releases a key, so an
     operator can see exactly why a CVM was accepted or refused.
     """
+
+
+@attest.command("replay-log")
+@click.argument("log_path", metavar="FILE", type=click.Path(path_type=Path, dir_okay=False))
+@json_option
+def replay_log(log_path: Path, as_json: bool) -> None:
+    """Replay a runtime event log and print each event and the resulting RTMR3.
+
+    FILE holds one JSON object per line, {"event": NAME, "payload": BASE64, "version": 1}
+    (dstack's runtime_events.log, and what `sealfs init up` appends). Each event is extended
+    into RTMR3 as SHA-384(u32le(0x08000001) || ":" || NAME || ":" || PAYLOAD), starting from
+    48 zero bytes. Compare the final RTMR3 with the quote's (e.g. `sealfs attest verify`):
+    only a log that reproduces it says what the CVM measured. The KMS replays the log it is
+    sent the same way before it releases a key. Payloads that are printable text (the JSON of
+    a `sealfs-volume` event) are shown as text, others as hex.
+    """
+    if not log_path.exists():
+        raise UsageError(f"{log_path} does not exist")
+    rtmr = bytes(RTMR_SIZE)
+    rows = []
+    for event in load_runtime_log(log_path):
+        rtmr = extend(rtmr, event.digest())
+        rows.append(
+            {
+                "event": event.name,
+                "payload_hex": event.payload.hex(),
+                "payload_text": _printable(event.payload),
+                "digest": event.digest().hex(),
+                "rtmr3": rtmr.hex(),
+            }
+        )
+    lines = [
+        f"{i:3} {r['event']:<16} {r['payload_text'] if r['payload_text'] is not None else r['payload_hex']}"
+        for i, r in enumerate(rows)
+    ]
+    lines.append(f"RTMR3 {rtmr.hex()}  ({len(rows)} event(s))")
+    emit({"ok": True, "events": rows, "rtmr3": rtmr.hex()}, as_json, "\n".join(lines))
+
+
+def _printable(payload: bytes) -> str | None:
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return text if text.isprintable() else None
 
 
 @attest.command("verify")

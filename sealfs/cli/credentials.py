@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import getpass
-import hashlib
 import os
 import sys
 from collections.abc import Callable
@@ -15,6 +14,8 @@ from typing import Any
 import click
 
 from sealfs import strict
+from sealfs.attest.eventlog import DEFAULT_RUNTIME_LOG
+from sealfs.attest.simulated import DEV_COMPOSE_HASH
 from sealfs.crypto import Secret
 from sealfs.errors import SealfsError, UsageError
 from sealfs.kms.client import Attester, KmsClient
@@ -27,7 +28,6 @@ from sealfs.volume.header import (
     read_key_file,
 )
 
-DEV_COMPOSE_HASH = hashlib.sha256(b"sealfs-dev").digest()
 MAX_PASSPHRASE_FILE_BYTES = 4096
 
 
@@ -44,6 +44,7 @@ class KmsOptions:
     deadline: float
     public_keys: tuple[str, ...]
     trust_on_first_use: bool
+    event_log: str | None = None
 
 
 def kms_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -104,6 +105,13 @@ def kms_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         "development id). A real host's comes from its PCK certificate.",
     )
     @click.option(
+        "--event-log",
+        metavar="FILE",
+        help="TDX attester only: the runtime event log that explains this CVM's RTMR3, sent "
+        f"to the KMS with each quote (default {DEFAULT_RUNTIME_LOG}; `sealfs init` "
+        "passes its configured event_log).",
+    )
+    @click.option(
         "--kms-deadline",
         default=60.0,
         show_default=True,
@@ -119,11 +127,14 @@ def kms_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         attester: str,
         compose_hash: str | None,
         device_id: str | None,
+        event_log: str | None,
         kms_deadline: float,
         **kwargs: Any,
     ) -> Any:
         if not kms_url and (kms_public_keys or trust_on_first_use):
             raise UsageError("--kms-public-key and --trust-on-first-use need --kms URL")
+        if event_log and attester != "tdx":
+            raise UsageError("--event-log only applies to --attester tdx")
         kwargs["kms"] = KmsOptions(
             kms_url,
             app_id,
@@ -133,6 +144,7 @@ def kms_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             kms_deadline,
             kms_public_keys,
             trust_on_first_use,
+            event_log,
         )
         return fn(*args, **kwargs)
 
@@ -236,7 +248,7 @@ def kms_client(kms: KmsOptions) -> KmsClient:
             )
         from sealfs.attest.configfs_tsm import ConfigfsTsmAttester
 
-        quoter = ConfigfsTsmAttester()
+        quoter = ConfigfsTsmAttester(event_log_path=kms.event_log or DEFAULT_RUNTIME_LOG)
     return KmsClient(
         kms.url,
         app,
@@ -262,6 +274,8 @@ def kms_client_args(client: Any) -> list[str]:
     if client.attester.kind == "simulated":
         args += ["--compose-hash", client.attester.compose_hash.hex()]
         args += ["--device-id", client.attester.device_id.hex()]
+    else:
+        args += ["--event-log", str(client.attester.event_log_path)]
     for key in client.trusted_keys:
         args += ["--kms-public-key", key.hex()]
     if client.trust_on_first_use:

@@ -115,9 +115,10 @@ def mount(
         extra.append("--writeback-cache")
     if debug:
         extra.append("--debug")
-    if cred.expected_volume is not None:
-        extra += ["--volume-id", cred.expected_volume.hex()]
-    _daemonize(backing_dir, mountpoint, cred, log_file, allow_other, commit_interval, extra)
+    pid, log = start_daemon(
+        backing_dir, mountpoint, cred, log_file, allow_other, commit_interval, extra
+    )
+    click.echo(f"mounted {backing_dir} on {mountpoint} (daemon pid {pid}, log {log})")
 
 
 def _private_log(path: Path) -> TextIO:
@@ -148,7 +149,7 @@ def _ready_writer(fd: int | None):  # type: ignore[no-untyped-def]
     return ready
 
 
-def _daemonize(
+def start_daemon(
     backing_dir: str,
     mountpoint: str,
     cred: Credential,
@@ -156,12 +157,16 @@ def _daemonize(
     allow_other: bool,
     commit_interval: float,
     extra: list[str],
-) -> None:
-    """Start ``mount --ready-fd`` detached and wait until it reports the mount ready.
+) -> tuple[int, str]:
+    """Start ``mount --ready-fd`` detached, wait until it reports the mount ready, and return
+    the daemon's pid and log file (``sealfs mount``, and ``sealfs init up`` for each volume).
 
-    The credential travels to the child on its standard input (a passphrase) or as the key
-    file's path, never in argv or the environment.
+    The credential travels to the child on its standard input (a key file's bytes, a
+    passphrase), or as the KMS options that make the same client again; never a secret in
+    argv or the environment.
     """
+    if cred.expected_volume is not None:
+        extra = [*extra, "--volume-id", cred.expected_volume.hex()]
     check_mountpoint(Path(mountpoint))  # fail fast, before unlocking
     if log_file is None:
         vid = load_header(Path(backing_dir)).volume_id.hex()
@@ -216,9 +221,7 @@ def _daemonize(
     if not message.get("ok"):
         cls = ERROR_CLASSES.get(message.get("kind"), SealfsError)
         raise cls(message.get("message", "mount failed"))
-    click.echo(
-        f"mounted {backing_dir} on {mountpoint} (daemon pid {message['pid']}, log {log_file})"
-    )
+    return int(message["pid"]), log_file
 
 
 @click.command()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import stat
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from sealfs.crypto import KdfParams, Secret
@@ -38,11 +39,14 @@ def create_volume(
     compression: str = "none",
     uid: int | None = None,
     gid: int | None = None,
+    step: Callable[[str], None] = lambda name: None,
 ) -> Header:
     """Initialise an empty backing directory as a new volume.
 
     The header is written last: until it exists the directory is not a volume, so a crash
-    during creation leaves something ``create`` can simply be run on again.
+    during creation leaves something ``create`` can simply be run on again. ``step`` is told
+    each durable step before the header (``root-written``, ``checkpoint-written``): CVM init
+    names its crash points after them.
     """
     backing = Path(backing)
     if not creds:
@@ -89,7 +93,9 @@ def create_volume(
         oid = new_object_id()
         store.put(oid, objects.seal_record(ROOT_INO, oid, root.to_record()))
         store.sync()
+        step("root-written")
         MetaLog.initialize(store, objects, {ROOT_INO: oid}, ROOT_INO + 1)
+        step("checkpoint-written")
         store.replace_file(HEADER_NAME, header.to_bytes())
     finally:
         store.unlock()

@@ -50,6 +50,18 @@ LAYERS: dict[str, set[str]] = {
     },
     "fuse": {"errors", "store", "sealed", "volume", "fs"},
     "luks": {"errors", "sealfs", "failpoints", "meter", "strict", "crypto", "tarstream", "kms"},
+    "init": {
+        "errors",
+        "failpoints",
+        "strict",
+        "attest",
+        "kms",
+        "store",
+        "volume",
+        "fs",
+        "fuse",
+        "luks",
+    },  # CVM init: the volume list at boot
     "cli": {
         "errors",
         "sealfs",
@@ -67,6 +79,7 @@ LAYERS: dict[str, set[str]] = {
         "migrate",
         "fuse",
         "luks",
+        "init",
     },
     "__main__": {"cli"},
 }
