@@ -191,7 +191,7 @@ def test_a_rolled_back_volume_is_never_mounted(cvm: Cvm) -> None:
     shutil.copytree(old, data.backing, symlinks=True)
     res = cvm.init("up")
     assert res.returncode == 5, res.stderr
-    assert "sealfs: error: volume data: volume rolled back" in res.stderr
+    assert "sealfs: error: volume data: volume is stale" in res.stderr
     assert cvm.mounted() == [] and "rolled back" in cvm.status()["data"]["error"]
 
 
