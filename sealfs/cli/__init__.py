@@ -32,6 +32,7 @@ COMMANDS = {
     "key": ("sealfs.cli.key", "key"),
     "migrate": ("sealfs.cli.migrate", "migrate"),
     "demo": ("sealfs.cli.demo", "demo"),
+    "init": ("sealfs.cli.init", "init"),
 }
 
 

@@ -30,6 +30,9 @@ if grep -qw sealfs.boot=systemd /proc/cmdline; then
         echo "sealfs-vm: cannot mount the overlay root" >/dev/console
         poweroff -f
     fi
+    # The host may be a container: systemd would see its marker file, believe it runs in a
+    # container and skip udev and the like. This VM is a machine of its own.
+    rm -f /newroot/.dockerenv /newroot/run/.containerenv
     mkdir -p /newroot/sealfs-vm
     mount -t 9p -o "$opts" work /newroot/sealfs-vm
     [ -d /newroot/sealfs-vm/overlay ] && cp -a /newroot/sealfs-vm/overlay/. /newroot/

@@ -1,0 +1,162 @@
+"""``sealfs init serve NAME [CONFIG]``: the FUSE daemon of one sealfs volume of the volume list,
+in the foreground, as the main process of ``sealfs@NAME.service``.
+
+``sealfs init up`` hands each sealfs volume to systemd this way (``systemctl start
+sealfs@NAME``) when it runs under systemd, so that systemd restarts a daemon that dies. The
+daemon tells systemd it is ready (sd_notify READY=1) only once the volume is mounted, so
+``systemctl start`` returns when the mount can be used. ``--detach-stale`` is the unit's
+ExecStartPre: a daemon killed with SIGKILL leaves a dead FUSE mount behind that nothing can
+mount over; it is lazily detached (open files of the dead mount stay dead, new opens see the
+new daemon).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import click
+
+from sealfs.cli.credentials import KmsOptions, kms_client
+from sealfs.cli.init_units import DEFAULT_CONFIG
+from sealfs.cli.logs import log_service
+from sealfs.errors import SealfsError, UsageError
+from sealfs.fuse.mount import is_mounted, serve
+from sealfs.volume.header import KmsCredential
+
+log = logging.getLogger(__name__)
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def _config(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as e:
+        raise UsageError(f"{path}: {e.strerror}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise UsageError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes")
+    try:
+        return tomllib.loads(data.decode())
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise UsageError(f"{path}: {e}") from None
+
+
+def _field(table: dict[str, Any], key: str, kind: type, where: str) -> Any:
+    value = table.get(key)
+    if not isinstance(value, kind):
+        raise UsageError(f"{where}: field {key!r} missing or not a {kind.__name__}")
+    return value
+
+
+def _volume(config: dict[str, Any], name: str, path: Path) -> dict[str, Any]:
+    for volume in config.get("volume", []):
+        if isinstance(volume, dict) and volume.get("name") == name:
+            if volume.get("kind") != "sealfs":
+                raise UsageError(f"{path}: volume {name!r} is not of kind 'sealfs'")
+            return volume
+    raise UsageError(f"{path}: no volume named {name!r}")
+
+
+def _app_id(kms: dict[str, Any], where: str) -> str:
+    if "app_id_file" in kms:
+        source = Path(_field(kms, "app_id_file", str, where))
+        try:
+            return source.read_text()[:256].strip()
+        except OSError as e:
+            raise UsageError(f"{where}: app_id_file {source}: {e.strerror}") from None
+    return str(_field(kms, "app_id", str, where))
+
+
+def _credential(config: dict[str, Any], path: Path) -> KmsCredential:
+    """The KMS credential the [kms] table describes (its first URL: the client has one)."""
+    where = f"{path} [kms]"
+    kms = _field(config, "kms", dict, str(path))
+    urls = _field(kms, "urls", list, where)
+    if not urls or not isinstance(urls[0], str):
+        raise UsageError(f"{where}: field 'urls' must list at least one URL")
+    keys = _field(kms, "public_keys", list, where)
+    options = KmsOptions(
+        url=urls[0],
+        app_id=_app_id(kms, where),
+        attester=str(kms.get("attester", "tdx")),
+        compose_hash=None,
+        device_id=None,
+        deadline=float(kms.get("deadline", 60)),
+        public_keys=tuple(str(k) for k in keys),
+        trust_on_first_use=False,
+    )
+    return KmsCredential(kms_client(options), None)
+
+
+def detach_dead_mount(mountpoint: Path) -> bool:
+    """Lazily detach a FUSE mount whose daemon is gone; True if there was one. A live mount
+    (its root answers stat) is left alone: the new daemon then refuses to start, busy."""
+    if not is_mounted(mountpoint):
+        return False
+    try:
+        mountpoint.stat()
+        return False
+    except OSError:
+        pass
+    for command in (["fusermount3", "-u", "-z"], ["umount", "-l"]):
+        try:
+            done = subprocess.run([*command, str(mountpoint)], capture_output=True, check=False)
+        except FileNotFoundError:
+            continue
+        if done.returncode == 0:
+            log.warning("detached the dead mount on %s", mountpoint)
+            return True
+    raise SealfsError(f"cannot detach the dead mount on {mountpoint}")
+
+
+def notify_ready() -> None:
+    """sd_notify(READY=1) when systemd asked for it (Type=notify); a no-op otherwise."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.sendto(f"READY=1\nMAINPID={os.getpid()}".encode(), address)
+
+
+@click.command("serve")
+@click.argument("name")
+@click.argument("config", type=click.Path(dir_okay=False), default=DEFAULT_CONFIG)
+@click.option(
+    "--detach-stale",
+    is_flag=True,
+    help="Only lazily detach a dead mount on the volume's mountpoint, then exit.",
+)
+def serve_volume(name: str, config: str, detach_stale: bool) -> None:
+    """Serve sealfs volume NAME of CONFIG in the foreground (the main process of
+    sealfs@NAME.service), logging to standard error.
+
+    Unlocks the volume through the KMS of CONFIG's [kms] table, mounts its backing directory
+    on its mountpoint and reports readiness to systemd (sd_notify) once mounted. SIGTERM
+    commits everything and unmounts. Creating, validating and measuring the volume is
+    `sealfs init up`'s work: this command only serves a volume that exists.
+    """
+    path = Path(config)
+    parsed = _config(path)
+    volume = _volume(parsed, name, path)
+    where = f"{path} volume {name!r}"
+    mountpoint = Path(_field(volume, "mountpoint", str, where))
+    log_service(sys.stderr, logging.INFO)
+    if detach_stale:
+        detach_dead_mount(mountpoint)
+        return
+    serve(
+        Path(_field(volume, "backing", str, where)),
+        mountpoint,
+        _credential(parsed, path),
+        allow_other=True,
+        ready=notify_ready,
+    )
