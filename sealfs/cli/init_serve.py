@@ -1,10 +1,12 @@
 """``sealfs init serve NAME [CONFIG]``: the FUSE daemon of one sealfs volume of the volume list,
 in the foreground, as the main process of ``sealfs@NAME.service``.
 
-``sealfs init up`` hands each sealfs volume to systemd this way (``systemctl start
-sealfs@NAME``) when it runs under systemd, so that systemd restarts a daemon that dies. The
-daemon tells systemd it is ready (sd_notify READY=1) only once the volume is mounted, so
-``systemctl start`` returns when the mount can be used. ``--detach-stale`` is the unit's
+``sealfs init up`` hands each sealfs volume to systemd this way (:func:`start_unit`, when
+:func:`under_systemd`), so that systemd restarts a daemon that dies. ``up`` first pins the
+volume id it validated (``/run/sealfs/init/NAME.volume-id``): the daemon, and every restart of
+it, refuses any other volume the host might swap in. The daemon tells systemd it is ready
+(sd_notify READY=1) only once the volume is mounted, so ``systemctl start`` returns when the
+mount can be used. ``--detach-stale`` is the unit's
 ExecStartPre: a daemon killed with SIGKILL leaves a dead FUSE mount behind that nothing can
 mount over; it is lazily detached (open files of the dead mount stay dead, new opens see the
 new daemon).
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -32,6 +35,54 @@ from sealfs.volume.header import KmsCredential
 
 log = logging.getLogger(__name__)
 MAX_CONFIG_BYTES = 1 << 20
+PIN_DIR = Path("/run/sealfs/init")
+UNIT_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def under_systemd() -> bool:
+    """True when this process is a systemd service on a system booted with systemd (as
+    ``sealfs init up`` in sealfs-init.service is): daemons then go to sealfs@NAME.service."""
+    return "INVOCATION_ID" in os.environ and Path("/run/systemd/system").is_dir()
+
+
+def start_unit(name: str, volume_id: bytes | None) -> tuple[int, str]:
+    """Start sealfs@NAME.service, serving only ``volume_id`` (when given), and wait until it
+    is mounted (or failed); return the daemon's pid and where its log is."""
+    if not UNIT_NAME.fullmatch(name):
+        raise UsageError(f"volume name {name!r} cannot name a systemd unit (letters, digits, _.-)")
+    unit = f"sealfs@{name}.service"
+    PIN_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
+    pin = PIN_DIR / f"{name}.volume-id"
+    if volume_id is None:
+        pin.unlink(missing_ok=True)
+    else:
+        tmp = pin.with_name(f".{pin.name}.tmp")
+        tmp.write_text(volume_id.hex() + "\n")
+        tmp.replace(pin)
+    done = subprocess.run(["systemctl", "start", unit], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SealfsError(f"{unit} did not start (see journalctl -u {unit})")
+    shown = subprocess.run(
+        ["systemctl", "show", "--property=MainPID", "--value", unit],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    return int(shown.stdout.strip() or 0), f"journalctl -u {unit}"
+
+
+def _pinned_volume(name: str) -> bytes | None:
+    """The volume id ``up`` pinned for NAME, if any (not followed if it is a link)."""
+    try:
+        fd = os.open(PIN_DIR / f"{name}.volume-id", os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise SealfsError(f"cannot read the pinned volume id of {name}: {e.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        text = f.read(128).decode(errors="replace").strip()
+    try:
+        return bytes.fromhex(text)
+    except ValueError:
+        raise SealfsError(f"the pinned volume id of {name} is not hex: {text!r}") from None
 
 
 def _config(path: Path) -> dict[str, Any]:
@@ -74,7 +125,7 @@ def _app_id(kms: dict[str, Any], where: str) -> str:
     return str(_field(kms, "app_id", str, where))
 
 
-def _credential(config: dict[str, Any], path: Path) -> KmsCredential:
+def _credential(config: dict[str, Any], path: Path, volume_id: bytes | None) -> KmsCredential:
     """The KMS credential the [kms] table describes (its first URL: the client has one)."""
     where = f"{path} [kms]"
     kms = _field(config, "kms", dict, str(path))
@@ -92,7 +143,7 @@ def _credential(config: dict[str, Any], path: Path) -> KmsCredential:
         public_keys=tuple(str(k) for k in keys),
         trust_on_first_use=False,
     )
-    return KmsCredential(kms_client(options), None)
+    return KmsCredential(kms_client(options), volume_id)
 
 
 def detach_dead_mount(mountpoint: Path) -> bool:
@@ -156,7 +207,7 @@ def serve_volume(name: str, config: str, detach_stale: bool) -> None:
     serve(
         Path(_field(volume, "backing", str, where)),
         mountpoint,
-        _credential(parsed, path),
+        _credential(parsed, path, _pinned_volume(name)),
         allow_other=True,
         ready=notify_ready,
     )

@@ -36,6 +36,19 @@ if grep -qw sealfs.boot=systemd /proc/cmdline; then
     mkdir -p /newroot/sealfs-vm
     mount -t 9p -o "$opts" work /newroot/sealfs-vm
     [ -d /newroot/sealfs-vm/overlay ] && cp -a /newroot/sealfs-vm/overlay/. /newroot/
+    # Disks to mount before systemd starts (sealfs.mount=DEV:DIR): the host root may have no
+    # udev, and without it systemd would wait in vain for an fstab entry's device unit.
+    read -r cmdline </proc/cmdline
+    for arg in $cmdline; do
+        case "$arg" in
+        sealfs.mount=*:*)
+            spec="${arg#sealfs.mount=}"
+            mkdir -p "/newroot${spec#*:}"
+            mount "${spec%%:*}" "/newroot${spec#*:}" ||
+                echo "sealfs-vm: cannot mount ${spec%%:*} on ${spec#*:}" >/dev/console
+            ;;
+        esac
+    done
     # qemu's user-mode network: the host is 10.0.2.2.
     ip link set lo up
     if ip link set eth0 up 2>/dev/null; then
