@@ -148,11 +148,13 @@ def _credential(config: dict[str, Any], path: Path, volume_id: bytes | None) -> 
 
 def detach_dead_mount(mountpoint: Path) -> bool:
     """Lazily detach a FUSE mount whose daemon is gone; True if there was one. A live mount
-    (its root answers stat) is left alone: the new daemon then refuses to start, busy."""
+    is left alone: the new daemon then refuses to start, busy. statfs, not stat, tells them
+    apart: the kernel answers stat of the root from its attribute cache for a while after the
+    daemon died, statfs always asks the daemon (a dead one: ENOTCONN)."""
     if not is_mounted(mountpoint):
         return False
     try:
-        mountpoint.stat()
+        os.statvfs(mountpoint)
         return False
     except OSError:
         pass

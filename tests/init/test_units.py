@@ -1,16 +1,22 @@
 """`sealfs init install-units`: the units it writes are valid systemd units (systemd-analyze
 verify, which works without systemd as PID 1) that order sealfs before the container runtime;
-`sealfs init serve` refuses what is not a sealfs volume of the config with one line."""
+`sealfs init serve` refuses what is not a sealfs volume of the config with one line, and its
+--detach-stale (the restart's ExecStartPre) clears a dead mount but never a live one."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import sealfs
+from sealfs.fuse.mount import is_mounted
+from tests.backing import process_gone
+from tests.conftest import Volume, sealfs
 
 EXPECTED = {
     "sealfs-init.service",
@@ -103,3 +109,32 @@ def test_serve_refuses_what_is_not_a_sealfs_volume(
     assert res.returncode == 2
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and str(path) in lines[0] and message in lines[0], res.stderr
+
+
+def _config_for(tmp_path: Path, mountpoint: Path) -> Path:
+    path = tmp_path / "volumes.toml"
+    path.write_text(f'[[volume]]\nname = "data"\nkind = "sealfs"\nmountpoint = "{mountpoint}"\n')
+    return path
+
+
+def test_detach_stale_detaches_the_mount_of_a_killed_daemon(tmp_path: Path, volume: Volume) -> None:
+    """The unit's ExecStartPre right after SIGKILL: the kernel still answers stat of the root
+    from its cache, but the mount is dead and must go, or the restart finds it busy."""
+    volume.mount()
+    os.stat(volume.mnt)  # fill the attribute cache
+    pid = volume.daemon_pid()
+    os.kill(pid, signal.SIGKILL)
+    for _ in range(1000):  # bounded by attempts; the kill lands in microseconds
+        if process_gone(pid):
+            break
+        time.sleep(0.01)
+    res = sealfs("init", "serve", "--detach-stale", "data", str(_config_for(tmp_path, volume.mnt)))
+    assert "detached the dead mount on" in res.stderr
+    assert not is_mounted(volume.mnt)
+
+
+def test_detach_stale_leaves_a_live_mount_alone(tmp_path: Path, volume: Volume) -> None:
+    volume.mount()
+    (volume.mnt / "f").write_text("live")
+    sealfs("init", "serve", "--detach-stale", "data", str(_config_for(tmp_path, volume.mnt)))
+    assert (volume.mnt / "f").read_text() == "live"

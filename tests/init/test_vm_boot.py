@@ -299,5 +299,6 @@ def test_data_survives_the_reboot(boot: Boot) -> None:
 def test_systemd_restarts_a_killed_daemon_with_data_intact(boot: Boot) -> None:
     report = boot.phase("boot2")
     assert report["daemon_after"] not in ("0", report["daemon_before"]), report
-    assert int(report["restarts"]) >= 1, report
+    # One restart: the dead mount is detached before it (a second would mean it was not).
+    assert report["restarts"] == "1", report
     assert report["data_after_restart"] == boot.token, report
