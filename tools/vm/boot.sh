@@ -32,32 +32,19 @@ done
 [ $# -eq 1 ] || { echo "$usage" >&2; exit 2; }
 work="$(cd "$1" && pwd)"
 
-QEMU="$(command -v qemu-system-x86_64 || true)"
-[ -n "$QEMU" ] || { echo "sealfs-vm: qemu-system-x86_64 not found (apt-get install qemu-system-x86)" >&2; exit 3; }
-cache="$("$HERE/build.sh")"
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+. "$HERE/lib.sh"
+vm_setup
 
-drive_args=()
-for d in "${disks[@]}"; do
-    drive_args+=(-drive "file=$d,format=raw,if=virtio,cache=writeback")
-done
-
-# TCG, one vCPU, qemu64: see run.sh for why. No -no-reboot: a guest reboot is a real reboot.
+# No -no-reboot: a reboot in the guest is a real reboot, in the same qemu.
 set +e
-timeout --kill-after=10 "$timeout" "$QEMU" \
-    -accel tcg -cpu qemu64 -smp 1 -m 1536 \
-    -nodefaults -display none \
-    -serial "file:$work/console.log" \
-    -kernel "$cache/vmlinuz" -initrd "$cache/initramfs.cpio.gz" \
-    -append "console=ttyS0 panic=-1 loglevel=4 sealfs.boot=systemd systemd.show_status=1$mounts" \
-    -virtfs "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap" \
-    -virtfs "local,path=$work,mount_tag=work,security_model=none" \
-    -netdev user,id=net0 -device virtio-net-pci,netdev=net0 \
-    "${drive_args[@]}"
+vm_qemu "$timeout" "$work" \
+    "console=ttyS0 panic=-1 loglevel=4 sealfs.boot=systemd systemd.show_status=1$mounts" \
+    -netdev user,id=net0 -device virtio-net-pci,netdev=net0
 qrc=$?
 set -e
 if [ "$qrc" -eq 124 ] || [ "$qrc" -eq 137 ]; then
-    echo "sealfs-vm: timed out after ${timeout}s; console log:" >&2
-    tail -n 40 "$work/console.log" >&2 || true
+    vm_report_timeout "$timeout" "$work"
     exit 124
 fi
 exit "$qrc"
