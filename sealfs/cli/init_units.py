@@ -57,7 +57,10 @@ DAEMON_SERVICE = """\
 Description=sealfs FUSE daemon of volume %i ({config})
 Wants=network-online.target
 After=network-online.target local-fs.target
-# No ordering against sealfs-init.service: `sealfs init up` starts this unit and waits for it.
+# Started by `sealfs init up` (in sealfs-init.service), which waits for it: an After= on
+# sealfs-init would deadlock. Before= orders the shutdown: the app's units (After=sealfs.target)
+# stop first, then `sealfs init down` unmounts, and only then is a daemon left here stopped.
+Before=sealfs-init.service sealfs.target
 
 [Service]
 Type=notify

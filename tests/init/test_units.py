@@ -64,7 +64,8 @@ def test_install_units_writes_the_units(tmp_path: Path) -> None:
     daemon = _unit(prefix, "sealfs@.service")
     assert daemon["Restart"] == ["on-failure"] and daemon["Type"] == ["notify"]
     assert "--detach-stale %i" in daemon["ExecStartPre"][0]
-    assert "After" not in daemon or "sealfs-init.service" not in daemon["After"][0]
+    assert "sealfs-init.service" not in daemon["After"][0]  # init up starts it: no deadlock
+    assert set(daemon["Before"][0].split()) == {"sealfs-init.service", "sealfs.target"}
     assert _unit(prefix, "docker.service.d/sealfs.conf")["Requires"] == ["sealfs.target"]
 
 
