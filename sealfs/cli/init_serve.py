@@ -61,6 +61,9 @@ def start_unit(name: str, volume_id: bytes | None) -> tuple[int, str]:
         tmp.replace(pin)
     done = subprocess.run(["systemctl", "start", unit], capture_output=True, text=True)
     if done.returncode != 0:
+        # Restart=on-failure would try again by itself and could mount the volume after `up`
+        # reported the failure and undid its mounts: cancel that.
+        subprocess.run(["systemctl", "stop", unit], capture_output=True)
         raise SealfsError(f"{unit} did not start (see journalctl -u {unit})")
     shown = subprocess.run(
         ["systemctl", "show", "--property=MainPID", "--value", unit],
@@ -137,8 +140,8 @@ def _credential(config: dict[str, Any], path: Path, volume_id: bytes | None) -> 
         url=urls[0],
         app_id=_app_id(kms, where),
         attester=str(kms.get("attester", "tdx")),
-        compose_hash=None,
-        device_id=None,
+        compose_hash=_field(kms, "compose_hash", str, where) if "compose_hash" in kms else None,
+        device_id=_field(kms, "device_id", str, where) if "device_id" in kms else None,
         deadline=float(kms.get("deadline", 60)),
         public_keys=tuple(str(k) for k in keys),
         trust_on_first_use=False,
