@@ -196,8 +196,10 @@ def serve_volume(name: str, config: str, detach_stale: bool) -> None:
     sealfs@NAME.service), logging to standard error.
 
     Unlocks the volume through the KMS of CONFIG's [kms] table, mounts its backing directory
-    on its mountpoint and reports readiness to systemd (sd_notify) once mounted. SIGTERM
-    commits everything and unmounts. Creating, validating and measuring the volume is
+    on its mountpoint and reports readiness to systemd (sd_notify) once mounted. It refuses
+    any volume but the one `sealfs init up` validated and pinned
+    (/run/sealfs/init/NAME.volume-id), if it pinned one. SIGTERM commits everything and
+    unmounts. Creating, validating and measuring the volume is
     `sealfs init up`'s work: this command only serves a volume that exists.
     """
     path = Path(config)
