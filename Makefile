@@ -4,10 +4,10 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config cryptsetup-bin gcc python3-dev python3-venv \
-	git rsync sqlite3 qemu-system-x86 busybox-static
+	git rsync sqlite3 qemu-system-x86 busybox-static shellcheck
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup run test test-fast lint bench clean
+.PHONY: setup run test test-fast vm-test lint bench clean
 
 setup: .stamp-apt $(VENV)/.stamp
 
@@ -44,6 +44,11 @@ test: lint
 # and the in-process unit and core tests (no FUSE mount, no pyfuse3 import, no timing).
 test-fast: lint
 	$(PY) -m pytest -q -ra tests/unit tests/core
+
+# The real boot (minutes, not in `make test`): systemd as PID 1 in a qemu VM brings the volumes
+# up with sealfs-init.service, reboots, and restarts a killed FUSE daemon (docs/init.md).
+vm-test: setup
+	SEALFS_VM_BOOT=1 $(PY) -m pytest -q -ra tests/init/test_vm_boot.py
 
 bench: setup
 	tools/bench

@@ -10,6 +10,8 @@ import click
 from sealfs.init.config import DEFAULT_CONFIG, InitConfig, VolumeConfig, load_config
 from sealfs.volume.header import KmsCredential
 
+from .init_serve import serve_volume
+from .init_units import install_units
 from .output import emit, json_option
 
 if TYPE_CHECKING:
@@ -36,9 +38,14 @@ def _progress(line: str) -> None:
 
 
 def _starter(cfg: InitConfig) -> Starter:
-    """Start a volume's mount daemon as `sealfs mount` does; its log is
+    """Start a volume's mount daemon: under systemd as sealfs@NAME.service (restarted if it
+    dies, serving only the volume id validated here), else as `sealfs mount` does, logging to
     <runtime_dir>/<name>.log (integrity failures are logged there with their path)."""
+    from sealfs.cli.init_serve import start_unit, under_systemd
     from sealfs.cli.mount import start_daemon
+
+    if under_systemd():
+        return lambda vol, cred: start_unit(vol.name, cred.expected_volume)
 
     def start(vol: VolumeConfig, cred: KmsCredential) -> tuple[int, str]:
         log = str(cfg.runtime_dir / f"{vol.name}.log")
@@ -126,3 +133,7 @@ def status_cmd(config: str, as_json: bool) -> None:
         for r in rows
     ]
     emit({"ok": True, "volumes": rows}, as_json, "\n".join(lines))
+
+
+init.add_command(install_units)
+init.add_command(serve_volume)

@@ -16,12 +16,14 @@ set -euo pipefail
 CACHE="${1:-${SEALFS_VM_CACHE:-/var/cache/sealfs-vm}}"
 HERE="$(cd "$(dirname "$0")" && pwd)"
 KPKG_META="${SEALFS_VM_KERNEL_META:-linux-image-amd64}"
-FORMAT_VERSION=4 # bump when the initramfs layout or init script changes
+FORMAT_VERSION=5 # bump when the initramfs layout or init script changes
 
 # Modules the VM needs (dependencies are added automatically). Optional ones may be missing.
+# overlay, fuse and virtio_net serve the systemd boot (tools/vm/boot.sh): a tmpfs overlay on
+# the host root, sealfs's FUSE daemons, and the user-mode network to the host's KMS.
 MODULES="virtio_pci virtio_blk 9pnet_virtio 9p loop dm-mod dm-crypt dm-integrity ext4 xts ecb
-crypto_null crc32c_generic algif_skcipher algif_hash authenc"
-OPTIONAL_MODULES="aesni-intel crc32c-intel"
+crypto_null crc32c_generic algif_skcipher algif_hash authenc overlay fuse virtio_net"
+OPTIONAL_MODULES="aesni-intel crc32c-intel autofs4"
 
 log() { echo "sealfs-vm: $*" >&2; }
 die() { log "$*"; exit 1; }

@@ -26,9 +26,9 @@ done
 [ $# -eq 1 ] || { echo "usage: $0 [--disk IMG]... [--timeout S] [--work DIR] JOB.sh" >&2; exit 2; }
 job="$1"
 
-QEMU="$(command -v qemu-system-x86_64 || true)"
-[ -n "$QEMU" ] || { echo "sealfs-vm: qemu-system-x86_64 not found (apt-get install qemu-system-x86)" >&2; exit 3; }
-cache="$("$HERE/build.sh")"
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+. "$HERE/lib.sh"
+vm_setup
 
 if [ -z "$work" ]; then
     work="$(mktemp -d /tmp/sealfs-vm.XXXXXX)"
@@ -38,31 +38,13 @@ mkdir -p "$work"
 cp "$job" "$work/job.sh"
 rm -f "$work/rc" "$work/output"
 
-drive_args=()
-for d in "${disks[@]}"; do
-    drive_args+=(-drive "file=$d,format=raw,if=virtio,cache=writeback")
-done
-
-# Software emulation (TCG). KVM would be faster but hangs (or aborts on an MSR) on the nested
-# machines this was written for. Measured there: one vCPU is 2-3x faster than two (multi-
-# threaded TCG contends with qemu's own threads on a 2-core host), and the plain qemu64 CPU
-# model is about 2x faster than "max" (glibc then avoids AVX paths that TCG emulates slowly).
 set +e
-timeout --kill-after=10 "$timeout" "$QEMU" \
-    -accel tcg -cpu qemu64 -smp 1 -m 1536 \
-    -nodefaults -display none -no-reboot \
-    -serial "file:$work/console.log" \
-    -kernel "$cache/vmlinuz" -initrd "$cache/initramfs.cpio.gz" \
-    -append "console=ttyS0 quiet panic=-1 loglevel=4" \
-    -virtfs "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap" \
-    -virtfs "local,path=$work,mount_tag=work,security_model=none" \
-    "${drive_args[@]}"
+vm_qemu "$timeout" "$work" "console=ttyS0 quiet panic=-1 loglevel=4" -no-reboot
 qrc=$?
 set -e
 [ -f "$work/output" ] && cat "$work/output"
 if [ "$qrc" -eq 124 ] || [ "$qrc" -eq 137 ]; then
-    echo "sealfs-vm: timed out after ${timeout}s; console log:" >&2
-    tail -n 30 "$work/console.log" >&2 || true
+    vm_report_timeout "$timeout" "$work"
     exit 124
 fi
 if [ ! -f "$work/rc" ]; then
