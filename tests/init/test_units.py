@@ -17,6 +17,7 @@ import pytest
 from sealfs.fuse.mount import is_mounted
 from tests.backing import process_gone
 from tests.conftest import Volume, sealfs
+from tests.unit.test_init_config import GOOD
 
 EXPECTED = {
     "sealfs-init.service",
@@ -94,19 +95,17 @@ def test_install_units_refuses_a_relative_config(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("config", "message"),
+    ("name", "message"),
     [
-        ('[[volume]]\nname = "db"\nkind = "luks"\n', "volume 'db' is not of kind 'sealfs'"),
-        ('[[volume]]\nname = "other"\nkind = "sealfs"\n', "no volume named 'db'"),
-        ("[[volume]\n", "Expected ']]'"),
+        ("db", "volume 'db' is not of kind 'sealfs'"),
+        ("other", "no volume named 'other'"),
+        ("data", "Expected ']]'"),
     ],
 )
-def test_serve_refuses_what_is_not_a_sealfs_volume(
-    tmp_path: Path, config: str, message: str
-) -> None:
+def test_serve_refuses_what_is_not_a_sealfs_volume(tmp_path: Path, name: str, message: str) -> None:
     path = tmp_path / "volumes.toml"
-    path.write_text(config)
-    res = sealfs("init", "serve", "db", str(path), check=False)
+    path.write_text(GOOD if name != "data" else "[[volume]\n")
+    res = sealfs("init", "serve", name, str(path), check=False)
     assert res.returncode == 2
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and str(path) in lines[0] and message in lines[0], res.stderr
@@ -114,7 +113,7 @@ def test_serve_refuses_what_is_not_a_sealfs_volume(
 
 def _config_for(tmp_path: Path, mountpoint: Path) -> Path:
     path = tmp_path / "volumes.toml"
-    path.write_text(f'[[volume]]\nname = "data"\nkind = "sealfs"\nmountpoint = "{mountpoint}"\n')
+    path.write_text(GOOD.replace('mountpoint = "/mnt/data"', f'mountpoint = "{mountpoint}"'))
     return path
 
 
