@@ -36,7 +36,7 @@ class KmsOptions:
     """What the KMS options of one command say: where the KMS is (None: not used), whom to
     trust, who we are."""
 
-    url: str | None
+    urls: tuple[str, ...]
     app_id: str | None
     attester: str
     compose_hash: str | None
@@ -44,6 +44,11 @@ class KmsOptions:
     deadline: float
     public_keys: tuple[str, ...]
     trust_on_first_use: bool
+
+    @property
+    def url(self) -> str | None:
+        """The first KMS URL, or None when the command does not use a KMS."""
+        return self.urls[0] if self.urls else None
 
 
 def kms_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -53,11 +58,14 @@ def kms_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @click.option(
         "--kms",
-        "kms_url",
+        "kms_urls",
         metavar="URL",
+        multiple=True,
         help="Unlock through the KMS at URL (http://host:port): this CVM proves "
         "itself with a quote and receives the app key. Also checks and "
-        "advances the volume's freshness anchor.",
+        "advances the volume's freshness anchor. Repeat it for each replica of "
+        "one KMS (same state): they are tried in order, one that is down, slow "
+        "or answers 5xx is skipped, a refusal is final.",
     )
     @click.option(
         "--kms-public-key",
@@ -107,12 +115,13 @@ def kms_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         "--kms-deadline",
         default=60.0,
         show_default=True,
-        help="Seconds to keep retrying an unreachable KMS before failing.",
+        help="Seconds to keep trying the KMS replicas before failing (one deadline "
+        "for all of them).",
     )
     @functools.wraps(fn)
     def wrapper(
         *args: Any,
-        kms_url: str | None,
+        kms_urls: tuple[str, ...],
         kms_public_keys: tuple[str, ...],
         trust_on_first_use: bool,
         app_id: str | None,
@@ -122,10 +131,10 @@ def kms_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         kms_deadline: float,
         **kwargs: Any,
     ) -> Any:
-        if not kms_url and (kms_public_keys or trust_on_first_use):
+        if not kms_urls and (kms_public_keys or trust_on_first_use):
             raise UsageError("--kms-public-key and --trust-on-first-use need --kms URL")
         kwargs["kms"] = KmsOptions(
-            kms_url,
+            kms_urls,
             app_id,
             attester,
             compose_hash,
@@ -211,7 +220,7 @@ def credential_options(
 
 def kms_client(kms: KmsOptions) -> KmsClient:
     """A KMS client for this CVM, with the chosen quote source and trusted KMS keys."""
-    if not kms.url or not kms.app_id:
+    if not kms.urls or not kms.app_id:
         raise UsageError("--kms needs --app-id (or a volume whose kms slot names it)")
     # Lengths are the KMS client's to judge (a KmsError, like any other app id it refuses).
     app = _hex_option("--app-id", kms.app_id)
@@ -238,7 +247,7 @@ def kms_client(kms: KmsOptions) -> KmsClient:
 
         quoter = ConfigfsTsmAttester()
     return KmsClient(
-        kms.url,
+        kms.urls,
         app,
         quoter,
         trusted_keys=keys,
@@ -249,9 +258,8 @@ def kms_client(kms: KmsOptions) -> KmsClient:
 
 def kms_client_args(client: Any) -> list[str]:
     """The KMS options that make the same client again (for the mount daemon): no secrets."""
-    args = [
-        "--kms",
-        client.url,
+    args = [f"--kms={url}" for url in client.urls]
+    args += [
         "--app-id",
         client.app_id.hex(),
         "--attester",
