@@ -227,12 +227,12 @@ def kms_client(kms: KmsOptions) -> KmsClient:
     compose = (
         _hex_option("--compose-hash", kms.compose_hash) if kms.compose_hash else DEV_COMPOSE_HASH
     )
-    keys = [_hex32("--kms-public-key", k, "an Ed25519 public key") for k in kms.public_keys]
+    keys = [hex32_option("--kms-public-key", k, "an Ed25519 public key") for k in kms.public_keys]
     if kms.attester == "simulated":
         from sealfs.attest.simulated import DEFAULT_DEVICE_ID, SimulatedAttester
 
         device = (
-            _hex32("--device-id", kms.device_id, "a device id")
+            hex32_option("--device-id", kms.device_id, "a device id")
             if kms.device_id
             else DEFAULT_DEVICE_ID
         )
@@ -277,7 +277,7 @@ def kms_client_args(client: Any) -> list[str]:
     return args
 
 
-def _hex32(option: str, text: str, what: str) -> bytes:
+def hex32_option(option: str, text: str, what: str) -> bytes:
     """A 32-byte value given as 64 hex digits, or a one-line error naming the option."""
     try:
         return strict.hex_bytes(text, 32, 32)

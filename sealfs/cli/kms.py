@@ -215,17 +215,11 @@ def _replicas_info(
     """Probe each replica once, in order; report them all, then fail if one is amiss."""
     from dataclasses import asdict
 
+    from sealfs.cli.credentials import hex32_option
     from sealfs.errors import KmsError
     from sealfs.kms.client import probe
 
-    keys = set()
-    for k in pinned:
-        try:
-            keys.add(strict.hex_bytes(k, 32, 32).hex())
-        except ValueError:
-            raise UsageError(
-                f"--kms-public-key {k!r} is not an Ed25519 public key (64 hex digits)"
-            ) from None
+    keys = {hex32_option("--kms-public-key", k, "an Ed25519 public key").hex() for k in pinned}
     try:
         found = [probe(url, timeout) for url in urls]
     except KmsError as e:  # a malformed URL

@@ -256,7 +256,9 @@ class KmsClient:
                     last[replica.url] = str(e)
                     if time.monotonic() >= deadline:
                         raise self._unavailable(last) from None
-                    log.info("KMS at %s: %s; trying the next replica", replica.url, e)
+                    # A replica skipped is worth an operator's look; one KMS retried is not.
+                    level = logging.WARNING if len(self.replicas) > 1 else logging.INFO
+                    log.log(level, "KMS at %s: %s; trying the next replica", replica.url, e)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise self._unavailable(last)
