@@ -44,6 +44,7 @@ class KmsOptions:
     deadline: float
     public_keys: tuple[str, ...]
     trust_on_first_use: bool
+    request_timeout: float = 15.0
 
     @property
     def url(self) -> str | None:
@@ -118,6 +119,13 @@ def kms_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         help="Seconds to keep trying the KMS replicas before failing (one deadline "
         "for all of them).",
     )
+    @click.option(
+        "--kms-timeout",
+        type=click.FloatRange(0.2, 600),
+        default=15.0,
+        show_default=True,
+        help="Seconds to wait for one replica's answer before trying the next.",
+    )
     @functools.wraps(fn)
     def wrapper(
         *args: Any,
@@ -129,6 +137,7 @@ def kms_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         compose_hash: str | None,
         device_id: str | None,
         kms_deadline: float,
+        kms_timeout: float,
         **kwargs: Any,
     ) -> Any:
         if not kms_urls and (kms_public_keys or trust_on_first_use):
@@ -142,6 +151,7 @@ def kms_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             kms_deadline,
             kms_public_keys,
             trust_on_first_use,
+            kms_timeout,
         )
         return fn(*args, **kwargs)
 
@@ -253,6 +263,7 @@ def kms_client(kms: KmsOptions) -> KmsClient:
         trusted_keys=keys,
         trust_on_first_use=kms.trust_on_first_use,
         deadline_s=kms.deadline,
+        request_timeout_s=kms.request_timeout,
     )
 
 
@@ -266,6 +277,8 @@ def kms_client_args(client: Any) -> list[str]:
         client.attester.kind,
         "--kms-deadline",
         str(client.deadline_s),
+        "--kms-timeout",
+        str(client.request_timeout_s),
     ]
     if client.attester.kind == "simulated":
         args += ["--compose-hash", client.attester.compose_hash.hex()]

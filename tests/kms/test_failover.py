@@ -4,21 +4,23 @@ replicas on one state file, and tiny real HTTP servers on 127.0.0.1 for the brok
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from sealfs.errors import AttestationError, KmsError
 from sealfs.kms.client import EpochRefused, KmsClient
-from tests.conftest import sealfs
+from tests.conftest import new_volume, sealfs
 
-from .conftest import APP_A, KmsProcess, KmsState, attester, start_kms
+from .conftest import APP_A, COMPOSE_A, KmsProcess, KmsState, attester, start_kms
 
 
 class StubReplica:
@@ -84,6 +86,15 @@ def dead_url() -> str:
         return f"http://127.0.0.1:{s.getsockname()[1]}"
 
 
+@contextlib.contextmanager
+def silent_replica() -> Iterator[str]:
+    """The URL of a socket that accepts connections (its backlog does) and never answers."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        yield f"http://127.0.0.1:{silent.getsockname()[1]}"
+
+
 def test_replicas_are_tried_in_the_order_given(replicas: tuple[KmsProcess, KmsProcess]) -> None:
     one, two = replicas
     before = served(one, "/v1/key"), served(two, "/v1/key")
@@ -104,10 +115,7 @@ def test_a_silent_replica_is_skipped_after_the_request_timeout(
     replicas: tuple[KmsProcess, KmsProcess],
 ) -> None:
     one, _ = replicas
-    with socket.socket() as silent:  # accepts connections (backlog), never answers
-        silent.bind(("127.0.0.1", 0))
-        silent.listen(8)
-        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+    with silent_replica() as url:
         c = client([url, one.url], one.public_key, deadline_s=30, request_timeout_s=0.5)
         epoch, _ = c.get_epoch(b"silent")
     assert epoch == 0
@@ -233,3 +241,20 @@ def test_kms_info_reports_each_replica(replicas: tuple[KmsProcess, KmsProcess]) 
 def test_kms_info_usage_errors(args: list[str], message: str) -> None:
     res = sealfs("kms", "info", *args, check=False)
     assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr
+
+
+def test_the_cli_skips_a_silent_replica_after_kms_timeout(
+    replicas: tuple[KmsProcess, KmsProcess], tmp_path: Path
+) -> None:
+    one, _ = replicas
+    with silent_replica() as url:
+        vol = new_volume(
+            tmp_path,
+            # Without --kms-timeout the silent replica would hold each exchange for the
+            # whole 14 s deadline (the default timeout is 15 s) and the create would fail.
+            *("--kms", url, "--kms", one.url, "--kms-timeout", "0.5", "--kms-deadline", "14"),
+            *("--kms-public-key", one.public_key.hex(), "--app-id", APP_A.hex()),
+            *("--attester", "simulated", "--compose-hash", COMPOSE_A.hex()),
+        )
+    res = sealfs("info", str(vol.backing), "--json")
+    assert '"type": "kms"' in res.stdout
