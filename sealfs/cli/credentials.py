@@ -36,7 +36,7 @@ class KmsOptions:
     """What the KMS options of one command say: where the KMS is (None: not used), whom to
     trust, who we are."""
 
-    url: str | None
+    urls: tuple[str, ...]
     app_id: str | None
     attester: str
     compose_hash: str | None
@@ -45,6 +45,12 @@ class KmsOptions:
     public_keys: tuple[str, ...]
     trust_on_first_use: bool
     event_log: str | None = None
+    request_timeout: float = 15.0
+
+    @property
+    def url(self) -> str | None:
+        """The first KMS URL, or None when the command does not use a KMS."""
+        return self.urls[0] if self.urls else None
 
 
 def kms_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -54,11 +60,14 @@ def kms_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @click.option(
         "--kms",
-        "kms_url",
+        "kms_urls",
         metavar="URL",
+        multiple=True,
         help="Unlock through the KMS at URL (http://host:port): this CVM proves "
         "itself with a quote and receives the app key. Also checks and "
-        "advances the volume's freshness anchor.",
+        "advances the volume's freshness anchor. Repeat it for each replica of "
+        "one KMS (same state): they are tried in order, one that is down, slow "
+        "or answers 5xx is skipped, a refusal is final.",
     )
     @click.option(
         "--kms-public-key",
@@ -115,12 +124,20 @@ def kms_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         "--kms-deadline",
         default=60.0,
         show_default=True,
-        help="Seconds to keep retrying an unreachable KMS before failing.",
+        help="Seconds to keep trying the KMS replicas before failing (one deadline "
+        "for all of them).",
+    )
+    @click.option(
+        "--kms-timeout",
+        type=click.FloatRange(0.2, 600),
+        default=15.0,
+        show_default=True,
+        help="Seconds to wait for one replica's answer before trying the next.",
     )
     @functools.wraps(fn)
     def wrapper(
         *args: Any,
-        kms_url: str | None,
+        kms_urls: tuple[str, ...],
         kms_public_keys: tuple[str, ...],
         trust_on_first_use: bool,
         app_id: str | None,
@@ -129,14 +146,15 @@ def kms_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         device_id: str | None,
         event_log: str | None,
         kms_deadline: float,
+        kms_timeout: float,
         **kwargs: Any,
     ) -> Any:
-        if not kms_url and (kms_public_keys or trust_on_first_use):
+        if not kms_urls and (kms_public_keys or trust_on_first_use):
             raise UsageError("--kms-public-key and --trust-on-first-use need --kms URL")
         if event_log and attester != "tdx":
             raise UsageError("--event-log only applies to --attester tdx")
         kwargs["kms"] = KmsOptions(
-            kms_url,
+            kms_urls,
             app_id,
             attester,
             compose_hash,
@@ -145,6 +163,7 @@ def kms_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             kms_public_keys,
             trust_on_first_use,
             event_log,
+            kms_timeout,
         )
         return fn(*args, **kwargs)
 
@@ -223,19 +242,19 @@ def credential_options(
 
 def kms_client(kms: KmsOptions) -> KmsClient:
     """A KMS client for this CVM, with the chosen quote source and trusted KMS keys."""
-    if not kms.url or not kms.app_id:
+    if not kms.urls or not kms.app_id:
         raise UsageError("--kms needs --app-id (or a volume whose kms slot names it)")
     # Lengths are the KMS client's to judge (a KmsError, like any other app id it refuses).
     app = _hex_option("--app-id", kms.app_id)
     compose = (
         _hex_option("--compose-hash", kms.compose_hash) if kms.compose_hash else DEV_COMPOSE_HASH
     )
-    keys = [_hex32("--kms-public-key", k, "an Ed25519 public key") for k in kms.public_keys]
+    keys = [hex32_option("--kms-public-key", k, "an Ed25519 public key") for k in kms.public_keys]
     if kms.attester == "simulated":
         from sealfs.attest.simulated import DEFAULT_DEVICE_ID, SimulatedAttester
 
         device = (
-            _hex32("--device-id", kms.device_id, "a device id")
+            hex32_option("--device-id", kms.device_id, "a device id")
             if kms.device_id
             else DEFAULT_DEVICE_ID
         )
@@ -250,26 +269,28 @@ def kms_client(kms: KmsOptions) -> KmsClient:
 
         quoter = ConfigfsTsmAttester(event_log_path=kms.event_log or DEFAULT_RUNTIME_LOG)
     return KmsClient(
-        kms.url,
+        kms.urls,
         app,
         quoter,
         trusted_keys=keys,
         trust_on_first_use=kms.trust_on_first_use,
         deadline_s=kms.deadline,
+        request_timeout_s=kms.request_timeout,
     )
 
 
 def kms_client_args(client: Any) -> list[str]:
     """The KMS options that make the same client again (for the mount daemon): no secrets."""
-    args = [
-        "--kms",
-        client.url,
+    args = [f"--kms={url}" for url in client.urls]
+    args += [
         "--app-id",
         client.app_id.hex(),
         "--attester",
         client.attester.kind,
         "--kms-deadline",
         str(client.deadline_s),
+        "--kms-timeout",
+        str(client.request_timeout_s),
     ]
     if client.attester.kind == "simulated":
         args += ["--compose-hash", client.attester.compose_hash.hex()]
@@ -283,7 +304,7 @@ def kms_client_args(client: Any) -> list[str]:
     return args
 
 
-def _hex32(option: str, text: str, what: str) -> bytes:
+def hex32_option(option: str, text: str, what: str) -> bytes:
     """A 32-byte value given as 64 hex digits, or a one-line error naming the option."""
     try:
         return strict.hex_bytes(text, 32, 32)

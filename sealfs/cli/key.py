@@ -129,7 +129,7 @@ def key_add(
     new: Credential
     if new_kms:
         opts = KmsOptions(
-            new_kms,
+            (new_kms,),
             new_app_id,
             new_attester,
             new_compose_hash,

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from sealfs import strict
+from sealfs.cli.exit_codes import fail_with
 from sealfs.cli.logs import log_service
 from sealfs.cli.output import emit, json_option
 from sealfs.crypto import KdfParams, Secret
@@ -124,16 +125,76 @@ def init(state: Path, secret_file: Path | None, kdf_memory_kib: int, as_json: bo
 
 
 @kms.command("info")
-@state_option
+@click.option(
+    "--state",
+    "state",
+    envvar="SEALFS_KMS_STATE",
+    show_envvar=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="KMS state file (SQLite) to show; needs the operator secret.",
+)
 @secret_option
+@click.option(
+    "--kms",
+    "urls",
+    metavar="URL",
+    multiple=True,
+    help="Instead of a state file, ask the running replica at URL (http://host:port) "
+    "whether it answers, with which public key and protocol version, and how fast; "
+    "repeat it for each replica. Needs no secret.",
+)
+@click.option(
+    "--kms-public-key",
+    "pinned",
+    metavar="HEX",
+    multiple=True,
+    help="With --kms: the public key(s) CVMs pin; a replica answering with another is "
+    "reported as a failure.",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(0.1, 300),
+    default=5.0,
+    show_default=True,
+    help="With --kms: seconds to wait for each replica.",
+)
 @json_option
-def info(state: Path, secret_file: Path | None, as_json: bool) -> None:
-    """Show the KMS identity public key, the state's table version and the apps that have
-    a policy. Checks the whole state file first (row MACs, table digests).
+def info(
+    state: Path | None,
+    secret_file: Path | None,
+    urls: tuple[str, ...],
+    pinned: tuple[str, ...],
+    timeout: float,
+    as_json: bool,
+) -> None:
+    """Show a KMS: its state file (--state), or its running replicas (--kms URL ...).
 
-    Record the table version somewhere the KMS host cannot write: 'kms serve
-    --min-state-version' refuses a state file that went back behind it.
+    With --state: the KMS identity public key, the state's table version and the apps that
+    have a policy, after checking the whole state file (row MACs, table digests). Record the
+    table version somewhere the KMS host cannot write: 'kms serve --min-state-version'
+    refuses a state file that went back behind it.
+
+    With --kms (repeatable): one line per replica - reachable or why not, the public key it
+    announces, its protocol version and the round-trip latency of GET /v1/info. Exits 8 (kms)
+    if a replica is unreachable, or the replicas announce different keys, or a key not given
+    with --kms-public-key. What /v1/info says is unauthenticated: it helps an operator find a
+    broken replica, it is never a reason to trust one.
+
+    \b
+    Examples:
+      sealfs kms info --state /var/lib/sealfs/kms.db --secret-file /root/kms.secret
+      sealfs kms info --kms http://kms1:8750 --kms http://kms2:8750 --json
     """
+    if urls:
+        source = click.get_current_context().get_parameter_source("state")
+        if source is click.core.ParameterSource.COMMANDLINE:
+            raise UsageError("give --state or --kms, not both")
+        _replicas_info(urls, pinned, timeout, as_json)
+        return
+    if pinned:
+        raise UsageError("--kms-public-key goes with --kms")
+    if state is None:
+        raise UsageError("give --state PATH (a state file) or --kms URL (running replicas)")
     from sealfs.kms.derivation import identity_key
 
     store, macs, root = _open(state, secret_file)
@@ -146,6 +207,49 @@ def info(state: Path, secret_file: Path | None, as_json: bool) -> None:
         f"KMS public key: {pub}\nstate table version: {version}\n"
         f"apps with a policy: {len(apps)}" + "".join(f"\n  {a}" for a in apps),
     )
+
+
+def _replicas_info(
+    urls: tuple[str, ...], pinned: tuple[str, ...], timeout: float, as_json: bool
+) -> None:
+    """Probe each replica once, in order; report them all, then fail if one is amiss."""
+    from dataclasses import asdict
+
+    from sealfs.cli.credentials import hex32_option
+    from sealfs.errors import KmsError
+    from sealfs.kms.client import probe
+
+    keys = {hex32_option("--kms-public-key", k, "an Ed25519 public key").hex() for k in pinned}
+    try:
+        found = [probe(url, timeout) for url in urls]
+    except KmsError as e:  # a malformed URL
+        raise UsageError(e.message) from None
+    announced = {r.kms_public_key for r in found if r.reachable}
+    problems = [f"{r.url} unreachable" for r in found if not r.reachable]
+    if len(announced) > 1:
+        problems.append("the replicas announce different public keys")
+    if keys:
+        problems += [
+            f"{r.url} announces a key that is not pinned"
+            for r in found
+            if r.reachable and r.kms_public_key not in keys
+        ]
+    lines = []
+    for r in found:
+        if r.reachable:
+            lines.append(
+                f"{r.url}  reachable  {r.latency_ms:.1f} ms  protocol {r.protocol}  "
+                f"key {r.kms_public_key}"
+            )
+        else:
+            lines.append(f"{r.url}  UNREACHABLE  {r.error}")
+    emit(
+        {"ok": not problems, "replicas": [asdict(r) for r in found], "problems": problems},
+        as_json,
+        "\n".join(lines + [f"problem: {p}" for p in problems]),
+    )
+    if problems:
+        fail_with(KmsError)
 
 
 @kms.command("serve")

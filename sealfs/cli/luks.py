@@ -74,9 +74,9 @@ def _key_options(fn: FC) -> FC:
     # The shared help texts describe sealfs volumes (kms slot, freshness anchor); say what
     # the options mean for a LUKS volume instead.
     helps = {
-        "kms_url": "Get the passphrase from the KMS at URL (http://host:port): this CVM proves "
+        "kms_urls": "Get the passphrase from the KMS at URL (http://host:port): this CVM proves "
         "itself with a quote and receives the key for --app-id and --volume-id. "
-        "Alternative to --key-file.",
+        "Alternative to --key-file. Repeat it for each replica (tried in order).",
         "app_id": "App id the key is bound to: hex, required with --kms (the app id this CVM "
         "attests as). Default with --key-file: 'local'.",
     }

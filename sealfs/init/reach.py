@@ -3,8 +3,8 @@
 Every volume gets its own ``deadline`` of retries (docs/init.md, "Failure rules"): each round
 tries the configured URLs in order with a short probe, so a dead first replica costs one probe,
 not the deadline; between rounds the wait doubles from 0.2 s to 5 s. The client returned speaks
-to the first URL that answered, with what is left of the deadline (at least
-:data:`MIN_CALL_S`) for the attested calls that follow.
+to the first URL that answered (then the others, in order, if it stops answering), with what
+is left of the deadline (at least :data:`MIN_CALL_S`) for the attested calls that follow.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from sealfs.attest.configfs_tsm import ConfigfsTsmAttester
 from sealfs.attest.rtmr import KernelRtmr3, Rtmr3
 from sealfs.attest.simulated import DEFAULT_DEVICE_ID, DEV_COMPOSE_HASH, PersistentSimulatedAttester
 from sealfs.errors import AttestationError, KmsError
-from sealfs.kms.client import Attester, KmsClient
+from sealfs.kms.client import Attester, KmsClient, probe
 
 from .config import InitConfig, KmsConfig
 
@@ -50,7 +50,10 @@ def attester_for(cfg: InitConfig) -> tuple[Attester, Rtmr3]:
 
 
 def _client(kms: KmsConfig, url: str, attester: Attester, deadline: float) -> KmsClient:
-    return KmsClient(url, kms.app_id, attester, trusted_keys=kms.public_keys, deadline_s=deadline)
+    """A client that starts with ``url`` and fails over to the other configured replicas
+    (the mount daemons it is handed to keep that order)."""
+    urls = [url, *(u for u in kms.urls if u != url)]
+    return KmsClient(urls, kms.app_id, attester, trusted_keys=kms.public_keys, deadline_s=deadline)
 
 
 def reach_kms(
@@ -64,10 +67,9 @@ def reach_kms(
             left = end - time.monotonic()
             if left <= 0:
                 break
-            try:
-                _client(kms, url, attester, min(left, PROBE_S)).info()
-            except KmsError as e:
-                last = f"{url}: {e.message}"
+            status = probe(url, min(left, PROBE_S))
+            if not status.reachable:
+                last = f"{url}: {status.error}"
                 continue
             return _client(kms, url, attester, max(end - time.monotonic(), MIN_CALL_S))
         left = end - time.monotonic()

@@ -2,7 +2,7 @@
 
 API::
 
-    client = KmsClient(url, app_id, attester, trusted_keys=[pub, ...], deadline_s=60.0)
+    client = KmsClient([url, ...], app_id, attester, trusted_keys=[pub, ...], deadline_s=60.0)
     key, version = client.get_key(purpose, volume_id, key_version=None)  # -> (Secret, int)
     epoch, root_digest = client.get_epoch(volume_id)                   # -> (int, bytes)
     client.advance_epoch(volume_id, epoch, root_digest)                # -> (int, bytes)
@@ -34,9 +34,14 @@ must not choose the KMS. With neither, the client fails closed (UsageError) unle
 first contact and logs a warning saying so. ``client.answering_key`` is the key that signed the
 last answer (informational, e.g. recorded in a new kms slot).
 
-Retries: connection failures, timeouts, 5xx/503 and spent nonces are retried with exponential
-backoff (0.2 s doubling to 5 s, with jitter) until ``deadline_s`` has passed; refusals (4xx)
-are final at once.
+Replicas and retries: ``url`` is one KMS URL or several replicas of one KMS (same root key,
+same state), tried in the order given. An exchange that gets no answer (connection refused,
+``request_timeout_s`` passed), or an answer that says "not now" (5xx, 408, 429, a spent nonce),
+moves on to the next replica; after a round in which none answered, the client backs off
+(0.2 s doubling to 5 s, with jitter) and starts again from the first, all within one
+``deadline_s``. A refusal (any other 4xx) is final at once and never asked of another replica:
+an unsigned error cannot make a request succeed, but shopping among replicas for a different
+answer could (docs/kms-protocol.md §8).
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ import random
 import time
 import urllib.parse
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from sealfs import strict
@@ -127,13 +133,36 @@ class EpochRefused(KmsError):
 
 
 class _Retry(Exception):
-    """A transient failure: try again with a new nonce if the deadline allows."""
+    """No answer, or "not now": try the next replica, with a new nonce, if the deadline allows."""
+
+
+@dataclass(frozen=True)
+class Replica:
+    """One KMS address: ``http(s)://host[:port]``, nothing else."""
+
+    url: str
+    scheme: str
+    host: str
+    port: int | None
+
+    @classmethod
+    def parse(cls, url: str) -> Replica:
+        parsed = urllib.parse.urlsplit(url)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise KmsError(f"KMS URL must be http(s)://host[:port], not {url!r}")
+        if parsed.path not in ("", "/") or parsed.query or parsed.fragment:
+            raise KmsError("KMS URL must not have a path, query or fragment")
+        try:
+            port = parsed.port
+        except ValueError:
+            raise KmsError(f"bad port in KMS URL {url!r}") from None
+        return cls(f"{parsed.scheme}://{parsed.netloc}", parsed.scheme, parsed.hostname, port)
 
 
 class KmsClient:
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         app_id: bytes | str,
         attester: Attester,
         *,
@@ -142,17 +171,14 @@ class KmsClient:
         deadline_s: float = 60.0,
         request_timeout_s: float = 15.0,
     ) -> None:
-        parsed = urllib.parse.urlsplit(url)
-        if parsed.scheme not in ("http", "https") or not parsed.hostname:
-            raise KmsError(f"KMS URL must be http(s)://host[:port], not {url!r}")
-        if parsed.path not in ("", "/") or parsed.query or parsed.fragment:
-            raise KmsError("KMS URL must not have a path, query or fragment")
-        try:
-            self._port = parsed.port
-        except ValueError:
-            raise KmsError(f"bad port in KMS URL {url!r}") from None
-        self.url = f"{parsed.scheme}://{parsed.netloc}"
-        self._scheme, self._host = parsed.scheme, parsed.hostname
+        urls = [url] if isinstance(url, str) else list(url)
+        if not urls:
+            raise KmsError("no KMS URL given")
+        self.replicas = tuple(Replica.parse(u) for u in urls)
+        if len({r.url for r in self.replicas}) != len(self.replicas):
+            raise KmsError("a KMS URL is given twice")
+        self.urls = tuple(r.url for r in self.replicas)
+        self.url = self.urls[0]  # the first choice; recorded (as a hint only) in a kms slot
         if isinstance(app_id, str):
             try:
                 app_id = strict.hex_bytes(app_id, 1, P.MAX_ID_BYTES)
@@ -171,7 +197,7 @@ class KmsClient:
         self.answering_key: bytes | None = None
 
     def __repr__(self) -> str:
-        return f"<KmsClient {self.url} app={self.app_id.hex()}>"
+        return f"<KmsClient {' '.join(self.urls)} app={self.app_id.hex()}>"
 
     # --- public operations -------------------------------------------------------------------
 
@@ -209,33 +235,46 @@ class KmsClient:
             raise KmsError("KMS anchored a different epoch than requested")
         return got
 
-    def info(self) -> dict[str, Any]:
-        """The KMS's public information (unauthenticated; for diagnostics)."""
-        return self._with_retries(lambda deadline: self._http("GET", "/v1/info", None, deadline))
-
-    # --- one attested exchange ---------------------------------------------------------------
+    # --- one attested exchange, failing over between replicas ---------------------------------
 
     def _call(self, params: P.Params) -> tuple[dict[str, Any], EphemeralKeyPair, bytes]:
-        return self._with_retries(lambda deadline: self._attempt(params, deadline))
+        return self._with_failover(
+            lambda replica, deadline: self._attempt(replica, params, deadline)
+        )
 
-    def _with_retries(self, fn: Callable[[float], T]) -> T:
+    def _with_failover(self, fn: Callable[[Replica, float], T]) -> T:
+        """``fn`` on each replica in order until one answers; rounds separated by backoff, all
+        within ``deadline_s``. Only :class:`_Retry` moves on: every other error is final."""
         deadline = time.monotonic() + self.deadline_s
         delay = 0.2
+        last: dict[str, str] = {}
         while True:
-            try:
-                return fn(deadline)
-            except _Retry as e:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise KmsError(
-                        f"KMS at {self.url} not available after {self.deadline_s:g} s: {e}"
-                    ) from None
-                log.info("KMS at %s: %s; retrying", self.url, e)
-                time.sleep(min(remaining, delay * random.uniform(0.75, 1.25)))
-                delay = min(delay * 2, 5.0)
+            for replica in self.replicas:
+                try:
+                    return fn(replica, deadline)
+                except _Retry as e:
+                    last[replica.url] = str(e)
+                    if time.monotonic() >= deadline:
+                        raise self._unavailable(last) from None
+                    # A replica skipped is worth an operator's look; one KMS retried is not.
+                    level = logging.WARNING if len(self.replicas) > 1 else logging.INFO
+                    log.log(level, "KMS at %s: %s; trying the next replica", replica.url, e)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise self._unavailable(last)
+            time.sleep(min(remaining, delay * random.uniform(0.75, 1.25)))
+            delay = min(delay * 2, 5.0)
+
+    def _unavailable(self, last: dict[str, str]) -> KmsError:
+        if len(self.replicas) == 1:
+            return KmsError(
+                f"KMS at {self.url} not available after {self.deadline_s:g} s: {last[self.url]}"
+            )
+        reasons = "; ".join(f"{url}: {why}" for url, why in last.items())
+        return KmsError(f"no KMS replica available after {self.deadline_s:g} s ({reasons})")
 
     def _attempt(
-        self, params: P.Params, deadline: float
+        self, replica: Replica, params: P.Params, deadline: float
     ) -> tuple[dict[str, Any], EphemeralKeyPair, bytes]:
         events = _attesting(self.attester.event_log)
         identity = identity_from_log(events)
@@ -243,8 +282,8 @@ class KmsClient:
             raise AttestationError(
                 f"this CVM's measured app id is {identity.app_id.hex()}, not {self.app_id.hex()}"
             )
-        trusted = self._trusted_keys(events, deadline)
-        nonce = _hex(self._http("POST", "/v1/nonce", {}, deadline), "nonce")
+        trusted = self._trusted_keys(replica, events, deadline)
+        nonce = _hex(self._http(replica, "POST", "/v1/nonce", {}, deadline), "nonce")
         if len(nonce) != P.NONCE_SIZE:
             raise KmsError("KMS sent a malformed nonce")
         eph = EphemeralKeyPair()
@@ -262,14 +301,14 @@ class KmsClient:
             "collateral": collateral,
             "params": params.to_wire(),
         }
-        resp = self._http("POST", P.OP_PATHS[params.op], body, deadline)
+        resp = self._http(replica, "POST", P.OP_PATHS[params.op], body, deadline)
         result = resp.get("result")
         if resp.get("op") != params.op or not isinstance(result, dict):
             raise KmsError("KMS answer is malformed")
         signer = _hex(resp, "kms_public_key")
         if not any(ct_equal(signer, key) for key in trusted):
             raise KmsError(
-                f"KMS at {self.url} answered as {signer.hex()[:16]}..., which is "
+                f"KMS at {replica.url} answered as {signer.hex()[:16]}..., which is "
                 "not a trusted KMS identity (redirected to another KMS?)"
             )
         if not ct_equal(_hex(result, "app_id"), self.app_id):
@@ -285,7 +324,9 @@ class KmsClient:
         self.answering_key = signer
         return result, eph, nonce
 
-    def _trusted_keys(self, events: list[RuntimeEvent], deadline: float) -> tuple[bytes, ...]:
+    def _trusted_keys(
+        self, replica: Replica, events: list[RuntimeEvent], deadline: float
+    ) -> tuple[bytes, ...]:
         """The KMS identities this client accepts; resolved once, never from the disk."""
         if not self.trusted_keys:
             measured = tuple(
@@ -298,7 +339,9 @@ class KmsClient:
             if measured:
                 self.trusted_keys = measured
             elif self.trust_on_first_use:
-                announced = _hex(self._http("GET", "/v1/info", None, deadline), "kms_public_key")
+                announced = _hex(
+                    self._http(replica, "GET", "/v1/info", None, deadline), "kms_public_key"
+                )
                 if len(announced) != P.PUBLIC_KEY_SIZE:
                     raise KmsError("KMS announced a malformed public key")
                 log.warning(
@@ -306,7 +349,7 @@ class KmsClient:
                     "host controls the network and can answer in its place. Pin it "
                     "with --kms-public-key %s",
                     announced.hex(),
-                    self.url,
+                    replica.url,
                     announced.hex(),
                 )
                 self.trusted_keys = (announced,)
@@ -322,43 +365,89 @@ class KmsClient:
     # --- HTTP --------------------------------------------------------------------------------
 
     def _http(
-        self, method: str, path: str, body: dict[str, Any] | None, deadline: float
+        self,
+        replica: Replica,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None,
+        deadline: float,
     ) -> dict[str, Any]:
-        cls = http.client.HTTPSConnection if self._scheme == "https" else http.client.HTTPConnection
         # One exchange may not outlive the caller's overall deadline.
         timeout = max(0.2, min(self.request_timeout_s, deadline - time.monotonic()))
-        conn = cls(self._host, self._port, timeout=timeout)
-        data = None if body is None else json.dumps(body, separators=(",", ":")).encode()
-        headers = {"Content-Type": "application/json"} if data is not None else {}
-        try:
-            conn.request(method, path, body=data, headers=headers)
-            resp = conn.getresponse()
-            raw = resp.read(MAX_RESPONSE_BYTES + 1)
-            status = resp.status
-        except (TimeoutError, OSError, http.client.HTTPException) as e:
-            raise _Retry(_describe(e)) from None
-        finally:
-            conn.close()
-        if len(raw) > MAX_RESPONSE_BYTES:
-            raise KmsError("KMS answer too large")
-        try:
-            payload = strict.loads(raw)  # the network is the host's: bounded depth
-            if not isinstance(payload, dict):
-                raise ValueError
-        except ValueError:
-            if status >= 500 or status in (408, 429):
-                raise _Retry(f"HTTP {status}") from None
-            raise KmsError(f"KMS answered HTTP {status} without a valid JSON body") from None
-        if status == 200 and payload.get("ok") is True:
-            return payload
-        code, message = str(payload.get("error", "?")), str(payload.get("message", ""))[:300]
-        if status >= 500 or status in (408, 429) or code == "bad_nonce":
-            raise _Retry(f"HTTP {status} {code}: {message}")
-        if code in _ATTESTATION_CODES:
-            raise AttestationError(f"KMS refused ({code}): {message}")
-        if status == 409 and code in ("rollback", "fork"):
-            raise EpochRefused(code, f"KMS refused ({code}): {message}")
-        raise KmsError(f"KMS refused (HTTP {status} {code}): {message}")
+        return exchange(replica, method, path, body, timeout)
+
+
+def exchange(
+    replica: Replica, method: str, path: str, body: dict[str, Any] | None, timeout: float
+) -> dict[str, Any]:
+    """One HTTP exchange with one replica: its JSON answer if ``ok``; :class:`_Retry` if there
+    was none, or it said "not now" (5xx, 408, 429, ``bad_nonce``); a final error otherwise."""
+    cls = http.client.HTTPSConnection if replica.scheme == "https" else http.client.HTTPConnection
+    conn = cls(replica.host, replica.port, timeout=timeout)
+    data = None if body is None else json.dumps(body, separators=(",", ":")).encode()
+    headers = {"Content-Type": "application/json"} if data is not None else {}
+    try:
+        conn.request(method, path, body=data, headers=headers)
+        resp = conn.getresponse()
+        raw = resp.read(MAX_RESPONSE_BYTES + 1)
+        status = resp.status
+    except (TimeoutError, OSError, http.client.HTTPException) as e:
+        raise _Retry(_describe(e)) from None
+    finally:
+        conn.close()
+    if len(raw) > MAX_RESPONSE_BYTES:
+        raise KmsError("KMS answer too large")
+    try:
+        payload = strict.loads(raw)  # the network is the host's: bounded depth
+        if not isinstance(payload, dict):
+            raise ValueError
+    except ValueError:
+        if status >= 500 or status in (408, 429):
+            raise _Retry(f"HTTP {status}") from None
+        raise KmsError(f"KMS answered HTTP {status} without a valid JSON body") from None
+    if status == 200 and payload.get("ok") is True:
+        return payload
+    code, message = str(payload.get("error", "?")), str(payload.get("message", ""))[:300]
+    if status >= 500 or status in (408, 429) or code == "bad_nonce":
+        raise _Retry(f"HTTP {status} {code}: {message}")
+    if code in _ATTESTATION_CODES:
+        raise AttestationError(f"KMS refused ({code}): {message}")
+    if status == 409 and code in ("rollback", "fork"):
+        raise EpochRefused(code, f"KMS refused ({code}): {message}")
+    raise KmsError(f"KMS refused (HTTP {status} {code}): {message}")
+
+
+@dataclass(frozen=True)
+class ReplicaStatus:
+    """What one KMS replica says about itself (``GET /v1/info``, unauthenticated): for an
+    operator checking replicas, never for trust."""
+
+    url: str
+    reachable: bool
+    latency_ms: float | None
+    kms_public_key: str | None
+    protocol: int | None
+    error: str | None
+
+
+def probe(url: str, timeout_s: float) -> ReplicaStatus:
+    """Ask one replica for its public information, once, and time the exchange."""
+    replica = Replica.parse(url)
+    start = time.monotonic()
+    try:
+        info = exchange(replica, "GET", "/v1/info", None, timeout_s)
+    except (_Retry, KmsError) as e:
+        return ReplicaStatus(replica.url, False, None, None, None, str(e))
+    latency = (time.monotonic() - start) * 1000
+    key, protocol = info.get("kms_public_key"), info.get("protocol")
+    return ReplicaStatus(
+        replica.url,
+        True,
+        round(latency, 2),
+        key if isinstance(key, str) else None,
+        protocol if isinstance(protocol, int) else None,
+        None,
+    )
 
 
 def _attesting(fn: Callable[..., T], *args: Any) -> T:
