@@ -115,7 +115,7 @@ class KmsService:
         found = store.verify(self._macs)  # refuse replayed or removed rows before serving
         log.info(
             "KMS state %s verified: table version %d, %d policies, %d volume epochs",
-            store.path,
+            store.location,
             found.version,
             found.policies,
             found.epochs,
@@ -127,7 +127,7 @@ class KmsService:
         )
 
     def __repr__(self) -> str:
-        return f"<KmsService {self.store.path}>"
+        return f"<KmsService {self.store.location}>"
 
     @property
     def public_key(self) -> bytes:
