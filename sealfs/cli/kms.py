@@ -31,8 +31,10 @@ state_option = click.option(
     required=True,
     envvar="SEALFS_KMS_STATE",
     show_envvar=True,
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="KMS state file (SQLite): sealed root key, policies, volume epochs.",
+    metavar="PATH|URL",
+    help="KMS state: a SQLite file, or a postgresql:// URL (libpq syntax; keep the "
+    "password in ~/.pgpass, not the URL) shared by several 'kms serve' replicas. It holds "
+    "the sealed root key, the policies and the volume epochs.",
 )
 secret_option = click.option(
     "--secret-file",
@@ -65,7 +67,7 @@ def read_operator_secret(path: Path | None, confirm: bool = False) -> Secret:
     return Secret(raw)
 
 
-def _open(state: Path, secret_file: Path | None) -> tuple[KmsStore, StoreMac, Secret]:
+def _open(state: str, secret_file: Path | None) -> tuple[KmsStore, StoreMac, Secret]:
     from sealfs.kms.derivation import StoreMac
     from sealfs.kms.store import KmsStore
 
@@ -104,7 +106,7 @@ def kms() -> None:
     help="argon2id memory cost for sealing the root key.",
 )
 @json_option
-def init(state: Path, secret_file: Path | None, kdf_memory_kib: int, as_json: bool) -> None:
+def init(state: str, secret_file: Path | None, kdf_memory_kib: int, as_json: bool) -> None:
     """Create a new KMS state file with a fresh random root key.
 
     Refuses to overwrite an existing file: replacing the root key would make every key it
@@ -114,37 +116,70 @@ def init(state: Path, secret_file: Path | None, kdf_memory_kib: int, as_json: bo
     from sealfs.kms.store import KmsStore
 
     secret = read_operator_secret(secret_file, confirm=True)
-    _, root = KmsStore.initialize(state, secret, KdfParams.default(memory_kib=kdf_memory_kib))
+    store, root = KmsStore.initialize(state, secret, KdfParams.default(memory_kib=kdf_memory_kib))
     pub = identity_key(root).public_bytes.hex()
     emit(
-        {"ok": True, "state": str(state), "kms_public_key": pub},
+        {"ok": True, "state": store.location, "kms_public_key": pub},
         as_json,
-        f"created KMS state {state}\nKMS public key: {pub}",
+        f"created KMS state {store.location}\nKMS public key: {pub}",
     )
+
+
+high_water_option = click.option(
+    "--high-water",
+    "high_water",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="This replica's record of the highest state version it served (created if "
+    "missing, MACed under the root key). Keep it on the replica's own disk, never with the "
+    "database or its backups: a state older than it is refused (docs/operations.md). "
+    "Required with a postgresql:// state.",
+)
 
 
 @kms.command("info")
 @state_option
 @secret_option
+@high_water_option
 @json_option
-def info(state: Path, secret_file: Path | None, as_json: bool) -> None:
-    """Show the KMS identity public key, the state's table version and the apps that have
-    a policy. Checks the whole state file first (row MACs, table digests).
+def info(state: str, secret_file: Path | None, high_water: Path | None, as_json: bool) -> None:
+    """Show this replica's view of the KMS state: where it is (the database reached), its
+    format, table version, the apps that have a policy and how many volumes have an epoch,
+    and (with --high-water) the highest version this replica recorded as served. Checks the
+    whole state first (row MACs, table digests); an unreachable database is an error.
 
     Record the table version somewhere the KMS host cannot write: 'kms serve
-    --min-state-version' refuses a state file that went back behind it.
+    --min-state-version' refuses a state that went back behind it.
     """
     from sealfs.kms.derivation import identity_key
+    from sealfs.kms.highwater import HighWater
+    from sealfs.kms.store import FORMAT_VERSION
 
     store, macs, root = _open(state, secret_file)
-    version = store.verify(macs).version
+    found = store.verify(macs)
     apps = [p.app_id.hex() for p in store.list_policies(macs)]
     pub = identity_key(root).public_bytes.hex()
+    served = HighWater(high_water, macs).load() if high_water is not None else None
+    text = (
+        f"KMS public key: {pub}\nstate: {store.location} (reachable, format {FORMAT_VERSION})\n"
+        f"state table version: {found.version}"
+        + ("" if served is None else f" (this replica served up to {served})")
+        + f"\nvolumes with an epoch: {found.epochs}\napps with a policy: {len(apps)}"
+        + "".join(f"\n  {a}" for a in apps)
+    )
     emit(
-        {"ok": True, "kms_public_key": pub, "state_version": version, "apps": apps},
+        {
+            "ok": True,
+            "kms_public_key": pub,
+            "state": store.location,
+            "reachable": True,
+            "format": FORMAT_VERSION,
+            "state_version": found.version,
+            "served_version": served,
+            "volumes": found.epochs,
+            "apps": apps,
+        },
         as_json,
-        f"KMS public key: {pub}\nstate table version: {version}\n"
-        f"apps with a policy: {len(apps)}" + "".join(f"\n  {a}" for a in apps),
+        text,
     )
 
 
@@ -232,6 +267,7 @@ def info(state: Path, secret_file: Path | None, as_json: bool) -> None:
     "start) is lower: pass the last version you recorded to catch a state "
     "file restored from an older copy.",
 )
+@high_water_option
 @click.option(
     "--log-level",
     type=click.Choice(["debug", "info", "warning", "error"]),
@@ -240,7 +276,7 @@ def info(state: Path, secret_file: Path | None, as_json: bool) -> None:
     help="Log verbosity (logs go to stderr).",
 )
 def serve(
-    state: Path,
+    state: str,
     secret_file: Path | None,
     host: str,
     port: int,
@@ -253,6 +289,7 @@ def serve(
     max_connections_per_peer: int,
     max_queued: int,
     min_state_version: int,
+    high_water: Path | None,
     log_level: str,
 ) -> None:
     """Run the KMS HTTP service until interrupted.
@@ -269,6 +306,8 @@ def serve(
     """
     import trio
 
+    from sealfs.kms.derivation import StoreMac
+    from sealfs.kms.highwater import HighWater
     from sealfs.kms.server import HttpLimits, KmsHttpServer
     from sealfs.kms.service import KmsService, ServiceConfig
     from sealfs.kms.store import KmsStore
@@ -283,8 +322,15 @@ def serve(
             raise UsageError(f"cannot read collateral {collateral_file}: {e}") from None
         if not isinstance(collateral, dict):
             raise UsageError("collateral file must hold a JSON object")
+    if high_water is None and state.startswith(("postgresql:", "postgres:")):
+        raise UsageError(
+            "a postgresql:// state needs --high-water FILE on this replica's own disk: "
+            "without it a database restored from an older copy goes unnoticed"
+        )
     store = KmsStore(state)
     root = store.unlock(read_operator_secret(secret_file))
+    if high_water is not None:
+        store.remember_in(HighWater(high_water, StoreMac(root)))
     service = KmsService(
         store,
         root,
@@ -418,7 +464,7 @@ def policy() -> None:
 @json_option
 def policy_set(
     app_id: str,
-    state: Path,
+    state: str,
     secret_file: Path | None,
     policy_file: Any,
     mrtd: str | None,
@@ -514,7 +560,7 @@ def policy_set(
 @state_option
 @secret_option
 @json_option
-def policy_show(app_id: str | None, state: Path, secret_file: Path | None, as_json: bool) -> None:
+def policy_show(app_id: str | None, state: str, secret_file: Path | None, as_json: bool) -> None:
     """Show the policy of APP_ID, or of every app (MACs are verified), with the key
     versions the KMS still releases (live_key_versions: 1 to key_version, less the retired)."""
     store, macs, _ = _open(state, secret_file)
@@ -538,7 +584,7 @@ def policy_show(app_id: str | None, state: Path, secret_file: Path | None, as_js
 @state_option
 @secret_option
 @json_option
-def policy_remove(app_id: str, state: Path, secret_file: Path | None, as_json: bool) -> None:
+def policy_remove(app_id: str, state: str, secret_file: Path | None, as_json: bool) -> None:
     """Delete APP_ID's policy: the KMS stops releasing its keys (its epochs are kept)."""
     store, macs, _ = _open(state, secret_file)
     if not store.delete_policy(macs, _app_id(app_id)):
@@ -551,7 +597,7 @@ def policy_remove(app_id: str, state: Path, secret_file: Path | None, as_json: b
 @state_option
 @secret_option
 @json_option
-def policy_rotate(app_id: str, state: Path, secret_file: Path | None, as_json: bool) -> None:
+def policy_rotate(app_id: str, state: str, secret_file: Path | None, as_json: bool) -> None:
     """Make a new key version current for APP_ID.
 
     New key requests get the new version; older versions stay derivable (ask for them
@@ -573,7 +619,7 @@ def policy_rotate(app_id: str, state: Path, secret_file: Path | None, as_json: b
 @secret_option
 @json_option
 def policy_retire_version(
-    app_id: str, version: int, state: Path, secret_file: Path | None, as_json: bool
+    app_id: str, version: int, state: str, secret_file: Path | None, as_json: bool
 ) -> None:
     """Stop releasing key version N of APP_ID, for good.
 

