@@ -7,21 +7,33 @@ replica, and refuse a database restored from an older backup.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import threading
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from sealfs.errors import IntegrityError
+from sealfs.cli.exit_codes import exit_code
+from sealfs.errors import IntegrityError, KmsError
+from sealfs.kms import protocol as P
 from sealfs.kms.client import EpochRefused, KmsClient
 from sealfs.kms.highwater import HighWater
-from sealfs.kms.store import EpochConflict, KmsStore, StateRolledBack
+from sealfs.kms.store import EpochConflict, KmsStore
 
-from .conftest import APP_A, REPO, KmsProcess, KmsState, attester, make_state, start_kms
+from .conftest import (
+    APP_A,
+    REPO,
+    KmsProcess,
+    KmsState,
+    attester,
+    envelope,
+    make_state,
+    post,
+    start_kms,
+)
 from .postgres import PostgresServer, postgres  # noqa: F401  (the fixture)
 
 STORE_RACE_ROUNDS = 3000  # compare-and-set races between two stores (two connections)
@@ -133,3 +145,117 @@ def test_replica_race_exactly_one_wins(replicas: tuple[KmsProcess, KmsProcess]) 
             c.advance_epoch(b"raced", epoch, bytes(32))
         assert refused.value.reason == "fork"
         assert c.advance_epoch(b"raced", epoch, digest) == (epoch, digest)  # idempotent
+
+
+def advance_with_failover(
+    clients: list[KmsClient], epoch: int, digest: bytes, issued: threading.Event
+) -> list[KmsClient]:
+    """What a multi-URL client does: ask the replicas in order, skipping one that cannot
+    answer (down), and start from the one that answered next time. The same (epoch, digest)
+    asked again is idempotent, so an advance whose replica died mid-request is neither lost
+    nor counted twice."""
+    for i, c in enumerate(clients):
+        issued.set()
+        try:
+            c.advance_epoch(b"stream", epoch, digest)
+            return clients[i:] + clients[:i]
+        except EpochRefused:
+            raise
+        except KmsError:
+            continue
+    raise AssertionError(f"no replica anchored epoch {epoch}")
+
+
+def test_losing_a_replica_loses_no_anchor(pg_state: KmsState) -> None:
+    """A stream of advances through replica one, which is killed (SIGKILL) while advance
+    STREAM/2 may be in flight; the stream goes on through replica two."""
+    one, two = replica(pg_state, "one"), replica(pg_state, "two")
+    try:
+        clients = [
+            KmsClient(k.url, APP_A, attester(), trusted_keys=[k.public_key], deadline_s=3)
+            for k in (one, two)
+        ]
+        half = threading.Event()
+
+        def killer() -> None:
+            half.wait()
+            one.proc.kill()
+
+        t = threading.Thread(target=killer)
+        t.start()
+        idle = threading.Event()
+        order = clients
+        for epoch in range(1, STREAM + 1):
+            order = advance_with_failover(
+                order, epoch, epoch.to_bytes(32, "big"), half if epoch == STREAM // 2 else idle
+            )
+        t.join()
+        assert one.proc.wait(10) != 0
+        assert clients[1].get_epoch(b"stream") == (STREAM, STREAM.to_bytes(32, "big"))
+        assert pg_state.store.verify(pg_state.macs).epochs == 1
+        # the killed replica restarts and agrees
+        back = replica(pg_state, "one")
+        try:
+            assert client(back).get_epoch(b"stream") == (STREAM, STREAM.to_bytes(32, "big"))
+        finally:
+            back.stop()
+    finally:
+        one.stop()
+        two.stop()
+
+
+def _serve(state: KmsState, high_water: Path) -> subprocess.CompletedProcess[str]:
+    """`kms serve` expected to refuse to start."""
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sealfs",
+            "kms",
+            "serve",
+            "--state",
+            state.url,
+            "--secret-file",
+            str(state.secret_file),
+            "--port",
+            "0",
+            "--high-water",
+            str(high_water),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=60,
+    )
+
+
+def test_restored_database_is_refused(postgres: PostgresServer, pg_state: KmsState) -> None:  # noqa: F811
+    """A backup taken at version v, restored after the replica served v + n: the running
+    replica refuses every answer (503 state_rolled_back), and refuses to start again on it;
+    only a replica that never saw the newer state (no high-water file) accepts it."""
+    db = urllib.parse.urlsplit(pg_state.url).path.lstrip("/")
+    hw = pg_state.path.parent / "one.high-water"
+    one = replica(pg_state, "one")
+    try:
+        c = client(one)
+        c.advance_epoch(b"vol", 1, b"\x01" * 32)
+        backup = pg_state.path.parent / "old.dump"
+        postgres.dump(db, backup)
+        c.advance_epoch(b"vol", 2, b"\x02" * 32)
+        served = HighWater(hw, pg_state.macs).load()
+        postgres.restore(db, backup)
+        body, _, _ = envelope(one.port, attester(), P.AdvanceEpoch(b"vol", 2, b"\x03" * 32))
+        status, answer = post(one.port, P.OP_PATHS[P.OP_ADVANCE_EPOCH], body)
+        assert (status, answer["error"]) == (503, "state_rolled_back"), answer
+        assert "went back from" in one.log()
+    finally:
+        one.stop()
+    refused = _serve(pg_state, hw)
+    assert refused.returncode == exit_code(IntegrityError)
+    assert f"went back from {served} to" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    # the documented hole: a replica with no record of what was served cannot tell
+    fresh = KmsStore(pg_state.url)
+    fresh.remember_in(HighWater(pg_state.path.parent / "new.high-water", pg_state.macs))
+    assert fresh.verify(pg_state.macs).version < served
