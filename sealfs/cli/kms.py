@@ -269,6 +269,23 @@ def info(state: str, secret_file: Path | None, high_water: Path | None, as_json:
 )
 @high_water_option
 @click.option(
+    "--peer",
+    "peers",
+    metavar="URL",
+    multiple=True,
+    help="Another replica of the same state (http://host:port); repeatable. At start and "
+    "every --peer-check-interval seconds this replica asks each peer the highest state "
+    "version it served (signed with the shared identity key) and refuses a database older "
+    "than that. An unreachable peer is logged and skipped.",
+)
+@click.option(
+    "--peer-check-interval",
+    type=click.FloatRange(1, 3600),
+    default=30.0,
+    show_default=True,
+    help="Seconds between two cross-checks with the --peer replicas.",
+)
+@click.option(
     "--log-level",
     type=click.Choice(["debug", "info", "warning", "error"]),
     default="info",
@@ -290,6 +307,8 @@ def serve(
     max_queued: int,
     min_state_version: int,
     high_water: Path | None,
+    peers: tuple[str, ...],
+    peer_check_interval: float,
     log_level: str,
 ) -> None:
     """Run the KMS HTTP service until interrupted.
@@ -306,8 +325,9 @@ def serve(
     """
     import trio
 
-    from sealfs.kms.derivation import StoreMac
+    from sealfs.kms.derivation import StoreMac, identity_key
     from sealfs.kms.highwater import HighWater
+    from sealfs.kms.peers import cross_check, cross_check_every
     from sealfs.kms.server import HttpLimits, KmsHttpServer
     from sealfs.kms.service import KmsService, ServiceConfig
     from sealfs.kms.store import KmsStore
@@ -331,6 +351,8 @@ def serve(
     root = store.unlock(read_operator_secret(secret_file))
     if high_water is not None:
         store.remember_in(HighWater(high_water, StoreMac(root)))
+    public_key = identity_key(root).public_bytes
+    cross_check(store, public_key, peers)  # before the state is verified and served
     service = KmsService(
         store,
         root,
@@ -377,7 +399,10 @@ def serve(
             f"listening on http://{shown}:{bound} (KMS public key {service.public_key.hex()})"
         )
         sys.stdout.flush()
-        await server.serve_listeners(listeners)
+        async with trio.open_nursery() as nursery:
+            if peers:
+                nursery.start_soon(cross_check_every, peer_check_interval, store, public_key, peers)
+            await server.serve_listeners(listeners)
 
     trio.run(main)
 

@@ -51,7 +51,7 @@ class _Tx:
         self._conn = conn
 
     def execute(self, sql: str, params: Any = (), /) -> Any:
-        return self._conn.execute(sql.replace("?", "%s"), params)
+        return self._conn.execute(sql.replace("?", "%s"), params, binary=True)
 
     def executemany(self, sql: str, rows: Iterable[Any], /) -> None:
         with self._conn.cursor() as cur:

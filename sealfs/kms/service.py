@@ -140,6 +140,10 @@ class KmsService:
             "protocol": P.PROTOCOL_VERSION,
             "kms_public_key": self.public_key.hex(),
             "simulated_allowed": self.config.allow_simulated,
+            "served_version": self.store.seen_version,
+            "served_signature": self._identity.sign(
+                P.served_message(self.store.seen_version)
+            ).hex(),
             "purposes": list(P.PURPOSES),
         }
 

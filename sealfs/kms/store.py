@@ -333,7 +333,7 @@ def _all_digests(conn: Transaction, macs: StoreMac) -> dict[tuple[str, int], byt
     digests = {}
     for table in TABLES:
         groups: dict[int, list[bytes]] = collections.defaultdict(list)
-        for bucket, tag in conn.execute(f"SELECT bucket, mac FROM {table}"):
+        for bucket, tag in conn.execute(f"SELECT bucket, mac FROM {table}").fetchall():
             groups[bucket].append(_blob(tag))
         for bucket in range(BUCKETS):
             digests[table, bucket] = macs.bucket(table, bucket, groups.get(bucket, []))
@@ -351,7 +351,9 @@ def _read_head(conn: Transaction, macs: StoreMac) -> tuple[int, dict[tuple[str, 
             "SELECT name, value FROM meta WHERE name IN ('state_version', 'state_mac')"
         ).fetchall()
     )
-    digests = {(t, b): d for t, b, d in conn.execute("SELECT tbl, bucket, digest FROM buckets")}
+    digests = {
+        (t, b): d for t, b, d in conn.execute("SELECT tbl, bucket, digest FROM buckets").fetchall()
+    }
     try:
         version = int(meta["state_version"])
         tag = _blob(meta["state_mac"])
@@ -421,11 +423,21 @@ class KmsStore:
             snap = _Snapshot(conn, macs, floor)
             yield snap
             snap.seal()
+        self.saw(snap.version)
+
+    @property
+    def seen_version(self) -> int:
+        """The highest table version this store has seen (its floor)."""
+        return self._seen_version
+
+    def saw(self, version: int) -> None:
+        """Raise the floor to ``version`` (seen here, or served by a peer replica), and
+        record it in the high-water file: a state older than it is refused from now on."""
         with self._seen_lock:
-            if snap.version > self._seen_version:
-                self._seen_version = snap.version
+            if version > self._seen_version:
+                self._seen_version = version
                 if self._high_water is not None:
-                    self._high_water.store(snap.version)
+                    self._high_water.store(version)
 
     # --- creation, unlock, migration, verification -------------------------------------------
 

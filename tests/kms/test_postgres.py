@@ -204,7 +204,7 @@ def test_losing_a_replica_loses_no_anchor(pg_state: KmsState) -> None:
         two.stop()
 
 
-def _serve(state: KmsState, high_water: Path) -> subprocess.CompletedProcess[str]:
+def _serve(state: KmsState, high_water: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     """`kms serve` expected to refuse to start."""
     return subprocess.run(
         [
@@ -221,6 +221,7 @@ def _serve(state: KmsState, high_water: Path) -> subprocess.CompletedProcess[str
             "0",
             "--high-water",
             str(high_water),
+            *extra,
         ],
         cwd=REPO,
         capture_output=True,
@@ -233,7 +234,8 @@ def _serve(state: KmsState, high_water: Path) -> subprocess.CompletedProcess[str
 def test_restored_database_is_refused(postgres: PostgresServer, pg_state: KmsState) -> None:  # noqa: F811
     """A backup taken at version v, restored after the replica served v + n: the running
     replica refuses every answer (503 state_rolled_back), and refuses to start again on it;
-    only a replica that never saw the newer state (no high-water file) accepts it."""
+    a new replica pointed at it (--peer) refuses too; only a replica that never saw the
+    newer state and asks no peer that did accepts it (docs/kms-protocol.md §2)."""
     db = urllib.parse.urlsplit(pg_state.url).path.lstrip("/")
     hw = pg_state.path.parent / "one.high-water"
     one = replica(pg_state, "one")
@@ -249,6 +251,10 @@ def test_restored_database_is_refused(postgres: PostgresServer, pg_state: KmsSta
         status, answer = post(one.port, P.OP_PATHS[P.OP_ADVANCE_EPOCH], body)
         assert (status, answer["error"]) == (503, "state_rolled_back"), answer
         assert "went back from" in one.log()
+        # a replica with no record of its own learns from its peer what was served
+        taught = _serve(pg_state, pg_state.path.parent / "three.high-water", "--peer", one.url)
+        assert taught.returncode == exit_code(IntegrityError), taught.stderr
+        assert f"went back from {served} to" in taught.stderr
     finally:
         one.stop()
     refused = _serve(pg_state, hw)
