@@ -7,6 +7,7 @@ replica, and refuse a database restored from an older backup.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import threading
@@ -265,3 +266,46 @@ def test_restored_database_is_refused(postgres: PostgresServer, pg_state: KmsSta
     fresh = KmsStore(pg_state.url)
     fresh.remember_in(HighWater(pg_state.path.parent / "new.high-water", pg_state.macs))
     assert fresh.verify(pg_state.macs).version < served
+
+
+def test_info_shows_the_replicas_view(pg_state: KmsState) -> None:
+    pg_state.store.advance_epoch(pg_state.macs, APP_A, b"vol", 1, b"\1" * 32)
+    hw = pg_state.path.parent / "hw"
+    HighWater(hw, pg_state.macs).store(pg_state.store.seen_version)
+    out = sealfs_cli(
+        "kms",
+        "info",
+        "--state",
+        pg_state.url,
+        "--secret-file",
+        str(pg_state.secret_file),
+        "--high-water",
+        str(hw),
+        "--json",
+    )
+    info = json.loads(out.stdout)
+    assert info["reachable"] and info["format"] == 2 and info["volumes"] == 1
+    assert info["state"] == pg_state.url and len(info["apps"]) == 2
+    assert info["state_version"] == info["served_version"] == pg_state.store.seen_version
+
+
+def test_unreachable_database_is_one_line(pg_state: KmsState, tmp_path: Path) -> None:
+    gone = f"postgresql://postgres:hunter2@/nodb?host={tmp_path}"
+    out = sealfs_cli(
+        "kms", "info", "--state", gone, "--secret-file", str(pg_state.secret_file), check=False
+    )
+    assert out.returncode == exit_code(KmsError)
+    assert "cannot reach the KMS database postgresql://postgres:***@" in out.stderr
+    assert "hunter2" not in out.stderr and "Traceback" not in out.stderr
+
+
+def sealfs_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "sealfs", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=60,
+        check=check,
+    )
