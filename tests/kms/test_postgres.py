@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -37,7 +37,7 @@ from .conftest import (
 )
 from .postgres import PostgresServer, postgres  # noqa: F401  (the fixture)
 
-STORE_RACE_ROUNDS = 3000  # compare-and-set races between two stores (two connections)
+STORE_RACE_ROUNDS = 2000  # compare-and-set races between two stores (two connections)
 HTTP_RACE_ROUNDS = 1000  # the same through two `kms serve` replicas, over the protocol
 STREAM = 60  # advances in the stream that loses a replica halfway
 
@@ -80,63 +80,79 @@ def test_replicas_release_identical_keys(replicas: tuple[KmsProcess, KmsProcess]
     assert other.reveal() != key1.reveal()
 
 
-def test_store_race_exactly_one_wins(pg_state: KmsState) -> None:
-    """Two stores (each its own connections, as two replicas) advance one volume to the same
-    epoch with different roots, released together each round: exactly one is accepted, the
-    other refused as a fork, and the database holds the winner."""
-    stores = [pg_state.store, KmsStore(pg_state.url)]
+def race(rounds: int, attempt: Callable[[int, int], bool]) -> list[tuple[bool, bool]]:
+    """Two threads released together each round (a barrier), each calling
+    ``attempt(racer, round)`` (True: won, False: refused); the outcomes of every round. A
+    racer that fails breaks the barrier, so the other stops too and the failure shows."""
     gate = threading.Barrier(2)
-    outcome: list[list[bytes | None]] = [[], []]
+    wins: list[list[bool]] = [[], []]
+    failed: list[BaseException] = []
 
     def racer(i: int) -> None:
-        for epoch in range(1, STORE_RACE_ROUNDS + 1):
-            digest = bytes([i]) * 16 + epoch.to_bytes(16, "big")
-            gate.wait()
-            try:
-                stores[i].advance_epoch(pg_state.macs, APP_A, b"raced", epoch, digest)
-                outcome[i].append(digest)
-            except EpochConflict as e:
-                assert e.reason == "fork"
-                outcome[i].append(None)
+        try:
+            for r in range(1, rounds + 1):
+                gate.wait()
+                wins[i].append(attempt(i, r))
+        except threading.BrokenBarrierError:
+            pass
+        except BaseException as e:
+            failed.append(e)
+            gate.abort()
 
     threads = [threading.Thread(target=racer, args=(i,)) for i in (0, 1)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert len(outcome[0]) == len(outcome[1]) == STORE_RACE_ROUNDS
-    for a, b in zip(*outcome, strict=True):
-        assert (a is None) != (b is None)
+    if failed:
+        raise failed[0]
+    assert len(wins[0]) == len(wins[1]) == rounds
+    return list(zip(*wins, strict=True))
+
+
+def raced_digest(racer: int, epoch: int) -> bytes:
+    return bytes([racer + 1]) * 16 + epoch.to_bytes(16, "big")
+
+
+def test_store_race_exactly_one_wins(pg_state: KmsState) -> None:
+    """Two stores (each its own connections, as two replicas) advance one volume to the same
+    epoch with different roots, released together each round: exactly one is accepted, the
+    other refused as a fork, and the database holds the winner."""
+    stores = [pg_state.store, KmsStore(pg_state.url)]
+
+    def attempt(i: int, epoch: int) -> bool:
+        try:
+            stores[i].advance_epoch(pg_state.macs, APP_A, b"raced", epoch, raced_digest(i, epoch))
+            return True
+        except EpochConflict as e:
+            assert e.reason == "fork"
+            return False
+
+    rounds = race(STORE_RACE_ROUNDS, attempt)
+    assert all(a != b for a, b in rounds)
     final = pg_state.store.get_epoch(pg_state.macs, APP_A, b"raced")
-    assert final is not None and final.epoch == STORE_RACE_ROUNDS
-    assert final.root_digest == (outcome[0][-1] or outcome[1][-1])
+    winner = 0 if rounds[-1][0] else 1
+    assert final is not None
+    assert (final.epoch, final.root_digest) == (
+        STORE_RACE_ROUNDS,
+        raced_digest(winner, STORE_RACE_ROUNDS),
+    )
     assert pg_state.store.verify(pg_state.macs).epochs == 1
 
 
 def test_replica_race_exactly_one_wins(replicas: tuple[KmsProcess, KmsProcess]) -> None:
     """The same race through two `kms serve` replicas, each client asking its own."""
     clients = [client(k) for k in replicas]
-    gate = threading.Barrier(2)
-    wins: list[list[bool]] = [[], []]
 
-    def racer(i: int) -> None:
-        for epoch in range(1, HTTP_RACE_ROUNDS + 1):
-            digest = bytes([i + 1]) * 32
-            gate.wait()
-            try:
-                clients[i].advance_epoch(b"raced", epoch, digest)
-                wins[i].append(True)
-            except EpochRefused as e:
-                assert e.reason == "fork"
-                wins[i].append(False)
+    def attempt(i: int, epoch: int) -> bool:
+        try:
+            clients[i].advance_epoch(b"raced", epoch, raced_digest(i, epoch))
+            return True
+        except EpochRefused as e:
+            assert e.reason == "fork"
+            return False
 
-    threads = [threading.Thread(target=racer, args=(i,)) for i in (0, 1)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert len(wins[0]) == len(wins[1]) == HTTP_RACE_ROUNDS
-    assert all(a != b for a, b in zip(*wins, strict=True))
+    assert all(a != b for a, b in race(HTTP_RACE_ROUNDS, attempt))
     # whichever replica is asked, the history is the same
     assert clients[0].get_epoch(b"raced") == clients[1].get_epoch(b"raced")
     # and a fork of the anchored epoch is refused by both
@@ -207,28 +223,19 @@ def test_losing_a_replica_loses_no_anchor(pg_state: KmsState) -> None:
 
 def _serve(state: KmsState, high_water: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     """`kms serve` expected to refuse to start."""
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "sealfs",
-            "kms",
-            "serve",
-            "--state",
-            state.url,
-            "--secret-file",
-            str(state.secret_file),
-            "--port",
-            "0",
-            "--high-water",
-            str(high_water),
-            *extra,
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        stdin=subprocess.DEVNULL,
-        timeout=60,
+    return sealfs_cli(
+        "kms",
+        "serve",
+        "--state",
+        state.url,
+        "--secret-file",
+        str(state.secret_file),
+        "--port",
+        "0",
+        "--high-water",
+        str(high_water),
+        *extra,
+        check=False,
     )
 
 
