@@ -15,8 +15,9 @@ for SQLite. What makes replicas agree:
   primary (and, with ``synchronous_standby_names`` set on the server, on a standby) before it
   is answered.
 
-Connections are kept in a small pool (one per worker thread at most) because opening one
-costs a server process; a connection that saw an error is closed, not reused.
+Connections are kept in a small pool because opening one costs a server process; a
+connection that saw a database error is closed, not reused, and a lost connection to the
+server empties the pool.
 """
 
 from __future__ import annotations
@@ -116,11 +117,30 @@ class PostgresBackend:
             conn.execute("COMMIT")
         except psycopg.Error as e:
             conn.close()
+            if isinstance(e, psycopg.OperationalError):
+                self._drop_idle()  # the server restarted or went away: they are stale too
             raise KmsError(f"KMS database error: {_first_line(e)}") from None
+        except Exception:
+            self._roll_back(conn)  # a refusal (e.g. a fork) ends the transaction, not the link
+            raise
         except BaseException:
             conn.close()
             raise
         self._give_back(conn)
+
+    def _roll_back(self, conn: psycopg.Connection[Any]) -> None:
+        try:
+            conn.execute("ROLLBACK")
+        except psycopg.Error:
+            conn.close()
+            return
+        self._give_back(conn)
+
+    def _drop_idle(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
 
     @contextmanager
     def create(self, schema: Sequence[str]) -> Iterator[_Tx]:
