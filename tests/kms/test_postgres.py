@@ -34,6 +34,7 @@ from .conftest import (
     make_state,
     post,
     start_kms,
+    wait_for,
 )
 from .postgres import PostgresServer, postgres  # noqa: F401  (the fixture)
 
@@ -316,3 +317,42 @@ def sealfs_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[st
         timeout=60,
         check=check,
     )
+
+
+def test_running_replica_learns_the_rollback_from_its_peer(
+    postgres: PostgresServer,  # noqa: F811
+    pg_state: KmsState,
+) -> None:
+    """Replica two never served past the backup, so its own records accept the restored
+    database; its periodic cross-check with replica one (which did) makes it refuse too."""
+    db = urllib.parse.urlsplit(pg_state.url).path.lstrip("/")
+    backup = pg_state.path.parent / "old.dump"
+    postgres.dump(db, backup)
+    one = replica(pg_state, "one")
+    two = start_kms(
+        pg_state,
+        "--allow-simulated",
+        "--high-water",
+        str(pg_state.path.parent / "two.high-water"),
+        "--peer",
+        one.url,
+        "--peer-check-interval",
+        "1",
+        log_name="two.log",
+    )
+    try:
+        client(one).advance_epoch(b"vol", 1, b"\1" * 32)
+        postgres.restore(db, backup)
+
+        # two's own floor is the backup's version (it started on it and served nothing
+        # newer): only replica one's signed served version can make it refuse
+        def two_refuses() -> bool:
+            body, _, _ = envelope(two.port, attester(), P.GetEpoch(b"vol"))
+            status, answer = post(two.port, P.OP_PATHS[P.OP_GET_EPOCH], body)
+            return (status, answer.get("error")) == (503, "state_rolled_back")
+
+        wait_for(two_refuses, "replica two to learn replica one's served version")
+        assert f"peer {one.url} served state version" in two.log()
+    finally:
+        one.stop()
+        two.stop()
