@@ -132,7 +132,7 @@ high_water_option = click.option(
     help="This replica's record of the highest state version it served (created if "
     "missing, MACed under the root key). Keep it on the replica's own disk, never with the "
     "database or its backups: a state older than it is refused (docs/operations.md). "
-    "Required with a postgresql:// state.",
+    "'kms serve' requires it with a postgresql:// state.",
 )
 
 
@@ -163,6 +163,12 @@ def info(state: str, secret_file: Path | None, high_water: Path | None, as_json:
         f"KMS public key: {pub}\nstate: {store.location} (reachable, format {FORMAT_VERSION})\n"
         f"state table version: {found.version}"
         + ("" if served is None else f" (this replica served up to {served})")
+        + (
+            ""
+            if served is None or served <= found.version
+            else "\nROLLED BACK: the state is older than what this replica served; "
+            "'kms serve' refuses it (docs/operations.md)"
+        )
         + f"\nvolumes with an epoch: {found.epochs}\napps with a policy: {len(apps)}"
         + "".join(f"\n  {a}" for a in apps)
     )
@@ -175,6 +181,7 @@ def info(state: str, secret_file: Path | None, high_water: Path | None, as_json:
             "format": FORMAT_VERSION,
             "state_version": found.version,
             "served_version": served,
+            "rolled_back": served is not None and served > found.version,
             "volumes": found.epochs,
             "apps": apps,
         },

@@ -41,7 +41,7 @@ def served_by(url: str, public_key: bytes, timeout_s: float) -> int:
     try:
         with urllib.request.urlopen(f"{url.rstrip('/')}/v1/info", timeout=timeout_s) as answer:
             body = answer.read(MAX_INFO_BYTES + 1)
-    except (OSError, urllib.error.URLError) as e:
+    except (OSError, ValueError, urllib.error.URLError) as e:  # ValueError: a malformed URL
         raise KmsError(f"cannot ask peer {url}: {e}") from None
     try:
         if len(body) > MAX_INFO_BYTES:

@@ -270,6 +270,18 @@ def test_restored_database_is_refused(postgres: PostgresServer, pg_state: KmsSta
     assert refused.returncode == exit_code(IntegrityError)
     assert f"went back from {served} to" in refused.stderr
     assert "Traceback" not in refused.stderr
+    shown = sealfs_cli(
+        "kms",
+        "info",
+        "--state",
+        pg_state.url,
+        "--secret-file",
+        str(pg_state.secret_file),
+        "--high-water",
+        str(hw),
+        "--json",
+    )
+    assert json.loads(shown.stdout)["rolled_back"] is True
     # the documented hole: a replica with no record of what was served cannot tell
     fresh = KmsStore(pg_state.url)
     fresh.remember_in(HighWater(pg_state.path.parent / "new.high-water", pg_state.macs))
@@ -295,6 +307,7 @@ def test_info_shows_the_replicas_view(pg_state: KmsState) -> None:
     assert info["reachable"] and info["format"] == 2 and info["volumes"] == 1
     assert info["state"] == pg_state.url and len(info["apps"]) == 2
     assert info["state_version"] == info["served_version"] == pg_state.store.seen_version
+    assert info["rolled_back"] is False
 
 
 def test_unreachable_database_is_one_line(pg_state: KmsState, tmp_path: Path) -> None:
