@@ -4,7 +4,8 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config cryptsetup-bin gcc python3-dev python3-venv \
-	git rsync sqlite3 qemu-system-x86 busybox-static shellcheck
+	git rsync sqlite3 qemu-system-x86 busybox-static shellcheck libpq5 postgresql-15 \
+	postgresql-client-15
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: setup run test test-fast vm-test lint bench clean

@@ -32,8 +32,10 @@ state_option = click.option(
     required=True,
     envvar="SEALFS_KMS_STATE",
     show_envvar=True,
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="KMS state file (SQLite): sealed root key, policies, volume epochs.",
+    metavar="PATH|URL",
+    help="KMS state: a SQLite file, or a postgresql:// URL (libpq syntax; keep the "
+    "password in ~/.pgpass, not the URL) shared by several 'kms serve' replicas. It holds "
+    "the sealed root key, the policies and the volume epochs.",
 )
 secret_option = click.option(
     "--secret-file",
@@ -66,7 +68,7 @@ def read_operator_secret(path: Path | None, confirm: bool = False) -> Secret:
     return Secret(raw)
 
 
-def _open(state: Path, secret_file: Path | None) -> tuple[KmsStore, StoreMac, Secret]:
+def _open(state: str, secret_file: Path | None) -> tuple[KmsStore, StoreMac, Secret]:
     from sealfs.kms.derivation import StoreMac
     from sealfs.kms.store import KmsStore
 
@@ -105,7 +107,7 @@ def kms() -> None:
     help="argon2id memory cost for sealing the root key.",
 )
 @json_option
-def init(state: Path, secret_file: Path | None, kdf_memory_kib: int, as_json: bool) -> None:
+def init(state: str, secret_file: Path | None, kdf_memory_kib: int, as_json: bool) -> None:
     """Create a new KMS state file with a fresh random root key.
 
     Refuses to overwrite an existing file: replacing the root key would make every key it
@@ -115,13 +117,24 @@ def init(state: Path, secret_file: Path | None, kdf_memory_kib: int, as_json: bo
     from sealfs.kms.store import KmsStore
 
     secret = read_operator_secret(secret_file, confirm=True)
-    _, root = KmsStore.initialize(state, secret, KdfParams.default(memory_kib=kdf_memory_kib))
+    store, root = KmsStore.initialize(state, secret, KdfParams.default(memory_kib=kdf_memory_kib))
     pub = identity_key(root).public_bytes.hex()
     emit(
-        {"ok": True, "state": str(state), "kms_public_key": pub},
+        {"ok": True, "state": store.location, "kms_public_key": pub},
         as_json,
-        f"created KMS state {state}\nKMS public key: {pub}",
+        f"created KMS state {store.location}\nKMS public key: {pub}",
     )
+
+
+high_water_option = click.option(
+    "--high-water",
+    "high_water",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="This replica's record of the highest state version it served (created if "
+    "missing, MACed under the root key). Keep it on the replica's own disk, never with the "
+    "database or its backups: a state older than it is refused (docs/operations.md). "
+    "'kms serve' requires it with a postgresql:// state.",
+)
 
 
 @kms.command("info")
@@ -130,16 +143,17 @@ def init(state: Path, secret_file: Path | None, kdf_memory_kib: int, as_json: bo
     "state",
     envvar="SEALFS_KMS_STATE",
     show_envvar=True,
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="KMS state file (SQLite) to show; needs the operator secret.",
+    metavar="PATH|URL",
+    help="KMS state to show (a SQLite file or a postgresql:// URL); needs the operator secret.",
 )
 @secret_option
+@high_water_option
 @click.option(
     "--kms",
     "urls",
     metavar="URL",
     multiple=True,
-    help="Instead of a state file, ask the running replica at URL (http://host:port) "
+    help="Instead of the state, ask the running replica at URL (http://host:port) "
     "whether it answers, with which public key and protocol version, and how fast; "
     "repeat it for each replica. Needs no secret.",
 )
@@ -160,19 +174,23 @@ def init(state: Path, secret_file: Path | None, kdf_memory_kib: int, as_json: bo
 )
 @json_option
 def info(
-    state: Path | None,
+    state: str | None,
     secret_file: Path | None,
+    high_water: Path | None,
     urls: tuple[str, ...],
     pinned: tuple[str, ...],
     timeout: float,
     as_json: bool,
 ) -> None:
-    """Show a KMS: its state file (--state), or its running replicas (--kms URL ...).
+    """Show a KMS: this replica's view of its state (--state), or its running replicas
+    (--kms URL ...).
 
-    With --state: the KMS identity public key, the state's table version and the apps that
-    have a policy, after checking the whole state file (row MACs, table digests). Record the
-    table version somewhere the KMS host cannot write: 'kms serve --min-state-version'
-    refuses a state file that went back behind it.
+    With --state: where the state is (the database reached), its format, the KMS identity
+    public key, the table version, the apps that have a policy and how many volumes have an
+    epoch, and (with --high-water) the highest version this replica recorded as served,
+    after checking the whole state (row MACs, table digests); an unreachable database is an
+    error. Record the table version somewhere the KMS host cannot write: 'kms serve
+    --min-state-version' refuses a state that went back behind it.
 
     With --kms (repeatable): one line per replica - reachable or why not, the public key it
     announces, its protocol version and the round-trip latency of GET /v1/info. Exits 8 (kms)
@@ -196,16 +214,42 @@ def info(
     if state is None:
         raise UsageError("give --state PATH (a state file) or --kms URL (running replicas)")
     from sealfs.kms.derivation import identity_key
+    from sealfs.kms.highwater import HighWater
+    from sealfs.kms.store import FORMAT_VERSION
 
     store, macs, root = _open(state, secret_file)
-    version = store.verify(macs).version
+    found = store.verify(macs)
     apps = [p.app_id.hex() for p in store.list_policies(macs)]
     pub = identity_key(root).public_bytes.hex()
+    served = HighWater(high_water, macs).load() if high_water is not None else None
+    text = (
+        f"KMS public key: {pub}\nstate: {store.location} (reachable, format {FORMAT_VERSION})\n"
+        f"state table version: {found.version}"
+        + ("" if served is None else f" (this replica served up to {served})")
+        + (
+            ""
+            if served is None or served <= found.version
+            else "\nROLLED BACK: the state is older than what this replica served; "
+            "'kms serve' refuses it (docs/operations.md)"
+        )
+        + f"\nvolumes with an epoch: {found.epochs}\napps with a policy: {len(apps)}"
+        + "".join(f"\n  {a}" for a in apps)
+    )
     emit(
-        {"ok": True, "kms_public_key": pub, "state_version": version, "apps": apps},
+        {
+            "ok": True,
+            "kms_public_key": pub,
+            "state": store.location,
+            "reachable": True,
+            "format": FORMAT_VERSION,
+            "state_version": found.version,
+            "served_version": served,
+            "rolled_back": served is not None and served > found.version,
+            "volumes": found.epochs,
+            "apps": apps,
+        },
         as_json,
-        f"KMS public key: {pub}\nstate table version: {version}\n"
-        f"apps with a policy: {len(apps)}" + "".join(f"\n  {a}" for a in apps),
+        text,
     )
 
 
@@ -336,6 +380,24 @@ def _replicas_info(
     "start) is lower: pass the last version you recorded to catch a state "
     "file restored from an older copy.",
 )
+@high_water_option
+@click.option(
+    "--peer",
+    "peers",
+    metavar="URL",
+    multiple=True,
+    help="Another replica of the same state (http://host:port); repeatable. At start and "
+    "every --peer-check-interval seconds this replica asks each peer the highest state "
+    "version it served (signed with the shared identity key) and refuses a database older "
+    "than that. An unreachable peer is logged and skipped.",
+)
+@click.option(
+    "--peer-check-interval",
+    type=click.FloatRange(1, 3600),
+    default=30.0,
+    show_default=True,
+    help="Seconds between two cross-checks with the --peer replicas.",
+)
 @click.option(
     "--log-level",
     type=click.Choice(["debug", "info", "warning", "error"]),
@@ -344,7 +406,7 @@ def _replicas_info(
     help="Log verbosity (logs go to stderr).",
 )
 def serve(
-    state: Path,
+    state: str,
     secret_file: Path | None,
     host: str,
     port: int,
@@ -357,6 +419,9 @@ def serve(
     max_connections_per_peer: int,
     max_queued: int,
     min_state_version: int,
+    high_water: Path | None,
+    peers: tuple[str, ...],
+    peer_check_interval: float,
     log_level: str,
 ) -> None:
     """Run the KMS HTTP service until interrupted.
@@ -373,6 +438,9 @@ def serve(
     """
     import trio
 
+    from sealfs.kms.derivation import StoreMac, identity_key
+    from sealfs.kms.highwater import HighWater
+    from sealfs.kms.peers import cross_check, cross_check_every
     from sealfs.kms.server import HttpLimits, KmsHttpServer
     from sealfs.kms.service import KmsService, ServiceConfig
     from sealfs.kms.store import KmsStore
@@ -387,8 +455,17 @@ def serve(
             raise UsageError(f"cannot read collateral {collateral_file}: {e}") from None
         if not isinstance(collateral, dict):
             raise UsageError("collateral file must hold a JSON object")
+    if high_water is None and state.startswith(("postgresql:", "postgres:")):
+        raise UsageError(
+            "a postgresql:// state needs --high-water FILE on this replica's own disk: "
+            "without it a database restored from an older copy goes unnoticed"
+        )
     store = KmsStore(state)
     root = store.unlock(read_operator_secret(secret_file))
+    if high_water is not None:
+        store.remember_in(HighWater(high_water, StoreMac(root)))
+    public_key = identity_key(root).public_bytes
+    cross_check(store, public_key, peers)  # before the state is verified and served
     service = KmsService(
         store,
         root,
@@ -435,7 +512,10 @@ def serve(
             f"listening on http://{shown}:{bound} (KMS public key {service.public_key.hex()})"
         )
         sys.stdout.flush()
-        await server.serve_listeners(listeners)
+        async with trio.open_nursery() as nursery:
+            if peers:
+                nursery.start_soon(cross_check_every, peer_check_interval, store, public_key, peers)
+            await server.serve_listeners(listeners)
 
     trio.run(main)
 
@@ -522,7 +602,7 @@ def policy() -> None:
 @json_option
 def policy_set(
     app_id: str,
-    state: Path,
+    state: str,
     secret_file: Path | None,
     policy_file: Any,
     mrtd: str | None,
@@ -618,7 +698,7 @@ def policy_set(
 @state_option
 @secret_option
 @json_option
-def policy_show(app_id: str | None, state: Path, secret_file: Path | None, as_json: bool) -> None:
+def policy_show(app_id: str | None, state: str, secret_file: Path | None, as_json: bool) -> None:
     """Show the policy of APP_ID, or of every app (MACs are verified), with the key
     versions the KMS still releases (live_key_versions: 1 to key_version, less the retired)."""
     store, macs, _ = _open(state, secret_file)
@@ -642,7 +722,7 @@ def policy_show(app_id: str | None, state: Path, secret_file: Path | None, as_js
 @state_option
 @secret_option
 @json_option
-def policy_remove(app_id: str, state: Path, secret_file: Path | None, as_json: bool) -> None:
+def policy_remove(app_id: str, state: str, secret_file: Path | None, as_json: bool) -> None:
     """Delete APP_ID's policy: the KMS stops releasing its keys (its epochs are kept)."""
     store, macs, _ = _open(state, secret_file)
     if not store.delete_policy(macs, _app_id(app_id)):
@@ -655,7 +735,7 @@ def policy_remove(app_id: str, state: Path, secret_file: Path | None, as_json: b
 @state_option
 @secret_option
 @json_option
-def policy_rotate(app_id: str, state: Path, secret_file: Path | None, as_json: bool) -> None:
+def policy_rotate(app_id: str, state: str, secret_file: Path | None, as_json: bool) -> None:
     """Make a new key version current for APP_ID.
 
     New key requests get the new version; older versions stay derivable (ask for them
@@ -677,7 +757,7 @@ def policy_rotate(app_id: str, state: Path, secret_file: Path | None, as_json: b
 @secret_option
 @json_option
 def policy_retire_version(
-    app_id: str, version: int, state: Path, secret_file: Path | None, as_json: bool
+    app_id: str, version: int, state: str, secret_file: Path | None, as_json: bool
 ) -> None:
     """Stop releasing key version N of APP_ID, for good.
 

@@ -72,3 +72,8 @@ class StoreMac:
     def head(self, version: int, bucket_digests: Iterable[bytes]) -> bytes:
         """Binds the table version to every bucket digest: the one MAC over the state."""
         return mac(self._key, "state", version, *bucket_digests)
+
+    def served(self, version: int) -> bytes:
+        """A replica's record of the highest table version it served (its high-water file):
+        only a holder of this root can write one another replica or restart believes."""
+        return mac(self._key, "served-version", version)

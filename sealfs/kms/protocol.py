@@ -244,6 +244,12 @@ def response_message(op: str, report_data: bytes, parts: tuple[bytes | str | int
     return label("kms-response", PROTOCOL_VERSION, op, report_data, *parts)
 
 
+def served_message(version: int) -> bytes:
+    """What a replica signs in ``/v1/info``: the highest state version it has served, so its
+    peers (which share its identity key) can raise their own floor to it."""
+    return label("kms-served-version", PROTOCOL_VERSION, version)
+
+
 def key_release_info(
     app_id: bytes, purpose: str, volume_id: bytes, key_version: int, nonce: bytes
 ) -> bytes:

@@ -34,7 +34,7 @@ from sealfs.errors import AttestationError, IntegrityError, KmsError, UsageError
 from sealfs.kms import protocol as P
 from sealfs.kms.derivation import StoreMac, app_key, identity_key
 from sealfs.kms.policy import AppPolicy, PolicyDenied
-from sealfs.kms.store import EpochConflict, KmsStore
+from sealfs.kms.store import EpochConflict, KmsStore, StateRolledBack
 from sealfs.kms.verify import QuoteReport, verify_simulated, verify_tdx
 
 log = logging.getLogger("sealfs.kms")
@@ -115,7 +115,7 @@ class KmsService:
         found = store.verify(self._macs)  # refuse replayed or removed rows before serving
         log.info(
             "KMS state %s verified: table version %d, %d policies, %d volume epochs",
-            store.path,
+            store.location,
             found.version,
             found.policies,
             found.epochs,
@@ -127,7 +127,7 @@ class KmsService:
         )
 
     def __repr__(self) -> str:
-        return f"<KmsService {self.store.path}>"
+        return f"<KmsService {self.store.location}>"
 
     @property
     def public_key(self) -> bytes:
@@ -140,6 +140,10 @@ class KmsService:
             "protocol": P.PROTOCOL_VERSION,
             "kms_public_key": self.public_key.hex(),
             "simulated_allowed": self.config.allow_simulated,
+            "served_version": self.store.seen_version,
+            "served_signature": self._identity.sign(
+                P.served_message(self.store.seen_version)
+            ).hex(),
             "purposes": list(P.PURPOSES),
         }
 
@@ -357,6 +361,13 @@ class KmsService:
             return fn(*args)
         except EpochConflict:
             raise
+        except StateRolledBack as e:
+            log.error("refusing to answer: %s", e.message)
+            raise P.ProtocolError(
+                503,
+                "state_rolled_back",
+                "this KMS replica's state is older than one it already served; ask another replica",
+            ) from None
         except IntegrityError as e:
             log.error("state store integrity failure: %s", e.message)
             raise P.ProtocolError(500, "internal", "KMS internal error") from None

@@ -1,4 +1,9 @@
-"""The KMS state store: one SQLite file with the sealed root key, app policies and epochs.
+"""The KMS state store: the sealed root key, app policies and epochs, in SQLite or PostgreSQL.
+
+One logic (this module) over two backends (:class:`StateBackend`): an embedded SQLite file
+for one machine (:class:`SqliteBackend`), and a PostgreSQL database that several
+``kms serve`` replicas share (:mod:`sealfs.kms.postgres`). The backends only open
+transactions; every check below is the same for both.
 
 * The root key is stored only sealed: AES-256-GCM under a key stretched (argon2id) from the
   operator secret, with the format version and the KDF parameters bound into the associated
@@ -14,13 +19,18 @@
   the highest version it has seen, so a rollback of the whole file while the KMS runs is
   caught too; one made while it is stopped needs an outside record of the version (see
   docs/kms-protocol.md §2).
-* Every access is one transaction (``BEGIN`` or ``BEGIN IMMEDIATE``) with
-  ``synchronous=FULL``: reads see one consistent snapshot, compare-and-advance is atomic even
-  with several processes on one file, and an accepted advance survives a crash (losing one
-  would re-open the rollback window).
+* Every access is one transaction: reads see one consistent snapshot, and every write
+  holds the one writer lock of the state (SQLite ``BEGIN IMMEDIATE``; PostgreSQL a
+  self-conflicting lock on ``meta``) from its first read to its commit, so
+  compare-and-advance is atomic even with several processes or replicas on one state, and an
+  accepted advance is durable before it is answered (losing one would re-open the rollback
+  window).
+* An optional :class:`~sealfs.kms.highwater.HighWater` file keeps the highest version this
+  KMS has served outside the database, so a database restored from an older copy while the
+  KMS was stopped is refused at the next start (docs/kms-protocol.md §2).
 
-Every call opens its own short-lived connection, which keeps the store safe to use from
-worker threads without sharing a connection.
+Every call runs on its own connection (SQLite) or one taken from a small pool (PostgreSQL),
+which keeps the store safe to use from worker threads without sharing a connection.
 """
 
 from __future__ import annotations
@@ -33,11 +43,11 @@ import sqlite3
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
 from sealfs import strict
 from sealfs.crypto import (
@@ -54,21 +64,24 @@ from sealfs.errors import IntegrityError, KmsError, UnlockError, UsageError
 from sealfs.kms.derivation import StoreMac
 from sealfs.kms.policy import AppPolicy
 
+if TYPE_CHECKING:
+    from sealfs.kms.highwater import HighWater
+
 log = logging.getLogger("sealfs.kms")
 
 FORMAT_VERSION = 2
 BUCKETS = 256
 #: The MACed tables and their key columns.
 TABLES = {"policies": ("app_id",), "epochs": ("app_id", "volume_id")}
-_SCHEMA = """
-CREATE TABLE meta (name TEXT PRIMARY KEY, value BLOB NOT NULL);
-CREATE TABLE policies (app_id BLOB PRIMARY KEY, body BLOB NOT NULL, mac BLOB NOT NULL,
-    bucket INTEGER NOT NULL DEFAULT -1);
-CREATE TABLE epochs (
-    app_id BLOB NOT NULL, volume_id BLOB NOT NULL, epoch INTEGER NOT NULL,
-    root_digest BLOB NOT NULL, updated_at INTEGER NOT NULL, mac BLOB NOT NULL,
-    bucket INTEGER NOT NULL DEFAULT -1, PRIMARY KEY (app_id, volume_id));
-"""
+#: Written for SQLite; a backend translates the column types it spells otherwise.
+_SCHEMA = [
+    "CREATE TABLE meta (name TEXT PRIMARY KEY, value BLOB NOT NULL)",
+    "CREATE TABLE policies (app_id BLOB PRIMARY KEY, body BLOB NOT NULL, mac BLOB NOT NULL, "
+    "bucket INTEGER NOT NULL DEFAULT -1)",
+    "CREATE TABLE epochs (app_id BLOB NOT NULL, volume_id BLOB NOT NULL, "
+    "epoch INTEGER NOT NULL, root_digest BLOB NOT NULL, updated_at INTEGER NOT NULL, "
+    "mac BLOB NOT NULL, bucket INTEGER NOT NULL DEFAULT -1, PRIMARY KEY (app_id, volume_id))",
+]
 #: What format 2 adds to format 1 (also run by the migration).
 _SCHEMA_V2 = [
     "CREATE TABLE buckets (tbl TEXT NOT NULL, bucket INTEGER NOT NULL, digest BLOB NOT NULL, "
@@ -80,6 +93,142 @@ _V1_COLUMNS = [
     "ALTER TABLE policies ADD COLUMN bucket INTEGER NOT NULL DEFAULT -1",
     "ALTER TABLE epochs ADD COLUMN bucket INTEGER NOT NULL DEFAULT -1",
 ]
+
+
+class StateRolledBack(IntegrityError):
+    """The state is older than a version this KMS already served: nothing is answered."""
+
+
+class Rows(Protocol):
+    """What a statement returns (a DB-API cursor)."""
+
+    @property
+    def rowcount(self) -> int: ...
+
+    def fetchone(self) -> Any: ...
+    def fetchall(self) -> list[Any]: ...
+    def __iter__(self) -> Iterator[Any]: ...
+
+
+class Transaction(Protocol):
+    """One open transaction; statements use ``?`` placeholders (a backend may rewrite them)."""
+
+    def execute(self, sql: str, params: Any = (), /) -> Rows: ...
+    def executemany(self, sql: str, rows: Iterable[Any], /) -> Any: ...
+
+
+class StateBackend(Protocol):
+    """Where the state lives. Backends only open transactions; :class:`KmsStore` does the rest.
+
+    ``transaction(write=True)`` must hold the one writer lock of the state from its first
+    statement to its commit (writes never interleave), and return only once the commit is
+    durable; ``transaction()`` reads one consistent snapshot.
+    """
+
+    location: str
+
+    def check(self) -> None:
+        """Raise UsageError if the state does not exist (or cannot be reached)."""
+
+    def transaction(self, write: bool = False) -> AbstractContextManager[Transaction]: ...
+    def create(self, schema: Sequence[str]) -> AbstractContextManager[Transaction]: ...
+
+
+class SqliteBackend:
+    """One SQLite file (WAL, ``synchronous=FULL``): the embedded store for one machine."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.location = str(path)
+
+    def check(self) -> None:
+        if not self.path.is_file():
+            raise UsageError(
+                f"KMS state file {self.path} does not exist (create it with 'sealfs kms init')"
+            )
+        if self.path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            log.warning("KMS state file %s is accessible by group/others; chmod 600 it", self.path)
+
+    @contextmanager
+    def transaction(self, write: bool = False) -> Iterator[Transaction]:
+        """``BEGIN IMMEDIATE`` to write, ``BEGIN`` (one snapshot) to read."""
+        try:
+            conn = sqlite3.connect(
+                f"file:{self.path}?mode=rw", uri=True, timeout=10, isolation_level=None
+            )
+        except sqlite3.Error as e:
+            raise KmsError(f"cannot open KMS state file: {e}") from None
+        try:
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA busy_timeout=10000")
+            conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            yield conn
+            conn.execute("COMMIT")
+        except sqlite3.Error as e:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise KmsError(f"KMS state store error: {e}") from None
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        finally:
+            conn.close()
+
+    @contextmanager
+    def create(self, schema: Sequence[str]) -> Iterator[Transaction]:
+        """A new file (refusing to replace one) with ``schema``, in one transaction."""
+        p = self.path
+        try:
+            fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            raise UsageError(f"{p} already exists; refusing to replace a KMS root key") from None
+        except OSError as e:
+            raise UsageError(f"cannot create {p}: {e.strerror}") from None
+        os.close(fd)
+        try:
+            conn = sqlite3.connect(p, isolation_level=None)
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("BEGIN")
+                for statement in schema:
+                    conn.execute(statement)
+                yield conn
+                conn.execute("COMMIT")
+            finally:
+                conn.close()
+        except BaseException:
+            p.unlink(missing_ok=True)
+            raise
+
+
+def open_backend(location: str | os.PathLike[str]) -> StateBackend:
+    """The backend a ``--state`` value names: a ``postgresql://`` URL or a SQLite file path."""
+    text = os.fspath(location)
+    if text.startswith(("postgresql://", "postgres://")):
+        from sealfs.kms.postgres import PostgresBackend
+
+        return PostgresBackend(text)
+    return SqliteBackend(Path(text))
+
+
+def _upsert(table: str, columns: Sequence[str], keys: Sequence[str]) -> str:
+    """``INSERT ... ON CONFLICT DO UPDATE``: the replace-a-row statement both backends speak."""
+    sets = ", ".join(f"{c} = excluded.{c}" for c in columns if c not in keys)
+    return (
+        f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))}) "
+        f"ON CONFLICT ({', '.join(keys)}) DO UPDATE SET {sets}"
+    )
+
+
+_UPSERT_META = _upsert("meta", ("name", "value"), ("name",))
+_UPSERT_BUCKET = _upsert("buckets", ("tbl", "bucket", "digest"), ("tbl", "bucket"))
+_UPSERT_POLICY = _upsert("policies", ("app_id", "body", "mac", "bucket"), ("app_id",))
+_UPSERT_EPOCH = _upsert(
+    "epochs",
+    ("app_id", "volume_id", "epoch", "root_digest", "updated_at", "mac", "bucket"),
+    ("app_id", "volume_id"),
+)
 
 
 class EpochConflict(KmsError):
@@ -117,18 +266,18 @@ class _Snapshot:
     lower version means the file went back in time under the running KMS.
     """
 
-    def __init__(self, conn: sqlite3.Connection, macs: StoreMac, floor: int) -> None:
+    def __init__(self, conn: Transaction, macs: StoreMac, floor: int) -> None:
         self.conn, self.macs = conn, macs
         self.version, self.digests = _read_head(conn, macs)
         if self.version < floor:
             log.error(
-                "KMS state: table version went back from %d to %d (state file rolled back?)",
+                "KMS state: table version went back from %d to %d (state rolled back?)",
                 floor,
                 self.version,
             )
-            raise IntegrityError(
+            raise StateRolledBack(
                 f"KMS state: table version went back from {floor} to "
-                f"{self.version} (the state file was rolled back)"
+                f"{self.version} (the state was rolled back)"
             )
         self._touched: set[tuple[str, int]] = set()
 
@@ -173,18 +322,18 @@ def _rows_replayed(where: str) -> NoReturn:
     )
 
 
-def _bucket_digest(conn: sqlite3.Connection, macs: StoreMac, table: str, bucket: int) -> bytes:
+def _bucket_digest(conn: Transaction, macs: StoreMac, table: str, bucket: int) -> bytes:
     rows = conn.execute(f"SELECT mac FROM {table} WHERE bucket = ?", (bucket,)).fetchall()
     return macs.bucket(table, bucket, (_blob(m) for (m,) in rows))
 
 
-def _all_digests(conn: sqlite3.Connection, macs: StoreMac) -> dict[tuple[str, int], bytes]:
+def _all_digests(conn: Transaction, macs: StoreMac) -> dict[tuple[str, int], bytes]:
     """Every bucket digest, computed from the rows (a row in no valid bucket changes none,
     so it is caught by its own bucket check in :meth:`KmsStore.verify`)."""
     digests = {}
     for table in TABLES:
         groups: dict[int, list[bytes]] = collections.defaultdict(list)
-        for bucket, tag in conn.execute(f"SELECT bucket, mac FROM {table}"):
+        for bucket, tag in conn.execute(f"SELECT bucket, mac FROM {table}").fetchall():
             groups[bucket].append(_blob(tag))
         for bucket in range(BUCKETS):
             digests[table, bucket] = macs.bucket(table, bucket, groups.get(bucket, []))
@@ -195,16 +344,16 @@ def _ordered(digests: dict[tuple[str, int], bytes]) -> list[bytes]:
     return [digests[table, bucket] for table in TABLES for bucket in range(BUCKETS)]
 
 
-def _read_head(
-    conn: sqlite3.Connection, macs: StoreMac
-) -> tuple[int, dict[tuple[str, int], bytes]]:
+def _read_head(conn: Transaction, macs: StoreMac) -> tuple[int, dict[tuple[str, int], bytes]]:
     """The table version and bucket digests, after checking the head MAC over them."""
     meta = dict(
         conn.execute(
             "SELECT name, value FROM meta WHERE name IN ('state_version', 'state_mac')"
         ).fetchall()
     )
-    digests = {(t, b): d for t, b, d in conn.execute("SELECT tbl, bucket, digest FROM buckets")}
+    digests = {
+        (t, b): d for t, b, d in conn.execute("SELECT tbl, bucket, digest FROM buckets").fetchall()
+    }
     try:
         version = int(meta["state_version"])
         tag = _blob(meta["state_mac"])
@@ -220,18 +369,15 @@ def _read_head(
 
 
 def _write_head(
-    conn: sqlite3.Connection,
+    conn: Transaction,
     macs: StoreMac,
     version: int,
     digests: dict[tuple[str, int], bytes],
     changed: set[tuple[str, int]],
 ) -> None:
+    conn.executemany(_UPSERT_BUCKET, [(t, b, digests[t, b]) for t, b in sorted(changed)])
     conn.executemany(
-        "INSERT OR REPLACE INTO buckets VALUES (?, ?, ?)",
-        [(t, b, digests[t, b]) for t, b in sorted(changed)],
-    )
-    conn.executemany(
-        "INSERT OR REPLACE INTO meta VALUES (?, ?)",
+        _UPSERT_META,
         [
             ("state_version", str(version).encode()),
             ("state_mac", macs.head(version, _ordered(digests))),
@@ -240,119 +386,101 @@ def _write_head(
 
 
 class KmsStore:
-    """Access to one state file. Construct with an existing path; :meth:`initialize` makes one."""
+    """Access to one KMS state. Construct with an existing one (a SQLite path or a
+    ``postgresql://`` URL); :meth:`initialize` makes one."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise UsageError(
-                f"KMS state file {self.path} does not exist (create it with 'sealfs kms init')"
-            )
-        mode = self.path.stat().st_mode
-        if mode & (stat.S_IRWXG | stat.S_IRWXO):
-            log.warning("KMS state file %s is accessible by group/others; chmod 600 it", self.path)
+    def __init__(self, location: str | os.PathLike[str]) -> None:
+        self.backend = open_backend(location)
+        self.backend.check()
         self._seen_version = 0  # the highest table version this process has seen
         self._seen_lock = threading.Lock()
+        self._high_water: HighWater | None = None
+
+    @property
+    def location(self) -> str:
+        """Where the state is, for messages (a URL without its password)."""
+        return self.backend.location
 
     def __repr__(self) -> str:
-        return f"<KmsStore {self.path}>"
+        return f"<KmsStore {self.location}>"
 
-    @contextmanager
-    def _connect(self, write: bool = False) -> Iterator[sqlite3.Connection]:
-        """One transaction: ``BEGIN IMMEDIATE`` to write, ``BEGIN`` (one snapshot) to read."""
-        try:
-            conn = sqlite3.connect(
-                f"file:{self.path}?mode=rw", uri=True, timeout=10, isolation_level=None
-            )
-        except sqlite3.Error as e:
-            raise KmsError(f"cannot open KMS state file: {e}") from None
-        try:
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("PRAGMA busy_timeout=10000")
-            conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-            yield conn
-            conn.execute("COMMIT")
-        except sqlite3.Error as e:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise KmsError(f"KMS state store error: {e}") from None
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-        finally:
-            conn.close()
+    def remember_in(self, record: HighWater) -> None:
+        """Keep the highest version served in ``record`` too, and refuse any state older
+        than what it already holds (checked by the next access: run :meth:`verify`)."""
+        with self._seen_lock:
+            self._high_water = record
+            self._seen_version = max(self._seen_version, record.load())
 
     @contextmanager
     def _snapshot(self, macs: StoreMac, write: bool = False) -> Iterator[_Snapshot]:
-        """A transaction whose head is checked; a write re-seals the head before commit."""
+        """A transaction whose head is checked; a write re-seals the head before commit.
+
+        The version is recorded (in memory, and in the high-water file) after the commit and
+        before the caller answers anyone, so no answer ever rests on a version not recorded.
+        """
         floor = self._seen_version  # read before the snapshot starts: see _Snapshot
-        with self._connect(write) as conn:
+        with self.backend.transaction(write) as conn:
             snap = _Snapshot(conn, macs, floor)
             yield snap
             snap.seal()
+        self.saw(snap.version)
+
+    @property
+    def seen_version(self) -> int:
+        """The highest table version this store has seen (its floor)."""
+        return self._seen_version
+
+    def saw(self, version: int) -> None:
+        """Raise the floor to ``version`` (seen here, or served by a peer replica), and
+        record it in the high-water file: a state older than it is refused from now on."""
         with self._seen_lock:
-            self._seen_version = max(self._seen_version, snap.version)
+            if version > self._seen_version:
+                self._seen_version = version
+                if self._high_water is not None:
+                    self._high_water.store(version)
 
     # --- creation, unlock, migration, verification -------------------------------------------
 
     @classmethod
     def initialize(
-        cls, path: str | os.PathLike[str], operator_secret: Secret, kdf: KdfParams | None = None
+        cls,
+        location: str | os.PathLike[str],
+        operator_secret: Secret,
+        kdf: KdfParams | None = None,
     ) -> tuple[KmsStore, Secret]:
-        """Create a new state file with a fresh random root key; refuse to overwrite one.
+        """Create a new state with a fresh random root key; refuse to overwrite one.
 
         Returns the store and the (unsealed) root key.
         """
-        p = Path(path)
-        try:
-            fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            raise UsageError(f"{p} already exists; refusing to replace a KMS root key") from None
-        except OSError as e:
-            raise UsageError(f"cannot create {p}: {e.strerror}") from None
-        os.close(fd)
-        try:
-            kdf = kdf or KdfParams.default()
-            kdf_json = json.dumps(kdf.to_dict(), sort_keys=True).encode()
-            root = Secret.generate()
-            sealed = wrap_key(
-                derive_from_passphrase(operator_secret, kdf),
-                root,
-                _root_ad(FORMAT_VERSION, kdf_json),
+        kdf = kdf or KdfParams.default()
+        kdf_json = json.dumps(kdf.to_dict(), sort_keys=True).encode()
+        root = Secret.generate()
+        sealed = wrap_key(
+            derive_from_passphrase(operator_secret, kdf), root, _root_ad(FORMAT_VERSION, kdf_json)
+        )
+        with open_backend(location).create(_SCHEMA + _SCHEMA_V2) as conn:
+            conn.executemany(
+                "INSERT INTO meta VALUES (?, ?)",
+                [
+                    ("format", str(FORMAT_VERSION).encode()),
+                    ("kdf", kdf_json),
+                    ("sealed_root", sealed),
+                    ("created_at", str(int(time.time())).encode()),
+                ],
             )
-            conn = sqlite3.connect(p, isolation_level=None)
-            try:
-                conn.execute("PRAGMA journal_mode=WAL")
-                conn.executescript("BEGIN;" + _SCHEMA + ";".join(_SCHEMA_V2) + ";")
-                conn.executemany(
-                    "INSERT INTO meta VALUES (?, ?)",
-                    [
-                        ("format", str(FORMAT_VERSION).encode()),
-                        ("kdf", kdf_json),
-                        ("sealed_root", sealed),
-                        ("created_at", str(int(time.time())).encode()),
-                    ],
-                )
-                _seal_all(conn, StoreMac(root), version=1)
-                conn.execute("COMMIT")
-            finally:
-                conn.close()
-        except BaseException:
-            p.unlink(missing_ok=True)
-            raise
-        return cls(p), root
+            _seal_all(conn, StoreMac(root), version=1)
+        return cls(location), root
 
     def unlock(self, operator_secret: Secret) -> Secret:
         """The root key, unsealed with the operator secret; a format 1 file is migrated."""
-        with self._connect() as conn:
+        with self.backend.transaction() as conn:
             meta = dict(conn.execute("SELECT name, value FROM meta").fetchall())
         try:
             version = int(meta["format"])
-            kdf_json = bytes(meta["kdf"])
+            kdf_json = _blob(meta["kdf"])
             kdf = KdfParams.from_dict(strict.loads(kdf_json))
-            sealed = bytes(meta["sealed_root"])
-        except (KeyError, ValueError, TypeError):
+            sealed = _blob(meta["sealed_root"])
+        except (KeyError, ValueError, TypeError, IntegrityError):
             version = 0
         if version not in (1, FORMAT_VERSION):
             raise KmsError("KMS state file is not a sealfs KMS state of a known version")
@@ -377,7 +505,7 @@ class KmsStore:
         Trusts the rows as they are now: a row replayed *before* the migration stays.
         """
         macs = StoreMac(root)
-        with self._connect(write=True) as conn:
+        with self.backend.transaction(write=True) as conn:
             fmt = conn.execute("SELECT value FROM meta WHERE name = 'format'").fetchone()
             if int(fmt[0]) != 1:
                 return  # another process migrated it meanwhile
@@ -408,7 +536,7 @@ class KmsStore:
                 ],
             )
         log.warning(
-            "migrated KMS state file %s from format 1 to format %d", self.path, FORMAT_VERSION
+            "migrated KMS state file %s from format 1 to format %d", self.location, FORMAT_VERSION
         )
 
     def verify(self, macs: StoreMac) -> StateSummary:
@@ -435,7 +563,7 @@ class KmsStore:
         with self._snapshot(macs, write=True) as snap:
             bucket = snap.checked_bucket("policies", policy.app_id)
             snap.conn.execute(
-                "INSERT OR REPLACE INTO policies VALUES (?, ?, ?, ?)",
+                _UPSERT_POLICY,
                 (policy.app_id, body, macs.policy(policy.app_id, body), bucket),
             )
             snap.touched("policies", bucket)
@@ -556,7 +684,7 @@ class KmsStore:
                     )
             now = int(time.time())
             snap.conn.execute(
-                "INSERT OR REPLACE INTO epochs VALUES (?, ?, ?, ?, ?, ?, ?)",
+                _UPSERT_EPOCH,
                 (
                     app_id,
                     volume_id,
@@ -572,7 +700,7 @@ class KmsStore:
 
     @staticmethod
     def _read_epoch(
-        conn: sqlite3.Connection, macs: StoreMac, app_id: bytes, volume_id: bytes
+        conn: Transaction, macs: StoreMac, app_id: bytes, volume_id: bytes
     ) -> EpochRecord | None:
         row = conn.execute(
             "SELECT epoch, root_digest, updated_at, mac FROM epochs "
@@ -594,7 +722,7 @@ class KmsStore:
         return EpochRecord(epoch, digest, updated)
 
 
-def _seal_all(conn: sqlite3.Connection, macs: StoreMac, version: int) -> None:
+def _seal_all(conn: Transaction, macs: StoreMac, version: int) -> None:
     """Digest every bucket from the rows and write the head (creation and migration)."""
     digests = _all_digests(conn, macs)
     _write_head(conn, macs, version, digests, set(digests))

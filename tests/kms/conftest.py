@@ -55,26 +55,29 @@ def sim_policy(app_id: bytes, compose: bytes, **kw: Any) -> AppPolicy:
 
 @dataclass
 class KmsState:
-    path: Path
+    path: Path  # the SQLite file, or for a database a file in the test's directory
     secret_file: Path
     store: KmsStore
     macs: StoreMac
     root: Secret
+    url: str = ""  # a postgresql:// state: what --state names instead of path
 
     def put(self, policy: AppPolicy) -> None:
         self.store.put_policy(self.macs, policy)
 
 
-def make_state(tmp: Path) -> KmsState:
+def make_state(tmp: Path, url: str = "") -> KmsState:
+    """A new state with policies for apps A and B: a SQLite file in ``tmp``, or the
+    PostgreSQL database ``url``."""
     tmp.mkdir(parents=True, exist_ok=True)
     secret_file = tmp / "operator.secret"
     secret_file.write_bytes(SECRET + b"\n")
     secret_file.chmod(0o600)
     path = tmp / "kms.db"
     store, root = KmsStore.initialize(
-        path, Secret(SECRET), KdfParams.default(memory_kib=FAST_KDF_KIB)
+        url or path, Secret(SECRET), KdfParams.default(memory_kib=FAST_KDF_KIB)
     )
-    state = KmsState(path, secret_file, store, StoreMac(root), root)
+    state = KmsState(path, secret_file, store, StoreMac(root), root, url)
     state.put(sim_policy(APP_A, COMPOSE_A))
     state.put(sim_policy(APP_B, COMPOSE_B))
     return state
@@ -116,7 +119,7 @@ def start_kms(state: KmsState, *extra: str, log_name: str = "kms.log", port: int
         "kms",
         "serve",
         "--state",
-        str(state.path),
+        state.url or str(state.path),
         "--secret-file",
         str(state.secret_file),
         "--port",

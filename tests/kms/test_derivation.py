@@ -201,7 +201,7 @@ def test_store_rows_are_macd(tmp_path: Path) -> None:
     store, macs = new_store(tmp_path)
     store.put_policy(macs, sim_policy(APP_A, COMPOSE_A))
     store.advance_epoch(macs, APP_A, b"v", 9, b"1" * 32)
-    conn = sqlite3.connect(store.path)
+    conn = sqlite3.connect(store.location)
     conn.execute("UPDATE epochs SET epoch = 1")
     conn.execute("UPDATE policies SET body = replace(body, 'UpToDate', 'OutOfDate')")
     conn.commit()

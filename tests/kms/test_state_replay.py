@@ -96,10 +96,16 @@ def serve_refuses(state: KmsState, *extra: str) -> str:
     return res.stderr
 
 
-def refused_on_read(kms: KmsProcess, path: str, params: Any, app: bytes = APP_A) -> None:
+def refused_on_read(
+    kms: KmsProcess,
+    path: str,
+    params: Any,
+    app: bytes = APP_A,
+    refusal: tuple[int, str] = (500, "internal"),
+) -> None:
     body, _, _ = envelope(kms.port, attester(app), params)
     status, resp = post(kms.port, path, body)
-    assert (status, resp["error"]) == (500, "internal"), (status, resp)
+    assert (status, resp["error"]) == refusal, (status, resp)
 
 
 def test_replayed_epoch_row_is_refused_on_read_and_at_startup(tmp_path: Path) -> None:
@@ -169,7 +175,7 @@ def test_whole_file_rollback_is_caught_while_running_and_by_min_state_version(
         assert recorded > old_version
         with sqlite3.connect(old_copy) as src, sqlite3.connect(state.path) as dst:
             src.backup(dst)  # the whole file goes back, consistently
-        refused_on_read(kms, "/v1/epoch/get", P.GetEpoch(VOL))
+        refused_on_read(kms, "/v1/epoch/get", P.GetEpoch(VOL), refusal=(503, "state_rolled_back"))
         assert "table version went back" in kms.log()
     finally:
         kms.stop()
