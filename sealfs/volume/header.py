@@ -636,6 +636,12 @@ def new_header(block_size: int, compression: str) -> tuple[Header, Secret]:
 def load_header(backing: Path) -> Header:
     """Read the header through the store: never through a symlink, never from a FIFO, and
     never more than :data:`MAX_HEADER_BYTES` (a larger file is refused unread)."""
+    return load_header_bytes(backing)[0]
+
+
+def load_header_bytes(backing: Path) -> tuple[Header, bytes]:
+    """:func:`load_header`, with the bytes it parsed: what a copy of the header must carry
+    (a second read may find another header, replaced meanwhile by ``sealfs key``)."""
     if not Path(backing).is_dir():
         raise UsageError(f"{backing} is not a directory")
     store = ObjectStore(Path(backing))
@@ -647,7 +653,7 @@ def load_header(backing: Path) -> Header:
         raise FormatError(f"cannot read the volume header of {backing}: {e}") from None
     finally:
         store.close()
-    return Header.from_bytes(data)
+    return Header.from_bytes(data), data
 
 
 @dataclass
