@@ -295,3 +295,18 @@ def test_sigkill_at_random_points_then_rerun(tmp_path: Path, seed: int) -> None:
     assert mounted_tree(vol) == tree
     assert old_key_openings(vol.backing, vol.key, old_header) == []
     assert not list((vol.backing / "objects").glob("*/.*"))  # no staged leftovers
+
+
+def test_directory_planted_at_a_staged_name_is_a_one_line_error(tmp_path: Path) -> None:
+    """The host plants a directory at an ``objects/xx/.<id>.new`` name: the re-key stops with
+    a one-line error naming it (it was an internal error), and finishes once it is gone."""
+    vol = new_volume(tmp_path)
+    planted = vol.backing / "objects" / "ab" / ".ab00000000000000.new"
+    (planted / "x").mkdir(parents=True)
+    refused = sealfs("rekey", str(vol.backing), "--key-file", str(vol.key), check=False)
+    assert refused.returncode == 5 and refused.stderr.count("\n") == 1, refused.stderr
+    assert "objects/ab/.ab00000000000000.new is a directory" in refused.stderr
+    (planted / "x").rmdir()
+    planted.rmdir()
+    sealfs("rekey", str(vol.backing), "--key-file", str(vol.key))
+    assert sealfs("check", str(vol.backing), "--key-file", str(vol.key)).returncode == 0
