@@ -17,6 +17,7 @@ from sealfs.errors import StorageError
 from sealfs.tarstream import (
     BLOCK,
     MAX_PAX_BYTES,
+    MAX_PAX_PATH,
     RECORD,
     StreamCutShort,
     StreamMalformed,
@@ -93,6 +94,20 @@ def test_small_pax_path_and_size_accepted() -> None:
     data = tarfile_stream([(info(long, 3), b"abc")], tarfile.PAX_FORMAT)
     assert b"path=" in data
     assert read_all(data) == [(long, b"abc")]
+
+
+def test_long_pax_path_and_key_refused_in_one_short_line() -> None:
+    """A pax header may hold 64 KiB: a member name or unknown key that long is refused before
+    any error message could quote it whole."""
+    path = "objects/" + "x" * MAX_PAX_PATH
+    with pytest.raises(StreamMalformed, match="longer than") as long_path:
+        read_all(tarfile_stream([(info(path, 1), b"z")], tarfile.PAX_FORMAT))
+    extra = info("a", 1)
+    extra.pax_headers = {"k" * 30000: "v"}
+    with pytest.raises(StreamMalformed) as long_key:
+        read_all(tarfile_stream([(extra, b"z")], tarfile.PAX_FORMAT))
+    for refused in (long_path, long_key):
+        assert len(str(refused.value)) < 120 and "\n" not in str(refused.value)
 
 
 def test_writer_refuses_what_ustar_cannot_state() -> None:
