@@ -301,7 +301,10 @@ def _final_pass(
     header = volume.header
     state, referenced = committed_state(store, header, volume.master)
     if not summary.dry_run:
-        (dest / MANIFEST_NAME).unlink(missing_ok=True)  # the bundle is being changed
+        try:
+            (dest / MANIFEST_NAME).unlink(missing_ok=True)  # the bundle is being changed
+        except OSError as e:  # a directory the host planted there
+            raise StorageError(f"cannot remove {dest / MANIFEST_NAME}: {failure(e)}") from None
     entries = _collect(
         backing, dest, volume, state, referenced, summary, ledger, meter, "final pass"
     )

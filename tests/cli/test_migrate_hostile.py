@@ -134,3 +134,15 @@ def test_stream_import_uses_the_header_it_received_not_one_swapped_in_staging(
     with pytest.raises(BundleTampered, match="changed while it was imported"):
         import_stream(stream, target, cred, ImportOptions())
     assert stream.swapped and not target.exists()
+
+
+def test_directory_planted_at_the_manifest_name_is_a_one_line_error(tmp_path: Path) -> None:
+    vol = new_volume(tmp_path)
+    dest = tmp_path / "bundle"
+    (dest / "sealfs-migrate.manifest").mkdir(parents=True)
+    res = sealfs(
+        "migrate", "export", str(vol.backing), str(dest), "--final", "--key-file", str(vol.key),
+        check=False,
+    )  # fmt: skip
+    assert res.returncode == 7 and res.stderr.count("\n") == 1, res.stderr
+    assert "cannot remove" in res.stderr and "Is a directory" in res.stderr
