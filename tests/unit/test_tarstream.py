@@ -197,6 +197,8 @@ def _edit_header(data: bytes, offset: int, value: bytes) -> bytes:
         (lambda d: _edit(d, 5, b"X"), StreamMalformed, "checksum"),
         (lambda d: _edit(d, 257, b"gnutar"), StreamMalformed, "magic"),
         (lambda d: _edit_header(d, 124, b"0000000001x"), StreamMalformed, "size"),
+        # GNU base-256 (first byte 0x80) states sizes beyond octal's: not in sealfs's format
+        (lambda d: _edit_header(d, 124, b"\x80" + bytes(10) + b"\x01"), StreamMalformed, "size"),
         (lambda d: _edit_header(d, 157, b"target"), StreamMalformed, "link name"),
         (lambda d: _edit_header(d, 4, b"\0x"), StreamMalformed, "after its end"),
         (lambda d: _edit(d, BLOCK + 700, b"\1"), StreamMalformed, "padding"),
