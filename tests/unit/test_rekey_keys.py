@@ -53,7 +53,7 @@ def _rekeyed() -> tuple[Header, KeyFileCredential, Secret, Secret]:
     header.add_slot(old_master, cred)
     new_master = Secret.generate()
     slots = [header.rewrapped_slot(new_master, s, cred) for s in header.slots]
-    header.begin_rekey(old_master, new_master, slots)
+    header.begin_rekey(old_master, new_master, slots, bytes(range(32)))
     return header, cred, old_master, new_master
 
 
@@ -61,7 +61,8 @@ def test_header_rekey_field_round_trips_under_the_mac() -> None:
     header, cred, old_master, new_master = _rekeyed()
     stored = header.to_bytes()
     doc = json.loads(stored)
-    assert doc["rekey"]["version"] == 1 and len(bytes.fromhex(doc["rekey"]["previous"])) == 60
+    assert doc["rekey"]["version"] == 2 and len(bytes.fromhex(doc["rekey"]["previous"])) == 60
+    assert doc["rekey"]["checkpoint"] == bytes(range(32)).hex()
     again = Header.from_bytes(stored)
     assert again.rekey_in_progress and again.unlock(cred) == new_master
     blob = VolumeKeys(old_master, again.volume_id).inode(5).seal(b"x", b"ad")
@@ -76,10 +77,12 @@ def test_header_rekey_field_round_trips_under_the_mac() -> None:
 @pytest.mark.parametrize(
     "field",
     [
+        {"version": 1, "previous": "00" * 60, "checkpoint": "00" * 32},
         {"version": 2, "previous": "00" * 60},
-        {"version": 1, "previous": "00" * 59},
-        {"version": 1, "previous": "00" * 60, "extra": 1},
-        {"previous": "00" * 60},
+        {"version": 2, "previous": "00" * 59, "checkpoint": "00" * 32},
+        {"version": 2, "previous": "00" * 60, "checkpoint": "00" * 31},
+        {"version": 2, "previous": "00" * 60, "checkpoint": "00" * 32, "extra": 1},
+        {"previous": "00" * 60, "checkpoint": "00" * 32},
         "00" * 60,
     ],
 )
