@@ -189,6 +189,12 @@ class ObjectSealer:
         expand.update(r + b"\x01")
         return AESGCM(expand.digest())
 
+    def newest_only(self) -> ObjectSealer:
+        """This sealer without the replaced master key's generation (a finished re-key)."""
+        sealer = ObjectSealer.__new__(ObjectSealer)
+        sealer._expand, sealer._legacy, sealer._previous = self._expand, self._legacy, None
+        return sealer
+
     def seal(self, plaintext: bytes, ad: bytes) -> bytes:
         r = os.urandom(MESSAGE_RANDOM_SIZE)
         return r + self._aead(r).encrypt(r[NONCE_SIZE:], plaintext, ad)
@@ -443,6 +449,16 @@ class VolumeKeys:
         """The replaced master key from the header's ``rekey`` field (AuthError if the field
         is not one this master key wrapped)."""
         return unwrap_key(self._rekey_key, wrapped, label("rekey-previous", self.volume_id))
+
+    def retire_previous(self) -> None:
+        """Stop opening anything under the replaced master key: the metadata shows that the
+        re-key finished, whatever a (replayed) header says (docs/format.md, "Re-key")."""
+        if self.previous is None:
+            return
+        self.previous = None
+        self.journal = self.journal.newest_only()
+        with self._inode_lock:
+            self._inode_sealers.clear()
 
     def inode(self, ino: int) -> ObjectSealer:
         """The sealer for everything stored about inode ``ino``, from a cache of the

@@ -381,9 +381,20 @@ class ObjectStore:
                 with self._fanout(sub.name) as fd:
                     for entry in _entries(fd):
                         if entry.name.startswith(".") and entry.name.endswith(".new"):
-                            with contextlib.suppress(FileNotFoundError):
+                            try:
                                 os.unlink(entry.name, dir_fd=fd)
                                 removed += 1
+                            except FileNotFoundError:
+                                pass
+                            except IsADirectoryError:
+                                raise DamagedFile(
+                                    f"objects/{sub.name}/{entry.name} is a directory (planted "
+                                    "at the name of a staged object): remove it and run again"
+                                ) from None
+                            except OSError as e:
+                                raise _storage_error(
+                                    f"cannot remove objects/{sub.name}/{entry.name}", e
+                                ) from None
         return removed
 
     def list_objects(self) -> Iterator[int]:

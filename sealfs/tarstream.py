@@ -32,6 +32,9 @@ MAX_PAX_BYTES = 64 * 1024
 #: The largest size a ustar header's 11 octal digits can state.
 MAX_USTAR_SIZE = 8**11 - 1
 MAX_NAME = 100
+#: A pax ``path`` longer than this is refused: no name of a bundle comes near it, and errors
+#: that name a member stay one short line.
+MAX_PAX_PATH = 255
 _MAGIC = b"ustar\x0000"
 _PAX_KEYS = frozenset({"path", "size"})
 _TYPE_NAMES = {
@@ -301,10 +304,13 @@ def _pax_records(data: bytes) -> dict[str, str]:
         except UnicodeDecodeError:
             raise StreamMalformed("a pax header of the stream is not ASCII") from None
         if key_text not in _PAX_KEYS or key_text in records:
-            raise StreamMalformed(f"the stream's pax header holds {key_text!r}")
+            raise StreamMalformed(f"the stream's pax header holds {key_text[:40]!r}")
         if key_text == "size" and not (value_text.isdigit() and len(value_text) <= 20):
             raise StreamMalformed("the stream's pax header has a bad size")
-        if key_text == "path" and not value_text:
-            raise StreamMalformed("the stream's pax header has an empty path")
+        if key_text == "path" and not 0 < len(value_text) <= MAX_PAX_PATH:
+            raise StreamMalformed(
+                f"the stream's pax header has a path that is empty or longer than "
+                f"{MAX_PAX_PATH} bytes"
+            )
         records[key_text] = value_text
     return records

@@ -105,7 +105,12 @@ def create_volume(
 
 def volume_objects(header: Header, master: Secret) -> SealedObjects:
     """The sealed objects of the volume ``header`` describes, under its unlocked master."""
-    return SealedObjects(header.volume_keys(master), header.block_size, header.compression == "lz4")
+    return SealedObjects(
+        header.volume_keys(master),
+        header.block_size,
+        header.compression == "lz4",
+        header.rekey_checkpoint,
+    )
 
 
 def unlock_volume(backing: Path, cred: Credential) -> tuple[ObjectStore, Header, Secret]:

@@ -13,8 +13,10 @@ does). The phases, each safe to interrupt (docs/format.md, "Re-key"):
 3. Every object file: a referenced one the new key does not open yet is opened under the
    previous key, sealed under the new one with the same id, staged beside it, made durable
    (one ``syncfs`` per batch) and renamed over it; an orphan is deleted.
-4. One commit under the new key (anchored at the KMS when unlocked through it, so a copy of
-   the disk from before the re-key counts as rolled back), then the final header without the
+4. A checkpoint without the re-key mark (from which on no reader accepts the previous key,
+   even from a replayed header that still has the ``rekey`` field), one commit under the new
+   key (anchored at the KMS when unlocked through it, so a copy of the disk from before the
+   re-key or from its middle counts as rolled back), then the final header without the
    ``rekey`` field: the previous key is gone.
 
 Run again after an interruption, it finds the ``rekey`` field and continues with phase 2
@@ -23,6 +25,7 @@ Run again after an interruption, it finds the ``rekey`` field and continues with
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
@@ -38,10 +41,16 @@ from sealfs.errors import BusyError, IntegrityError, UsageError
 from sealfs.fs.lifecycle import volume_objects
 from sealfs.fs.metalog import MetaLog
 from sealfs.meter import Meter
-from sealfs.sealed.codec import RECORD_OBJECT_MAX, CodecError, Commit, block_object_max
+from sealfs.sealed.codec import (
+    CHECKPOINT_MAX,
+    RECORD_OBJECT_MAX,
+    CodecError,
+    Commit,
+    block_object_max,
+)
 from sealfs.sealed.inode import Inode, RecordError
 from sealfs.sealed.objects import SealedObjects
-from sealfs.store import DamagedFile, MissingObject, ObjectStore
+from sealfs.store import CHECKPOINT_NAME, DamagedFile, MissingObject, ObjectStore
 from sealfs.volume.anchor import KmsAnchor, verify_fresh
 from sealfs.volume.header import Credential, Header, KmsCredential, Slot, load_header
 from sealfs.volume.slots import change_slots
@@ -52,7 +61,13 @@ log = logging.getLogger("sealfs.rekey")
 BATCH_OBJECTS = 256
 #: The phase boundaries a test can crash the re-key at (``SEALFS_FAILPOINT=rekey:<point>``,
 #: :mod:`sealfs.failpoints`).
-CRASH_POINTS = ("header-begun", "checkpoint-written", "objects-resealed", "committed")
+CRASH_POINTS = (
+    "header-begun",
+    "checkpoint-written",
+    "objects-resealed",
+    "final-checkpoint-written",
+    "committed",
+)
 
 
 @dataclass
@@ -121,7 +136,7 @@ def rekey_volume(
         ) from None
     try:
         anchor = _fresh_anchor(store, cred)  # before anything is written
-        header, master = _begin(Path(backing), cred, keep, drop_others, result)
+        header, master = _begin(store, cred, keep, drop_others, result)
         failpoints.reached("rekey:header-begun")
         objects = volume_objects(header, master)
         metalog = MetaLog(store, objects)
@@ -134,6 +149,12 @@ def rekey_volume(
             failpoints.reached("rekey:checkpoint-written")
             _reseal_objects(store, objects, state.table, result, progress, threads, batch)
             failpoints.reached("rekey:objects-resealed")
+            # From this checkpoint on (sealed without the re-key mark) no reader accepts the
+            # previous key, whatever header it is handed; the commit after it, anchored, makes
+            # the metadata from before it count as rolled back.
+            objects.keys.retire_previous()
+            metalog.write_checkpoint(state.table, state.next_ino)
+            failpoints.reached("rekey:final-checkpoint-written")
             metalog.append(Commit(metalog.seq + 1, state.next_ino))
             if anchor is not None:
                 anchor.advance(*metalog.root)
@@ -156,7 +177,7 @@ def rekey_volume(
 
 
 def _begin(
-    backing: Path,
+    store: ObjectStore,
     cred: Credential,
     keep: list[Credential],
     drop_others: bool,
@@ -174,12 +195,13 @@ def _begin(
         kept, dropped = plan_slots(header, [cred, *keep], drop_others)
         new_master = Secret.generate()
         slots = [header.rewrapped_slot(new_master, slot, c) for slot, c in kept]
-        header.begin_rekey(master, new_master, slots)
+        began = hashlib.sha256(store.read_file(CHECKPOINT_NAME, CHECKPOINT_MAX)).digest()
+        header.begin_rekey(master, new_master, slots, began)
         unlocked["master"] = new_master
         result.dropped = [s.public_info() for s in dropped]
         return header
 
-    header = change_slots(backing, cred, begin)
+    header = change_slots(store.root, cred, begin)
     if result.resumed:
         log.info("continuing the re-key in progress (the slots were re-wrapped when it began)")
     result.slots = [s.public_info() for s in header.slots]

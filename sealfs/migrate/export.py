@@ -11,6 +11,7 @@ final pass can instead go out as one byte stream (:func:`export_stream`).
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import stat
 import time
@@ -24,7 +25,7 @@ from sealfs.fs.metalog import MetaState
 from sealfs.meter import Meter, NoMeter, each
 from sealfs.store import HEADER_NAME, DamagedFile, MissingObject, ObjectStore, read_bounded
 from sealfs.tarstream import TarWriter
-from sealfs.volume.header import Credential, Header, load_header
+from sealfs.volume.header import Credential, Header, load_header, load_header_bytes
 
 from .files import (
     copy_hashed,
@@ -36,6 +37,7 @@ from .files import (
     open_under,
     remove_under,
     size_under,
+    write_hashed,
 )
 from .manifest import (
     LEDGER_NAME,
@@ -86,23 +88,22 @@ def export_volume(
     reporting its progress to ``meter``."""
     t0 = time.monotonic()
     meter = meter or NoMeter()
-    header = load_header(backing)
-    master = header.unlock(cred)
-    if dest.exists() and not dest.is_dir():
-        raise UsageError(f"{dest} exists and is not a directory")
-    if not dry_run:
-        try:
-            dest.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise StorageError(f"cannot create {dest}: {e.strerror}") from None
-        # what an interrupted pass was writing; the whole copies it renamed into place stay
-        remove_under(dest, lambda name, mode: stat.S_ISREG(mode) and is_partial(name))
+    store, volume = _open_volume(backing, cred, final)
+    header, master = volume.header, volume.master
     summary = Summary(header.volume_id.hex(), final, dry_run)
-    store = ObjectStore(backing)
     try:
+        if dest.exists() and not dest.is_dir():
+            raise UsageError(f"{dest} exists and is not a directory")
+        if not dry_run:
+            try:
+                dest.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise StorageError(f"cannot create {dest}: {e.strerror}") from None
+            # what an interrupted pass was writing; the whole copies it renamed into place stay
+            remove_under(dest, lambda name, mode: stat.S_ISREG(mode) and is_partial(name))
         ledger = _read_ledger(dest, header, master)
         if final:
-            _final_pass(store, backing, dest, header, master, summary, ledger, meter)
+            _final_pass(store, backing, dest, volume, summary, ledger, meter)
         else:
             _live_pass(store, backing, dest, summary, ledger, meter)
             if not dry_run:
@@ -168,18 +169,17 @@ def export_stream(
     be unmounted; each file is read twice (hashed for the manifest, then sent)."""
     t0 = time.monotonic()
     meter = meter or NoMeter()
-    header = load_header(backing)
-    master = header.unlock(cred)
+    store, volume = _open_volume(backing, cred, final=True)
+    header, master = volume.header, volume.master
     summary = Summary(header.volume_id.hex(), True, dry_run)
-    store = ObjectStore(backing)
     try:
         meter.note("reading metadata")
-        state, referenced = _locked_state(store, backing, header, master)
-        entries = _collect(backing, None, state, referenced, summary, {}, meter, "hashing")
+        state, referenced = committed_state(store, header, master)
+        entries = _collect(backing, None, volume, state, referenced, summary, {}, meter, "hashing")
         manifest = _manifest(header, state, entries)
         if not dry_run:
             tar = TarWriter(out)
-            _add(tar, backing, HEADER_NAME)
+            tar.add_bytes(HEADER_NAME, volume.raw)
             tar.add_bytes(MANIFEST_NAME, manifest.to_bytes(header.volume_keys(master)))
             total = sum(e.size for e in entries if e.name != HEADER_NAME)
             for entry in each(meter, "sending", entries, len(entries), total, summary.copied):
@@ -201,23 +201,44 @@ def _add(tar: TarWriter, root: Path, name: str) -> None:
         tar.add(name, os.fstat(fd).st_size, lambda n: os.read(fd, n))
 
 
-def _locked_state(
-    store: ObjectStore, backing: Path, header: Header, master: Secret
-) -> tuple[MetaState, set[int]]:
-    """Take the volume lock (shared: checks may run, no mount may start) and replay the
-    committed state."""
+@dataclass(frozen=True)
+class _Unlocked:
+    """The header an export unlocked, with the exact bytes it was read from: the bundle
+    carries those bytes, never a second read of ``sealfs.header``, which ``sealfs key`` may
+    replace meanwhile (a mounted volume's header changes under the header lock only)."""
+
+    header: Header
+    raw: bytes
+    master: Secret
+
+
+def _open_volume(backing: Path, cred: Credential, final: bool) -> tuple[ObjectStore, _Unlocked]:
+    """The volume's store and its unlocked header. A final pass first takes the volume lock
+    (shared: checks may run, no mount and no re-key may start), so the master key it unlocks
+    is the one the objects and metadata it then reads are sealed under."""
+    load_header(backing)  # a sealfs volume at all, before a lock file is created in it
+    store = ObjectStore(backing)
     try:
-        store.lock(shared=True)
-    except BusyError:
-        raise BusyError(
-            f"volume {backing} is mounted (or being checked): unmount it before the final export"
-        ) from None
-    return committed_state(store, header, master)
+        if final:
+            try:
+                store.lock(shared=True)
+            except BusyError:
+                raise BusyError(
+                    f"volume {backing} is mounted (or being checked): unmount it before the "
+                    "final export"
+                ) from None
+        header, raw = load_header_bytes(backing)
+        return store, _Unlocked(header, raw, header.unlock(cred))
+    except BaseException:
+        store.unlock()
+        store.close()
+        raise
 
 
 def _collect(
     backing: Path,
     dest: Path | None,
+    volume: _Unlocked,
     state: MetaState,
     referenced: set[int],
     summary: Summary,
@@ -226,8 +247,13 @@ def _collect(
     phase: str,
 ) -> list[FileEntry]:
     """The manifest entries of the metadata files and referenced objects, copying them into
-    ``dest`` (when given) as :func:`_copy` says."""
-    entries = [_copy(backing, dest, name, summary, None) for name in metadata_names(state)]
+    ``dest`` (when given) as :func:`_copy` says; the header is the one ``volume`` holds."""
+    entries = [
+        _header_entry(volume.raw, dest, summary)
+        if name == HEADER_NAME
+        else _copy(backing, dest, name, summary, None)
+        for name in metadata_names(state)
+    ]
 
     def read() -> int:
         return summary.bytes_copied + summary.bytes_hashed
@@ -261,8 +287,7 @@ def _final_pass(
     store: ObjectStore,
     backing: Path,
     dest: Path,
-    header: Header,
-    master: Secret,
+    volume: _Unlocked,
     summary: Summary,
     ledger: dict[str, FileEntry],
     meter: Meter,
@@ -273,14 +298,20 @@ def _final_pass(
     change under their name), so a copy altered in the bundle since then fails the import,
     and the app's downtime is the delta, not the volume."""
     meter.note("reading metadata")
-    state, referenced = _locked_state(store, backing, header, master)
+    header = volume.header
+    state, referenced = committed_state(store, header, volume.master)
     if not summary.dry_run:
-        (dest / MANIFEST_NAME).unlink(missing_ok=True)  # the bundle is being changed
-    entries = _collect(backing, dest, state, referenced, summary, ledger, meter, "final pass")
+        try:
+            (dest / MANIFEST_NAME).unlink(missing_ok=True)  # the bundle is being changed
+        except OSError as e:  # a directory the host planted there
+            raise StorageError(f"cannot remove {dest / MANIFEST_NAME}: {failure(e)}") from None
+    entries = _collect(
+        backing, dest, volume, state, referenced, summary, ledger, meter, "final pass"
+    )
     if summary.dry_run:
         return
     manifest = _manifest(header, state, entries)
-    _write_atomically(dest, MANIFEST_NAME, manifest.to_bytes(header.volume_keys(master)))
+    _write_atomically(dest, MANIFEST_NAME, manifest.to_bytes(header.volume_keys(volume.master)))
 
 
 def _write_atomically(dest: Path, name: str, data: bytes) -> None:
@@ -338,6 +369,20 @@ def _copy(
         entry = FileEntry(name, size, digest)
     summary.bytes_total += entry.size
     return entry
+
+
+def _header_entry(raw: bytes, dest: Path | None, summary: Summary) -> FileEntry:
+    """The header's entry: the bytes unlocked, written into ``dest`` (if given, and not a
+    dry run) and hashed."""
+    if dest is None:
+        summary.bytes_hashed += len(raw)
+    else:
+        summary.bytes_copied += len(raw)
+    size, digest = write_hashed(
+        io.BytesIO(raw).read, None if dest is None or summary.dry_run else dest, HEADER_NAME
+    )
+    summary.bytes_total += size
+    return FileEntry(HEADER_NAME, size, digest)
 
 
 def _verified_copy(backing: Path, dest: Path, name: str, summary: Summary) -> FileEntry | None:

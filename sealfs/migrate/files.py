@@ -22,7 +22,7 @@ from sealfs.store import MissingObject
 
 CHUNK = 1 << 20
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_WRITE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+_WRITE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
@@ -72,7 +72,9 @@ def write_hashed(
 ) -> tuple[int, bytes]:
     """Write what ``read`` yields until it returns nothing to ``dst_root/name`` (through a
     ``.part`` file renamed when complete; not at all if ``dst_root`` is None), returning the
-    length and SHA-256 of those bytes."""
+    length and SHA-256 of those bytes. Whatever sits at the ``.part`` name (a leftover, or a
+    FIFO the host planted there, whose open for writing would block) is unlinked first and
+    the file created anew (O_EXCL)."""
     digest = hashlib.sha256()
     size = 0
     out = parent = None
@@ -81,6 +83,8 @@ def write_hashed(
     try:
         if dst_root is not None:
             parent = _make_dirs_under(dst_root, dirs)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(part, dir_fd=parent)
             out = os.open(part, _WRITE, 0o600, dir_fd=parent)
         while chunk := read(CHUNK):
             digest.update(chunk)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import io
 import os
 import shutil
 import stat
@@ -219,9 +220,10 @@ def _from_stream(
     """The stream (:mod:`sealfs.tarstream`) holds the header, the manifest, then every file
     the manifest lists, then nothing more; it is read in bounded pieces as it arrives."""
     tar = TarReader(stream.read)
-    head = _member(tar.next(), HEADER_NAME, MAX_HEADER_BYTES)
-    head_size, head_digest = write_hashed(head.read, stage, HEADER_NAME)
-    header = load_header(stage)
+    raw = _member(tar.next(), HEADER_NAME, MAX_HEADER_BYTES).read_all()
+    # parsed from the bytes received, not read back from the host's staging directory
+    header = Header.from_bytes(raw)
+    head_size, head_digest = write_hashed(io.BytesIO(raw).read, stage, HEADER_NAME)
     master = header.unlock(cred)
     data = _member(tar.next(), MANIFEST_NAME, MANIFEST_MAX).read_all()
     manifest = _verified_manifest(data, header, master)

@@ -322,26 +322,53 @@ class Checkpoint:
         return cls(gen, seq, next_ino, head, table, data[chain_at:])
 
 
-def checkpoint_ad(volume_id: bytes, version: int = CHECKPOINT_VERSION) -> bytes:
+def checkpoint_ad(
+    volume_id: bytes, version: int = CHECKPOINT_VERSION, rekeying: bool = False
+) -> bytes:
+    """The checkpoint's associated data; one written while a re-key is in progress says so
+    (docs/format.md, "Re-key"), so that it cannot pass for one written after it finished."""
+    if rekeying:
+        return label("checkpoint", volume_id, version, "rekey")
     return label("checkpoint", volume_id, version)
 
 
-def seal_checkpoint(sealer: ObjectSealer, volume_id: bytes, cp: Checkpoint) -> bytes:
+def seal_checkpoint(
+    sealer: ObjectSealer, volume_id: bytes, cp: Checkpoint, rekeying: bool = False
+) -> bytes:
     return (
         CHECKPOINT_MAGIC
         + bytes([CHECKPOINT_VERSION])
-        + sealer.seal(cp.encode(), checkpoint_ad(volume_id))
+        + sealer.seal(cp.encode(), checkpoint_ad(volume_id, rekeying=rekeying))
     )
 
 
 def open_checkpoint(sealer: ObjectSealer, volume_id: bytes, blob: bytes) -> Checkpoint:
+    version = _checkpoint_version(blob, rekeying=False)
+    if version == 1:
+        body = sealer.open_legacy(blob[5:], checkpoint_ad(volume_id, 1))
+    else:
+        body = sealer.open(blob[5:], checkpoint_ad(volume_id))
+    return Checkpoint.decode(body, version)
+
+
+def open_checkpoint_aged(
+    sealer: ObjectSealer, volume_id: bytes, blob: bytes, rekeying: bool = False
+) -> tuple[Checkpoint, bool]:
+    """The checkpoint (with the re-key mark if ``rekeying``), and whether the newest key
+    generation of ``sealer`` opened it (a format-1 checkpoint never counts as newest)."""
+    version = _checkpoint_version(blob, rekeying)
+    if version == 1:
+        body, newest = sealer.open_legacy(blob[5:], checkpoint_ad(volume_id, 1)), False
+    else:
+        body, newest = sealer.open_aged(blob[5:], checkpoint_ad(volume_id, rekeying=rekeying))
+    return Checkpoint.decode(body, version), newest
+
+
+def _checkpoint_version(blob: bytes, rekeying: bool) -> int:
+    """The format version of a checkpoint file (1 never carries the re-key mark)."""
     if blob[:4] != CHECKPOINT_MAGIC:
         raise CodecError("not a sealfs checkpoint")
     version = blob[4] if len(blob) > 4 else 0
-    if version == CHECKPOINT_VERSION:
-        body = sealer.open(blob[5:], checkpoint_ad(volume_id))
-    elif version == 1:
-        body = sealer.open_legacy(blob[5:], checkpoint_ad(volume_id, 1))
-    else:
-        raise CodecError(f"checkpoint version {blob[4:5].hex()} is not supported")
-    return Checkpoint.decode(body, version)
+    if version == CHECKPOINT_VERSION or (version == 1 and not rekeying):
+        return version
+    raise CodecError(f"checkpoint version {blob[4:5].hex()} is not supported")

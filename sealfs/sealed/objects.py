@@ -12,7 +12,10 @@ Safe to call from worker threads: it holds no state but the volume's keys and co
 
 from __future__ import annotations
 
-from sealfs.crypto import VolumeKeys
+import contextlib
+import hashlib
+
+from sealfs.crypto import AuthError, VolumeKeys, ct_equal
 from sealfs.sealed import codec
 from sealfs.sealed.codec import Checkpoint, Commit
 from sealfs.sealed.inode import Inode
@@ -24,8 +27,16 @@ class SealedObjects:
     named, and :class:`sealfs.sealed.codec.CodecError` or
     :class:`sealfs.sealed.inode.RecordError` for an authentic one that does not decode."""
 
-    def __init__(self, keys: VolumeKeys, block_size: int, compress: bool = False) -> None:
+    def __init__(
+        self,
+        keys: VolumeKeys,
+        block_size: int,
+        compress: bool = False,
+        rekey_checkpoint: bytes | None = None,
+    ) -> None:
         self.keys = keys
+        #: during a re-key (``keys.previous``): the SHA-256 of the checkpoint it began from
+        self.rekey_checkpoint = rekey_checkpoint
         self.volume_id = keys.volume_id
         self.block_size = block_size
         self.compress = compress
@@ -98,7 +109,33 @@ class SealedObjects:
     # --- checkpoint ----------------------------------------------------------------------
 
     def seal_checkpoint(self, cp: Checkpoint) -> bytes:
-        return codec.seal_checkpoint(self.keys.journal, self.volume_id, cp)
+        """Under the newest key; marked as written during a re-key while one is going on."""
+        rekeying = self.keys.previous is not None
+        return codec.seal_checkpoint(self.keys.journal, self.volume_id, cp, rekeying)
 
     def open_checkpoint(self, blob: bytes) -> Checkpoint:
-        return codec.open_checkpoint(self.keys.journal, self.volume_id, blob)
+        """The checkpoint. While the header says a re-key is in progress, the checkpoint
+        decides whether it really is (docs/format.md, "Re-key"): one the new key sealed as
+        written during the re-key, or the very checkpoint it began from (under the previous
+        key), and objects go on opening under the previous key too; one the new key sealed
+        without that mark was written after the re-key finished, so the header is a replay
+        and the previous key is retired here (a holder of it could forge anything it opens).
+        Anything else under the previous key is refused."""
+        journal = self.keys.journal
+        if self.keys.previous is None:
+            return codec.open_checkpoint(journal, self.volume_id, blob)
+        with contextlib.suppress(AuthError, codec.CodecError):
+            cp, newest = codec.open_checkpoint_aged(journal, self.volume_id, blob, rekeying=True)
+            if newest:
+                return cp
+        cp, newest = codec.open_checkpoint_aged(journal, self.volume_id, blob)
+        if newest:
+            self.keys.retire_previous()
+        elif self.rekey_checkpoint is None or not ct_equal(
+            hashlib.sha256(blob).digest(), self.rekey_checkpoint
+        ):
+            raise AuthError(
+                "a checkpoint under the replaced master key that is not the one the re-key "
+                "began from"
+            )
+        return cp

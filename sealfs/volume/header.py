@@ -59,8 +59,9 @@ MAX_HEADER_INT = 2**63 - 1  # block size and creation time: what a u64 label par
 MAC_BYTES = 32  # HMAC-SHA256
 MAX_CANONICAL_BODY = 0xFFFF  # the MAC takes the body as one label part (u16 length)
 #: Version of the header's ``rekey`` field (a re-key in progress, docs/format.md).
-REKEY_VERSION = 1
+REKEY_VERSION = 2
 REKEY_PREVIOUS_BYTES = 32 + 28  # a wrapped master key: AEAD of 32 bytes
+REKEY_CHECKPOINT_BYTES = 32  # SHA-256 of the checkpoint the re-key began from
 
 
 # --- credentials -----------------------------------------------------------------------------
@@ -275,12 +276,20 @@ class Header:
     format1_objects: bool = False  # a format-1 volume made format 2: holds format-1 objects
     #: during a re-key: the replaced master key, wrapped under the new one (docs/format.md)
     rekey_previous: bytes | None = None
+    #: during a re-key: the SHA-256 of the checkpoint file it began from (docs/format.md)
+    rekey_checkpoint: bytes | None = None
 
     def body(self) -> dict[str, Any]:
         return {
             **({"format1_objects": True} if self.format1_objects else {}),
             **(
-                {"rekey": {"version": REKEY_VERSION, "previous": self.rekey_previous.hex()}}
+                {
+                    "rekey": {
+                        "version": REKEY_VERSION,
+                        "previous": self.rekey_previous.hex(),
+                        "checkpoint": (self.rekey_checkpoint or b"").hex(),
+                    }
+                }
                 if self.rekey_previous is not None
                 else {}
             ),
@@ -331,7 +340,7 @@ class Header:
         format1_objects = doc.get("format1_objects", False)
         if not isinstance(format1_objects, bool) or (format1_objects and version != 2):
             raise FormatError("volume header has an invalid format1_objects field")
-        rekey_previous = _rekey_field(doc.get("rekey"), version)
+        rekey_previous, rekey_checkpoint = _rekey_field(doc.get("rekey"), version)
         try:
             if doc["cipher"] != CIPHER or doc["kdf"] != "HKDF-SHA256":
                 raise FormatError(f"unsupported cipher {doc['cipher']!r}")
@@ -355,6 +364,7 @@ class Header:
                 format_version=version,
                 format1_objects=format1_objects,
                 rekey_previous=rekey_previous,
+                rekey_checkpoint=rekey_checkpoint,
             )
         except FormatError:
             raise
@@ -529,20 +539,25 @@ class Header:
     def rekey_in_progress(self) -> bool:
         return self.rekey_previous is not None
 
-    def begin_rekey(self, previous: Secret, master: Secret, slots: list[Slot]) -> None:
+    def begin_rekey(
+        self, previous: Secret, master: Secret, slots: list[Slot], checkpoint: bytes
+    ) -> None:
         """Make this header the first of a re-key: ``slots`` wrap the new ``master``, which
         also wraps the ``previous`` one (objects not yet re-sealed open under it); a format-1
-        header becomes format 2 on the way (the new master seals only format 2)."""
+        header becomes format 2 on the way (the new master seals only format 2).
+        ``checkpoint``: the SHA-256 of the checkpoint file the re-key begins from, the only
+        checkpoint under the previous key that readers accept from then on."""
         if self.format_version < 2:
             self.format_version, self.format1_objects = 2, True
         self.slots = slots
         self.rekey_previous = VolumeKeys(master, self.volume_id).wrap_previous(previous)
+        self.rekey_checkpoint = checkpoint
         self.seal(master)
 
     def end_rekey(self, master: Secret) -> None:
         """Every object is sealed under ``master`` now: forget the previous master key (and
         format-1 objects, which a re-key replaced too)."""
-        self.rekey_previous, self.format1_objects = None, False
+        self.rekey_previous, self.rekey_checkpoint, self.format1_objects = None, None, False
         self.seal(master)
 
     def rewrapped_slot(self, master: Secret, slot: Slot, cred: Credential) -> Slot:
@@ -591,19 +606,23 @@ class Header:
         }
 
 
-def _rekey_field(value: Any, version: int) -> bytes | None:
-    """The wrapped previous master key of a ``rekey`` field (None: no re-key in progress)."""
+def _rekey_field(value: Any, version: int) -> tuple[bytes | None, bytes | None]:
+    """The wrapped previous master key of a ``rekey`` field and the digest of the checkpoint
+    the re-key began from (None, None: no re-key in progress)."""
     if value is None:
-        return None
+        return None, None
     if (
         version != 2
         or not isinstance(value, dict)
-        or value.keys() != {"version", "previous"}
+        or value.keys() != {"version", "previous", "checkpoint"}
         or not strict.integer_in(value["version"], REKEY_VERSION, REKEY_VERSION)
     ):
         raise FormatError("volume header has an invalid rekey field")
     try:
-        return strict.hex_bytes(value["previous"], REKEY_PREVIOUS_BYTES, REKEY_PREVIOUS_BYTES)
+        return (
+            strict.hex_bytes(value["previous"], REKEY_PREVIOUS_BYTES, REKEY_PREVIOUS_BYTES),
+            strict.hex_bytes(value["checkpoint"], REKEY_CHECKPOINT_BYTES, REKEY_CHECKPOINT_BYTES),
+        )
     except ValueError:
         raise FormatError("volume header has an invalid rekey field") from None
 
@@ -636,6 +655,12 @@ def new_header(block_size: int, compression: str) -> tuple[Header, Secret]:
 def load_header(backing: Path) -> Header:
     """Read the header through the store: never through a symlink, never from a FIFO, and
     never more than :data:`MAX_HEADER_BYTES` (a larger file is refused unread)."""
+    return load_header_bytes(backing)[0]
+
+
+def load_header_bytes(backing: Path) -> tuple[Header, bytes]:
+    """:func:`load_header`, with the bytes it parsed: what a copy of the header must carry
+    (a second read may find another header, replaced meanwhile by ``sealfs key``)."""
     if not Path(backing).is_dir():
         raise UsageError(f"{backing} is not a directory")
     store = ObjectStore(Path(backing))
@@ -647,7 +672,7 @@ def load_header(backing: Path) -> Header:
         raise FormatError(f"cannot read the volume header of {backing}: {e}") from None
     finally:
         store.close()
-    return Header.from_bytes(data)
+    return Header.from_bytes(data), data
 
 
 @dataclass

@@ -185,10 +185,38 @@ def _requirement_only(m: dict[str, Any]) -> None:
     del m["keyslots"][slot]
 
 
+def _reencrypt_slot(m: dict[str, Any]) -> dict[str, Any]:
+    slot: dict[str, Any] = next(v for v in m["keyslots"].values() if v["type"] == "reencrypt")
+    return slot
+
+
+def _decrypt_mode(m: dict[str, Any]) -> None:
+    _reencrypt_slot(m)["mode"] = "decrypt"  # cryptsetup would write the data back in plaintext
+
+
+def _null_final_backup(m: dict[str, Any]) -> None:
+    final = next(v for v in m["segments"].values() if v.get("flags") == ["backup-final"])
+    final["encryption"] = "cipher_null-ecb"  # the target of the re-encryption: plaintext
+
+
+def _datashift(m: dict[str, Any]) -> None:
+    area = _reencrypt_slot(m)["area"]
+    area.update(type="datashift", shift_size=str(SECTOR))
+    del area["hash"], area["sector_size"]
+
+
+def _second_reencrypt_slot(m: dict[str, Any]) -> None:
+    extra = json.loads(json.dumps(_reencrypt_slot(m)))
+    extra["area"]["offset"] = str(2 * P.HDR_SIZE + P.KEYSLOTS_SIZE - 4096)
+    extra["area"]["size"] = "4096"
+    m["keyslots"][str(min(set(range(8)) - set(map(int, m["keyslots"]))))] = extra
+
+
 @pytest.mark.parametrize(
     "mutate",
-    [_null_new_segment, _linear_segment, _no_resilience, _backward, _gap, _requirement_only],
-)
+    [_null_new_segment, _linear_segment, _no_resilience, _backward, _gap, _requirement_only,
+     _decrypt_mode, _null_final_backup, _datashift, _second_reencrypt_slot],
+)  # fmt: skip
 def test_rekey_validator_refuses_a_forged_reencryption(
     tmp_path: Path, vol: dict[str, Any], mutate: Callable[[dict[str, Any]], None]
 ) -> None:

@@ -257,18 +257,23 @@ def _kill_after(vol: Volume, events: int) -> int | None:
     return None if proc.returncode == -signal.SIGKILL else proc.returncode
 
 
-@pytest.mark.parametrize("point", CRASH_POINTS)
-def test_crash_at_each_phase_boundary_then_rerun(tmp_path: Path, point: str) -> None:
-    """The phase boundaries the polled kills below may miss (the final commit and header)."""
-    vol, tree = filled(tmp_path)
-    old_header = (vol.backing / HEADER_NAME).read_bytes()
+def killed_at(vol: Volume, point: str) -> None:
+    """Run a re-key of ``vol`` that SIGKILLs itself at its crash point ``point``."""
     res = subprocess.run(
         [*SEALFS, "rekey", str(vol.backing), "--key-file", str(vol.key)],
         cwd=REPO,
         capture_output=True,
         env={**os.environ, failpoints.ENV: f"rekey:{point}"},
     )
-    assert res.returncode == -signal.SIGKILL
+    assert res.returncode == -signal.SIGKILL, res.stderr
+
+
+@pytest.mark.parametrize("point", CRASH_POINTS)
+def test_crash_at_each_phase_boundary_then_rerun(tmp_path: Path, point: str) -> None:
+    """The phase boundaries the polled kills below may miss (the final commit and header)."""
+    vol, tree = filled(tmp_path)
+    old_header = (vol.backing / HEADER_NAME).read_bytes()
+    killed_at(vol, point)
     assert mounted_tree(vol) == tree and check_clean(vol)["ok"]
     assert json.loads(rekey(vol, "--json").stdout)["resumed"]
     assert check_clean(vol)["ok"] and mounted_tree(vol) == tree
@@ -295,3 +300,52 @@ def test_sigkill_at_random_points_then_rerun(tmp_path: Path, seed: int) -> None:
     assert mounted_tree(vol) == tree
     assert old_key_openings(vol.backing, vol.key, old_header) == []
     assert not list((vol.backing / "objects").glob("*/.*"))  # no staged leftovers
+
+
+def test_directory_planted_at_a_staged_name_is_a_one_line_error(tmp_path: Path) -> None:
+    """The host plants a directory at an ``objects/xx/.<id>.new`` name: the re-key stops with
+    a one-line error naming it (it was an internal error), and finishes once it is gone."""
+    vol = new_volume(tmp_path)
+    planted = vol.backing / "objects" / "ab" / ".ab00000000000000.new"
+    (planted / "x").mkdir(parents=True)
+    refused = sealfs("rekey", str(vol.backing), "--key-file", str(vol.key), check=False)
+    assert refused.returncode == 5 and refused.stderr.count("\n") == 1, refused.stderr
+    assert "objects/ab/.ab00000000000000.new is a directory" in refused.stderr
+    (planted / "x").rmdir()
+    planted.rmdir()
+    sealfs("rekey", str(vol.backing), "--key-file", str(vol.key))
+    assert sealfs("check", str(vol.backing), "--key-file", str(vol.key)).returncode == 0
+
+
+def test_a_mid_rekey_header_put_back_afterwards_does_not_revive_the_old_key(
+    tmp_path: Path,
+) -> None:
+    """The host keeps the header from the middle of a re-key (its ``rekey`` field wraps the
+    replaced master key under the new one) and puts it back once the re-key finished; whoever
+    holds the replaced key (why one re-keys) seals a block of their choosing under it. That
+    block was served as the file's content; now the checkpoint written when the re-key
+    finished tells every reader the previous key is retired: the block reads EIO, the rest
+    reads, and a rerun of the re-key refuses it instead of sealing it under the new key."""
+    vol, tree = filled(tmp_path)
+    old_header = (vol.backing / HEADER_NAME).read_bytes()
+    killed_at(vol, "checkpoint-written")
+    mid_header = (vol.backing / HEADER_NAME).read_bytes()
+    assert "rekey" in json.loads(mid_header)
+    rekey(vol)
+    big = layout(vol.backing, vol.key).entries["/d/sub/big"]
+    old = Header.from_bytes(old_header)
+    forger = SealedObjects(old.volume_keys(old.unlock(read_key_file(vol.key))), old.block_size)
+    forged = forger.seal_block(big.ino, 0, big.block_oids[0], b"forged" * 1000)
+    big.block(0).unlink()
+    big.block(0).write_bytes(forged)
+    (vol.backing / HEADER_NAME).write_bytes(mid_header)
+    vol.mount()
+    try:
+        with pytest.raises(OSError) as read:
+            (vol.mnt / "d" / "sub" / "big").read_bytes()
+        assert read.value.errno == 5
+        assert (vol.mnt / "d" / "a.txt").read_text() == "alpha\n" * 20000
+    finally:
+        vol.umount()
+    res = rekey(vol, check=False)
+    assert res.returncode == 5 and f"{big.block_oids[0]:016x}" in res.stderr, res.stderr

@@ -17,6 +17,7 @@ from sealfs.errors import StorageError
 from sealfs.tarstream import (
     BLOCK,
     MAX_PAX_BYTES,
+    MAX_PAX_PATH,
     RECORD,
     StreamCutShort,
     StreamMalformed,
@@ -93,6 +94,20 @@ def test_small_pax_path_and_size_accepted() -> None:
     data = tarfile_stream([(info(long, 3), b"abc")], tarfile.PAX_FORMAT)
     assert b"path=" in data
     assert read_all(data) == [(long, b"abc")]
+
+
+def test_long_pax_path_and_key_refused_in_one_short_line() -> None:
+    """A pax header may hold 64 KiB: a member name or unknown key that long is refused before
+    any error message could quote it whole."""
+    path = "objects/" + "x" * MAX_PAX_PATH
+    with pytest.raises(StreamMalformed, match="longer than") as long_path:
+        read_all(tarfile_stream([(info(path, 1), b"z")], tarfile.PAX_FORMAT))
+    extra = info("a", 1)
+    extra.pax_headers = {"k" * 30000: "v"}
+    with pytest.raises(StreamMalformed) as long_key:
+        read_all(tarfile_stream([(extra, b"z")], tarfile.PAX_FORMAT))
+    for refused in (long_path, long_key):
+        assert len(str(refused.value)) < 120 and "\n" not in str(refused.value)
 
 
 def test_writer_refuses_what_ustar_cannot_state() -> None:
@@ -182,6 +197,8 @@ def _edit_header(data: bytes, offset: int, value: bytes) -> bytes:
         (lambda d: _edit(d, 5, b"X"), StreamMalformed, "checksum"),
         (lambda d: _edit(d, 257, b"gnutar"), StreamMalformed, "magic"),
         (lambda d: _edit_header(d, 124, b"0000000001x"), StreamMalformed, "size"),
+        # GNU base-256 (first byte 0x80) states sizes beyond octal's: not in sealfs's format
+        (lambda d: _edit_header(d, 124, b"\x80" + bytes(10) + b"\x01"), StreamMalformed, "size"),
         (lambda d: _edit_header(d, 157, b"target"), StreamMalformed, "link name"),
         (lambda d: _edit_header(d, 4, b"\0x"), StreamMalformed, "after its end"),
         (lambda d: _edit(d, BLOCK + 700, b"\1"), StreamMalformed, "padding"),
