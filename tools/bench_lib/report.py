@@ -90,6 +90,7 @@ TARGETS = [
         "ratio_min",
         0.5,
     ),
+    Target("sustained write cycle ≥ 1.0x gocryptfs (issue 15)", ("cycle",), "ratio_min", 1.0),
     Target("small-file workloads ≤ 2x gocryptfs's time", SMALL, "ratio_max", 2.0),
     Target(
         "untar + ls -lR + rm -rf ≤ 3x gocryptfs's time (core)", ("tree_total",), "ratio_max", 3.0
