@@ -680,21 +680,29 @@ NOBODY = 65534
 VFS_CAP_V2 = struct.pack("<5I", 0x02000000 | 1, 1 << 10, 0, 0, 0)  # effective; net_bind_service
 
 
-def _as_nobody(fd: int, op: Callable[[int], object]) -> None:
-    """Apply ``op`` to ``fd`` in a forked child running as nobody, without root's capabilities
-    (a fork: nobody may not be able to execute this interpreter)."""
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
-        code = 1
-        try:
-            os.setgroups([])
-            os.setresgid(NOBODY, NOBODY, NOBODY)
-            os.setresuid(NOBODY, NOBODY, NOBODY)
-            op(fd)
-            code = 0
-        finally:
-            os._exit(code)
-    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+def _mode_after_nobody(p: Path, mode: int, op: Callable[[int], object]) -> int:
+    """Give ``p`` ``mode``, open it for writing, apply ``op`` to the descriptor in a forked
+    child running as nobody without root's capabilities (a fork: nobody may not be able to
+    execute this interpreter), and return the permission bits afterwards."""
+    p.write_bytes(b"data")
+    os.chmod(p, mode)
+    fd = os.open(p, os.O_WRONLY)
+    try:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - child
+            code = 1
+            try:
+                os.setgroups([])
+                os.setresgid(NOBODY, NOBODY, NOBODY)
+                os.setresuid(NOBODY, NOBODY, NOBODY)
+                op(fd)
+                code = 0
+            finally:
+                os._exit(code)
+        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    finally:
+        os.close(fd)
+    return stat.S_IMODE(os.stat(p).st_mode)
 
 
 @pytest.mark.parametrize(
@@ -705,27 +713,12 @@ def _as_nobody(fd: int, op: Callable[[int], object]) -> None:
 def test_modification_without_cap_fsetid_clears_setuid_setgid(
     d: Path, op: Callable[[int], object]
 ) -> None:
-    p = d / "f"
-    p.write_bytes(b"data")
-    os.chmod(p, 0o6777)
-    fd = os.open(p, os.O_WRONLY)
-    try:
-        _as_nobody(fd, op)
-    finally:
-        os.close(fd)
-    assert stat.S_IMODE(os.stat(p).st_mode) == 0o777
+    assert _mode_after_nobody(d / "f", 0o6777, op) == 0o777
 
 
 def test_setgid_without_group_exec_is_kept_on_write(d: Path) -> None:
-    p = d / "f"
-    p.write_bytes(b"data")
-    os.chmod(p, 0o2666)  # mandatory-locking marker, not a privilege
-    fd = os.open(p, os.O_WRONLY)
-    try:
-        _as_nobody(fd, lambda fd: os.write(fd, b"x"))
-    finally:
-        os.close(fd)
-    assert stat.S_IMODE(os.stat(p).st_mode) == 0o2666
+    # setgid without group execute marks mandatory locking, not a privilege
+    assert _mode_after_nobody(d / "f", 0o2666, lambda fd: os.write(fd, b"x")) == 0o2666
 
 
 def test_root_write_keeps_setuid_and_chown_clears_it(d: Path) -> None:
