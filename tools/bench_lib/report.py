@@ -177,6 +177,8 @@ def sizes_text(data: dict) -> str:
     parts = []
     if w & {"seqwrite", "seqread"}:
         parts.append(f"sequential {p['seq_size'] // MiB} MiB")
+    if "cycle" in w:
+        parts.append(f"sustained cycle 2 × {p['cycle_size'] // MiB} MiB")
     if w & {"randread", "randwrite"}:
         parts.append(
             f"random I/O {p['rand_io'] // MiB} MiB of 4 KiB requests on a "
