@@ -3,7 +3,7 @@
 # with the patches in tools/pyfuse3-patches/ applied (in name order), against the system libfuse3
 # (needs libfuse3-dev, pkg-config and a C compiler). Cython and the other build dependencies are
 # fetched by pip into an isolated build env. Does nothing if the installed pyfuse3 is already
-# patched (has Operations.fallocate).
+# patched (has Operations.fallocate and FileInfo.noflush, the newest patch).
 #
 # usage: tools/install-pyfuse3.sh /path/to/python
 set -euo pipefail
@@ -19,7 +19,8 @@ is_patched() {
 import sys
 from importlib.metadata import version
 import pyfuse3
-sys.exit(0 if version('pyfuse3') == sys.argv[1] and hasattr(pyfuse3.Operations, 'fallocate') else 1)
+patched = hasattr(pyfuse3.Operations, 'fallocate') and hasattr(pyfuse3.FileInfo(), 'noflush')
+sys.exit(0 if version('pyfuse3') == sys.argv[1] and patched else 1)
 EOF
 }
 
@@ -93,5 +94,5 @@ rm -f "$src/src/pyfuse3/__init__.c"
 
 "$PY" -m pip install -q --no-cache-dir "$src"
 
-is_patched || { echo "error: pyfuse3 installed but Operations.fallocate is missing" >&2; exit 1; }
+is_patched || { echo "error: pyfuse3 installed but its patches are missing" >&2; exit 1; }
 echo "pyfuse3 $VERSION (patched) installed"

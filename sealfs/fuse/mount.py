@@ -56,13 +56,14 @@ def check_mountpoint(mountpoint: Path) -> Path:
     return mp
 
 
-def require_fallocate() -> None:
-    """Refuse to serve with a pyfuse3 that has no fallocate handler (the stock PyPI build):
-    the kernel would then answer every fallocate(2) with EOPNOTSUPP, and programs that reserve
-    space (databases, package managers) would fail or quietly fall back, on this mount only."""
-    if not hasattr(pyfuse3.Operations, "fallocate"):
+def require_patched_pyfuse3() -> None:
+    """Refuse to serve with a pyfuse3 that lacks the project's patches (the stock PyPI build):
+    without the fallocate handler the kernel would answer every fallocate(2) with EOPNOTSUPP, and
+    programs that reserve space (databases, package managers) would fail or quietly fall back,
+    on this mount only; without ``FileInfo.noflush`` opening a file would fail."""
+    if not hasattr(pyfuse3.Operations, "fallocate") or not hasattr(pyfuse3.FileInfo(), "noflush"):
         raise SealfsError(
-            "the installed pyfuse3 has no fallocate support; sealfs needs pyfuse3 "
+            "the installed pyfuse3 lacks sealfs's patches; sealfs needs pyfuse3 "
             "3.5.0 with tools/pyfuse3-patches/ applied: run "
             "tools/install-pyfuse3.sh /path/to/python"
         )
@@ -84,7 +85,7 @@ def serve(
     With a KMS credential the volume's freshness anchor is checked before mounting and
     advanced while mounted; with another credential freshness rests on the disk alone.
     """
-    require_fallocate()
+    require_patched_pyfuse3()
     mp = check_mountpoint(mountpoint)
     store, header, master = unlock_volume(backing, cred)
     store.lock()

@@ -9,7 +9,7 @@ import sys
 import tomllib
 from pathlib import Path
 
-from sealfs.fuse.mount import require_fallocate
+from sealfs.fuse.mount import require_patched_pyfuse3
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -32,7 +32,7 @@ def test_pyproject_pins_the_release_the_patches_apply_to() -> None:
 
 
 def test_the_installed_pyfuse3_is_the_patched_one() -> None:
-    require_fallocate()
+    require_patched_pyfuse3()
 
 
 def test_mount_refuses_a_pyfuse3_without_fallocate(tmp_path: Path) -> None:

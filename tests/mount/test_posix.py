@@ -15,9 +15,10 @@ import os
 import shutil
 import signal
 import stat
+import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -668,6 +669,77 @@ def test_chmod_chown_utimens(d: Path) -> None:
     before = time.time_ns()
     os.utime(p)
     assert os.stat(p).st_mtime_ns >= before - 10_000_000
+
+
+# Clearing setuid/setgid and the file capability on modification (what the kernel does for a
+# FUSE filesystem without FUSE_HANDLE_KILLPRIV_V2, and what sealfs would have to do itself with
+# it): a write or truncate by a process without CAP_FSETID clears S_ISUID, and S_ISGID when the
+# group may execute; chown clears both; any write removes security.capability.
+
+NOBODY = 65534
+VFS_CAP_V2 = struct.pack("<5I", 0x02000000 | 1, 1 << 10, 0, 0, 0)  # effective; net_bind_service
+
+
+def _mode_after_nobody(p: Path, mode: int, op: Callable[[int], object]) -> int:
+    """Give ``p`` ``mode``, open it for writing, apply ``op`` to the descriptor in a forked
+    child running as nobody without root's capabilities (a fork: nobody may not be able to
+    execute this interpreter), and return the permission bits afterwards."""
+    p.write_bytes(b"data")
+    os.chmod(p, mode)
+    fd = os.open(p, os.O_WRONLY)
+    try:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - child
+            code = 1
+            try:
+                os.setgroups([])
+                os.setresgid(NOBODY, NOBODY, NOBODY)
+                os.setresuid(NOBODY, NOBODY, NOBODY)
+                op(fd)
+                code = 0
+            finally:
+                os._exit(code)
+        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    finally:
+        os.close(fd)
+    return stat.S_IMODE(os.stat(p).st_mode)
+
+
+@pytest.mark.parametrize(
+    "op",
+    [lambda fd: os.write(fd, b"x"), lambda fd: os.ftruncate(fd, 0)],
+    ids=["write", "truncate"],
+)
+def test_modification_without_cap_fsetid_clears_setuid_setgid(
+    d: Path, op: Callable[[int], object]
+) -> None:
+    assert _mode_after_nobody(d / "f", 0o6777, op) == 0o777
+
+
+def test_setgid_without_group_exec_is_kept_on_write(d: Path) -> None:
+    # setgid without group execute marks mandatory locking, not a privilege
+    assert _mode_after_nobody(d / "f", 0o2666, lambda fd: os.write(fd, b"x")) == 0o2666
+
+
+def test_root_write_keeps_setuid_and_chown_clears_it(d: Path) -> None:
+    p = d / "f"
+    p.write_bytes(b"data")
+    os.chmod(p, 0o6755)
+    with open(p, "ab") as f:
+        f.write(b"more")
+    assert stat.S_IMODE(os.stat(p).st_mode) == 0o6755
+    os.chown(p, 1, 1)
+    assert stat.S_IMODE(os.stat(p).st_mode) == 0o755
+
+
+def test_write_removes_the_capability_xattr(d: Path) -> None:
+    p = d / "f"
+    p.write_bytes(b"data")
+    os.setxattr(p, "security.capability", VFS_CAP_V2)
+    assert os.getxattr(p, "security.capability") == VFS_CAP_V2
+    with open(p, "ab") as f:
+        f.write(b"x")
+    assert "security.capability" not in os.listxattr(p)
 
 
 # --- xattrs -----------------------------------------------------------------------------

@@ -237,6 +237,25 @@ class SealfsLz4(Sealfs):
     compression = "lz4"
 
 
+class SealfsB(Sealfs):
+    """A second sealfs build (another commit or option) in the same run, for A/B comparisons:
+    interleaved with ``sealfs`` under the same load, which separate runs cannot give."""
+
+    name = "sealfs-b"
+    label = "sealfs (B)"
+
+    def __init__(self, root: Path, binary: Path | None = None):
+        super().__init__(root, Path(os.environ.get("SEALFS_B_BIN", "")) or binary)
+
+    def available(self) -> str | None:
+        if not os.environ.get("SEALFS_B_BIN"):
+            return "SEALFS_B_BIN (the B build's sealfs binary) is not set"
+        return super().available()
+
+    def version(self) -> str:
+        return f"{system.first_line([str(self.binary), '--version'])} ({self.binary})"
+
+
 def default_sealfs_binary() -> Path:
     env = os.environ.get("SEALFS_BIN")
     if env:
@@ -244,7 +263,7 @@ def default_sealfs_binary() -> Path:
     return REPO / ".venv" / "bin" / "sealfs"
 
 
-ALL: list[type[FileSystem]] = [Plain, Gocryptfs, Cryfs, Sealfs, SealfsLz4]
+ALL: list[type[FileSystem]] = [Plain, Gocryptfs, Cryfs, Sealfs, SealfsLz4, SealfsB]
 BY_NAME = {cls.name: cls for cls in ALL}
 
 

@@ -90,6 +90,7 @@ TARGETS = [
         "ratio_min",
         0.5,
     ),
+    Target("sustained write cycle ≥ 1.0x gocryptfs (issue 15)", ("cycle",), "ratio_min", 1.0),
     Target("small-file workloads ≤ 2x gocryptfs's time", SMALL, "ratio_max", 2.0),
     Target(
         "untar + ls -lR + rm -rf ≤ 3x gocryptfs's time (core)", ("tree_total",), "ratio_max", 3.0
@@ -176,6 +177,8 @@ def sizes_text(data: dict) -> str:
     parts = []
     if w & {"seqwrite", "seqread"}:
         parts.append(f"sequential {p['seq_size'] // MiB} MiB")
+    if "cycle" in w:
+        parts.append(f"sustained cycle 2 × {p['cycle_size'] // MiB} MiB")
     if w & {"randread", "randwrite"}:
         parts.append(
             f"random I/O {p['rand_io'] // MiB} MiB of 4 KiB requests on a "

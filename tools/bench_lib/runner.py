@@ -55,7 +55,7 @@ def _names(text: str, known: list[str], what: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    fs_names = [c.name for c in filesystems.ALL]
+    fs_names = [c.name for c in filesystems.ALL if c is not filesystems.SealfsB]  # B: opt-in
     wl_names = [w.name for w in workloads.ALL]
     ap = argparse.ArgumentParser(
         prog="tools/bench",
@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--rand-file", type=parse_size, help="random I/O file size (default 256M)")
     ap.add_argument("--rand-io", type=parse_size, help="random I/O bytes per rep (default 32M)")
     ap.add_argument("--dd-bytes", type=parse_size, help="bytes written by dd bs=512 (default 8M)")
+    ap.add_argument(
+        "--cycle-size", type=parse_size, help="each write of the sustained cycle (default 512M)"
+    )
     ap.add_argument("--appends", type=int, dest="append_count", help="default 2000")
     ap.add_argument("--sqlite-commits", type=int, help="default 500")
     ap.add_argument("--tree-tar", help="tarball of the source tree (default: Django sdist)")
@@ -366,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         "rand_file",
         "rand_io",
         "dd_bytes",
+        "cycle_size",
         "append_count",
         "sqlite_commits",
     ):
@@ -412,6 +416,8 @@ def main(argv: list[str] | None = None) -> int:
         per_fs = max(per_fs, params.seq_size * reps)  # seqwrite writes one file per repetition
     if any(w.group == "rand" for w in wls):
         per_fs = max(per_fs, params.rand_file)
+    if any(w.group == "cycle" for w in wls):
+        per_fs = max(per_fs, params.cycle_size * 2)  # deferred deletes may lag behind
     per_fs = int(per_fs * 1.25) + 512 * MiB
     need = per_fs * len(fs_names) + 2 * GiB
     free = system.free_bytes(scratch)

@@ -36,6 +36,7 @@ class Params:
     append_count: int = 2000  # 4 KiB appends, each followed by fdatasync
     sqlite_commits: int = 500  # transactions
     sqlite_rows: int = 10  # rows per transaction
+    cycle_size: int = 512 * MiB  # each write of the sustained write cycle
     tree_tar: str = ""  # uncompressed tarball of the source tree (set by the runner)
     tree_files: int = 0  # regular files in it (for the report)
     tree_name: str = ""
@@ -50,6 +51,7 @@ class Params:
             dd_bytes=2 * MiB,
             append_count=300,
             sqlite_commits=100,
+            cycle_size=128 * MiB,
         )
 
     def describe(self) -> dict:
@@ -76,6 +78,7 @@ METRICS: dict[str, Metric] = {
         M("seq_write", "sequential write + fsync", "MiB/s", True),
         M("rss_peak", "daemon RSS peak during sequential write", "MiB", False),
         M("seq_read", "sequential read, cold cache", "MiB/s", True),
+        M("cycle", "sustained cycle: write, rm, write, rm + deferred work", "MiB/s", True),
         M("rand_read", "random 4 KiB reads, cold cache (fio)", "IOPS", True),
         M("rand_write", "random 4 KiB writes + final fsync (fio)", "IOPS", True),
         M("small_create", "create small files + sync", "s", False),
@@ -251,6 +254,40 @@ class SeqRead(Workload):
         if total != ctx.params.seq_size:
             raise RuntimeError(f"read {total} bytes, expected {ctx.params.seq_size}")
         return {"seq_read": total / MiB / elapsed}
+
+
+class Cycle(Workload):
+    name = "cycle"
+    group = "cycle"
+    metrics = ("cycle",)
+    description = (
+        "Sustained writing: write a --cycle-size file (1 MiB writes, fsync), delete it (sync), "
+        "write another, delete it (sync), then wait until the FUSE daemon is idle and sync once "
+        "more. Deferred work (background deletes, write-back) is timed where it lands. MiB/s "
+        "of data written over the whole cycle."
+    )
+    quiet_window = 0.5  # s without daemon CPU that counts as idle (system.wait_quiet)
+
+    def run(self, ctx: Ctx) -> dict[str, float]:
+        size = ctx.params.cycle_size
+        ctx.dir.mkdir(parents=True, exist_ok=True)
+        system.drop_caches()
+        t0 = time.perf_counter()
+        for i in range(2):
+            path = ctx.dir / f"cycle-{ctx.rep}-{i}"
+            _write_file(path, size, ctx)
+            path.unlink()
+            os.sync()
+        busy = time.perf_counter() - t0
+        if ctx.fs.pid:
+            # The daemon's own deferred work ends where its last busy window ends; the quiet
+            # window that proves it is idle is not counted.
+            waited = system.wait_quiet([ctx.fs.pid], self.quiet_window, timeout=ctx.remaining())
+            busy += max(0.0, waited - self.quiet_window)
+        t1 = time.perf_counter()
+        os.sync()  # what the deferred work left in the page cache
+        busy += time.perf_counter() - t1
+        return {"cycle": 2 * size / MiB / busy}
 
 
 class _Fio(Workload):
@@ -510,6 +547,7 @@ class Sqlite(Workload):
 ALL: list[Workload] = [
     SeqWrite(),
     SeqRead(),
+    Cycle(),
     RandRead(),
     RandWrite(),
     SmallFiles(),
