@@ -20,7 +20,7 @@ setup: .stamp-apt $(VENV)/.stamp
 	fi
 	@touch $@
 
-$(VENV)/.stamp: pyproject.toml tools/install-pyfuse3.sh
+$(VENV)/.stamp: pyproject.toml tools/install-pyfuse3.sh $(wildcard tools/pyfuse3-patches/*.patch)
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	bash tools/install-pyfuse3.sh $(PY)
