@@ -131,10 +131,13 @@ class CommitPipeline:
         sealed = [(oid, ino, rec) for ino, (oid, rec) in snap.updates.items()]
         limit = self.limits.carried_record_max
 
-        def seal(batch: list[tuple[int, int, bytes]]) -> list[tuple[int, int, bytes | None]]:
+        def seal(batch: list[tuple[int, int, bytes]]) -> list[tuple[int, int, bytes]]:
+            return [(oid, ino, self.objects.seal_record(ino, oid, rec)) for oid, ino, rec in batch]
+
+        def store(blobs: list[tuple[int, int, bytes]]) -> list[tuple[int, int, bytes | None]]:
+            """Large records become files; small ones are returned to ride in the commit."""
             out: list[tuple[int, int, bytes | None]] = []
-            for oid, ino, rec in batch:
-                blob = self.objects.seal_record(ino, oid, rec)
+            for oid, ino, blob in blobs:
                 if len(blob) > limit:
                     self.store.put(oid, blob)
                     out.append((oid, ino, None))
@@ -148,10 +151,15 @@ class CommitPipeline:
             self.store.sync(only_if_written=True)  # data and large records first
             self.metalog.append(commit)
 
-        if len(sealed) < 8:  # the common fsync: one thread hop
-            await self.workers.run(lambda: append(seal(sealed)))
+        if len(sealed) < 8 and sum(len(r) for _, _, r in sealed) <= self.limits.inline_seal_bytes:
+            # The common fsync: records sealed here (microseconds), one thread hop to store
+            # and append.
+            blobs = seal(sealed)
+            await self.workers.run(lambda: append(store(blobs)))
         else:
-            await self.workers.run(append, await self.workers.halves(seal, sealed))
+            await self.workers.run(
+                append, await self.workers.halves(lambda b: store(seal(b)), sealed)
+            )
 
     async def _put_back(self, snap: _Snapshot) -> None:
         """Nothing was committed: retry all of it next time, and delete record files the

@@ -70,6 +70,7 @@ class DataPath:
         self.superseded: list[int] = []  # objects no longer referenced by any block map
         self.dirty_count = 0
         self.carry_max = limits.carried_blocks
+        self.inline_max = limits.inline_seal_bytes
         self._carry: dict[int, tuple[int, bytes]] = {}  # sealed blocks for the next commit
         self._carry_bytes = 0
 
@@ -273,7 +274,7 @@ class DataPath:
             node.flushing[idx] = (data, done)
         await self._inflight.acquire()
         nursery = self.workers.nursery
-        if nursery is None:
+        if nursery is None or (carry and size <= self.inline_max):
             await self._flush_batch(node, batch, done, carry, cache)
         else:
             nursery.start_soon(self._flush_batch, node, batch, done, carry, cache)
@@ -300,7 +301,10 @@ class DataPath:
             return blobs
 
         try:
-            blobs = await self.workers.run(put)
+            # A small carried batch (an fsync'ed tail) is only sealed: cheaper here than the
+            # two thread hand-offs a worker would cost.
+            inline = carry and sum(len(data) for _, data in batch) <= self.inline_max
+            blobs = put() if inline else await self.workers.run(put)
         except Exception as e:
             for idx, oid, data in jobs:
                 self._flush_failed(node, idx, data, e)
