@@ -82,13 +82,16 @@ class CommitPipeline:
                 await self._put_back(snap)
                 raise
             self._apply(snap)
+            # superseded carried objects (an fsync'ed tail replaced by the next) are only
+            # dropped from memory: no thread hop for them
+            garbage = self.store.drop_fileless(snap.garbage)
             nursery = self.workers.nursery
-            if nursery is not None:  # fsync need not wait for the clean-up
+            if nursery is not None and garbage:  # fsync need not wait for the clean-up
                 done = trio.Event()
                 self._deleting.add(done)
-                nursery.start_soon(self._delete_later, snap.garbage, done)
-            else:
-                await self.workers.halves(self._delete_all, snap.garbage)
+                nursery.start_soon(self._delete_later, garbage, done)
+            elif garbage:
+                await self.workers.halves(self._delete_all, garbage)
             for ino in snap.updates:
                 node = self.nodes.nodes.get(ino)
                 if node is not None:
