@@ -253,7 +253,8 @@ class DataPath:
     ) -> None:
         """Hand dirty blocks to one background job (one thread hop for the whole batch).
         With ``carry`` (an fsync is waiting), a batch that fits the commit's carry budget is
-        sealed for the next commit's journal frame instead of written as files. Without
+        sealed for the next commit's journal frame instead of written as files (on the trio
+        thread when it is at most ``inline_seal_bytes``: cheaper than a hop). Without
         ``cache`` (a streaming writer filled them) the blocks are not kept in the clean cache
         afterwards: they would only push out blocks that are read again."""
         indexes = self._inline(node, indexes)
