@@ -136,7 +136,8 @@ class ObjectStore:
         #: open directory fds: "" the backing directory, and OBJECTS_DIR
         self._dirs: dict[str, int] = {}
         #: objects whose only durable copy is inside a commit of the current journal (read
-        #: freely; changed only through carry/uncarry/set_carried, which keep the byte count)
+        #: freely; changed only through carry/uncarry/set_carried/drop_fileless, which keep
+        #: the byte count)
         self.carried: dict[int, bytes] = {}
         self.carried_bytes = 0
         #: carried objects that may also exist as files: replayed from a journal (a crash

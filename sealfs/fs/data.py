@@ -275,10 +275,15 @@ class DataPath:
             node.flushing[idx] = (data, done)
         await self._inflight.acquire()
         nursery = self.workers.nursery
-        if nursery is None or (carry and size <= self.inline_max):
+        if nursery is None or self._seals_inline(batch, carry):
             await self._flush_batch(node, batch, done, carry, cache)
         else:
             nursery.start_soon(self._flush_batch, node, batch, done, carry, cache)
+
+    def _seals_inline(self, batch: list[tuple[int, bytes]], carry: bool) -> bool:
+        """Whether a batch is only sealed, and so little that the trio thread does it faster
+        than a worker (docs/concurrency.md, "Who runs where")."""
+        return carry and sum(len(data) for _, data in batch) <= self.inline_max
 
     async def _flush_batch(
         self,
@@ -304,8 +309,7 @@ class DataPath:
         try:
             # A small carried batch (an fsync'ed tail) is only sealed: cheaper here than the
             # two thread hand-offs a worker would cost.
-            inline = carry and sum(len(data) for _, data in batch) <= self.inline_max
-            blobs = put() if inline else await self.workers.run(put)
+            blobs = put() if self._seals_inline(batch, carry) else await self.workers.run(put)
         except Exception as e:
             for idx, oid, data in jobs:
                 self._flush_failed(node, idx, data, e)
