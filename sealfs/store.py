@@ -136,9 +136,13 @@ class ObjectStore:
         #: open directory fds: "" the backing directory, and OBJECTS_DIR
         self._dirs: dict[str, int] = {}
         #: objects whose only durable copy is inside a commit of the current journal (read
-        #: freely; changed only through carry/uncarry/set_carried, which keep the byte count)
+        #: freely; changed only through carry/uncarry/set_carried/drop_fileless, which keep
+        #: the byte count)
         self.carried: dict[int, bytes] = {}
         self.carried_bytes = 0
+        #: carried objects that may also exist as files: replayed from a journal (a crash
+        #: after a checkpoint wrote them out) or written out by :meth:`materialize`
+        self._filed: set[int] = set()
         self._carried_lock = threading.Lock()
         #: an object file was written since the last :meth:`sync`
         self.unsynced = False
@@ -331,11 +335,26 @@ class ObjectStore:
             blob = self.carried.pop(oid, None)
             if blob is not None:
                 self.carried_bytes -= len(blob)
+            self._filed.discard(oid)
 
     def set_carried(self, objects: dict[int, bytes]) -> None:
         with self._carried_lock:
             self.carried = dict(objects)
             self.carried_bytes = sum(map(len, objects.values()))
+            self._filed = set(objects)
+
+    def drop_fileless(self, oids: list[int]) -> list[int]:
+        """Delete the carried objects among ``oids`` that were never written as files (a
+        dictionary operation, no system call); return the others, for :meth:`delete`."""
+        rest = []
+        with self._carried_lock:
+            for oid in oids:
+                blob = None if oid in self._filed else self.carried.pop(oid, None)
+                if blob is None:
+                    rest.append(oid)
+                else:
+                    self.carried_bytes -= len(blob)
+        return rest
 
     def delete(self, oid: int) -> None:
         self.uncarry(oid)  # a file may exist as well (see materialize)
@@ -493,6 +512,7 @@ class ObjectStore:
         return their ids."""
         with self._carried_lock:
             items = list(self.carried.items())
+            self._filed.update(self.carried)
         for oid, blob in items:
             self.put(oid, blob)
         return [oid for oid, _ in items]

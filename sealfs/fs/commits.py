@@ -82,13 +82,16 @@ class CommitPipeline:
                 await self._put_back(snap)
                 raise
             self._apply(snap)
+            # superseded carried objects (an fsync'ed tail replaced by the next) are only
+            # dropped from memory: no thread hop for them
+            garbage = self.store.drop_fileless(snap.garbage)
             nursery = self.workers.nursery
-            if nursery is not None:  # fsync need not wait for the clean-up
+            if nursery is not None and garbage:  # fsync need not wait for the clean-up
                 done = trio.Event()
                 self._deleting.add(done)
-                nursery.start_soon(self._delete_later, snap.garbage, done)
-            else:
-                await self.workers.halves(self._delete_all, snap.garbage)
+                nursery.start_soon(self._delete_later, garbage, done)
+            elif garbage:
+                await self.workers.halves(self._delete_all, garbage)
             for ino in snap.updates:
                 node = self.nodes.nodes.get(ino)
                 if node is not None:
@@ -131,10 +134,13 @@ class CommitPipeline:
         sealed = [(oid, ino, rec) for ino, (oid, rec) in snap.updates.items()]
         limit = self.limits.carried_record_max
 
-        def seal(batch: list[tuple[int, int, bytes]]) -> list[tuple[int, int, bytes | None]]:
+        def seal(batch: list[tuple[int, int, bytes]]) -> list[tuple[int, int, bytes]]:
+            return [(oid, ino, self.objects.seal_record(ino, oid, rec)) for oid, ino, rec in batch]
+
+        def store(blobs: list[tuple[int, int, bytes]]) -> list[tuple[int, int, bytes | None]]:
+            """Large records become files; small ones are returned to ride in the commit."""
             out: list[tuple[int, int, bytes | None]] = []
-            for oid, ino, rec in batch:
-                blob = self.objects.seal_record(ino, oid, rec)
+            for oid, ino, blob in blobs:
                 if len(blob) > limit:
                     self.store.put(oid, blob)
                     out.append((oid, ino, None))
@@ -148,10 +154,15 @@ class CommitPipeline:
             self.store.sync(only_if_written=True)  # data and large records first
             self.metalog.append(commit)
 
-        if len(sealed) < 8:  # the common fsync: one thread hop
-            await self.workers.run(lambda: append(seal(sealed)))
+        if len(sealed) < 8 and sum(len(r) for _, _, r in sealed) <= self.limits.inline_seal_bytes:
+            # The common fsync: records sealed here (microseconds), one thread hop to store
+            # and append.
+            blobs = seal(sealed)
+            await self.workers.run(lambda: append(store(blobs)))
         else:
-            await self.workers.run(append, await self.workers.halves(seal, sealed))
+            await self.workers.run(
+                append, await self.workers.halves(lambda b: store(seal(b)), sealed)
+            )
 
     async def _put_back(self, snap: _Snapshot) -> None:
         """Nothing was committed: retry all of it next time, and delete record files the

@@ -19,9 +19,10 @@ and the tests call:
 Concurrency contract (docs/concurrency.md): every method runs on the trio thread, so the
 in-memory state needs no locks. Blocking work (sealing, opening, file I/O) goes to worker
 threads (:class:`~sealfs.fs.workers.Workers`) and only ever touches immutable inputs and the
-store. A node's data (read/write/truncate/flush) is serialised by its own ``trio.Lock``;
-metadata changes are synchronous and therefore atomic. Commits are serialised by the commit
-pipeline's lock; whatever changes while a commit is in flight goes into the next. The KMS is
+store; sealing of at most 128 KiB that an fsync waits for is done inline, being cheaper than
+the hand-off. A node's data (read/write/truncate/flush) is serialised by its own
+``trio.Lock``; metadata changes are synchronous and therefore atomic. Commits are serialised
+by the commit pipeline's lock; whatever changes while a commit is in flight goes into the next. The KMS is
 never called with that lock held: the freshness anchor advances from its own task
 (:meth:`Freshness.loop`), and checkpoints need no KMS (they keep the heads back to the
 last anchored commit), so a KMS out of reach never stalls a commit.

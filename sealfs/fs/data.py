@@ -70,6 +70,7 @@ class DataPath:
         self.superseded: list[int] = []  # objects no longer referenced by any block map
         self.dirty_count = 0
         self.carry_max = limits.carried_blocks
+        self.inline_max = limits.inline_seal_bytes
         self._carry: dict[int, tuple[int, bytes]] = {}  # sealed blocks for the next commit
         self._carry_bytes = 0
 
@@ -252,7 +253,8 @@ class DataPath:
     ) -> None:
         """Hand dirty blocks to one background job (one thread hop for the whole batch).
         With ``carry`` (an fsync is waiting), a batch that fits the commit's carry budget is
-        sealed for the next commit's journal frame instead of written as files. Without
+        sealed for the next commit's journal frame instead of written as files (on the trio
+        thread when it is at most ``inline_seal_bytes``: cheaper than a hop). Without
         ``cache`` (a streaming writer filled them) the blocks are not kept in the clean cache
         afterwards: they would only push out blocks that are read again."""
         indexes = self._inline(node, indexes)
@@ -273,10 +275,15 @@ class DataPath:
             node.flushing[idx] = (data, done)
         await self._inflight.acquire()
         nursery = self.workers.nursery
-        if nursery is None:
+        if nursery is None or self._seals_inline(batch, carry):
             await self._flush_batch(node, batch, done, carry, cache)
         else:
             nursery.start_soon(self._flush_batch, node, batch, done, carry, cache)
+
+    def _seals_inline(self, batch: list[tuple[int, bytes]], carry: bool) -> bool:
+        """Whether a batch is only sealed, and so little that the trio thread does it faster
+        than a worker (docs/concurrency.md, "Who runs where")."""
+        return carry and sum(len(data) for _, data in batch) <= self.inline_max
 
     async def _flush_batch(
         self,
@@ -300,7 +307,9 @@ class DataPath:
             return blobs
 
         try:
-            blobs = await self.workers.run(put)
+            # A small carried batch (an fsync'ed tail) is only sealed: cheaper here than the
+            # two thread hand-offs a worker would cost.
+            blobs = put() if self._seals_inline(batch, carry) else await self.workers.run(put)
         except Exception as e:
             for idx, oid, data in jobs:
                 self._flush_failed(node, idx, data, e)

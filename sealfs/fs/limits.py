@@ -25,3 +25,6 @@ class Limits:
     journal_max: int = 32 << 20
     carried_record_max: int = 16 << 10  # sealed records up to this size ride in the journal
     carried_blocks: int = 512 << 10  # bytes of fsync'ed blocks one commit may carry
+    # Sealing at most this many bytes runs on the trio thread instead of a worker: a thread
+    # hand-off costs ~0.3 ms here, sealing 128 KiB ~0.1 ms (docs/benchmarks.md).
+    inline_seal_bytes: int = 128 << 10

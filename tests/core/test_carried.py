@@ -163,3 +163,20 @@ def test_checkpoints_come_when_carried_objects_pile_up_not_when_they_replace_eac
         await fs.close()
 
     trio.run(main)
+
+
+def test_superseded_carried_objects_that_may_be_files_are_deleted_as_files(tmp_path: Path) -> None:
+    """Only an object carried by this process since the last checkpoint is known never to
+    have been a file; one replayed from a journal or written out by a checkpoint may be, and
+    must go through ObjectStore.delete (else its file would be left behind)."""
+    fs = open_fs(tmp_path / "b")
+    store = fs.store
+    store.set_carried({1: b"replayed"})
+    store.carry(2, b"fresh")
+    assert store.drop_fileless([1, 2, 3]) == [1, 3]  # 3: not carried at all
+    assert set(store.carried) == {1} and store.carried_bytes == len(b"replayed")
+    store.carry(4, b"written out")
+    assert store.materialize() == [1, 4]
+    assert store.drop_fileless([4]) == [4] and 4 in object_files(fs)
+    store.delete(4)
+    assert 4 not in object_files(fs) and 4 not in store.carried
