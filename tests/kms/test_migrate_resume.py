@@ -233,7 +233,10 @@ def test_full_disk_then_rerun(
 
 class Writer(threading.Thread):
     """Keeps rewriting, chmod-ing, tagging and deleting files in a mounted volume (each write
-    fsynced) and remembers what it last left in each: what the moved volume must hold."""
+    fsynced) and remembers what it last left in each: what the moved volume must hold. Each
+    round also leaves a file it never touches again, closed without fsync (so its blocks are
+    written back as object files, not carried in the journal, and are never superseded): a
+    pass that follows a round always has an object to copy, whatever the timing."""
 
     def __init__(self, root: Path, seed: int) -> None:
         super().__init__(daemon=True)
@@ -253,6 +256,9 @@ class Writer(threading.Thread):
             self.error = e
 
     def _round(self) -> None:
+        kept = self.root / "kept"
+        kept.mkdir(exist_ok=True)
+        (kept / f"r{self.rounds:05d}").write_bytes(self.rng.randbytes(200_000))
         name = f"w{self.rng.randrange(12):02d}"
         path = self.root / name
         if name in self.model and self.rng.random() < 0.15:
@@ -287,15 +293,27 @@ def _assert_holds(root: Path, model: dict[str, tuple[bytes, int, bytes]]) -> Non
         assert os.getxattr(root / name, "user.round") == tag, name
 
 
+def _object_files(root: Path) -> set[str]:
+    """The object file names under ``root/objects`` (none if it does not exist yet)."""
+    objects = root / "objects"
+    return {
+        f"{d}/{f}"
+        for d in (os.listdir(objects) if objects.is_dir() else ())
+        for f in os.listdir(objects / d)
+        if not f.startswith(".")
+    }
+
+
 @pytest.mark.slow
 def test_live_precopy_while_a_writer_runs(
     tmp_path: Path,
     kvol: Volume,  # noqa: F811 - fixture
     kms: KmsProcess,
 ) -> None:
-    """Live passes run while a writer keeps writing; each pass is followed by more writes
-    (counted, not timed), so each finds new objects. After the writer stops, `--final
-    --umount` and an import on a second backing directory give exactly what it last wrote."""
+    """Live passes run while a writer keeps writing; each pass waits for more writes and for
+    an object file the bundle lacks (events, not time), so each copies new objects. After the
+    writer stops, `--final --umount` and an import on a second backing directory give exactly
+    what it last wrote."""
     kmount(kvol, kms)
     writer = Writer(kvol.mnt, seed=11)
     writer.start()
@@ -303,9 +321,15 @@ def test_live_precopy_while_a_writer_runs(
     try:
         for n in range(3):
             passed = writer.rounds
+            wait_for(
+                lambda passed=passed: (
+                    writer.rounds >= passed + 3
+                    and bool(_object_files(kvol.backing) - _object_files(dest))
+                ),
+                "the writer's rounds and an object the bundle lacks",
+            )
             out = json.loads(_migrate(kms, "export", str(kvol.backing), str(dest), "--json").stdout)
             assert out["objects_copied"] > 0, (n, out)
-            wait_for(lambda passed=passed: writer.rounds >= passed + 3, "the writer's rounds")
     finally:
         writer.stop()
     tree = snapshot(kvol.mnt)
