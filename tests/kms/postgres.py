@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import KmsProcess, KmsState, make_state, start_kms
+
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 
 
@@ -118,3 +120,19 @@ def postgres() -> Iterator[PostgresServer]:
             str(PG_BIN / "pg_ctl"), "-D", str(server.data), "-m", "immediate", "-w", "stop"
         )
         shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture
+def pg_state(postgres: PostgresServer, tmp_path: Path, request: pytest.FixtureRequest) -> KmsState:
+    name = "t_" + request.node.name.lower().replace("[", "_").replace("]", "")[:40]
+    return make_state(tmp_path, postgres.new_database(name))
+
+
+def replica(state: KmsState, name: str) -> KmsProcess:
+    return start_kms(
+        state,
+        "--allow-simulated",
+        "--high-water",
+        str(state.path.parent / f"{name}.high-water"),
+        log_name=f"{name}.log",
+    )
