@@ -18,6 +18,8 @@ import tempfile
 from pathlib import Path
 from types import TracebackType
 
+from .system import cpu_seconds
+
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 
 
@@ -63,6 +65,24 @@ class TempPostgres:
     def new_database(self, name: str) -> str:
         self.tool("createdb", name)
         return self.url(name)
+
+    def cpu_s(self) -> float:
+        """CPU seconds the whole cluster has used: the postmaster, its live children (one
+        backend per client connection, the WAL writer...) and the children it has reaped."""
+        postmaster = int((self.data / "postmaster.pid").read_text().split()[0])
+        total = cpu_seconds(postmaster)
+        for name in os.listdir("/proc"):
+            if not name.isdigit():
+                continue
+            try:
+                fields = Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # gone meanwhile
+            if int(name) == postmaster:
+                total += (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
+            elif int(fields[1]) == postmaster:
+                total += cpu_seconds(int(name))
+        return total
 
     def __enter__(self) -> TempPostgres:
         user = pwd.getpwnam("postgres")
