@@ -3,8 +3,10 @@ temporary directory it owns, listening only on a Unix socket in that directory (
 trust authentication for that socket alone). The KMS tests and ``tools/bench-kms
 --postgres-temp`` both run on it.
 
-``fsync=off``: what is measured or tested is what the KMS does with the database's answers
-(locks, round trips, snapshots), not the disk's flush latency, and the machine is shared.
+The tests run it with ``fsync=off`` (they check what the KMS does with the database's answers:
+locks, snapshots, restores; not PostgreSQL's crash durability, and the machine is shared);
+the benchmark with ``fsync=on``, so an anchor advance is as durable as on SQLite
+(``synchronous=FULL``) and the figures compare.
 Needs root (``runuser``) and the Debian packages postgresql-15 and postgresql-client-15.
 """
 
@@ -40,8 +42,9 @@ class TempPostgres:
     """One cluster in a fresh temporary directory, started on entry, stopped and removed on
     exit; each user takes its own database (:meth:`new_database`)."""
 
-    def __init__(self, max_connections: int = 200) -> None:
+    def __init__(self, max_connections: int = 200, fsync: bool = False) -> None:
         self.max_connections = max_connections
+        self.fsync = fsync
         self.home = Path(tempfile.mkdtemp(prefix="sealfs-pg-"))
 
     @property
@@ -90,9 +93,11 @@ class TempPostgres:
         try:
             self.as_postgres(
                 str(PG_BIN / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres",
-                "--no-sync",
+                *([] if self.fsync else ["--no-sync"]),
             )  # fmt: skip
-            options = f"-k {self.home} -c listen_addresses='' -c fsync=off"
+            options = (
+                f"-k {self.home} -c listen_addresses='' -c fsync={'on' if self.fsync else 'off'}"
+            )
             self.as_postgres(
                 str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-l", str(self.home / "postgres.log"),
                 "-w", "-o", f"{options} -c max_connections={self.max_connections}", "start",
