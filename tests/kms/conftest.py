@@ -303,3 +303,8 @@ def envelope(
         "params": params.to_wire(),
     }
     return body, eph, nonce
+
+
+# The PostgreSQL fixtures (a real server, one database per test), for every KMS test that
+# needs them; imported last because tests/kms/postgres.py builds on the helpers above.
+from .postgres import pg_state, postgres  # noqa: E402, F401

@@ -1,10 +1,9 @@
-"""A real PostgreSQL 15 for the KMS tests: ``initdb`` + ``pg_ctl`` as the ``postgres`` user in
-a temporary directory it owns, listening only on a Unix socket in that directory.
+"""A real PostgreSQL 15 for the KMS tests: one temporary cluster per session
+(tools/bench_lib/postgres.py, shared with ``tools/bench-kms --postgres-temp``), one database
+per test.
 
 ``make test`` installs the Debian packages (postgresql-15, postgresql-client-15); the tests
-skip, saying why, only when they are missing. ``fsync=off``: these tests check what the KMS
-does with the database's answers (locks, snapshots, restores), not PostgreSQL's own crash
-durability, and the machine is shared.
+skip, saying why, only when they are missing.
 """
 
 from __future__ import annotations
@@ -12,25 +11,21 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
-import subprocess
-import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-PG_BIN = Path("/usr/lib/postgresql/15/bin")
+from tools.bench_lib.postgres import TempPostgres, missing
+
+from .conftest import KmsProcess, KmsState, make_state, start_kms
 
 
 def _missing() -> str | None:
     """Why PostgreSQL cannot run here, or None."""
-    if not (PG_BIN / "initdb").exists():
-        return f"PostgreSQL 15 is not installed ({PG_BIN}/initdb missing; run make test)"
-    try:
-        pwd.getpwnam("postgres")
-    except KeyError:
-        return "no 'postgres' user (the postgresql-15 package creates it)"
+    reason = missing()
+    if reason is not None:
+        return reason
     try:
         import psycopg  # noqa: F401
     except ImportError:
@@ -38,33 +33,8 @@ def _missing() -> str | None:
     return None
 
 
-@dataclass
-class PostgresServer:
-    """One running cluster; each test takes its own database."""
-
-    home: Path
-
-    @property
-    def data(self) -> Path:
-        return self.home / "data"
-
-    def url(self, db: str) -> str:
-        return f"postgresql://postgres@/{db}?host={self.home}"
-
-    def as_postgres(self, *args: str) -> subprocess.CompletedProcess[bytes]:
-        return subprocess.run(
-            ["runuser", "-u", "postgres", "--", *args],
-            check=True,
-            capture_output=True,
-            stdin=subprocess.DEVNULL,
-        )
-
-    def tool(self, name: str, *args: str) -> subprocess.CompletedProcess[bytes]:
-        return self.as_postgres(str(PG_BIN / name), "-h", str(self.home), "-U", "postgres", *args)
-
-    def new_database(self, name: str) -> str:
-        self.tool("createdb", name)
-        return self.url(name)
+class PostgresServer(TempPostgres):
+    """The session's cluster, with what the restore tests do to a database."""
 
     def dump(self, db: str, dest: Path) -> None:
         """A custom-format ``pg_dump`` of ``db`` (what a nightly backup would be)."""
@@ -86,35 +56,21 @@ def postgres() -> Iterator[PostgresServer]:
     reason = _missing()
     if reason is not None:
         pytest.skip(reason)
-    home = Path(tempfile.mkdtemp(prefix="sealfs-pg-"))
-    os.chown(home, pwd.getpwnam("postgres").pw_uid, pwd.getpwnam("postgres").pw_gid)
-    server = PostgresServer(home)
-    log = home / "postgres.log"
-    server.as_postgres(
-        str(PG_BIN / "initdb"),
-        "-D",
-        str(server.data),
-        "-A",
-        "trust",
-        "-U",
-        "postgres",
-        "--no-sync",
-    )
-    server.as_postgres(
-        str(PG_BIN / "pg_ctl"),
-        "-D",
-        str(server.data),
-        "-l",
-        str(log),
-        "-w",
-        "-o",
-        f"-k {home} -c listen_addresses='' -c fsync=off -c max_connections=200",
-        "start",
-    )
-    try:
+    with PostgresServer() as server:
         yield server
-    finally:
-        server.as_postgres(
-            str(PG_BIN / "pg_ctl"), "-D", str(server.data), "-m", "immediate", "-w", "stop"
-        )
-        shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture
+def pg_state(postgres: PostgresServer, tmp_path: Path, request: pytest.FixtureRequest) -> KmsState:
+    name = "t_" + request.node.name.lower().replace("[", "_").replace("]", "")[:40]
+    return make_state(tmp_path, postgres.new_database(name))
+
+
+def replica(state: KmsState, name: str) -> KmsProcess:
+    return start_kms(
+        state,
+        "--allow-simulated",
+        "--high-water",
+        str(state.path.parent / f"{name}.high-water"),
+        log_name=f"{name}.log",
+    )

@@ -3,65 +3,25 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
-from sealfs.kms.client import KmsClient
 from sealfs.volume.header import load_header
-from tests.conftest import Volume, new_volume, sealfs
+from tests.conftest import new_volume, sealfs
 
-from .conftest import APP_A, COMPOSE_A, KmsProcess, KmsState, attester, start_kms
+from .conftest import KmsState, start_kms
+from .mounting import anchored, mount_args, replica_args, replicated_volume, write_synced
 
 pytestmark = pytest.mark.mount
-
-
-def replica_args(replicas: list[KmsProcess]) -> list[str]:
-    args = []
-    for r in replicas:
-        args += ["--kms", r.url]
-    return [
-        *args,
-        "--kms-public-key",
-        replicas[0].public_key.hex(),
-        "--app-id",
-        APP_A.hex(),
-        "--attester",
-        "simulated",
-        "--compose-hash",
-        COMPOSE_A.hex(),
-        "--kms-deadline",
-        "30",
-    ]
-
-
-def anchored(replica: KmsProcess, vol: Volume) -> int:
-    """The volume's anchored commit, as a replica sees it."""
-    c = KmsClient(replica.url, APP_A, attester(), trusted_keys=[replica.public_key])
-    return c.get_epoch(load_header(vol.backing).volume_id)[0]
-
-
-def write_synced(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def test_mount_survives_the_death_of_its_replica(tmp_path: Path, state: KmsState) -> None:
     one = start_kms(state, "--allow-simulated", log_name="mount-replica1.log")
     two = start_kms(state, "--allow-simulated", log_name="mount-replica2.log")
-    vol = Volume(tmp_path / "backing", tmp_path / "key", tmp_path / "mnt", tmp_path / "s.log")
+    vol = replicated_volume(tmp_path, [one, two])
     try:
-        vol.mnt.mkdir()
-        vol.key.write_bytes(os.urandom(64))
-        vol.key.chmod(0o600)
-        kms = replica_args([one, two])
-        sealfs("create", str(vol.backing), *kms, "--key-file", str(vol.key))
-        mount = ["mount", str(vol.backing), str(vol.mnt), *kms, "--log-file", str(vol.log)]
+        mount = mount_args(vol, [one, two])
         sealfs(*mount)
         write_synced(vol.mnt / "before", b"committed while replica 1 serves")
         sealfs("umount", str(vol.mnt))  # anchors through replica 1, the first

@@ -31,32 +31,15 @@ from .conftest import (
     KmsState,
     attester,
     envelope,
-    make_state,
     post,
     start_kms,
     wait_for,
 )
-from .postgres import PostgresServer, postgres  # noqa: F401  (the fixture)
+from .postgres import PostgresServer, replica
 
 STORE_RACE_ROUNDS = 2000  # compare-and-set races between two stores (two connections)
 HTTP_RACE_ROUNDS = 1000  # the same through two `kms serve` replicas, over the protocol
 STREAM = 60  # advances in the stream that loses a replica halfway
-
-
-@pytest.fixture
-def pg_state(postgres: PostgresServer, tmp_path: Path, request: pytest.FixtureRequest) -> KmsState:  # noqa: F811
-    name = "t_" + request.node.name.lower().replace("[", "_").replace("]", "")[:40]
-    return make_state(tmp_path, postgres.new_database(name))
-
-
-def replica(state: KmsState, name: str) -> KmsProcess:
-    return start_kms(
-        state,
-        "--allow-simulated",
-        "--high-water",
-        str(state.path.parent / f"{name}.high-water"),
-        log_name=f"{name}.log",
-    )
 
 
 @pytest.fixture
@@ -240,7 +223,7 @@ def _serve(state: KmsState, high_water: Path, *extra: str) -> subprocess.Complet
     )
 
 
-def test_restored_database_is_refused(postgres: PostgresServer, pg_state: KmsState) -> None:  # noqa: F811
+def test_restored_database_is_refused(postgres: PostgresServer, pg_state: KmsState) -> None:
     """A backup taken at version v, restored after the replica served v + n: the running
     replica refuses every answer (503 state_rolled_back), and refuses to start again on it;
     a new replica pointed at it (--peer) refuses too; only a replica that never saw the
@@ -333,7 +316,7 @@ def sealfs_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[st
 
 
 def test_running_replica_learns_the_rollback_from_its_peer(
-    postgres: PostgresServer,  # noqa: F811
+    postgres: PostgresServer,
     pg_state: KmsState,
 ) -> None:
     """Replica two never served past the backup, so its own records accept the restored
