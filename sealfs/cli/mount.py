@@ -71,7 +71,7 @@ ERROR_CLASSES = {cls.kind: cls for cls in SealfsError.__subclasses__()}
     "may drop up to that much fsync'd work). Concurrent fsyncs share one KMS round trip. "
     "If the KMS refuses or is not reached within --kms-deadline the fsync fails with EIO: "
     "the data is durable on disk but not anchored (logged); the next fsync tries again. "
-    "Costs a KMS round trip per fsync (docs/benchmarks.md).",
+    "Costs a KMS round trip per group of concurrent fsyncs (docs/benchmarks.md).",
 )
 @click.option("--debug", is_flag=True, help="Log every commit and recovery step.")
 @click.option("--ready-fd", type=int, hidden=True)
