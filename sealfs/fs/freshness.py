@@ -141,6 +141,7 @@ class Freshness:
                 current.finish(e)
             except BaseException:  # cancelled (unmounting) or a bug: no waiter may hang
                 current.finish(FsError(errno.EIO))
+                self._next.finish(FsError(errno.EIO))
                 raise
             else:
                 assert self.anchor is not None
