@@ -62,6 +62,17 @@ ERROR_CLASSES = {cls.kind: cls for cls in SealfsError.__subclasses__()}
     "anchored at the KMS. Dangerous: this accepts a host's replay of old data. "
     "The override is logged.",
 )
+@click.option(
+    "--anchor-on-fsync",
+    is_flag=True,
+    help="Strict freshness (KMS unlock only): fsync(2), fdatasync(2) and fsync of a "
+    "directory return only once their commit is anchored at the KMS, so the host cannot "
+    "roll back fsync'd data unseen (by default the anchor advances every 30 s, and a host "
+    "may drop up to that much fsync'd work). Concurrent fsyncs share one KMS round trip. "
+    "If the KMS refuses or is not reached within --kms-deadline the fsync fails with EIO: "
+    "the data is durable on disk but not anchored (logged); the next fsync tries again. "
+    "Costs a KMS round trip per group of concurrent fsyncs (docs/benchmarks.md).",
+)
 @click.option("--debug", is_flag=True, help="Log every commit and recovery step.")
 @click.option("--ready-fd", type=int, hidden=True)
 def mount(
@@ -74,6 +85,7 @@ def mount(
     commit_interval: float,
     writeback_cache: bool,
     allow_rollback: bool,
+    anchor_on_fsync: bool,
     debug: bool,
     ready_fd: int | None,
 ) -> None:
@@ -102,6 +114,7 @@ def mount(
                 allow_other=allow_other,
                 allow_rollback=allow_rollback,
                 writeback_cache=writeback_cache,
+                anchor_on_fsync=anchor_on_fsync,
                 limits=Limits(commit_interval=commit_interval),
                 ready=ready,
             )
@@ -113,6 +126,8 @@ def mount(
     extra = ["--allow-rollback"] if allow_rollback else []
     if writeback_cache:
         extra.append("--writeback-cache")
+    if anchor_on_fsync:
+        extra.append("--anchor-on-fsync")
     if debug:
         extra.append("--debug")
     pid, log = start_daemon(

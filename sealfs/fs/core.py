@@ -317,7 +317,7 @@ class Filesystem:
         for n in [n for n in self.inodes.nodes.values() if n.dirty_blocks or n.flushing]:
             await self.flush_file(n)
 
-    async def fsync(self, node: Inode | None = None) -> None:
+    async def sync(self, node: Inode | None = None) -> None:
         """Make ``node``'s data (or, with None, everything) and all metadata durable."""
         if node is not None:
             await self.flush_file(node)
@@ -325,7 +325,16 @@ class Filesystem:
             await self.write_back()
         await self.commit()
 
-    sync = fsync
+    async def fsync(self, node: Inode | None = None) -> None:
+        """fsync(2) and syncfs(2): :meth:`sync`, then (anchor-on-fsync) wait until the
+        commit is anchored at the KMS."""
+        await self.sync(node)
+        await self.freshness.anchored_through(self.metalog.seq)
+
+    async def fsyncdir(self) -> None:
+        """fsync(2) of a directory: commit the metadata; anchored like :meth:`fsync`."""
+        await self.commit()
+        await self.freshness.anchored_through(self.metalog.seq)
 
     @property
     def dirty(self) -> bool:

@@ -77,14 +77,21 @@ def serve(
     allow_other: bool = False,
     allow_rollback: bool = False,
     writeback_cache: bool = False,
+    anchor_on_fsync: bool = False,
     limits: Limits | None = None,
     ready: Callable[[], None] = lambda: None,
 ) -> None:
     """Mount and serve until unmounted or signalled; commit everything before returning.
 
     With a KMS credential the volume's freshness anchor is checked before mounting and
-    advanced while mounted; with another credential freshness rests on the disk alone.
+    advanced while mounted (with ``anchor_on_fsync``, before each fsync returns); with
+    another credential freshness rests on the disk alone.
     """
+    if anchor_on_fsync and not isinstance(cred, KmsCredential):
+        raise UsageError(
+            "--anchor-on-fsync needs a KMS unlock (--kms ...): with a key file or "
+            "passphrase there is no anchor to wait for"
+        )
     require_patched_pyfuse3()
     mp = check_mountpoint(mountpoint)
     store, header, master = unlock_volume(backing, cred)
@@ -98,6 +105,7 @@ def serve(
         fs = Filesystem(store, header, master, limits)
         if isinstance(cred, KmsCredential):
             fs.anchor = KmsAnchor(cred.client, header.volume_id)
+            fs.freshness.on_fsync = anchor_on_fsync
         elif header.kms_slot() is not None:
             log.warning(
                 "volume has a KMS slot but was unlocked without the KMS: whole-volume "

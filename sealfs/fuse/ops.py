@@ -300,7 +300,7 @@ class SealfsOperations(pyfuse3.Operations):
 
     @_guard
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        await self.fs.commit()
+        await self.fs.fsyncdir()
 
     @_guard
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
