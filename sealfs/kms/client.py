@@ -47,10 +47,13 @@ answer could (docs/kms-protocol.md §8).
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.client
 import json
 import logging
 import random
+import socket
+import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Sequence
@@ -384,6 +387,8 @@ def exchange(
     was none, or it said "not now" (5xx, 408, 429, ``bad_nonce``); a final error otherwise."""
     cls = http.client.HTTPSConnection if replica.scheme == "https" else http.client.HTTPConnection
     conn = cls(replica.host, replica.port, timeout=timeout)
+    cutoff = _Cutoff(timeout)
+    conn._create_connection = cutoff.connect  # type: ignore[attr-defined]
     data = None if body is None else json.dumps(body, separators=(",", ":")).encode()
     headers = {"Content-Type": "application/json"} if data is not None else {}
     try:
@@ -392,8 +397,9 @@ def exchange(
         raw = resp.read(MAX_RESPONSE_BYTES + 1)
         status = resp.status
     except (TimeoutError, OSError, http.client.HTTPException) as e:
-        raise _Retry(_describe(e)) from None
+        raise _Retry("timed out" if cutoff.fired else _describe(e)) from None
     finally:
+        cutoff.cancel()
         conn.close()
     if len(raw) > MAX_RESPONSE_BYTES:
         raise KmsError("KMS answer too large")
@@ -415,6 +421,46 @@ def exchange(
     if status == 409 and code in ("rollback", "fork"):
         raise EpochRefused(code, f"KMS refused ({code}): {message}")
     raise KmsError(f"KMS refused (HTTP {status} {code}): {message}")
+
+
+class _Cutoff:
+    """Ends one exchange's connection ``timeout`` seconds after it began. A socket timeout
+    bounds each recv, not the exchange: a server (or the host's network) trickling one byte
+    at a time would otherwise hold the client far past its deadline (slowloris). Shutting the
+    socket down makes the blocked recv return, whichever thread is in it."""
+
+    def __init__(self, timeout: float) -> None:
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = None  # a duplicate: shutdown acts on the connection
+        self.fired = False
+        self._timer = threading.Timer(timeout, self._fire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def connect(
+        self, address: tuple[str, int], timeout: float, source: Any = None
+    ) -> socket.socket:
+        """``socket.create_connection``, the connection then watched (TLS wraps the same)."""
+        sock = socket.create_connection(address, timeout, source)
+        with self._lock:
+            self._sock = sock.dup()
+            if self.fired:
+                self._sock.shutdown(socket.SHUT_RDWR)
+        return sock
+
+    def _fire(self) -> None:
+        with self._lock:
+            self.fired = True
+            if self._sock is not None:
+                with contextlib.suppress(OSError):  # already closed by the other side
+                    self._sock.shutdown(socket.SHUT_RDWR)
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+        with self._lock:
+            if self._sock is not None:
+                self._sock.close()
+                self._sock = None
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from sealfs.errors import AttestationError, KmsError
-from sealfs.kms.client import KmsClient
+from sealfs.kms.client import KmsClient, probe
 
 from .conftest import APP_A, KmsProcess, KmsState, attester, start_kms
 
@@ -108,3 +108,37 @@ def test_a_hanging_kms_cannot_outlast_the_deadline() -> None:
         with pytest.raises(KmsError, match="not available after 1 s: timed out"):
             c.get_key("volume-wrap", b"v")
         assert time.monotonic() - start < 3
+
+
+def test_a_trickling_kms_cannot_outlast_the_request_timeout() -> None:
+    """Slowloris: a server sending its answer one byte at a time never lets a single recv
+    time out; the exchange as a whole is still cut at ``request_timeout_s``."""
+    answer = (
+        b'HTTP/1.1 200 OK\r\nContent-Length: 40\r\n\r\n{"ok":true,"kms_public_key":"00","x":1}\n'
+    )
+    stop = threading.Event()
+
+    def trickle(listener: socket.socket) -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            for byte in answer:  # 80 bytes over 8 s, against a 0.5 s bound
+                if stop.wait(0.1):
+                    return
+                try:
+                    conn.sendall(bytes([byte]))
+                except OSError:
+                    return
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        server = threading.Thread(target=trickle, args=(listener,))
+        server.start()
+        try:
+            status = probe(f"http://127.0.0.1:{listener.getsockname()[1]}", 0.5)
+        finally:
+            stop.set()
+            server.join()
+    assert not status.reachable
+    assert status.error == "timed out"
