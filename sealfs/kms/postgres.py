@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import urllib.parse
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -40,9 +41,21 @@ CONNECT_TIMEOUT_S = 10
 _TYPES = {"BLOB": "BYTEA", "INTEGER": "BIGINT"}
 
 
+_PASSWORD = re.compile(r"(://[^/@:]*:)([^/@]*)(@)|([?&]password=)([^&]*)()")
+
+
 def redact(url: str) -> str:
-    """``url`` without its password, for messages and logs."""
-    return re.sub(r"(://[^/@:]*):[^/@]*@", r"\1:***@", url)
+    """``url`` without its password (in the user part or a ``password=`` parameter), for
+    messages and logs."""
+    return _PASSWORD.sub(lambda m: f"{m[1] or m[4]}***{m[3] or m[6]}", url)
+
+
+def _passwords(url: str) -> list[str]:
+    """The passwords ``url`` holds, longest first: libpq quotes a malformed URL (or a bad
+    token of it) in its error, so they are struck from every message too."""
+    found = {m[2] or m[5] for m in _PASSWORD.finditer(url)}
+    found = (found | {urllib.parse.unquote(p) for p in found}) - {""}
+    return sorted(found, key=len, reverse=True)
 
 
 class _Tx:
@@ -66,6 +79,7 @@ class PostgresBackend:
     def __init__(self, url: str) -> None:
         self._url = url
         self.location = redact(url)
+        self._passwords = _passwords(url)
         self._idle: list[psycopg.Connection[Any]] = []
         self._lock = threading.Lock()
 
@@ -78,12 +92,19 @@ class PostgresBackend:
             found = _exists(conn)
         except psycopg.Error as e:
             conn.close()
-            raise KmsError(f"KMS database error: {_first_line(e)}") from None
+            raise KmsError(f"KMS database error: {self._said(e)}") from None
         self._give_back(conn)
         if not found:
             raise UsageError(
                 f"database {self.location} holds no KMS state (create it with 'sealfs kms init')"
             )
+
+    def _said(self, e: BaseException) -> str:
+        """The first line of a database error, without the URL's password."""
+        text = _first_line(e)
+        for password in self._passwords:
+            text = text.replace(password, "***")
+        return text
 
     def _connection(self) -> psycopg.Connection[Any]:
         with self._lock:
@@ -93,7 +114,7 @@ class PostgresBackend:
             return psycopg.connect(self._url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S)
         except psycopg.Error as e:
             raise KmsError(
-                f"cannot reach the KMS database {self.location}: {_first_line(e)}"
+                f"cannot reach the KMS database {self.location}: {self._said(e)}"
             ) from None
 
     def _give_back(self, conn: psycopg.Connection[Any]) -> None:
@@ -119,7 +140,7 @@ class PostgresBackend:
             conn.close()
             if isinstance(e, psycopg.OperationalError):
                 self._drop_idle()  # the server restarted or went away: they are stale too
-            raise KmsError(f"KMS database error: {_first_line(e)}") from None
+            raise KmsError(f"KMS database error: {self._said(e)}") from None
         except Exception:
             self._roll_back(conn)  # a refusal (e.g. a fork) ends the transaction, not the link
             raise
@@ -158,7 +179,7 @@ class PostgresBackend:
             conn.execute("COMMIT")
         except psycopg.Error as e:
             raise KmsError(
-                f"cannot create the KMS state in {self.location}: {_first_line(e)}"
+                f"cannot create the KMS state in {self.location}: {self._said(e)}"
             ) from None
         finally:
             conn.close()

@@ -303,6 +303,24 @@ def test_unreachable_database_is_one_line(pg_state: KmsState, tmp_path: Path) ->
     assert "hunter2" not in out.stderr and "Traceback" not in out.stderr
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://postgres:hunter2@[::1/db",  # libpq quotes the whole malformed URL
+        "postgresql://postgres:hun%zzter2@localhost/db",  # ... or the bad token of it
+        "postgresql://postgres@[::1/db?password=hunter2",
+    ],
+)
+def test_a_malformed_url_never_shows_its_password(url: str, tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"s" * 32)
+    secret.chmod(0o600)
+    out = sealfs_cli("kms", "info", "--state", url, "--secret-file", str(secret), check=False)
+    assert out.returncode == exit_code(KmsError), out.stderr
+    assert "hunter2" not in out.stderr and "hun%zzter2" not in out.stderr
+    assert "***" in out.stderr and "Traceback" not in out.stderr
+
+
 def sealfs_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "sealfs", *args],
