@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import threading
 
 import trio
 
@@ -55,6 +56,7 @@ class Freshness:
         #: mount, with an anchor)
         self.on_fsync = False
         self._next = _Round()
+        self._advancing = threading.Lock()
 
     async def verify(self, state: MetaState, override: bool) -> int | None:
         """Raise RollbackError unless the replayed ``state`` contains the anchored commit.
@@ -77,9 +79,13 @@ class Freshness:
         another commit's head); its older heads need not be kept after that. Runs in a
         thread of its own, not an I/O thread: a KMS call can take the whole client deadline."""
         assert self.anchor is not None
-        seq, head = self.metalog.root
-        self.anchor.advance(seq, head)
-        self.metalog.anchored(seq)
+        # One at a time, each reading the root under the lock: otherwise the periodic advance
+        # and a group round could each read a root, the newer go first, and the older then
+        # fail as a "rollback" (a false alarm, and EIO for fsyncs already anchored).
+        with self._advancing:
+            seq, head = self.metalog.root
+            self.anchor.advance(seq, head)
+            self.metalog.anchored(seq)
 
     async def advance(self) -> None:
         """Anchor the last durable commit at the KMS; a failure is logged (the heads since

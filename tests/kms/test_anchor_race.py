@@ -9,8 +9,10 @@ head would refuse that honest disk as forked.
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +20,7 @@ import pytest
 import trio
 
 from sealfs.fs.core import Filesystem
+from sealfs.fs.freshness import Freshness
 from sealfs.kms.client import KmsClient
 from sealfs.volume.anchor import KmsAnchor, RollbackError
 from tests.core.harness import open_fs
@@ -104,3 +107,63 @@ def test_advance_compares_heads_on_equal_epochs(kms: KmsProcess) -> None:
         anchor.advance(6, os.urandom(32))
     assert e.value.reason == "rolled back"
     assert anchor.fetch() == (7, head)  # the KMS still holds the honest commit
+
+
+def waits_in(thread: threading.Thread) -> str | None:
+    """Where ``thread`` waits for a lock in an anchor advance: "anchor" (the root already
+    read, the KMS exchange next), "root" (not read yet), or None (still on its way)."""
+    frame = sys._current_frames().get(thread.ident or 0)
+    if frame is None:
+        return None
+    if frame.f_code is KmsAnchor.advance.__code__:
+        return "anchor"
+    lines, first = inspect.getsourcelines(Freshness.anchor_root)
+    before_root = [first + i for i, line in enumerate(lines) if "with self._advancing" in line]
+    if frame.f_code is Freshness.anchor_root.__code__ and frame.f_lineno in before_root:
+        return "root"
+    return None
+
+
+def test_an_older_root_never_fails_a_newer_advance(tmp_path: Path, kms: KmsProcess) -> None:
+    """The periodic advance and a group round (anchor-on-fsync) run in threads of their own,
+    both queued behind an exchange in flight, the second after another commit. Whichever
+    goes first, neither may fail as a "rollback": that would be a false alarm, and EIO for
+    fsyncs whose commits are anchored."""
+
+    async def race() -> None:
+        fs = open_fs(tmp_path / "vol")
+        fs.anchor = KmsAnchor(kms_client(kms), fs.vid)
+        await fs.load()
+        node = await fs.create(1, b"f", 0o100644, 0, 0)
+        errors: list[BaseException] = []
+
+        def advance() -> None:
+            try:
+                fs.freshness.anchor_root()
+            except BaseException as e:  # noqa: BLE001 - collected for the assertion
+                errors.append(e)
+
+        for i in range(20):
+            await fs.write(node, 0, b"%d" % i)
+            await fs.fsync(node)
+            with fs.anchor._lock:  # an exchange in flight: both advances queue behind it
+                older = threading.Thread(target=advance)
+                older.start()
+                while waits_in(older) != "anchor":
+                    await trio.sleep(0)
+                await fs.write(node, 0, b"%d" % -i)
+                await fs.fsync(node)
+                newer = threading.Thread(target=advance)
+                newer.start()
+                while waits_in(newer) is None:
+                    await trio.sleep(0)
+                # it may not read the root before the older advance is done: it would then
+                # go first or second by chance
+                assert waits_in(newer) == "root"
+            older.join()
+            newer.join()
+            assert not errors, errors
+            assert fs.anchor.anchored[0] == fs.metalog.seq
+        await fs.close()
+
+    trio.run(race)
