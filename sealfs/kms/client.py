@@ -135,8 +135,9 @@ class EpochRefused(KmsError):
         self.reason = reason
 
 
-class _Retry(Exception):
-    """No answer, or "not now": try the next replica, with a new nonce, if the deadline allows."""
+class _Retry(KmsError):
+    """No answer, or "not now": try the next replica, with a new nonce, if the deadline allows
+    (a KmsError to whoever asks one replica only, as :func:`exchange`'s callers do)."""
 
 
 @dataclass(frozen=True)
@@ -482,7 +483,7 @@ def probe(url: str, timeout_s: float) -> ReplicaStatus:
     start = time.monotonic()
     try:
         info = exchange(replica, "GET", "/v1/info", None, timeout_s)
-    except (_Retry, KmsError) as e:
+    except KmsError as e:
         return ReplicaStatus(replica.url, False, None, None, None, str(e))
     latency = (time.monotonic() - start) * 1000
     key, protocol = info.get("kms_public_key"), info.get("protocol")

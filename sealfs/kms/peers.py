@@ -16,10 +16,7 @@ it or forge a higher one).
 
 from __future__ import annotations
 
-import json
 import logging
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 
 import trio
@@ -28,30 +25,25 @@ from sealfs import strict
 from sealfs.crypto import verify_signature
 from sealfs.errors import KmsError
 from sealfs.kms import protocol as P
+from sealfs.kms.client import Replica, exchange
 from sealfs.kms.store import KmsStore
 
 log = logging.getLogger("sealfs.kms")
-
-MAX_INFO_BYTES = 64 * 1024
 
 
 def served_by(url: str, public_key: bytes, timeout_s: float) -> int:
     """The highest state version the replica at ``url`` says it served, checked against its
     signature under ``public_key``; KmsError if it cannot be asked or does not verify."""
-    try:
-        with urllib.request.urlopen(f"{url.rstrip('/')}/v1/info", timeout=timeout_s) as answer:
-            body = answer.read(MAX_INFO_BYTES + 1)
-    except (OSError, ValueError, urllib.error.URLError) as e:  # ValueError: a malformed URL
+    try:  # one bound for the whole exchange: a trickling peer may not stall this replica
+        info = exchange(Replica.parse(url), "GET", "/v1/info", None, timeout_s)
+    except KmsError as e:
         raise KmsError(f"cannot ask peer {url}: {e}") from None
     try:
-        if len(body) > MAX_INFO_BYTES:
-            raise ValueError("answer too large")
-        info = strict.loads(body)
         version = info["served_version"]
         signature = bytes.fromhex(info["served_signature"])
         if not strict.integer_in(version, 0, 2**63 - 1):
             raise ValueError("bad served_version")
-    except (ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
+    except (ValueError, KeyError, TypeError) as e:
         raise KmsError(f"peer {url} answered no served version ({e})") from None
     if not verify_signature(public_key, signature, P.served_message(version)):
         raise KmsError(f"peer {url}: served version not signed by this KMS's identity key")

@@ -5,11 +5,14 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
 from sealfs.errors import AttestationError, KmsError
 from sealfs.kms.client import KmsClient, probe
+from sealfs.kms.peers import served_by
 
 from .conftest import APP_A, KmsProcess, KmsState, attester, start_kms
 
@@ -110,9 +113,9 @@ def test_a_hanging_kms_cannot_outlast_the_deadline() -> None:
         assert time.monotonic() - start < 3
 
 
-def test_a_trickling_kms_cannot_outlast_the_request_timeout() -> None:
-    """Slowloris: a server sending its answer one byte at a time never lets a single recv
-    time out; the exchange as a whole is still cut at ``request_timeout_s``."""
+@contextmanager
+def trickling_server() -> Iterator[str]:
+    """A server that answers one byte per 0.1 s (8 s for the answer), at the URL yielded."""
     answer = (
         b'HTTP/1.1 200 OK\r\nContent-Length: 40\r\n\r\n{"ok":true,"kms_public_key":"00","x":1}\n'
     )
@@ -122,7 +125,7 @@ def test_a_trickling_kms_cannot_outlast_the_request_timeout() -> None:
         conn, _ = listener.accept()
         with conn:
             conn.recv(65536)
-            for byte in answer:  # 80 bytes over 8 s, against a 0.5 s bound
+            for byte in answer:
                 if stop.wait(0.1):
                     return
                 try:
@@ -136,9 +139,23 @@ def test_a_trickling_kms_cannot_outlast_the_request_timeout() -> None:
         server = threading.Thread(target=trickle, args=(listener,))
         server.start()
         try:
-            status = probe(f"http://127.0.0.1:{listener.getsockname()[1]}", 0.5)
+            yield f"http://127.0.0.1:{listener.getsockname()[1]}"
         finally:
             stop.set()
             server.join()
+
+
+def test_a_trickling_kms_cannot_outlast_the_request_timeout() -> None:
+    """Slowloris: a server sending its answer one byte at a time never lets a single recv
+    time out; the exchange as a whole is still cut at ``request_timeout_s``."""
+    with trickling_server() as url:
+        status = probe(url, 0.5)  # against an 8 s answer
     assert not status.reachable
     assert status.error == "timed out"
+
+
+def test_a_trickling_peer_cannot_stall_the_cross_check() -> None:
+    """``kms serve`` asks its peers before it serves: a peer (or the network) trickling its
+    answer must not hold the replica back past the check's timeout."""
+    with trickling_server() as url, pytest.raises(KmsError, match="cannot ask peer .*timed out"):
+        served_by(url, bytes(32), 0.5)
