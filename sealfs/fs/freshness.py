@@ -21,7 +21,7 @@ import threading
 
 import trio
 
-from sealfs.errors import KmsError
+from sealfs.errors import AttestationError, KmsError
 from sealfs.fs.errors import FsError
 from sealfs.fs.metalog import MetaLog, MetaState
 from sealfs.fs.workers import Workers
@@ -94,7 +94,7 @@ class Freshness:
             return
         try:
             await trio.to_thread.run_sync(self.anchor_root)
-        except KmsError as e:
+        except (KmsError, AttestationError) as e:  # the network's to forge: never fatal
             log.error("could not advance the freshness anchor: %s", e)
         except RollbackError as e:
             log.error("the KMS refused to advance the freshness anchor: %s", e)
@@ -134,7 +134,7 @@ class Freshness:
             current, self._next = self._next, _Round()
             try:
                 await trio.to_thread.run_sync(self.anchor_root)
-            except (KmsError, RollbackError) as e:
+            except (KmsError, AttestationError, RollbackError) as e:
                 log.error(
                     "fsync failed with EIO: commits up to %d are durable on disk but NOT "
                     "anchored at the KMS (%s); until an anchor succeeds the host could roll "

@@ -9,7 +9,10 @@ head would refuse that honest disk as forked.
 
 from __future__ import annotations
 
+import errno
+import http.server
 import inspect
+import json
 import os
 import sys
 import threading
@@ -20,7 +23,9 @@ import pytest
 import trio
 
 from sealfs.fs.core import Filesystem
+from sealfs.fs.errors import FsError
 from sealfs.fs.freshness import Freshness
+from sealfs.kms import protocol as P
 from sealfs.kms.client import KmsClient
 from sealfs.volume.anchor import KmsAnchor, RollbackError
 from tests.core.harness import open_fs
@@ -167,3 +172,57 @@ def test_an_older_root_never_fails_a_newer_advance(tmp_path: Path, kms: KmsProce
         await fs.close()
 
     trio.run(race)
+
+
+class ForgedRefusal(http.server.BaseHTTPRequestHandler):
+    """The host's network in the KMS's place: hands out nonces, then answers every request
+    with an unsigned "policy denied" (no KMS key needed to write one)."""
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+        self.rfile.read(int(self.headers["Content-Length"]))
+        if self.path == "/v1/nonce":
+            status, body = 200, {"ok": True, "nonce": os.urandom(P.NONCE_SIZE).hex()}
+        else:
+            status, body = 403, {"ok": False, "error": "policy_denied", "message": "forged"}
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_forged_refusal_fails_fsyncs_but_never_the_filesystem(tmp_path: Path) -> None:
+    """An unsigned attestation refusal is the network's to forge: it fails the fsyncs waiting
+    for the anchor (EIO) and is logged by the periodic advance, but must not end the anchor
+    task (and with it the mount)."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), ForgedRefusal)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    client = KmsClient(url, APP_A, attester(), trusted_keys=[bytes(32)], deadline_s=5)
+
+    async def forged() -> None:
+        fs = open_fs(tmp_path / "vol")
+        await fs.load()
+        fs.anchor = KmsAnchor(client, fs.vid)
+        fs.freshness.on_fsync = True
+        node = await fs.create(1, b"f", 0o100644, 0, 0)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fs.freshness.loop)
+            for i in range(2):  # the round task lives on after the first refusal
+                await fs.write(node, 0, b"%d" % i)
+                with pytest.raises(FsError) as e:
+                    await fs.fsync(node)
+                assert e.value.errno == errno.EIO
+            await fs.freshness.advance()  # logged, not raised
+            nursery.cancel_scope.cancel()
+        fs.anchor = None
+        await fs.close()
+
+    try:
+        trio.run(forged)
+    finally:
+        server.shutdown()
+        server.server_close()
