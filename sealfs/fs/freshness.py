@@ -129,6 +129,13 @@ class Freshness:
         round starts (after every waiting fsync's commit was durable), and releases every
         fsync that waited for it. A failure fails the fsyncs that arrived meanwhile too: the
         KMS has just failed within its deadline, so each fsync fails within one deadline."""
+        try:
+            await self._serve_rounds()
+        finally:  # ended (unmount, or a bug) between rounds: an fsync after it may not hang
+            if not self._next.done.is_set():
+                self._next.finish(FsError(errno.EIO))
+
+    async def _serve_rounds(self) -> None:
         while True:
             await self._next.wanted.wait()
             current, self._next = self._next, _Round()
@@ -146,8 +153,7 @@ class Freshness:
                 failed.finish(e)
                 current.finish(e)
             except BaseException:  # cancelled (unmounting) or a bug: no waiter may hang
-                current.finish(FsError(errno.EIO))
-                self._next.finish(FsError(errno.EIO))
+                current.finish(FsError(errno.EIO))  # and the next round's: see _rounds
                 raise
             else:
                 assert self.anchor is not None

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from sealfs.fs.core import Filesystem
 from sealfs.fs.errors import FsError
@@ -226,3 +227,27 @@ def test_a_forged_refusal_fails_fsyncs_but_never_the_filesystem(tmp_path: Path) 
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_an_fsync_after_the_round_task_ended_fails_rather_than_hangs(
+    tmp_path: Path, kms: KmsProcess
+) -> None:
+    """The round task ended between rounds (the mount is going away): an fsync that then
+    waits for an anchor gets EIO, not a wait for a round that will never come."""
+
+    async def late() -> None:
+        fs = open_fs(tmp_path / "vol")
+        fs.anchor = KmsAnchor(kms_client(kms), fs.vid)
+        await fs.load()
+        fs.freshness.on_fsync = True
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fs.freshness.loop)
+            await trio.testing.wait_all_tasks_blocked()  # idle, between rounds
+            nursery.cancel_scope.cancel()
+        node = await fs.create(1, b"f", 0o100644, 0, 0)
+        with trio.fail_after(60), pytest.raises(FsError) as e:  # a hang fails, not a speed
+            await fs.fsync(node)
+        assert e.value.errno == errno.EIO
+        await fs.close()
+
+    trio.run(late)
