@@ -10,7 +10,7 @@ import click
 from sealfs.init.config import DEFAULT_CONFIG, InitConfig, VolumeConfig, load_config
 from sealfs.volume.header import KmsCredential
 
-from .init_serve import serve_volume
+from .init_serve import serve_volume, start_unit, under_systemd
 from .init_units import install_units
 from .output import emit, json_option
 
@@ -41,7 +41,6 @@ def _starter(cfg: InitConfig) -> Starter:
     """Start a volume's mount daemon: under systemd as sealfs@NAME.service (restarted if it
     dies, serving only the volume id validated here), else as `sealfs mount` does, logging to
     <runtime_dir>/<name>.log (integrity failures are logged there with their path)."""
-    from sealfs.cli.init_serve import start_unit, under_systemd
     from sealfs.cli.mount import start_daemon
 
     if under_systemd():
